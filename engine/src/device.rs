@@ -1,0 +1,88 @@
+//! The one place that chooses where and in which precision models run.
+//!
+//! - CPU (`flex`): f32 weights and compute, the precision of the parity tests.
+//! - CUDA / wgpu (features `cuda`, `wgpu`): bf16 weights and compute; latents,
+//!   the scheduler and the VAE output path stay f32 (fp16 overflows in this
+//!   model, see spec §2.7).
+
+use burn::tensor::DType;
+
+use crate::error::{EngineError, Result};
+
+/// CPU backend used for tests and machines without a GPU.
+pub type CpuBackend = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda;
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = burn::backend::Wgpu;
+
+/// A device the user can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+impl DeviceKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            "wgpu" | "vulkan" | "metal" => Ok(Self::Wgpu),
+            other => Err(EngineError::Device(format!("unknown device {other:?}; use cpu, cuda or wgpu"))),
+        }
+    }
+
+    /// Weight and compute dtype on this device.
+    pub fn weight_dtype(self) -> DType {
+        match self {
+            Self::Cpu => DType::F32,
+            Self::Cuda | Self::Wgpu => DType::BF16,
+        }
+    }
+
+    /// Whether this build can use the device at all.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            Self::Cpu => true,
+            Self::Cuda => cfg!(feature = "cuda"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+        }
+    }
+
+    /// Checks the device is compiled in and present, with a clear message.
+    pub fn ensure_available(self) -> Result<()> {
+        if !self.compiled_in() {
+            let feature = if self == Self::Cuda { "cuda" } else { "wgpu" };
+            return Err(EngineError::Device(format!(
+                "this build has no {feature} support; rebuild with `--features {feature}` or use --device cpu"
+            )));
+        }
+        match self {
+            Self::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Self::Cuda => probe::<CudaBackend>("CUDA (is the NVIDIA driver and CUDA toolkit installed?)"),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu => probe::<WgpuBackend>("a Vulkan/Metal GPU"),
+            #[allow(unreachable_patterns)]
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Runs one tiny op on the backend's default device; backends panic when
+/// their driver is missing, so the panic is caught and turned into a message.
+#[allow(dead_code)]
+fn probe<B: burn::tensor::backend::Backend>(what: &str) -> Result<()> {
+    let ok = std::panic::catch_unwind(|| {
+        let device = B::Device::default();
+        let t = burn::tensor::Tensor::<B, 1>::ones([4], &device);
+        t.sum().into_scalar().elem::<f32>()
+    });
+    use burn::tensor::ElementConversion;
+    match ok {
+        Ok(v) if (v - 4.0).abs() < 1e-3 => Ok(()),
+        _ => Err(EngineError::Device(format!("no usable GPU found: this needs {what}"))),
+    }
+}

@@ -1,0 +1,53 @@
+//! The engine's error type: one enum, one plain-words line per failure.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside the engine. Each message is one line a
+/// user can act on; callers at the edges (CLI, app) print it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: not a valid safetensors file: {reason}", path.display())]
+    BadSafetensors { path: PathBuf, reason: String },
+
+    #[error(
+        "{}: pickle checkpoints (.ckpt, .pt, .pth, .bin) can run arbitrary code when loaded and are refused; use the .safetensors version of this model",
+        path.display()
+    )]
+    PickleRefused { path: PathBuf },
+
+    #[error("{}: {reason}", path.display())]
+    BadConfig { path: PathBuf, reason: String },
+
+    #[error("{}: unrecognised model layout: {reason}", path.display())]
+    UnknownLayout { path: PathBuf, reason: String },
+
+    /// All name/shape problems of one component, reported together.
+    #[error("{component} weights do not match its config ({} problem{}): {}", problems.len(), if problems.len() == 1 { "" } else { "s" }, problems.join("; "))]
+    WeightMismatch { component: String, problems: Vec<String> },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    #[error("{0}")]
+    Device(String),
+
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io { path: path.into(), source }
+    }
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        EngineError::InvalidRequest(msg.into())
+    }
+}

@@ -1,0 +1,24 @@
+//! Z-Image inference in burn: the Qwen3 text encoder, the S3-DiT, the Flux
+//! VAE, the flow-matching sampler and checkpoint loading, checked for parity
+//! against the reference implementation (diffusers). No GUI dependency.
+//!
+//! Start at [`loader::ModelFiles::locate`] and [`loader::load_pipeline`], then
+//! [`pipeline::ZImagePipeline::generate`].
+
+pub mod device;
+pub mod dit;
+pub mod error;
+pub mod loader;
+pub mod metadata;
+pub mod nn;
+pub mod pipeline;
+pub mod preview;
+pub mod qwen3;
+pub mod rng;
+pub mod scheduler;
+pub mod text;
+pub mod vae;
+pub mod weights;
+
+pub use error::{EngineError, Result};
+pub use pipeline::{GenerateRequest, Generated, ModelKind, ZImagePipeline};

@@ -1,0 +1,372 @@
+//! Finding and loading a Z-Image model: a diffusers folder
+//! (`model_index.json`, one folder per component) or ComfyUI single files
+//! (a DiT file with `text_encoders/` and `vae/` beside its folder).
+//!
+//! Every component is checked completely (names and shapes against its
+//! config) before its weights are read, and tensors go to the device one at
+//! a time straight from the memory-mapped files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+
+use crate::dit::{ZImageDit, ZImageDitConfig};
+use crate::error::{EngineError, Result};
+use crate::pipeline::{ModelKind, ZImagePipeline};
+use crate::qwen3::{Qwen3Config, Qwen3Encoder};
+use crate::text::{PromptTokenizer, TextEncoder};
+use crate::vae::{Vae, VaeConfig};
+use crate::weights::{check_plan, refuse_pickle, Checkpoint, KeyLayout, ShapePlan, TensorStore};
+
+/// Where each component of a model lives on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFiles {
+    /// Display name (folder or file name).
+    pub name: String,
+    pub dit: ComponentFiles,
+    pub text_encoder: ComponentFiles,
+    pub vae: ComponentFiles,
+    pub tokenizer: PathBuf,
+    /// Scheduler shift (3.0 when no scheduler config is found).
+    pub shift: f32,
+}
+
+/// One component: its safetensors files and, if present, its config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentFiles {
+    pub files: Vec<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+/// Optional overrides for single-file setups.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOverrides {
+    pub text_encoder: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn not_found(path: &Path, what: &str) -> EngineError {
+    EngineError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::BadConfig { path: path.to_path_buf(), reason: format!("not valid JSON ({e})") })
+}
+
+/// Shard list of a diffusers component folder (index.json or single file).
+fn component_in_dir(dir: &Path, stem: &str) -> Result<ComponentFiles> {
+    if !dir.is_dir() {
+        return Err(not_found(dir, "component folder is missing"));
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    let files = if index.is_file() {
+        crate::weights::shards_from_index(&index)?
+    } else if dir.join(format!("{stem}.safetensors")).is_file() {
+        vec![dir.join(format!("{stem}.safetensors"))]
+    } else {
+        // Same rules and messages as TensorStore::open_dir (pickles refused, etc.).
+        TensorStore::open_dir(dir, stem)?;
+        safetensors_in(dir)?
+    };
+    let config = Some(dir.join("config.json")).filter(|p| p.is_file());
+    Ok(ComponentFiles { files, config })
+}
+
+/// The `.safetensors` files of a folder, sorted.
+fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+impl ModelFiles {
+    /// Resolves a model path: a diffusers folder, or a ComfyUI DiT file.
+    pub fn locate(path: &Path, overrides: &ModelOverrides) -> Result<Self> {
+        if !path.exists() {
+            return Err(not_found(path, "no such file or folder"));
+        }
+        refuse_pickle(path)?;
+        let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        if path.is_dir() {
+            Self::diffusers(path, name, overrides)
+        } else {
+            Self::single_file(path, name, overrides)
+        }
+    }
+
+    fn diffusers(dir: &Path, name: String, o: &ModelOverrides) -> Result<Self> {
+        let index = dir.join("model_index.json");
+        if !index.is_file() {
+            return Err(EngineError::UnknownLayout {
+                path: dir.to_path_buf(),
+                reason: "no model_index.json: expected a diffusers model folder (with transformer/, text_encoder/, vae/, tokenizer/, scheduler/) or a .safetensors file".into(),
+            });
+        }
+        let model_index = read_json(&index)?;
+        if let Some(class) = model_index.get("_class_name").and_then(|v| v.as_str()) {
+            if !class.starts_with("ZImage") {
+                return Err(EngineError::UnknownLayout {
+                    path: dir.to_path_buf(),
+                    reason: format!("model_index.json says {class}, not a Z-Image pipeline"),
+                });
+            }
+        }
+        let shift = scheduler_shift(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let text_encoder = match &o.text_encoder {
+            Some(p) => single_component(p)?,
+            None => component_in_dir(&dir.join("text_encoder"), "model")?,
+        };
+        let vae = match &o.vae {
+            Some(p) => single_component(p)?,
+            None => component_in_dir(&dir.join("vae"), "diffusion_pytorch_model")?,
+        };
+        let tokenizer = o.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer").join("tokenizer.json"));
+        Ok(Self {
+            name,
+            dit: component_in_dir(&dir.join("transformer"), "diffusion_pytorch_model")?,
+            text_encoder,
+            vae,
+            tokenizer: tokenizer_file(&tokenizer)?,
+            shift,
+        })
+    }
+
+    /// A ComfyUI-style DiT file; the text encoder and VAE come from the
+    /// overrides or from `../text_encoders/` and `../vae/` beside its folder.
+    fn single_file(file: &Path, name: String, o: &ModelOverrides) -> Result<Self> {
+        let models_root = file.parent().and_then(|p| p.parent()).map(Path::to_path_buf);
+        let find = |sub: &str, wanted: &[&str]| -> Option<PathBuf> {
+            let dir = models_root.as_ref()?.join(sub);
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let n = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+                    n.ends_with(".safetensors") && wanted.iter().any(|w| n.contains(w))
+                })
+                .collect();
+            found.sort();
+            found.into_iter().next()
+        };
+        let text_encoder = match o.text_encoder.clone().or_else(|| find("text_encoders", &["qwen_3", "qwen3"])) {
+            Some(p) => single_component(&p)?,
+            None => {
+                return Err(not_found(file, "single-file model: no Qwen3 text encoder found; pass --text-encoder (e.g. text_encoders/qwen_3_4b.safetensors)"))
+            }
+        };
+        let vae = match o.vae.clone().or_else(|| find("vae", &["ae", "flux", "vae"])) {
+            Some(p) => single_component(&p)?,
+            None => return Err(not_found(file, "single-file model: no VAE found; pass --vae (e.g. vae/ae.safetensors)")),
+        };
+        let tokenizer = match &o.tokenizer {
+            Some(t) => tokenizer_file(t)?,
+            None => {
+                return Err(not_found(
+                    file,
+                    "single-file model: pass --tokenizer with Qwen3's tokenizer.json (the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo)",
+                ))
+            }
+        };
+        let lower = name.to_lowercase();
+        let shift = if lower.contains("turbo") { 3.0 } else if lower.contains("z_image") || lower.contains("z-image") { 6.0 } else { 3.0 };
+        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift })
+    }
+}
+
+/// A single `.safetensors` file, with an optional `<stem>.json` config beside it.
+fn single_component(path: &Path) -> Result<ComponentFiles> {
+    refuse_pickle(path)?;
+    if path.is_dir() {
+        return Ok(ComponentFiles { files: safetensors_in(path)?, config: Some(path.join("config.json")).filter(|p| p.is_file()) });
+    }
+    if !path.is_file() {
+        return Err(not_found(path, "no such file"));
+    }
+    let sidecar = path.with_extension("json");
+    Ok(ComponentFiles { files: vec![path.to_path_buf()], config: Some(sidecar).filter(|p| p.is_file()) })
+}
+
+fn tokenizer_file(path: &Path) -> Result<PathBuf> {
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    if !file.is_file() {
+        return Err(not_found(&file, "tokenizer.json not found"));
+    }
+    Ok(file)
+}
+
+/// `shift` from `scheduler_config.json`; refuses dynamic shifting, which no
+/// Z-Image model uses.
+fn scheduler_shift(path: &Path) -> Result<f32> {
+    if !path.is_file() {
+        return Ok(3.0);
+    }
+    let json = read_json(path)?;
+    if json.get("use_dynamic_shifting").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(EngineError::BadConfig { path: path.to_path_buf(), reason: "use_dynamic_shifting=true is not supported by Z-Image".into() });
+    }
+    let shift = json.get("shift").and_then(|v| v.as_f64()).unwrap_or(1.0);
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(EngineError::BadConfig { path: path.to_path_buf(), reason: format!("invalid shift {shift}") });
+    }
+    Ok(shift as f32)
+}
+
+/// Stage names reported while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadStage {
+    TextEncoder,
+    Dit,
+    Vae,
+}
+
+/// Progress while loading: stage, tensors loaded, bytes loaded.
+pub type LoadProgress<'a> = &'a mut dyn FnMut(LoadStage, usize, u64);
+
+/// Plans a module, checks the plan against the store, then loads it.
+macro_rules! load_checked {
+    ($component:expr, $store:expr, $layout:expr, $device:expr, $dtype:expr, $progress:expr, $stage:expr, |$src:ident| $build:expr) => {{
+        let mut plan = ShapePlan::<B>::new($device);
+        {
+            let $src = &mut plan;
+            let _ = $build?;
+        }
+        check_plan($component, &plan.requested, $store, &$layout)?;
+        let mut ckpt = Checkpoint::new($store, $layout, $device, $dtype);
+        let progress = &mut *$progress;
+        ckpt.on_progress = Some(Box::new(move |n, bytes| progress($stage, n, bytes)));
+        let $src = &mut ckpt;
+        $build?
+    }};
+}
+
+fn dit_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) -> Result<ZImageDitConfig> {
+    if let Some(cfg) = &files.config {
+        return ZImageDitConfig::from_diffusers_json(&read_json(cfg)?)
+            .map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason });
+    }
+    // Single files carry no config: read the sizes off the tensors.
+    let shape = |name: &str| store.get(&layout.locate(name).key).map(|t| t.shape.clone());
+    let bad = |reason: &str| EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: reason.into() };
+    let x = shape("all_x_embedder.2-1.weight").ok_or_else(|| bad("no x_embedder weight"))?;
+    let cap = shape("cap_embedder.0.weight").ok_or_else(|| bad("no cap_embedder weight"))?;
+    let head_dim = shape("layers.0.attention.norm_q.weight").map(|s| s[0]).unwrap_or(128);
+    let count = |prefix: &str| (0..).take_while(|i| shape(&format!("{prefix}.{i}.attention_norm1.weight")).is_some()).count();
+    let dim = x[0];
+    let cfg = ZImageDitConfig::new()
+        .with_dim(dim)
+        .with_in_channels(x[1] / 4)
+        .with_cap_feat_dim(cap[0])
+        .with_n_heads(dim / head_dim.max(1))
+        .with_n_layers(count("layers"))
+        .with_n_refiner_layers(count("noise_refiner"))
+        .with_axes_dims([head_dim / 4, head_dim * 3 / 8, head_dim * 3 / 8]);
+    cfg.validate().map_err(|r| bad(&r))?;
+    Ok(cfg)
+}
+
+fn qwen_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) -> Result<Qwen3Config> {
+    if let Some(cfg) = &files.config {
+        return Qwen3Config::from_transformers_json(&read_json(cfg)?).map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason });
+    }
+    let shape = |name: &str| store.get(&layout.locate(name).key).map(|t| t.shape.clone());
+    let bad = |reason: &str| EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: reason.into() };
+    let embed = shape("embed_tokens.weight").ok_or_else(|| bad("no embed_tokens weight"))?;
+    let head_dim = shape("layers.0.self_attn.q_norm.weight").ok_or_else(|| bad("no q_norm weight"))?[0];
+    let q = shape("layers.0.self_attn.q_proj.weight").ok_or_else(|| bad("no q_proj weight"))?[0];
+    let k = shape("layers.0.self_attn.k_proj.weight").ok_or_else(|| bad("no k_proj weight"))?[0];
+    let ffn = shape("layers.0.mlp.gate_proj.weight").ok_or_else(|| bad("no gate_proj weight"))?[0];
+    let layers = (0..).take_while(|i| shape(&format!("layers.{i}.input_layernorm.weight")).is_some()).count();
+    let json = serde_json::json!({
+        "vocab_size": embed[0], "hidden_size": embed[1], "num_hidden_layers": layers,
+        "num_attention_heads": q / head_dim, "num_key_value_heads": k / head_dim, "head_dim": head_dim,
+        "intermediate_size": ffn,
+    });
+    Qwen3Config::from_transformers_json(&json).map_err(|r| bad(&r))
+}
+
+fn vae_config(files: &ComponentFiles) -> Result<VaeConfig> {
+    match &files.config {
+        Some(cfg) => VaeConfig::from_diffusers_json(&read_json(cfg)?).map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason }),
+        // BFL ae.safetensors has no config: it is always the FLUX.1 autoencoder.
+        None => Ok(VaeConfig::new()),
+    }
+}
+
+/// The shared parts (tokenizer + text encoder, VAE) of a model.
+pub struct SharedComponents<B: Backend> {
+    pub text: Arc<TextEncoder<B>>,
+    pub vae: Arc<Vae<B>>,
+    pub vae_scale: usize,
+}
+
+/// Loads the text encoder (with tokenizer) and the VAE.
+pub fn load_shared<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, with_encoder: bool, progress: LoadProgress<'_>) -> Result<SharedComponents<B>> {
+    let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
+
+    let store = TensorStore::open_files(&files.text_encoder.files)?;
+    let layout = KeyLayout::detect_text_encoder(&store)?;
+    let qcfg = qwen_config(&files.text_encoder, &store, &layout)?;
+    if tokenizer.vocab_size() > qcfg.vocab_size {
+        return Err(EngineError::Tokenizer(format!(
+            "the tokenizer has {} tokens but the text encoder only {}; they are from different models",
+            tokenizer.vocab_size(),
+            qcfg.vocab_size
+        )));
+    }
+    let qwen: Qwen3Encoder<B> = load_checked!("text encoder", &store, layout, device, dtype, progress, LoadStage::TextEncoder, |src| Qwen3Encoder::<B>::build(&qcfg, src));
+    drop(store);
+
+    let vcfg = vae_config(&files.vae)?;
+    let store = TensorStore::open_files(&files.vae.files)?;
+    let layout = KeyLayout::detect_vae(&store, vcfg.block_out_channels.len())?;
+    let has_encoder = store.names().any(|n| n.contains("encoder.conv_in"));
+    let with_encoder = with_encoder && has_encoder;
+    let vae: Vae<B> = load_checked!("VAE", &store, layout, device, dtype, progress, LoadStage::Vae, |src| Vae::<B>::build(&vcfg, src, with_encoder));
+    Ok(SharedComponents { text: Arc::new(TextEncoder { tokenizer, model: qwen }), vae: Arc::new(vae), vae_scale: vcfg.scale() })
+}
+
+/// Loads a DiT and joins it with shared components into a pipeline.
+pub fn load_pipeline_with<B: Backend>(
+    files: &ModelFiles,
+    shared: &SharedComponents<B>,
+    device: &B::Device,
+    dtype: DType,
+    progress: LoadProgress<'_>,
+) -> Result<ZImagePipeline<B>> {
+    let store = TensorStore::open_files(&files.dit.files)?;
+    let layout = KeyLayout::detect_dit(&store)?;
+    let cfg = dit_config(&files.dit, &store, &layout)?;
+    let text_dim = shared.text.model.embed_tokens.dims()[1];
+    if cfg.cap_feat_dim != text_dim {
+        return Err(EngineError::BadConfig {
+            path: files.dit.files[0].clone(),
+            reason: format!("the DiT expects {}-wide text features but the text encoder gives {text_dim}", cfg.cap_feat_dim),
+        });
+    }
+    let dit: ZImageDit<B> = load_checked!("DiT", &store, layout, device, dtype, progress, LoadStage::Dit, |src| ZImageDit::<B>::build(&cfg, src));
+    Ok(ZImagePipeline {
+        name: files.name.clone(),
+        kind: ModelKind::from_shift(files.shift),
+        text: shared.text.clone(),
+        dit,
+        dit_config: cfg,
+        vae: shared.vae.clone(),
+        vae_scale: shared.vae_scale,
+        shift: files.shift,
+        device: device.clone(),
+    })
+}
+
+/// Loads a whole model from disk.
+pub fn load_pipeline<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, progress: LoadProgress<'_>) -> Result<ZImagePipeline<B>> {
+    let shared = load_shared(files, device, dtype, true, progress)?;
+    load_pipeline_with(files, &shared, device, dtype, progress)
+}

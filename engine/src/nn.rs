@@ -1,0 +1,130 @@
+//! Building blocks shared by the three models, with the reference's numerics:
+//! norms keep their statistics in f32 whatever the compute dtype.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Tensor};
+
+use crate::error::Result;
+use crate::weights::{Init, WeightSource};
+
+/// `a.b`, or `b` when the prefix is empty.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// A PyTorch `Linear(d_in → d_out)` under `name` (`.weight` stored [d_out, d_in],
+/// optional `.bias`). The weight is kept as stored and used through a transposed
+/// view (what burn's `LinearLayout::Col` does): no copy, faster CPU matmuls.
+pub fn linear<B: Backend, S: WeightSource<B>>(
+    src: &mut S,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+) -> Result<Linear<B>> {
+    let weight = src.tensor(&join(name, "weight"), [d_out, d_in], Init::FanIn(d_in))?;
+    let bias = if bias { Some(src.param(&join(name, "bias"), [d_out], Init::FanIn(d_in))?) } else { None };
+    Ok(Linear { weight: Param::from_tensor(weight.transpose()), bias })
+}
+
+/// Casts to f32 for statistics when computing in a half type.
+fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
+}
+
+/// RMSNorm over the last dimension: `x · rsqrt(mean(x²) + eps)` computed in f32,
+/// rounded to the compute dtype, then times `weight` (diffusers and Qwen3 agree).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn build<S: WeightSource<B>>(src: &mut S, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: src.param(&join(name, "weight"), [dim], Init::Ones)?, eps })
+    }
+
+    /// `[..., dim]` → `[..., dim]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x32 = to_f32(x);
+        let var = x32.clone().square().mean_dim(D - 1);
+        let normed = x32 * (var + self.eps).sqrt().recip();
+        let normed = if dtype == DType::F32 { normed } else { normed.cast(dtype) };
+        let mut shape = [1usize; D];
+        shape[D - 1] = self.weight.dims()[0];
+        normed * self.weight.val().reshape(shape)
+    }
+}
+
+/// LayerNorm without affine parameters over the last dimension, f32 statistics.
+pub fn layer_norm_plain<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x32 = to_f32(x);
+    let mean = x32.clone().mean_dim(D - 1);
+    let centered = x32 - mean;
+    let var = centered.clone().square().mean_dim(D - 1);
+    let y = centered / (var + eps).sqrt();
+    if dtype == DType::F32 {
+        y
+    } else {
+        y.cast(dtype)
+    }
+}
+
+/// SwiGLU feed-forward `down(silu(gate(x)) ⊙ up(x))`, no biases.
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    pub gate: Linear<B>,
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// `names` are the checkpoint's (gate, up, down) names under `prefix`.
+    pub fn build<S: WeightSource<B>>(
+        src: &mut S,
+        prefix: &str,
+        names: [&str; 3],
+        dim: usize,
+        hidden: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate: linear(src, &join(prefix, names[0]), dim, hidden, false)?,
+            up: linear(src, &join(prefix, names[1]), dim, hidden, false)?,
+            down: linear(src, &join(prefix, names[2]), hidden, dim, false)?,
+        })
+    }
+
+    /// `[..., dim]` → `[..., dim]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}
+
+/// Scaled dot-product attention over `[B, heads, S, head_dim]` tensors with
+/// burn's fused kernel. `mask`: `[B, 1, S_q, S_k]`, true = hidden key.
+pub fn sdpa<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    causal: bool,
+) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+    attention(q, k, v, mask, None, options)
+}

@@ -1,0 +1,395 @@
+//! Text-to-image and img2img sampling, step for step as `ZImagePipeline` and
+//! `ZImageImg2ImgPipeline` (spec §1, §7):
+//!
+//! ```text
+//! cap     = text_encoder(prompt)            (and negative, when CFG is on)
+//! x       = randn(B, 16, H/8, W/8)          (torch-compatible, from the seed)
+//! img2img: z0 = scale(mean + std·randn)     then x = σ_s·x + (1 − σ_s)·z0
+//! for i in start..N:
+//!     u = DiT(x, 1 − σ_i, cap)              (CFG: u = u⁺ + g(u⁺ − u⁻), renorm)
+//!     x = x + (σ_{i+1} − σ_i)·(−u)
+//! image = round(clamp(VAE(x/0.3611 + 0.1159)/2 + 0.5, 0, 1)·255)
+//! ```
+
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::dit::{ZImageDit, ZImageDitConfig};
+use crate::error::{EngineError, Result};
+use crate::preview::{latent_to_rgb, RgbImage};
+use crate::rng::TorchGenerator;
+use crate::scheduler::Schedule;
+use crate::text::TextEncoder;
+use crate::vae::Vae;
+
+/// Largest image side we accept: far above what the models were trained
+/// for, and still inside the DiT's position table.
+pub const MAX_SIDE: u32 = 4096;
+
+/// Which of the two published models a checkpoint is (sets defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Distilled: 8 steps, no CFG.
+    Turbo,
+    /// Non-distilled: 50 steps, CFG 4, negative prompt.
+    Base,
+}
+
+impl ModelKind {
+    /// Guessed from the scheduler shift (Turbo ships 3.0, Base 6.0).
+    pub fn from_shift(shift: f32) -> Self {
+        if shift >= 4.5 {
+            ModelKind::Base
+        } else {
+            ModelKind::Turbo
+        }
+    }
+    pub fn default_steps(self) -> usize {
+        match self {
+            ModelKind::Turbo => 8,
+            ModelKind::Base => 50,
+        }
+    }
+    pub fn default_guidance(self) -> f32 {
+        match self {
+            ModelKind::Turbo => 0.0,
+            ModelKind::Base => 4.0,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Turbo => "turbo",
+            ModelKind::Base => "base",
+        }
+    }
+}
+
+/// Everything that decides an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// One image per prompt (a batch).
+    pub prompts: Vec<String>,
+    /// Used when CFG is on; `""` is the reference's default.
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    /// `g` in `u = u⁺ + g(u⁺ − u⁻)`; CFG is on when `g > 0`.
+    pub guidance: f32,
+    /// Cap `‖u‖` at this multiple of `‖u⁺‖`; 0 = off.
+    pub cfg_normalization: f32,
+    /// Steps with `1 − σ > cfg_truncation` skip CFG; 1 = never.
+    pub cfg_truncation: f32,
+    pub width: u32,
+    pub height: u32,
+    /// img2img source (resized to width×height if needed) and strength in (0, 1].
+    pub init: Option<RgbImage>,
+    pub strength: f32,
+}
+
+impl GenerateRequest {
+    /// A request with the defaults of `kind`.
+    pub fn new(prompt: impl Into<String>, kind: ModelKind) -> Self {
+        Self {
+            prompts: vec![prompt.into()],
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: kind.default_steps(),
+            guidance: kind.default_guidance(),
+            cfg_normalization: 0.0,
+            cfg_truncation: 1.0,
+            width: 1024,
+            height: 1024,
+            init: None,
+            strength: 0.6,
+        }
+    }
+
+    /// Checks the request; one line saying what is wrong.
+    pub fn validate(&self, pixel_multiple: u32) -> Result<()> {
+        let bad = |m: String| Err(EngineError::invalid(m));
+        if self.prompts.is_empty() {
+            return bad("no prompt given".into());
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+            if v % pixel_multiple != 0 {
+                return bad(format!(
+                    "{name} {v} is not a multiple of {pixel_multiple} (try {})",
+                    (v / pixel_multiple).max(1) * pixel_multiple
+                ));
+            }
+            if v > MAX_SIDE {
+                return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
+            }
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return bad(format!("steps must be between 1 and 1000, not {}", self.steps));
+        }
+        if !self.guidance.is_finite() || !(0.0..=100.0).contains(&self.guidance) {
+            return bad(format!("guidance must be between 0 and 100, not {}", self.guidance));
+        }
+        if !self.cfg_normalization.is_finite() || self.cfg_normalization < 0.0 {
+            return bad("cfg normalization must be 0 (off) or positive".into());
+        }
+        if !self.cfg_truncation.is_finite() || self.cfg_truncation < 0.0 {
+            return bad("cfg truncation must be between 0 and 1".into());
+        }
+        if self.init.is_some() {
+            if !(self.strength > 0.0 && self.strength <= 1.0) {
+                return bad(format!("strength must be in (0, 1], not {}", self.strength));
+            }
+            if Schedule::img2img_start(self.steps, self.strength as f64) >= self.steps {
+                return bad(format!(
+                    "strength {} with {} steps leaves no step to run; raise the strength or the steps",
+                    self.strength, self.steps
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether step `i` of `schedule` runs with CFG.
+    pub fn cfg_at(&self, schedule: &Schedule, i: usize) -> bool {
+        if self.guidance <= 0.0 {
+            return false;
+        }
+        !(self.cfg_truncation <= 1.0 && schedule.model_time(i) > self.cfg_truncation)
+    }
+}
+
+/// Reported after every step; return `false` from the callback to cancel.
+#[derive(Debug, Clone)]
+pub struct StepProgress {
+    /// Steps done so far (1-based) and the number that will run.
+    pub done: usize,
+    pub total: usize,
+    /// x0 estimates as RGB at latent resolution, one per image, when asked for.
+    pub previews: Vec<RgbImage>,
+}
+
+/// Result of a run.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// Final model-space latents `[B, 16, h, w]`, row-major.
+    pub latents: Vec<f32>,
+    pub latent_shape: [usize; 4],
+    pub images: Vec<RgbImage>,
+}
+
+/// Caption features for a batch (positive, and negative when CFG is on).
+pub struct Conditioning<B: Backend> {
+    pub positive: Vec<Tensor<B, 2>>,
+    pub negative: Vec<Tensor<B, 2>>,
+}
+
+/// One Z-Image model ready to sample: its DiT with the shared text encoder and VAE.
+pub struct ZImagePipeline<B: Backend> {
+    pub name: String,
+    pub kind: ModelKind,
+    pub text: Arc<TextEncoder<B>>,
+    pub dit: ZImageDit<B>,
+    pub dit_config: ZImageDitConfig,
+    pub vae: Arc<Vae<B>>,
+    /// Pixels per latent cell (8).
+    pub vae_scale: usize,
+    /// Scheduler time shift from `scheduler_config.json`.
+    pub shift: f32,
+    pub device: B::Device,
+}
+
+impl<B: Backend> ZImagePipeline<B> {
+    /// Width and height must be multiples of this (16).
+    pub fn pixel_multiple(&self) -> u32 {
+        (self.vae_scale * self.dit_config.patch_size) as u32
+    }
+
+    /// Encodes the prompts (and the negative prompt for each, if CFG is on at any step).
+    pub fn encode(&self, req: &GenerateRequest) -> Result<Conditioning<B>> {
+        let positive = req.prompts.iter().map(|p| self.text.encode(p)).collect::<Result<Vec<_>>>()?;
+        let schedule = Schedule::new(req.steps, self.shift);
+        let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
+        let negative = if needs_negative {
+            let neg = self.text.encode(&req.negative_prompt)?;
+            vec![neg; req.prompts.len()]
+        } else {
+            Vec::new()
+        };
+        Ok(Conditioning { positive, negative })
+    }
+
+    /// Runs the whole pipeline.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        want_previews: bool,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Generated> {
+        req.validate(self.pixel_multiple())?;
+        let cond = self.encode(req)?;
+        self.generate_with(req, &cond, want_previews, on_step)
+    }
+
+    /// Runs the sampler from already-encoded conditioning.
+    pub fn generate_with(
+        &self,
+        req: &GenerateRequest,
+        cond: &Conditioning<B>,
+        want_previews: bool,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Generated> {
+        req.validate(self.pixel_multiple())?;
+        let latents = self.sample(req, cond, want_previews, on_step)?;
+        let images = self.decode(latents.clone())?;
+        let latent_shape = latents.dims();
+        let latents = tensor_to_vec(latents);
+        Ok(Generated { latents, latent_shape, images })
+    }
+
+    /// The denoising loop; returns final model-space latents `[B, 16, h, w]` (f32).
+    pub fn sample(
+        &self,
+        req: &GenerateRequest,
+        cond: &Conditioning<B>,
+        want_previews: bool,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Tensor<B, 4>> {
+        let b = req.prompts.len();
+        if cond.positive.len() != b {
+            return Err(EngineError::invalid("conditioning does not match the prompts"));
+        }
+        let (h, w) = (req.height as usize / self.vae_scale, req.width as usize / self.vae_scale);
+        let channels = self.dit_config.in_channels;
+        let shape = [b, channels, h, w];
+        let schedule = Schedule::new(req.steps, self.shift);
+        let mut generator = TorchGenerator::manual_seed(req.seed);
+
+        // Starting point: pure noise, or the init image noised to σ_start.
+        let (start, mut x) = match &req.init {
+            None => (0, self.randn(&mut generator, shape)),
+            Some(init) => {
+                let start = Schedule::img2img_start(req.steps, req.strength as f64);
+                let z0 = self.encode_image(init, req.width, req.height, &mut generator)?;
+                let z0 = if b > 1 { z0.repeat_dim(0, b) } else { z0 };
+                let noise = self.randn(&mut generator, shape);
+                let sigma = schedule.sigmas[start];
+                (start, noise * sigma + z0 * (1.0 - sigma))
+            }
+        };
+
+        let total = req.steps - start;
+        for i in start..req.steps {
+            let t = Tensor::<B, 1>::from_data(TensorData::new(vec![schedule.model_time(i); b], [b]), (&self.device, DType::F32));
+            let cfg = req.cfg_at(&schedule, i);
+            let u = if cfg {
+                if cond.negative.len() != b {
+                    return Err(EngineError::invalid("CFG needs negative conditioning"));
+                }
+                let captions: Vec<Tensor<B, 2>> = cond.positive.iter().chain(&cond.negative).cloned().collect();
+                let out = self.dit.forward(&self.dit_config, Tensor::cat(vec![x.clone(), x.clone()], 0), Tensor::cat(vec![t.clone(), t], 0), &captions)?;
+                let out = out.cast(DType::F32);
+                let pos = out.clone().narrow(0, 0, b);
+                let neg = out.narrow(0, b, b);
+                let pred = pos.clone() + (pos.clone() - neg) * req.guidance;
+                if req.cfg_normalization > 0.0 {
+                    // ‖pred‖ ≤ c·‖pos‖ per image, norms over the whole latent.
+                    let norm = |t: Tensor<B, 4>| t.reshape([b as i32, -1]).square().sum_dim(1).sqrt();
+                    let max_norm = norm(pos) * req.cfg_normalization;
+                    let factor = (max_norm / norm(pred.clone())).clamp_max(1.0);
+                    pred * factor.reshape([b, 1, 1, 1])
+                } else {
+                    pred
+                }
+            } else {
+                self.dit.forward(&self.dit_config, x.clone(), t, &cond.positive)?.cast(DType::F32)
+            };
+
+            let previews = if want_previews {
+                let x0 = x.clone() + u.clone() * schedule.sigmas[i];
+                let data = tensor_to_vec(x0);
+                data.chunks(channels * h * w).map(|item| latent_to_rgb(item, h, w)).collect()
+            } else {
+                Vec::new()
+            };
+            x = x + u.neg() * schedule.dt(i);
+            if !on_step(&StepProgress { done: i - start + 1, total, previews }) {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        Ok(x)
+    }
+
+    fn randn(&self, generator: &mut TorchGenerator, shape: [usize; 4]) -> Tensor<B, 4> {
+        let data = generator.randn(shape.iter().product());
+        Tensor::from_data(TensorData::new(data, shape), (&self.device, DType::F32))
+    }
+
+    /// img2img: init image → model-space latents sampled from the posterior
+    /// (`mean + std·ε`, ε drawn first from the generator).
+    fn encode_image(&self, init: &RgbImage, width: u32, height: u32, generator: &mut TorchGenerator) -> Result<Tensor<B, 4>> {
+        let resized;
+        let img = if init.width == width && init.height == height {
+            init
+        } else {
+            resized = resize_rgb(init, width, height)?;
+            &resized
+        };
+        let (hh, ww) = (height as usize, width as usize);
+        let mut chw = vec![0f32; 3 * hh * ww];
+        for p in 0..hh * ww {
+            for c in 0..3 {
+                chw[c * hh * ww + p] = (img.pixels[p * 3 + c] as f32 / 255.0) * 2.0 - 1.0;
+            }
+        }
+        let image = Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, hh, ww]), (&self.device, DType::F32));
+        let vae_dtype = self.vae.decoder.conv_in.weight.val().dtype();
+        let (mean, logvar) = self
+            .vae
+            .encode(image.cast(vae_dtype))
+            .ok_or_else(|| EngineError::invalid("this model was loaded without the VAE encoder, which img2img needs"))?;
+        let (mean, logvar) = (mean.cast(DType::F32), logvar.cast(DType::F32));
+        let eps = self.randn(generator, mean.dims());
+        let z = mean + (logvar * 0.5).exp() * eps;
+        Ok(self.vae.scale(z))
+    }
+
+    /// Model-space latents → 8-bit RGB images, postprocessed as the reference.
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>> {
+        let vae_dtype = self.vae.decoder.conv_in.weight.val().dtype();
+        let z = self.vae.unscale(latents.cast(vae_dtype));
+        let image = self.vae.decode(z).cast(DType::F32);
+        let [b, _, h, w] = image.dims();
+        let data = tensor_to_vec(image);
+        Ok((0..b).map(|i| to_rgb8(&data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w)).collect())
+    }
+}
+
+/// `[3, H, W]` in about [−1, 1] → RGB8: `round_half_even(clamp(x/2 + 0.5, 0, 1)·255)`.
+pub fn to_rgb8(chw: &[f32], h: usize, w: usize) -> RgbImage {
+    let plane = h * w;
+    let mut pixels = vec![0u8; plane * 3];
+    for p in 0..plane {
+        for c in 0..3 {
+            let v = (chw[c * plane + p] * 0.5 + 0.5).clamp(0.0, 1.0);
+            pixels[p * 3 + c] = (v * 255.0).round_ties_even() as u8;
+        }
+    }
+    RgbImage { width: w as u32, height: h as u32, pixels }
+}
+
+/// Resizes with a Lanczos3 filter (the reference uses PIL's; results differ slightly).
+fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
+    let buf = image::RgbImage::from_raw(img.width, img.height, img.pixels.clone())
+        .ok_or_else(|| EngineError::invalid("init image buffer does not match its size"))?;
+    let out = image::imageops::resize(&buf, width, height, image::imageops::FilterType::Lanczos3);
+    Ok(RgbImage { width, height, pixels: out.into_raw() })
+}
+
+/// Host copy of a tensor as f32.
+pub fn tensor_to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    let t = if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+}

@@ -1,0 +1,604 @@
+//! Reading checkpoints: safetensors headers and memory-mapped tensor data,
+//! sharded components (`*.index.json`), key layouts (diffusers, ComfyUI,
+//! BFL), and the [`WeightSource`] every model is built from.
+//!
+//! Models are built once by a single `build` function per module that asks a
+//! [`WeightSource`] for each parameter by its canonical (diffusers /
+//! transformers) name. Three sources exist:
+//! - [`RandomWeights`]: fresh initialisation (`init(&device)`, benchmarks);
+//! - [`ShapePlan`]: records every requested name and shape without allocating,
+//!   so a checkpoint can be checked completely *before* anything is loaded;
+//! - [`Checkpoint`]: reads each tensor from the memory-mapped files, converts
+//!   it to the compute dtype and moves it to the device one at a time, so peak
+//!   host memory is one tensor, not the whole model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::error::{EngineError, Result};
+
+/// Largest header we accept: real headers are well under 1 MB; a bigger value
+/// means a corrupt or hostile file.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Element types found in checkpoints we can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl StoredDtype {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "F32" => Self::F32,
+            "F16" => Self::F16,
+            "BF16" => Self::BF16,
+            "F64" => Self::F64,
+            _ => return None,
+        })
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::F64 => 8,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::F64 => "f64",
+        }
+    }
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    file: usize,
+    bytes: Range<usize>,
+}
+
+/// The tensors of one model component, possibly spread over several shards,
+/// with their data memory-mapped (nothing is read until asked for).
+pub struct TensorStore {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// Refuses pickle-based checkpoints by extension, before opening them.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
+        return Err(EngineError::PickleRefused { path: path.to_path_buf() });
+    }
+    Ok(())
+}
+
+impl TensorStore {
+    /// Opens one or more safetensors files as one component.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut store = TensorStore { files: Vec::new(), tensors: BTreeMap::new() };
+        for path in paths {
+            store.add_file(path)?;
+        }
+        Ok(store)
+    }
+
+    /// Opens a component folder: `{stem}.safetensors.index.json` with its
+    /// shards, or a single `{stem}.safetensors`, or the only `*.safetensors`
+    /// file present.
+    pub fn open_dir(dir: &Path, stem: &str) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "folder not found")));
+        }
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            return Self::open_files(&shards_from_index(&index)?);
+        }
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| EngineError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        if found.len() == 1 {
+            return Self::open_files(&found);
+        }
+        let pickles: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| EngineError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| refuse_pickle(p).is_err())
+            .collect();
+        if let Some(p) = pickles.first() {
+            return Err(EngineError::PickleRefused { path: p.clone() });
+        }
+        Err(EngineError::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                if found.is_empty() {
+                    format!("no {stem}.safetensors (or its .index.json) in this folder")
+                } else {
+                    format!("{} .safetensors files but no {stem}.safetensors.index.json saying how they fit", found.len())
+                },
+            ),
+        ))
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        refuse_pickle(path)?;
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        // SAFETY: the map is read-only; a file changed underneath us can give
+        // wrong values but not unsafety beyond what every mmap loader accepts.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        let bad = |reason: String| EngineError::BadSafetensors { path: path.to_path_buf(), reason };
+        if mmap.len() < 8 {
+            return Err(bad(format!("file is {} bytes, too short for a header", mmap.len())));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+        if header_len > MAX_HEADER_BYTES || header_len + 8 > mmap.len() as u64 {
+            return Err(bad(format!(
+                "header length {header_len} does not fit in a {}-byte file (truncated or not safetensors)",
+                mmap.len()
+            )));
+        }
+        let data_start = 8 + header_len as usize;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..data_start]).map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
+        let data_len = mmap.len() - data_start;
+        let file_index = self.files.len();
+        for (name, entry) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype_str = entry.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
+            let dtype = StoredDtype::parse(dtype_str)
+                .ok_or_else(|| bad(format!("tensor {name} has dtype {dtype_str}, which is not supported (f32, f16, bf16, f64)")))?;
+            let shape: Vec<usize> = entry
+                .get("shape")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
+            let offsets: Vec<usize> = entry
+                .get("data_offsets")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .filter(|o: &Vec<usize>| o.len() == 2)
+                .ok_or_else(|| bad(format!("tensor {name} has no valid data_offsets")))?;
+            let (begin, end) = (offsets[0], offsets[1]);
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let expected = numel.and_then(|n| n.checked_mul(dtype.size()));
+            if begin > end || Some(end - begin) != expected {
+                return Err(bad(format!("tensor {name}: data size does not match its shape {shape:?}")));
+            }
+            if end > data_len {
+                return Err(bad(format!(
+                    "truncated: tensor {name} needs {} bytes of data but the file holds {data_len}",
+                    end
+                )));
+            }
+            if self.tensors.contains_key(&name) {
+                return Err(bad(format!("tensor {name} appears in more than one file")));
+            }
+            self.tensors.insert(
+                name,
+                TensorInfo { dtype, shape, file: file_index, bytes: data_start + begin..data_start + end },
+            );
+        }
+        self.files.push((path.to_path_buf(), mmap));
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    /// Path of the first file (for messages).
+    pub fn path(&self) -> &Path {
+        self.files.first().map(|(p, _)| p.as_path()).unwrap_or(Path::new("<empty>"))
+    }
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| (t.bytes.end - t.bytes.start) as u64).sum()
+    }
+    /// The stored dtype most tensors use (for reports).
+    pub fn main_dtype(&self) -> Option<StoredDtype> {
+        let mut count: HashMap<&'static str, (usize, StoredDtype)> = HashMap::new();
+        for t in self.tensors.values() {
+            count.entry(t.dtype.name()).or_insert((0, t.dtype)).0 += t.bytes.len();
+        }
+        count.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d)
+    }
+
+    fn raw(&self, info: &TensorInfo) -> &[u8] {
+        &self.files[info.file].1[info.bytes.clone()]
+    }
+
+    /// Reads a tensor (or rows `rows` of its first dimension) converted to f32.
+    pub fn read_f32(&self, name: &str, rows: Option<Range<usize>>) -> Option<Vec<f32>> {
+        let info = self.tensors.get(name)?;
+        let bytes = slice_rows(self.raw(info), info, rows);
+        Some(match info.dtype {
+            StoredDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            StoredDtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect()
+            }
+            StoredDtype::F16 => {
+                bytes.chunks_exact(2).map(|b| f16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect()
+            }
+            StoredDtype::F64 => {
+                bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+            }
+        })
+    }
+
+    /// Reads a tensor converted to bf16 (no f32 copy when stored as bf16).
+    pub fn read_bf16(&self, name: &str, rows: Option<Range<usize>>) -> Option<Vec<bf16>> {
+        let info = self.tensors.get(name)?;
+        if info.dtype == StoredDtype::BF16 {
+            let bytes = slice_rows(self.raw(info), info, rows);
+            return Some(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes(b.try_into().unwrap())).collect());
+        }
+        Some(self.read_f32(name, rows)?.into_iter().map(bf16::from_f32).collect())
+    }
+}
+
+fn slice_rows<'a>(bytes: &'a [u8], info: &TensorInfo, rows: Option<Range<usize>>) -> &'a [u8] {
+    match rows {
+        None => bytes,
+        Some(r) => {
+            let row_bytes = bytes.len() / info.shape.first().copied().unwrap_or(1).max(1);
+            &bytes[r.start * row_bytes..r.end * row_bytes]
+        }
+    }
+}
+
+/// Lists the shard files of a `*.safetensors.index.json`, checking each exists.
+pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| EngineError::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::BadConfig { path: index.to_path_buf(), reason: format!("not valid JSON ({e})") })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::BadConfig {
+        path: index.to_path_buf(),
+        reason: "no \"weight_map\" object".into(),
+    })?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    shards.sort();
+    shards.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let n = shards.len();
+    let mut missing = Vec::new();
+    for (i, s) in shards.iter().enumerate() {
+        if s.contains("..") || s.contains('/') || s.contains('\\') {
+            return Err(EngineError::BadConfig { path: index.to_path_buf(), reason: format!("shard name {s:?} points outside the folder") });
+        }
+        if !dir.join(s).is_file() {
+            missing.push(format!("shard {} of {n} ({s}) is missing", i + 1));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(EngineError::io(index, std::io::Error::new(std::io::ErrorKind::NotFound, missing.join("; "))));
+    }
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+// ---------------------------------------------------------------------------
+// Key layouts
+
+/// Where a canonical parameter lives in a particular checkpoint layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    pub key: String,
+    /// `Some((i, n))`: the parameter is chunk `i` of `n` equal chunks along
+    /// dimension 0 of the stored tensor (ComfyUI's fused qkv).
+    pub chunk: Option<(usize, usize)>,
+}
+
+/// Maps canonical (diffusers / transformers) names to a checkpoint's own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyLayout {
+    /// Names as stored, after an optional prefix (`model.` on text encoders).
+    Prefixed(String),
+    /// ComfyUI / original single-file DiT (fused qkv, `x_embedder`, …).
+    ComfyDit { prefix: String },
+    /// Black Forest Labs `ae.safetensors` autoencoder layout.
+    BflVae { prefix: String, up_blocks: usize },
+}
+
+impl KeyLayout {
+    pub fn locate(&self, name: &str) -> Located {
+        let plain = |key: String| Located { key, chunk: None };
+        match self {
+            KeyLayout::Prefixed(p) => plain(format!("{p}{name}")),
+            KeyLayout::ComfyDit { prefix } => {
+                let name = name
+                    .replacen("all_x_embedder.2-1.", "x_embedder.", 1)
+                    .replacen("all_final_layer.2-1.", "final_layer.", 1);
+                for (i, q) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+                    if let Some(head) = name.strip_suffix(&format!("attention.{q}.weight")) {
+                        return Located { key: format!("{prefix}{head}attention.qkv.weight"), chunk: Some((i, 3)) };
+                    }
+                }
+                let name = name
+                    .replace("attention.to_out.0.", "attention.out.")
+                    .replace("attention.norm_q.", "attention.q_norm.")
+                    .replace("attention.norm_k.", "attention.k_norm.");
+                plain(format!("{prefix}{name}"))
+            }
+            KeyLayout::BflVae { prefix, up_blocks } => plain(format!("{prefix}{}", bfl_vae_key(name, *up_blocks))),
+        }
+    }
+
+    /// Guesses the layout of a DiT checkpoint from its keys.
+    pub fn detect_dit(store: &TensorStore) -> Result<Self> {
+        let has = |k: &str| store.get(k).is_some();
+        for prefix in ["", "model.diffusion_model.", "diffusion_model.", "model."] {
+            if has(&format!("{prefix}all_x_embedder.2-1.weight")) {
+                return Ok(KeyLayout::Prefixed(prefix.into()));
+            }
+            if has(&format!("{prefix}x_embedder.weight")) && has(&format!("{prefix}cap_embedder.0.weight")) {
+                return Ok(KeyLayout::ComfyDit { prefix: prefix.into() });
+            }
+        }
+        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "a Z-Image DiT") })
+    }
+
+    /// Guesses the layout of a VAE checkpoint from its keys.
+    pub fn detect_vae(store: &TensorStore, up_blocks: usize) -> Result<Self> {
+        for prefix in ["", "vae.", "first_stage_model."] {
+            if store.get(&format!("{prefix}decoder.conv_in.weight")).is_some() {
+                if store.get(&format!("{prefix}decoder.mid_block.resnets.0.conv1.weight")).is_some() {
+                    return Ok(KeyLayout::Prefixed(prefix.into()));
+                }
+                if store.get(&format!("{prefix}decoder.mid.block_1.conv1.weight")).is_some() {
+                    return Ok(KeyLayout::BflVae { prefix: prefix.into(), up_blocks });
+                }
+            }
+        }
+        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "an autoencoder (VAE)") })
+    }
+
+    /// Guesses the layout of a Qwen3 text-encoder checkpoint from its keys.
+    pub fn detect_text_encoder(store: &TensorStore) -> Result<Self> {
+        for prefix in ["", "model.", "text_encoders.qwen3_4b.transformer.model."] {
+            if store.get(&format!("{prefix}embed_tokens.weight")).is_some() {
+                return Ok(KeyLayout::Prefixed(prefix.into()));
+            }
+        }
+        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "a Qwen3 text encoder") })
+    }
+}
+
+/// Says what a checkpoint looks like when it is not what we expected.
+fn describe_foreign(store: &TensorStore, wanted: &str) -> String {
+    let any = |pat: &str| store.names().any(|n| n.contains(pat));
+    let guess = if any("double_blocks.") || any("single_blocks.") {
+        "this looks like a Flux checkpoint, not Z-Image"
+    } else if any("input_blocks.") || any("down_blocks.0.attentions") {
+        "this looks like a Stable Diffusion UNet, not Z-Image"
+    } else if any("joint_blocks.") {
+        "this looks like a Stable Diffusion 3 checkpoint, not Z-Image"
+    } else if any("embed_tokens") {
+        "this looks like a text encoder"
+    } else if any("decoder.conv_in") {
+        "this looks like an autoencoder (VAE)"
+    } else if any("cap_embedder") {
+        "this looks like a Z-Image DiT"
+    } else {
+        "no known key pattern found"
+    };
+    format!("expected {wanted}; {guess} ({} tensors)", store.len())
+}
+
+/// diffusers AutoencoderKL key → BFL `ae.safetensors` key.
+fn bfl_vae_key(name: &str, up_blocks: usize) -> String {
+    let mut s = name.to_string();
+    // up_blocks are numbered in reverse in the BFL layout.
+    if let Some(rest) = s.strip_prefix("decoder.up_blocks.") {
+        if let Some((idx, tail)) = rest.split_once('.') {
+            if let Ok(i) = idx.parse::<usize>() {
+                s = format!("decoder.up.{}.{tail}", up_blocks.saturating_sub(1 + i));
+            }
+        }
+    }
+    s = s.replace(".down_blocks.", ".down.").replace(".resnets.", ".block.");
+    s = s.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.");
+    s = s.replace(".conv_shortcut.", ".nin_shortcut.");
+    s = s.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.");
+    s = s.replace(".mid_block.attentions.0.to_q.", ".mid.attn_1.q.");
+    s = s.replace(".mid_block.attentions.0.to_k.", ".mid.attn_1.k.");
+    s = s.replace(".mid_block.attentions.0.to_v.", ".mid.attn_1.v.");
+    s = s.replace(".mid_block.attentions.0.to_out.0.", ".mid.attn_1.proj_out.");
+    s = s.replace(".mid_block.block.0.", ".mid.block_1.").replace(".mid_block.block.1.", ".mid.block_2.");
+    s = s.replace(".conv_norm_out.", ".norm_out.");
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Weight sources
+
+/// How a freshly initialised parameter is drawn (ignored when loading).
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Uniform in ±1/√fan_in (PyTorch's Linear/Conv default scale).
+    FanIn(usize),
+    Ones,
+    Zeros,
+    Normal(f64),
+}
+
+/// Supplies parameters by canonical name; see the module docs.
+pub trait WeightSource<B: Backend> {
+    fn device(&self) -> &B::Device;
+    /// A parameter of PyTorch shape `shape`.
+    fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>>;
+
+    fn param<const D: usize>(&mut self, name: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape, init)?))
+    }
+}
+
+/// Random initialisation in the chosen float dtype.
+pub struct RandomWeights<B: Backend> {
+    device: B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend> RandomWeights<B> {
+    pub fn new(device: &B::Device, dtype: DType) -> Self {
+        Self { device: device.clone(), dtype }
+    }
+}
+
+impl<B: Backend> WeightSource<B> for RandomWeights<B> {
+    fn device(&self) -> &B::Device {
+        &self.device
+    }
+    fn tensor<const D: usize>(&mut self, _name: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>> {
+        let t: Tensor<B, D> = match init {
+            Init::Ones => Tensor::ones(shape, &self.device),
+            Init::Zeros => Tensor::zeros(shape, &self.device),
+            Init::FanIn(fan) => {
+                let k = 1.0 / (fan.max(1) as f64).sqrt();
+                Tensor::random(shape, Distribution::Uniform(-k, k), &self.device)
+            }
+            Init::Normal(std) => Tensor::random(shape, Distribution::Normal(0.0, std), &self.device),
+        };
+        Ok(t.cast(self.dtype))
+    }
+}
+
+/// Records every requested parameter; hands out 1-element placeholders.
+pub struct ShapePlan<B: Backend> {
+    device: B::Device,
+    pub requested: Vec<(String, Vec<usize>)>,
+}
+
+impl<B: Backend> ShapePlan<B> {
+    pub fn new(device: &B::Device) -> Self {
+        Self { device: device.clone(), requested: Vec::new() }
+    }
+}
+
+impl<B: Backend> WeightSource<B> for ShapePlan<B> {
+    fn device(&self) -> &B::Device {
+        &self.device
+    }
+    fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D], _init: Init) -> Result<Tensor<B, D>> {
+        self.requested.push((name.to_string(), shape.to_vec()));
+        Ok(Tensor::zeros([1; D], &self.device))
+    }
+}
+
+/// Whether a stored shape serves a requested one: equal, or equal up to
+/// trailing size-1 dimensions (1×1 conv weights used as linear layers).
+fn shape_serves(stored: &[usize], requested: &[usize]) -> bool {
+    stored == requested
+        || (stored.len() > requested.len()
+            && stored[..requested.len()] == *requested
+            && stored[requested.len()..].iter().all(|&d| d == 1))
+}
+
+/// Checks every planned parameter against a store; all problems in one error.
+pub fn check_plan(component: &str, plan: &[(String, Vec<usize>)], store: &TensorStore, layout: &KeyLayout) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in plan {
+        let loc = layout.locate(name);
+        match store.get(&loc.key) {
+            None => problems.push(format!("missing tensor {}", loc.key)),
+            Some(info) => {
+                let mut stored = info.shape.clone();
+                if let Some((_, n)) = loc.chunk {
+                    if stored.first().is_some_and(|d| d % n == 0) {
+                        stored[0] /= n;
+                    } else {
+                        problems.push(format!("{}: shape {:?} cannot be split in {n}", loc.key, info.shape));
+                        continue;
+                    }
+                }
+                if !shape_serves(&stored, shape) {
+                    problems.push(format!("{}: expected shape {shape:?}, found {:?}", loc.key, stored));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(EngineError::WeightMismatch { component: component.to_string(), problems })
+    }
+}
+
+/// Loads parameters from a checked [`TensorStore`], one at a time.
+pub struct Checkpoint<'a, B: Backend> {
+    device: B::Device,
+    dtype: DType,
+    store: &'a TensorStore,
+    layout: KeyLayout,
+    /// Called after each tensor with (tensors loaded, bytes loaded).
+    pub on_progress: Option<Box<dyn FnMut(usize, u64) + 'a>>,
+    loaded: usize,
+    loaded_bytes: u64,
+}
+
+impl<'a, B: Backend> Checkpoint<'a, B> {
+    pub fn new(store: &'a TensorStore, layout: KeyLayout, device: &B::Device, dtype: DType) -> Self {
+        Self { device: device.clone(), dtype, store, layout, on_progress: None, loaded: 0, loaded_bytes: 0 }
+    }
+}
+
+impl<B: Backend> WeightSource<B> for Checkpoint<'_, B> {
+    fn device(&self) -> &B::Device {
+        &self.device
+    }
+    fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D], _init: Init) -> Result<Tensor<B, D>> {
+        let loc = self.layout.locate(name);
+        let info = self.store.get(&loc.key).ok_or_else(|| EngineError::WeightMismatch {
+            component: self.store.path().display().to_string(),
+            problems: vec![format!("missing tensor {}", loc.key)],
+        })?;
+        let rows = loc.chunk.map(|(i, n)| {
+            let r = info.shape[0] / n;
+            i * r..(i + 1) * r
+        });
+        let data = if self.dtype == DType::BF16 {
+            TensorData::new(self.store.read_bf16(&loc.key, rows).expect("checked"), shape)
+        } else {
+            TensorData::new(self.store.read_f32(&loc.key, rows).expect("checked"), shape)
+        };
+        self.loaded += 1;
+        self.loaded_bytes += (data.num_elements() * self.dtype.size()) as u64;
+        if let Some(cb) = self.on_progress.as_mut() {
+            cb(self.loaded, self.loaded_bytes);
+        }
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+    }
+}
