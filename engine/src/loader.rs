@@ -31,6 +31,8 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     /// Scheduler shift (3.0 when no scheduler config is found).
     pub shift: f32,
+    /// Default image side: the VAE config's `sample_size` (1024 for the real models).
+    pub default_size: u32,
 }
 
 /// One component: its safetensors files and, if present, its config.json.
@@ -122,13 +124,14 @@ impl ModelFiles {
         let shift = scheduler_shift(&dir.join("scheduler").join("scheduler_config.json"))?;
         let text_encoder = match &o.text_encoder {
             Some(p) => single_component(p)?,
-            None => component_in_dir(&dir.join("text_encoder"), "model")?,
+            None => component_in_dir(&shared_dir(dir, "text_encoder"), "model")?,
         };
         let vae = match &o.vae {
             Some(p) => single_component(p)?,
-            None => component_in_dir(&dir.join("vae"), "diffusion_pytorch_model")?,
+            None => component_in_dir(&shared_dir(dir, "vae"), "diffusion_pytorch_model")?,
         };
-        let tokenizer = o.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer").join("tokenizer.json"));
+        let tokenizer = o.tokenizer.clone().unwrap_or_else(|| shared_dir(dir, "tokenizer").join("tokenizer.json"));
+        let default_size = default_size(&vae)?;
         Ok(Self {
             name,
             dit: component_in_dir(&dir.join("transformer"), "diffusion_pytorch_model")?,
@@ -136,6 +139,7 @@ impl ModelFiles {
             vae,
             tokenizer: tokenizer_file(&tokenizer)?,
             shift,
+            default_size,
         })
     }
 
@@ -177,8 +181,71 @@ impl ModelFiles {
         };
         let lower = name.to_lowercase();
         let shift = if lower.contains("turbo") { 3.0 } else if lower.contains("z_image") || lower.contains("z-image") { 6.0 } else { 3.0 };
-        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift })
+        let default_size = default_size(&vae)?;
+        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift, default_size })
     }
+}
+
+/// The VAE config's `sample_size`, rounded to a multiple of 16 (1024 without one).
+fn default_size(vae: &ComponentFiles) -> Result<u32> {
+    let size = match &vae.config {
+        Some(cfg) => read_json(cfg)?.get("sample_size").and_then(|v| v.as_u64()).unwrap_or(1024),
+        None => 1024,
+    };
+    Ok(((size.clamp(16, 4096) / 16) * 16) as u32)
+}
+
+/// `dir/name`, or `dir/../name` when only the parent has it: Turbo and Base
+/// share the text encoder, tokenizer and VAE, so a pair can be stored once
+/// (`pair/{text_encoder,tokenizer,vae}` beside `pair/turbo/` and `pair/base/`).
+fn shared_dir(dir: &Path, name: &str) -> PathBuf {
+    let own = dir.join(name);
+    match dir.parent() {
+        Some(parent) if !own.exists() && parent.join(name).is_dir() => parent.join(name),
+        _ => own,
+    }
+}
+
+/// Built-in model names and where their folders are looked for.
+pub const BUILTIN_MODELS: [&str; 2] = ["demo-turbo", "demo-base"];
+
+/// Resolves a model argument: a built-in name (`demo-turbo`, `demo-base`)
+/// or a path. Built-in models live in `assets/demo/{turbo,base}`, searched in
+/// `$ZIMAGE_ASSETS`, beside the executable (`assets/`, `../share/zimage-studio/assets/`,
+/// and the source tree for `cargo run`).
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    let Some(variant) = arg.strip_prefix("demo-") else {
+        return Ok(PathBuf::from(arg));
+    };
+    if !BUILTIN_MODELS.contains(&arg) {
+        return Err(EngineError::invalid(format!("unknown built-in model {arg:?}; the built-in models are {}", BUILTIN_MODELS.join(", "))));
+    }
+    let candidates = asset_dirs();
+    for root in &candidates {
+        let dir = root.join("demo").join(variant);
+        if dir.join("model_index.json").is_file() {
+            return Ok(dir);
+        }
+    }
+    Err(EngineError::invalid(format!(
+        "the built-in {arg} model is not installed (looked in {}); train it with `zimage train-demo --out assets/demo`",
+        candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// Folders that may hold the application's `assets/`.
+pub fn asset_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(p) = std::env::var_os("ZIMAGE_ASSETS") {
+        dirs.push(PathBuf::from(p));
+    }
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        dirs.push(exe_dir.join("assets"));
+        dirs.push(exe_dir.join("../share/zimage-studio/assets"));
+        dirs.push(exe_dir.join("../lib/zimage-studio/assets"));
+    }
+    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
+    dirs
 }
 
 /// A single `.safetensors` file, with an optional `<stem>.json` config beside it.

@@ -23,6 +23,17 @@ pub fn chat_template(prompt: &str) -> String {
     format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
 }
 
+/// Refuses absurdly long prompts before tokenising them.
+fn check_length(prompt: &str) -> Result<()> {
+    let chars = prompt.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(EngineError::invalid(format!(
+            "prompt is {chars} characters long; the limit is {MAX_PROMPT_CHARS} (only the first {MAX_TOKENS} tokens are used anyway)"
+        )));
+    }
+    Ok(())
+}
+
 /// The model's tokenizer (`tokenizer/tokenizer.json`).
 pub struct PromptTokenizer {
     inner: tokenizers::Tokenizer,
@@ -54,12 +65,7 @@ impl PromptTokenizer {
     /// Token ids of the templated prompt, truncated to [`MAX_TOKENS`] on the
     /// right (as the reference, which then loses the template's tail).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        if prompt.chars().count() > MAX_PROMPT_CHARS {
-            return Err(EngineError::invalid(format!(
-                "prompt is {} characters long; the limit is {MAX_PROMPT_CHARS} (only the first {MAX_TOKENS} tokens are used anyway)",
-                prompt.chars().count()
-            )));
-        }
+        check_length(prompt)?;
         let encoding = self
             .inner
             .encode(chat_template(prompt), true)
@@ -71,6 +77,7 @@ impl PromptTokenizer {
 
     /// Number of tokens the prompt costs (template included, before truncation).
     pub fn count(&self, prompt: &str) -> Result<usize> {
+        check_length(prompt)?;
         Ok(self.inner.encode(chat_template(prompt), true).map_err(|e| EngineError::Tokenizer(e.to_string()))?.len())
     }
 

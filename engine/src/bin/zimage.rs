@@ -1,1 +1,309 @@
-fn main(){}
+//! `zimage`: the command-line front end of the engine.
+//!
+//! Every failure ends as one line on stderr and a non-zero exit code; a
+//! panic is caught and reported the same way (no backtrace for users).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use zimage_engine::device::{CpuBackend, DeviceKind};
+use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides};
+use zimage_engine::metadata::{self, GenerationMetadata};
+use zimage_engine::pipeline::{GenerateRequest, ZImagePipeline};
+use zimage_engine::preview::RgbImage;
+use zimage_engine::text::MAX_TOKENS;
+
+#[derive(Parser)]
+#[command(name = "zimage", version, about = "Z-Image text-to-image on the command line (Turbo and Base)", args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image and save it as a PNG with its parameters.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: a diffusers folder, a ComfyUI .safetensors DiT file, or a
+    /// built-in name (demo-turbo, demo-base). Default: demo-turbo.
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Text encoder file or folder (for single-file models).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// VAE file or folder (for single-file models).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Qwen3 tokenizer.json or its folder (for single-file models).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// cpu, cuda or wgpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+#[command(args_override_self = true, allow_negative_numbers = true)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// What to draw.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// What to avoid (used when guidance > 0).
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Seed of the initial noise; random (and printed) when omitted.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Denoising steps (model default: Turbo 8, Base 50).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance g in u = u+ + g(u+ − u−); 0 turns CFG off (model default: Turbo 0, Base 4).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Cap the guided prediction's norm at this multiple of the conditional one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    cfg_normalization: f32,
+    /// Skip CFG on steps whose normalised time exceeds this (1 = never).
+    #[arg(long, default_value_t = 1.0)]
+    cfg_truncation: f32,
+    /// Image width in pixels, a multiple of 16 (model default).
+    #[arg(long, short = 'W')]
+    width: Option<u32>,
+    /// Image height in pixels, a multiple of 16 (model default).
+    #[arg(long, short = 'H')]
+    height: Option<u32>,
+    /// Start from this image (img2img).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// img2img strength in (0, 1]: how much of the schedule to run.
+    #[arg(long, default_value_t = 0.6)]
+    strength: f32,
+    /// Output PNG (default: zimage-<seed>.png in the current folder, never overwriting).
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    // Users get one line, never a backtrace; the hook replaces the default printer.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        eprintln!("error: internal error: {}", msg.lines().next().unwrap_or(""));
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(70),
+    }
+}
+
+/// `context: cause: cause` on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let mut out: Vec<String> = Vec::new();
+    for p in parts {
+        if !out.iter().any(|o| o.contains(&p)) {
+            out.push(p);
+        }
+    }
+    out.join(": ").replace('\n', " ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => {
+            let device = DeviceKind::parse(&args.model.device)?;
+            device.ensure_available()?;
+            match device {
+                DeviceKind::Cpu => generate::<CpuBackend>(args, Default::default(), device),
+                #[cfg(feature = "cuda")]
+                DeviceKind::Cuda => generate::<zimage_engine::device::CudaBackend>(args, Default::default(), device),
+                #[cfg(feature = "wgpu")]
+                DeviceKind::Wgpu => generate::<zimage_engine::device::WgpuBackend>(args, Default::default(), device),
+                #[allow(unreachable_patterns)]
+                _ => unreachable!("ensure_available rejects devices not compiled in"),
+            }
+        }
+    }
+}
+
+impl ModelArgs {
+    fn files(&self) -> Result<ModelFiles> {
+        let arg = self.model.clone().unwrap_or_else(|| "demo-turbo".into());
+        let path = loader::resolve_model(&arg)?;
+        let overrides = ModelOverrides {
+            text_encoder: self.text_encoder.clone(),
+            vae: self.vae.clone(),
+            tokenizer: self.tokenizer.clone(),
+        };
+        Ok(ModelFiles::locate(&path, &overrides)?)
+    }
+}
+
+fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb
+}
+
+/// Loads a model with a progress bar over its bytes.
+fn load<B: Backend>(files: &ModelFiles, device: &B::Device, kind: DeviceKind, quiet: bool) -> Result<ZImagePipeline<B>> {
+    let total: u64 = [&files.dit, &files.text_encoder, &files.vae]
+        .iter()
+        .flat_map(|c| c.files.iter())
+        .filter_map(|f| std::fs::metadata(f).ok().map(|m| m.len()))
+        .sum();
+    let pb = bar(quiet, total, "loading {msg:12} [{bar:30}] {bytes}/{total_bytes}");
+    let mut done_before = 0u64;
+    let mut stage_bytes = 0u64;
+    let mut current = None;
+    let pipe = loader::load_pipeline::<B>(files, device, kind.weight_dtype(), &mut |stage, _, bytes| {
+        if current != Some(stage) {
+            done_before += stage_bytes;
+            current = Some(stage);
+            pb.set_message(match stage {
+                LoadStage::TextEncoder => "text encoder",
+                LoadStage::Dit => "DiT",
+                LoadStage::Vae => "VAE",
+            });
+        }
+        stage_bytes = bytes;
+        pb.set_position((done_before + bytes).min(total));
+    })
+    .with_context(|| format!("cannot load {}", files.name))?;
+    pb.finish_and_clear();
+    Ok(pipe)
+}
+
+fn read_init(path: &Path) -> Result<RgbImage> {
+    let img = image::open(path).with_context(|| format!("cannot read init image {}", path.display()))?.to_rgb8();
+    Ok(RgbImage { width: img.width(), height: img.height(), pixels: img.into_raw() })
+}
+
+/// A file name in the current folder that does not exist yet.
+fn fresh_output_path(seed: u64) -> PathBuf {
+    let first = PathBuf::from(format!("zimage-{seed}.png"));
+    if !first.exists() {
+        return first;
+    }
+    (1..).map(|i| PathBuf::from(format!("zimage-{seed}-{i}.png"))).find(|p| !p.exists()).expect("some name is free")
+}
+
+fn generate<B: Backend>(args: GenerateArgs, device: B::Device, kind: DeviceKind) -> Result<()> {
+    if args.prompt.trim().is_empty() {
+        bail!("the prompt is empty; say what to draw with --prompt");
+    }
+    // Fail on bad arguments before spending time on loading.
+    if let Some(out) = &args.out {
+        if out.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+            bail!("output {} must end in .png", out.display());
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                bail!("output folder {} does not exist", dir.display());
+            }
+        }
+    }
+    let init = args.init.as_deref().map(read_init).transpose()?;
+    let files = args.model.files()?;
+
+    let started = Instant::now();
+    let pipe = load::<B>(&files, &device, kind, args.quiet)?;
+    let load_time = started.elapsed();
+
+    let seed = args.seed.unwrap_or_else(|| zimage_engine::rng::random_seed() & 0xFFFF_FFFF);
+    let mut req = GenerateRequest::new(args.prompt.clone(), pipe.kind);
+    req.negative_prompt = args.negative.clone();
+    req.seed = seed;
+    req.steps = args.steps.unwrap_or(req.steps);
+    req.guidance = args.guidance.unwrap_or(req.guidance);
+    req.cfg_normalization = args.cfg_normalization;
+    req.cfg_truncation = args.cfg_truncation;
+    req.width = args.width.unwrap_or(files.default_size);
+    req.height = args.height.unwrap_or(files.default_size);
+    req.strength = args.strength;
+    req.init = init;
+    req.validate(pipe.pixel_multiple())?;
+
+    let tokens = pipe.text.tokenizer.count(&args.prompt)?;
+    if tokens > MAX_TOKENS {
+        eprintln!("warning: the prompt is {tokens} tokens; only the first {MAX_TOKENS} (template included) are used");
+    }
+    if args.seed.is_none() {
+        eprintln!("seed: {seed}");
+    }
+
+    let pb = bar(args.quiet, 0, "{msg} [{bar:30}] {pos}/{len} steps {elapsed}");
+    pb.set_message(format!("{} {}×{}", pipe.kind.name(), req.width, req.height));
+    let t0 = Instant::now();
+    let out = pipe.generate(&req, false, &mut |p| {
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+        true
+    })?;
+    pb.finish_and_clear();
+    let gen_time = t0.elapsed();
+
+    let image = &out.images[0];
+    let meta = GenerationMetadata {
+        prompt: req.prompts[0].clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        seed,
+        steps: req.steps as u32,
+        guidance: req.guidance,
+        cfg_normalization: req.cfg_normalization,
+        cfg_truncation: req.cfg_truncation,
+        width: req.width,
+        height: req.height,
+        model: files.name.clone(),
+        model_kind: pipe.kind.name().into(),
+        scheduler_shift: pipe.shift,
+        init_image: args.init.as_ref().map(|p| p.display().to_string()),
+        strength: req.init.as_ref().map(|_| req.strength),
+        parent: None,
+        app: format!("zimage {}", env!("CARGO_PKG_VERSION")),
+        created: metadata::utc_timestamp_now(),
+    };
+    let path = args.out.clone().unwrap_or_else(|| fresh_output_path(seed));
+    metadata::save_png(&path, &image.pixels, image.width, image.height, &meta)?;
+    println!("{}", path.display());
+    if !args.quiet {
+        eprintln!(
+            "{} {}×{}, {} steps, seed {seed}: {:.2} s (model load {:.2} s)",
+            pipe.kind.name(),
+            req.width,
+            req.height,
+            req.steps,
+            gen_time.as_secs_f64(),
+            load_time.as_secs_f64()
+        );
+    }
+    Ok(())
+}

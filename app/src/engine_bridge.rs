@@ -1,0 +1,739 @@
+//! The engine bridge: one thread owns the models; the UI talks to it only
+//! through [`Command`]s in and [`Event`]s out. This is the only module that
+//! knows about threads and channels.
+//!
+//! Scheduling rules (issue 3):
+//! * a new live job supersedes the pending live job at once and the running
+//!   live job at its next step boundary;
+//! * variation and refine jobs are queued in order and never dropped (they
+//!   even survive an engine restart: the handle re-submits them);
+//! * live jobs run before queued jobs, because the user is waiting on them;
+//! * prompt encodings are cached per text encoder, so when Turbo and Base
+//!   share one, the refine reuses the Turbo draft's conditioning;
+//! * a panic inside a job becomes [`Event::Failed`] + [`Event::EngineRestarted`],
+//!   the models are reloaded and the next job runs normally.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use zimage_engine::device::CpuBackend;
+use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, SharedComponents};
+use zimage_engine::pipeline::{Conditioning, GenerateRequest, ModelKind, ZImagePipeline};
+use zimage_engine::preview::RgbImage;
+use zimage_engine::scheduler::Schedule;
+use zimage_engine::EngineError;
+
+type B = CpuBackend;
+
+pub type JobId = u64;
+
+/// Why a job exists; decides scheduling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum JobKind {
+    Live,
+    Variation,
+    Refine,
+}
+
+/// Which loaded model runs a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ModelSlot {
+    Turbo,
+    Base,
+}
+
+impl ModelSlot {
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelSlot::Turbo => "Turbo",
+            ModelSlot::Base => "Base",
+        }
+    }
+    pub fn kind(self) -> ModelKind {
+        match self {
+            ModelSlot::Turbo => ModelKind::Turbo,
+            ModelSlot::Base => ModelKind::Base,
+        }
+    }
+}
+
+/// One unit of work.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub kind: JobKind,
+    pub slot: ModelSlot,
+    pub request: GenerateRequest,
+}
+
+/// Where the two models come from: a built-in name (`demo-turbo`) or a path.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelConfig {
+    pub turbo: Option<String>,
+    pub base: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    /// Nothing configured for this slot.
+    NotConfigured,
+    Loading { stage: String },
+    Ready { name: String },
+    /// Configured but unusable; one line saying why.
+    Failed(String),
+}
+
+pub enum Command {
+    Submit { id: JobId, spec: JobSpec },
+    Cancel(JobId),
+    LoadModels(ModelConfig),
+    /// Makes the next job panic inside the engine (fault-injection for tests
+    /// and for checking the restart path by hand).
+    InjectPanic,
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started { id: JobId },
+    /// After each sampler step; `preview` is the x0 estimate at latent resolution.
+    Progress { id: JobId, done: usize, total: usize, preview: Option<RgbImage> },
+    Finished { id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, conditioning_cached: bool },
+    /// `superseded`: replaced by a newer live job (not a user cancel).
+    Cancelled { id: JobId, superseded: bool },
+    Failed { id: JobId, message: String },
+    Model { slot: ModelSlot, state: ModelState },
+    /// The engine crashed and was restarted; `reason` is one line.
+    EngineRestarted { reason: String },
+}
+
+/// What the UI holds: send commands, poll events. Never blocks.
+pub struct EngineHandle {
+    cmd_tx: Sender<Command>,
+    ev_rx: Receiver<Event>,
+    thread: Option<JoinHandle<()>>,
+    next_id: JobId,
+    waker: Waker,
+    config: ModelConfig,
+    /// Queued (non-live) jobs not yet finished, re-submitted if the thread dies.
+    outstanding: BTreeMap<JobId, JobSpec>,
+}
+
+/// How the worker wakes the UI (egui's `request_repaint` in the app).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+impl EngineHandle {
+    pub fn spawn(waker: Waker) -> Self {
+        let (cmd_tx, ev_rx, thread) = start_thread(waker.clone());
+        Self { cmd_tx, ev_rx, thread: Some(thread), next_id: 1, waker, config: ModelConfig::default(), outstanding: BTreeMap::new() }
+    }
+
+    pub fn submit(&mut self, spec: JobSpec) -> JobId {
+        let id = self.next_id;
+        self.next_id += 1;
+        if spec.kind != JobKind::Live {
+            self.outstanding.insert(id, spec.clone());
+        }
+        self.send(Command::Submit { id, spec });
+        id
+    }
+
+    pub fn cancel(&mut self, id: JobId) {
+        self.send(Command::Cancel(id));
+    }
+
+    pub fn load_models(&mut self, config: ModelConfig) {
+        self.config = config.clone();
+        self.send(Command::LoadModels(config));
+    }
+
+    pub fn inject_panic(&mut self) {
+        self.send(Command::InjectPanic);
+    }
+
+    /// Number of queued or running non-live jobs.
+    pub fn queued(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Drains the events that have arrived. Restarts the thread if it died.
+    pub fn poll(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            match self.ev_rx.try_recv() {
+                Ok(ev) => {
+                    if let Event::Finished { id, .. } | Event::Failed { id, .. } | Event::Cancelled { id, .. } = &ev {
+                        self.outstanding.remove(id);
+                    }
+                    events.push(ev);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    events.push(Event::EngineRestarted { reason: "the engine thread stopped unexpectedly".into() });
+                    self.restart();
+                    break;
+                }
+            }
+        }
+        events
+    }
+
+    fn send(&mut self, cmd: Command) {
+        if let Err(mpsc::SendError(cmd)) = self.cmd_tx.send(cmd) {
+            // The thread is gone: restart it and deliver the command to the new one.
+            self.restart();
+            let _ = self.cmd_tx.send(cmd);
+        }
+    }
+
+    fn restart(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let (cmd_tx, ev_rx, thread) = start_thread(self.waker.clone());
+        self.cmd_tx = cmd_tx;
+        self.ev_rx = ev_rx;
+        self.thread = Some(thread);
+        let _ = self.cmd_tx.send(Command::LoadModels(self.config.clone()));
+        for (id, spec) in &self.outstanding {
+            let _ = self.cmd_tx.send(Command::Submit { id: *id, spec: spec.clone() });
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.cmd_tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start_thread(waker: Waker) -> (Sender<Command>, Receiver<Event>, JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel();
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("zimage-engine".into())
+        .spawn(move || {
+            let mut worker = Worker::new(cmd_rx, Emitter { tx: ev_tx, waker });
+            worker.run();
+        })
+        .expect("spawning the engine thread");
+    (cmd_tx, ev_rx, thread)
+}
+
+struct Emitter {
+    tx: Sender<Event>,
+    waker: Waker,
+}
+
+impl Emitter {
+    fn emit(&self, ev: Event) {
+        let _ = self.tx.send(ev);
+        (self.waker)();
+    }
+}
+
+/// Prompt encodings keyed by (text encoder identity, prompt). Turbo and Base
+/// loaded from the same text-encoder files share one encoder, hence one key.
+#[derive(Default)]
+struct PromptCache {
+    map: HashMap<(usize, String), Tensor<B, 2>>,
+    order: VecDeque<(usize, String)>,
+}
+
+impl PromptCache {
+    const CAPACITY: usize = 64;
+
+    /// The encoding and whether it came from the cache.
+    fn get(&mut self, pipe: &ZImagePipeline<B>, prompt: &str) -> zimage_engine::Result<(Tensor<B, 2>, bool)> {
+        let key = (Arc::as_ptr(&pipe.text) as usize, prompt.to_string());
+        if let Some(t) = self.map.get(&key) {
+            return Ok((t.clone(), true));
+        }
+        let t = pipe.text.encode(prompt)?;
+        if self.order.len() >= Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.order.push_back(key.clone());
+        self.map.insert(key, t.clone());
+        Ok((t, false))
+    }
+
+    /// Same result as `ZImagePipeline::encode`, through the cache.
+    fn conditioning(&mut self, pipe: &ZImagePipeline<B>, req: &GenerateRequest) -> zimage_engine::Result<(Conditioning<B>, bool)> {
+        let mut all_cached = true;
+        let mut positive = Vec::new();
+        for p in &req.prompts {
+            let (t, hit) = self.get(pipe, p)?;
+            all_cached &= hit;
+            positive.push(t);
+        }
+        let schedule = Schedule::new(req.steps, pipe.shift);
+        let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
+        let negative = if needs_negative {
+            let (t, hit) = self.get(pipe, &req.negative_prompt)?;
+            all_cached &= hit;
+            vec![t; req.prompts.len()]
+        } else {
+            Vec::new()
+        };
+        Ok((Conditioning { positive, negative }, all_cached))
+    }
+}
+
+#[derive(Default)]
+struct Models {
+    turbo: Option<ZImagePipeline<B>>,
+    base: Option<ZImagePipeline<B>>,
+}
+
+impl Models {
+    fn get(&self, slot: ModelSlot) -> Option<&ZImagePipeline<B>> {
+        match slot {
+            ModelSlot::Turbo => self.turbo.as_ref(),
+            ModelSlot::Base => self.base.as_ref(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    live: Option<(JobId, JobSpec)>,
+    jobs: VecDeque<(JobId, JobSpec)>,
+    cancel_running: bool,
+    superseded: bool,
+    shutdown: bool,
+    inject_panic: bool,
+    load: Option<ModelConfig>,
+}
+
+struct Worker {
+    rx: Receiver<Command>,
+    out: Emitter,
+    queue: Queue,
+    models: Models,
+    model_state: HashMap<ModelSlot, ModelState>,
+    cache: PromptCache,
+    config: ModelConfig,
+    device: <B as Backend>::Device,
+}
+
+impl Worker {
+    fn new(rx: Receiver<Command>, out: Emitter) -> Self {
+        Self {
+            rx,
+            out,
+            queue: Queue::default(),
+            models: Models::default(),
+            model_state: HashMap::new(),
+            cache: PromptCache::default(),
+            config: ModelConfig::default(),
+            device: Default::default(),
+        }
+    }
+
+    fn run(&mut self) {
+        loop {
+            let idle = self.queue.live.is_none() && self.queue.jobs.is_empty() && self.queue.load.is_none();
+            if idle {
+                match self.rx.recv_timeout(Duration::from_secs(3600)) {
+                    Ok(cmd) => handle(&mut self.queue, &self.out, cmd, None),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            if drain(&self.rx, &mut self.queue, &self.out, None) {
+                return;
+            }
+            if self.queue.shutdown {
+                return;
+            }
+            if let Some(config) = self.queue.load.take() {
+                self.load(config);
+                continue;
+            }
+            let next = self.queue.live.take().or_else(|| self.queue.jobs.pop_front());
+            if let Some((id, spec)) = next {
+                self.run_job(id, spec);
+            }
+            if self.queue.shutdown {
+                return;
+            }
+        }
+    }
+
+    fn run_job(&mut self, id: JobId, spec: JobSpec) {
+        self.queue.cancel_running = false;
+        self.queue.superseded = false;
+        let Some(pipe) = self.models.get(spec.slot) else {
+            let why = match self.model_state.get(&spec.slot) {
+                Some(ModelState::Loading { .. }) => format!("the {} model is still loading", spec.slot.label()),
+                Some(ModelState::Failed(m)) => format!("the {} model could not be loaded: {m}", spec.slot.label()),
+                _ => format!("no {} model is configured; choose one in Settings", spec.slot.label()),
+            };
+            self.out.emit(Event::Failed { id, message: why });
+            return;
+        };
+        self.out.emit(Event::Started { id });
+        let panic_now = std::mem::take(&mut self.queue.inject_panic);
+        let (queue, out, cache, rx) = (&mut self.queue, &self.out, &mut self.cache, &self.rx);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if panic_now {
+                panic!("injected engine fault");
+            }
+            run_pipeline(pipe, cache, &spec, id, queue, out, rx)
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(JobEnd::Cancelled)) => {
+                let superseded = self.queue.superseded;
+                self.out.emit(Event::Cancelled { id, superseded });
+            }
+            Ok(Err(JobEnd::Error(message))) => self.out.emit(Event::Failed { id, message }),
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                let what = one_line(&what);
+                self.out.emit(Event::Failed { id, message: format!("the engine crashed ({what}); it was restarted") });
+                self.out.emit(Event::EngineRestarted { reason: what });
+                // The models may be in any state after a panic: drop and reload them.
+                self.models = Models::default();
+                self.cache = PromptCache::default();
+                self.queue.load = Some(self.config.clone());
+            }
+        }
+    }
+
+    fn set_state(&mut self, slot: ModelSlot, state: ModelState) {
+        self.model_state.insert(slot, state.clone());
+        self.out.emit(Event::Model { slot, state });
+    }
+
+    fn load(&mut self, config: ModelConfig) {
+        // Same configuration, everything it names already loaded: nothing to do.
+        let loaded = self.models.turbo.is_some() == config.turbo.is_some() && self.models.base.is_some() == config.base.is_some();
+        if config == self.config && loaded && !self.model_state.is_empty() {
+            return;
+        }
+        self.config = config.clone();
+        self.models = Models::default();
+        self.cache = PromptCache::default();
+        let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
+        for (slot, arg) in [(ModelSlot::Turbo, &config.turbo), (ModelSlot::Base, &config.base)] {
+            let Some(arg) = arg else {
+                self.set_state(slot, ModelState::NotConfigured);
+                continue;
+            };
+            self.set_state(slot, ModelState::Loading { stage: "locating files".into() });
+            match self.load_one(slot, arg, &mut shared) {
+                Ok(pipe) => {
+                    let name = pipe.name.clone();
+                    match slot {
+                        ModelSlot::Turbo => self.models.turbo = Some(pipe),
+                        ModelSlot::Base => self.models.base = Some(pipe),
+                    }
+                    self.set_state(slot, ModelState::Ready { name });
+                }
+                Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
+            }
+        }
+    }
+
+    fn load_one(&mut self, slot: ModelSlot, arg: &str, shared: &mut Option<(ModelFiles, SharedComponents<B>)>) -> zimage_engine::Result<ZImagePipeline<B>> {
+        let path = loader::resolve_model(arg)?;
+        let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
+        let reuse = matches!(shared, Some((f, _)) if same_shared_files(f, &files));
+        let out = &self.out;
+        let mut last = None;
+        let mut progress = |stage: LoadStage, _n: usize, _bytes: u64| {
+            if last != Some(stage) {
+                last = Some(stage);
+                let stage = match stage {
+                    LoadStage::TextEncoder => "text encoder",
+                    LoadStage::Dit => "diffusion transformer",
+                    LoadStage::Vae => "VAE",
+                };
+                out.emit(Event::Model { slot, state: ModelState::Loading { stage: stage.into() } });
+            }
+        };
+        if !reuse {
+            // VAE encoder included: the Base refine is img2img.
+            let comps = loader::load_shared::<B>(&files, &self.device, DType::F32, true, &mut progress)?;
+            *shared = Some((files.clone(), comps));
+        }
+        let comps = &shared.as_ref().expect("shared components were just loaded").1;
+        loader::load_pipeline_with::<B>(&files, comps, &self.device, DType::F32, &mut progress)
+    }
+}
+
+/// Whether two models use the same tokenizer, text encoder and VAE files.
+fn same_shared_files(a: &ModelFiles, b: &ModelFiles) -> bool {
+    fn canon(p: &Path) -> PathBuf {
+        p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+    }
+    let files = |v: &[PathBuf]| v.iter().map(|p| canon(p)).collect::<Vec<_>>();
+    canon(&a.tokenizer) == canon(&b.tokenizer)
+        && files(&a.text_encoder.files) == files(&b.text_encoder.files)
+        && files(&a.vae.files) == files(&b.vae.files)
+}
+
+enum JobEnd {
+    Cancelled,
+    Error(String),
+}
+
+fn run_pipeline(
+    pipe: &ZImagePipeline<B>,
+    cache: &mut PromptCache,
+    spec: &JobSpec,
+    id: JobId,
+    queue: &mut Queue,
+    out: &Emitter,
+    rx: &Receiver<Command>,
+) -> Result<(), JobEnd> {
+    let start = Instant::now();
+    let req = &spec.request;
+    let err = |e: EngineError| match e {
+        EngineError::Cancelled => JobEnd::Cancelled,
+        other => JobEnd::Error(one_line(&other.to_string())),
+    };
+    req.validate(pipe.pixel_multiple()).map_err(err)?;
+    let (cond, cached) = cache.conditioning(pipe, req).map_err(err)?;
+    let running = (id, spec.kind);
+    // Commands that arrived while encoding may already supersede this job.
+    if drain(rx, queue, out, Some(running)) || queue.cancel_running || queue.shutdown {
+        return Err(JobEnd::Cancelled);
+    }
+    let sample_start = Instant::now();
+    let mut steps = 0usize;
+    let mut on_step = |p: &zimage_engine::pipeline::StepProgress| -> bool {
+        steps = p.done;
+        out.emit(Event::Progress { id, done: p.done, total: p.total, preview: p.previews.first().cloned() });
+        let disconnected = drain(rx, queue, out, Some(running));
+        !(disconnected || queue.cancel_running || queue.shutdown)
+    };
+    let generated = pipe.generate_with(req, &cond, true, &mut on_step).map_err(err)?;
+    let per_step = sample_start.elapsed() / steps.max(1) as u32;
+    let image = generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
+    out.emit(Event::Finished { id, image, elapsed: start.elapsed(), per_step, conditioning_cached: cached });
+    Ok(())
+}
+
+/// Takes all waiting commands. Returns true when the UI side is gone.
+fn drain(rx: &Receiver<Command>, queue: &mut Queue, out: &Emitter, running: Option<(JobId, JobKind)>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => handle(queue, out, cmd, running),
+            Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => {
+                queue.shutdown = true;
+                return true;
+            }
+        }
+    }
+}
+
+fn handle(queue: &mut Queue, out: &Emitter, cmd: Command, running: Option<(JobId, JobKind)>) {
+    match cmd {
+        Command::Submit { id, spec } => {
+            if spec.kind == JobKind::Live {
+                if let Some((old, _)) = queue.live.take() {
+                    out.emit(Event::Cancelled { id: old, superseded: true });
+                }
+                if matches!(running, Some((_, JobKind::Live))) {
+                    queue.cancel_running = true;
+                    queue.superseded = true;
+                }
+                queue.live = Some((id, spec));
+            } else {
+                queue.jobs.push_back((id, spec));
+            }
+        }
+        Command::Cancel(id) => {
+            if matches!(running, Some((r, _)) if r == id) {
+                queue.cancel_running = true;
+            } else if matches!(&queue.live, Some((l, _)) if *l == id) {
+                queue.live = None;
+                out.emit(Event::Cancelled { id, superseded: false });
+            } else if let Some(pos) = queue.jobs.iter().position(|(j, _)| *j == id) {
+                queue.jobs.remove(pos);
+                out.emit(Event::Cancelled { id, superseded: false });
+            }
+        }
+        Command::LoadModels(config) => queue.load = Some(config),
+        Command::InjectPanic => queue.inject_panic = true,
+        Command::Shutdown => {
+            queue.shutdown = true;
+            queue.cancel_running = true;
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn fixture(name: &str) -> String {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).display().to_string()
+    }
+
+    fn engine() -> (EngineHandle, Arc<AtomicUsize>) {
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = wakes.clone();
+        let mut h = EngineHandle::spawn(Arc::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        }));
+        h.load_models(ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")) });
+        (h, wakes)
+    }
+
+    fn request(prompt: &str, kind: ModelKind) -> GenerateRequest {
+        let mut r = GenerateRequest::new(prompt, kind);
+        r.width = 64;
+        r.height = 64;
+        r.seed = 7;
+        r
+    }
+
+    /// Polls until `done` says stop; panics after 60 s.
+    fn collect(h: &mut EngineHandle, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut all = Vec::new();
+        while !done(&all) {
+            assert!(Instant::now() < deadline, "timed out; events so far: {all:?}");
+            all.extend(h.poll());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        all
+    }
+
+    fn finished(evs: &[Event], id: JobId) -> bool {
+        evs.iter().any(|e| matches!(e, Event::Finished { id: i, .. } | Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
+    }
+
+    #[test]
+    fn live_job_produces_previews_and_an_image_and_wakes_the_ui() {
+        let (mut h, wakes) = engine();
+        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a red fox", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        let previews = evs.iter().filter(|e| matches!(e, Event::Progress { id: i, preview: Some(_), .. } if *i == id)).count();
+        assert_eq!(previews, 8, "one x0 preview per Turbo step");
+        let img = evs.iter().find_map(|e| match e {
+            Event::Finished { image, .. } => Some(image.clone()),
+            _ => None,
+        });
+        let img = img.unwrap_or_else(|| panic!("no image: {evs:?}"));
+        assert_eq!((img.width, img.height), (64, 64));
+        assert!(wakes.load(Ordering::Relaxed) >= 10);
+        assert!(evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Base, state: ModelState::Ready { .. } })));
+    }
+
+    #[test]
+    fn new_live_job_supersedes_running_one_but_refines_are_never_dropped() {
+        let (mut h, _) = engine();
+        // Bigger image + many steps so the first job is still running when the next arrives.
+        let mut slow = request("first", ModelKind::Turbo);
+        slow.steps = 400;
+        slow.width = 256;
+        slow.height = 256;
+        let a = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: slow });
+        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == a)));
+        let mut refine = request("refine me", ModelKind::Base);
+        refine.steps = 4;
+        let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: refine });
+        let b = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("second", ModelKind::Turbo) });
+        let c = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("third", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, a) && finished(e, b) && finished(e, c) && finished(e, r));
+        assert!(evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: true } if *id == a)), "{evs:?}");
+        assert!(evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: true } if *id == b)), "pending live job replaced: {evs:?}");
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == c)));
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == r)), "refine must run: {evs:?}");
+        // The running live job stopped at a step boundary, long before its 400 steps.
+        let a_steps = evs.iter().filter(|e| matches!(e, Event::Progress { id, .. } if *id == a)).count();
+        assert!(a_steps < 400, "{a_steps}");
+        // Live before queued work: the newest live job finished before the refine started.
+        let pos = |pred: &dyn Fn(&Event) -> bool| evs.iter().position(|e| pred(e)).unwrap_or(usize::MAX);
+        assert!(pos(&|e| matches!(e, Event::Finished { id, .. } if *id == c)) < pos(&|e| matches!(e, Event::Started { id } if *id == r)));
+    }
+
+    #[test]
+    fn refine_reuses_the_turbo_prompt_encoding() {
+        let (mut h, _) = engine();
+        let t = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a lighthouse", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, t));
+        let turbo_image = evs
+            .iter()
+            .find_map(|e| match e {
+                Event::Finished { image, conditioning_cached, .. } => {
+                    assert!(!conditioning_cached, "first encoding cannot be cached");
+                    Some(image.clone())
+                }
+                _ => None,
+            })
+            .expect("turbo image");
+        let mut r = request("a lighthouse", ModelKind::Base);
+        r.steps = 10;
+        r.guidance = 0.0; // only the positive prompt, which Turbo encoded
+        r.init = Some(turbo_image);
+        r.strength = 0.6;
+        let id = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r });
+        let evs = collect(&mut h, |e| finished(e, id));
+        let progress = evs.iter().filter(|e| matches!(e, Event::Progress { id: i, .. } if *i == id)).count();
+        assert_eq!(progress, 6, "strength 0.6 of 10 steps runs 6");
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Finished { conditioning_cached: true, .. })),
+            "the Base refine should reuse the Turbo encoding: {evs:?}"
+        );
+    }
+
+    #[test]
+    fn engine_panic_becomes_an_error_and_the_next_job_works() {
+        let (mut h, _) = engine();
+        h.inject_panic();
+        let bad = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        let good = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("y", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, bad) && finished(e, good));
+        assert!(evs.iter().any(|e| matches!(e, Event::Failed { id, message } if *id == bad && message.contains("crashed"))), "{evs:?}");
+        assert!(evs.iter().any(|e| matches!(e, Event::EngineRestarted { .. })));
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == good)), "{evs:?}");
+        assert_eq!(h.queued(), 0);
+    }
+
+    #[test]
+    fn missing_model_is_a_clear_error_not_a_crash() {
+        let mut h = EngineHandle::spawn(Arc::new(|| {}));
+        h.load_models(ModelConfig { turbo: Some("/nonexistent/model".into()), base: None });
+        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        assert!(evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Turbo, state: ModelState::Failed(m) } if m.contains("/nonexistent/model"))), "{evs:?}");
+        assert!(evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("Turbo"))), "{evs:?}");
+    }
+
+    #[test]
+    fn invalid_size_is_reported_as_a_one_line_error() {
+        let (mut h, _) = engine();
+        let mut r = request("x", ModelKind::Turbo);
+        r.width = 70;
+        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: r });
+        let evs = collect(&mut h, |e| finished(e, id));
+        assert!(evs.iter().any(|e| matches!(e, Event::Failed { message, .. } if message.contains("multiple of 16"))), "{evs:?}");
+    }
+}

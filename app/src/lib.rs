@@ -1,0 +1,1 @@
+//! Z-Image Studio library (UI, engine bridge, state).

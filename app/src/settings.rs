@@ -1,0 +1,160 @@
+//! Persisted settings (JSON in the data folder) and where files go.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{AspectPreset, RefineMode, SeedMode};
+
+/// Everything the user chose that should survive a restart. `#[serde(default)]`
+/// so that files written by older versions still load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Turbo model: a built-in name (`demo-turbo`) or a folder/file path.
+    pub turbo_model: Option<String>,
+    pub base_model: Option<String>,
+    /// Default save folder; `None` = the user's Pictures folder (or a fallback).
+    pub output_dir: Option<PathBuf>,
+    pub live: bool,
+    pub seed: u64,
+    pub seed_mode: SeedMode,
+    pub aspect: AspectPreset,
+    pub width: u32,
+    pub height: u32,
+    pub turbo_steps: usize,
+    pub turbo_guidance: f32,
+    pub base_steps: usize,
+    pub base_guidance: f32,
+    pub negative_prompt: String,
+    pub refine_mode: RefineMode,
+    pub refine_strength: f32,
+    pub variations: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            turbo_model: None,
+            base_model: None,
+            output_dir: None,
+            live: true,
+            seed: 42,
+            seed_mode: SeedMode::Fixed,
+            aspect: AspectPreset::Square,
+            width: 512,
+            height: 512,
+            turbo_steps: 8,
+            turbo_guidance: 0.0,
+            base_steps: 50,
+            base_guidance: 4.0,
+            negative_prompt: String::new(),
+            refine_mode: RefineMode::Img2Img,
+            refine_strength: 0.6,
+            variations: 8,
+        }
+    }
+}
+
+/// Where the app keeps its files. Tests point `data_dir` at a temp folder.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+}
+
+impl Paths {
+    /// The platform data folder (`~/.local/share/zimage-studio` on Linux).
+    pub fn standard() -> Result<Self> {
+        let dirs = directories::ProjectDirs::from("io", "zimage", "zimage-studio")
+            .context("cannot determine a data folder (no home directory?); pass --data-dir")?;
+        Ok(Self { data_dir: dirs.data_dir().to_path_buf() })
+    }
+
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { data_dir: dir.into() }
+    }
+
+    pub fn settings_file(&self) -> PathBuf {
+        self.data_dir.join("settings.json")
+    }
+    pub fn history_file(&self) -> PathBuf {
+        self.data_dir.join("history.json")
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+}
+
+/// The default save folder: the configured one, else Pictures/Z-Image,
+/// else `~/Pictures/Z-Image`, else `<data>/outputs` (Pictures may be unknown).
+pub fn default_output_dir(settings: &Settings, paths: &Paths) -> PathBuf {
+    if let Some(dir) = &settings.output_dir {
+        return dir.clone();
+    }
+    if let Some(pics) = directories::UserDirs::new().and_then(|u| u.picture_dir().map(Path::to_path_buf)) {
+        return pics.join("Z-Image");
+    }
+    if let Some(home) = directories::BaseDirs::new().map(|b| b.home_dir().to_path_buf()) {
+        if home.join("Pictures").is_dir() {
+            return home.join("Pictures").join("Z-Image");
+        }
+    }
+    paths.data_dir.join("outputs")
+}
+
+impl Settings {
+    /// Loads the settings; a missing file gives the defaults, a damaged one
+    /// gives the defaults plus a one-line warning (never a crash).
+    pub fn load(paths: &Paths) -> (Self, Option<String>) {
+        let file = paths.settings_file();
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match serde_json::from_str(&text) {
+                Ok(s) => (s, None),
+                Err(e) => (Self::default(), Some(format!("settings file {} is damaged ({e}); using defaults", file.display()))),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), None),
+            Err(e) => (Self::default(), Some(format!("cannot read {}: {e}; using defaults", file.display()))),
+        }
+    }
+
+    pub fn save(&self, paths: &Paths) -> Result<()> {
+        std::fs::create_dir_all(&paths.data_dir).with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
+        let json = serde_json::to_vec_pretty(self)?;
+        zimage_engine::metadata::write_file_atomic(&paths.settings_file(), &json)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_and_tolerate_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path().join("nested"));
+        assert_eq!(Settings::load(&paths).0, Settings::default());
+        let s = Settings { turbo_model: Some("/models/turbo".into()), width: 768, live: false, ..Settings::default() };
+        s.save(&paths).unwrap();
+        let (back, warn) = Settings::load(&paths);
+        assert_eq!(back, s);
+        assert!(warn.is_none());
+        std::fs::write(paths.settings_file(), "{ not json").unwrap();
+        let (back, warn) = Settings::load(&paths);
+        assert_eq!(back, Settings::default());
+        assert!(warn.unwrap().contains("damaged"));
+        // Older files with fewer fields still load.
+        std::fs::write(paths.settings_file(), r#"{"width": 320}"#).unwrap();
+        assert_eq!(Settings::load(&paths).0.width, 320);
+    }
+
+    #[test]
+    fn output_dir_prefers_the_configured_folder() {
+        let paths = Paths::at("/tmp/data");
+        let s = Settings { output_dir: Some("/srv/out".into()), ..Settings::default() };
+        assert_eq!(default_output_dir(&s, &paths), PathBuf::from("/srv/out"));
+        // Unconfigured: always some folder, even without a Pictures folder.
+        assert!(!default_output_dir(&Settings::default(), &paths).as_os_str().is_empty());
+    }
+}

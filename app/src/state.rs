@@ -1,0 +1,348 @@
+//! UI state and the small pure rules behind it (no drawing, no threads).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zimage_engine::scheduler::Schedule;
+
+/// How the seed changes when the user asks for a new image (Generate,
+/// variations). Typing never changes it, so the live image only changes when
+/// the words do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeedMode {
+    Fixed,
+    Random,
+    Increment,
+}
+
+impl SeedMode {
+    pub const ALL: [SeedMode; 3] = [SeedMode::Fixed, SeedMode::Random, SeedMode::Increment];
+    pub fn label(self) -> &'static str {
+        match self {
+            SeedMode::Fixed => "fixed",
+            SeedMode::Random => "random",
+            SeedMode::Increment => "+1",
+        }
+    }
+    /// The seed for the next explicit generation.
+    pub fn next(self, seed: u64) -> u64 {
+        match self {
+            SeedMode::Fixed => seed,
+            SeedMode::Random => zimage_engine::rng::random_seed(),
+            SeedMode::Increment => seed.wrapping_add(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AspectPreset {
+    Square,
+    Landscape4x3,
+    Portrait3x4,
+    Wide16x9,
+    Tall9x16,
+    Custom,
+}
+
+impl AspectPreset {
+    pub const ALL: [AspectPreset; 6] = [
+        AspectPreset::Square,
+        AspectPreset::Landscape4x3,
+        AspectPreset::Portrait3x4,
+        AspectPreset::Wide16x9,
+        AspectPreset::Tall9x16,
+        AspectPreset::Custom,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            AspectPreset::Square => "1:1",
+            AspectPreset::Landscape4x3 => "4:3",
+            AspectPreset::Portrait3x4 => "3:4",
+            AspectPreset::Wide16x9 => "16:9",
+            AspectPreset::Tall9x16 => "9:16",
+            AspectPreset::Custom => "custom",
+        }
+    }
+    fn ratio(self) -> Option<(u32, u32)> {
+        match self {
+            AspectPreset::Square => Some((1, 1)),
+            AspectPreset::Landscape4x3 => Some((4, 3)),
+            AspectPreset::Portrait3x4 => Some((3, 4)),
+            AspectPreset::Wide16x9 => Some((16, 9)),
+            AspectPreset::Tall9x16 => Some((9, 16)),
+            AspectPreset::Custom => None,
+        }
+    }
+    /// Width and height with the preset's ratio and `long_side` as the longer
+    /// side, both rounded to multiples of 16.
+    pub fn size(self, long_side: u32) -> Option<(u32, u32)> {
+        let (a, b) = self.ratio()?;
+        let long = snap16(long_side);
+        let short = snap16((long as f64 * a.min(b) as f64 / a.max(b) as f64).round() as u32);
+        Some(if a >= b { (long, short) } else { (short, long) })
+    }
+}
+
+/// Nearest multiple of 16, at least 16.
+pub fn snap16(v: u32) -> u32 {
+    (((v as f64) / 16.0).round() as u32).max(1) * 16
+}
+
+/// One line saying what is wrong with a size, or None if it can be generated.
+pub fn size_problem(width: u32, height: u32) -> Option<String> {
+    for (name, v) in [("width", width), ("height", height)] {
+        if v < 16 {
+            return Some(format!("{name} must be at least 16"));
+        }
+        if v % 16 != 0 {
+            return Some(format!("{name} {v} is not a multiple of 16 (try {})", snap16(v)));
+        }
+        if v > zimage_engine::pipeline::MAX_SIDE {
+            return Some(format!("{name} {v} is larger than {}", zimage_engine::pipeline::MAX_SIDE));
+        }
+    }
+    None
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefineMode {
+    /// img2img from the Turbo image at a strength on the step grid.
+    Img2Img,
+    /// Base from pure noise with the Turbo image's seed.
+    SameSeed,
+}
+
+/// Strength snapped to the step grid: the engine runs `N - int(N - N·s)`
+/// steps, so only multiples of 1/N are distinct. Returns (strength, steps run).
+pub fn snap_strength(strength: f32, steps: usize) -> (f32, usize) {
+    let n = steps.max(1);
+    let k = ((strength.clamp(0.0, 1.0) * n as f32).round() as usize).clamp(1, n);
+    let mut s = k as f32 / n as f32;
+    // The engine computes int(N - N·s) in f64 from the f32 strength; if k/N
+    // rounds up in f32, step down an ulp at a time so that exactly k steps run.
+    for _ in 0..16 {
+        if n - Schedule::img2img_start(n, s as f64) <= k {
+            break;
+        }
+        s = f32::from_bits(s.to_bits() - 1);
+    }
+    (s, n - Schedule::img2img_start(n, s as f64))
+}
+
+/// Expected cost of a refine, shown before the click.
+pub fn refine_estimate(steps_run: usize, per_step: Option<Duration>) -> String {
+    match per_step {
+        Some(d) => format!("{steps_run} Base steps, about {}", human_duration(d * steps_run as u32)),
+        None => format!("{steps_run} Base steps (time unknown until the first Base run)"),
+    }
+}
+
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1000.0)
+    } else if s < 120.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{:.0} min {:.0} s", (s / 60.0).floor(), s % 60.0)
+    }
+}
+
+/// Adaptive quiet period before a live job starts: none while generation is
+/// fast (a superseded job costs at most one step), a short one when it is
+/// slow so that a half-typed word does not start a long render.
+pub fn quiet_period(recent_live: Option<Duration>) -> Duration {
+    match recent_live {
+        Some(d) if d > Duration::from_millis(500) => (d / 4).clamp(Duration::from_millis(150), Duration::from_millis(600)),
+        _ => Duration::ZERO,
+    }
+}
+
+/// Exponential moving average of durations (None = no sample yet).
+pub fn ema(prev: Option<Duration>, sample: Duration) -> Duration {
+    match prev {
+        None => sample,
+        Some(p) => p.mul_f64(0.7) + sample.mul_f64(0.3),
+    }
+}
+
+/// What the live image shows, for the status line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveStatus {
+    /// Nothing generated yet.
+    Idle,
+    /// The prompt or settings changed since the image was made.
+    Stale,
+    Rendering { done: usize, total: usize },
+    Done { elapsed: Duration },
+    Error(String),
+}
+
+impl LiveStatus {
+    pub fn text(&self) -> String {
+        match self {
+            LiveStatus::Idle => "idle".into(),
+            LiveStatus::Stale => "stale".into(),
+            LiveStatus::Rendering { done, total } => format!("rendering {done}/{total}"),
+            LiveStatus::Done { elapsed } => format!("done in {}", human_duration(*elapsed)),
+            LiveStatus::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
+/// Main area views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Live,
+    Variations,
+    Compare,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareMode {
+    SideBySide,
+    Wipe,
+    Flicker,
+    Difference,
+}
+
+impl CompareMode {
+    pub const ALL: [CompareMode; 4] = [CompareMode::SideBySide, CompareMode::Wipe, CompareMode::Flicker, CompareMode::Difference];
+    pub fn label(self) -> &'static str {
+        match self {
+            CompareMode::SideBySide => "Side by side",
+            CompareMode::Wipe => "Wipe",
+            CompareMode::Flicker => "Flicker",
+            CompareMode::Difference => "Difference",
+        }
+    }
+    pub fn next(self) -> Self {
+        let i = Self::ALL.iter().position(|m| *m == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+}
+
+/// Compare view state; zoom and pan are shared by both images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompareState {
+    pub mode: CompareMode,
+    /// Swapped: Base on the left / first.
+    pub swapped: bool,
+    /// Wipe split position, 0..1 from the left.
+    pub split: f32,
+    pub zoom: f32,
+    /// Pan in image fractions.
+    pub pan: egui::Vec2,
+    /// Flicker: which image shows; toggled by time or the space key.
+    pub flicker_second: bool,
+    pub flicker_auto: bool,
+}
+
+impl Default for CompareState {
+    fn default() -> Self {
+        Self { mode: CompareMode::SideBySide, swapped: false, split: 0.5, zoom: 1.0, pan: egui::Vec2::ZERO, flicker_second: false, flicker_auto: true }
+    }
+}
+
+/// Triage mark of a variation / history item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Mark {
+    #[default]
+    None,
+    Kept,
+    Starred,
+    Rejected,
+}
+
+impl Mark {
+    pub fn is_kept(self) -> bool {
+        matches!(self, Mark::Kept | Mark::Starred)
+    }
+}
+
+/// Difference heat-map: per-pixel mean absolute RGB difference, amplified
+/// ×4 and coloured black → red → yellow → white.
+pub fn difference_heatmap(a: &[u8], b: &[u8]) -> Vec<u8> {
+    a.chunks_exact(3)
+        .zip(b.chunks_exact(3))
+        .flat_map(|(p, q)| {
+            let d: u32 = p.iter().zip(q).map(|(x, y)| x.abs_diff(*y) as u32).sum::<u32>() / 3;
+            let v = (d * 4).min(765);
+            let r = v.min(255) as u8;
+            let g = v.saturating_sub(255).min(255) as u8;
+            let bl = v.saturating_sub(510).min(255) as u8;
+            [r, g, bl]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strength_snaps_to_the_step_grid() {
+        assert_eq!(snap_strength(0.6, 10).1, 6);
+        assert!((snap_strength(0.6, 10).0 - 0.6).abs() < 1e-6);
+        let (s, run) = snap_strength(0.6, 8);
+        assert_eq!(run, 5);
+        assert!((s - 0.625).abs() < 1e-6);
+        assert_eq!(snap_strength(0.0, 50).1, 1, "at least one step runs");
+        assert_eq!(snap_strength(1.0, 50).1, 50);
+        // Every snapped strength runs exactly strength·N steps.
+        for n in [1usize, 7, 30, 50] {
+            for k in 1..=n {
+                let (s, run) = snap_strength(k as f32 / n as f32 + 0.1 / n as f32, n);
+                assert_eq!(run, k, "n={n} k={k} s={s}");
+            }
+        }
+    }
+
+    #[test]
+    fn quiet_period_is_zero_when_fast_and_short_when_slow() {
+        assert_eq!(quiet_period(None), Duration::ZERO);
+        assert_eq!(quiet_period(Some(Duration::from_millis(80))), Duration::ZERO);
+        assert_eq!(quiet_period(Some(Duration::from_secs(1))), Duration::from_millis(250));
+        assert_eq!(quiet_period(Some(Duration::from_secs(60))), Duration::from_millis(600));
+    }
+
+    #[test]
+    fn presets_give_multiples_of_16() {
+        assert_eq!(AspectPreset::Square.size(1024), Some((1024, 1024)));
+        assert_eq!(AspectPreset::Wide16x9.size(1024), Some((1024, 576)));
+        assert_eq!(AspectPreset::Portrait3x4.size(1024), Some((768, 1024)));
+        assert_eq!(AspectPreset::Custom.size(1024), None);
+        for p in AspectPreset::ALL {
+            if let Some((w, h)) = p.size(1000) {
+                assert!(size_problem(w, h).is_none(), "{p:?} {w}x{h}");
+            }
+        }
+        assert!(size_problem(100, 64).unwrap().contains("try 96"));
+        assert!(size_problem(8, 64).is_some());
+    }
+
+    #[test]
+    fn seed_modes() {
+        assert_eq!(SeedMode::Fixed.next(5), 5);
+        assert_eq!(SeedMode::Increment.next(5), 6);
+        assert_eq!(SeedMode::Increment.next(u64::MAX), 0);
+    }
+
+    #[test]
+    fn heatmap_is_black_where_equal_and_bright_where_different() {
+        let a = [10u8, 20, 30, 0, 0, 0];
+        let b = [10u8, 20, 30, 255, 255, 255];
+        let h = difference_heatmap(&a, &b);
+        assert_eq!(&h[..3], &[0, 0, 0]);
+        assert_eq!(&h[3..], &[255, 255, 255]);
+    }
+
+    #[test]
+    fn compare_modes_cycle_through_all() {
+        let mut m = CompareMode::SideBySide;
+        for _ in 0..4 {
+            m = m.next();
+        }
+        assert_eq!(m, CompareMode::SideBySide);
+    }
+}

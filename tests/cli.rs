@@ -1,0 +1,154 @@
+//! The `zimage` command end to end: it writes a PNG whose metadata
+//! round-trips, reproduces the library's image for a seed, and every bad
+//! input ends with exit code ≠ 0 and one line on stderr (no panic, no backtrace).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::*;
+use zimage_engine::metadata::read_png_metadata_file;
+
+fn zimage(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zimage")).args(args).current_dir(cwd).output().expect("run zimage")
+}
+
+fn model() -> String {
+    fixtures().join("tiny-turbo").display().to_string()
+}
+
+/// Runs with `args` appended to a valid base command and expects one error line.
+fn expect_failure(extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model();
+    let mut args = vec!["generate", "--model", &m, "-p", "a photo of a cat", "-W", "64", "-H", "64", "--seed", "1"];
+    args.extend_from_slice(extra);
+    let out = zimage(&args, tmp.path());
+    let stderr: String = String::from_utf8_lossy(&out.stderr).chars().take(2000).collect();
+    let extra: Vec<String> = extra.iter().map(|a| a.chars().take(60).collect()).collect();
+    assert!(!out.status.success(), "{extra:?} should fail");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr for {extra:?}, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "{extra:?}: {stderr:?} should mention {needle:?}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written on failure");
+}
+
+#[test]
+fn generates_a_png_with_round_tripping_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("cat.png");
+    let prompt = "一只猫 on a roof, \"quoted\", 50% grey";
+    let out = zimage(
+        &["generate", "--model", &model(), "-p", prompt, "--negative", "blurry", "--seed", "42", "-W", "64", "-H", "48", "-o", out_path.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), out_path.display().to_string());
+    let meta = read_png_metadata_file(&out_path).unwrap();
+    assert_eq!(meta.prompt, prompt);
+    assert_eq!(meta.negative_prompt, "blurry");
+    assert_eq!((meta.seed, meta.steps, meta.width, meta.height), (42, 8, 64, 48));
+    assert_eq!(meta.model_kind, "turbo");
+    let img = image::open(&out_path).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 48));
+
+    // Same seed through the library gives the same pixels.
+    let files = zimage_engine::loader::ModelFiles::locate(&fixtures().join("tiny-turbo"), &Default::default()).unwrap();
+    let pipe = zimage_engine::loader::load_pipeline::<B>(&files, &device(), burn::tensor::DType::F32, &mut |_, _, _| {}).unwrap();
+    let mut req = zimage_engine::GenerateRequest::new(prompt, pipe.kind);
+    req.negative_prompt = "blurry".into();
+    req.seed = 42;
+    req.width = 64;
+    req.height = 48;
+    let lib = pipe.generate(&req, false, &mut |_| true).unwrap();
+    assert_eq!(lib.images[0].pixels, img.into_raw());
+}
+
+#[test]
+fn random_seed_is_printed_and_files_are_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["generate", "--model", &model(), "-p", "a cat", "-W", "32", "-H", "32", "--seed", "7"];
+    let a = zimage(&args, tmp.path());
+    let b = zimage(&args, tmp.path());
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(String::from_utf8_lossy(&a.stdout).trim(), "zimage-7.png");
+    assert_eq!(String::from_utf8_lossy(&b.stdout).trim(), "zimage-7-1.png");
+
+    let c = zimage(&["generate", "--model", &model(), "-p", "a cat", "-W", "32", "-H", "32"], tmp.path());
+    assert!(c.status.success());
+    let stderr = String::from_utf8_lossy(&c.stderr);
+    let seed: u64 = stderr.lines().find_map(|l| l.strip_prefix("seed: ")).expect("seed printed").trim().parse().unwrap();
+    assert_eq!(read_png_metadata_file(&tmp.path().join(format!("zimage-{seed}.png"))).unwrap().seed, seed);
+}
+
+#[test]
+fn img2img_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = fixtures().join("init.png");
+    let out = zimage(
+        &["generate", "--model", &model(), "-p", "a cat", "-W", "64", "-H", "64", "--seed", "5", "--init", init.to_str().unwrap(), "--strength", "0.6", "-o", "x.png"],
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta = read_png_metadata_file(&tmp.path().join("x.png")).unwrap();
+    assert_eq!(meta.strength, Some(0.6));
+}
+
+#[test]
+fn bad_sizes() {
+    expect_failure(&["-W", "60"], "not a multiple of 16");
+    expect_failure(&["-H", "0"], "must be positive");
+    expect_failure(&["-W", "100000"], "larger than the maximum");
+}
+
+#[test]
+fn bad_prompts() {
+    expect_failure(&["-p", "   "], "prompt is empty");
+    let long = "cat ".repeat(6000);
+    expect_failure(&["-p", &long], "the limit is");
+}
+
+#[test]
+fn bad_numbers() {
+    expect_failure(&["--steps", "0"], "steps must be between");
+    expect_failure(&["--guidance", "-1"], "guidance must be between");
+    expect_failure(&["--guidance", "nan"], "guidance");
+    expect_failure(&["--init", "missing.png"], "missing.png");
+    let init = fixtures().join("init.png");
+    expect_failure(&["--init", init.to_str().unwrap(), "--strength", "0"], "strength");
+    expect_failure(&["--init", init.to_str().unwrap(), "--strength", "1.5"], "strength");
+}
+
+#[test]
+fn bad_paths_and_devices() {
+    expect_failure(&["--model", "/no/such/model"], "no such file or folder");
+    expect_failure(&["--model", "demo-nonsense"], "unknown built-in model");
+    expect_failure(&["-o", "/no/such/dir/x.png"], "does not exist");
+    expect_failure(&["-o", "x.jpg"], "must end in .png");
+    expect_failure(&["--device", "tpu"], "unknown device");
+    if !cfg!(feature = "cuda") {
+        expect_failure(&["--device", "cuda"], "no cuda support");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("broken.safetensors");
+    std::fs::write(&corrupt, b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
+    expect_failure(&["--model", corrupt.to_str().unwrap(), "--text-encoder", corrupt.to_str().unwrap(), "--vae", corrupt.to_str().unwrap(), "--tokenizer", fixtures().join("tiny-turbo/tokenizer").to_str().unwrap()], "not a valid safetensors file");
+}
+
+#[test]
+fn unwritable_output_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A path whose parent is a file cannot be written whatever the user's rights.
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let target = file.join("out.png");
+    let m = model();
+    let out = zimage(&["generate", "--model", &m, "-p", "cat", "-W", "32", "-H", "32", "--seed", "1", "-o", target.to_str().unwrap()], tmp.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
