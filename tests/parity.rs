@@ -209,6 +209,8 @@ fn check_pipeline(name: &str) {
     let ours: Vec<u8> = out.images.iter().flat_map(|i| i.pixels.clone()).collect();
     assert_eq!(ours.len(), pixels.len(), "{name}: image size {ishape:?}");
     let worst = ours.iter().zip(&pixels).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    let off = ours.iter().zip(&pixels).filter(|(a, b)| a != b).count();
+    eprintln!("parity {name} image: max pixel difference {worst}, {off} of {} values differ", pixels.len());
     assert!(worst <= 1, "{name}: pixels differ by up to {worst}");
 }
 

@@ -1,1 +1,335 @@
-fn main() {}
+//! End-to-end GUI tests of Z-Image Studio: egui_kittest drives the real UI,
+//! headless, through the real engine thread on the tiny fixture models
+//! (random weights, so images look like noise; 64×64 so each takes ms).
+//!
+//! Run: `cargo test --release -p zimage-studio --test studio_ui`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui::{Key, Modifiers};
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+use zimage_engine::metadata::{self, GenerationMetadata};
+use zimage_studio::engine_bridge::{ModelSlot, ModelState};
+use zimage_studio::settings::{Paths, Settings};
+use zimage_studio::state::{CompareMode, LiveStatus, Mark, View};
+use zimage_studio::{StudioApp, StudioOptions};
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).display().to_string()
+}
+
+/// Small, fast settings for the tiny models.
+fn write_test_settings(dir: &Path, edit: impl FnOnce(&mut Settings)) {
+    let mut s = Settings { width: 64, height: 64, base_steps: 10, base_guidance: 0.0, variations: 3, ..Settings::default() };
+    s.output_dir = Some(dir.join("saved"));
+    edit(&mut s);
+    s.save(&Paths::at(dir)).expect("write settings");
+}
+
+fn harness(dir: &Path) -> Harness<'static, StudioApp> {
+    harness_with(dir, Some(fixture("tiny-turbo")), Some(fixture("tiny-base")))
+}
+
+fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harness<'static, StudioApp> {
+    let options = StudioOptions { paths: Paths::at(dir), turbo, base };
+    Harness::builder().with_size(egui::vec2(1280.0, 800.0)).with_step_dt(0.02).build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options))
+}
+
+/// Steps frames in real time until `pred` holds (the engine runs on its own
+/// thread); fails with `what` after 120 s.
+fn wait_until(h: &mut Harness<'static, StudioApp>, what: &str, pred: impl Fn(&StudioApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pred(h.state()) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {:?}, message: {:?}", h.state().live_status, h.state().message);
+        h.step();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.step();
+}
+
+fn models_ready(app: &StudioApp) -> bool {
+    [ModelSlot::Turbo, ModelSlot::Base].iter().all(|s| matches!(app.models.get(s), Some(ModelState::Ready { .. })))
+}
+
+fn type_text(h: &mut Harness<'static, StudioApp>, text: &str) {
+    h.event(egui::Event::Text(text.into()));
+    h.step();
+}
+
+fn live_done(app: &StudioApp) -> bool {
+    matches!(app.live_status, LiveStatus::Done { .. }) && app.current.is_some()
+}
+
+/// Starts the app, waits for the models and types `prompt` into the box that
+/// has focus at start; returns once the live image is done.
+fn start_and_type(dir: &Path, prompt: &str) -> Harness<'static, StudioApp> {
+    let mut h = harness(dir);
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, prompt);
+    wait_until(&mut h, "the live image", live_done);
+    h
+}
+
+#[test]
+fn typing_a_prompt_produces_previews_then_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    // No click: the prompt box has keyboard focus at start.
+    type_text(&mut h, "a red fox");
+    assert_eq!(h.state().prompt, "a red fox");
+    wait_until(&mut h, "a step preview", |a| a.metrics.first_preview.is_some());
+    wait_until(&mut h, "the live image", live_done);
+    let app = h.state();
+    let entry = app.history.get(app.current.as_ref().unwrap()).unwrap();
+    assert_eq!(entry.meta.prompt, "a red fox");
+    assert_eq!((entry.meta.width, entry.meta.height), (64, 64));
+    assert_eq!(entry.slot, ModelSlot::Turbo);
+    assert!(app.images.texture(&entry.id).is_some(), "the image is on screen");
+    // The status line says so, with the time per image.
+    h.get_by_label_contains("Live: done in");
+}
+
+#[test]
+fn typing_again_supersedes_the_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that the first job is still running when the next key comes.
+    write_test_settings(dir.path(), |s| {
+        s.turbo_steps = 50;
+        s.width = 512;
+        s.height = 512;
+    });
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a");
+    wait_until(&mut h, "the first job to render", |a| matches!(a.live_status, LiveStatus::Rendering { done, .. } if done >= 1));
+    let seed = h.state().settings.seed;
+    type_text(&mut h, " cat");
+    assert_eq!(h.state().live_status, LiveStatus::Stale);
+    wait_until(&mut h, "the second job to finish", live_done);
+    let app = h.state();
+    assert!(app.metrics.superseded >= 1, "the first live job must be superseded");
+    assert_eq!(app.history.entries.len(), 1, "only the newest text produced an image");
+    let meta = &app.history.entries[0].meta;
+    assert_eq!(meta.prompt, "a cat");
+    assert_eq!(meta.seed, seed, "the seed stays fixed while typing");
+}
+
+#[test]
+fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a lighthouse");
+    let turbo = h.state().current.clone().unwrap();
+    // The cost is shown before the click: strength 0.6 of 10 steps = 6 steps.
+    h.get_by_label_contains("6 Base steps");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    wait_until(&mut h, "the Base refine", |a| a.compare_pair.is_some());
+    let app = h.state();
+    let (t, b) = app.compare_pair.clone().unwrap();
+    assert_eq!(t, turbo);
+    assert_eq!(app.view, View::Compare);
+    let base = app.history.get(&b).unwrap();
+    assert_eq!(base.slot, ModelSlot::Base);
+    assert_eq!(base.parent.as_deref(), Some(turbo.as_str()), "lineage");
+    assert_eq!(base.meta.strength, Some(0.6));
+    assert_eq!(base.meta.parent.as_deref(), Some(turbo.as_str()));
+    assert!(app.images.texture(&t).is_some() && app.images.texture(&b).is_some(), "both shown");
+    h.get_by_label_contains("Left: Turbo #");
+
+    // Compare modes: m cycles, c swaps, the buttons pick one.
+    assert_eq!(h.state().compare.mode, CompareMode::SideBySide);
+    h.key_press(Key::M);
+    h.step();
+    assert_eq!(h.state().compare.mode, CompareMode::Wipe);
+    h.get_by_role_and_label(Role::Slider, "Split");
+    h.key_press(Key::M);
+    h.step();
+    assert_eq!(h.state().compare.mode, CompareMode::Flicker);
+    h.key_press(Key::C);
+    h.step();
+    assert!(h.state().compare.swapped);
+    h.get_by_label("Difference").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().compare.mode, CompareMode::Difference);
+    let key = format!("diff:{t}:{b}");
+    assert!(h.state().images.texture(&key).is_some(), "difference heat-map drawn");
+}
+
+#[test]
+fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "ein Fuchs im Schnee 🦊");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    h.step();
+    let saved: Vec<_> = std::fs::read_dir(dir.path().join("saved")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let meta = metadata::read_png_metadata_file(&saved[0]).unwrap();
+    let app = h.state();
+    let entry = app.history.get(app.selected.as_ref().unwrap()).unwrap();
+    assert_eq!(meta, entry.meta);
+    assert_eq!(meta.prompt, "ein Fuchs im Schnee 🦊");
+    let chunks = metadata::png_text_chunks(&std::fs::read(&saved[0]).unwrap()).unwrap();
+    assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("Steps: 8")), "A1111 parameters chunk");
+    let img = image::open(&saved[0]).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    // Unwritable folder: a clear one-line message, and the image stays in the history.
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, "not a folder").unwrap();
+    h.state_mut().settings.output_dir = Some(blocker.join("out"));
+    h.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    h.step();
+    let msg = h.state().message.clone().unwrap();
+    assert!(msg.error && msg.text.starts_with("save failed: cannot create the folder"), "{msg:?}");
+    assert!(!msg.text.contains('\n'));
+    h.get_by_label_contains("save failed");
+    assert_eq!(h.state().history.entries.len(), 1);
+}
+
+#[test]
+fn restarting_restores_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let (id, meta) = {
+        let mut h = start_and_type(dir.path(), "a castle");
+        h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+        wait_until(&mut h, "the Base refine", |a| a.compare_pair.is_some());
+        let app = h.state();
+        let id = app.current.clone().unwrap();
+        (id.clone(), app.history.get(&id).unwrap().meta.clone())
+    }; // dropping the harness stops the app and its engine thread
+    let mut h = harness(dir.path());
+    h.step();
+    let app = h.state();
+    assert_eq!(app.history.entries.len(), 2);
+    assert_eq!(app.history.get(&id).unwrap().meta, meta);
+    let base = app.history.entries.iter().find(|e| e.slot == ModelSlot::Base).unwrap();
+    assert_eq!(base.parent.as_deref(), Some(id.as_str()), "lineage survives the restart");
+    assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
+    h.get_by_label_contains("#000002 Base");
+    // Clicking an entry restores its parameters.
+    h.state_mut().prompt.clear();
+    h.get_by_label_contains("#000001 Turbo").click();
+    h.step();
+    assert_eq!(h.state().prompt, "a castle");
+    assert_eq!(h.state().selected.as_deref(), Some(id.as_str()));
+}
+
+#[test]
+fn an_engine_failure_shows_an_error_and_the_next_job_works() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    h.state_mut().engine.inject_panic();
+    type_text(&mut h, "doomed");
+    wait_until(&mut h, "the error", |a| matches!(a.live_status, LiveStatus::Error(_)));
+    h.get_all_by_label_contains("crashed");
+    wait_until(&mut h, "the restarted engine", models_ready);
+    type_text(&mut h, " but fine");
+    wait_until(&mut h, "the next image", live_done);
+    let app = h.state();
+    assert_eq!(app.history.get(app.current.as_ref().unwrap()).unwrap().meta.prompt, "doomed but fine");
+}
+
+#[derive(Debug)]
+struct TestDrop(PathBuf);
+
+impl egui::DroppedFile for TestDrop {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn dropping_a_png_restores_its_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let png = dir.path().join("from-elsewhere.png");
+    let meta = GenerationMetadata { prompt: "a blue heron".into(), seed: 1234, steps: 6, width: 96, height: 64, model_kind: "turbo".into(), ..Default::default() };
+    metadata::save_png(&png, &vec![128u8; 96 * 64 * 3], 96, 64, &meta).unwrap();
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not a png").unwrap();
+
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(png)));
+    h.step();
+    let app = h.state();
+    assert_eq!(app.prompt, "a blue heron");
+    assert_eq!((app.settings.seed, app.settings.width, app.settings.height, app.settings.turbo_steps), (1234, 96, 64, 6));
+    h.get_by_label_contains("restored the parameters of from-elsewhere.png");
+    // The restored parameters render live.
+    wait_until(&mut h, "the restored image", live_done);
+
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(junk)));
+    h.step();
+    h.get_by_label_contains("junk.png: not a PNG file");
+}
+
+#[test]
+fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live = false);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a teapot");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    assert_eq!(h.state().view, View::Variations);
+    wait_until(&mut h, "3 variations", |a| a.variations.len() == 3 && a.variations.iter().all(|c| c.id.is_some()));
+    let seeds: Vec<u64> = h.state().variations.iter().map(|c| c.seed).collect();
+    let s0 = h.state().settings.seed;
+    assert_eq!(seeds, vec![s0, s0 + 1, s0 + 2]);
+    // Leave the prompt box so single keys triage.
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press(Key::K);
+    h.step();
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.key_press(Key::X);
+    h.step();
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.key_press(Key::S);
+    h.step();
+    let marks: Vec<Mark> = h.state().variations.iter().map(|c| h.state().history.get(c.id.as_ref().unwrap()).unwrap().mark).collect();
+    assert_eq!(marks, vec![Mark::Kept, Mark::Rejected, Mark::Starred]);
+    h.get_by_label("Refine 2 kept with Base").click();
+    h.step();
+    wait_until(&mut h, "2 Base refines", |a| a.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count() == 2);
+    let app = h.state();
+    let parents: Vec<_> = app.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).map(|e| app.history.get(e.parent.as_ref().unwrap()).unwrap().meta.seed).collect();
+    assert_eq!(parents, vec![s0, s0 + 2], "the kept and the starred one, in order");
+}
+
+#[test]
+fn help_overlay_and_model_status() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_with(dir.path(), Some("/no/such/model".into()), Some(fixture("tiny-base")));
+    wait_until(&mut h, "the model status", |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Failed(_))));
+    // A clear status instead of an image, and no crash when typing.
+    h.get_by_label_contains("Turbo: error (see Settings)");
+    h.key_press(Key::F1);
+    h.step();
+    h.get_by_label("Keyboard shortcuts");
+    h.get_by_label_contains("refine the selected Turbo image with Base");
+    h.key_press(Key::Escape);
+    h.step();
+    assert!(!h.state().show_help);
+    type_text(&mut h, "x");
+    wait_until(&mut h, "the live error", |a| matches!(&a.live_status, LiveStatus::Error(m) if m.contains("/no/such/model")));
+}

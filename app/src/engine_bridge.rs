@@ -104,7 +104,7 @@ pub enum Event {
     Started { id: JobId },
     /// After each sampler step; `preview` is the x0 estimate at latent resolution.
     Progress { id: JobId, done: usize, total: usize, preview: Option<RgbImage> },
-    Finished { id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, conditioning_cached: bool },
+    Finished { id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, conditioning_cached: bool, model: String, shift: f32 },
     /// `superseded`: replaced by a newer live job (not a user cancel).
     Cancelled { id: JobId, superseded: bool },
     Failed { id: JobId, message: String },
@@ -528,7 +528,7 @@ fn run_pipeline(
     let generated = pipe.generate_with(req, &cond, true, &mut on_step).map_err(err)?;
     let per_step = sample_start.elapsed() / steps.max(1) as u32;
     let image = generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
-    out.emit(Event::Finished { id, image, elapsed: start.elapsed(), per_step, conditioning_cached: cached });
+    out.emit(Event::Finished { id, image, elapsed: start.elapsed(), per_step, conditioning_cached: cached, model: pipe.name.clone(), shift: pipe.shift });
     Ok(())
 }
 

@@ -1,1 +1,15 @@
-//! Z-Image Studio library (UI, engine bridge, state).
+//! Z-Image Studio: live Turbo previews as you type, refine with Base,
+//! compare, save. The engine runs on its own thread (`engine_bridge`); the
+//! UI (`ui/`) only draws state (`app`, `state`) and sends commands.
+
+pub mod app;
+pub mod cli;
+pub mod engine_bridge;
+pub mod history;
+pub mod images;
+pub mod save;
+pub mod settings;
+pub mod state;
+pub mod ui;
+
+pub use app::{StudioApp, StudioOptions};

@@ -5,6 +5,8 @@
 //! Start at [`loader::ModelFiles::locate`] and [`loader::load_pipeline`], then
 //! [`pipeline::ZImagePipeline::generate`].
 
+pub mod bench;
+pub mod demo;
 pub mod device;
 pub mod dit;
 pub mod error;

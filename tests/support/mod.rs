@@ -71,6 +71,7 @@ pub fn rel_err(actual: &[f32], expected: &[f32]) -> f32 {
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], tol: f32) {
     assert!(actual.iter().all(|v| v.is_finite()), "{what}: non-finite values");
     let err = rel_err(actual, expected);
+    eprintln!("parity {what}: relative error {err:.2e}");
     assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
 }
 

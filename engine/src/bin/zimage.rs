@@ -10,13 +10,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
+use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use zimage_engine::bench;
 use zimage_engine::device::{CpuBackend, DeviceKind};
 use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides};
 use zimage_engine::metadata::{self, GenerationMetadata};
-use zimage_engine::pipeline::{GenerateRequest, ZImagePipeline};
+use zimage_engine::pipeline::{GenerateRequest, ModelKind, ZImagePipeline};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::text::MAX_TOKENS;
 
@@ -31,6 +33,48 @@ struct Cli {
 enum Command {
     /// Generate an image and save it as a PNG with its parameters.
     Generate(GenerateArgs),
+    /// Time each stage of a generation (text encode, every DiT step, VAE decode).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+#[command(args_override_self = true)]
+struct BenchArgs {
+    /// A real model to load (diffusers folder, single file or built-in name).
+    #[arg(long, conflicts_with = "config")]
+    model: Option<String>,
+    /// A named architecture with random weights: full (the published size), medium, tiny.
+    #[arg(long)]
+    config: Option<String>,
+    /// Use random weights (implied by --config).
+    #[arg(long)]
+    random_weights: bool,
+    /// turbo (8 steps, no CFG) or base (50 steps, CFG 4) defaults.
+    #[arg(long, default_value = "turbo")]
+    kind: String,
+    #[arg(long, short = 'W', default_value_t = 1024)]
+    width: u32,
+    #[arg(long, short = 'H', default_value_t = 1024)]
+    height: u32,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Prompt length in tokens (template included).
+    #[arg(long, default_value_t = 100)]
+    tokens: usize,
+    /// Warm runs after the cold one; the fastest is reported.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// cpu, cuda or wgpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight/compute dtype override: f32 or bf16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -51,6 +95,9 @@ struct ModelArgs {
     /// cpu, cuda or wgpu.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Weight/compute dtype override: f32 or bf16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -133,22 +180,77 @@ fn one_line(e: &anyhow::Error) -> String {
     out.join(": ").replace('\n', " ")
 }
 
+/// Runs `$f::<Backend>(args, device, dtype)` on the backend the user chose.
+macro_rules! dispatch {
+    ($kind:expr, $dtype:expr, $f:ident, $args:expr) => {{
+        let kind: DeviceKind = $kind;
+        kind.ensure_available()?;
+        let dtype = $dtype;
+        match kind {
+            DeviceKind::Cpu => $f::<CpuBackend>($args, Default::default(), dtype),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => $f::<zimage_engine::device::CudaBackend>($args, Default::default(), dtype),
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => $f::<zimage_engine::device::WgpuBackend>($args, Default::default(), dtype),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("ensure_available rejects devices not compiled in"),
+        }
+    }};
+}
+
+fn parse_dtype(kind: DeviceKind, arg: &Option<String>) -> Result<DType> {
+    Ok(match arg.as_deref() {
+        None => kind.weight_dtype(),
+        Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some(other) => bail!("unknown dtype {other:?}; use f32 or bf16"),
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => {
-            let device = DeviceKind::parse(&args.model.device)?;
-            device.ensure_available()?;
-            match device {
-                DeviceKind::Cpu => generate::<CpuBackend>(args, Default::default(), device),
-                #[cfg(feature = "cuda")]
-                DeviceKind::Cuda => generate::<zimage_engine::device::CudaBackend>(args, Default::default(), device),
-                #[cfg(feature = "wgpu")]
-                DeviceKind::Wgpu => generate::<zimage_engine::device::WgpuBackend>(args, Default::default(), device),
-                #[allow(unreachable_patterns)]
-                _ => unreachable!("ensure_available rejects devices not compiled in"),
-            }
+            let kind = DeviceKind::parse(&args.model.device)?;
+            dispatch!(kind, parse_dtype(kind, &args.model.dtype)?, generate, args)
+        }
+        Command::Bench(args) => {
+            let kind = DeviceKind::parse(&args.device)?;
+            dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
         }
     }
+}
+
+fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result<()> {
+    let kind = match args.kind.as_str() {
+        "turbo" => ModelKind::Turbo,
+        "base" => ModelKind::Base,
+        other => bail!("unknown kind {other:?}; use turbo or base"),
+    };
+    let started = Instant::now();
+    let (pipe, prompt_kind) = match (&args.model, &args.config) {
+        (Some(model), _) if !args.random_weights => {
+            let files = ModelFiles::locate(&loader::resolve_model(model)?, &ModelOverrides::default())?;
+            let pipe = loader::load_pipeline::<B>(&files, &device, dtype, &mut |_, _, _| {})?;
+            let k = pipe.kind;
+            (pipe, k)
+        }
+        (_, Some(config)) => (bench::random_pipeline::<B>(&bench::preset(config)?, kind, &device, dtype)?, kind),
+        _ => bail!("give --model PATH or --config full|medium|tiny"),
+    };
+    let load = started.elapsed();
+    let mut req = bench::request(prompt_kind, args.width, args.height, args.steps, args.guidance, args.tokens);
+    if args.model.is_some() && !args.random_weights {
+        req.prompts = vec![bench::fit_prompt(&pipe.text.tokenizer, args.tokens)?];
+    }
+    req.validate(pipe.pixel_multiple())?;
+    let device_name = format!("{} ({:?})", args.device, dtype);
+    let report = bench::run(&pipe, &req, load, args.runs, &device_name)?;
+    print!("{}", bench::table(&report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        metadata::write_file_atomic(path, json.as_bytes())?;
+    }
+    Ok(())
 }
 
 impl ModelArgs {
@@ -174,7 +276,7 @@ fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
 }
 
 /// Loads a model with a progress bar over its bytes.
-fn load<B: Backend>(files: &ModelFiles, device: &B::Device, kind: DeviceKind, quiet: bool) -> Result<ZImagePipeline<B>> {
+fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet: bool) -> Result<ZImagePipeline<B>> {
     let total: u64 = [&files.dit, &files.text_encoder, &files.vae]
         .iter()
         .flat_map(|c| c.files.iter())
@@ -184,7 +286,7 @@ fn load<B: Backend>(files: &ModelFiles, device: &B::Device, kind: DeviceKind, qu
     let mut done_before = 0u64;
     let mut stage_bytes = 0u64;
     let mut current = None;
-    let pipe = loader::load_pipeline::<B>(files, device, kind.weight_dtype(), &mut |stage, _, bytes| {
+    let pipe = loader::load_pipeline::<B>(files, device, dtype, &mut |stage, _, bytes| {
         if current != Some(stage) {
             done_before += stage_bytes;
             current = Some(stage);
@@ -216,7 +318,7 @@ fn fresh_output_path(seed: u64) -> PathBuf {
     (1..).map(|i| PathBuf::from(format!("zimage-{seed}-{i}.png"))).find(|p| !p.exists()).expect("some name is free")
 }
 
-fn generate<B: Backend>(args: GenerateArgs, device: B::Device, kind: DeviceKind) -> Result<()> {
+fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty; say what to draw with --prompt");
     }
@@ -235,7 +337,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, kind: DeviceKind)
     let files = args.model.files()?;
 
     let started = Instant::now();
-    let pipe = load::<B>(&files, &device, kind, args.quiet)?;
+    let pipe = load::<B>(&files, &device, dtype, args.quiet)?;
     let load_time = started.elapsed();
 
     let seed = args.seed.unwrap_or_else(|| zimage_engine::rng::random_seed() & 0xFFFF_FFFF);

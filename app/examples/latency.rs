@@ -1,0 +1,103 @@
+//! Latency and frame-time benchmark of the real UI on the real engine,
+//! headless (egui_kittest), written up in docs/app-latency.md.
+//!
+//!   cargo run --release -p zimage-studio --example latency -- [MODEL_DIR_TURBO MODEL_DIR_BASE] [SIZE...]
+//!
+//! Defaults: the tiny fixture models at 64, 256 and 512 px. For each size:
+//! keystroke → first step preview on screen and → final image on screen
+//! (median of 7 keystrokes, measured by the app itself from the frame that
+//! received the key to the frame that shows the result), and the UI thread's
+//! frame time (logic + layout + drawing, what `App::logic` + `App::ui` cost)
+//! while the engine renders 4 variations; plus the whole harness frame with
+//! wgpu rendering on this machine's GPU/CPU rasteriser, for reference.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use zimage_studio::engine_bridge::{ModelSlot, ModelState};
+use zimage_studio::settings::{Paths, Settings};
+use zimage_studio::state::LiveStatus;
+use zimage_studio::{StudioApp, StudioOptions};
+
+fn wait(h: &mut Harness<'static, StudioApp>, pred: impl Fn(&StudioApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !pred(h.state()) {
+        assert!(Instant::now() < deadline, "timed out; status {:?} {:?}", h.state().live_status, h.state().message);
+        h.step();
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let (turbo, base, rest) = match args.first() {
+        Some(a) if a.parse::<u32>().is_err() => (a.clone(), args.get(1).cloned().unwrap_or_else(|| a.clone()), &args[2.min(args.len())..]),
+        _ => (fixtures.join("tiny-turbo").display().to_string(), fixtures.join("tiny-base").display().to_string(), &args[..]),
+    };
+    let sizes: Vec<u32> = if rest.is_empty() { vec![64, 256, 512] } else { rest.iter().filter_map(|s| s.parse().ok()).collect() };
+    println!("model: {turbo}");
+    println!("| size | steps | keystroke → first preview (median) | keystroke → final image (median) | UI frame p50 / p95 / max while busy | harness frame incl. wgpu render p50 / p95 |");
+    println!("|---|---|---|---|---|---|");
+    for size in sizes {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = Settings { width: size, height: size, variations: 4, ..Settings::default() };
+        settings.save(&Paths::at(dir.path())).expect("settings");
+        let options = StudioOptions { paths: Paths::at(dir.path()), turbo: Some(turbo.clone()), base: Some(base.clone()) };
+        let mut h = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).wgpu().build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options));
+        wait(&mut h, |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. })));
+
+        // Warm-up (first allocation of buffers, text encoder caches).
+        h.event(egui::Event::Text("warm".into()));
+        h.step();
+        wait(&mut h, |a| matches!(a.live_status, LiveStatus::Done { .. }));
+
+        let (mut first, mut fin) = (Vec::new(), Vec::new());
+        for word in [" a", " red", " fox", " in", " deep", " fresh", " snow"] {
+            // Let the previous job finish so each keystroke is measured alone.
+            h.event(egui::Event::Text(word.into()));
+            h.step();
+            wait(&mut h, |a| matches!(a.live_status, LiveStatus::Done { .. }) && a.live_job.is_none());
+            first.push(ms(h.state().metrics.first_preview.expect("first preview")));
+            fin.push(ms(h.state().metrics.final_image.expect("final image")));
+        }
+
+        // Frame time while the engine is busy: 4 variations + live typing.
+        h.state_mut().metrics.frame_times.clear();
+        h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::G);
+        h.step();
+        h.set_render_every_step(true);
+        let mut harness_frames = Vec::new();
+        let start = Instant::now();
+        while h.state().variations.iter().any(|c| c.id.is_none()) && start.elapsed() < Duration::from_secs(120) {
+            let t = Instant::now();
+            h.step();
+            harness_frames.push(ms(t.elapsed()));
+            std::thread::sleep(Duration::from_millis(4));
+        }
+        h.set_render_every_step(false);
+        let mut ui: Vec<f64> = h.state().metrics.frame_times.iter().map(|d| ms(*d)).collect();
+        let steps = h.state().settings.turbo_steps;
+        println!(
+            "| {size}×{size} | {steps} | {:.0} ms | {:.0} ms | {:.2} / {:.2} / {:.2} ms ({} frames) | {:.1} / {:.1} ms |",
+            pct(&mut first, 0.5),
+            pct(&mut fin, 0.5),
+            pct(&mut ui, 0.5),
+            pct(&mut ui, 0.95),
+            pct(&mut ui, 1.0),
+            ui.len(),
+            pct(&mut harness_frames, 0.5),
+            pct(&mut harness_frames, 0.95),
+        );
+    }
+}

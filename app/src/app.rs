@@ -1,0 +1,813 @@
+//! The application: state, engine events, actions. Drawing lives in `ui/`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zimage_engine::metadata::{self, GenerationMetadata};
+use zimage_engine::pipeline::{GenerateRequest, ModelKind};
+use zimage_engine::preview::RgbImage;
+
+use crate::engine_bridge::{EngineHandle, Event, JobId, JobKind, JobSpec, ModelConfig, ModelSlot, ModelState};
+use crate::history::History;
+use crate::images::Images;
+use crate::save;
+use crate::settings::{default_output_dir, Paths, Settings};
+use crate::state::{self, CompareState, LiveStatus, Mark, RefineMode, View};
+
+pub const APP_NAME: &str = concat!("Z-Image Studio ", env!("CARGO_PKG_VERSION"));
+
+/// How the app is started: data folder and one-run model overrides (CLI).
+#[derive(Debug, Clone)]
+pub struct StudioOptions {
+    pub paths: Paths,
+    pub turbo: Option<String>,
+    pub base: Option<String>,
+}
+
+/// A job the UI is waiting for.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub kind: JobKind,
+    pub slot: ModelSlot,
+    pub request: GenerateRequest,
+    pub parent: Option<String>,
+    /// When the edit that caused a live job happened (latency metrics).
+    pub edit_at: Option<Instant>,
+    pub progress: (usize, usize),
+    pub saw_preview: bool,
+}
+
+/// One cell of the variations grid.
+#[derive(Debug, Clone)]
+pub struct VariationCell {
+    pub job: JobId,
+    pub seed: u64,
+    /// History id once finished.
+    pub id: Option<String>,
+    pub progress: (usize, usize),
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub text: String,
+    pub error: bool,
+}
+
+/// Latency and frame-time measurements (docs/app-latency.md).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    pub first_preview: Option<Duration>,
+    pub final_image: Option<Duration>,
+    pub frame_times: VecDeque<Duration>,
+    /// Live jobs replaced by a newer one before they finished.
+    pub superseded: u64,
+}
+
+impl Metrics {
+    pub fn record_frame(&mut self, d: Duration) {
+        if self.frame_times.len() >= 600 {
+            self.frame_times.pop_front();
+        }
+        self.frame_times.push_back(d);
+    }
+}
+
+/// Things panels ask for; applied by [`StudioApp::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// The prompt or a generation setting changed.
+    Edited,
+    Generate,
+    Refine,
+    Variations,
+    RefineKept,
+    Save,
+    SaveAs,
+    Select(String),
+    Restore(String),
+    Mark(String, Mark),
+    ApplyModels { turbo: String, base: String, output: String },
+    ShowView(View),
+    CompareWith(String),
+    Cancel(JobId),
+    NewSeed,
+}
+
+pub struct StudioApp {
+    pub settings: Settings,
+    pub paths: Paths,
+    pub history: History,
+    pub engine: EngineHandle,
+    pub model_config: ModelConfig,
+    /// Whether the CLI overrides the saved models for this run.
+    pub cli_override: bool,
+    pub models: HashMap<ModelSlot, ModelState>,
+    pub prompt: String,
+    pub view: View,
+    pub live_status: LiveStatus,
+    /// Set when the prompt/settings changed; a live job starts after the quiet period.
+    pub dirty_at: Option<Instant>,
+    pub live_job: Option<JobId>,
+    pub live_ema: Option<Duration>,
+    pub per_step: HashMap<ModelSlot, Duration>,
+    pub jobs: HashMap<JobId, PendingJob>,
+    /// Shown in the Live view: the latest finished image (history id).
+    pub current: Option<String>,
+    /// Selected image (history id): what Save and Refine act on.
+    pub selected: Option<String>,
+    pub live_preview: bool,
+    pub refine_job: Option<JobId>,
+    pub compare: CompareState,
+    /// (Turbo id, Base id) shown in the Compare view.
+    pub compare_pair: Option<(String, String)>,
+    pub variations: Vec<VariationCell>,
+    pub var_cursor: usize,
+    pub message: Option<Message>,
+    pub show_help: bool,
+    pub show_settings: bool,
+    pub settings_form: [String; 3],
+    pub images: Images,
+    pub metrics: Metrics,
+    pub focus_prompt: bool,
+    pub frame_start: Option<Instant>,
+    /// Last settings written to disk, and when they started to differ.
+    saved_settings: Settings,
+    settings_changed_at: Option<Instant>,
+    /// `$ZIMAGE_STUDIO_METRICS`: where to write [`Metrics`] as JSON (Xvfb runs).
+    metrics_file: Option<(PathBuf, Instant)>,
+}
+
+impl StudioApp {
+    pub fn new(ctx: &egui::Context, options: StudioOptions) -> Self {
+        let ctx2 = ctx.clone();
+        let engine = EngineHandle::spawn(Arc::new(move || ctx2.request_repaint()));
+        let (settings, w1) = Settings::load(&options.paths);
+        let (history, w2) = History::load(&options.paths);
+        let cli_override = options.turbo.is_some() || options.base.is_some();
+        let model_config = effective_models(&settings, &options);
+        let settings_form = [
+            settings.turbo_model.clone().unwrap_or_default(),
+            settings.base_model.clone().unwrap_or_default(),
+            settings.output_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        ];
+        let mut app = Self {
+            prompt: String::new(),
+            paths: options.paths,
+            history,
+            engine,
+            model_config: model_config.clone(),
+            cli_override,
+            models: HashMap::new(),
+            view: View::Live,
+            live_status: LiveStatus::Idle,
+            dirty_at: None,
+            live_job: None,
+            live_ema: None,
+            per_step: HashMap::new(),
+            jobs: HashMap::new(),
+            current: None,
+            selected: None,
+            live_preview: false,
+            refine_job: None,
+            compare: CompareState::default(),
+            compare_pair: None,
+            variations: Vec::new(),
+            var_cursor: 0,
+            message: w1.or(w2).map(|text| Message { text, error: true }),
+            show_help: false,
+            show_settings: false,
+            settings_form,
+            images: Images::default(),
+            metrics: Metrics::default(),
+            focus_prompt: true,
+            frame_start: None,
+            saved_settings: settings.clone(),
+            settings_changed_at: None,
+            metrics_file: std::env::var_os("ZIMAGE_STUDIO_METRICS").map(|p| (PathBuf::from(p), Instant::now())),
+            settings,
+        };
+        // Start where the user left off: the newest history item and its prompt.
+        if let Some(last) = app.history.entries.last().map(|e| e.id.clone()) {
+            app.restore(&last);
+            app.current = Some(last);
+        }
+        app.engine.load_models(model_config);
+        app
+    }
+
+    /// Runs before drawing each frame: engine events, live scheduling, drops.
+    pub fn logic(&mut self, ctx: &egui::Context) {
+        self.frame_start = Some(Instant::now());
+        for ev in self.engine.poll() {
+            self.on_event(ctx, ev);
+        }
+        self.schedule_live(ctx);
+        self.handle_dropped_files(ctx);
+        self.autosave_settings(ctx);
+        self.write_metrics();
+    }
+
+    fn write_metrics(&mut self) {
+        let Some((path, last)) = &mut self.metrics_file else { return };
+        if last.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        *last = Instant::now();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let mut frames: Vec<f64> = self.metrics.frame_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        frames.sort_by(f64::total_cmp);
+        let pct = |p: f64| frames.get(((frames.len() as f64 - 1.0) * p).round() as usize).copied();
+        let json = serde_json::json!({
+            "first_preview_ms": ms(self.metrics.first_preview),
+            "final_image_ms": ms(self.metrics.final_image),
+            "frames": frames.len(),
+            "frame_ms_p50": pct(0.5),
+            "frame_ms_p95": pct(0.95),
+            "frame_ms_max": frames.last(),
+            "history": self.history.entries.len(),
+            "live_status": self.live_status.text(),
+        });
+        let _ = metadata::write_file_atomic(path, json.to_string().as_bytes());
+    }
+
+    /// Settings are written one second after the last change (not on every
+    /// slider tick, and not only on exit: a killed app would lose them).
+    fn autosave_settings(&mut self, ctx: &egui::Context) {
+        if self.settings == self.saved_settings {
+            self.settings_changed_at = None;
+            return;
+        }
+        let since = *self.settings_changed_at.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_secs(1) {
+            self.persist_settings();
+        } else {
+            ctx.request_repaint_after(Duration::from_secs(1));
+        }
+    }
+
+    fn schedule_live(&mut self, ctx: &egui::Context) {
+        let Some(at) = self.dirty_at else { return };
+        if !self.settings.live {
+            return;
+        }
+        let due = at + state::quiet_period(self.live_ema);
+        let now = Instant::now();
+        if now < due {
+            ctx.request_repaint_after(due - now);
+            return;
+        }
+        self.dirty_at = None;
+        if self.prompt.trim().is_empty() {
+            return;
+        }
+        self.submit_live(Some(at));
+    }
+
+    fn submit_live(&mut self, edit_at: Option<Instant>) {
+        let request = match self.request_for(ModelSlot::Turbo) {
+            Ok(r) => r,
+            Err(e) => {
+                self.live_status = LiveStatus::Error(e);
+                return;
+            }
+        };
+        let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
+        self.jobs.insert(id, PendingJob { kind: JobKind::Live, slot: ModelSlot::Turbo, request, parent: None, edit_at, progress: (0, 0), saw_preview: false });
+        self.live_job = Some(id);
+    }
+
+    /// The request for `slot` from the prompt box and the controls.
+    pub fn request_for(&self, slot: ModelSlot) -> Result<GenerateRequest, String> {
+        if let Some(problem) = state::size_problem(self.settings.width, self.settings.height) {
+            return Err(problem);
+        }
+        let s = &self.settings;
+        let mut r = GenerateRequest::new(self.prompt.clone(), slot.kind());
+        r.seed = s.seed;
+        r.width = s.width;
+        r.height = s.height;
+        match slot {
+            ModelSlot::Turbo => {
+                r.steps = s.turbo_steps;
+                r.guidance = s.turbo_guidance;
+            }
+            ModelSlot::Base => {
+                r.steps = s.base_steps;
+                r.guidance = s.base_guidance;
+                r.negative_prompt = s.negative_prompt.clone();
+            }
+        }
+        Ok(r)
+    }
+
+    fn on_event(&mut self, ctx: &egui::Context, ev: Event) {
+        match ev {
+            Event::Started { id } => {
+                if let Some(job) = self.jobs.get(&id) {
+                    if job.kind == JobKind::Live && self.live_job == Some(id) {
+                        self.live_status = LiveStatus::Rendering { done: 0, total: job.request.steps };
+                    }
+                }
+            }
+            Event::Progress { id, done, total, preview } => self.on_progress(ctx, id, done, total, preview),
+            Event::Finished { id, image, elapsed, per_step, model, shift, .. } => self.on_finished(ctx, id, image, elapsed, per_step, model, shift),
+            Event::Cancelled { id, superseded } => {
+                self.metrics.superseded += superseded as u64;
+                if let Some(job) = self.jobs.remove(&id) {
+                    if job.kind == JobKind::Variation {
+                        self.variations.retain(|c| c.job != id);
+                    }
+                }
+                if self.refine_job == Some(id) {
+                    self.refine_job = None;
+                }
+            }
+            Event::Failed { id, message } => {
+                let job = self.jobs.remove(&id);
+                if self.live_job == Some(id) {
+                    self.live_status = LiveStatus::Error(message.clone());
+                    self.live_job = None;
+                }
+                if self.refine_job == Some(id) {
+                    self.refine_job = None;
+                }
+                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
+                    cell.error = Some(message.clone());
+                }
+                let what = job.map(|j| format!("{:?} job", j.kind).to_lowercase()).unwrap_or_else(|| "job".into());
+                self.error(format!("{what} failed: {message}"));
+            }
+            Event::Model { slot, state } => {
+                self.models.insert(slot, state);
+            }
+            Event::EngineRestarted { reason } => {
+                self.error(format!("the engine crashed ({reason}) and was restarted; your history is safe"));
+            }
+        }
+    }
+
+    fn on_progress(&mut self, ctx: &egui::Context, id: JobId, done: usize, total: usize, preview: Option<RgbImage>) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        job.progress = (done, total);
+        let first = !job.saw_preview && preview.is_some();
+        job.saw_preview |= preview.is_some();
+        let (kind, edit_at) = (job.kind, job.edit_at);
+        let key = match kind {
+            JobKind::Live if self.live_job == Some(id) => {
+                self.live_status = LiveStatus::Rendering { done, total };
+                self.live_preview = true;
+                if first {
+                    if let Some(at) = edit_at {
+                        self.metrics.first_preview = Some(at.elapsed());
+                    }
+                }
+                Some("live".to_string())
+            }
+            JobKind::Live => None,
+            JobKind::Refine => Some("refine".to_string()),
+            JobKind::Variation => {
+                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
+                    cell.progress = (done, total);
+                }
+                Some(format!("var:{id}"))
+            }
+        };
+        if let (Some(key), Some(p)) = (key, preview) {
+            self.images.put(ctx, &key, Arc::new(p));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_finished(&mut self, ctx: &egui::Context, id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, model: String, shift: f32) {
+        let Some(job) = self.jobs.remove(&id) else { return };
+        let prev = self.per_step.get(&job.slot).copied();
+        self.per_step.insert(job.slot, state::ema(prev, per_step));
+        let meta = self.metadata_for(&job, model, shift);
+        let image = Arc::new(image);
+        let (hid, written) = self.history.add(job.slot, job.kind, meta, job.parent.clone(), elapsed.as_millis() as u64, &image);
+        if let Err(e) = written {
+            self.error(format!("could not store the image in the history folder: {}", save::one_line_error(&e)));
+        }
+        self.images.put(ctx, &hid, image);
+        match job.kind {
+            JobKind::Live => {
+                self.live_ema = Some(state::ema(self.live_ema, elapsed));
+                if self.live_job == Some(id) {
+                    self.live_job = None;
+                    self.live_preview = false;
+                    if self.dirty_at.is_none() {
+                        self.live_status = LiveStatus::Done { elapsed };
+                    }
+                    if let Some(at) = job.edit_at {
+                        self.metrics.final_image = Some(at.elapsed());
+                    }
+                }
+                self.current = Some(hid.clone());
+                self.selected = Some(hid);
+            }
+            JobKind::Refine => {
+                if self.refine_job == Some(id) {
+                    self.refine_job = None;
+                }
+                // The refined image opens beside its Turbo parent.
+                if let Some(parent) = job.parent {
+                    self.compare_pair = Some((parent, hid.clone()));
+                    self.view = View::Compare;
+                }
+                self.selected = Some(hid);
+                self.info(format!("Base refine done in {}", state::human_duration(elapsed)));
+            }
+            JobKind::Variation => {
+                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
+                    cell.id = Some(hid);
+                }
+                self.images.remove(&format!("var:{id}"));
+            }
+        }
+    }
+
+    fn metadata_for(&self, job: &PendingJob, model: String, shift: f32) -> GenerationMetadata {
+        let r = &job.request;
+        let cfg = r.guidance > 0.0;
+        GenerationMetadata {
+            prompt: r.prompts.first().cloned().unwrap_or_default(),
+            negative_prompt: if cfg { r.negative_prompt.clone() } else { String::new() },
+            seed: r.seed,
+            steps: r.steps as u32,
+            guidance: r.guidance,
+            cfg_normalization: r.cfg_normalization,
+            cfg_truncation: r.cfg_truncation,
+            width: r.width,
+            height: r.height,
+            model,
+            model_kind: job.slot.kind().name().to_string(),
+            scheduler_shift: shift,
+            init_image: job.parent.as_ref().filter(|_| r.init.is_some()).and_then(|p| self.history.get(p)).map(|e| e.file.clone()),
+            strength: r.init.as_ref().map(|_| r.strength),
+            parent: job.parent.clone(),
+            app: APP_NAME.into(),
+            created: metadata::utc_timestamp_now(),
+        }
+    }
+
+    pub fn info(&mut self, text: impl Into<String>) {
+        self.message = Some(Message { text: text.into(), error: false });
+    }
+
+    pub fn error(&mut self, text: impl Into<String>) {
+        self.message = Some(Message { text: text.into(), error: true });
+    }
+
+    /// The image Refine starts from: the selected Turbo image, else the newest one.
+    pub fn refine_source(&self) -> Option<String> {
+        let turbo = |id: &String| self.history.get(id).is_some_and(|e| e.slot == ModelSlot::Turbo);
+        self.selected.as_ref().filter(|id| turbo(id)).cloned().or_else(|| {
+            self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone())
+        })
+    }
+
+    /// Base steps the refine will run and what it will cost.
+    pub fn refine_cost(&self) -> (usize, String) {
+        let steps = self.settings.base_steps;
+        let run = match self.settings.refine_mode {
+            RefineMode::Img2Img => state::snap_strength(self.settings.refine_strength, steps).1,
+            RefineMode::SameSeed => steps,
+        };
+        let cfg_factor = if self.settings.base_guidance > 0.0 { 2 } else { 1 };
+        // Before the first Base run, estimate from Turbo (same DiT; CFG doubles the work).
+        let per_step = self.per_step.get(&ModelSlot::Base).copied().or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
+        (run, state::refine_estimate(run, per_step))
+    }
+
+    pub fn apply(&mut self, ctx: &egui::Context, action: Action) {
+        match action {
+            Action::Edited => {
+                self.dirty_at = Some(Instant::now());
+                if self.current.is_some() || self.live_job.is_some() {
+                    self.live_status = LiveStatus::Stale;
+                }
+            }
+            Action::Generate => {
+                self.settings.seed = self.settings.seed_mode.next(self.settings.seed);
+                self.dirty_at = None;
+                if self.prompt.trim().is_empty() {
+                    self.error("type a prompt first");
+                } else {
+                    self.submit_live(Some(Instant::now()));
+                }
+            }
+            Action::NewSeed => {
+                self.settings.seed = zimage_engine::rng::random_seed();
+                self.apply(ctx, Action::Edited);
+            }
+            Action::Refine => match self.refine_source() {
+                Some(src) => {
+                    if let Err(e) = self.queue_refine(&src) {
+                        self.error(e);
+                    }
+                }
+                None => self.error("nothing to refine yet: type a prompt to make a Turbo image first"),
+            },
+            Action::RefineKept => {
+                let kept: Vec<String> = self.variations.iter().filter_map(|c| c.id.clone()).filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept())).collect();
+                if kept.is_empty() {
+                    self.error("no kept variations: press K (keep) or S (star) on some first");
+                }
+                let n = kept.len();
+                for id in kept {
+                    if let Err(e) = self.queue_refine(&id) {
+                        self.error(e);
+                        return;
+                    }
+                }
+                if n > 0 {
+                    self.info(format!("queued {n} Base refine{}", if n == 1 { "" } else { "s" }));
+                }
+            }
+            Action::Variations => self.start_variations(),
+            Action::Save => self.save_selected(),
+            Action::SaveAs => self.save_as(),
+            Action::Select(id) => {
+                self.selected = Some(id.clone());
+                self.current = Some(id);
+                self.view = View::Live;
+            }
+            Action::Restore(id) => {
+                self.restore(&id);
+                self.selected = Some(id.clone());
+                self.current = Some(id);
+                self.view = View::Live;
+            }
+            Action::Mark(id, mark) => {
+                if let Some(e) = self.history.get_mut(&id) {
+                    e.mark = if e.mark == mark { Mark::None } else { mark };
+                }
+                if let Err(e) = self.history.save() {
+                    self.error(format!("could not save the history: {}", save::one_line_error(&e)));
+                }
+            }
+            Action::ApplyModels { turbo, base, output } => {
+                let opt = |s: String| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+                self.settings.turbo_model = opt(turbo);
+                self.settings.base_model = opt(base);
+                self.settings.output_dir = opt(output).map(PathBuf::from);
+                self.cli_override = false;
+                self.model_config = effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None });
+                self.engine.load_models(self.model_config.clone());
+                self.persist_settings();
+                self.info("settings saved; loading models");
+            }
+            Action::ShowView(v) => self.view = v,
+            Action::CompareWith(id) => {
+                if let Some(e) = self.history.get(&id) {
+                    if let Some(parent) = e.parent.clone() {
+                        self.compare_pair = Some((parent, id));
+                        self.view = View::Compare;
+                    }
+                }
+            }
+            Action::Cancel(id) => self.engine.cancel(id),
+        }
+    }
+
+    fn queue_refine(&mut self, src: &str) -> Result<(), String> {
+        let entry = self.history.get(src).ok_or("that image is no longer in the history")?.clone();
+        let m = &entry.meta;
+        let mut r = GenerateRequest::new(m.prompt.clone(), ModelKind::Base);
+        r.seed = m.seed;
+        r.width = m.width;
+        r.height = m.height;
+        r.steps = self.settings.base_steps;
+        r.guidance = self.settings.base_guidance;
+        r.negative_prompt = self.settings.negative_prompt.clone();
+        if self.settings.refine_mode == RefineMode::Img2Img {
+            let img = match self.images.rgb(src) {
+                Some(i) => i,
+                None => Arc::new(self.history.load_image(&entry).map_err(|e| save::one_line_error(&e))?),
+            };
+            r.init = Some((*img).clone());
+            r.strength = state::snap_strength(self.settings.refine_strength, r.steps).0;
+        }
+        let id = self.engine.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r.clone() });
+        self.jobs.insert(id, PendingJob { kind: JobKind::Refine, slot: ModelSlot::Base, request: r, parent: Some(src.to_string()), edit_at: None, progress: (0, 0), saw_preview: false });
+        self.refine_job = Some(id);
+        Ok(())
+    }
+
+    fn start_variations(&mut self) {
+        if self.prompt.trim().is_empty() {
+            self.error("type a prompt first");
+            return;
+        }
+        let base = match self.request_for(ModelSlot::Turbo) {
+            Ok(r) => r,
+            Err(e) => return self.error(e),
+        };
+        for cell in std::mem::take(&mut self.variations) {
+            if cell.id.is_none() {
+                self.engine.cancel(cell.job);
+            }
+        }
+        let n = self.settings.variations.clamp(1, 64);
+        for i in 0..n {
+            let mut r = base.clone();
+            r.seed = base.seed.wrapping_add(i as u64);
+            let job = self.engine.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone() });
+            self.jobs.insert(job, PendingJob { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone(), parent: None, edit_at: None, progress: (0, 0), saw_preview: false });
+            self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });
+        }
+        self.var_cursor = 0;
+        self.view = View::Variations;
+    }
+
+    /// Puts an image's parameters back into the controls.
+    pub fn restore(&mut self, id: &str) {
+        let Some(e) = self.history.get(id) else { return };
+        let meta = e.meta.clone();
+        let slot = e.slot;
+        self.restore_meta(&meta, Some(slot));
+    }
+
+    pub fn restore_meta(&mut self, m: &GenerationMetadata, slot: Option<ModelSlot>) {
+        self.prompt = m.prompt.clone();
+        let s = &mut self.settings;
+        s.seed = m.seed;
+        if state::size_problem(m.width, m.height).is_none() {
+            s.width = m.width;
+            s.height = m.height;
+            s.aspect = state::AspectPreset::Custom;
+        }
+        let slot = slot.unwrap_or(if m.model_kind == "base" { ModelSlot::Base } else { ModelSlot::Turbo });
+        if m.steps > 0 {
+            match slot {
+                ModelSlot::Turbo => {
+                    s.turbo_steps = m.steps as usize;
+                    s.turbo_guidance = m.guidance;
+                }
+                ModelSlot::Base => {
+                    s.base_steps = m.steps as usize;
+                    s.base_guidance = m.guidance;
+                    s.negative_prompt = m.negative_prompt.clone();
+                    if let Some(st) = m.strength {
+                        s.refine_strength = st;
+                    }
+                }
+            }
+        }
+        self.live_status = if self.current.is_some() { LiveStatus::Stale } else { LiveStatus::Idle };
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped = ctx.input(|i| i.raw.dropped_files.clone());
+        for f in dropped {
+            let path = f.path().to_path_buf();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dropped file".into());
+            let bytes = if path.as_os_str().is_empty() { f.bytes().map_err(|e| e.to_string()) } else { std::fs::read(&path).map_err(|e| e.to_string()) };
+            match bytes.map_err(|e| e.to_string()).and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string())) {
+                Ok(meta) => {
+                    self.restore_meta(&meta, None);
+                    self.info(format!("restored the parameters of {name}"));
+                    self.apply(ctx, Action::Edited);
+                }
+                Err(e) => self.error(format!("{name}: {e}")),
+            }
+        }
+    }
+
+    /// What Ctrl+S saves: all kept variations when the grid is shown and has
+    /// any, else the selected image.
+    pub fn save_targets(&self) -> Vec<String> {
+        if self.view == View::Variations {
+            let kept: Vec<String> = self.variations.iter().filter_map(|c| c.id.clone()).filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept())).collect();
+            if !kept.is_empty() {
+                return kept;
+            }
+        }
+        let sel = match self.view {
+            View::Compare => self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() }),
+            View::Variations => self.variations.get(self.var_cursor).and_then(|c| c.id.clone()),
+            View::Live => None,
+        };
+        sel.or_else(|| self.selected.clone()).into_iter().collect()
+    }
+
+    fn image_of(&self, id: &str) -> anyhow::Result<Arc<RgbImage>> {
+        if let Some(i) = self.images.rgb(id) {
+            return Ok(i);
+        }
+        let e = self.history.get(id).ok_or_else(|| anyhow::anyhow!("image {id} is not in the history"))?;
+        Ok(Arc::new(self.history.load_image(e)?))
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        default_output_dir(&self.settings, &self.paths)
+    }
+
+    fn save_selected(&mut self) {
+        let targets = self.save_targets();
+        if targets.is_empty() {
+            return self.error("nothing to save yet");
+        }
+        let dir = self.output_dir();
+        let mut saved = Vec::new();
+        for id in &targets {
+            let result = self.image_of(id).and_then(|img| {
+                let meta = self.history.get(id).map(|e| e.meta.clone()).unwrap_or_default();
+                save::save_into(&dir, &img, &meta)
+            });
+            match result {
+                Ok(p) => saved.push(p),
+                Err(e) => return self.error(format!("save failed: {}", save::one_line_error(&e))),
+            }
+        }
+        match saved.as_slice() {
+            [one] => self.info(format!("saved {}", one.display())),
+            many => self.info(format!("saved {} images to {}", many.len(), dir.display())),
+        }
+    }
+
+    fn save_as(&mut self) {
+        let Some(id) = self.save_targets().into_iter().next() else {
+            return self.error("nothing to save yet");
+        };
+        if !file_dialog_available() {
+            return self.error(format!(
+                "no file dialog on this system (needs xdg-desktop-portal or zenity); Ctrl+S saves to {} instead",
+                self.output_dir().display()
+            ));
+        }
+        let meta = self.history.get(&id).map(|e| e.meta.clone()).unwrap_or_default();
+        let name = format!("zimage-{}-{}.png", meta.model_kind, meta.seed);
+        let picked = rfd::FileDialog::new().set_title("Save image as").add_filter("PNG image", &["png"]).set_directory(self.output_dir()).set_file_name(name).save_file();
+        let Some(mut path) = picked else {
+            return self.info("save cancelled (or the file dialog could not open)");
+        };
+        if path.extension().is_none() {
+            path.set_extension("png");
+        }
+        match self.image_of(&id).and_then(|img| save::save_to(&path, &img, &meta)) {
+            Ok(()) => self.info(format!("saved {}", path.display())),
+            Err(e) => self.error(format!("save failed: {}", save::one_line_error(&e))),
+        }
+    }
+
+    pub fn persist_settings(&mut self) {
+        self.saved_settings = self.settings.clone();
+        self.settings_changed_at = None;
+        if let Err(e) = self.settings.save(&self.paths) {
+            self.error(format!("could not save the settings: {}", save::one_line_error(&e)));
+        }
+    }
+
+    /// A one-line summary of why nothing can be generated, if so.
+    pub fn model_problem(&self) -> Option<String> {
+        match self.models.get(&ModelSlot::Turbo) {
+            None => Some("starting the engine…".into()),
+            Some(ModelState::NotConfigured) => Some("no Turbo model configured and the built-in demo model is not installed: open Settings (Ctrl+,) and choose a model folder".into()),
+            Some(ModelState::Failed(m)) => Some(format!("Turbo model unusable: {m}")),
+            Some(ModelState::Loading { stage }) => Some(format!("loading the Turbo model ({stage})…")),
+            Some(ModelState::Ready { .. }) => None,
+        }
+    }
+}
+
+/// Models for this run: CLI overrides, else saved settings, else the built-in
+/// demo models when they are installed.
+pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelConfig {
+    let pick = |cli: &Option<String>, saved: &Option<String>, demo: &str| {
+        cli.clone().or_else(|| saved.clone()).or_else(|| zimage_engine::loader::resolve_model(demo).ok().map(|_| demo.to_string()))
+    };
+    ModelConfig { turbo: pick(&options.turbo, &settings.turbo_model, "demo-turbo"), base: pick(&options.base, &settings.base_model, "demo-base") }
+}
+
+/// rfd returns None both on cancel and when no dialog can be shown; tell the
+/// two apart up front (a portal needs a session bus; zenity is the fallback).
+pub fn file_dialog_available() -> bool {
+    if cfg!(not(target_os = "linux")) {
+        return true;
+    }
+    let bus = std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|v| !v.is_empty());
+    let zenity = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
+    bus || zenity
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        StudioApp::logic(self, ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        crate::ui::draw(self, ui);
+        if let Some(start) = self.frame_start.take() {
+            self.metrics.record_frame(start.elapsed());
+        }
+    }
+
+    fn on_exit(&mut self) {
+        self.persist_settings();
+        let _ = self.history.save();
+    }
+}

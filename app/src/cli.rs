@@ -1,0 +1,63 @@
+//! Command line: `zimage-studio [--turbo PATH|NAME] [--base PATH|NAME] [--data-dir DIR]`.
+
+use std::path::PathBuf;
+
+pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--data-dir DIR]
+
+  --turbo M     Turbo model for this run (folder, .safetensors file or built-in name)
+  --base M      Base model for this run; neither changes the saved settings
+  --data-dir D  where settings and history are kept (default: the platform data folder)
+  -h, --help    this text";
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Args {
+    pub turbo: Option<String>,
+    pub base: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub help: bool,
+}
+
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+    let mut out = Args::default();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let mut value = |name: &str| inline.clone().or_else(|| it.next()).filter(|v| !v.is_empty()).ok_or_else(|| format!("{name} needs a value\n\n{USAGE}"));
+        match flag.as_str() {
+            "--turbo" => out.turbo = Some(value("--turbo")?),
+            "--base" => out.base = Some(value("--base")?),
+            "--data-dir" => out.data_dir = Some(PathBuf::from(value("--data-dir")?)),
+            "-h" | "--help" => out.help = true,
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: &[&str]) -> Result<Args, String> {
+        parse(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_models_and_data_dir() {
+        let a = p(&["--turbo", "demo-turbo", "--base=/m/base", "--data-dir", "/tmp/d"]).unwrap();
+        assert_eq!(a.turbo.as_deref(), Some("demo-turbo"));
+        assert_eq!(a.base.as_deref(), Some("/m/base"));
+        assert_eq!(a.data_dir, Some(PathBuf::from("/tmp/d")));
+        assert_eq!(p(&[]).unwrap(), Args::default());
+        assert!(p(&["--help"]).unwrap().help);
+    }
+
+    #[test]
+    fn rejects_bad_arguments_with_usage() {
+        assert!(p(&["--turbo"]).unwrap_err().contains("needs a value"));
+        assert!(p(&["--frobnicate"]).unwrap_err().contains("usage:"));
+    }
+}

@@ -1,0 +1,211 @@
+//! Every result with its full parameters and lineage, persisted in the data
+//! folder: `history.json` plus one PNG per image (with the same metadata the
+//! CLI writes, so an image restores its parameters even without the JSON).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use zimage_engine::metadata::{self, GenerationMetadata};
+use zimage_engine::preview::RgbImage;
+
+use crate::engine_bridge::{JobKind, ModelSlot};
+use crate::settings::Paths;
+use crate::state::Mark;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub id: String,
+    pub slot: ModelSlot,
+    pub job: JobKind,
+    pub meta: GenerationMetadata,
+    /// The Turbo image a Base image was refined from (its history id).
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub mark: Mark,
+    pub elapsed_ms: u64,
+    /// File name inside the images folder.
+    pub file: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HistoryFile {
+    version: u32,
+    next_id: u64,
+    entries: Vec<HistoryEntry>,
+}
+
+pub struct History {
+    paths: Paths,
+    next_id: u64,
+    pub entries: Vec<HistoryEntry>,
+}
+
+/// Unmarked live results beyond this many are pruned (typing makes many).
+const MAX_UNMARKED_LIVE: usize = 100;
+
+impl History {
+    /// Loads the history; a damaged file gives an empty history plus a warning,
+    /// and the damaged file is kept aside (never overwritten silently).
+    pub fn load(paths: &Paths) -> (Self, Option<String>) {
+        let file = paths.history_file();
+        let empty = Self { paths: paths.clone(), next_id: 1, entries: Vec::new() };
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty, None),
+            Err(e) => return (empty, Some(format!("cannot read the history {}: {e}", file.display()))),
+        };
+        match serde_json::from_str::<HistoryFile>(&text) {
+            Ok(h) => {
+                let next_id = h.next_id.max(h.entries.len() as u64 + 1);
+                (Self { paths: paths.clone(), next_id, entries: h.entries }, None)
+            }
+            Err(e) => {
+                let aside = file.with_extension("json.damaged");
+                let _ = std::fs::rename(&file, &aside);
+                (empty, Some(format!("the history file was damaged ({e}); kept it as {}", aside.display())))
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&HistoryEntry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut HistoryEntry> {
+        self.entries.iter_mut().find(|e| e.id == id)
+    }
+
+    pub fn image_path(&self, entry: &HistoryEntry) -> PathBuf {
+        self.paths.images_dir().join(&entry.file)
+    }
+
+    /// Adds a result: writes its PNG, then the index. Returns the new id; the
+    /// entry is kept in memory even when writing fails (error returned too).
+    pub fn add(&mut self, slot: ModelSlot, job: JobKind, meta: GenerationMetadata, parent: Option<String>, elapsed_ms: u64, image: &RgbImage) -> (String, Result<()>) {
+        let id = format!("{:06}", self.next_id);
+        self.next_id += 1;
+        let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
+        let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file };
+        let written = self.write_image(&entry, image);
+        self.entries.push(entry);
+        self.prune();
+        let saved = self.save();
+        (id, written.and(saved))
+    }
+
+    fn write_image(&self, entry: &HistoryEntry, image: &RgbImage) -> Result<()> {
+        let dir = self.paths.images_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        metadata::save_png(&dir.join(&entry.file), &image.pixels, image.width, image.height, &entry.meta)?;
+        Ok(())
+    }
+
+    /// Reads an entry's image back from disk.
+    pub fn load_image(&self, entry: &HistoryEntry) -> Result<RgbImage> {
+        read_rgb(&self.image_path(entry))
+    }
+
+    fn prune(&mut self) {
+        let live_unmarked: Vec<usize> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.job == JobKind::Live && e.mark == Mark::None && !self.entries.iter().any(|c| c.parent.as_deref() == Some(&e.id)))
+            .map(|(i, _)| i)
+            .collect();
+        if live_unmarked.len() <= MAX_UNMARKED_LIVE {
+            return;
+        }
+        let drop: Vec<usize> = live_unmarked[..live_unmarked.len() - MAX_UNMARKED_LIVE].to_vec();
+        for &i in drop.iter().rev() {
+            let e = self.entries.remove(i);
+            let _ = std::fs::remove_file(self.paths.images_dir().join(&e.file));
+        }
+    }
+
+    pub fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.paths.data_dir).with_context(|| format!("cannot create {}", self.paths.data_dir.display()))?;
+        let file = HistoryFile { version: 1, next_id: self.next_id, entries: self.entries.clone() };
+        let json = serde_json::to_vec_pretty(&file)?;
+        metadata::write_file_atomic(&self.paths.history_file(), &json)?;
+        Ok(())
+    }
+}
+
+/// Decodes a PNG/JPEG/WebP file to RGB8, with a one-line error.
+pub fn read_rgb(path: &std::path::Path) -> Result<RgbImage> {
+    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?.into_rgb8();
+    Ok(RgbImage { width: img.width(), height: img.height(), pixels: img.into_raw() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img() -> RgbImage {
+        RgbImage { width: 4, height: 2, pixels: (0..24).collect() }
+    }
+
+    #[test]
+    fn history_persists_with_lineage_and_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let (mut h, warn) = History::load(&paths);
+        assert!(warn.is_none() && h.entries.is_empty());
+        let meta = GenerationMetadata { prompt: "fox".into(), seed: 3, ..Default::default() };
+        let (t, r) = h.add(ModelSlot::Turbo, JobKind::Live, meta.clone(), None, 12, &img());
+        r.unwrap();
+        let (b, r) = h.add(ModelSlot::Base, JobKind::Refine, meta, Some(t.clone()), 40, &img());
+        r.unwrap();
+        h.get_mut(&t).unwrap().mark = Mark::Starred;
+        h.save().unwrap();
+
+        let (h2, warn) = History::load(&paths);
+        assert!(warn.is_none());
+        assert_eq!(h2.entries.len(), 2);
+        assert_eq!(h2.get(&b).unwrap().parent.as_deref(), Some(t.as_str()));
+        assert_eq!(h2.get(&t).unwrap().mark, Mark::Starred);
+        assert_eq!(h2.load_image(h2.get(&b).unwrap()).unwrap(), img());
+        // The PNG carries the parameters too.
+        let m = metadata::read_png_metadata_file(&h2.image_path(h2.get(&t).unwrap())).unwrap();
+        assert_eq!(m.prompt, "fox");
+    }
+
+    #[test]
+    fn damaged_history_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        std::fs::write(paths.history_file(), "garbage").unwrap();
+        let (h, warn) = History::load(&paths);
+        assert!(h.entries.is_empty());
+        assert!(warn.unwrap().contains("damaged"));
+        assert!(dir.path().join("history.json.damaged").is_file());
+    }
+
+    #[test]
+    fn unmarked_live_results_are_pruned_but_kept_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut h, _) = History::load(&Paths::at(dir.path()));
+        let (first, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+        h.get_mut(&first).unwrap().mark = Mark::Kept;
+        for _ in 0..MAX_UNMARKED_LIVE + 5 {
+            h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+        }
+        assert_eq!(h.entries.len(), MAX_UNMARKED_LIVE + 1);
+        assert!(h.get(&first).is_some());
+        let pngs = std::fs::read_dir(dir.path().join("images")).unwrap().count();
+        assert_eq!(pngs, MAX_UNMARKED_LIVE + 1, "pruned entries' files are deleted");
+    }
+
+    #[test]
+    fn unwritable_data_dir_keeps_the_entry_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "x").unwrap();
+        let (mut h, _) = History::load(&Paths::at(blocker.join("data")));
+        let (id, r) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+        assert!(r.is_err());
+        assert!(h.get(&id).is_some());
+    }
+}

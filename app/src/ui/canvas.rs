@@ -1,0 +1,52 @@
+//! The Live view: the step previews while Turbo renders, then the image.
+
+use egui::{Color32, Rect, Sense};
+
+use crate::app::{Action, StudioApp};
+use crate::engine_bridge::ModelSlot;
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+    let avail = ui.available_rect_before_wrap();
+    let (w, h) = (app.settings.width as f32, app.settings.height as f32);
+    // While rendering show the x0 preview (latent resolution, drawn enlarged).
+    let key = if app.live_preview && app.images.contains("live") { Some("live".to_string()) } else { app.current.clone() };
+    let tex = key.as_deref().and_then(|k| app.images.texture(k)).map(|t| (t.id(), t.size_vec2()));
+    let size = tex.map(|(_, s)| s).filter(|_| !app.live_preview).unwrap_or(egui::vec2(w, h));
+    let rect = super::fit_rect(avail.shrink(8.0), size);
+    let response = ui.allocate_rect(avail, Sense::click());
+    let painter = ui.painter_at(avail);
+    match tex {
+        Some((id, _)) => {
+            painter.image(id, rect, Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)), Color32::WHITE);
+        }
+        None => {
+            painter.rect_filled(rect, 4.0, ui.visuals().extreme_bg_color);
+            let text = app.model_problem().unwrap_or_else(|| "Type a prompt on the left; the image renders as you type.".into());
+            painter.text(rect.center(), egui::Align2::CENTER_CENTER, text, egui::FontId::proportional(15.0), ui.visuals().weak_text_color());
+        }
+    }
+    // Caption: what is shown.
+    let caption = if app.live_preview {
+        format!("preview · {}", app.live_status.text())
+    } else if let Some(e) = app.current.as_ref().and_then(|id| app.history.get(id)) {
+        let parent = e.parent.as_ref().map(|p| format!(" · refined from #{p}")).unwrap_or_default();
+        format!("#{} · {} · seed {} · {}×{}{parent}", e.id, e.slot.label(), e.meta.seed, e.meta.width, e.meta.height)
+    } else {
+        String::new()
+    };
+    if !caption.is_empty() {
+        let pos = egui::pos2(rect.left() + 6.0, rect.bottom() - 6.0);
+        let galley = painter.layout_no_wrap(caption, egui::FontId::proportional(13.0), Color32::WHITE);
+        let bg = Rect::from_min_size(pos - egui::vec2(3.0, galley.size().y + 3.0), galley.size() + egui::vec2(6.0, 6.0));
+        painter.rect_filled(bg, 3.0, Color32::from_black_alpha(160));
+        painter.galley(pos - egui::vec2(0.0, galley.size().y), galley, Color32::WHITE);
+    }
+    // A refined image: double-click opens it beside its Turbo parent.
+    if response.double_clicked() {
+        if let Some(e) = app.current.as_ref().and_then(|id| app.history.get(id)) {
+            if e.slot == ModelSlot::Base && e.parent.is_some() {
+                actions.push(Action::CompareWith(e.id.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Compare view: Turbo and Base side by side, wipe, flicker or difference,
+//! with one zoom/pan shared by both images.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use egui::{Color32, Pos2, Rect, Sense, Slider, Stroke};
+use zimage_engine::preview::RgbImage;
+
+use crate::app::{Action, StudioApp};
+use crate::state::{difference_heatmap, CompareMode};
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
+    let Some((turbo, base)) = app.compare_pair.clone() else {
+        ui.centered_and_justified(|ui| {
+            ui.label("Nothing to compare yet: refine a Turbo image with Base (Ctrl+Enter).");
+        });
+        return;
+    };
+    ensure_loaded(app, ui.ctx(), &turbo);
+    ensure_loaded(app, ui.ctx(), &base);
+    let (left, right) = if app.compare.swapped { (base.clone(), turbo.clone()) } else { (turbo.clone(), base.clone()) };
+    let label = |id: &str| {
+        app.history.get(id).map(|e| format!("{} #{} (seed {}, {} steps)", e.slot.label(), e.id, e.meta.seed, e.meta.steps)).unwrap_or_else(|| format!("#{id}"))
+    };
+    let (left_label, right_label) = (label(&left), label(&right));
+
+    ui.horizontal(|ui| {
+        for m in CompareMode::ALL {
+            ui.selectable_value(&mut app.compare.mode, m, m.label());
+        }
+        ui.separator();
+        if ui.button("Swap (C)").clicked() {
+            app.compare.swapped = !app.compare.swapped;
+        }
+        if ui.button("Reset zoom").clicked() {
+            app.compare.zoom = 1.0;
+            app.compare.pan = egui::Vec2::ZERO;
+        }
+        ui.weak(format!("zoom {:.0}%", app.compare.zoom * 100.0));
+    });
+    ui.label(format!("Left: {left_label} · Right: {right_label}"));
+    match app.compare.mode {
+        CompareMode::Wipe => {
+            let l = ui.label("Split");
+            ui.add(Slider::new(&mut app.compare.split, 0.0..=1.0).show_value(false)).labelled_by(l.id);
+        }
+        CompareMode::Flicker => {
+            ui.checkbox(&mut app.compare.flicker_auto, "Auto flicker (Space flips by hand)");
+        }
+        _ => {}
+    }
+
+    let avail = ui.available_rect_before_wrap();
+    let response = ui.allocate_rect(avail, Sense::click_and_drag());
+    let size = app.images.texture(&left).map(|t| t.size_vec2()).unwrap_or(egui::vec2(1.0, 1.0));
+    // Shared zoom/pan: scrolling over either image zooms both, dragging pans both.
+    if response.hovered() {
+        let scroll = ui.input(|i| i.smooth_scroll_delta.y);
+        if scroll != 0.0 {
+            app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, 16.0);
+        }
+    }
+    if response.dragged() {
+        let panes = if app.compare.mode == CompareMode::SideBySide { 2.0 } else { 1.0 };
+        let pane_w = avail.width() / panes;
+        let d = response.drag_delta();
+        app.compare.pan -= egui::vec2(d.x / pane_w, d.y / avail.height()) / app.compare.zoom;
+    }
+    let half = 0.5 / app.compare.zoom;
+    app.compare.pan.x = app.compare.pan.x.clamp(-(0.5 - half), 0.5 - half);
+    app.compare.pan.y = app.compare.pan.y.clamp(-(0.5 - half), 0.5 - half);
+    let c = egui::pos2(0.5, 0.5) + app.compare.pan;
+    let uv = Rect::from_min_max(Pos2::new(c.x - half, c.y - half), Pos2::new(c.x + half, c.y + half));
+
+    let painter = ui.painter_at(avail);
+    let tex = |id: &str| app.images.texture(id).map(|t| t.id());
+    let text_color = Color32::WHITE;
+    let caption = |rect: Rect, text: &str| {
+        let galley = painter.layout_no_wrap(text.to_string(), egui::FontId::proportional(13.0), text_color);
+        let pos = rect.left_top() + egui::vec2(6.0, 6.0);
+        painter.rect_filled(Rect::from_min_size(pos - egui::vec2(3.0, 3.0), galley.size() + egui::vec2(6.0, 6.0)), 3.0, Color32::from_black_alpha(160));
+        painter.galley(pos, galley, text_color);
+    };
+    match app.compare.mode {
+        CompareMode::SideBySide => {
+            let (l, r) = avail.split_left_right_at_fraction(0.5);
+            let (lr, rr) = (super::fit_rect(l.shrink(4.0), size), super::fit_rect(r.shrink(4.0), size));
+            for (rect, id, text) in [(lr, &left, &left_label), (rr, &right, &right_label)] {
+                if let Some(t) = tex(id) {
+                    painter.image(t, rect, uv, Color32::WHITE);
+                }
+                caption(rect, text);
+            }
+        }
+        CompareMode::Wipe => {
+            let rect = super::fit_rect(avail.shrink(4.0), size);
+            let x = rect.left() + rect.width() * app.compare.split;
+            if let Some(t) = tex(&left) {
+                painter.image(t, rect, uv, Color32::WHITE);
+            }
+            if let Some(t) = tex(&right) {
+                let clip = Rect::from_min_max(egui::pos2(x, rect.top()), rect.max);
+                painter.with_clip_rect(clip.intersect(avail)).image(t, rect, uv, Color32::WHITE);
+            }
+            painter.line_segment([egui::pos2(x, rect.top()), egui::pos2(x, rect.bottom())], Stroke::new(2.0, Color32::WHITE));
+            caption(rect, &format!("{left_label}  |  {right_label}"));
+        }
+        CompareMode::Flicker => {
+            if app.compare.flicker_auto {
+                let t = ui.input(|i| i.time);
+                app.compare.flicker_second = (t / 0.6) as u64 % 2 == 1;
+                ui.ctx().request_repaint_after(Duration::from_millis(100));
+            }
+            let rect = super::fit_rect(avail.shrink(4.0), size);
+            let (id, text) = if app.compare.flicker_second { (&right, &right_label) } else { (&left, &left_label) };
+            if let Some(t) = tex(id) {
+                painter.image(t, rect, uv, Color32::WHITE);
+            }
+            caption(rect, text);
+        }
+        CompareMode::Difference => {
+            let key = format!("diff:{turbo}:{base}");
+            if !app.images.contains(&key) {
+                if let (Some(a), Some(b)) = (app.images.rgb(&turbo), app.images.rgb(&base)) {
+                    if (a.width, a.height) == (b.width, b.height) {
+                        let pixels = difference_heatmap(&a.pixels, &b.pixels);
+                        app.images.put(ui.ctx(), &key, Arc::new(RgbImage { width: a.width, height: a.height, pixels }));
+                    }
+                }
+            }
+            let rect = super::fit_rect(avail.shrink(4.0), size);
+            match app.images.texture(&key).map(|t| t.id()) {
+                Some(t) => {
+                    painter.image(t, rect, uv, Color32::WHITE);
+                    caption(rect, "difference ×4 (black = same, red → yellow → white = more different)");
+                }
+                None => caption(rect, "the two images differ in size; no difference map"),
+            }
+        }
+    }
+}
+
+/// Loads a history image into the texture cache if it is not there yet.
+fn ensure_loaded(app: &mut StudioApp, ctx: &egui::Context, id: &str) {
+    if app.images.contains(id) {
+        return;
+    }
+    let Some(entry) = app.history.get(id).cloned() else { return };
+    match app.history.load_image(&entry) {
+        Ok(img) => app.images.put(ctx, id, Arc::new(img)),
+        Err(e) => app.error(crate::save::one_line_error(&e)),
+    }
+}
+
+pub use ensure_loaded as load_history_image;

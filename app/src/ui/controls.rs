@@ -1,0 +1,190 @@
+//! Left panel: prompt, generation controls, refine, variations, save.
+
+use egui::{DragValue, Slider, TextEdit};
+
+use crate::app::{Action, StudioApp};
+use crate::state::{self, AspectPreset, RefineMode, SeedMode};
+
+pub const PROMPT_ID: &str = "prompt";
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+    let mut edited = false;
+
+    let label = ui.label("Prompt");
+    let prompt = ui.add(
+        TextEdit::multiline(&mut app.prompt)
+            .id_salt(PROMPT_ID)
+            .desired_rows(4)
+            .desired_width(f32::INFINITY)
+            .hint_text("Describe the image… it renders as you type"),
+    );
+    let prompt = prompt.labelled_by(label.id);
+    if app.focus_prompt {
+        prompt.request_focus();
+        app.focus_prompt = false;
+    }
+    edited |= prompt.changed();
+
+    ui.horizontal(|ui| {
+        if ui.checkbox(&mut app.settings.live, "Live").on_hover_text("Regenerate with Turbo as you type").changed() {
+            edited = true;
+        }
+        if ui.button("Generate (F5)").clicked() {
+            actions.push(Action::Generate);
+        }
+        if let Some(id) = app.live_job {
+            if ui.button("Stop").clicked() {
+                actions.push(Action::Cancel(id));
+            }
+        }
+    });
+
+    ui.separator();
+    egui::Grid::new("gen_controls").num_columns(2).spacing([8.0, 6.0]).show(ui, |ui| {
+        let seed_label = ui.label("Seed");
+        ui.horizontal(|ui| {
+            edited |= ui.add(DragValue::new(&mut app.settings.seed).speed(1.0)).labelled_by(seed_label.id).changed();
+            if ui.small_button("🎲").on_hover_text("New random seed").clicked() {
+                actions.push(Action::NewSeed);
+            }
+            if ui.small_button("+1").on_hover_text("Next seed").clicked() {
+                app.settings.seed = app.settings.seed.wrapping_add(1);
+                edited = true;
+            }
+        });
+        ui.end_row();
+
+        ui.label("On Generate");
+        ui.horizontal(|ui| {
+            for m in SeedMode::ALL {
+                ui.selectable_value(&mut app.settings.seed_mode, m, m.label()).on_hover_text("How the seed changes on Generate / F5; typing always keeps it fixed");
+            }
+        });
+        ui.end_row();
+
+        ui.label("Aspect");
+        ui.horizontal_wrapped(|ui| {
+            for p in AspectPreset::ALL {
+                if ui.selectable_value(&mut app.settings.aspect, p, p.label()).clicked() {
+                    let long = app.settings.width.max(app.settings.height);
+                    if let Some((w, h)) = p.size(long) {
+                        app.settings.width = w;
+                        app.settings.height = h;
+                    }
+                    edited = true;
+                }
+            }
+        });
+        ui.end_row();
+
+        let size_label = ui.label("Size");
+        ui.horizontal(|ui| {
+            let w = ui.add(DragValue::new(&mut app.settings.width).range(16..=4096).speed(16.0).suffix(" w")).labelled_by(size_label.id);
+            let h = ui.add(DragValue::new(&mut app.settings.height).range(16..=4096).speed(16.0).suffix(" h")).labelled_by(size_label.id);
+            if w.changed() || h.changed() {
+                app.settings.aspect = AspectPreset::Custom;
+                edited = true;
+            }
+            // Snap when the user lets go, so typing "10" on the way to "1024" works.
+            if (w.lost_focus() || w.drag_stopped() || h.lost_focus() || h.drag_stopped()) && state::size_problem(app.settings.width, app.settings.height).is_some() {
+                app.settings.width = state::snap16(app.settings.width);
+                app.settings.height = state::snap16(app.settings.height);
+                edited = true;
+            }
+        });
+        ui.end_row();
+        if let Some(problem) = state::size_problem(app.settings.width, app.settings.height) {
+            ui.label("");
+            ui.colored_label(ui.visuals().error_fg_color, problem);
+            ui.end_row();
+        }
+
+        let l = ui.label("Turbo steps");
+        edited |= ui.add(Slider::new(&mut app.settings.turbo_steps, 1..=50)).labelled_by(l.id).changed();
+        ui.end_row();
+        let l = ui.label("Turbo guidance");
+        edited |= ui.add(Slider::new(&mut app.settings.turbo_guidance, 0.0..=10.0).step_by(0.5)).labelled_by(l.id).changed();
+        ui.end_row();
+        let l = ui.label("Base steps");
+        ui.add(Slider::new(&mut app.settings.base_steps, 1..=100)).labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("Base guidance");
+        ui.add(Slider::new(&mut app.settings.base_guidance, 0.0..=10.0).step_by(0.5)).labelled_by(l.id);
+        ui.end_row();
+    });
+    if ui.small_button("Model defaults").on_hover_text("Turbo: 8 steps, guidance 0 · Base: 50 steps, guidance 4").clicked() {
+        let d = crate::settings::Settings::default();
+        app.settings.turbo_steps = d.turbo_steps;
+        app.settings.turbo_guidance = d.turbo_guidance;
+        app.settings.base_steps = d.base_steps;
+        app.settings.base_guidance = d.base_guidance;
+        edited = true;
+    }
+    let neg = ui.label("Negative prompt (Base)");
+    ui.add(TextEdit::multiline(&mut app.settings.negative_prompt).desired_rows(2).desired_width(f32::INFINITY).hint_text("used by Base when guidance > 0"))
+        .labelled_by(neg.id);
+
+    ui.separator();
+    ui.strong("Refine with Base");
+    ui.horizontal(|ui| {
+        ui.selectable_value(&mut app.settings.refine_mode, RefineMode::Img2Img, "img2img").on_hover_text("Start from the Turbo image");
+        ui.selectable_value(&mut app.settings.refine_mode, RefineMode::SameSeed, "same seed").on_hover_text("Re-render from noise with the Turbo image's seed");
+    });
+    if app.settings.refine_mode == RefineMode::Img2Img {
+        let steps = app.settings.base_steps;
+        let l = ui.label("Strength");
+        let r = ui.add(Slider::new(&mut app.settings.refine_strength, 0.0..=1.0).step_by(1.0 / steps.max(1) as f64).fixed_decimals(2)).labelled_by(l.id);
+        if r.changed() {
+            app.settings.refine_strength = state::snap_strength(app.settings.refine_strength, steps).0;
+        }
+    }
+    let (_, cost) = app.refine_cost();
+    let source = app.refine_source();
+    ui.weak(match &source {
+        Some(id) => format!("from #{id}: {cost}"),
+        None => format!("needs a Turbo image first · {cost}"),
+    });
+    ui.horizontal(|ui| {
+        if ui.add_enabled(source.is_some(), egui::Button::new("Refine (Ctrl+Enter)")).clicked() {
+            actions.push(Action::Refine);
+        }
+        if let Some(id) = app.refine_job {
+            if let Some(job) = app.jobs.get(&id) {
+                let (done, total) = job.progress;
+                ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(format!("Base {done}/{total}")).desired_width(110.0));
+            }
+        }
+    });
+    let queued = app.engine.queued();
+    if queued > 1 {
+        ui.weak(format!("{queued} jobs queued"));
+    }
+
+    ui.separator();
+    ui.strong("Variations");
+    ui.horizontal(|ui| {
+        let l = ui.label("N");
+        ui.add(DragValue::new(&mut app.settings.variations).range(1..=64)).labelled_by(l.id);
+        if ui.button("Generate grid (Ctrl+G)").clicked() {
+            actions.push(Action::Variations);
+        }
+    });
+    if ui.button("Refine kept with Base").clicked() {
+        actions.push(Action::RefineKept);
+    }
+
+    ui.separator();
+    ui.horizontal(|ui| {
+        if ui.button("Save (Ctrl+S)").clicked() {
+            actions.push(Action::Save);
+        }
+        if ui.button("Save as…").clicked() {
+            actions.push(Action::SaveAs);
+        }
+    });
+    ui.weak(format!("to {}", app.output_dir().display()));
+
+    if edited {
+        actions.push(Action::Edited);
+    }
+}

@@ -1,0 +1,73 @@
+//! Right panel: every result, newest first, with lineage. Click restores
+//! the parameters; double-click a Base image to compare it with its parent.
+
+use std::sync::Arc;
+
+use egui::{Color32, Sense};
+
+use crate::app::{Action, StudioApp};
+use crate::state::Mark;
+
+const THUMB: f32 = 56.0;
+/// Thumbnails decoded from disk per frame, so scrolling stays smooth.
+const LOADS_PER_FRAME: usize = 3;
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+    ui.horizontal(|ui| {
+        ui.strong("History");
+        ui.weak(format!("{} images", app.history.entries.len()));
+    });
+    ui.weak("click: restore · double-click Base: compare");
+    ui.separator();
+    let ids: Vec<String> = app.history.entries.iter().rev().map(|e| e.id.clone()).collect();
+    let mut loads = 0;
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
+        for id in &ids[range] {
+            let Some(e) = app.history.get(id).cloned() else { continue };
+            if !app.images.contains(id) && loads < LOADS_PER_FRAME {
+                loads += 1;
+                match app.history.load_image(&e) {
+                    Ok(img) => app.images.put(ui.ctx(), id, Arc::new(img)),
+                    Err(_) => {} // shown as an empty square; the entry keeps its parameters
+                }
+            }
+            let selected = app.selected.as_deref() == Some(id.as_str());
+            let r = ui
+                .horizontal(|ui| {
+                    let (rect, _) = ui.allocate_exact_size(egui::vec2(THUMB, THUMB), Sense::hover());
+                    match app.images.texture(id) {
+                        Some(t) => {
+                            ui.painter().image(t.id(), rect, egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)), Color32::WHITE);
+                        }
+                        None => {
+                            ui.painter().rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+                        }
+                    }
+                    ui.vertical(|ui| {
+                        let mark = match e.mark {
+                            Mark::Kept => " ✔",
+                            Mark::Starred => " ★",
+                            Mark::Rejected => " ✖",
+                            Mark::None => "",
+                        };
+                        ui.label(format!("#{} {} · {}{mark}", e.id, e.slot.label(), e.meta.seed));
+                        let prompt: String = e.meta.prompt.chars().take(40).collect();
+                        ui.weak(prompt);
+                        if let Some(p) = &e.parent {
+                            ui.weak(format!("↳ from #{p}"));
+                        }
+                    });
+                })
+                .response;
+            let r = ui.interact(r.rect, ui.id().with(("hist", id)), Sense::click());
+            if selected {
+                ui.painter().rect_stroke(r.rect, 2.0, egui::Stroke::new(1.5, ui.visuals().selection.stroke.color), egui::StrokeKind::Inside);
+            }
+            if r.double_clicked() && e.parent.is_some() {
+                actions.push(Action::CompareWith(id.clone()));
+            } else if r.clicked() {
+                actions.push(Action::Restore(id.clone()));
+            }
+        }
+    });
+}

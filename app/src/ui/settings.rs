@@ -1,0 +1,63 @@
+//! Settings window: Turbo and Base model (folder, file or built-in name) and
+//! the save folder. Applied and persisted with "Apply".
+
+use crate::app::{file_dialog_available, Action, StudioApp};
+use crate::engine_bridge::{ModelSlot, ModelState};
+
+pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
+    if !app.show_settings {
+        return;
+    }
+    let mut open = true;
+    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(520.0).show(ctx, |ui| {
+        ui.label("Models: a diffusers folder, a single .safetensors file, or a built-in name (demo-turbo, demo-base).");
+        if app.cli_override {
+            ui.colored_label(ui.visuals().warn_fg_color, "This run uses the models given on the command line; Apply switches to these saved ones.");
+        }
+        let rows: [(&str, Option<ModelSlot>); 3] = [("Turbo model", Some(ModelSlot::Turbo)), ("Base model", Some(ModelSlot::Base)), ("Save folder", None)];
+        egui::Grid::new("settings_grid").num_columns(3).show(ui, |ui| {
+            for (i, (name, slot)) in rows.iter().enumerate() {
+                let l = ui.label(*name);
+                ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(320.0).hint_text(match slot {
+                    Some(ModelSlot::Turbo) => "demo-turbo or /path/to/Z-Image-Turbo",
+                    Some(ModelSlot::Base) => "demo-base or /path/to/Z-Image",
+                    None => "default: your Pictures folder",
+                }))
+                .labelled_by(l.id);
+                if ui.button("Browse…").clicked() {
+                    if !file_dialog_available() {
+                        app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
+                    } else if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                        app.settings_form[i] = p.display().to_string();
+                    }
+                }
+                ui.end_row();
+                if let Some(slot) = slot {
+                    ui.label("");
+                    let (text, color) = match app.models.get(slot) {
+                        Some(ModelState::Ready { name }) => (format!("loaded: {name}"), ui.visuals().text_color()),
+                        Some(ModelState::Loading { stage }) => (format!("loading {stage}…"), ui.visuals().warn_fg_color),
+                        Some(ModelState::Failed(m)) => (m.clone(), ui.visuals().error_fg_color),
+                        Some(ModelState::NotConfigured) | None => ("not configured".into(), ui.visuals().warn_fg_color),
+                    };
+                    ui.colored_label(color, text);
+                    ui.end_row();
+                }
+            }
+        });
+        ui.weak(format!("Images are saved to {}", app.output_dir().display()));
+        ui.horizontal(|ui| {
+            if ui.button("Apply").clicked() {
+                let [t, b, o] = app.settings_form.clone();
+                actions.push(Action::ApplyModels { turbo: t, base: b, output: o });
+            }
+            if ui.button("Use built-in demo models").clicked() {
+                app.settings_form[0] = "demo-turbo".into();
+                app.settings_form[1] = "demo-base".into();
+            }
+        });
+    });
+    if !open {
+        app.show_settings = false;
+    }
+}

@@ -1,0 +1,47 @@
+//! Status bar (live state, time per image, messages, frame time) and the
+//! model chips of the top bar.
+
+use crate::app::{Action, StudioApp};
+use crate::engine_bridge::{ModelSlot, ModelState};
+use crate::state::{human_duration, LiveStatus};
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
+    ui.horizontal(|ui| {
+        let color = match app.live_status {
+            LiveStatus::Stale => ui.visuals().warn_fg_color,
+            LiveStatus::Error(_) => ui.visuals().error_fg_color,
+            LiveStatus::Rendering { .. } => ui.visuals().selection.stroke.color,
+            _ => ui.visuals().text_color(),
+        };
+        ui.colored_label(color, format!("Live: {}", app.live_status.text()));
+        if let Some(d) = app.live_ema {
+            ui.weak(format!("· ~{} per image", human_duration(d)));
+        }
+        if let Some(msg) = app.message.clone() {
+            ui.separator();
+            let color = if msg.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+            ui.colored_label(color, &msg.text);
+            if ui.small_button("✕").on_hover_text("Dismiss").clicked() {
+                app.message = None;
+            }
+        }
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if let Some(d) = app.metrics.frame_times.back() {
+                ui.weak(format!("frame {:.1} ms", d.as_secs_f64() * 1000.0));
+            }
+        });
+    });
+}
+
+pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
+    for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+        let (text, color) = match app.models.get(&slot) {
+            Some(ModelState::Ready { name }) => (format!("{}: {name}", slot.label()), ui.visuals().text_color()),
+            Some(ModelState::Loading { stage }) => (format!("{}: loading {stage}…", slot.label()), ui.visuals().warn_fg_color),
+            Some(ModelState::Failed(_)) => (format!("{}: error (see Settings)", slot.label()), ui.visuals().error_fg_color),
+            Some(ModelState::NotConfigured) => (format!("{}: not configured", slot.label()), ui.visuals().warn_fg_color),
+            None => (format!("{}: starting…", slot.label()), ui.visuals().weak_text_color()),
+        };
+        ui.colored_label(color, text);
+    }
+}

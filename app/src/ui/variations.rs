@@ -1,0 +1,80 @@
+//! Variations grid: N Turbo images (seed, seed+1, …) streaming in, with
+//! keyboard triage (K keep, X reject, S star).
+
+use egui::{Color32, Rect, Sense, Stroke, StrokeKind};
+
+use crate::app::{Action, StudioApp};
+use crate::state::Mark;
+
+/// Grid columns for `n` cells (roughly square).
+pub fn columns(n: usize) -> usize {
+    (n as f64).sqrt().ceil().max(1.0) as usize
+}
+
+pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+    if app.variations.is_empty() {
+        ui.centered_and_justified(|ui| {
+            ui.label("No variations yet: type a prompt and press Ctrl+G (or \"Generate grid\").");
+        });
+        return;
+    }
+    let kept = app.variations.iter().filter(|c| c.id.as_ref().and_then(|id| app.history.get(id)).is_some_and(|e| e.mark.is_kept())).count();
+    ui.horizontal(|ui| {
+        ui.label(format!("{} variations · {kept} kept · arrows move, K keep, X reject, S star, Enter open", app.variations.len()));
+        if ui.add_enabled(kept > 0, egui::Button::new(format!("Refine {kept} kept with Base"))).clicked() {
+            actions.push(Action::RefineKept);
+        }
+    });
+    let n = app.variations.len();
+    let cols = columns(n);
+    let rows = n.div_ceil(cols);
+    let avail = ui.available_rect_before_wrap();
+    let cell = egui::vec2(avail.width() / cols as f32, avail.height() / rows as f32);
+    let (w, h) = (app.settings.width as f32, app.settings.height as f32);
+    for (i, c) in app.variations.clone().iter().enumerate() {
+        let min = avail.min + egui::vec2((i % cols) as f32 * cell.x, (i / cols) as f32 * cell.y);
+        let slot = Rect::from_min_size(min, cell).shrink(4.0);
+        let response = ui.interact(slot, ui.id().with(("var", c.job)), Sense::click());
+        let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job));
+        let rect = super::fit_rect(slot.shrink(2.0), egui::vec2(w, h));
+        let painter = ui.painter_at(slot);
+        match app.images.texture(&key) {
+            Some(t) => {
+                painter.image(t.id(), rect, Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)), Color32::WHITE);
+            }
+            None => {
+                painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+            }
+        }
+        let mark = c.id.as_ref().and_then(|id| app.history.get(id)).map(|e| e.mark).unwrap_or_default();
+        if mark == Mark::Rejected {
+            painter.rect_filled(rect, 0.0, Color32::from_black_alpha(170));
+        }
+        let (stroke_color, badge) = match mark {
+            Mark::Kept => (Color32::from_rgb(80, 200, 120), "✔ kept"),
+            Mark::Starred => (Color32::GOLD, "★ starred"),
+            Mark::Rejected => (Color32::from_rgb(200, 70, 70), "✖ rejected"),
+            Mark::None => (Color32::TRANSPARENT, ""),
+        };
+        if stroke_color != Color32::TRANSPARENT {
+            painter.rect_stroke(rect, 2.0, Stroke::new(3.0, stroke_color), StrokeKind::Inside);
+        }
+        if i == app.var_cursor {
+            painter.rect_stroke(slot, 2.0, Stroke::new(2.0, ui.visuals().selection.stroke.color), StrokeKind::Outside);
+        }
+        let status = match (&c.id, &c.error) {
+            (_, Some(e)) => format!("seed {} · {e}", c.seed),
+            (Some(_), _) => format!("seed {} {badge}", c.seed),
+            (None, _) => format!("seed {} · {}/{}", c.seed, c.progress.0, c.progress.1),
+        };
+        painter.text(rect.left_bottom() + egui::vec2(4.0, -4.0), egui::Align2::LEFT_BOTTOM, status, egui::FontId::proportional(12.0), Color32::WHITE);
+        if response.clicked() {
+            app.var_cursor = i;
+        }
+        if response.double_clicked() {
+            if let Some(id) = &c.id {
+                actions.push(Action::Select(id.clone()));
+            }
+        }
+    }
+}

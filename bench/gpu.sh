@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU benchmark, run in one call on a machine with an NVIDIA GPU (the
+# device tool's lent H100/H200 here): parity of the tiny fixtures on CUDA
+# against the CPU result, our Turbo 1024² and 512² (8 steps) and a Base 1024²
+# step with CFG on the full-size architecture with random weights, then the
+# same through diffusers (PyTorch bf16, SDPA) on the same card, and the table.
+#
+# Needs: bench/bin/zimage-cuda (built with `cargo build --release -p zimage-engine
+# --features cuda`), python3 with torch; diffusers from .whl/ when missing.
+# Writes everything to $OUT (default ./bench-out). Keep the whole run < 8 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench-out}"
+mkdir -p "$OUT"
+Z=bench/bin/zimage-cuda
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+run_ours() { # name, args...
+  local name=$1; shift
+  local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
+  local pid=$!
+  timeout 240 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
+}
+
+log "parity: tiny fixtures, CUDA vs CPU"
+for dt in f32 bf16; do
+  for dev in cpu cuda; do
+    timeout 120 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
+      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$OUT/log.txt"
+  done
+done
+python3 - "$OUT" <<'PY' | tee -a "$OUT/log.txt"
+import sys, numpy as np
+from PIL import Image
+out = sys.argv[1]
+for dt in ("f32", "bf16"):
+    try:
+        a = np.asarray(Image.open(f"{out}/parity-cpu-{dt}.png")).astype(int)
+        b = np.asarray(Image.open(f"{out}/parity-cuda-{dt}.png")).astype(int)
+        print(f"parity {dt}: max |cuda - cpu| = {np.abs(a - b).max()} (uint8), mean {np.abs(a - b).mean():.3f}")
+    except Exception as e:
+        print(f"parity {dt}: failed: {e}")
+PY
+
+log "ours: Turbo 1024² 8 steps"
+run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 2
+log "ours: Turbo 512² 8 steps"
+run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 2
+log "ours: Base 1024² with CFG (3 steps timed)"
+run_ours base1024 --config full --kind base -W 1024 -H 1024 --steps 3 --runs 1
+
+log "diffusers: same configs, same card"
+for spec in "turbo1024 --kind turbo --width 1024 --height 1024 --runs 2" \
+            "turbo512 --kind turbo --width 512 --height 512 --runs 2" \
+            "base1024 --kind base --width 1024 --height 1024 --steps 3 --runs 1"; do
+  set -- $spec
+  name=$1; shift
+  timeout 200 python3 bench/diffusers_bench.py --config full --device cuda --json "$OUT/torch_$name.json" "$@" \
+    > "$OUT/torch_$name.txt" 2>&1 || tail -5 "$OUT/torch_$name.txt"
+done
+
+python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
+import json, sys, os
+out = sys.argv[1]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name in ("turbo1024", "turbo512", "base1024"):
+    a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{name}.json")
+    peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
+    f = lambda r, k: f"{r[k]:.1f}" if r else "failed"
+    ratio = f"{a['end_to_end_ms'] / b['end_to_end_ms']:.2f}" if a and b else "-"
+    print(f"| {name} | {f(a,'end_to_end_ms')} | {f(b,'end_to_end_ms')} | {ratio} | {f(a,'dit_step_mean_ms')} | {f(b,'dit_step_mean_ms')} | {f(a,'text_encode_ms')} | {f(a,'vae_decode_ms')} | {peak} | {f(b,'peak_device_mib')} |")
+PY

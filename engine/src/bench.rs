@@ -1,0 +1,282 @@
+//! `zimage bench`: per-stage timings of a generation, on a real model or on
+//! a named configuration with random weights (speed does not depend on the
+//! weight values, so the full-size architecture with random weights gives
+//! true speed and memory numbers without the 20 GB download).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use serde::Serialize;
+
+use crate::dit::{ZImageDit, ZImageDitConfig};
+use crate::error::{EngineError, Result};
+use crate::pipeline::{Conditioning, GenerateRequest, ModelKind, ZImagePipeline};
+use crate::qwen3::{Qwen3Config, Qwen3Encoder};
+use crate::text::{PromptTokenizer, TextEncoder};
+use crate::vae::{Vae, VaeConfig};
+use crate::weights::RandomWeights;
+
+/// A model architecture to benchmark with random weights.
+#[derive(Debug)]
+pub struct BenchModel {
+    pub name: &'static str,
+    pub dit: ZImageDitConfig,
+    pub text: Qwen3Config,
+    pub vae: VaeConfig,
+}
+
+/// Named architectures: `full` is the published Z-Image (6.15 B DiT, Qwen3-4B,
+/// FLUX VAE); `medium` and `tiny` are scaled-down copies of the same structure.
+pub fn preset(name: &str) -> Result<BenchModel> {
+    let model = match name {
+        "full" => BenchModel { name: "full", dit: ZImageDitConfig::new(), text: Qwen3Config::new(), vae: VaeConfig::new() },
+        "medium" => BenchModel {
+            name: "medium",
+            dit: ZImageDitConfig::new().with_dim(768).with_n_layers(6).with_n_heads(6).with_cap_feat_dim(1024),
+            text: Qwen3Config::new()
+                .with_hidden_size(1024)
+                .with_num_hidden_layers(8)
+                .with_num_attention_heads(8)
+                .with_num_key_value_heads(4)
+                .with_intermediate_size(3072),
+            vae: VaeConfig::new().with_block_out_channels(vec![64, 128, 256, 256]),
+        },
+        "tiny" => BenchModel {
+            name: "tiny",
+            dit: ZImageDitConfig::new()
+                .with_dim(32)
+                .with_n_layers(2)
+                .with_n_heads(2)
+                .with_cap_feat_dim(32)
+                .with_axes_dims([4, 6, 6]),
+            text: Qwen3Config::new()
+                .with_vocab_size(4096)
+                .with_hidden_size(32)
+                .with_num_hidden_layers(3)
+                .with_num_attention_heads(4)
+                .with_num_key_value_heads(2)
+                .with_head_dim(16)
+                .with_intermediate_size(64),
+            vae: VaeConfig::new().with_block_out_channels(vec![8, 16, 32, 32]).with_layers_per_block(1).with_norm_num_groups(4),
+        },
+        other => return Err(EngineError::invalid(format!("unknown bench config {other:?}; use full, medium or tiny"))),
+    };
+    Ok(model)
+}
+
+/// A word-level tokenizer with Qwen3's special tokens: benchmarks with random
+/// weights need token ids, not a real vocabulary.
+fn bench_tokenizer() -> Result<PromptTokenizer> {
+    let words = ["user", "assistant", "a", "photo", "of", "cat", "on", "the", "roof", "at", "night", "[UNK]"];
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert(w.to_string(), (i as u64).into());
+    }
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": words.len() + i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), ((words.len() + i) as u64).into());
+    }
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    PromptTokenizer::from_bytes(json.to_string().as_bytes())
+}
+
+/// A prompt of `tokens` tokens for the bench tokenizer, whose template costs 5
+/// (about the 8 of Qwen3's real tokenizer, which also counts the newlines).
+fn bench_prompt(tokens: usize) -> String {
+    let words = ["a", "photo", "of", "cat", "on", "the", "roof", "at", "night"];
+    (0..tokens.saturating_sub(5).max(1)).map(|i| words[i % words.len()]).collect::<Vec<_>>().join(" ")
+}
+
+/// Builds a pipeline with random weights in `dtype`.
+pub fn random_pipeline<B: Backend>(model: &BenchModel, kind: ModelKind, device: &B::Device, dtype: DType) -> Result<ZImagePipeline<B>> {
+    let mut src = RandomWeights::<B>::new(device, dtype);
+    let text = TextEncoder { tokenizer: bench_tokenizer()?, model: Qwen3Encoder::build(&model.text, &mut src)? };
+    let vae = Vae::build(&model.vae, &mut src, false)?;
+    let dit = ZImageDit::build(&model.dit, &mut src)?;
+    Ok(ZImagePipeline {
+        name: format!("{} (random weights)", model.name),
+        kind,
+        text: Arc::new(text),
+        dit,
+        dit_config: model.dit.clone(),
+        vae: Arc::new(vae),
+        vae_scale: model.vae.scale(),
+        shift: if kind == ModelKind::Turbo { 3.0 } else { 6.0 },
+        device: device.clone(),
+    })
+}
+
+/// What a benchmark run measured (all times in milliseconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance: f32,
+    pub prompt_tokens: usize,
+    pub load_ms: f64,
+    /// First (cold) end-to-end run: includes kernel compilation on GPUs.
+    pub first_run_ms: f64,
+    pub text_encode_ms: f64,
+    pub dit_step_ms: Vec<f64>,
+    pub dit_step_mean_ms: f64,
+    pub vae_decode_ms: f64,
+    pub end_to_end_ms: f64,
+    /// Peak resident memory of this process (host), MiB; device memory is
+    /// measured outside (nvidia-smi) by bench/gpu.sh.
+    pub peak_host_mib: f64,
+    pub runs: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| EngineError::Device(format!("device error: {e:?}")))
+}
+
+/// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_host_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Times one generation stage by stage, `runs` times after one cold run;
+/// reports the fastest warm run's stages.
+pub fn run<B: Backend>(pipe: &ZImagePipeline<B>, req: &GenerateRequest, load: Duration, runs: usize, device_name: &str) -> Result<BenchReport> {
+    let device = pipe.device.clone();
+    let prompt_tokens = pipe.text.tokenizer.encode(&req.prompts[0])?.len();
+
+    let one = |record: bool| -> Result<(f64, f64, Vec<f64>, f64)> {
+        let start = Instant::now();
+        let cond: Conditioning<B> = pipe.encode(req)?;
+        sync::<B>(&device)?;
+        let text_ms = ms(start.elapsed());
+        let mut steps = Vec::new();
+        let mut last = Instant::now();
+        let latents = pipe.sample(req, &cond, false, &mut |_| {
+            if record {
+                let _ = B::sync(&device);
+                steps.push(ms(last.elapsed()));
+                last = Instant::now();
+            }
+            true
+        })?;
+        sync::<B>(&device)?;
+        let t = Instant::now();
+        pipe.decode(latents)?;
+        let vae_ms = ms(t.elapsed());
+        Ok((ms(start.elapsed()), text_ms, steps, vae_ms))
+    };
+
+    let (first_run_ms, ..) = one(false)?;
+    let mut best: Option<(f64, f64, Vec<f64>, f64)> = None;
+    for _ in 0..runs.max(1) {
+        let r = one(true)?;
+        if best.as_ref().is_none_or(|b| r.0 < b.0) {
+            best = Some(r);
+        }
+    }
+    let (end_to_end_ms, text_encode_ms, dit_step_ms, vae_decode_ms) = best.expect("at least one run");
+    let dit_step_mean_ms = dit_step_ms.iter().sum::<f64>() / dit_step_ms.len().max(1) as f64;
+    Ok(BenchReport {
+        model: pipe.name.clone(),
+        device: device_name.into(),
+        width: req.width,
+        height: req.height,
+        steps: req.steps,
+        guidance: req.guidance,
+        prompt_tokens,
+        load_ms: ms(load),
+        first_run_ms,
+        text_encode_ms,
+        dit_step_ms,
+        dit_step_mean_ms,
+        vae_decode_ms,
+        end_to_end_ms,
+        peak_host_mib: peak_host_mib(),
+        runs: runs.max(1),
+    })
+}
+
+/// The report as a small table.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = String::new();
+    s += &format!("model        {}\n", r.model);
+    s += &format!("device       {}\n", r.device);
+    s += &format!("image        {}×{}, {} steps, guidance {}, {} prompt tokens\n", r.width, r.height, r.steps, r.guidance, r.prompt_tokens);
+    s += &format!("load         {:10.1} ms\n", r.load_ms);
+    s += &format!("first run    {:10.1} ms (cold: kernel compilation, caches)\n", r.first_run_ms);
+    s += &format!("text encode  {:10.1} ms\n", r.text_encode_ms);
+    s += &format!("DiT step     {:10.1} ms mean ({} steps: {})\n", r.dit_step_mean_ms, r.dit_step_ms.len(), r.dit_step_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", "));
+    s += &format!("VAE decode   {:10.1} ms\n", r.vae_decode_ms);
+    s += &format!("end to end   {:10.1} ms (best of {})\n", r.end_to_end_ms, r.runs);
+    s += &format!("peak host    {:10.1} MiB\n", r.peak_host_mib);
+    s
+}
+
+/// Default request for a benchmark.
+pub fn request(kind: ModelKind, width: u32, height: u32, steps: Option<usize>, guidance: Option<f32>, tokens: usize) -> GenerateRequest {
+    let mut req = GenerateRequest::new(bench_prompt(tokens), kind);
+    req.width = width;
+    req.height = height;
+    req.steps = steps.unwrap_or(req.steps);
+    req.guidance = guidance.unwrap_or(req.guidance);
+    req.seed = 0;
+    req
+}
+
+/// A plain-English prompt that the model's own tokenizer turns into `tokens`
+/// tokens (template included) or just under, so real and random-weight runs
+/// encode the same length.
+pub fn fit_prompt(tokenizer: &PromptTokenizer, tokens: usize) -> Result<String> {
+    let words = ["a", "photo", "of", "cat", "on", "the", "roof", "at", "night"];
+    let mut prompt = String::from("a");
+    for i in 0.. {
+        let longer = format!("{prompt} {}", words[i % words.len()]);
+        if tokenizer.count(&longer)? > tokens || longer.len() > 4 * tokens + 16 {
+            break;
+        }
+        prompt = longer;
+    }
+    Ok(prompt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::CpuBackend;
+
+    #[test]
+    fn tiny_random_bench_runs_and_reports_every_stage() {
+        let device = Default::default();
+        let model = preset("tiny").unwrap();
+        let pipe = random_pipeline::<CpuBackend>(&model, ModelKind::Turbo, &device, DType::F32).unwrap();
+        let req = request(ModelKind::Turbo, 64, 64, Some(3), None, 40);
+        let r = run(&pipe, &req, Duration::ZERO, 1, "cpu").unwrap();
+        assert_eq!(r.dit_step_ms.len(), 3);
+        assert!(r.prompt_tokens >= 30 && r.prompt_tokens <= 50, "{}", r.prompt_tokens);
+        assert!(r.end_to_end_ms >= r.vae_decode_ms && r.end_to_end_ms > 0.0);
+        assert!(table(&r).contains("DiT step"));
+        assert!(preset("huge").is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! Base vs Turbo on held-out captions (issue 4): both models loaded from
+//! disk through the regular loader, every image judged by pixel analysis.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::judge::{judge, Verdict};
+use super::world::{render, Scene, Split, WorldSampler, IMAGE_SIDE};
+use super::{BASE_GUIDANCE, BASE_STEPS, TURBO_STEPS};
+use crate::device::CpuBackend;
+use crate::loader::{load_pipeline_with, load_shared, ModelFiles, ModelOverrides};
+use crate::pipeline::{GenerateRequest, ZImagePipeline};
+use crate::preview::RgbImage;
+
+type Inner = CpuBackend;
+
+/// Options of [`eval_demo`].
+#[derive(Debug, Clone)]
+pub struct EvalDemoOptions {
+    /// The folder holding `base/` and `turbo/` (`assets/demo`).
+    pub model_dir: PathBuf,
+    /// Held-out captions to generate (each with both models).
+    pub captions: usize,
+    /// Picks the captions and the noise seeds.
+    pub seed: u64,
+    /// Writes a sample sheet (rows: target render, Base, Turbo) here.
+    pub samples_png: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+impl EvalDemoOptions {
+    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
+        Self { model_dir: model_dir.into(), captions: 100, seed: 1234, samples_png: None, quiet: false }
+    }
+}
+
+/// Scores of one model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelScore {
+    pub name: String,
+    pub steps: usize,
+    pub guidance: f32,
+    /// DiT evaluations per image (CFG runs the DiT twice per step).
+    pub evals_per_image: usize,
+    pub images: usize,
+    pub objects: usize,
+    pub background_ok: usize,
+    pub colour_ok: usize,
+    pub position_ok: usize,
+    pub size_ok: usize,
+    pub shape_ok: usize,
+    pub object_ok: usize,
+    pub caption_ok: usize,
+    /// Mean wall time per image (prompt encoding, sampling, decoding), seconds.
+    pub seconds_per_image: f64,
+}
+
+impl ModelScore {
+    fn add(&mut self, v: &Verdict) {
+        self.images += 1;
+        self.background_ok += v.background as usize;
+        self.caption_ok += v.whole_caption() as usize;
+        for o in &v.objects {
+            self.objects += 1;
+            self.colour_ok += o.colour as usize;
+            self.position_ok += o.position as usize;
+            self.size_ok += o.size as usize;
+            self.shape_ok += o.shape as usize;
+            self.object_ok += o.all() as usize;
+        }
+    }
+
+    /// Fraction of objects with every attribute right.
+    pub fn object_accuracy(&self) -> f64 {
+        self.object_ok as f64 / self.objects.max(1) as f64
+    }
+
+    pub fn caption_accuracy(&self) -> f64 {
+        self.caption_ok as f64 / self.images.max(1) as f64
+    }
+}
+
+/// The comparison table.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub base: ModelScore,
+    pub turbo: ModelScore,
+}
+
+impl EvalReport {
+    /// Turbo's speed-up per image over Base.
+    pub fn speedup(&self) -> f64 {
+        self.base.seconds_per_image / self.turbo.seconds_per_image.max(1e-9)
+    }
+}
+
+fn pct(n: usize, d: usize) -> String {
+    format!("{:.1}%", 100.0 * n as f64 / d.max(1) as f64)
+}
+
+impl std::fmt::Display for EvalReport {
+    /// A Markdown table.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (b, t) = (&self.base, &self.turbo);
+        writeln!(f, "| | Base ({} steps, CFG {}) | Turbo ({} steps, no CFG) |", b.steps, b.guidance, t.steps)?;
+        writeln!(f, "|---|---|---|")?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, a: String, c: String| writeln!(f, "| {name} | {a} | {c} |");
+        row(f, "background colour", pct(b.background_ok, b.images), pct(t.background_ok, t.images))?;
+        row(f, "object colour", pct(b.colour_ok, b.objects), pct(t.colour_ok, t.objects))?;
+        row(f, "object position", pct(b.position_ok, b.objects), pct(t.position_ok, t.objects))?;
+        row(f, "object size", pct(b.size_ok, b.objects), pct(t.size_ok, t.objects))?;
+        row(f, "object shape", pct(b.shape_ok, b.objects), pct(t.shape_ok, t.objects))?;
+        row(f, "**objects fully right**", format!("**{}**", pct(b.object_ok, b.objects)), format!("**{}**", pct(t.object_ok, t.objects)))?;
+        row(f, "whole caption right", pct(b.caption_ok, b.images), pct(t.caption_ok, t.images))?;
+        row(f, "time per image (128², CPU)", format!("{:.0} ms", b.seconds_per_image * 1e3), format!("{:.0} ms", t.seconds_per_image * 1e3))?;
+        row(f, "DiT evaluations per image", b.evals_per_image.to_string(), t.evals_per_image.to_string())?;
+        write!(f, "\n{} held-out captions, {} objects; Turbo is {:.1}× faster per image.", b.images, b.objects, self.speedup())
+    }
+}
+
+fn bar(quiet: bool, len: usize, prefix: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:<8} [{bar:32}] {pos}/{len} {msg} ({elapsed} / ~{duration})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// Loads `<dir>/base` and `<dir>/turbo` sharing one text encoder and VAE, as the app does.
+pub fn load_demo_pair(dir: &Path, device: &Device<Inner>) -> anyhow::Result<(ZImagePipeline<Inner>, ZImagePipeline<Inner>)> {
+    let base_files = ModelFiles::locate(&dir.join("base"), &ModelOverrides::default())?;
+    let turbo_files = ModelFiles::locate(&dir.join("turbo"), &ModelOverrides::default())?;
+    let shared = load_shared::<Inner>(&base_files, device, DType::F32, false, &mut |_, _, _| {})?;
+    let base = load_pipeline_with(&base_files, &shared, device, DType::F32, &mut |_, _, _| {})?;
+    let turbo = load_pipeline_with(&turbo_files, &shared, device, DType::F32, &mut |_, _, _| {})?;
+    Ok((base, turbo))
+}
+
+/// The request the evaluation (and the tests) make of each demo model.
+pub fn demo_request(prompt: &str, seed: u64, base: bool) -> GenerateRequest {
+    let kind = if base { crate::ModelKind::Base } else { crate::ModelKind::Turbo };
+    let mut req = GenerateRequest::new(prompt, kind);
+    req.seed = seed;
+    req.width = IMAGE_SIDE as u32;
+    req.height = IMAGE_SIDE as u32;
+    if base {
+        req.steps = BASE_STEPS;
+        req.guidance = BASE_GUIDANCE;
+    } else {
+        req.steps = TURBO_STEPS;
+        req.guidance = 0.0;
+    }
+    req
+}
+
+/// One image and its generation time in seconds.
+pub fn generate_one(pipe: &ZImagePipeline<Inner>, req: &GenerateRequest) -> anyhow::Result<(RgbImage, f64)> {
+    let t0 = Instant::now();
+    let out = pipe.generate(req, false, &mut |_| true)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let img = out.images.into_iter().next().ok_or_else(|| anyhow::anyhow!("no image generated"))?;
+    Ok((img, secs))
+}
+
+/// Generates held-out captions with Base and Turbo and judges every image.
+pub fn eval_demo(opts: &EvalDemoOptions) -> anyhow::Result<EvalReport> {
+    anyhow::ensure!(opts.captions > 0, "captions must be at least 1");
+    let device = Default::default();
+    let (base, turbo) = load_demo_pair(&opts.model_dir, &device)?;
+    let mut world = WorldSampler::new(opts.seed);
+    let scenes: Vec<Scene> = (0..opts.captions).map(|_| world.scene(Split::HeldOut)).collect();
+    let sheet_n = scenes.len().min(8);
+    let mut sheet: Vec<RgbImage> = Vec::new();
+    let mut scores = Vec::new();
+    for (pipe, is_base) in [(&base, true), (&turbo, false)] {
+        let req0 = demo_request("", 0, is_base);
+        let mut score = ModelScore {
+            name: pipe.name.clone(),
+            steps: req0.steps,
+            guidance: req0.guidance,
+            evals_per_image: req0.steps * if req0.guidance > 0.0 { 2 } else { 1 },
+            ..Default::default()
+        };
+        // One untimed warm-up image (allocator and thread pool start-up).
+        generate_one(pipe, &demo_request(&scenes[0].caption(), 0, is_base))?;
+        let pb = bar(opts.quiet, scenes.len(), if is_base { "Base" } else { "Turbo" });
+        let mut total = 0.0;
+        let mut images = Vec::new();
+        for (i, scene) in scenes.iter().enumerate() {
+            let req = demo_request(&scene.caption(), opts.seed.wrapping_add(i as u64), is_base);
+            let (img, secs) = generate_one(pipe, &req)?;
+            total += secs;
+            score.add(&judge(&img, scene));
+            if i < sheet_n {
+                images.push(img);
+            }
+            pb.inc(1);
+            pb.set_message(format!("{:.0}% objects right", 100.0 * score.object_accuracy()));
+        }
+        pb.finish();
+        score.seconds_per_image = total / scenes.len() as f64;
+        sheet.extend(images);
+        scores.push(score);
+    }
+    if let Some(path) = &opts.samples_png {
+        let targets: Vec<RgbImage> =
+            scenes[..sheet_n].iter().map(|s| render(s, &s.objects.iter().map(super::world::nominal_placement).collect::<Vec<_>>())).collect();
+        let mut rows = targets;
+        rows.extend(sheet);
+        write_sheet(path, &rows, sheet_n)?;
+    }
+    let turbo_score = scores.pop().ok_or_else(|| anyhow::anyhow!("no Turbo score"))?;
+    let base_score = scores.pop().ok_or_else(|| anyhow::anyhow!("no Base score"))?;
+    Ok(EvalReport { base: base_score, turbo: turbo_score })
+}
+
+/// Tiles equally sized images `cols` per row with a 4-px white gap.
+fn write_sheet(path: &Path, images: &[RgbImage], cols: usize) -> anyhow::Result<()> {
+    let side = IMAGE_SIDE as u32;
+    let gap = 4;
+    let rows = images.len().div_ceil(cols.max(1)) as u32;
+    let (w, h) = (cols as u32 * (side + gap) + gap, rows * (side + gap) + gap);
+    let mut sheet = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (i, img) in images.iter().enumerate() {
+        let (r, c) = ((i / cols) as u32, (i % cols) as u32);
+        let tile = image::RgbImage::from_raw(img.width, img.height, img.pixels.clone()).ok_or_else(|| anyhow::anyhow!("image size"))?;
+        image::imageops::overlay(&mut sheet, &tile, (gap + c * (side + gap)) as i64, (gap + r * (side + gap)) as i64);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    sheet.save(path)?;
+    Ok(())
+}

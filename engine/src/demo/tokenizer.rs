@@ -1,0 +1,87 @@
+//! The demo's `tokenizer.json`: a word-level Hugging Face tokenizer for the
+//! grammar's words, with Qwen3's special tokens so the engine's chat template
+//! (`<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n`) tokenises
+//! as it does for the real model. Lower-cases the prompt; anything else maps
+//! to `<unk>`.
+
+use serde_json::{json, Value};
+
+use super::world::{Colour, Shape, Size};
+
+/// Qwen3's special tokens (ids 0–2 here), then `<unk>`.
+pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+pub const UNK: &str = "<unk>";
+
+/// Every token, in id order.
+pub fn vocabulary() -> Vec<String> {
+    let mut v: Vec<String> = SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect();
+    v.push(UNK.into());
+    for w in ["\n", "user", "assistant", "a", "and", "on", "at", "in", "the", "background", "top", "bottom", "left", "right", "center", ",", "."] {
+        v.push(w.into());
+    }
+    v.extend(Size::ALL.iter().map(|s| s.name().to_string()));
+    v.extend(Colour::ALL.iter().map(|s| s.name().to_string()));
+    v.extend(Shape::ALL.iter().map(|s| s.name().to_string()));
+    v
+}
+
+/// The `tokenizer.json` document.
+pub fn tokenizer_json() -> Value {
+    let vocab = vocabulary();
+    let added: Vec<Value> = SPECIAL_TOKENS
+        .iter()
+        .chain(std::iter::once(&UNK))
+        .enumerate()
+        .map(|(id, t)| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let map: serde_json::Map<String, Value> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        // Keep newlines, words and punctuation runs; drop other whitespace.
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "\n|\\w+|[^\\w\\s]+"}, "behavior": "Removed", "invert": true},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": UNK}
+    })
+}
+
+/// `tokenizer_config.json` with Qwen3's chat template markers (informative:
+/// the engine builds the template itself).
+pub fn tokenizer_config_json() -> Value {
+    json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": UNK,
+        "model_max_length": 512,
+        "chat_template": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::PromptTokenizer;
+
+    #[test]
+    fn tokenises_the_chat_template_word_by_word() {
+        let bytes = serde_json::to_vec(&tokenizer_json()).unwrap();
+        let tok = PromptTokenizer::from_bytes(&bytes).unwrap();
+        let vocab = vocabulary();
+        let id = |w: &str| vocab.iter().position(|v| v == w).unwrap() as u32;
+        let ids = tok.encode("A small Red circle at the top left on a blue background").unwrap();
+        let words = ["<|im_start|>", "user", "\n", "a", "small", "red", "circle", "at", "the", "top", "left", "on", "a", "blue", "background", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"];
+        assert_eq!(ids, words.iter().map(|w| id(w)).collect::<Vec<_>>());
+        let empty = tok.encode("").unwrap();
+        assert_eq!(empty, ["<|im_start|>", "user", "\n", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"].iter().map(|w| id(w)).collect::<Vec<_>>());
+        let odd = tok.encode("a zebra, please").unwrap();
+        assert_eq!(&odd[3..7], &[id("a"), id(UNK), id(","), id(UNK)]);
+    }
+}

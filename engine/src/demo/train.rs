@@ -1,0 +1,661 @@
+//! The demo recipe, end to end on the CPU (burn autodiff on `flex`):
+//!
+//! 1. tokenizer: written, not learned (a word-level vocabulary of the grammar);
+//! 2. VAE: the Flux-structured autoencoder on rendered scenes (L1 + L2
+//!    reconstruction, small KL), then latent statistics → `shift_factor` /
+//!    `scaling_factor` as the real VAE config carries them;
+//! 3. Base: the tiny Qwen3 encoder and the DiT trained together by flow
+//!    matching on the encoded training set (`x_σ = (1−σ)x0 + σε`, the DiT at
+//!    `t = 1−σ` predicts `u = x0 − ε`), captions dropped to `""` 10% of the
+//!    time so classifier-free guidance works;
+//! 4. Turbo: initialised from the saved Base, trained on Base's own outputs
+//!    (30 steps, CFG 4) to go straight from the noise to them (reflow
+//!    distillation: targets `x0_base − ε` on the line between the pair), so
+//!    4 steps without CFG land where Base's 30 guided steps do.
+//!
+//! Every random draw comes from the seed; the same seed gives the same files
+//! on the same machine.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::export::{named_tensors, write_bf16};
+use super::plot::{write_loss_plot, Curve};
+use super::world::{image_to_chw, Split, WorldSampler, IMAGE_SIDE};
+use super::{dit_config, text_encoder_config, tokenizer, vae_config, BASE_GUIDANCE, BASE_SHIFT, BASE_STEPS, TURBO_SHIFT, TURBO_STEPS};
+use crate::device::CpuBackend;
+use crate::dit::{ZImageDit, ZImageDitConfig};
+use crate::loader::{load_pipeline, ModelFiles, ModelOverrides};
+use crate::pipeline::{GenerateRequest, ModelKind};
+use crate::qwen3::{Qwen3Encoder, RotateHalfRope};
+use crate::rng::TorchGenerator;
+use crate::scheduler::Schedule;
+use crate::text::PromptTokenizer;
+use crate::vae::Vae;
+use crate::weights::RandomWeights;
+
+type Inner = CpuBackend;
+type Ad = Autodiff<Inner>;
+
+/// Options of [`train_demo`].
+#[derive(Debug, Clone)]
+pub struct TrainDemoOptions {
+    /// Output folder (`assets/demo`).
+    pub out: PathBuf,
+    pub seed: u64,
+    /// Multiplies every phase's step and sample counts: 1.0 is the recipe;
+    /// small values make a quick smoke run (not a usable model).
+    pub scale: f64,
+    /// Where to write the loss curves (PNG); `None` skips the plot.
+    pub plot: Option<PathBuf>,
+    /// Hide the progress bars.
+    pub quiet: bool,
+}
+
+impl TrainDemoOptions {
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self { out: out.into(), seed: 0, scale: 1.0, plot: None, quiet: false }
+    }
+}
+
+/// Step counts and hyper-parameters of the recipe.
+#[derive(Debug, Clone)]
+struct Recipe {
+    vae_steps: usize,
+    vae_batch: usize,
+    vae_lr: f64,
+    kl_weight: f32,
+    /// Training scenes encoded once for the DiT.
+    data_size: usize,
+    base_steps: usize,
+    base_batch: usize,
+    base_lr: f64,
+    caption_dropout: f64,
+    /// Training shift of σ (σ = s·u / (1 + (s−1)·u), u uniform).
+    train_shift: f64,
+    /// Base samples (30 steps, CFG 4) the Turbo learns from.
+    teacher_pairs: usize,
+    turbo_steps: usize,
+    turbo_batch: usize,
+    turbo_lr: f64,
+}
+
+impl Recipe {
+    fn scaled(s: f64) -> Self {
+        let n = |v: usize| ((v as f64 * s).round() as usize).max(2);
+        Recipe {
+            vae_steps: n(700),
+            vae_batch: 8,
+            vae_lr: 2e-3,
+            kl_weight: 1e-3,
+            data_size: n(6144),
+            base_steps: n(2400),
+            base_batch: 32,
+            base_lr: 1e-3,
+            caption_dropout: 0.1,
+            train_shift: 3.0,
+            teacher_pairs: n(1024),
+            turbo_steps: n(600),
+            turbo_batch: 32,
+            turbo_lr: 2e-4,
+        }
+    }
+}
+
+/// What [`train_demo`] did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// (phase, seconds).
+    pub phases: Vec<(String, f64)>,
+    pub total_seconds: f64,
+    /// Mean loss of the last 10% of steps per phase (VAE, Base, Turbo).
+    pub final_losses: [f32; 3],
+    /// Bytes of every file written under `out`.
+    pub bytes_written: u64,
+}
+
+impl std::fmt::Display for TrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (name, s) in &self.phases {
+            writeln!(f, "{name:<28} {:>7.1} s", s)?;
+        }
+        writeln!(f, "{:<28} {:>7.1} s", "total", self.total_seconds)?;
+        writeln!(f, "final losses: VAE {:.4}, Base {:.4}, Turbo {:.4}", self.final_losses[0], self.final_losses[1], self.final_losses[2])?;
+        write!(f, "written: {:.1} MB", self.bytes_written as f64 / 1e6)
+    }
+}
+
+fn bar(quiet: bool, len: usize, prefix: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:<14} [{bar:32}] {pos}/{len} {msg} ({elapsed} / ~{duration})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// Warmup then cosine decay to 10% of the peak.
+fn lr_at(step: usize, total: usize, peak: f64) -> f64 {
+    let warm = (total / 20).clamp(1, 100);
+    if step < warm {
+        return peak * (step + 1) as f64 / warm as f64;
+    }
+    let p = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f32 {
+    t.into_data().convert::<f32>().into_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+}
+
+fn tail_mean(v: &[f32]) -> f32 {
+    let k = (v.len() / 10).max(1);
+    let t = &v[v.len().saturating_sub(k)..];
+    t.iter().sum::<f32>() / t.len().max(1) as f32
+}
+
+fn tensor4<B: Backend>(data: Vec<f32>, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+    Tensor::from_data(TensorData::new(data, shape), (device, DType::F32))
+}
+
+/// σ from a uniform draw with a time shift (more weight on high noise).
+fn shifted_sigma(u: f64, shift: f64) -> f32 {
+    (shift * u / (1.0 + (shift - 1.0) * u)) as f32
+}
+
+/// The Qwen3 encoder on a batch of token sequences of different lengths:
+/// right-padded (attention is causal, so padding never reaches real tokens)
+/// and cut back per item. Same result as [`Qwen3Encoder::forward`] per item.
+pub fn encode_batch<B: Backend>(enc: &Qwen3Encoder<B>, ids: &[Vec<u32>]) -> Vec<Tensor<B, 2>> {
+    let b = ids.len();
+    let l = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let hidden = enc.embed_tokens.dims()[1];
+    let device = enc.embed_tokens.device();
+    let flat: Vec<i64> = ids.iter().flat_map(|s| s.iter().map(|&i| i as i64).chain(std::iter::repeat(0).take(l - s.len()))).collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
+    let mut x = enc.embed_tokens.val().select(0, idx).reshape([b, l, hidden]);
+    let rope = RotateHalfRope::new(l, enc.head_dim, enc.rope_theta, &device);
+    for layer in &enc.layers {
+        x = layer.forward(x, &rope);
+    }
+    ids.iter().enumerate().map(|(i, s)| x.clone().narrow(0, i, 1).narrow(1, 0, s.len()).reshape([s.len(), hidden])).collect()
+}
+
+/// Text encoder and DiT trained together for Base.
+#[derive(Module, Debug)]
+pub struct Denoiser<B: Backend> {
+    pub text: Qwen3Encoder<B>,
+    pub dit: ZImageDit<B>,
+}
+
+/// Trains the demo pair and writes it under `opts.out` (see the module docs).
+pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
+    anyhow::ensure!(opts.scale > 0.0 && opts.scale.is_finite(), "scale must be positive");
+    let recipe = Recipe::scaled(opts.scale);
+    let device: Device<Inner> = Default::default();
+    let start = Instant::now();
+    let mut phases = Vec::new();
+    let out = opts.out.clone();
+    std::fs::create_dir_all(&out)?;
+    let seed = opts.seed;
+
+    // 1. Tokenizer.
+    let tok_dir = out.join("tokenizer");
+    std::fs::create_dir_all(&tok_dir)?;
+    let tok_json = serde_json::to_vec_pretty(&tokenizer::tokenizer_json())?;
+    std::fs::write(tok_dir.join("tokenizer.json"), &tok_json)?;
+    std::fs::write(tok_dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&tokenizer::tokenizer_config_json())?)?;
+    let tok = PromptTokenizer::from_bytes(&tok_json)?;
+
+    // 2. VAE.
+    let t0 = Instant::now();
+    let (vae, vae_losses) = train_vae(&recipe, seed, &device, opts.quiet)?;
+    phases.push(("VAE".to_string(), t0.elapsed().as_secs_f64()));
+
+    // Encode the DiT's training set; latent statistics set the VAE scaling.
+    let t0 = Instant::now();
+    let (vae, data) = encode_dataset(vae, &recipe, seed, &tok, &device, opts.quiet)?;
+    write_vae(&out.join("vae"), &vae, &device)?;
+    phases.push(("encode training set".to_string(), t0.elapsed().as_secs_f64()));
+
+    // 3. Base: text encoder + DiT.
+    let t0 = Instant::now();
+    let (denoiser, base_losses) = train_base(&recipe, seed, &data, &tok, &device, opts.quiet)?;
+    write_text_encoder(&out.join("text_encoder"), &denoiser.text, &device)?;
+    write_dit(&out.join("base"), &denoiser.dit, &device, BASE_SHIFT)?;
+    drop(denoiser);
+    drop(data);
+    phases.push(("Base (text encoder + DiT)".to_string(), t0.elapsed().as_secs_f64()));
+
+    // 4. Turbo from the saved Base.
+    let t0 = Instant::now();
+    let pairs = teacher_pairs(&recipe, seed, &out, &device, opts.quiet)?;
+    phases.push(("Base samples for Turbo".to_string(), t0.elapsed().as_secs_f64()));
+    let t0 = Instant::now();
+    let base_dit = load_pipeline::<Inner>(&ModelFiles::locate(&out.join("base"), &ModelOverrides::default())?, &device, DType::F32, &mut |_, _, _| {})?.dit;
+    let (turbo, turbo_losses) = train_turbo(&recipe, seed, base_dit, &pairs, &device, opts.quiet)?;
+    write_dit(&out.join("turbo"), &turbo, &device, TURBO_SHIFT)?;
+    phases.push(("Turbo distillation".to_string(), t0.elapsed().as_secs_f64()));
+
+    let total_seconds = start.elapsed().as_secs_f64();
+    if let Some(plot) = &opts.plot {
+        write_loss_plot(
+            plot,
+            &[
+                Curve { title: "VAE: L1+L2+KL".into(), losses: vae_losses.clone() },
+                Curve { title: "Base: flow matching".into(), losses: base_losses.clone() },
+                Curve { title: "Turbo: distillation".into(), losses: turbo_losses.clone() },
+            ],
+        )?;
+    }
+    let report = TrainReport {
+        phases: phases.clone(),
+        total_seconds,
+        final_losses: [tail_mean(&vae_losses), tail_mean(&base_losses), tail_mean(&turbo_losses)],
+        bytes_written: dir_bytes(&out)?,
+    };
+    let log = json!({
+        "seed": seed,
+        "scale": opts.scale,
+        "recipe": format!("{recipe:?}"),
+        "phases_seconds": phases.iter().map(|(n, s)| json!([n, s])).collect::<Vec<_>>(),
+        "total_seconds": total_seconds,
+        "final_losses": {"vae": report.final_losses[0], "base": report.final_losses[1], "turbo": report.final_losses[2]},
+        "loss_curves": {"vae": vae_losses, "base": base_losses, "turbo": turbo_losses},
+    });
+    std::fs::write(out.join("train_log.json"), serde_json::to_vec(&log)?)?;
+    Ok(report)
+}
+
+fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        total += if m.is_dir() { dir_bytes(&e.path())? } else { m.len() };
+    }
+    Ok(total)
+}
+
+fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyhow::Result<(Vae<Inner>, Vec<f32>)> {
+    Inner::seed(device, seed);
+    let cfg = vae_config();
+    let mut vae = Vae::<Ad>::build(&cfg, &mut RandomWeights::new(device, DType::F32), true)?;
+    let mut opt = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init::<Ad, Vae<Ad>>();
+    let mut world = WorldSampler::new(seed.wrapping_add(1));
+    let mut noise = TorchGenerator::manual_seed(seed.wrapping_add(2));
+    let n = IMAGE_SIDE;
+    let lat = n / cfg.scale();
+    let pb = bar(quiet, r.vae_steps, "VAE");
+    let mut losses = Vec::with_capacity(r.vae_steps);
+    for step in 0..r.vae_steps {
+        let imgs: Vec<f32> = (0..r.vae_batch).flat_map(|_| image_to_chw(&world.sample(Split::Train).1)).collect();
+        let x = tensor4::<Ad>(imgs, [r.vae_batch, 3, n, n], device);
+        let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
+        let eps = tensor4::<Ad>(noise.randn(r.vae_batch * cfg.latent_channels * lat * lat), mean.dims(), device);
+        let z = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
+        let diff = vae.decode(z) - x;
+        let rec = diff.clone().abs().mean() + diff.square().mean();
+        let kl = (mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5;
+        let loss = rec + kl * r.kl_weight;
+        let value = scalar(loss.clone());
+        anyhow::ensure!(value.is_finite(), "VAE training diverged at step {step}");
+        losses.push(value);
+        let grads = GradientsParams::from_grads(loss.backward(), &vae);
+        vae = opt.step(lr_at(step, r.vae_steps, r.vae_lr), vae, grads);
+        pb.inc(1);
+        pb.set_message(format!("loss {value:.4}"));
+    }
+    pb.finish();
+    Ok((vae.valid(), losses))
+}
+
+/// The DiT's training set: model-space latents and caption token ids.
+struct LatentSet {
+    /// `[N, 16, 16, 16]` flattened.
+    latents: Vec<f32>,
+    per_item: usize,
+    shape: [usize; 3],
+    ids: Vec<Vec<u32>>,
+}
+
+fn encode_dataset(
+    mut vae: Vae<Inner>,
+    r: &Recipe,
+    seed: u64,
+    tok: &PromptTokenizer,
+    device: &Device<Inner>,
+    quiet: bool,
+) -> anyhow::Result<(Vae<Inner>, LatentSet)> {
+    let mut world = WorldSampler::new(seed.wrapping_add(3));
+    let n = IMAGE_SIDE;
+    let chunk = 32;
+    let pb = bar(quiet, r.data_size, "encode");
+    let mut raw = Vec::new();
+    let mut ids = Vec::with_capacity(r.data_size);
+    let mut shape = [0; 3];
+    while ids.len() < r.data_size {
+        let b = chunk.min(r.data_size - ids.len());
+        let mut imgs = Vec::with_capacity(b * 3 * n * n);
+        for _ in 0..b {
+            let (scene, img) = world.sample(Split::Train);
+            imgs.extend(image_to_chw(&img));
+            ids.push(tok.encode(&scene.caption())?);
+        }
+        let (mean, _) = vae.encode(tensor4::<Inner>(imgs, [b, 3, n, n], device)).ok_or_else(|| anyhow::anyhow!("no encoder"))?;
+        let [_, c, h, w] = mean.dims();
+        shape = [c, h, w];
+        raw.extend(mean.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        pb.inc(b as u64);
+    }
+    pb.finish();
+    // Model-space latents (z − shift)·scale with unit variance, as Flux's.
+    let count = raw.len() as f64;
+    let mean = raw.iter().map(|&v| v as f64).sum::<f64>() / count;
+    let var = raw.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
+    let scale = 1.0 / var.sqrt().max(1e-6);
+    // Stored as the config stores them; the loader reads them back rounded the same way.
+    vae.shift_factor = (mean * 1e4).round() / 1e4;
+    vae.scaling_factor = (scale * 1e4).round() / 1e4;
+    let latents: Vec<f32> = raw.iter().map(|&v| ((v as f64 - vae.shift_factor) * vae.scaling_factor) as f32).collect();
+    let per_item = shape.iter().product();
+    Ok((vae, LatentSet { latents, per_item, shape, ids }))
+}
+
+fn train_base(
+    r: &Recipe,
+    seed: u64,
+    data: &LatentSet,
+    tok: &PromptTokenizer,
+    device: &Device<Inner>,
+    quiet: bool,
+) -> anyhow::Result<(Denoiser<Inner>, Vec<f32>)> {
+    Inner::seed(device, seed.wrapping_add(4));
+    let cfg = dit_config();
+    let mut model = Denoiser::<Ad> {
+        text: Qwen3Encoder::build(&text_encoder_config(), &mut RandomWeights::new(device, DType::F32))?,
+        dit: ZImageDit::build(&cfg, &mut RandomWeights::new(device, DType::F32))?,
+    };
+    let mut opt = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init::<Ad, Denoiser<Ad>>();
+    let empty = tok.encode("")?;
+    let mut rng = TorchGenerator::manual_seed(seed.wrapping_add(5));
+    let pb = bar(quiet, r.base_steps, "Base");
+    let mut losses = Vec::with_capacity(r.base_steps);
+    let (b, per) = (r.base_batch, data.per_item);
+    let n_items = data.ids.len();
+    for step in 0..r.base_steps {
+        let mut x = vec![0f32; b * per];
+        let mut target = vec![0f32; b * per];
+        let eps = rng.randn(b * per);
+        let mut t = Vec::with_capacity(b);
+        let mut ids = Vec::with_capacity(b);
+        for i in 0..b {
+            let k = ((rng.uniform_f64() * n_items as f64) as usize).min(n_items - 1);
+            let sigma = shifted_sigma(rng.uniform_f64(), r.train_shift);
+            t.push(1.0 - sigma);
+            ids.push(if rng.uniform_f64() < r.caption_dropout { empty.clone() } else { data.ids[k].clone() });
+            let x0 = &data.latents[k * per..(k + 1) * per];
+            for j in 0..per {
+                let e = eps[i * per + j];
+                x[i * per + j] = (1.0 - sigma) * x0[j] + sigma * e;
+                target[i * per + j] = x0[j] - e;
+            }
+        }
+        let [c, h, w] = data.shape;
+        let caps = encode_batch(&model.text, &ids);
+        let tt = Tensor::<Ad, 1>::from_data(TensorData::new(t, [b]), (device, DType::F32));
+        let pred = model.dit.forward(&cfg, tensor4::<Ad>(x, [b, c, h, w], device), tt, &caps)?;
+        let loss = (pred - tensor4::<Ad>(target, [b, c, h, w], device)).square().mean();
+        let value = scalar(loss.clone());
+        anyhow::ensure!(value.is_finite(), "Base training diverged at step {step}");
+        losses.push(value);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(lr_at(step, r.base_steps, r.base_lr), model, grads);
+        pb.inc(1);
+        pb.set_message(format!("loss {value:.4}"));
+    }
+    pb.finish();
+    Ok((model.valid(), losses))
+}
+
+/// Base's 30-step CFG-4 outputs with the noise they started from.
+struct TeacherPairs {
+    noise: Vec<f32>,
+    x0: Vec<f32>,
+    per_item: usize,
+    shape: [usize; 3],
+    /// Caption features from the shared (frozen) text encoder.
+    captions: Vec<Tensor<Inner, 2>>,
+}
+
+fn teacher_pairs(r: &Recipe, seed: u64, out: &Path, device: &Device<Inner>, quiet: bool) -> anyhow::Result<TeacherPairs> {
+    let files = ModelFiles::locate(&out.join("base"), &ModelOverrides::default())?;
+    let pipe = load_pipeline::<Inner>(&files, device, DType::F32, &mut |_, _, _| {})?;
+    let mut world = WorldSampler::new(seed.wrapping_add(6));
+    let chunk = 32;
+    let pb = bar(quiet, r.teacher_pairs, "Base samples");
+    let (mut noise, mut x0, mut captions) = (Vec::new(), Vec::new(), Vec::new());
+    let mut shape = [0; 3];
+    let mut batch_seed = seed.wrapping_mul(1000).wrapping_add(7);
+    while captions.len() < r.teacher_pairs {
+        let b = chunk.min(r.teacher_pairs - captions.len());
+        let prompts: Vec<String> = (0..b).map(|_| world.scene(Split::Train).caption()).collect();
+        let mut req = GenerateRequest::new(prompts[0].clone(), ModelKind::Base);
+        req.prompts = prompts;
+        req.seed = batch_seed;
+        req.steps = BASE_STEPS;
+        req.guidance = BASE_GUIDANCE;
+        req.width = IMAGE_SIDE as u32;
+        req.height = IMAGE_SIDE as u32;
+        let cond = pipe.encode(&req)?;
+        let latents = pipe.sample(&req, &cond, false, &mut |_| true)?;
+        let [_, c, h, w] = latents.dims();
+        shape = [c, h, w];
+        // The sampler's starting noise: the first draw of the request's generator.
+        noise.extend(TorchGenerator::manual_seed(batch_seed).randn(b * c * h * w));
+        x0.extend(latents.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        captions.extend(cond.positive);
+        batch_seed = batch_seed.wrapping_add(1);
+        pb.inc(b as u64);
+    }
+    pb.finish();
+    Ok(TeacherPairs { noise, x0, per_item: shape.iter().product(), shape, captions })
+}
+
+fn train_turbo(
+    r: &Recipe,
+    seed: u64,
+    base: ZImageDit<Inner>,
+    pairs: &TeacherPairs,
+    device: &Device<Inner>,
+    quiet: bool,
+) -> anyhow::Result<(ZImageDit<Inner>, Vec<f32>)> {
+    let cfg = dit_config();
+    let mut dit = ZImageDit::<Ad>::from_inner(base);
+    let mut opt = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init::<Ad, ZImageDit<Ad>>();
+    // Mostly the sigmas the 4-step (and 8-step) Turbo schedule visits, some anywhere.
+    let mut visited: Vec<f32> = Schedule::new(TURBO_STEPS, TURBO_SHIFT).sigmas[..TURBO_STEPS].to_vec();
+    visited.extend_from_slice(&Schedule::new(2 * TURBO_STEPS, TURBO_SHIFT).sigmas[..2 * TURBO_STEPS]);
+    let mut rng = TorchGenerator::manual_seed(seed.wrapping_add(8));
+    let pb = bar(quiet, r.turbo_steps, "Turbo");
+    let mut losses = Vec::with_capacity(r.turbo_steps);
+    let (b, per) = (r.turbo_batch, pairs.per_item);
+    let n_items = pairs.captions.len();
+    for step in 0..r.turbo_steps {
+        let mut x = vec![0f32; b * per];
+        let mut target = vec![0f32; b * per];
+        let mut t = Vec::with_capacity(b);
+        let mut caps = Vec::with_capacity(b);
+        for i in 0..b {
+            let k = ((rng.uniform_f64() * n_items as f64) as usize).min(n_items - 1);
+            let u = rng.uniform_f64();
+            let sigma = if rng.uniform_f64() < 0.75 {
+                visited[((u * visited.len() as f64) as usize).min(visited.len() - 1)]
+            } else {
+                shifted_sigma(u, TURBO_SHIFT as f64)
+            };
+            t.push(1.0 - sigma);
+            caps.push(Tensor::<Ad, 2>::from_inner(pairs.captions[k].clone()));
+            let (e, x0) = (&pairs.noise[k * per..(k + 1) * per], &pairs.x0[k * per..(k + 1) * per]);
+            for j in 0..per {
+                x[i * per + j] = (1.0 - sigma) * x0[j] + sigma * e[j];
+                target[i * per + j] = x0[j] - e[j];
+            }
+        }
+        let [c, h, w] = pairs.shape;
+        let tt = Tensor::<Ad, 1>::from_data(TensorData::new(t, [b]), (device, DType::F32));
+        let pred = dit.forward(&cfg, tensor4::<Ad>(x, [b, c, h, w], device), tt, &caps)?;
+        let loss = (pred - tensor4::<Ad>(target, [b, c, h, w], device)).square().mean();
+        let value = scalar(loss.clone());
+        anyhow::ensure!(value.is_finite(), "Turbo training diverged at step {step}");
+        losses.push(value);
+        let grads = GradientsParams::from_grads(loss.backward(), &dit);
+        dit = opt.step(lr_at(step, r.turbo_steps, r.turbo_lr), dit, grads);
+        pb.inc(1);
+        pb.set_message(format!("loss {value:.4}"));
+    }
+    pb.finish();
+    Ok((dit.valid(), losses))
+}
+
+// ---------------------------------------------------------------------------
+// Writing the diffusers folders.
+
+fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)?;
+    Ok(())
+}
+
+fn write_text_encoder(dir: &Path, enc: &Qwen3Encoder<Inner>, device: &Device<Inner>) -> anyhow::Result<()> {
+    let c = text_encoder_config();
+    let named = named_tensors(enc, device, |s| Qwen3Encoder::build(&c, s))?;
+    write_bf16(&dir.join("model.safetensors"), &named, "model.")?;
+    write_json(
+        &dir.join("config.json"),
+        &json!({
+            "architectures": ["Qwen3Model"],
+            "model_type": "qwen3",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "intermediate_size": c.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "max_position_embeddings": 512,
+            "attention_bias": false,
+            "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16",
+            "_note": "Z-Image demo: only layers 0..num_hidden_layers-2 are stored; the pipeline reads hidden_states[-2], which the last layer and the final norm never reach."
+        }),
+    )
+}
+
+fn write_vae(dir: &Path, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Result<()> {
+    let c = vae_config();
+    let named = named_tensors(vae, device, |s| Vae::build(&c, s, true))?;
+    write_bf16(&dir.join("diffusion_pytorch_model.safetensors"), &named, "")?;
+    let levels = c.block_out_channels.len();
+    write_json(
+        &dir.join("config.json"),
+        &json!({
+            "_class_name": "AutoencoderKL",
+            "_diffusers_version": "0.36.0",
+            "act_fn": "silu",
+            "block_out_channels": c.block_out_channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; levels],
+            "up_block_types": vec!["UpDecoderBlock2D"; levels],
+            "in_channels": c.in_channels,
+            "out_channels": c.in_channels,
+            "latent_channels": c.latent_channels,
+            "layers_per_block": c.layers_per_block,
+            "norm_num_groups": c.norm_num_groups,
+            "sample_size": IMAGE_SIDE,
+            "scaling_factor": vae.scaling_factor,
+            "shift_factor": vae.shift_factor,
+            "use_quant_conv": false,
+            "use_post_quant_conv": false,
+            "mid_block_add_attention": true,
+            "force_upcast": true
+        }),
+    )
+}
+
+fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: f32) -> anyhow::Result<()> {
+    let c: ZImageDitConfig = dit_config();
+    let named = named_tensors(dit, device, |s| ZImageDit::build(&c, s))?;
+    write_bf16(&dir.join("transformer").join("diffusion_pytorch_model.safetensors"), &named, "")?;
+    write_json(
+        &dir.join("transformer").join("config.json"),
+        &json!({
+            "_class_name": "ZImageTransformer2DModel",
+            "_diffusers_version": "0.36.0",
+            "all_f_patch_size": [1],
+            "all_patch_size": [c.patch_size],
+            "axes_dims": c.axes_dims,
+            "axes_lens": c.axes_lens,
+            "cap_feat_dim": c.cap_feat_dim,
+            "dim": c.dim,
+            "in_channels": c.in_channels,
+            "n_heads": c.n_heads,
+            "n_kv_heads": c.n_heads,
+            "n_layers": c.n_layers,
+            "n_refiner_layers": c.n_refiner_layers,
+            "norm_eps": c.norm_eps,
+            "qk_norm": c.qk_norm,
+            "rope_theta": c.rope_theta,
+            "t_scale": c.t_scale
+        }),
+    )?;
+    write_json(
+        &dir.join("scheduler").join("scheduler_config.json"),
+        &json!({
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": "0.36.0",
+            "num_train_timesteps": 1000,
+            "shift": shift,
+            "use_dynamic_shifting": false
+        }),
+    )?;
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "ZImagePipeline",
+            "_diffusers_version": "0.36.0",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen3Model"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "ZImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        }),
+    )
+}

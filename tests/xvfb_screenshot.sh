@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Starts the real zimage-studio window under Xvfb on the tiny fixture models,
+# types a prompt with xdotool, waits for the live image, refines it with Base
+# (Ctrl+Enter), opens the help overlay, and saves screenshots:
+#
+#   $OUT/1-typing.png   shortly after typing (step previews / first image)
+#   $OUT/2-live.png     the finished live image
+#   $OUT/3-compare.png  Turbo vs Base after the refine
+#   $OUT/4-help.png     the shortcut overlay
+#   $OUT/metrics.json   latency + frame times measured inside the app
+#
+# Usage: tests/xvfb_screenshot.sh [OUT_DIR]   (default /tmp/zimage-xvfb)
+# Installs what it needs with apt-get when missing (xvfb, xdotool, imagemagick,
+# Mesa GL/Vulkan). Builds the release binary if needed (honours CARGO_TARGET_DIR).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-/tmp/zimage-xvfb}
+SIZE=${ZIMAGE_XVFB_SIZE:-256}
+mkdir -p "$OUT"
+rm -f "$OUT"/*.png "$OUT"/metrics.json
+
+need=()
+command -v Xvfb >/dev/null || need+=(xvfb)
+command -v xdotool >/dev/null || need+=(xdotool)
+command -v import >/dev/null || need+=(imagemagick)
+dpkg -s libvulkan1 mesa-vulkan-drivers libegl-mesa0 libgl1-mesa-dri >/dev/null 2>&1 || need+=(libvulkan1 mesa-vulkan-drivers libegl-mesa0 libgl1-mesa-dri)
+dpkg -s libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2 >/dev/null 2>&1 || need+=(libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET/release/zimage-studio
+if [ ! -x "$BIN" ]; then
+    (cd "$ROOT" && cargo build --release -p zimage-studio)
+fi
+
+DATA=$(mktemp -d)
+RUNTIME=$(mktemp -d)
+cat > "$DATA/settings.json" <<EOF
+{"width": $SIZE, "height": $SIZE, "base_steps": 10, "base_guidance": 0.0, "output_dir": "$OUT/saved"}
+EOF
+
+DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))
+Xvfb "$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp >"$OUT/xvfb.log" 2>&1 &
+XVFB_PID=$!
+APP_PID=""
+cleanup() {
+    [ -n "$APP_PID" ] && kill "$APP_PID" 2>/dev/null || true
+    kill "$XVFB_PID" 2>/dev/null || true
+    rm -rf "$DATA" "$RUNTIME"
+}
+trap cleanup EXIT
+export DISPLAY=$DISPLAY_NUM XDG_RUNTIME_DIR=$RUNTIME
+sleep 1
+
+ZIMAGE_STUDIO_METRICS="$OUT/metrics.json" "$BIN" \
+    --turbo "$ROOT/tests/fixtures/tiny-turbo" --base "$ROOT/tests/fixtures/tiny-base" \
+    --data-dir "$DATA" >"$OUT/app.log" 2>&1 &
+APP_PID=$!
+
+WIN=$(timeout 60 xdotool search --sync --name "Z-Image Studio" | head -1)
+echo "window $WIN"
+sleep 3   # first frames + model load (tiny models: milliseconds)
+xdotool windowfocus --sync "$WIN"
+
+metric() { python3 -c "import json,sys; d=json.load(open('$OUT/metrics.json')); v=d.get('$1'); print('' if v is None else v)" 2>/dev/null || true; }
+wait_metric() { # name, timeout seconds
+    for _ in $(seq 1 $(( $2 * 10 ))); do
+        [ -n "$(metric "$1")" ] && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1"; return 1
+}
+
+# The prompt box has focus at start: just type.
+xdotool type --delay 40 "a lighthouse on a cliff at dusk"
+sleep 0.3
+import -window root "$OUT/1-typing.png"
+wait_metric final_image_ms 60
+sleep 1.5
+import -window root "$OUT/2-live.png"
+
+xdotool key ctrl+Return
+for _ in $(seq 1 300); do
+    [ "$(metric history)" = "2" ] && break
+    sleep 0.1
+done
+sleep 1.5
+import -window root "$OUT/3-compare.png"
+
+xdotool key Escape F1
+sleep 1
+import -window root "$OUT/4-help.png"
+sleep 1   # let the metrics file catch up
+cat "$OUT/metrics.json"; echo
+echo "screenshots in $OUT"
