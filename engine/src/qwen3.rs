@@ -253,3 +253,26 @@ impl<B: Backend> RotateHalfRope<B> {
         x * cos + rotated * sin
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_theta_is_read_top_level_or_under_rope_parameters() {
+        let base = serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128});
+        let mut top = base.clone();
+        top["rope_theta"] = 5000.0.into();
+        assert_eq!(Qwen3Config::from_transformers_json(&top).unwrap().rope_theta, 5000.0);
+        let mut nested = base.clone();
+        nested["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 7000.0});
+        let cfg = Qwen3Config::from_transformers_json(&nested).unwrap();
+        assert_eq!(cfg.rope_theta, 7000.0);
+        assert_eq!(cfg.head_dim, 16, "head_dim defaults to hidden/heads");
+        assert_eq!(cfg.layers_used(), 3);
+        let mut bad = base;
+        bad["num_key_value_heads"] = 3.into();
+        assert!(Qwen3Config::from_transformers_json(&bad).is_err());
+    }
+}

@@ -602,3 +602,42 @@ impl<B: Backend> WeightSource<B> for Checkpoint<'_, B> {
         Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comfy_layout_maps_fused_qkv_and_renames() {
+        let l = KeyLayout::ComfyDit { prefix: "model.diffusion_model.".into() };
+        assert_eq!(
+            l.locate("layers.3.attention.to_k.weight"),
+            Located { key: "model.diffusion_model.layers.3.attention.qkv.weight".into(), chunk: Some((1, 3)) }
+        );
+        assert_eq!(l.locate("layers.0.attention.to_out.0.weight").key, "model.diffusion_model.layers.0.attention.out.weight");
+        assert_eq!(l.locate("noise_refiner.1.attention.norm_q.weight").key, "model.diffusion_model.noise_refiner.1.attention.q_norm.weight");
+        assert_eq!(l.locate("all_x_embedder.2-1.bias").key, "model.diffusion_model.x_embedder.bias");
+        assert_eq!(l.locate("all_final_layer.2-1.linear.weight").key, "model.diffusion_model.final_layer.linear.weight");
+        assert_eq!(l.locate("cap_pad_token").key, "model.diffusion_model.cap_pad_token");
+    }
+
+    #[test]
+    fn bfl_vae_layout_reverses_up_blocks_and_renames_attention() {
+        let l = KeyLayout::BflVae { prefix: String::new(), up_blocks: 4 };
+        assert_eq!(l.locate("decoder.up_blocks.0.resnets.2.conv1.weight").key, "decoder.up.3.block.2.conv1.weight");
+        assert_eq!(l.locate("decoder.up_blocks.3.resnets.0.conv_shortcut.bias").key, "decoder.up.0.block.0.nin_shortcut.bias");
+        assert_eq!(l.locate("decoder.up_blocks.1.upsamplers.0.conv.weight").key, "decoder.up.2.upsample.conv.weight");
+        assert_eq!(l.locate("encoder.down_blocks.2.downsamplers.0.conv.weight").key, "encoder.down.2.downsample.conv.weight");
+        assert_eq!(l.locate("decoder.mid_block.attentions.0.to_out.0.weight").key, "decoder.mid.attn_1.proj_out.weight");
+        assert_eq!(l.locate("decoder.mid_block.resnets.1.norm2.weight").key, "decoder.mid.block_2.norm2.weight");
+        assert_eq!(l.locate("encoder.conv_norm_out.bias").key, "encoder.norm_out.bias");
+    }
+
+    #[test]
+    fn stored_shapes_serve_requests_up_to_trailing_ones() {
+        assert!(shape_serves(&[4, 4], &[4, 4]));
+        assert!(shape_serves(&[4, 4, 1, 1], &[4, 4]));
+        assert!(!shape_serves(&[4, 4, 3, 3], &[4, 4]));
+        assert!(!shape_serves(&[4], &[4, 1]));
+    }
+}
