@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod demo;
 pub mod device;
+pub mod discovery;
 pub mod dit;
 pub mod error;
 pub mod loader;

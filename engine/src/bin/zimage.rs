@@ -35,6 +35,15 @@ enum Command {
     Generate(GenerateArgs),
     /// Time each stage of a generation (text encode, every DiT step, VAE decode).
     Bench(BenchArgs),
+    /// List the Z-Image models found on this machine (Hugging Face cache,
+    /// ComfyUI folders, and the given paths), with size, dtype and completeness.
+    Models {
+        /// More folders or files to check.
+        paths: Vec<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -212,6 +221,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let kind = DeviceKind::parse(&args.model.device)?;
             dispatch!(kind, parse_dtype(kind, &args.model.dtype)?, generate, args)
+        }
+        Command::Models { paths, json } => {
+            let found = zimage_engine::discovery::discover(&paths);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else if found.is_empty() {
+                println!("no Z-Image model found (looked in the Hugging Face cache and ComfyUI folders); the built-in demo-turbo and demo-base always work");
+            } else {
+                for m in &found {
+                    let state = if m.complete() { "complete".to_string() } else { format!("INCOMPLETE: {}", m.problems.join("; ")) };
+                    println!("{:6} {:9} {:>9.2} GB {:5} {}  {}", m.kind, m.source, m.bytes as f64 / 1e9, m.dtype, m.path.display(), state);
+                }
+            }
+            Ok(())
         }
         Command::Bench(args) => {
             let kind = DeviceKind::parse(&args.device)?;
