@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -99,7 +100,7 @@ def main():
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
 
     with torch.no_grad():
@@ -152,7 +153,7 @@ def main():
                 best = r
     report = {
         "model": f"{args.model or args.config} (diffusers)",
-        "device": f"{device} ({str(dtype).replace('torch.', '')}, torch {torch.__version__})",
+        "device": f"{device} ({str(dtype).replace('torch.', '')}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
         "width": args.width, "height": args.height, "steps": steps, "guidance": guidance,
         "prompt_tokens": args.tokens, "load_ms": load_ms, "first_run_ms": first["total"],
         "text_encode_ms": best["text"], "dit_step_ms": best["steps"],

@@ -7,27 +7,33 @@
 #
 # Needs: bench/bin/zimage-cuda (built with `cargo build --release -p zimage-engine
 # --features cuda`), python3 with torch; diffusers from .whl/ when missing.
-# Writes everything to $OUT (default ./bench-out). Keep the whole run < 8 min.
+# Works in $WORK (default /tmp/zimage-bench); at the end copies table.md and
+# log.txt and a tarball of everything to $OUT (default ./bench-out).
+# Keep the whole run < 8 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench-out}"
-mkdir -p "$OUT"
+FINAL="${OUT:-bench-out}"
+OUT="${WORK:-/tmp/zimage-bench}"
+mkdir -p "$OUT" "$FINAL"
 Z=bench/bin/zimage-cuda
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
-log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+# The log goes straight to $FINAL so that a run cut off by a time limit still
+# returns everything it printed.
+LOG="$FINAL/log.txt"
+log() { echo "== $*" | tee -a "$LOG"; }
 
 if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
 
 run_ours() { # name, args...
   local name=$1; shift
   local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
   local pid=$!
-  timeout 240 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  timeout 240 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
@@ -35,11 +41,11 @@ run_ours() { # name, args...
 log "parity: tiny fixtures, CUDA vs CPU"
 for dt in f32 bf16; do
   for dev in cpu cuda; do
-    timeout 120 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
-      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$OUT/log.txt"
+    timeout 60 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
+      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$LOG"
   done
 done
-python3 - "$OUT" <<'PY' | tee -a "$OUT/log.txt"
+python3 - "$OUT" <<'PY' | tee -a "$LOG"
 import sys, numpy as np
 from PIL import Image
 out = sys.argv[1]
@@ -53,15 +59,15 @@ for dt in ("f32", "bf16"):
 PY
 
 log "ours: Turbo 1024² 8 steps"
-run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 2
+run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 1
 log "ours: Turbo 512² 8 steps"
-run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 2
+run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
 log "ours: Base 1024² with CFG (3 steps timed)"
 run_ours base1024 --config full --kind base -W 1024 -H 1024 --steps 3 --runs 1
 
 log "diffusers: same configs, same card"
-for spec in "turbo1024 --kind turbo --width 1024 --height 1024 --runs 2" \
-            "turbo512 --kind turbo --width 512 --height 512 --runs 2" \
+for spec in "turbo1024 --kind turbo --width 1024 --height 1024 --runs 1" \
+            "turbo512 --kind turbo --width 512 --height 512 --runs 1" \
             "base1024 --kind base --width 1024 --height 1024 --steps 3 --runs 1"; do
   set -- $spec
   name=$1; shift
@@ -86,3 +92,6 @@ for name in ("turbo1024", "turbo512", "base1024"):
     ratio = f"{a['end_to_end_ms'] / b['end_to_end_ms']:.2f}" if a and b else "-"
     print(f"| {name} | {f(a,'end_to_end_ms')} | {f(b,'end_to_end_ms')} | {ratio} | {f(a,'dit_step_mean_ms')} | {f(b,'dit_step_mean_ms')} | {f(a,'text_encode_ms')} | {f(a,'vae_decode_ms')} | {peak} | {f(b,'peak_device_mib')} |")
 PY
+
+cp "$OUT/table.md" "$FINAL/" 2>/dev/null
+tar czf "$FINAL/bench.tgz" -C "$OUT" . 2>/dev/null

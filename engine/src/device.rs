@@ -75,11 +75,15 @@ impl DeviceKind {
 /// their driver is missing, so the panic is caught and turned into a message.
 #[allow(dead_code)]
 fn probe<B: burn::tensor::backend::Backend>(what: &str) -> Result<()> {
+    // The backend's panic is expected here: keep it off the user's terminal.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let ok = std::panic::catch_unwind(|| {
         let device = B::Device::default();
         let t = burn::tensor::Tensor::<B, 1>::ones([4], &device);
         t.sum().into_scalar().elem::<f32>()
     });
+    std::panic::set_hook(hook);
     use burn::tensor::ElementConversion;
     match ok {
         Ok(v) if (v - 4.0).abs() < 1e-3 => Ok(()),
