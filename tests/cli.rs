@@ -43,7 +43,23 @@ fn generates_a_png_with_round_tripping_metadata() {
     let out_path = tmp.path().join("cat.png");
     let prompt = "一只猫 on a roof, \"quoted\", 50% grey";
     let out = zimage(
-        &["generate", "--model", &model(), "-p", prompt, "--negative", "blurry", "--seed", "42", "-W", "64", "-H", "48", "-o", out_path.to_str().unwrap()],
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "-p",
+            prompt,
+            "--negative",
+            "blurry",
+            "--seed",
+            "42",
+            "-W",
+            "64",
+            "-H",
+            "48",
+            "-o",
+            out_path.to_str().unwrap(),
+        ],
         tmp.path(),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -58,7 +74,9 @@ fn generates_a_png_with_round_tripping_metadata() {
 
     // Same seed through the library gives the same pixels.
     let files = zimage_engine::loader::ModelFiles::locate(&fixtures().join("tiny-turbo"), &Default::default()).unwrap();
-    let pipe = zimage_engine::loader::load_pipeline::<B>(&files, &device(), burn::tensor::DType::F32, &mut |_, _, _| {}).unwrap();
+    let pipe =
+        zimage_engine::loader::load_pipeline::<B>(&files, &device(), burn::tensor::DType::F32, &mut |_, _, _| {})
+            .unwrap();
     let mut req = zimage_engine::GenerateRequest::new(prompt, pipe.kind);
     req.negative_prompt = "blurry".into();
     req.seed = 42;
@@ -81,7 +99,8 @@ fn random_seed_is_printed_and_files_are_never_overwritten() {
     let c = zimage(&["generate", "--model", &model(), "-p", "a cat", "-W", "32", "-H", "32"], tmp.path());
     assert!(c.status.success());
     let stderr = String::from_utf8_lossy(&c.stderr);
-    let seed: u64 = stderr.lines().find_map(|l| l.strip_prefix("seed: ")).expect("seed printed").trim().parse().unwrap();
+    let seed: u64 =
+        stderr.lines().find_map(|l| l.strip_prefix("seed: ")).expect("seed printed").trim().parse().unwrap();
     assert_eq!(read_png_metadata_file(&tmp.path().join(format!("zimage-{seed}.png"))).unwrap().seed, seed);
 }
 
@@ -90,7 +109,25 @@ fn img2img_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let init = fixtures().join("init.png");
     let out = zimage(
-        &["generate", "--model", &model(), "-p", "a cat", "-W", "64", "-H", "64", "--seed", "5", "--init", init.to_str().unwrap(), "--strength", "0.6", "-o", "x.png"],
+        &[
+            "generate",
+            "--model",
+            &model(),
+            "-p",
+            "a cat",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--seed",
+            "5",
+            "--init",
+            init.to_str().unwrap(),
+            "--strength",
+            "0.6",
+            "-o",
+            "x.png",
+        ],
         tmp.path(),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -136,7 +173,19 @@ fn bad_paths_and_devices() {
     let tmp = tempfile::tempdir().unwrap();
     let corrupt = tmp.path().join("broken.safetensors");
     std::fs::write(&corrupt, b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
-    expect_failure(&["--model", corrupt.to_str().unwrap(), "--text-encoder", corrupt.to_str().unwrap(), "--vae", corrupt.to_str().unwrap(), "--tokenizer", fixtures().join("tiny-turbo/tokenizer").to_str().unwrap()], "not a valid safetensors file");
+    expect_failure(
+        &[
+            "--model",
+            corrupt.to_str().unwrap(),
+            "--text-encoder",
+            corrupt.to_str().unwrap(),
+            "--vae",
+            corrupt.to_str().unwrap(),
+            "--tokenizer",
+            fixtures().join("tiny-turbo/tokenizer").to_str().unwrap(),
+        ],
+        "not a valid safetensors file",
+    );
 }
 
 #[test]
@@ -147,7 +196,24 @@ fn unwritable_output_folder() {
     std::fs::write(&file, b"x").unwrap();
     let target = file.join("out.png");
     let m = model();
-    let out = zimage(&["generate", "--model", &m, "-p", "cat", "-W", "32", "-H", "32", "--seed", "1", "-o", target.to_str().unwrap()], tmp.path());
+    let out = zimage(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "-p",
+            "cat",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--seed",
+            "1",
+            "-o",
+            target.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

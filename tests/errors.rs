@@ -57,12 +57,12 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<
         .into_iter()
         .map(|(name, view)| {
             let data: Vec<f32> = match view.dtype() {
-                safetensors::Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+                safetensors::Dtype::BF16 => {
+                    view.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+                }
+                safetensors::Dtype::F32 => {
+                    view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+                }
                 other => panic!("unexpected dtype {other:?}"),
             };
             (name, (view.shape().to_vec(), data))
@@ -75,7 +75,9 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, shape, data)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .map(|(n, shape, data)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+        })
         .collect();
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(path, out).unwrap();
@@ -138,7 +140,16 @@ fn missing_and_misshapen_tensors_are_all_listed_at_once() {
             }
         });
     }
-    let msg = expect_err(&dir, &["DiT", "missing tensor x_pad_token", "missing tensor layers.0.attention.to_q.weight", "cap_embedder.1.weight: expected shape [32, 32], found [31, 32]", "3 problems"]);
+    let msg = expect_err(
+        &dir,
+        &[
+            "DiT",
+            "missing tensor x_pad_token",
+            "missing tensor layers.0.attention.to_q.weight",
+            "cap_embedder.1.weight: expected shape [32, 32], found [31, 32]",
+            "3 problems",
+        ],
+    );
     assert!(msg.len() < 2000, "compact: {msg}");
 }
 
@@ -189,7 +200,8 @@ fn broken_configs_are_reported() {
     expect_err(&dir, &["not divisible by n_heads"]);
 
     let (_t3, dir) = copy_model();
-    std::fs::write(dir.join("scheduler/scheduler_config.json"), br#"{"shift": 3.0, "use_dynamic_shifting": true}"#).unwrap();
+    std::fs::write(dir.join("scheduler/scheduler_config.json"), br#"{"shift": 3.0, "use_dynamic_shifting": true}"#)
+        .unwrap();
     expect_err(&dir, &["use_dynamic_shifting"]);
 
     let (_t4, dir) = copy_model();
@@ -220,6 +232,7 @@ fn component_swapped_for_another_kind_is_reported() {
     for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
         std::fs::remove_file(dir.join("text_encoder").join(f)).unwrap();
     }
-    std::fs::copy(dir.join("vae/diffusion_pytorch_model.safetensors"), dir.join("text_encoder/model.safetensors")).unwrap();
+    std::fs::copy(dir.join("vae/diffusion_pytorch_model.safetensors"), dir.join("text_encoder/model.safetensors"))
+        .unwrap();
     expect_err(&dir, &["expected a Qwen3 text encoder", "autoencoder"]);
 }

@@ -108,7 +108,10 @@ fn check_dit_case(dit: &ZImageDit<B>, pipe: &ZImagePipeline<B>, case: &str) {
             }
         })
         .unwrap();
-    assert!(seen.len() >= 3 + 2 * pipe.dit_config.n_refiner_layers + pipe.dit_config.n_layers, "intermediates compared: {seen:?}");
+    assert!(
+        seen.len() >= 3 + 2 * pipe.dit_config.n_refiner_layers + pipe.dit_config.n_layers,
+        "intermediates compared: {seen:?}"
+    );
     let (expected, _) = r.f32(&format!("dit.{case}.out"));
     assert_close(&format!("dit.{case}.out"), &to_vec(out), &expected, 1e-5);
 }
@@ -129,12 +132,8 @@ fn dit_batch_with_captions_of_different_lengths_matches() {
     let [c, _, h, w] = x0.dims();
     let x = Tensor::cat(vec![x0.reshape([1, c, h, w]), x1.reshape([1, c, h, w])], 0);
     let t: Tensor<B, 1> = r.tensor("dit.batch.t");
-    let caps: Vec<Tensor<B, 2>> = r.json["dit"]["batch"]["captions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| r.tensor(n.as_str().unwrap()))
-        .collect();
+    let caps: Vec<Tensor<B, 2>> =
+        r.json["dit"]["batch"]["captions"].as_array().unwrap().iter().map(|n| r.tensor(n.as_str().unwrap())).collect();
     assert_ne!(caps[0].dims()[0].div_ceil(32), caps[1].dims()[0].div_ceil(32), "fixture must exercise the mask");
     let out = pipe.dit.forward(&pipe.dit_config, x, t, &caps).unwrap();
     for i in 0..2 {
@@ -170,7 +169,13 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         p => vec![p.as_str().unwrap().to_string()],
     };
     let cfg_norm = match &case["cfg_normalization"] {
-        serde_json::Value::Bool(b) => if *b { 1.0 } else { 0.0 },
+        serde_json::Value::Bool(b) => {
+            if *b {
+                1.0
+            } else {
+                0.0
+            }
+        }
         v => v.as_f64().unwrap() as f32,
     };
     GenerateRequest {
@@ -190,7 +195,12 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
 
 fn check_pipeline(name: &str) {
     let r = reference();
-    let case = r.json["pipelines"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"));
+    let case = r.json["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
     let pipe = load(case["model"].as_str().unwrap());
     let req = request(case);
     let mut steps = 0;
@@ -260,11 +270,8 @@ fn pipeline_base_img2img() {
 fn comfyui_single_files_load_and_match() {
     let dir = fixtures().join("tiny-comfy");
     let diffusers = fixtures().join("tiny-turbo");
-    let overrides = ModelOverrides {
-        text_encoder: None,
-        vae: None,
-        tokenizer: Some(diffusers.join("tokenizer/tokenizer.json")),
-    };
+    let overrides =
+        ModelOverrides { text_encoder: None, vae: None, tokenizer: Some(diffusers.join("tokenizer/tokenizer.json")) };
     // Single files carry no config: the DiT's and text encoder's sizes are read
     // off their tensors; the VAE's group count cannot be, so the tiny VAE gets a
     // sidecar `<stem>.json` (the real BFL file is always the FLUX.1 config).
@@ -281,7 +288,8 @@ fn comfyui_single_files_load_and_match() {
             std::fs::copy(diffusers.join(cfg), tmp.path().join(sub).join(format!("{stem}.json"))).unwrap();
         }
     }
-    let files = ModelFiles::locate(&tmp.path().join("diffusion_models/z_image_turbo_tiny.safetensors"), &overrides).unwrap();
+    let files =
+        ModelFiles::locate(&tmp.path().join("diffusion_models/z_image_turbo_tiny.safetensors"), &overrides).unwrap();
     let comfy = load_pipeline::<B>(&files, &device(), DType::F32, &mut |_, _, _| {}).unwrap();
     let reference_pipe = load("tiny-turbo");
     let mut req = GenerateRequest::new("a photo of a cat", comfy.kind);

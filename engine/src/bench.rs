@@ -31,7 +31,9 @@ pub struct BenchModel {
 /// FLUX VAE); `medium` and `tiny` are scaled-down copies of the same structure.
 pub fn preset(name: &str) -> Result<BenchModel> {
     let model = match name {
-        "full" => BenchModel { name: "full", dit: ZImageDitConfig::new(), text: Qwen3Config::new(), vae: VaeConfig::new() },
+        "full" => {
+            BenchModel { name: "full", dit: ZImageDitConfig::new(), text: Qwen3Config::new(), vae: VaeConfig::new() }
+        }
         "medium" => BenchModel {
             name: "medium",
             dit: ZImageDitConfig::new().with_dim(768).with_n_layers(6).with_n_heads(6).with_cap_feat_dim(1024),
@@ -59,7 +61,10 @@ pub fn preset(name: &str) -> Result<BenchModel> {
                 .with_num_key_value_heads(2)
                 .with_head_dim(16)
                 .with_intermediate_size(64),
-            vae: VaeConfig::new().with_block_out_channels(vec![8, 16, 32, 32]).with_layers_per_block(1).with_norm_num_groups(4),
+            vae: VaeConfig::new()
+                .with_block_out_channels(vec![8, 16, 32, 32])
+                .with_layers_per_block(1)
+                .with_norm_num_groups(4),
         },
         other => return Err(EngineError::invalid(format!("unknown bench config {other:?}; use full, medium or tiny"))),
     };
@@ -101,7 +106,12 @@ fn bench_prompt(tokens: usize) -> String {
 }
 
 /// Builds a pipeline with random weights in `dtype`.
-pub fn random_pipeline<B: Backend>(model: &BenchModel, kind: ModelKind, device: &B::Device, dtype: DType) -> Result<ZImagePipeline<B>> {
+pub fn random_pipeline<B: Backend>(
+    model: &BenchModel,
+    kind: ModelKind,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<ZImagePipeline<B>> {
     let mut src = RandomWeights::<B>::new(device, dtype);
     let text = TextEncoder { tokenizer: bench_tokenizer()?, model: Qwen3Encoder::build(&model.text, &mut src)? };
     let vae = Vae::build(&model.vae, &mut src, false)?;
@@ -155,14 +165,22 @@ fn sync<B: Backend>(device: &B::Device) -> Result<()> {
 pub fn peak_host_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
 /// Times one generation stage by stage, `runs` times after one cold run;
 /// reports the fastest warm run's stages.
-pub fn run<B: Backend>(pipe: &ZImagePipeline<B>, req: &GenerateRequest, load: Duration, runs: usize, device_name: &str) -> Result<BenchReport> {
+pub fn run<B: Backend>(
+    pipe: &ZImagePipeline<B>,
+    req: &GenerateRequest,
+    load: Duration,
+    runs: usize,
+    device_name: &str,
+) -> Result<BenchReport> {
     let device = pipe.device.clone();
     let prompt_tokens = pipe.text.tokenizer.encode(&req.prompts[0])?.len();
 
@@ -223,11 +241,19 @@ pub fn table(r: &BenchReport) -> String {
     let mut s = String::new();
     s += &format!("model        {}\n", r.model);
     s += &format!("device       {}\n", r.device);
-    s += &format!("image        {}×{}, {} steps, guidance {}, {} prompt tokens\n", r.width, r.height, r.steps, r.guidance, r.prompt_tokens);
+    s += &format!(
+        "image        {}×{}, {} steps, guidance {}, {} prompt tokens\n",
+        r.width, r.height, r.steps, r.guidance, r.prompt_tokens
+    );
     s += &format!("load         {:10.1} ms\n", r.load_ms);
     s += &format!("first run    {:10.1} ms (cold: kernel compilation, caches)\n", r.first_run_ms);
     s += &format!("text encode  {:10.1} ms\n", r.text_encode_ms);
-    s += &format!("DiT step     {:10.1} ms mean ({} steps: {})\n", r.dit_step_mean_ms, r.dit_step_ms.len(), r.dit_step_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", "));
+    s += &format!(
+        "DiT step     {:10.1} ms mean ({} steps: {})\n",
+        r.dit_step_mean_ms,
+        r.dit_step_ms.len(),
+        r.dit_step_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")
+    );
     s += &format!("VAE decode   {:10.1} ms\n", r.vae_decode_ms);
     s += &format!("end to end   {:10.1} ms (best of {})\n", r.end_to_end_ms, r.runs);
     s += &format!("peak host    {:10.1} MiB\n", r.peak_host_mib);
@@ -235,7 +261,14 @@ pub fn table(r: &BenchReport) -> String {
 }
 
 /// Default request for a benchmark.
-pub fn request(kind: ModelKind, width: u32, height: u32, steps: Option<usize>, guidance: Option<f32>, tokens: usize) -> GenerateRequest {
+pub fn request(
+    kind: ModelKind,
+    width: u32,
+    height: u32,
+    steps: Option<usize>,
+    guidance: Option<f32>,
+    tokens: usize,
+) -> GenerateRequest {
     let mut req = GenerateRequest::new(bench_prompt(tokens), kind);
     req.width = width;
     req.height = height;

@@ -11,7 +11,8 @@ use crate::pipeline::ModelKind;
 use crate::weights::{KeyLayout, TensorStore};
 
 /// The Hugging Face repositories of the two published models.
-pub const HF_REPOS: [(&str, ModelKind); 2] = [("Tongyi-MAI/Z-Image-Turbo", ModelKind::Turbo), ("Tongyi-MAI/Z-Image", ModelKind::Base)];
+pub const HF_REPOS: [(&str, ModelKind); 2] =
+    [("Tongyi-MAI/Z-Image-Turbo", ModelKind::Turbo), ("Tongyi-MAI/Z-Image", ModelKind::Base)];
 
 /// One model found on disk.
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +80,14 @@ pub fn comfyui_roots() -> Vec<PathBuf> {
 /// Checks a model path completely (files, headers, names and shapes) without
 /// loading weights.
 pub fn inspect(path: &Path, source: &str) -> FoundModel {
-    let mut found = FoundModel { path: path.to_path_buf(), source: source.into(), kind: "?".into(), bytes: 0, dtype: "?".into(), problems: Vec::new() };
+    let mut found = FoundModel {
+        path: path.to_path_buf(),
+        source: source.into(),
+        kind: "?".into(),
+        bytes: 0,
+        dtype: "?".into(),
+        problems: Vec::new(),
+    };
     let files = match ModelFiles::locate(path, &ModelOverrides::default()) {
         Ok(f) => f,
         Err(e) => {
@@ -125,7 +133,9 @@ pub fn discover(extra: &[PathBuf]) -> Vec<FoundModel> {
         files.sort();
         for f in files {
             let name = f.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-            if name.ends_with(".safetensors") && (name.contains("z_image") || name.contains("z-image") || name.contains("zimage")) {
+            if name.ends_with(".safetensors")
+                && (name.contains("z_image") || name.contains("z-image") || name.contains("zimage"))
+            {
                 out.push(inspect(&f, "comfyui"));
             }
         }

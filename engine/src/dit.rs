@@ -284,7 +284,8 @@ impl<B: Backend> DitBlock<B> {
                 let m = modulation.forward(adaln.clone()).unsqueeze_dim::<3>(1);
                 let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 3>; 4] =
                     m.chunk(4, 2).try_into().expect("4 chunks");
-                let attn = self.attention.forward(self.attention_norm1.forward(x.clone()) * (scale_msa + 1.0), rope, mask);
+                let attn =
+                    self.attention.forward(self.attention_norm1.forward(x.clone()) * (scale_msa + 1.0), rope, mask);
                 let x = x + gate_msa.tanh() * self.attention_norm2.forward(attn);
                 let ffn = self.feed_forward.forward(self.ffn_norm1.forward(x.clone()) * (scale_mlp + 1.0));
                 x + gate_mlp.tanh() * self.ffn_norm2.forward(ffn)
@@ -419,7 +420,13 @@ impl<B: Backend> ZImageDit<B> {
             context_refiner: blocks(src, "context_refiner", cfg.n_refiner_layers, false)?,
             layers: blocks(src, "layers", cfg.n_layers, true)?,
             final_layer: FinalLayer {
-                modulation: linear(src, &format!("all_final_layer.{key}.adaLN_modulation.1"), cfg.adaln_dim(), d, true)?,
+                modulation: linear(
+                    src,
+                    &format!("all_final_layer.{key}.adaLN_modulation.1"),
+                    cfg.adaln_dim(),
+                    d,
+                    true,
+                )?,
                 linear: linear(src, &format!("all_final_layer.{key}.linear"), d, cfg.patch_features(), true)?,
             },
         })
@@ -432,7 +439,13 @@ impl<B: Backend> ZImageDit<B> {
     /// - `captions`: per item `[L_i, cap_feat_dim]` text features (lengths may differ).
     ///
     /// Returns `[B, C, H, W]` in the compute dtype.
-    pub fn forward(&self, cfg: &ZImageDitConfig, x: Tensor<B, 4>, t: Tensor<B, 1>, captions: &[Tensor<B, 2>]) -> Result<Tensor<B, 4>> {
+    pub fn forward(
+        &self,
+        cfg: &ZImageDitConfig,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        captions: &[Tensor<B, 2>],
+    ) -> Result<Tensor<B, 4>> {
         self.forward_traced(cfg, x, t, captions, &mut |_, _| {})
     }
 
@@ -487,8 +500,7 @@ impl<B: Backend> ZImageDit<B> {
         let img_ids: Vec<Vec<[usize; 3]>> = cap_padded
             .iter()
             .map(|&lc| {
-                let mut ids: Vec<[usize; 3]> =
-                    (0..hp).flat_map(|r| (0..wp).map(move |col| [lc + 1, r, col])).collect();
+                let mut ids: Vec<[usize; 3]> = (0..hp).flat_map(|r| (0..wp).map(move |col| [lc + 1, r, col])).collect();
                 ids.resize(n_img_padded, [0, 0, 0]);
                 ids
             })
@@ -515,8 +527,10 @@ impl<B: Backend> ZImageDit<B> {
         }
         let mut cap = Tensor::stack::<3>(caps, 0);
         trace("cap_embed", &cap);
-        let cap_ids: Vec<Vec<[usize; 3]>> =
-            cap_padded.iter().map(|&lc| (0..cap_max).map(|j| if j < lc { [1 + j, 0, 0] } else { [0, 0, 0] }).collect()).collect();
+        let cap_ids: Vec<Vec<[usize; 3]>> = cap_padded
+            .iter()
+            .map(|&lc| (0..cap_max).map(|j| if j < lc { [1 + j, 0, 0] } else { [0, 0, 0] }).collect())
+            .collect();
         let cap_rope = Rope::new(&cap_ids, cfg, &device);
         let cap_mask = key_mask::<B>(&cap_padded, cap_max, &device);
         for (i, block) in self.context_refiner.iter().enumerate() {

@@ -18,7 +18,7 @@ use crate::pipeline::{ModelKind, ZImagePipeline};
 use crate::qwen3::{Qwen3Config, Qwen3Encoder};
 use crate::text::{PromptTokenizer, TextEncoder};
 use crate::vae::{Vae, VaeConfig};
-use crate::weights::{check_plan, refuse_pickle, Checkpoint, KeyLayout, ShapePlan, TensorStore};
+use crate::weights::{check_plan, component_files, refuse_pickle, Checkpoint, KeyLayout, ShapePlan, TensorStore};
 
 /// Where each component of a model lives on disk.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,37 +56,15 @@ fn not_found(path: &Path, what: &str) -> EngineError {
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::BadConfig { path: path.to_path_buf(), reason: format!("not valid JSON ({e})") })
+    serde_json::from_str(&text)
+        .map_err(|e| EngineError::BadConfig { path: path.to_path_buf(), reason: format!("not valid JSON ({e})") })
 }
 
-/// Shard list of a diffusers component folder (index.json or single file).
+/// A diffusers component folder: its shards and its config.json.
 fn component_in_dir(dir: &Path, stem: &str) -> Result<ComponentFiles> {
-    if !dir.is_dir() {
-        return Err(not_found(dir, "component folder is missing"));
-    }
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    let files = if index.is_file() {
-        crate::weights::shards_from_index(&index)?
-    } else if dir.join(format!("{stem}.safetensors")).is_file() {
-        vec![dir.join(format!("{stem}.safetensors"))]
-    } else {
-        // Same rules and messages as TensorStore::open_dir (pickles refused, etc.).
-        TensorStore::open_dir(dir, stem)?;
-        safetensors_in(dir)?
-    };
+    let files = component_files(dir, stem)?;
     let config = Some(dir.join("config.json")).filter(|p| p.is_file());
     Ok(ComponentFiles { files, config })
-}
-
-/// The `.safetensors` files of a folder, sorted.
-fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    found.sort();
-    Ok(found)
 }
 
 impl ModelFiles {
@@ -96,7 +74,8 @@ impl ModelFiles {
             return Err(not_found(path, "no such file or folder"));
         }
         refuse_pickle(path)?;
-        let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        let name =
+            path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
         if path.is_dir() {
             Self::diffusers(path, name, overrides)
         } else {
@@ -168,7 +147,9 @@ impl ModelFiles {
         };
         let vae = match o.vae.clone().or_else(|| find("vae", &["ae", "flux", "vae"])) {
             Some(p) => single_component(&p)?,
-            None => return Err(not_found(file, "single-file model: no VAE found; pass --vae (e.g. vae/ae.safetensors)")),
+            None => {
+                return Err(not_found(file, "single-file model: no VAE found; pass --vae (e.g. vae/ae.safetensors)"))
+            }
         };
         let tokenizer = match &o.tokenizer {
             Some(t) => tokenizer_file(t)?,
@@ -180,7 +161,13 @@ impl ModelFiles {
             }
         };
         let lower = name.to_lowercase();
-        let shift = if lower.contains("turbo") { 3.0 } else if lower.contains("z_image") || lower.contains("z-image") { 6.0 } else { 3.0 };
+        let shift = if lower.contains("turbo") {
+            3.0
+        } else if lower.contains("z_image") || lower.contains("z-image") {
+            6.0
+        } else {
+            3.0
+        };
         let default_size = default_size(&vae)?;
         Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift, default_size })
     }
@@ -218,7 +205,10 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(arg));
     };
     if !BUILTIN_MODELS.contains(&arg) {
-        return Err(EngineError::invalid(format!("unknown built-in model {arg:?}; the built-in models are {}", BUILTIN_MODELS.join(", "))));
+        return Err(EngineError::invalid(format!(
+            "unknown built-in model {arg:?}; the built-in models are {}",
+            BUILTIN_MODELS.join(", ")
+        )));
     }
     let candidates = asset_dirs();
     for root in &candidates {
@@ -252,7 +242,14 @@ pub fn asset_dirs() -> Vec<PathBuf> {
 fn single_component(path: &Path) -> Result<ComponentFiles> {
     refuse_pickle(path)?;
     if path.is_dir() {
-        return Ok(ComponentFiles { files: safetensors_in(path)?, config: Some(path.join("config.json")).filter(|p| p.is_file()) });
+        let stem = if path.join("diffusion_pytorch_model.safetensors").exists()
+            || path.join("diffusion_pytorch_model.safetensors.index.json").exists()
+        {
+            "diffusion_pytorch_model"
+        } else {
+            "model"
+        };
+        return component_in_dir(path, stem);
     }
     if !path.is_file() {
         return Err(not_found(path, "no such file"));
@@ -277,7 +274,10 @@ fn scheduler_shift(path: &Path) -> Result<f32> {
     }
     let json = read_json(path)?;
     if json.get("use_dynamic_shifting").and_then(|v| v.as_bool()) == Some(true) {
-        return Err(EngineError::BadConfig { path: path.to_path_buf(), reason: "use_dynamic_shifting=true is not supported by Z-Image".into() });
+        return Err(EngineError::BadConfig {
+            path: path.to_path_buf(),
+            reason: "use_dynamic_shifting=true is not supported by Z-Image".into(),
+        });
     }
     let shift = json.get("shift").and_then(|v| v.as_f64()).unwrap_or(1.0);
     if !(shift.is_finite() && shift > 0.0) {
@@ -325,7 +325,8 @@ fn dit_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) -
     let x = shape("all_x_embedder.2-1.weight").ok_or_else(|| bad("no x_embedder weight"))?;
     let cap = shape("cap_embedder.0.weight").ok_or_else(|| bad("no cap_embedder weight"))?;
     let head_dim = shape("layers.0.attention.norm_q.weight").map(|s| s[0]).unwrap_or(128);
-    let count = |prefix: &str| (0..).take_while(|i| shape(&format!("{prefix}.{i}.attention_norm1.weight")).is_some()).count();
+    let count =
+        |prefix: &str| (0..).take_while(|i| shape(&format!("{prefix}.{i}.attention_norm1.weight")).is_some()).count();
     let dim = x[0];
     let cfg = ZImageDitConfig::new()
         .with_dim(dim)
@@ -341,7 +342,8 @@ fn dit_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) -
 
 fn qwen_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) -> Result<Qwen3Config> {
     if let Some(cfg) = &files.config {
-        return Qwen3Config::from_transformers_json(&read_json(cfg)?).map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason });
+        return Qwen3Config::from_transformers_json(&read_json(cfg)?)
+            .map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason });
     }
     let shape = |name: &str| store.get(&layout.locate(name).key).map(|t| t.shape.clone());
     let bad = |reason: &str| EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: reason.into() };
@@ -361,7 +363,8 @@ fn qwen_config(files: &ComponentFiles, store: &TensorStore, layout: &KeyLayout) 
 
 fn vae_config(files: &ComponentFiles) -> Result<VaeConfig> {
     match &files.config {
-        Some(cfg) => VaeConfig::from_diffusers_json(&read_json(cfg)?).map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason }),
+        Some(cfg) => VaeConfig::from_diffusers_json(&read_json(cfg)?)
+            .map_err(|reason| EngineError::BadConfig { path: cfg.clone(), reason }),
         // BFL ae.safetensors has no config: it is always the FLUX.1 autoencoder.
         None => Ok(VaeConfig::new()),
     }
@@ -375,7 +378,13 @@ pub struct SharedComponents<B: Backend> {
 }
 
 /// Loads the text encoder (with tokenizer) and the VAE.
-pub fn load_shared<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, with_encoder: bool, progress: LoadProgress<'_>) -> Result<SharedComponents<B>> {
+pub fn load_shared<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+    with_encoder: bool,
+    progress: LoadProgress<'_>,
+) -> Result<SharedComponents<B>> {
     let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
 
     let store = TensorStore::open_files(&files.text_encoder.files)?;
@@ -388,7 +397,10 @@ pub fn load_shared<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DT
             qcfg.vocab_size
         )));
     }
-    let qwen: Qwen3Encoder<B> = load_checked!("text encoder", &store, layout, device, dtype, progress, LoadStage::TextEncoder, |src| Qwen3Encoder::<B>::build(&qcfg, src));
+    let qwen: Qwen3Encoder<B> =
+        load_checked!("text encoder", &store, layout, device, dtype, progress, LoadStage::TextEncoder, |src| {
+            Qwen3Encoder::<B>::build(&qcfg, src)
+        });
     drop(store);
 
     let vcfg = vae_config(&files.vae)?;
@@ -396,8 +408,17 @@ pub fn load_shared<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DT
     let layout = KeyLayout::detect_vae(&store, vcfg.block_out_channels.len())?;
     let has_encoder = store.names().any(|n| n.contains("encoder.conv_in"));
     let with_encoder = with_encoder && has_encoder;
-    let vae: Vae<B> = load_checked!("VAE", &store, layout, device, dtype, progress, LoadStage::Vae, |src| Vae::<B>::build(&vcfg, src, with_encoder));
-    Ok(SharedComponents { text: Arc::new(TextEncoder { tokenizer, model: qwen }), vae: Arc::new(vae), vae_scale: vcfg.scale() })
+    let vae: Vae<B> =
+        load_checked!("VAE", &store, layout, device, dtype, progress, LoadStage::Vae, |src| Vae::<B>::build(
+            &vcfg,
+            src,
+            with_encoder
+        ));
+    Ok(SharedComponents {
+        text: Arc::new(TextEncoder { tokenizer, model: qwen }),
+        vae: Arc::new(vae),
+        vae_scale: vcfg.scale(),
+    })
 }
 
 /// Loads a DiT and joins it with shared components into a pipeline.
@@ -415,10 +436,16 @@ pub fn load_pipeline_with<B: Backend>(
     if cfg.cap_feat_dim != text_dim {
         return Err(EngineError::BadConfig {
             path: files.dit.files[0].clone(),
-            reason: format!("the DiT expects {}-wide text features but the text encoder gives {text_dim}", cfg.cap_feat_dim),
+            reason: format!(
+                "the DiT expects {}-wide text features but the text encoder gives {text_dim}",
+                cfg.cap_feat_dim
+            ),
         });
     }
-    let dit: ZImageDit<B> = load_checked!("DiT", &store, layout, device, dtype, progress, LoadStage::Dit, |src| ZImageDit::<B>::build(&cfg, src));
+    let dit: ZImageDit<B> =
+        load_checked!("DiT", &store, layout, device, dtype, progress, LoadStage::Dit, |src| ZImageDit::<B>::build(
+            &cfg, src
+        ));
     Ok(ZImagePipeline {
         name: files.name.clone(),
         kind: ModelKind::from_shift(files.shift),
@@ -433,7 +460,12 @@ pub fn load_pipeline_with<B: Backend>(
 }
 
 /// Loads a whole model from disk.
-pub fn load_pipeline<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, progress: LoadProgress<'_>) -> Result<ZImagePipeline<B>> {
+pub fn load_pipeline<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+    progress: LoadProgress<'_>,
+) -> Result<ZImagePipeline<B>> {
     let shared = load_shared(files, device, dtype, true, progress)?;
     load_pipeline_with(files, &shared, device, dtype, progress)
 }

@@ -282,14 +282,22 @@ impl<B: Backend> ZImagePipeline<B> {
 
         let total = req.steps - start;
         for i in start..req.steps {
-            let t = Tensor::<B, 1>::from_data(TensorData::new(vec![schedule.model_time(i); b], [b]), (&self.device, DType::F32));
+            let t = Tensor::<B, 1>::from_data(
+                TensorData::new(vec![schedule.model_time(i); b], [b]),
+                (&self.device, DType::F32),
+            );
             let cfg = req.cfg_at(&schedule, i);
             let u = if cfg {
                 if cond.negative.len() != b {
                     return Err(EngineError::invalid("CFG needs negative conditioning"));
                 }
                 let captions: Vec<Tensor<B, 2>> = cond.positive.iter().chain(&cond.negative).cloned().collect();
-                let out = self.dit.forward(&self.dit_config, Tensor::cat(vec![x.clone(), x.clone()], 0), Tensor::cat(vec![t.clone(), t], 0), &captions)?;
+                let out = self.dit.forward(
+                    &self.dit_config,
+                    Tensor::cat(vec![x.clone(), x.clone()], 0),
+                    Tensor::cat(vec![t.clone(), t], 0),
+                    &captions,
+                )?;
                 let out = out.cast(DType::F32);
                 let pos = out.clone().narrow(0, 0, b);
                 let neg = out.narrow(0, b, b);
@@ -329,7 +337,13 @@ impl<B: Backend> ZImagePipeline<B> {
 
     /// img2img: init image → model-space latents sampled from the posterior
     /// (`mean + std·ε`, ε drawn first from the generator).
-    fn encode_image(&self, init: &RgbImage, width: u32, height: u32, generator: &mut TorchGenerator) -> Result<Tensor<B, 4>> {
+    fn encode_image(
+        &self,
+        init: &RgbImage,
+        width: u32,
+        height: u32,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor<B, 4>> {
         let resized;
         let img = if init.width == width && init.height == height {
             init
@@ -346,10 +360,9 @@ impl<B: Backend> ZImagePipeline<B> {
         }
         let image = Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, hh, ww]), (&self.device, DType::F32));
         let vae_dtype = self.vae.decoder.conv_in.weight.val().dtype();
-        let (mean, logvar) = self
-            .vae
-            .encode(image.cast(vae_dtype))
-            .ok_or_else(|| EngineError::invalid("this model was loaded without the VAE encoder, which img2img needs"))?;
+        let (mean, logvar) = self.vae.encode(image.cast(vae_dtype)).ok_or_else(|| {
+            EngineError::invalid("this model was loaded without the VAE encoder, which img2img needs")
+        })?;
         let (mean, logvar) = (mean.cast(DType::F32), logvar.cast(DType::F32));
         let eps = self.randn(generator, mean.dims());
         let z = mean + (logvar * 0.5).exp() * eps;

@@ -184,7 +184,13 @@ impl<B: Backend> Qwen3Encoder<B> {
                         c.hidden_size,
                         c.rms_norm_eps,
                     )?,
-                    mlp: SwiGlu::build(src, &join(&p, "mlp"), ["gate_proj", "up_proj", "down_proj"], c.hidden_size, c.intermediate_size)?,
+                    mlp: SwiGlu::build(
+                        src,
+                        &join(&p, "mlp"),
+                        ["gate_proj", "up_proj", "down_proj"],
+                        c.hidden_size,
+                        c.intermediate_size,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -198,7 +204,9 @@ impl<B: Backend> Qwen3Encoder<B> {
             return Err(EngineError::invalid("no tokens to encode"));
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(EngineError::Tokenizer(format!("token id {bad} is outside the text encoder's vocabulary of {vocab}")));
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the text encoder's vocabulary of {vocab}"
+            )));
         }
         let device = self.embed_tokens.device();
         let idx = Tensor::<B, 1, Int>::from_data(
@@ -234,7 +242,8 @@ impl<B: Backend> RotateHalfRope<B> {
                 sin.push(a.sin());
             }
         }
-        let t = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, len, head_dim]), (device, DType::F32));
+        let t =
+            |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, len, head_dim]), (device, DType::F32));
         Self { cos: t(cos), sin: t(sin) }
     }
 

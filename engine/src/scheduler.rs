@@ -65,7 +65,9 @@ pub fn torch_linspace(start: f64, end: f64, n: usize) -> Vec<f32> {
             let step = (end - start) / (n - 1) as f32;
             let half = n / 2;
             (0..n)
-                .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+                .map(
+                    |i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) },
+                )
                 .collect()
         }
     }

@@ -42,7 +42,10 @@ pub struct PromptTokenizer {
 impl PromptTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(EngineError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+            return Err(EngineError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: cannot read ({e})", path.display())))?;
@@ -66,10 +69,8 @@ impl PromptTokenizer {
     /// right (as the reference, which then loses the template's tail).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         check_length(prompt)?;
-        let encoding = self
-            .inner
-            .encode(chat_template(prompt), true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let encoding =
+            self.inner.encode(chat_template(prompt), true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let mut ids = encoding.get_ids().to_vec();
         ids.truncate(MAX_TOKENS);
         Ok(ids)

@@ -57,7 +57,9 @@ impl VaeConfig {
         }
         let groups = int("norm_num_groups", 32);
         if blocks.is_empty() || groups == 0 || blocks.iter().any(|c| c % groups != 0) {
-            return Err(format!("block_out_channels {blocks:?} must be non-empty multiples of norm_num_groups {groups}"));
+            return Err(format!(
+                "block_out_channels {blocks:?} must be non-empty multiples of norm_num_groups {groups}"
+            ));
         }
         Ok(VaeConfig::new()
             .with_in_channels(int("in_channels", 3))
@@ -287,7 +289,8 @@ impl<B: Backend> Vae<B> {
             let resnets = (0..=c.layers_per_block)
                 .map(|j| ResnetBlock::build(src, &format!("{p}.resnets.{j}"), if j == 0 { prev } else { out }, out, g))
                 .collect::<Result<Vec<_>>>()?;
-            let upsample = if i + 1 < levels { Some(conv3(src, &format!("{p}.upsamplers.0.conv"), out, out)?) } else { None };
+            let upsample =
+                if i + 1 < levels { Some(conv3(src, &format!("{p}.upsamplers.0.conv"), out, out)?) } else { None };
             up_blocks.push(UpBlock { resnets, upsample });
             prev = out;
         }
@@ -305,11 +308,21 @@ impl<B: Backend> Vae<B> {
             for (i, &out) in c.block_out_channels.iter().enumerate() {
                 let p = format!("encoder.down_blocks.{i}");
                 let resnets = (0..c.layers_per_block)
-                    .map(|j| ResnetBlock::build(src, &format!("{p}.resnets.{j}"), if j == 0 { prev } else { out }, out, g))
+                    .map(|j| {
+                        ResnetBlock::build(src, &format!("{p}.resnets.{j}"), if j == 0 { prev } else { out }, out, g)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 // Downsample pads (0, 1, 0, 1) then a 3×3 stride-2 conv without padding.
                 let downsample = if i + 1 < levels {
-                    Some(conv(src, &format!("{p}.downsamplers.0.conv"), out, out, 3, 2, PaddingConfig2d::Explicit(0, 0, 1, 1))?)
+                    Some(conv(
+                        src,
+                        &format!("{p}.downsamplers.0.conv"),
+                        out,
+                        out,
+                        3,
+                        2,
+                        PaddingConfig2d::Explicit(0, 0, 1, 1),
+                    )?)
                 } else {
                     None
                 };

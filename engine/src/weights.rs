@@ -29,30 +29,58 @@ use crate::error::{EngineError, Result};
 /// means a corrupt or hostile file.
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
-/// Element types found in checkpoints we can read.
+/// Element types a safetensors header may declare. Float types are weights;
+/// integer and bool tensors are accepted in a file (ComfyUI stores per-layer
+/// quantisation configs as `U8`) but refused as weights by [`check_plan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoredDtype {
     F32,
     F16,
     BF16,
     F64,
+    /// `torch.float8_e4m3fn` (ComfyUI fp8 checkpoints), optionally scaled.
+    F8E4M3,
+    /// `torch.float8_e5m2`.
+    F8E5M2,
+    Bool,
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
 }
 
 impl StoredDtype {
-    fn parse(s: &str) -> Option<Self> {
+    /// The safetensors dtype string (`"F8_E4M3"`, …).
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "F32" => Self::F32,
             "F16" => Self::F16,
             "BF16" => Self::BF16,
             "F64" => Self::F64,
+            "F8_E4M3" => Self::F8E4M3,
+            "F8_E5M2" => Self::F8E5M2,
+            "BOOL" => Self::Bool,
+            "U8" => Self::U8,
+            "I8" => Self::I8,
+            "U16" => Self::U16,
+            "I16" => Self::I16,
+            "U32" => Self::U32,
+            "I32" => Self::I32,
+            "U64" => Self::U64,
+            "I64" => Self::I64,
             _ => return None,
         })
     }
     pub fn size(self) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::F64 => 8,
+            Self::F8E4M3 | Self::F8E5M2 | Self::Bool | Self::U8 | Self::I8 => 1,
+            Self::F16 | Self::BF16 | Self::U16 | Self::I16 => 2,
+            Self::F32 | Self::U32 | Self::I32 => 4,
+            Self::F64 | Self::U64 | Self::I64 => 8,
         }
     }
     pub fn name(self) -> &'static str {
@@ -61,7 +89,25 @@ impl StoredDtype {
             Self::F16 => "f16",
             Self::BF16 => "bf16",
             Self::F64 => "f64",
+            Self::F8E4M3 => "fp8_e4m3fn",
+            Self::F8E5M2 => "fp8_e5m2",
+            Self::Bool => "bool",
+            Self::U8 => "u8",
+            Self::I8 => "i8",
+            Self::U16 => "u16",
+            Self::I16 => "i16",
+            Self::U32 => "u32",
+            Self::I32 => "i32",
+            Self::U64 => "u64",
+            Self::I64 => "i64",
         }
+    }
+    /// Whether values of this type can be model weights.
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16 | Self::F64 | Self::F8E4M3 | Self::F8E5M2)
+    }
+    pub fn is_fp8(self) -> bool {
+        matches!(self, Self::F8E4M3 | Self::F8E5M2)
     }
 }
 
@@ -79,6 +125,8 @@ pub struct TensorInfo {
 pub struct TensorStore {
     files: Vec<(PathBuf, Mmap)>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// The string entries of every file's `__metadata__` (later files win).
+    metadata: BTreeMap<String, String>,
 }
 
 /// Refuses pickle-based checkpoints by extension, before opening them.
@@ -93,56 +141,17 @@ pub fn refuse_pickle(path: &Path) -> Result<()> {
 impl TensorStore {
     /// Opens one or more safetensors files as one component.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut store = TensorStore { files: Vec::new(), tensors: BTreeMap::new() };
+        let mut store = TensorStore { files: Vec::new(), tensors: BTreeMap::new(), metadata: BTreeMap::new() };
         for path in paths {
             store.add_file(path)?;
         }
+        store.check_fp8_scales()?;
         Ok(store)
     }
 
-    /// Opens a component folder: `{stem}.safetensors.index.json` with its
-    /// shards, or a single `{stem}.safetensors`, or the only `*.safetensors`
-    /// file present.
+    /// Opens a component folder (see [`component_files`]).
     pub fn open_dir(dir: &Path, stem: &str) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "folder not found")));
-        }
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        if index.is_file() {
-            return Self::open_files(&shards_from_index(&index)?);
-        }
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Self::open_files(&[single]);
-        }
-        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| EngineError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        found.sort();
-        if found.len() == 1 {
-            return Self::open_files(&found);
-        }
-        let pickles: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| EngineError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| refuse_pickle(p).is_err())
-            .collect();
-        if let Some(p) = pickles.first() {
-            return Err(EngineError::PickleRefused { path: p.clone() });
-        }
-        Err(EngineError::io(
-            dir,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                if found.is_empty() {
-                    format!("no {stem}.safetensors (or its .index.json) in this folder")
-                } else {
-                    format!("{} .safetensors files but no {stem}.safetensors.index.json saying how they fit", found.len())
-                },
-            ),
-        ))
+        Self::open_files(&component_files(dir, stem)?)
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
@@ -169,11 +178,22 @@ impl TensorStore {
         let file_index = self.files.len();
         for (name, entry) in header {
             if name == "__metadata__" {
+                // safetensors metadata is a string → string map; other values are ignored.
+                if let Some(map) = entry.as_object() {
+                    for (k, v) in map {
+                        if let Some(v) = v.as_str() {
+                            self.metadata.insert(k.clone(), v.to_string());
+                        }
+                    }
+                }
                 continue;
             }
             let dtype_str = entry.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
-            let dtype = StoredDtype::parse(dtype_str)
-                .ok_or_else(|| bad(format!("tensor {name} has dtype {dtype_str}, which is not supported (f32, f16, bf16, f64)")))?;
+            let dtype = StoredDtype::parse(dtype_str).ok_or_else(|| {
+                bad(format!(
+                    "tensor {name} has dtype {dtype_str}, which is not supported (f32, f16, bf16, f64, fp8 e4m3/e5m2)"
+                ))
+            })?;
             let shape: Vec<usize> = entry
                 .get("shape")
                 .and_then(|v| v.as_array())
@@ -209,6 +229,68 @@ impl TensorStore {
         Ok(())
     }
 
+    /// Every fp8 weight with a scale must have exactly one (per-tensor)
+    /// float scale value, ComfyUI's convention; anything else would be
+    /// dequantised wrongly, so it is refused when the files are opened.
+    fn check_fp8_scales(&self) -> Result<()> {
+        for (name, info) in &self.tensors {
+            if !info.dtype.is_fp8() {
+                continue;
+            }
+            let Some(key) = self.scale_key(name) else { continue };
+            let scale = &self.tensors[key];
+            let numel: usize = scale.shape.iter().product();
+            if numel != 1 || !scale.dtype.is_float() || scale.dtype.is_fp8() {
+                return Err(EngineError::BadSafetensors {
+                    path: self.files[scale.file].0.clone(),
+                    reason: format!(
+                        "fp8 scale {key} is {} with shape {:?}; only one f32/f16/bf16 value per tensor is supported",
+                        scale.dtype.name(),
+                        scale.shape
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-tensor scale tensor of an fp8 weight, if the files have one.
+    fn scale_key(&self, weight_key: &str) -> Option<&str> {
+        let keys = crate::fp8::scale_keys(weight_key)?;
+        keys.into_iter().find_map(|k| self.tensors.get_key_value(&k).map(|(k, _)| k.as_str()))
+    }
+
+    /// The factor an fp8 weight is multiplied by when dequantised (1 without a scale tensor).
+    pub fn fp8_scale(&self, weight_key: &str) -> f32 {
+        match self.scale_key(weight_key) {
+            Some(key) => {
+                let info = &self.tensors[key];
+                decode_f32(info.dtype, self.raw(info)).first().copied().unwrap_or(1.0)
+            }
+            None => 1.0,
+        }
+    }
+
+    /// The files' `__metadata__` strings (LoRA training info, quantisation configs).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Memory the weights need kept in fp8, as bf16 and as f32 (scales,
+    /// markers and other non-weight tensors excluded).
+    pub fn memory_estimate(&self) -> crate::fp8::MemoryEstimate {
+        let mut m = crate::fp8::MemoryEstimate::default();
+        for (name, info) in &self.tensors {
+            if !info.dtype.is_float() || crate::fp8::is_quant_aux(name) {
+                continue;
+            }
+            let numel = info.shape.iter().product::<usize>() as u64;
+            let has_scale = info.dtype.is_fp8() && self.scale_key(name).is_some();
+            m.add_weight(numel, info.bytes.len() as u64, info.dtype.is_fp8(), has_scale);
+        }
+        m
+    }
+
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.get(name)
     }
@@ -242,22 +324,20 @@ impl TensorStore {
         &self.files[info.file].1[info.bytes.clone()]
     }
 
-    /// Reads a tensor (or rows `rows` of its first dimension) converted to f32.
+    /// Reads a tensor (or rows `rows` of its first dimension) converted to
+    /// f32. fp8 weights are dequantised: decoded exactly, then multiplied by
+    /// their per-tensor scale when the files have one (ComfyUI `scaled_fp8`).
     pub fn read_f32(&self, name: &str, rows: Option<Range<usize>>) -> Option<Vec<f32>> {
         let info = self.tensors.get(name)?;
         let bytes = slice_rows(self.raw(info), info, rows);
-        Some(match info.dtype {
-            StoredDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            StoredDtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect()
+        let mut values = decode_f32(info.dtype, bytes);
+        if info.dtype.is_fp8() {
+            let scale = self.fp8_scale(name);
+            if scale != 1.0 {
+                values.iter_mut().for_each(|v| *v *= scale);
             }
-            StoredDtype::F16 => {
-                bytes.chunks_exact(2).map(|b| f16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect()
-            }
-            StoredDtype::F64 => {
-                bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
-            }
-        })
+        }
+        Some(values)
     }
 
     /// Reads a tensor converted to bf16 (no f32 copy when stored as bf16).
@@ -265,9 +345,73 @@ impl TensorStore {
         let info = self.tensors.get(name)?;
         if info.dtype == StoredDtype::BF16 {
             let bytes = slice_rows(self.raw(info), info, rows);
-            return Some(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes(b.try_into().unwrap())).collect());
+            return Some(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect());
         }
         Some(self.read_f32(name, rows)?.into_iter().map(bf16::from_f32).collect())
+    }
+}
+
+/// The safetensors files of a component folder: the shards listed by
+/// `{stem}.safetensors.index.json`, or `{stem}.safetensors`, or the only
+/// `*.safetensors` file present. Pickle files are refused by name.
+pub fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "folder not found")));
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if index.is_file() {
+        return shards_from_index(&index);
+    }
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut found: Vec<PathBuf> =
+        entries.iter().filter(|p| p.extension().is_some_and(|x| x == "safetensors")).cloned().collect();
+    found.sort();
+    if found.len() == 1 {
+        return Ok(found);
+    }
+    if let Some(p) = entries.iter().find(|p| refuse_pickle(p).is_err()) {
+        return Err(EngineError::PickleRefused { path: p.clone() });
+    }
+    Err(EngineError::io(
+        dir,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            if found.is_empty() {
+                format!("no {stem}.safetensors (or its .index.json) in this folder")
+            } else {
+                format!("{} .safetensors files but no {stem}.safetensors.index.json saying how they fit", found.len())
+            },
+        ),
+    ))
+}
+
+/// Little-endian bytes of `dtype` → f32 (fp8 decoded exactly, integers by value).
+fn decode_f32(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
+    fn le<const N: usize>(b: &[u8]) -> [u8; N] {
+        let mut out = [0u8; N];
+        out.copy_from_slice(b);
+        out
+    }
+    match dtype {
+        StoredDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(le(b))).collect(),
+        StoredDtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes(le(b)).to_f32()).collect(),
+        StoredDtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes(le(b)).to_f32()).collect(),
+        StoredDtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::F8E4M3 => bytes.iter().map(|&b| crate::fp8::e4m3fn_to_f32(b)).collect(),
+        StoredDtype::F8E5M2 => bytes.iter().map(|&b| crate::fp8::e5m2_to_f32(b)).collect(),
+        StoredDtype::Bool | StoredDtype::U8 => bytes.iter().map(|&b| b as f32).collect(),
+        StoredDtype::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
+        StoredDtype::U16 => bytes.chunks_exact(2).map(|b| u16::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::I16 => bytes.chunks_exact(2).map(|b| i16::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::U32 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::U64 => bytes.chunks_exact(8).map(|b| u64::from_le_bytes(le(b)) as f32).collect(),
+        StoredDtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(le(b)) as f32).collect(),
     }
 }
 
@@ -298,7 +442,10 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     for (i, s) in shards.iter().enumerate() {
         if s.contains("..") || s.contains('/') || s.contains('\\') {
-            return Err(EngineError::BadConfig { path: index.to_path_buf(), reason: format!("shard name {s:?} points outside the folder") });
+            return Err(EngineError::BadConfig {
+                path: index.to_path_buf(),
+                reason: format!("shard name {s:?} points outside the folder"),
+            });
         }
         if !dir.join(s).is_file() {
             missing.push(format!("shard {} of {n} ({s}) is missing", i + 1));
@@ -339,9 +486,11 @@ impl KeyLayout {
         match self {
             KeyLayout::Prefixed(p) => plain(format!("{p}{name}")),
             KeyLayout::ComfyDit { prefix } => {
-                let name = name
-                    .replacen("all_x_embedder.2-1.", "x_embedder.", 1)
-                    .replacen("all_final_layer.2-1.", "final_layer.", 1);
+                let name = name.replacen("all_x_embedder.2-1.", "x_embedder.", 1).replacen(
+                    "all_final_layer.2-1.",
+                    "final_layer.",
+                    1,
+                );
                 for (i, q) in ["to_q", "to_k", "to_v"].iter().enumerate() {
                     if let Some(head) = name.strip_suffix(&format!("attention.{q}.weight")) {
                         return Located { key: format!("{prefix}{head}attention.qkv.weight"), chunk: Some((i, 3)) };
@@ -368,7 +517,10 @@ impl KeyLayout {
                 return Ok(KeyLayout::ComfyDit { prefix: prefix.into() });
             }
         }
-        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "a Z-Image DiT") })
+        Err(EngineError::UnknownLayout {
+            path: store.path().to_path_buf(),
+            reason: describe_foreign(store, "a Z-Image DiT"),
+        })
     }
 
     /// Guesses the layout of a VAE checkpoint from its keys.
@@ -383,7 +535,10 @@ impl KeyLayout {
                 }
             }
         }
-        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "an autoencoder (VAE)") })
+        Err(EngineError::UnknownLayout {
+            path: store.path().to_path_buf(),
+            reason: describe_foreign(store, "an autoencoder (VAE)"),
+        })
     }
 
     /// Guesses the layout of a Qwen3 text-encoder checkpoint from its keys.
@@ -393,7 +548,10 @@ impl KeyLayout {
                 return Ok(KeyLayout::Prefixed(prefix.into()));
             }
         }
-        Err(EngineError::UnknownLayout { path: store.path().to_path_buf(), reason: describe_foreign(store, "a Qwen3 text encoder") })
+        Err(EngineError::UnknownLayout {
+            path: store.path().to_path_buf(),
+            reason: describe_foreign(store, "a Qwen3 text encoder"),
+        })
     }
 }
 
@@ -528,12 +686,22 @@ fn shape_serves(stored: &[usize], requested: &[usize]) -> bool {
 }
 
 /// Checks every planned parameter against a store; all problems in one error.
-pub fn check_plan(component: &str, plan: &[(String, Vec<usize>)], store: &TensorStore, layout: &KeyLayout) -> Result<()> {
+pub fn check_plan(
+    component: &str,
+    plan: &[(String, Vec<usize>)],
+    store: &TensorStore,
+    layout: &KeyLayout,
+) -> Result<()> {
     let mut problems = Vec::new();
     for (name, shape) in plan {
         let loc = layout.locate(name);
         match store.get(&loc.key) {
             None => problems.push(format!("missing tensor {}", loc.key)),
+            Some(info) if !info.dtype.is_float() => problems.push(format!(
+                "{} is stored as {}, not as floating-point weights (unsupported quantisation)",
+                loc.key,
+                info.dtype.name()
+            )),
             Some(info) => {
                 let mut stored = info.shape.clone();
                 if let Some((_, n)) = loc.chunk {
@@ -614,10 +782,19 @@ mod tests {
             l.locate("layers.3.attention.to_k.weight"),
             Located { key: "model.diffusion_model.layers.3.attention.qkv.weight".into(), chunk: Some((1, 3)) }
         );
-        assert_eq!(l.locate("layers.0.attention.to_out.0.weight").key, "model.diffusion_model.layers.0.attention.out.weight");
-        assert_eq!(l.locate("noise_refiner.1.attention.norm_q.weight").key, "model.diffusion_model.noise_refiner.1.attention.q_norm.weight");
+        assert_eq!(
+            l.locate("layers.0.attention.to_out.0.weight").key,
+            "model.diffusion_model.layers.0.attention.out.weight"
+        );
+        assert_eq!(
+            l.locate("noise_refiner.1.attention.norm_q.weight").key,
+            "model.diffusion_model.noise_refiner.1.attention.q_norm.weight"
+        );
         assert_eq!(l.locate("all_x_embedder.2-1.bias").key, "model.diffusion_model.x_embedder.bias");
-        assert_eq!(l.locate("all_final_layer.2-1.linear.weight").key, "model.diffusion_model.final_layer.linear.weight");
+        assert_eq!(
+            l.locate("all_final_layer.2-1.linear.weight").key,
+            "model.diffusion_model.final_layer.linear.weight"
+        );
         assert_eq!(l.locate("cap_pad_token").key, "model.diffusion_model.cap_pad_token");
     }
 
@@ -625,10 +802,19 @@ mod tests {
     fn bfl_vae_layout_reverses_up_blocks_and_renames_attention() {
         let l = KeyLayout::BflVae { prefix: String::new(), up_blocks: 4 };
         assert_eq!(l.locate("decoder.up_blocks.0.resnets.2.conv1.weight").key, "decoder.up.3.block.2.conv1.weight");
-        assert_eq!(l.locate("decoder.up_blocks.3.resnets.0.conv_shortcut.bias").key, "decoder.up.0.block.0.nin_shortcut.bias");
+        assert_eq!(
+            l.locate("decoder.up_blocks.3.resnets.0.conv_shortcut.bias").key,
+            "decoder.up.0.block.0.nin_shortcut.bias"
+        );
         assert_eq!(l.locate("decoder.up_blocks.1.upsamplers.0.conv.weight").key, "decoder.up.2.upsample.conv.weight");
-        assert_eq!(l.locate("encoder.down_blocks.2.downsamplers.0.conv.weight").key, "encoder.down.2.downsample.conv.weight");
-        assert_eq!(l.locate("decoder.mid_block.attentions.0.to_out.0.weight").key, "decoder.mid.attn_1.proj_out.weight");
+        assert_eq!(
+            l.locate("encoder.down_blocks.2.downsamplers.0.conv.weight").key,
+            "encoder.down.2.downsample.conv.weight"
+        );
+        assert_eq!(
+            l.locate("decoder.mid_block.attentions.0.to_out.0.weight").key,
+            "decoder.mid.attn_1.proj_out.weight"
+        );
         assert_eq!(l.locate("decoder.mid_block.resnets.1.norm2.weight").key, "decoder.mid.block_2.norm2.weight");
         assert_eq!(l.locate("encoder.conv_norm_out.bias").key, "encoder.norm_out.bias");
     }

@@ -26,8 +26,10 @@ pub struct Reference {
 impl Reference {
     pub fn load() -> Self {
         let dir = fixtures();
-        let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors (run tests/fixtures/generate.py)");
-        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json")).expect("json");
+        let bytes = std::fs::read(dir.join("reference.safetensors"))
+            .expect("reference.safetensors (run tests/fixtures/generate.py)");
+        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
+            .expect("json");
         Self { bytes, json }
     }
 

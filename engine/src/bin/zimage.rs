@@ -23,7 +23,12 @@ use zimage_engine::preview::RgbImage;
 use zimage_engine::text::MAX_TOKENS;
 
 #[derive(Parser)]
-#[command(name = "zimage", version, about = "Z-Image text-to-image on the command line (Turbo and Base)", args_override_self = true)]
+#[command(
+    name = "zimage",
+    version,
+    about = "Z-Image text-to-image on the command line (Turbo and Base)",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -230,8 +235,20 @@ fn run(cli: Cli) -> Result<()> {
                 println!("no Z-Image model found (looked in the Hugging Face cache and ComfyUI folders); the built-in demo-turbo and demo-base always work");
             } else {
                 for m in &found {
-                    let state = if m.complete() { "complete".to_string() } else { format!("INCOMPLETE: {}", m.problems.join("; ")) };
-                    println!("{:6} {:9} {:>9.2} GB {:5} {}  {}", m.kind, m.source, m.bytes as f64 / 1e9, m.dtype, m.path.display(), state);
+                    let state = if m.complete() {
+                        "complete".to_string()
+                    } else {
+                        format!("INCOMPLETE: {}", m.problems.join("; "))
+                    };
+                    println!(
+                        "{:6} {:9} {:>9.2} GB {:5} {}  {}",
+                        m.kind,
+                        m.source,
+                        m.bytes as f64 / 1e9,
+                        m.dtype,
+                        m.path.display(),
+                        state
+                    );
                 }
             }
             Ok(())
