@@ -301,3 +301,21 @@ fn comfyui_single_files_load_and_match() {
     assert_eq!(a.latents, b.latents, "single-file and diffusers layouts give identical latents");
     assert_eq!(a.images, b.images);
 }
+
+/// Returning `false` from the step callback stops the run at that step
+/// boundary with `Cancelled`; previews are the x0 estimate at latent size.
+#[test]
+fn cancel_stops_at_the_step_boundary_and_previews_have_latent_size() {
+    let pipe = load("tiny-turbo");
+    let mut req = GenerateRequest::new("a photo of a cat", pipe.kind);
+    (req.width, req.height) = (64, 48);
+    let mut seen = 0;
+    let result = pipe.generate(&req, true, &mut |p| {
+        seen = p.done;
+        assert_eq!((p.previews[0].width, p.previews[0].height), (8, 6));
+        assert_eq!(p.previews[0].pixels.len(), 8 * 6 * 3);
+        p.done < 3
+    });
+    assert!(matches!(result, Err(zimage_engine::EngineError::Cancelled)), "{:?}", result.err());
+    assert_eq!(seen, 3, "no step runs after the cancel");
+}
