@@ -137,7 +137,7 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
     let base = app.history.get(&b).unwrap();
     assert_eq!(base.slot, ModelSlot::Base);
     assert_eq!(base.parent.as_deref(), Some(turbo.as_str()), "lineage");
-    assert_eq!(base.meta.strength, Some(0.6));
+    assert!((base.meta.strength.unwrap() - 0.6).abs() < 1e-6, "{:?}", base.meta.strength);
     assert_eq!(base.meta.parent.as_deref(), Some(turbo.as_str()));
     assert!(app.images.texture(&t).is_some() && app.images.texture(&b).is_some(), "both shown");
     h.get_by_label_contains("Left: Turbo #");
@@ -166,7 +166,7 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
 fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
-    let mut h = start_and_type(dir.path(), "ein Fuchs im Schnee 🦊");
+    let mut h = start_and_type(dir.path(), "ein Fuchs über Schnee, ½ Mond");
     h.key_press_modifiers(Modifiers::COMMAND, Key::S);
     h.step();
     let saved: Vec<_> = std::fs::read_dir(dir.path().join("saved")).unwrap().map(|e| e.unwrap().path()).collect();
@@ -175,7 +175,7 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     let app = h.state();
     let entry = app.history.get(app.selected.as_ref().unwrap()).unwrap();
     assert_eq!(meta, entry.meta);
-    assert_eq!(meta.prompt, "ein Fuchs im Schnee 🦊");
+    assert_eq!(meta.prompt, "ein Fuchs über Schnee, ½ Mond");
     let chunks = metadata::png_text_chunks(&std::fs::read(&saved[0]).unwrap()).unwrap();
     assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("Steps: 8")), "A1111 parameters chunk");
     let img = image::open(&saved[0]).unwrap();
@@ -232,7 +232,7 @@ fn an_engine_failure_shows_an_error_and_the_next_job_works() {
     h.state_mut().engine.inject_panic();
     type_text(&mut h, "doomed");
     wait_until(&mut h, "the error", |a| matches!(a.live_status, LiveStatus::Error(_)));
-    h.get_all_by_label_contains("crashed");
+    assert!(h.get_all_by_label_contains("crashed").count() >= 1);
     wait_until(&mut h, "the restarted engine", models_ready);
     type_text(&mut h, " but fine");
     wait_until(&mut h, "the next image", live_done);
@@ -297,13 +297,10 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     h.step();
     h.key_press(Key::K);
     h.step();
-    h.key_press(Key::ArrowRight);
-    h.step();
-    h.key_press(Key::X);
-    h.step();
-    h.key_press(Key::ArrowRight);
-    h.step();
-    h.key_press(Key::S);
+    // Keys that arrive within one frame still apply in order.
+    for k in [Key::ArrowRight, Key::X, Key::ArrowRight, Key::S] {
+        h.key_press(k);
+    }
     h.step();
     let marks: Vec<Mark> = h.state().variations.iter().map(|c| h.state().history.get(c.id.as_ref().unwrap()).unwrap().mark).collect();
     assert_eq!(marks, vec![Mark::Kept, Mark::Rejected, Mark::Starred]);

@@ -7,9 +7,13 @@
 #   $OUT/2-live.png     the finished live image
 #   $OUT/3-compare.png  Turbo vs Base after the refine
 #   $OUT/4-help.png     the shortcut overlay
+#   $OUT/5-wipe.png, 6-difference.png  other compare modes
+#   $OUT/7-variations.png  the variations grid (one kept, one rejected)
 #   $OUT/metrics.json   latency + frame times measured inside the app
 #
 # Usage: tests/xvfb_screenshot.sh [OUT_DIR]   (default /tmp/zimage-xvfb)
+# Env:   ZIMAGE_STUDIO_BIN=path/to/zimage-studio to skip the cargo build;
+#        ZIMAGE_XVFB_SIZE=256 image size for the tiny models.
 # Installs what it needs with apt-get when missing (xvfb, xdotool, imagemagick,
 # Mesa GL/Vulkan). Builds the release binary if needed (honours CARGO_TARGET_DIR).
 set -euo pipefail
@@ -33,10 +37,11 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET/release/zimage-studio
-if [ ! -x "$BIN" ]; then
+# The binary: $ZIMAGE_STUDIO_BIN, else built (or reused) in $CARGO_TARGET_DIR.
+BIN=${ZIMAGE_STUDIO_BIN:-}
+if [ -z "$BIN" ]; then
     (cd "$ROOT" && cargo build --release -p zimage-studio)
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/zimage-studio
 fi
 
 DATA=$(mktemp -d)
@@ -96,6 +101,22 @@ import -window root "$OUT/3-compare.png"
 xdotool key Escape F1
 sleep 1
 import -window root "$OUT/4-help.png"
+xdotool key Escape
+sleep 0.3
+xdotool key m        # side by side -> wipe
+sleep 0.8
+import -window root "$OUT/5-wipe.png"
+xdotool key m m      # -> flicker -> difference
+sleep 0.8
+import -window root "$OUT/6-difference.png"
+xdotool key ctrl+g   # 8 variations
+for _ in $(seq 1 600); do
+    [ "$(metric history)" = "10" ] && break
+    sleep 0.1
+done
+xdotool key k Right x
+sleep 1
+import -window root "$OUT/7-variations.png"
 sleep 1   # let the metrics file catch up
 cat "$OUT/metrics.json"; echo
 echo "screenshots in $OUT"

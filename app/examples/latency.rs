@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use egui_kittest::Harness;
 use zimage_studio::engine_bridge::{ModelSlot, ModelState};
 use zimage_studio::settings::{Paths, Settings};
-use zimage_studio::state::LiveStatus;
+use zimage_studio::state::{quiet_period, LiveStatus};
 use zimage_studio::{StudioApp, StudioOptions};
 
 fn wait(h: &mut Harness<'static, StudioApp>, pred: impl Fn(&StudioApp) -> bool) {
@@ -47,8 +47,8 @@ fn main() {
     };
     let sizes: Vec<u32> = if rest.is_empty() { vec![64, 256, 512] } else { rest.iter().filter_map(|s| s.parse().ok()).collect() };
     println!("model: {turbo}");
-    println!("| size | steps | keystroke → first preview (median) | keystroke → final image (median) | UI frame p50 / p95 / max while busy | harness frame incl. wgpu render p50 / p95 |");
-    println!("|---|---|---|---|---|---|");
+    println!("| size | steps | adaptive quiet period (median, included) | keystroke → first preview (median) | keystroke → final image (median) | UI frame wall p50 / p95 / max while busy | UI thread CPU per frame p95 / max | harness frame incl. wgpu render p50 / p95 |");
+    println!("|---|---|---|---|---|---|---|---|");
     for size in sizes {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = Settings { width: size, height: size, variations: 4, ..Settings::default() };
@@ -62,9 +62,10 @@ fn main() {
         h.step();
         wait(&mut h, |a| matches!(a.live_status, LiveStatus::Done { .. }));
 
-        let (mut first, mut fin) = (Vec::new(), Vec::new());
+        let (mut first, mut fin, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
         for word in [" a", " red", " fox", " in", " deep", " fresh", " snow"] {
             // Let the previous job finish so each keystroke is measured alone.
+            quiet.push(ms(quiet_period(h.state().live_ema)));
             h.event(egui::Event::Text(word.into()));
             h.step();
             wait(&mut h, |a| matches!(a.live_status, LiveStatus::Done { .. }) && a.live_job.is_none());
@@ -74,6 +75,7 @@ fn main() {
 
         // Frame time while the engine is busy: 4 variations + live typing.
         h.state_mut().metrics.frame_times.clear();
+        h.state_mut().metrics.frame_cpu_times.clear();
         h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::G);
         h.step();
         h.set_render_every_step(true);
@@ -87,15 +89,20 @@ fn main() {
         }
         h.set_render_every_step(false);
         let mut ui: Vec<f64> = h.state().metrics.frame_times.iter().map(|d| ms(*d)).collect();
+        let mut cpu: Vec<f64> = h.state().metrics.frame_cpu_times.iter().map(|d| ms(*d)).collect();
+        cpu.push(0.0); // never empty (non-Linux)
         let steps = h.state().settings.turbo_steps;
         println!(
-            "| {size}×{size} | {steps} | {:.0} ms | {:.0} ms | {:.2} / {:.2} / {:.2} ms ({} frames) | {:.1} / {:.1} ms |",
+            "| {size}×{size} | {steps} | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} / {:.2} / {:.2} ms ({} frames) | {:.2} / {:.2} ms | {:.1} / {:.1} ms |",
+            pct(&mut quiet, 0.5),
             pct(&mut first, 0.5),
             pct(&mut fin, 0.5),
             pct(&mut ui, 0.5),
             pct(&mut ui, 0.95),
             pct(&mut ui, 1.0),
             ui.len(),
+            pct(&mut cpu, 0.95),
+            pct(&mut cpu, 1.0),
             pct(&mut harness_frames, 0.5),
             pct(&mut harness_frames, 0.95),
         );

@@ -1,6 +1,6 @@
 //! The application: state, engine events, actions. Drawing lives in `ui/`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind};
 use zimage_engine::preview::RgbImage;
 
-use crate::engine_bridge::{EngineHandle, Event, JobId, JobKind, JobSpec, ModelConfig, ModelSlot, ModelState};
+use crate::engine_bridge::{BackgroundIo, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, ModelConfig, ModelSlot, ModelState};
 use crate::history::History;
 use crate::images::Images;
 use crate::save;
@@ -62,17 +62,40 @@ pub struct Metrics {
     pub first_preview: Option<Duration>,
     pub final_image: Option<Duration>,
     pub frame_times: VecDeque<Duration>,
+    /// CPU time the UI thread itself spent per frame (Linux); frame_times minus
+    /// this is time the thread waited for a core (the engine uses them all).
+    pub frame_cpu_times: VecDeque<Duration>,
     /// Live jobs replaced by a newer one before they finished.
     pub superseded: u64,
 }
 
 impl Metrics {
-    pub fn record_frame(&mut self, d: Duration) {
+    pub fn record_frame(&mut self, wall: Duration, cpu: Option<Duration>) {
         if self.frame_times.len() >= 600 {
             self.frame_times.pop_front();
         }
-        self.frame_times.push_back(d);
+        self.frame_times.push_back(wall);
+        if let Some(cpu) = cpu {
+            if self.frame_cpu_times.len() >= 600 {
+                self.frame_cpu_times.pop_front();
+            }
+            self.frame_cpu_times.push_back(cpu);
+        }
     }
+}
+
+/// CPU time consumed by the calling thread so far (Linux only).
+pub fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: ts is a valid, writable timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+        }
+    }
+    None
 }
 
 /// Things panels ask for; applied by [`StudioApp::apply`].
@@ -130,9 +153,15 @@ pub struct StudioApp {
     pub show_settings: bool,
     pub settings_form: [String; 3],
     pub images: Images,
+    /// History images being decoded on the disk thread.
+    loading: HashSet<String>,
     pub metrics: Metrics,
     pub focus_prompt: bool,
-    pub frame_start: Option<Instant>,
+    /// The prompt box's widget id (known after the first frame).
+    pub prompt_id: Option<egui::Id>,
+    /// Give the prompt its focus back when the open overlay closes.
+    pub refocus_after_overlay: bool,
+    pub frame_start: Option<(Instant, Option<Duration>)>,
     /// Last settings written to disk, and when they started to differ.
     saved_settings: Settings,
     settings_changed_at: Option<Instant>,
@@ -145,7 +174,9 @@ impl StudioApp {
         let ctx2 = ctx.clone();
         let engine = EngineHandle::spawn(Arc::new(move || ctx2.request_repaint()));
         let (settings, w1) = Settings::load(&options.paths);
-        let (history, w2) = History::load(&options.paths);
+        let (mut history, w2) = History::load(&options.paths);
+        let ctx3 = ctx.clone();
+        history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
         let cli_override = options.turbo.is_some() || options.base.is_some();
         let model_config = effective_models(&settings, &options);
         let settings_form = [
@@ -181,8 +212,11 @@ impl StudioApp {
             show_settings: false,
             settings_form,
             images: Images::default(),
+            loading: HashSet::new(),
             metrics: Metrics::default(),
             focus_prompt: true,
+            prompt_id: None,
+            refocus_after_overlay: false,
             frame_start: None,
             saved_settings: settings.clone(),
             settings_changed_at: None,
@@ -200,9 +234,20 @@ impl StudioApp {
 
     /// Runs before drawing each frame: engine events, live scheduling, drops.
     pub fn logic(&mut self, ctx: &egui::Context) {
-        self.frame_start = Some(Instant::now());
+        self.frame_start = Some((Instant::now(), thread_cpu_time()));
         for ev in self.engine.poll() {
             self.on_event(ctx, ev);
+        }
+        let io = self.history.io().map(|io| io.poll()).unwrap_or_default();
+        for r in io {
+            match r {
+                IoResult::Loaded { key, image } => {
+                    self.loading.remove(&key);
+                    self.images.put(ctx, &key, Arc::new(image));
+                }
+                IoResult::Error(e) => self.error(format!("history folder: {e}")),
+                IoResult::Done => {}
+            }
         }
         self.schedule_live(ctx);
         self.handle_dropped_files(ctx);
@@ -220,7 +265,10 @@ impl StudioApp {
         let mut frames: Vec<f64> = self.metrics.frame_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         frames.sort_by(f64::total_cmp);
         let pct = |p: f64| frames.get(((frames.len() as f64 - 1.0) * p).round() as usize).copied();
+        let mut cpu: Vec<f64> = self.metrics.frame_cpu_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        cpu.sort_by(f64::total_cmp);
         let json = serde_json::json!({
+            "frame_cpu_ms_max": cpu.last(),
             "first_preview_ms": ms(self.metrics.first_preview),
             "final_image_ms": ms(self.metrics.final_image),
             "frames": frames.len(),
@@ -324,12 +372,19 @@ impl StudioApp {
                 if self.refine_job == Some(id) {
                     self.refine_job = None;
                 }
+                // Stopped by the user (a superseded job's successor is already live_job).
+                if self.live_job == Some(id) {
+                    self.live_job = None;
+                    self.live_preview = false;
+                    self.live_status = if self.current.is_some() { LiveStatus::Stale } else { LiveStatus::Idle };
+                }
             }
             Event::Failed { id, message } => {
                 let job = self.jobs.remove(&id);
                 if self.live_job == Some(id) {
                     self.live_status = LiveStatus::Error(message.clone());
                     self.live_job = None;
+                    self.live_preview = false;
                 }
                 if self.refine_job == Some(id) {
                     self.refine_job = None;
@@ -387,7 +442,7 @@ impl StudioApp {
         self.per_step.insert(job.slot, state::ema(prev, per_step));
         let meta = self.metadata_for(&job, model, shift);
         let image = Arc::new(image);
-        let (hid, written) = self.history.add(job.slot, job.kind, meta, job.parent.clone(), elapsed.as_millis() as u64, &image);
+        let (hid, written) = self.history.add(job.slot, job.kind, meta, job.parent.clone(), elapsed.as_millis() as u64, image.clone());
         if let Err(e) = written {
             self.error(format!("could not store the image in the history folder: {}", save::one_line_error(&e)));
         }
@@ -453,6 +508,20 @@ impl StudioApp {
         }
     }
 
+    /// Makes a history image available in [`Images`]: decoded on the disk
+    /// thread, shown from the next frames on.
+    pub fn request_image(&mut self, ctx: &egui::Context, id: &str) {
+        if self.images.contains(id) || self.loading.contains(id) {
+            return;
+        }
+        let Some(entry) = self.history.get(id).cloned() else { return };
+        if self.history.load_image_in_background(&entry) {
+            self.loading.insert(id.to_string());
+        } else if let Ok(img) = self.history.load_image(&entry) {
+            self.images.put(ctx, id, Arc::new(img));
+        }
+    }
+
     pub fn info(&mut self, text: impl Into<String>) {
         self.message = Some(Message { text: text.into(), error: false });
     }
@@ -461,10 +530,13 @@ impl StudioApp {
         self.message = Some(Message { text: text.into(), error: true });
     }
 
-    /// The image Refine starts from: the selected Turbo image, else the newest one.
+    /// The image Refine starts from: the grid cursor (Variations view), else the
+    /// selected Turbo image, else the newest one.
     pub fn refine_source(&self) -> Option<String> {
         let turbo = |id: &String| self.history.get(id).is_some_and(|e| e.slot == ModelSlot::Turbo);
-        self.selected.as_ref().filter(|id| turbo(id)).cloned().or_else(|| {
+        // In the grid, the cell under the cursor is the chosen one.
+        let cursor = (self.view == View::Variations).then(|| self.variations.get(self.var_cursor).and_then(|c| c.id.clone())).flatten();
+        cursor.filter(turbo).or_else(|| self.selected.clone().filter(turbo)).or_else(|| {
             self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone())
         })
     }
@@ -503,14 +575,11 @@ impl StudioApp {
                 self.settings.seed = zimage_engine::rng::random_seed();
                 self.apply(ctx, Action::Edited);
             }
-            Action::Refine => match self.refine_source() {
-                Some(src) => {
-                    if let Err(e) = self.queue_refine(&src) {
-                        self.error(e);
-                    }
-                }
-                None => self.error("nothing to refine yet: type a prompt to make a Turbo image first"),
-            },
+            Action::Refine => {
+                // Refining ends typing: frees the single-letter keys (c, m, k…) for the views.
+                leave_text_field(ctx);
+                self.refine_selected();
+            }
             Action::RefineKept => {
                 let kept: Vec<String> = self.variations.iter().filter_map(|c| c.id.clone()).filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept())).collect();
                 if kept.is_empty() {
@@ -527,7 +596,10 @@ impl StudioApp {
                     self.info(format!("queued {n} Base refine{}", if n == 1 { "" } else { "s" }));
                 }
             }
-            Action::Variations => self.start_variations(),
+            Action::Variations => {
+                leave_text_field(ctx);
+                self.start_variations();
+            }
             Action::Save => self.save_selected(),
             Action::SaveAs => self.save_as(),
             Action::Select(id) => {
@@ -537,6 +609,10 @@ impl StudioApp {
             }
             Action::Restore(id) => {
                 self.restore(&id);
+                if let Some(e) = self.history.get(&id) {
+                    // The image shown is exactly what these parameters make.
+                    self.live_status = LiveStatus::Done { elapsed: Duration::from_millis(e.elapsed_ms) };
+                }
                 self.selected = Some(id.clone());
                 self.current = Some(id);
                 self.view = View::Live;
@@ -570,6 +646,17 @@ impl StudioApp {
                 }
             }
             Action::Cancel(id) => self.engine.cancel(id),
+        }
+    }
+
+    fn refine_selected(&mut self) {
+        match self.refine_source() {
+            Some(src) => {
+                if let Err(e) = self.queue_refine(&src) {
+                    self.error(e);
+                }
+            }
+            None => self.error("nothing to refine yet: type a prompt to make a Turbo image first"),
         }
     }
 
@@ -774,6 +861,15 @@ impl StudioApp {
     }
 }
 
+/// Takes keyboard focus away from the prompt (or any text field).
+fn leave_text_field(ctx: &egui::Context) {
+    ctx.memory_mut(|m| {
+        if let Some(id) = m.focused() {
+            m.surrender_focus(id);
+        }
+    });
+}
+
 /// Models for this run: CLI overrides, else saved settings, else the built-in
 /// demo models when they are installed.
 pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelConfig {
@@ -801,13 +897,35 @@ impl eframe::App for StudioApp {
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         crate::ui::draw(self, ui);
-        if let Some(start) = self.frame_start.take() {
-            self.metrics.record_frame(start.elapsed());
+        if let Some((start, cpu0)) = self.frame_start.take() {
+            let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
+            self.metrics.record_frame(start.elapsed(), cpu);
         }
     }
 
     fn on_exit(&mut self) {
         self.persist_settings();
         let _ = self.history.save();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_models_override_saved_ones_for_this_run_only() {
+        let saved = Settings { turbo_model: Some("/saved/turbo".into()), base_model: Some("/saved/base".into()), ..Settings::default() };
+        let paths = Paths::at("/tmp/unused");
+        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None };
+        let m = effective_models(&saved, &cli);
+        assert_eq!(m.turbo.as_deref(), Some("/cli/turbo"));
+        assert_eq!(m.base.as_deref(), Some("/saved/base"));
+        assert_eq!(saved.turbo_model.as_deref(), Some("/saved/turbo"), "settings untouched");
+        let none = StudioOptions { paths, turbo: None, base: None };
+        assert_eq!(effective_models(&saved, &none).turbo.as_deref(), Some("/saved/turbo"));
+        // Nothing configured: the built-in demo model if installed, else nothing.
+        let demo = effective_models(&Settings::default(), &none).turbo;
+        assert_eq!(demo.is_some(), zimage_engine::loader::resolve_model("demo-turbo").is_ok());
     }
 }

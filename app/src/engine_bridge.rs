@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use zimage_engine::device::CpuBackend;
 use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, SharedComponents};
@@ -222,11 +221,24 @@ fn start_thread(waker: Waker) -> (Sender<Command>, Receiver<Event>, JoinHandle<(
     let thread = std::thread::Builder::new()
         .name("zimage-engine".into())
         .spawn(move || {
+            lower_priority();
             let mut worker = Worker::new(cmd_rx, Emitter { tx: ev_tx, waker });
             worker.run();
         })
         .expect("spawning the engine thread");
     (cmd_tx, ev_rx, thread)
+}
+
+/// The engine saturates every core; a higher nice value keeps the UI thread
+/// (and the rest of the desktop) responsive. On Linux the nice value is per
+/// thread and inherited by threads created later, so the tensor library's
+/// worker threads, first started from here, get it too.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; who = 0 is the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }
 
 struct Emitter {
@@ -325,7 +337,7 @@ struct Worker {
     model_state: HashMap<ModelSlot, ModelState>,
     cache: PromptCache,
     config: ModelConfig,
-    device: <B as Backend>::Device,
+    device: burn::tensor::Device<B>,
 }
 
 impl Worker {
@@ -586,6 +598,66 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Disk work off the UI thread: PNG encoding + fsync of history images and
+/// the history index, and decoding thumbnails. One thread, FIFO, so writes
+/// land in the order they were asked for; dropping it finishes pending work.
+pub struct BackgroundIo {
+    tx: Option<Sender<IoTask>>,
+    rx: Receiver<IoResult>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub type IoTask = Box<dyn FnOnce() -> IoResult + Send>;
+
+#[derive(Debug)]
+pub enum IoResult {
+    Done,
+    Error(String),
+    Loaded { key: String, image: RgbImage },
+}
+
+impl BackgroundIo {
+    pub fn spawn(waker: Waker) -> Self {
+        let (tx, task_rx) = mpsc::channel::<IoTask>();
+        let (res_tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("zimage-io".into())
+            .spawn(move || {
+                for task in task_rx {
+                    let result = catch_unwind(AssertUnwindSafe(task)).unwrap_or_else(|_| IoResult::Error("a disk task crashed".into()));
+                    if !matches!(result, IoResult::Done) {
+                        let _ = res_tx.send(result);
+                        waker();
+                    }
+                }
+            })
+            .expect("spawning the disk thread");
+        Self { tx: Some(tx), rx, thread: Some(thread) }
+    }
+
+    /// Queues `task`; runs it here and now if the thread is gone.
+    pub fn run(&self, task: IoTask) {
+        if let Some(tx) = &self.tx {
+            if let Err(mpsc::SendError(task)) = tx.send(task) {
+                let _ = task();
+            }
+        }
+    }
+
+    pub fn poll(&self) -> Vec<IoResult> {
+        self.rx.try_iter().collect()
+    }
+}
+
+impl Drop for BackgroundIo {
+    fn drop(&mut self) {
+        self.tx = None; // ends the thread's loop after the queued tasks
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,7 +742,7 @@ mod tests {
         let a_steps = evs.iter().filter(|e| matches!(e, Event::Progress { id, .. } if *id == a)).count();
         assert!(a_steps < 400, "{a_steps}");
         // Live before queued work: the newest live job finished before the refine started.
-        let pos = |pred: &dyn Fn(&Event) -> bool| evs.iter().position(|e| pred(e)).unwrap_or(usize::MAX);
+        let pos = |pred: &dyn Fn(&Event) -> bool| evs.iter().position(pred).unwrap_or(usize::MAX);
         assert!(pos(&|e| matches!(e, Event::Finished { id, .. } if *id == c)) < pos(&|e| matches!(e, Event::Started { id } if *id == r)));
     }
 
@@ -693,7 +765,8 @@ mod tests {
         r.steps = 10;
         r.guidance = 0.0; // only the positive prompt, which Turbo encoded
         r.init = Some(turbo_image);
-        r.strength = 0.6;
+        // Snapped: a raw 0.6f32 is 0.6000000238 in f64 and would run 7 steps.
+        r.strength = crate::state::snap_strength(0.6, 10).0;
         let id = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r });
         let evs = collect(&mut h, |e| finished(e, id));
         let progress = evs.iter().filter(|e| matches!(e, Event::Progress { id: i, .. } if *i == id)).count();

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::preview::RgbImage;
 
-use crate::engine_bridge::{JobKind, ModelSlot};
+use std::sync::Arc;
+
+use crate::engine_bridge::{BackgroundIo, IoResult, JobKind, ModelSlot};
 use crate::settings::Paths;
 use crate::state::Mark;
 
@@ -39,6 +41,8 @@ pub struct History {
     paths: Paths,
     next_id: u64,
     pub entries: Vec<HistoryEntry>,
+    /// When set, files are written on the disk thread (the app); else here (tests).
+    io: Option<BackgroundIo>,
 }
 
 /// Unmarked live results beyond this many are pruned (typing makes many).
@@ -49,7 +53,7 @@ impl History {
     /// and the damaged file is kept aside (never overwritten silently).
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.history_file();
-        let empty = Self { paths: paths.clone(), next_id: 1, entries: Vec::new() };
+        let empty = Self { paths: paths.clone(), next_id: 1, entries: Vec::new(), io: None };
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty, None),
@@ -58,13 +62,36 @@ impl History {
         match serde_json::from_str::<HistoryFile>(&text) {
             Ok(h) => {
                 let next_id = h.next_id.max(h.entries.len() as u64 + 1);
-                (Self { paths: paths.clone(), next_id, entries: h.entries }, None)
+                (Self { paths: paths.clone(), next_id, entries: h.entries, io: None }, None)
             }
             Err(e) => {
                 let aside = file.with_extension("json.damaged");
                 let _ = std::fs::rename(&file, &aside);
                 (empty, Some(format!("the history file was damaged ({e}); kept it as {}", aside.display())))
             }
+        }
+    }
+
+    pub fn set_io(&mut self, io: BackgroundIo) {
+        self.io = Some(io);
+    }
+
+    pub fn io(&self) -> Option<&BackgroundIo> {
+        self.io.as_ref()
+    }
+
+    /// Runs `task` on the disk thread if there is one, else now; errors come
+    /// back through [`BackgroundIo::poll`] (or are returned when run here).
+    fn run_io(&self, task: Box<dyn FnOnce() -> Result<()> + Send>) -> Result<()> {
+        match &self.io {
+            Some(io) => {
+                io.run(Box::new(move || match task() {
+                    Ok(()) => IoResult::Done,
+                    Err(e) => IoResult::Error(crate::save::one_line_error(&e)),
+                }));
+                Ok(())
+            }
+            None => task(),
         }
     }
 
@@ -82,7 +109,7 @@ impl History {
 
     /// Adds a result: writes its PNG, then the index. Returns the new id; the
     /// entry is kept in memory even when writing fails (error returned too).
-    pub fn add(&mut self, slot: ModelSlot, job: JobKind, meta: GenerationMetadata, parent: Option<String>, elapsed_ms: u64, image: &RgbImage) -> (String, Result<()>) {
+    pub fn add(&mut self, slot: ModelSlot, job: JobKind, meta: GenerationMetadata, parent: Option<String>, elapsed_ms: u64, image: Arc<RgbImage>) -> (String, Result<()>) {
         let id = format!("{:06}", self.next_id);
         self.next_id += 1;
         let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
@@ -94,11 +121,14 @@ impl History {
         (id, written.and(saved))
     }
 
-    fn write_image(&self, entry: &HistoryEntry, image: &RgbImage) -> Result<()> {
+    fn write_image(&self, entry: &HistoryEntry, image: Arc<RgbImage>) -> Result<()> {
         let dir = self.paths.images_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        metadata::save_png(&dir.join(&entry.file), &image.pixels, image.width, image.height, &entry.meta)?;
-        Ok(())
+        let (file, meta) = (entry.file.clone(), entry.meta.clone());
+        self.run_io(Box::new(move || {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            metadata::save_png(&dir.join(&file), &image.pixels, image.width, image.height, &meta)?;
+            Ok(())
+        }))
     }
 
     /// Reads an entry's image back from disk.
@@ -120,16 +150,36 @@ impl History {
         let drop: Vec<usize> = live_unmarked[..live_unmarked.len() - MAX_UNMARKED_LIVE].to_vec();
         for &i in drop.iter().rev() {
             let e = self.entries.remove(i);
-            let _ = std::fs::remove_file(self.paths.images_dir().join(&e.file));
+            // Through the disk queue, after the (possibly still pending) write.
+            let path = self.paths.images_dir().join(&e.file);
+            let _ = self.run_io(Box::new(move || {
+                let _ = std::fs::remove_file(path);
+                Ok(())
+            }));
         }
     }
 
     pub fn save(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.paths.data_dir).with_context(|| format!("cannot create {}", self.paths.data_dir.display()))?;
         let file = HistoryFile { version: 1, next_id: self.next_id, entries: self.entries.clone() };
         let json = serde_json::to_vec_pretty(&file)?;
-        metadata::write_file_atomic(&self.paths.history_file(), &json)?;
-        Ok(())
+        let (dir, path) = (self.paths.data_dir.clone(), self.paths.history_file());
+        self.run_io(Box::new(move || {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            metadata::write_file_atomic(&path, &json)?;
+            Ok(())
+        }))
+    }
+
+    /// Decodes an entry's image on the disk thread; arrives as [`IoResult::Loaded`].
+    /// Returns false when there is no disk thread.
+    pub fn load_image_in_background(&self, entry: &HistoryEntry) -> bool {
+        let Some(io) = &self.io else { return false };
+        let (key, path) = (entry.id.clone(), self.image_path(entry));
+        io.run(Box::new(move || match read_rgb(&path) {
+            Ok(image) => IoResult::Loaded { key, image },
+            Err(e) => IoResult::Error(crate::save::one_line_error(&e)),
+        }));
+        true
     }
 }
 
@@ -154,9 +204,9 @@ mod tests {
         let (mut h, warn) = History::load(&paths);
         assert!(warn.is_none() && h.entries.is_empty());
         let meta = GenerationMetadata { prompt: "fox".into(), seed: 3, ..Default::default() };
-        let (t, r) = h.add(ModelSlot::Turbo, JobKind::Live, meta.clone(), None, 12, &img());
+        let (t, r) = h.add(ModelSlot::Turbo, JobKind::Live, meta.clone(), None, 12, Arc::new(img()));
         r.unwrap();
-        let (b, r) = h.add(ModelSlot::Base, JobKind::Refine, meta, Some(t.clone()), 40, &img());
+        let (b, r) = h.add(ModelSlot::Base, JobKind::Refine, meta, Some(t.clone()), 40, Arc::new(img()));
         r.unwrap();
         h.get_mut(&t).unwrap().mark = Mark::Starred;
         h.save().unwrap();
@@ -187,10 +237,10 @@ mod tests {
     fn unmarked_live_results_are_pruned_but_kept_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
         let (mut h, _) = History::load(&Paths::at(dir.path()));
-        let (first, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+        let (first, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
         h.get_mut(&first).unwrap().mark = Mark::Kept;
         for _ in 0..MAX_UNMARKED_LIVE + 5 {
-            h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+            let _ = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
         }
         assert_eq!(h.entries.len(), MAX_UNMARKED_LIVE + 1);
         assert!(h.get(&first).is_some());
@@ -204,7 +254,7 @@ mod tests {
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, "x").unwrap();
         let (mut h, _) = History::load(&Paths::at(blocker.join("data")));
-        let (id, r) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, &img());
+        let (id, r) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
         assert!(r.is_err());
         assert!(h.get(&id).is_some());
     }

@@ -118,15 +118,16 @@ pub fn snap_strength(strength: f32, steps: usize) -> (f32, usize) {
     let n = steps.max(1);
     let k = ((strength.clamp(0.0, 1.0) * n as f32).round() as usize).clamp(1, n);
     let mut s = k as f32 / n as f32;
-    // The engine computes int(N - N·s) in f64 from the f32 strength; if k/N
-    // rounds up in f32, step down an ulp at a time so that exactly k steps run.
+    // The reference computes int(N − N·s) on the strength as written (0.6 is
+    // 0.6, but 1/3 is 0.33333334, which runs one step too many): step down
+    // an ulp at a time until exactly k steps run.
     for _ in 0..16 {
-        if n - Schedule::img2img_start(n, s as f64) <= k {
+        if n - Schedule::img2img_start(n, s) <= k {
             break;
         }
         s = f32::from_bits(s.to_bits() - 1);
     }
-    (s, n - Schedule::img2img_start(n, s as f64))
+    (s, n - Schedule::img2img_start(n, s))
 }
 
 /// Expected cost of a refine, shown before the click.

@@ -142,7 +142,7 @@ impl GenerateRequest {
             if !(self.strength > 0.0 && self.strength <= 1.0) {
                 return bad(format!("strength must be in (0, 1], not {}", self.strength));
             }
-            if Schedule::img2img_start(self.steps, self.strength as f64) >= self.steps {
+            if Schedule::img2img_start(self.steps, self.strength) >= self.steps {
                 return bad(format!(
                     "strength {} with {} steps leaves no step to run; raise the strength or the steps",
                     self.strength, self.steps
@@ -271,7 +271,7 @@ impl<B: Backend> ZImagePipeline<B> {
         let (start, mut x) = match &req.init {
             None => (0, self.randn(&mut generator, shape)),
             Some(init) => {
-                let start = Schedule::img2img_start(req.steps, req.strength as f64);
+                let start = Schedule::img2img_start(req.steps, req.strength);
                 let z0 = self.encode_image(init, req.width, req.height, &mut generator)?;
                 let z0 = if b > 1 { z0.repeat_dim(0, b) } else { z0 };
                 let noise = self.randn(&mut generator, shape);

@@ -45,8 +45,13 @@ impl Schedule {
     }
 
     /// img2img: the first step to run for `strength` in (0, 1], by the
-    /// reference's rule `t_start = int(N − min(N·strength, N))`.
-    pub fn img2img_start(steps: usize, strength: f64) -> usize {
+    /// reference's rule `t_start = int(N − min(N·strength, N))` in Python floats.
+    ///
+    /// The strength is taken as written (f32's shortest decimal form, read as
+    /// f64): `0.6f32` is 0.6000000238, which would make 10 steps at 0.6 run 7
+    /// steps where diffusers, given the Python float 0.6, runs 6.
+    pub fn img2img_start(steps: usize, strength: f32) -> usize {
+        let strength: f64 = strength.to_string().parse().unwrap_or(strength as f64);
         let n = steps as f64;
         let init = (n * strength).min(n);
         (n - init).max(0.0) as usize
@@ -103,5 +108,9 @@ mod tests {
         assert_eq!(Schedule::img2img_start(8, 1.0), 0);
         assert_eq!(Schedule::img2img_start(10, 0.5), 5);
         assert_eq!(Schedule::img2img_start(8, 0.01), 7);
+        // As diffusers with Python floats: 10 steps at 0.6 run 6 (not 7), 0.7 runs 7.
+        assert_eq!(Schedule::img2img_start(10, 0.6), 4);
+        assert_eq!(Schedule::img2img_start(10, 0.7), 3);
+        assert_eq!(Schedule::img2img_start(50, 0.3), 35);
     }
 }

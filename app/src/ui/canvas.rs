@@ -9,9 +9,18 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let avail = ui.available_rect_before_wrap();
     let (w, h) = (app.settings.width as f32, app.settings.height as f32);
     // While rendering show the x0 preview (latent resolution, drawn enlarged).
-    let key = if app.live_preview && app.images.contains("live") { Some("live".to_string()) } else { app.current.clone() };
+    // A running Base refine shows its previews here unless live typing is rendering.
+    let refining = app.refine_job.and_then(|id| app.jobs.get(&id)).filter(|j| j.saw_preview && !app.live_preview).map(|j| j.progress);
+    let key = if app.live_preview && app.images.contains("live") {
+        Some("live".to_string())
+    } else if refining.is_some() {
+        Some("refine".to_string())
+    } else {
+        app.current.clone()
+    };
     let tex = key.as_deref().and_then(|k| app.images.texture(k)).map(|t| (t.id(), t.size_vec2()));
-    let size = tex.map(|(_, s)| s).filter(|_| !app.live_preview).unwrap_or(egui::vec2(w, h));
+    let previewing = app.live_preview || refining.is_some();
+    let size = tex.map(|(_, s)| s).filter(|_| !previewing).unwrap_or(egui::vec2(w, h));
     let rect = super::fit_rect(avail.shrink(8.0), size);
     let response = ui.allocate_rect(avail, Sense::click());
     let painter = ui.painter_at(avail);
@@ -28,6 +37,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     // Caption: what is shown.
     let caption = if app.live_preview {
         format!("preview · {}", app.live_status.text())
+    } else if let Some((done, total)) = refining {
+        format!("Base refine preview · step {done}/{total}")
     } else if let Some(e) = app.current.as_ref().and_then(|id| app.history.get(id)) {
         let parent = e.parent.as_ref().map(|p| format!(" · refined from #{p}")).unwrap_or_default();
         format!("#{} · {} · seed {} · {}×{}{parent}", e.id, e.slot.label(), e.meta.seed, e.meta.width, e.meta.height)

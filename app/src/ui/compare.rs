@@ -17,8 +17,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         });
         return;
     };
-    ensure_loaded(app, ui.ctx(), &turbo);
-    ensure_loaded(app, ui.ctx(), &base);
+    app.request_image(ui.ctx(), &turbo);
+    app.request_image(ui.ctx(), &base);
     let (left, right) = if app.compare.swapped { (base.clone(), turbo.clone()) } else { (turbo.clone(), base.clone()) };
     let label = |id: &str| {
         app.history.get(id).map(|e| format!("{} #{} (seed {}, {} steps)", e.slot.label(), e.id, e.meta.seed, e.meta.steps)).unwrap_or_else(|| format!("#{id}"))
@@ -133,7 +133,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             match app.images.texture(&key).map(|t| t.id()) {
                 Some(t) => {
                     painter.image(t, rect, uv, Color32::WHITE);
-                    caption(rect, "difference ×4 (black = same, red → yellow → white = more different)");
+                    caption(rect, "difference ×4 (black = same, red, yellow, white = more different)");
                 }
                 None => caption(rect, "the two images differ in size; no difference map"),
             }
@@ -141,16 +141,3 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     }
 }
 
-/// Loads a history image into the texture cache if it is not there yet.
-fn ensure_loaded(app: &mut StudioApp, ctx: &egui::Context, id: &str) {
-    if app.images.contains(id) {
-        return;
-    }
-    let Some(entry) = app.history.get(id).cloned() else { return };
-    match app.history.load_image(&entry) {
-        Ok(img) => app.images.put(ctx, id, Arc::new(img)),
-        Err(e) => app.error(crate::save::one_line_error(&e)),
-    }
-}
-
-pub use ensure_loaded as load_history_image;

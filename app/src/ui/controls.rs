@@ -19,6 +19,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             .hint_text("Describe the image… it renders as you type"),
     );
     let prompt = prompt.labelled_by(label.id);
+    app.prompt_id = Some(prompt.id);
     if app.focus_prompt {
         prompt.request_focus();
         app.focus_prompt = false;
@@ -44,7 +45,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         let seed_label = ui.label("Seed");
         ui.horizontal(|ui| {
             edited |= ui.add(DragValue::new(&mut app.settings.seed).speed(1.0)).labelled_by(seed_label.id).changed();
-            if ui.small_button("🎲").on_hover_text("New random seed").clicked() {
+            if ui.small_button("Random").on_hover_text("New random seed").clicked() {
                 actions.push(Action::NewSeed);
             }
             if ui.small_button("+1").on_hover_text("Next seed").clicked() {
@@ -62,19 +63,25 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         });
         ui.end_row();
 
-        ui.label("Aspect");
-        ui.horizontal_wrapped(|ui| {
-            for p in AspectPreset::ALL {
-                if ui.selectable_value(&mut app.settings.aspect, p, p.label()).clicked() {
-                    let long = app.settings.width.max(app.settings.height);
-                    if let Some((w, h)) = p.size(long) {
-                        app.settings.width = w;
-                        app.settings.height = h;
-                    }
-                    edited = true;
+        let aspect_label = ui.label("Aspect");
+        let before = app.settings.aspect;
+        egui::ComboBox::from_id_salt("aspect")
+            .selected_text(app.settings.aspect.label())
+            .show_ui(ui, |ui| {
+                for p in AspectPreset::ALL {
+                    ui.selectable_value(&mut app.settings.aspect, p, p.label());
                 }
+            })
+            .response
+            .labelled_by(aspect_label.id);
+        if app.settings.aspect != before {
+            let long = app.settings.width.max(app.settings.height);
+            if let Some((w, h)) = app.settings.aspect.size(long) {
+                app.settings.width = w;
+                app.settings.height = h;
             }
-        });
+            edited = true;
+        }
         ui.end_row();
 
         let size_label = ui.label("Size");

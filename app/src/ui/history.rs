@@ -1,16 +1,12 @@
 //! Right panel: every result, newest first, with lineage. Click restores
 //! the parameters; double-click a Base image to compare it with its parent.
 
-use std::sync::Arc;
-
 use egui::{Color32, Sense};
 
 use crate::app::{Action, StudioApp};
 use crate::state::Mark;
 
 const THUMB: f32 = 56.0;
-/// Thumbnails decoded from disk per frame, so scrolling stays smooth.
-const LOADS_PER_FRAME: usize = 3;
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
@@ -20,17 +16,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.weak("click: restore · double-click Base: compare");
     ui.separator();
     let ids: Vec<String> = app.history.entries.iter().rev().map(|e| e.id.clone()).collect();
-    let mut loads = 0;
     egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
         for id in &ids[range] {
             let Some(e) = app.history.get(id).cloned() else { continue };
-            if !app.images.contains(id) && loads < LOADS_PER_FRAME {
-                loads += 1;
-                match app.history.load_image(&e) {
-                    Ok(img) => app.images.put(ui.ctx(), id, Arc::new(img)),
-                    Err(_) => {} // shown as an empty square; the entry keeps its parameters
-                }
-            }
+            app.request_image(ui.ctx(), id);
             let selected = app.selected.as_deref() == Some(id.as_str());
             let r = ui
                 .horizontal(|ui| {
@@ -45,21 +34,21 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                     }
                     ui.vertical(|ui| {
                         let mark = match e.mark {
-                            Mark::Kept => " ✔",
-                            Mark::Starred => " ★",
-                            Mark::Rejected => " ✖",
+                            Mark::Kept => " [kept]",
+                            Mark::Starred => " [star]",
+                            Mark::Rejected => " [rejected]",
                             Mark::None => "",
                         };
                         ui.label(format!("#{} {} · {}{mark}", e.id, e.slot.label(), e.meta.seed));
                         let prompt: String = e.meta.prompt.chars().take(40).collect();
                         ui.weak(prompt);
                         if let Some(p) = &e.parent {
-                            ui.weak(format!("↳ from #{p}"));
+                            ui.weak(format!("refined from #{p}"));
                         }
                     });
                 })
                 .response;
-            let r = ui.interact(r.rect, ui.id().with(("hist", id)), Sense::click());
+            let r = ui.interact(r.rect, ui.scope_id().with(("hist", id)), Sense::click());
             if selected {
                 ui.painter().rect_stroke(r.rect, 2.0, egui::Stroke::new(1.5, ui.visuals().selection.stroke.color), egui::StrokeKind::Inside);
             }

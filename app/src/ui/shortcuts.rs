@@ -30,6 +30,18 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
 ];
 
 pub fn handle(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
+    let overlay_before = app.show_help || app.show_settings;
+    handle_keys(app, ctx, actions);
+    let overlay_after = app.show_help || app.show_settings;
+    if !overlay_before && overlay_after {
+        // egui drops focus on Escape; remember to give the prompt its focus back.
+        app.refocus_after_overlay = app.prompt_id.is_some_and(|id| ctx.memory(|m| m.has_focus(id)));
+    } else if overlay_before && !overlay_after && std::mem::take(&mut app.refocus_after_overlay) {
+        app.focus_prompt = true;
+    }
+}
+
+fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
     let cmd_shift = Modifiers::COMMAND | Modifiers::SHIFT;
     ctx.input_mut(|i| {
         if i.consume_key(cmd_shift, Key::Enter) {
@@ -57,75 +69,83 @@ pub fn handle(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action
             app.show_help = !app.show_help;
         }
     });
-    if ctx.input(|i| i.key_pressed(Key::Escape)) {
-        if app.show_help || app.show_settings {
+    if app.show_help || app.show_settings {
+        // Consumed, so that closing an overlay does not also unfocus the prompt.
+        if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
             app.show_help = false;
             app.show_settings = false;
-        } else {
-            ctx.memory_mut(|m| {
-                if let Some(id) = m.focused() {
-                    m.surrender_focus(id);
-                }
-            });
         }
+    } else if ctx.input(|i| i.key_pressed(Key::Escape)) {
+        ctx.memory_mut(|m| {
+            if let Some(id) = m.focused() {
+                m.surrender_focus(id);
+            }
+        });
     }
     if ctx.egui_wants_keyboard_input() {
         return;
     }
-    let typed = |c: &str| ctx.input(|i| i.events.iter().any(|e| matches!(e, egui::Event::Text(t) if t == c)));
-    let key = |k: Key| ctx.input(|i| i.key_pressed(k) && !i.modifiers.command);
-    if typed("?") {
+    // Walk the key presses in order: several can arrive in one frame (fast
+    // typists, xdotool), and "K, Right, X" must mark two different cells.
+    let presses: Vec<Key> = ctx.input(|i| {
+        i.events
+            .iter()
+            .filter_map(|e| match e {
+                egui::Event::Key { key, pressed: true, modifiers, .. } if !modifiers.command && !modifiers.alt => Some(*key),
+                _ => None,
+            })
+            .collect()
+    });
+    let question = ctx.input(|i| i.events.iter().any(|e| matches!(e, egui::Event::Text(t) if t == "?")));
+    if question {
         app.show_help = !app.show_help;
     }
-    for (k, v) in [(Key::Num1, View::Live), (Key::Num2, View::Variations), (Key::Num3, View::Compare)] {
-        if key(k) {
-            actions.push(Action::ShowView(v));
+    for key in presses {
+        match key {
+            Key::Num1 => actions.push(Action::ShowView(View::Live)),
+            Key::Num2 => actions.push(Action::ShowView(View::Variations)),
+            Key::Num3 => actions.push(Action::ShowView(View::Compare)),
+            _ => match app.view {
+                View::Compare => compare_key(app, key),
+                View::Variations => variations_key(app, key, actions),
+                View::Live => {}
+            },
         }
     }
-    match app.view {
-        View::Compare => {
-            if key(Key::C) {
-                app.compare.swapped = !app.compare.swapped;
-            }
-            if key(Key::M) {
-                app.compare.mode = app.compare.mode.next();
-            }
-            if key(Key::Space) {
-                app.compare.flicker_auto = false;
-                app.compare.flicker_second = !app.compare.flicker_second;
-            }
+}
+
+fn compare_key(app: &mut StudioApp, key: Key) {
+    match key {
+        Key::C => app.compare.swapped = !app.compare.swapped,
+        Key::M => app.compare.mode = app.compare.mode.next(),
+        Key::Space => {
+            app.compare.flicker_auto = false;
+            app.compare.flicker_second = !app.compare.flicker_second;
         }
-        View::Variations => {
-            let n = app.variations.len();
-            if n == 0 {
-                return;
-            }
-            let cols = crate::ui::variations::columns(n);
-            let c = &mut app.var_cursor;
-            if key(Key::ArrowRight) {
-                *c = (*c + 1).min(n - 1);
-            }
-            if key(Key::ArrowLeft) {
-                *c = c.saturating_sub(1);
-            }
-            if key(Key::ArrowDown) && *c + cols < n {
-                *c += cols;
-            }
-            if key(Key::ArrowUp) && *c >= cols {
-                *c -= cols;
-            }
-            let id = app.variations.get(app.var_cursor).and_then(|c| c.id.clone());
-            if let Some(id) = id {
-                for (k, m) in [(Key::K, Mark::Kept), (Key::X, Mark::Rejected), (Key::S, Mark::Starred)] {
-                    if key(k) {
-                        actions.push(Action::Mark(id.clone(), m));
-                    }
-                }
-                if key(Key::Enter) {
-                    actions.push(Action::Select(id));
-                }
-            }
-        }
-        View::Live => {}
+        _ => {}
+    }
+}
+
+fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
+    let n = app.variations.len();
+    if n == 0 {
+        return;
+    }
+    let cols = crate::ui::variations::columns(n);
+    let c = &mut app.var_cursor;
+    match key {
+        Key::ArrowRight => *c = (*c + 1).min(n - 1),
+        Key::ArrowLeft => *c = c.saturating_sub(1),
+        Key::ArrowDown if *c + cols < n => *c += cols,
+        Key::ArrowUp if *c >= cols => *c -= cols,
+        _ => {}
+    }
+    let Some(id) = app.variations.get(app.var_cursor).and_then(|c| c.id.clone()) else { return };
+    match key {
+        Key::K => actions.push(Action::Mark(id, Mark::Kept)),
+        Key::X => actions.push(Action::Mark(id, Mark::Rejected)),
+        Key::S => actions.push(Action::Mark(id, Mark::Starred)),
+        Key::Enter => actions.push(Action::Select(id)),
+        _ => {}
     }
 }

@@ -21,7 +21,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             ui.separator();
             let color = if msg.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
             ui.colored_label(color, &msg.text);
-            if ui.small_button("✕").on_hover_text("Dismiss").clicked() {
+            if ui.small_button("x").on_hover_text("Dismiss").clicked() {
                 app.message = None;
             }
         }

@@ -34,7 +34,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     for (i, c) in app.variations.clone().iter().enumerate() {
         let min = avail.min + egui::vec2((i % cols) as f32 * cell.x, (i / cols) as f32 * cell.y);
         let slot = Rect::from_min_size(min, cell).shrink(4.0);
-        let response = ui.interact(slot, ui.id().with(("var", c.job)), Sense::click());
+        let response = ui.interact(slot, ui.scope_id().with(("var", c.job)), Sense::click());
         let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job));
         let rect = super::fit_rect(slot.shrink(2.0), egui::vec2(w, h));
         let painter = ui.painter_at(slot);
@@ -51,9 +51,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             painter.rect_filled(rect, 0.0, Color32::from_black_alpha(170));
         }
         let (stroke_color, badge) = match mark {
-            Mark::Kept => (Color32::from_rgb(80, 200, 120), "✔ kept"),
-            Mark::Starred => (Color32::GOLD, "★ starred"),
-            Mark::Rejected => (Color32::from_rgb(200, 70, 70), "✖ rejected"),
+            Mark::Kept => (Color32::from_rgb(80, 200, 120), "kept"),
+            Mark::Starred => (Color32::GOLD, "* starred"),
+            Mark::Rejected => (Color32::from_rgb(200, 70, 70), "rejected"),
             Mark::None => (Color32::TRANSPARENT, ""),
         };
         if stroke_color != Color32::TRANSPARENT {
