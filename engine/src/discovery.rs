@@ -27,6 +27,9 @@ pub struct FoundModel {
     pub bytes: u64,
     /// dtype most of the DiT is stored in.
     pub dtype: String,
+    /// Memory the DiT's weights need kept in fp8, as bf16 and as f32
+    /// (`None` when its files could not be read).
+    pub dit_memory: Option<crate::fp8::MemoryEstimate>,
     /// Empty when the model is complete and its headers check out.
     pub problems: Vec<String>,
 }
@@ -86,6 +89,7 @@ pub fn inspect(path: &Path, source: &str) -> FoundModel {
         kind: "?".into(),
         bytes: 0,
         dtype: "?".into(),
+        dit_memory: None,
         problems: Vec::new(),
     };
     let files = match ModelFiles::locate(path, &ModelOverrides::default()) {
@@ -102,6 +106,7 @@ pub fn inspect(path: &Path, source: &str) -> FoundModel {
     match TensorStore::open_files(&files.dit.files) {
         Ok(store) => {
             found.dtype = store.main_dtype().map(|d| d.name().to_string()).unwrap_or_default();
+            found.dit_memory = Some(store.memory_estimate());
             if let Err(e) = KeyLayout::detect_dit(&store) {
                 found.problems.push(e.to_string());
             }
@@ -165,6 +170,9 @@ mod tests {
         assert_eq!(found.kind, "turbo");
         assert_eq!(found.dtype, "bf16");
         assert!(found.bytes > 1_000_000);
+        let memory = found.dit_memory.expect("DiT memory estimate");
+        assert_eq!(memory.bf16_bytes, memory.stored_bytes, "the fixture DiT is stored in bf16");
+        assert_eq!(memory.f32_bytes, 2 * memory.bf16_bytes);
 
         std::fs::remove_file(snap.join("transformer/diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
         let broken = inspect(&snap, "hf-cache");

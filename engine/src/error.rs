@@ -28,6 +28,17 @@ pub enum EngineError {
     #[error("{component} weights do not match its config ({} problem{}): {}", problems.len(), if problems.len() == 1 { "" } else { "s" }, problems.join("; "))]
     WeightMismatch { component: String, problems: Vec<String> },
 
+    #[error("{}: not a usable LoRA: {reason}", path.display())]
+    BadLora { path: PathBuf, reason: String },
+
+    /// LoRA modules that do not fit the loaded DiT (first few listed).
+    #[error("the LoRAs do not fit this model ({count} problem{}): {}", if *count == 1 { "" } else { "s" }, problems.join("; "))]
+    LoraMismatch { count: usize, problems: Vec<String> },
+
+    /// A download from the model hub failed (network, checksum, disk).
+    #[error("download: {0}")]
+    Download(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

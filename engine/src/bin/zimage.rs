@@ -17,9 +17,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use zimage_engine::bench;
 use zimage_engine::device::{CpuBackend, DeviceKind};
 use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides};
+use zimage_engine::lora;
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind, ZImagePipeline};
 use zimage_engine::preview::RgbImage;
+use zimage_engine::pull;
 use zimage_engine::text::MAX_TOKENS;
 
 #[derive(Parser)]
@@ -48,6 +50,21 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Download Z-Image-Turbo (turbo) or Z-Image (base) from the Hugging Face hub into its
+    /// cache, checking every checksum. Interrupted (Ctrl-C, network), it resumes when run again.
+    Pull {
+        /// turbo or base.
+        model: String,
+        /// Hub cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Branch, tag or commit of the repository.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// No progress bars.
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
 }
 
@@ -158,6 +175,9 @@ struct GenerateArgs {
     /// No progress bars.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Apply a LoRA to the DiT: PATH or PATH:STRENGTH (default strength 1); repeat for several.
+    #[arg(long = "lora", value_name = "PATH[:STRENGTH]")]
+    loras: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -257,7 +277,34 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.device)?;
             dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
         }
+        Command::Pull { model, cache_dir, revision, quiet } => pull_model(&model, cache_dir, revision, quiet),
     }
+}
+
+/// `zimage pull`: per-file and total progress bars; prints the snapshot folder.
+fn pull_model(model: &str, cache_dir: Option<PathBuf>, revision: String, quiet: bool) -> Result<()> {
+    let repo = pull::repo_for(model)?;
+    let mut opts = pull::PullOptions::from_env()?;
+    opts.revision = revision;
+    if let Some(dir) = cache_dir {
+        opts.cache_dir = dir;
+    }
+    let bars = indicatif::MultiProgress::new();
+    let file_bar = bars.add(bar(quiet, 0, "{msg:50!} [{bar:25}] {bytes}/{total_bytes}"));
+    let total_bar = bars.add(bar(quiet, 0, "total {bytes}/{total_bytes} [{bar:40}] {bytes_per_sec} eta {eta}"));
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let snapshot = pull::pull(repo, &opts, &cancel, &mut |p| {
+        file_bar.set_message(p.file.clone());
+        file_bar.set_length(p.file_total);
+        file_bar.set_position(p.file_done);
+        total_bar.set_length(p.total);
+        total_bar.set_position(p.done);
+    })
+    .with_context(|| format!("cannot pull {repo}"))?;
+    file_bar.finish_and_clear();
+    total_bar.finish_and_clear();
+    println!("{}", snapshot.display());
+    Ok(())
 }
 
 fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result<()> {
@@ -375,9 +422,15 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     }
     let init = args.init.as_deref().map(read_init).transpose()?;
     let files = args.model.files()?;
+    let loras = args.loras.iter().map(|a| lora::open_arg(a)).collect::<Result<Vec<_>, _>>()?;
 
     let started = Instant::now();
-    let pipe = load::<B>(&files, &device, dtype, args.quiet)?;
+    let mut pipe = load::<B>(&files, &device, dtype, args.quiet)?;
+    for (file, _) in &loras {
+        lora::compatibility_warnings(file, pipe.kind).iter().for_each(|w| eprintln!("warning: {w}"));
+    }
+    let with_strengths: Vec<_> = loras.iter().map(|(file, strength)| (file, *strength)).collect();
+    lora::AppliedLoras::new().apply(&mut pipe.dit, &with_strengths)?;
     let load_time = started.elapsed();
 
     let seed = args.seed.unwrap_or_else(|| zimage_engine::rng::random_seed() & 0xFFFF_FFFF);
