@@ -40,6 +40,37 @@ struct Cli {
 enum Command {
     /// Generate an image and save it as a PNG with its parameters.
     Generate(GenerateArgs),
+    /// Train the built-in demo model (tokenizer, text encoder, VAE, Base, Turbo) from scratch.
+    TrainDemo {
+        /// Output folder (diffusers layout: tokenizer/, text_encoder/, vae/, base/, turbo/).
+        #[arg(long, default_value = "assets/demo")]
+        out: PathBuf,
+        /// Seed of everything (data, initialisation, noise).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Scales the number of training steps (1 = the documented recipe).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Where to draw the loss curves (default: OUT/loss.png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Evaluate the demo model on held-out captions with the procedural judge (Base vs Turbo).
+    EvalDemo {
+        /// The trained demo folder.
+        #[arg(long, default_value = "assets/demo")]
+        model_dir: PathBuf,
+        /// Number of held-out captions.
+        #[arg(long)]
+        captions: Option<usize>,
+        /// Also write a sheet of sample images here.
+        #[arg(long)]
+        samples: Option<PathBuf>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
     /// Time each stage of a generation (text encode, every DiT step, VAE decode).
     Bench(BenchArgs),
     /// List the Z-Image models found on this machine (Hugging Face cache,
@@ -246,6 +277,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let kind = DeviceKind::parse(&args.model.device)?;
             dispatch!(kind, parse_dtype(kind, &args.model.dtype)?, generate, args)
+        }
+        Command::TrainDemo { out, seed, scale, plot, quiet } => {
+            let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
+            opts.seed = seed;
+            opts.scale = scale;
+            opts.plot = Some(plot.unwrap_or_else(|| opts.out.join("loss.png")));
+            opts.quiet = quiet;
+            println!("{}", zimage_engine::demo::train_demo(&opts)?);
+            Ok(())
+        }
+        Command::EvalDemo { model_dir, captions, samples, quiet } => {
+            let mut opts = zimage_engine::demo::EvalDemoOptions::new(model_dir);
+            if let Some(n) = captions {
+                opts.captions = n;
+            }
+            opts.samples_png = samples;
+            opts.quiet = quiet;
+            println!("{}", zimage_engine::demo::eval_demo(&opts)?);
+            Ok(())
         }
         Command::Models { paths, json } => {
             let found = zimage_engine::discovery::discover(&paths);

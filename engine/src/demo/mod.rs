@@ -64,16 +64,16 @@ pub fn text_encoder_config() -> Qwen3Config {
 pub fn vae_config() -> VaeConfig {
     VaeConfig::new()
         .with_latent_channels(16)
-        .with_block_out_channels(vec![16, 32, 64, 64])
+        .with_block_out_channels(vec![8, 8, 16, 32])
         .with_layers_per_block(1)
-        .with_norm_num_groups(8)
+        .with_norm_num_groups(2)
 }
 
-/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 192.
+/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128.
 pub fn dit_config() -> ZImageDitConfig {
     ZImageDitConfig::new()
-        .with_dim(192)
-        .with_n_heads(6)
+        .with_dim(128)
+        .with_n_heads(4)
         .with_n_layers(3)
         .with_n_refiner_layers(1)
         .with_cap_feat_dim(64)

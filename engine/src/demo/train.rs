@@ -1,8 +1,8 @@
 //! The demo recipe, end to end on the CPU (burn autodiff on `flex`):
 //!
 //! 1. tokenizer: written, not learned (a word-level vocabulary of the grammar);
-//! 2. VAE: the Flux-structured autoencoder on rendered scenes (L1 + L2
-//!    reconstruction, small KL), then latent statistics → `shift_factor` /
+//! 2. VAE: the Flux-structured autoencoder on rendered scenes (L2
+//!    reconstruction, a colour hint on three latent channels, small KL), then latent statistics → `shift_factor` /
 //!    `scaling_factor` as the real VAE config carries them;
 //! 3. Base: the tiny Qwen3 encoder and the DiT trained together by flow
 //!    matching on the encoded training set (`x_σ = (1−σ)x0 + σε`, the DiT at
@@ -24,6 +24,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::backend::Backend;
+use burn::tensor::module::avg_pool2d;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -70,8 +71,10 @@ impl TrainDemoOptions {
 /// Step counts and hyper-parameters of the recipe.
 #[derive(Debug, Clone)]
 struct Recipe {
-    vae_steps: usize,
-    vae_batch: usize,
+    /// VAE stages: (image side, batch, steps). The narrow autoencoder first
+    /// learns the flat colours cheaply on small renders, then edges at 64²
+    /// and 128² (convolutions are local, so the stages share everything).
+    vae_stages: [(usize, usize, usize); 3],
     vae_lr: f64,
     kl_weight: f32,
     /// Training scenes encoded once for the DiT.
@@ -93,19 +96,18 @@ impl Recipe {
     fn scaled(s: f64) -> Self {
         let n = |v: usize| ((v as f64 * s).round() as usize).max(2);
         Recipe {
-            vae_steps: n(700),
-            vae_batch: 8,
-            vae_lr: 2e-3,
-            kl_weight: 1e-3,
-            data_size: n(6144),
-            base_steps: n(2400),
-            base_batch: 32,
+            vae_stages: [(32, 8, n(600)), (64, 8, n(800)), (128, 6, n(250))],
+            vae_lr: 3e-3,
+            kl_weight: 1e-4,
+            data_size: n(4096),
+            base_steps: n(2000),
+            base_batch: 24,
             base_lr: 1e-3,
             caption_dropout: 0.1,
             train_shift: 3.0,
-            teacher_pairs: n(1024),
-            turbo_steps: n(600),
-            turbo_batch: 32,
+            teacher_pairs: n(384),
+            turbo_steps: n(400),
+            turbo_batch: 24,
             turbo_lr: 2e-4,
         }
     }
@@ -256,7 +258,7 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
         write_loss_plot(
             plot,
             &[
-                Curve { title: "VAE: L1+L2+KL".into(), losses: vae_losses.clone() },
+                Curve { title: "VAE: L2 + colour hint (+KL)".into(), losses: vae_losses.clone() },
                 Curve { title: "Base: flow matching".into(), losses: base_losses.clone() },
                 Curve { title: "Turbo: distillation".into(), losses: turbo_losses.clone() },
             ],
@@ -301,25 +303,41 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
         .init::<Ad, Vae<Ad>>();
     let mut world = WorldSampler::new(seed.wrapping_add(1));
     let mut noise = TorchGenerator::manual_seed(seed.wrapping_add(2));
-    let n = IMAGE_SIDE;
-    let lat = n / cfg.scale();
-    let pb = bar(quiet, r.vae_steps, "VAE");
-    let mut losses = Vec::with_capacity(r.vae_steps);
-    for step in 0..r.vae_steps {
-        let imgs: Vec<f32> = (0..r.vae_batch).flat_map(|_| image_to_chw(&world.sample(Split::Train).1)).collect();
-        let x = tensor4::<Ad>(imgs, [r.vae_batch, 3, n, n], device);
+    let total: usize = r.vae_stages.iter().map(|s| s.2).sum();
+    let pb = bar(quiet, total, "VAE");
+    let mut losses = Vec::with_capacity(total);
+    let stages: Vec<(usize, usize)> = r.vae_stages.iter().flat_map(|&(side, batch, steps)| std::iter::repeat_n((side, batch), steps)).collect();
+    for (step, &(n, batch)) in stages.iter().enumerate() {
+        let lat = n / cfg.scale();
+        let imgs: Vec<f32> = (0..batch).flat_map(|_| image_to_chw(&world.sample_at(Split::Train, n).1)).collect();
+        let x = tensor4::<Ad>(imgs, [batch, 3, n, n], device);
         let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
-        let eps = tensor4::<Ad>(noise.randn(r.vae_batch * cfg.latent_channels * lat * lat), mean.dims(), device);
-        let z = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
-        let diff = vae.decode(z) - x;
-        let rec = diff.clone().abs().mean() + diff.square().mean();
-        let kl = (mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5;
-        let loss = rec + kl * r.kl_weight;
+        // The first latent channels learn the average colour of their 8×8
+        // patch: without this hint the narrow autoencoder spends hundreds of
+        // steps before its latents carry the (normalised-away) flat colours.
+        let pooled = avg_pool2d(x.clone(), [8, 8], [8, 8], [0, 0], true, false);
+        let hint = (mean.clone().narrow(1, 0, 3) - pooled).square().mean();
+        // Deterministic (posterior mean) on the small renders; at 128² every
+        // fourth step samples the posterior with the KL term, which trains the
+        // log-variance img2img uses without blurring the decoder much.
+        let sampled = n == IMAGE_SIDE && step % 4 == 3;
+        let (z, kl) = if !sampled {
+            (mean, None)
+        } else {
+            let eps = tensor4::<Ad>(noise.randn(batch * cfg.latent_channels * lat * lat), mean.dims(), device);
+            let z = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
+            (z, Some((mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5))
+        };
+        let rec = (vae.decode(z) - x).square().mean();
+        let mut loss = rec + hint;
+        if let Some(kl) = kl {
+            loss = loss + kl * r.kl_weight;
+        }
         let value = scalar(loss.clone());
         anyhow::ensure!(value.is_finite(), "VAE training diverged at step {step}");
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &vae);
-        vae = opt.step(lr_at(step, r.vae_steps, r.vae_lr), vae, grads);
+        vae = opt.step(lr_at(step, total, r.vae_lr), vae, grads);
         pb.inc(1);
         pb.set_message(format!("loss {value:.4}"));
     }

@@ -402,9 +402,14 @@ impl WorldSampler {
 
     /// A scene with its rendering.
     pub fn sample(&mut self, split: Split) -> (Scene, RgbImage) {
+        self.sample_at(split, IMAGE_SIDE)
+    }
+
+    /// A scene with its rendering at `side`².
+    pub fn sample_at(&mut self, split: Split, side: usize) -> (Scene, RgbImage) {
         let scene = self.scene(split);
         let placements = self.placements(&scene);
-        let image = render(&scene, &placements);
+        let image = render_at(&scene, &placements, side);
         (scene, image)
     }
 }
@@ -423,7 +428,16 @@ fn inside(shape: Shape, p: &Placement, x: f32, y: f32) -> bool {
 
 /// Renders a scene at [`IMAGE_SIDE`]² with 4×4 supersampled edges.
 pub fn render(scene: &Scene, placements: &[Placement]) -> RgbImage {
-    let n = IMAGE_SIDE;
+    render_at(scene, placements, IMAGE_SIDE)
+}
+
+/// Renders a scene at `side`² (the same picture scaled; the VAE first trains
+/// at 64² where a step costs a quarter).
+pub fn render_at(scene: &Scene, placements: &[Placement], side: usize) -> RgbImage {
+    let n = side;
+    let k = side as f32 / IMAGE_SIDE as f32;
+    let scaled: Vec<Placement> = placements.iter().map(|p| Placement { cx: p.cx * k, cy: p.cy * k, side: p.side * k }).collect();
+    let placements = &scaled;
     let bg = scene.background.rgb().map(|v| v as f32);
     let mut acc = vec![0f32; n * n * 3];
     for p in 0..n * n {
