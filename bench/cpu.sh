@@ -10,11 +10,12 @@ PY="${PY:-python3}"
 OUT="${OUT:-bench-out/cpu}"
 Z="${Z:-target/release/zimage}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 for cfg in "tiny 256 8" "medium 256 8"; do
   set -- $cfg
   name=$1 size=$2 steps=$3
   dir="$OUT/model-$name"
-  [ -d "$dir" ] || (cd bench && "$PY" make_model.py --config "$name" --out "../$dir" >/dev/null 2>&1)
+  [ -d "$dir" ] || PYTHONPATH=bench "$PY" bench/make_model.py --config "$name" --out "$dir" >/dev/null
   "$Z" bench --model "$dir" -W "$size" -H "$size" --steps "$steps" --tokens 100 --runs 2 --json "$OUT/ours-$name.json" > "$OUT/ours-$name.txt"
   for threads in 1 2; do
     OMP_NUM_THREADS=$threads TORCH_THREADS=$threads "$PY" bench/diffusers_bench.py --model "$dir" --device cpu \
