@@ -24,7 +24,7 @@ fn fixture(name: &str) -> String {
 
 /// Small, fast settings for the tiny models.
 fn write_test_settings(dir: &Path, edit: impl FnOnce(&mut Settings)) {
-    let mut s = Settings { width: 64, height: 64, base_steps: 10, base_guidance: 0.0, variations: 3, ..Settings::default() };
+    let mut s = Settings { width: 64, height: 64, size_chosen: true, base_steps: 10, base_guidance: 0.0, variations: 3, ..Settings::default() };
     s.output_dir = Some(dir.join("saved"));
     edit(&mut s);
     s.save(&Paths::at(dir)).expect("write settings");
@@ -329,4 +329,22 @@ fn help_overlay_and_model_status() {
     assert!(!h.state().show_help);
     type_text(&mut h, "x");
     wait_until(&mut h, "the live error", |a| matches!(&a.live_status, LiveStatus::Error(m) if m.contains("/no/such/model")));
+}
+
+/// Until the user picks a size, the size follows the Turbo model's natural
+/// size (the VAE config's `sample_size`: 1024 in the tiny fixtures' config,
+/// 128 for the built-in demo); a chosen size is kept.
+#[test]
+fn size_follows_the_model_until_the_user_chooses_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.size_chosen = false);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    assert_eq!((h.state().settings.width, h.state().settings.height), (1024, 1024));
+
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    assert_eq!((h.state().settings.width, h.state().settings.height), (64, 64));
 }

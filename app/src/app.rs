@@ -396,6 +396,13 @@ impl StudioApp {
                 self.error(format!("{what} failed: {message}"));
             }
             Event::Model { slot, state } => {
+                if let (ModelSlot::Turbo, ModelState::Ready { default_size, .. }) = (slot, &state) {
+                    if !self.settings.size_chosen {
+                        if let Some((w, h)) = self.settings.aspect.size(*default_size) {
+                            (self.settings.width, self.settings.height) = (w, h);
+                        }
+                    }
+                }
                 self.models.insert(slot, state);
             }
             Event::EngineRestarted { reason } => {
@@ -726,6 +733,7 @@ impl StudioApp {
             s.width = m.width;
             s.height = m.height;
             s.aspect = state::AspectPreset::Custom;
+            s.size_chosen = true;
         }
         let slot = slot.unwrap_or(if m.model_kind == "base" { ModelSlot::Base } else { ModelSlot::Turbo });
         if m.steps > 0 {

@@ -83,7 +83,8 @@ pub enum ModelState {
     /// Nothing configured for this slot.
     NotConfigured,
     Loading { stage: String },
-    Ready { name: String },
+    /// `default_size`: the image side the model was made for.
+    Ready { name: String, default_size: u32 },
     /// Configured but unusable; one line saying why.
     Failed(String),
 }
@@ -452,12 +453,12 @@ impl Worker {
             self.set_state(slot, ModelState::Loading { stage: "locating files".into() });
             match self.load_one(slot, arg, &mut shared) {
                 Ok(pipe) => {
-                    let name = pipe.name.clone();
+                    let (name, default_size) = (pipe.name.clone(), pipe.default_size);
                     match slot {
                         ModelSlot::Turbo => self.models.turbo = Some(pipe),
                         ModelSlot::Base => self.models.base = Some(pipe),
                     }
-                    self.set_state(slot, ModelState::Ready { name });
+                    self.set_state(slot, ModelState::Ready { name, default_size });
                 }
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
             }

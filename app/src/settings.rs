@@ -23,6 +23,9 @@ pub struct Settings {
     pub aspect: AspectPreset,
     pub width: u32,
     pub height: u32,
+    /// Whether the user chose the size; until then it follows the Turbo
+    /// model's natural size (128² for the demo, 1024² for the real models).
+    pub size_chosen: bool,
     pub turbo_steps: usize,
     pub turbo_guidance: f32,
     pub base_steps: usize,
@@ -45,6 +48,7 @@ impl Default for Settings {
             aspect: AspectPreset::Square,
             width: 512,
             height: 512,
+            size_chosen: false,
             turbo_steps: 8,
             turbo_guidance: 0.0,
             base_steps: 50,

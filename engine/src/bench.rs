@@ -125,6 +125,7 @@ pub fn random_pipeline<B: Backend>(
         vae: Arc::new(vae),
         vae_scale: model.vae.scale(),
         shift: if kind == ModelKind::Turbo { 3.0 } else { 6.0 },
+        default_size: 1024,
         device: device.clone(),
     })
 }

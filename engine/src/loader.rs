@@ -455,6 +455,7 @@ pub fn load_pipeline_with<B: Backend>(
         vae: shared.vae.clone(),
         vae_scale: shared.vae_scale,
         shift: files.shift,
+        default_size: files.default_size,
         device: device.clone(),
     })
 }

@@ -198,6 +198,9 @@ pub struct ZImagePipeline<B: Backend> {
     pub vae_scale: usize,
     /// Scheduler time shift from `scheduler_config.json`.
     pub shift: f32,
+    /// The image side the model was made for (VAE config `sample_size`):
+    /// 1024 for the real models, 128 for the built-in demo.
+    pub default_size: u32,
     pub device: B::Device,
 }
 

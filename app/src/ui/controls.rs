@@ -80,6 +80,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                 app.settings.width = w;
                 app.settings.height = h;
             }
+            app.settings.size_chosen = true;
             edited = true;
         }
         ui.end_row();
@@ -90,6 +91,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             let h = ui.add(DragValue::new(&mut app.settings.height).range(16..=4096).speed(16.0).suffix(" h")).labelled_by(size_label.id);
             if w.changed() || h.changed() {
                 app.settings.aspect = AspectPreset::Custom;
+                app.settings.size_chosen = true;
                 edited = true;
             }
             // Snap when the user lets go, so typing "10" on the way to "1024" works.

@@ -35,7 +35,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 if let Some(slot) = slot {
                     ui.label("");
                     let (text, color) = match app.models.get(slot) {
-                        Some(ModelState::Ready { name }) => (format!("loaded: {name}"), ui.visuals().text_color()),
+                        Some(ModelState::Ready { name, .. }) => (format!("loaded: {name}"), ui.visuals().text_color()),
                         Some(ModelState::Loading { stage }) => (format!("loading {stage}…"), ui.visuals().warn_fg_color),
                         Some(ModelState::Failed(m)) => (m.clone(), ui.visuals().error_fg_color),
                         Some(ModelState::NotConfigured) | None => ("not configured".into(), ui.visuals().warn_fg_color),

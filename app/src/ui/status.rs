@@ -36,7 +36,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
 pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
     for slot in [ModelSlot::Turbo, ModelSlot::Base] {
         let (text, color) = match app.models.get(&slot) {
-            Some(ModelState::Ready { name }) => (format!("{}: {name}", slot.label()), ui.visuals().text_color()),
+            Some(ModelState::Ready { name, .. }) => (format!("{}: {name}", slot.label()), ui.visuals().text_color()),
             Some(ModelState::Loading { stage }) => (format!("{}: loading {stage}…", slot.label()), ui.visuals().warn_fg_color),
             Some(ModelState::Failed(_)) => (format!("{}: error (see Settings)", slot.label()), ui.visuals().error_fg_color),
             Some(ModelState::NotConfigured) => (format!("{}: not configured", slot.label()), ui.visuals().warn_fg_color),
