@@ -236,3 +236,27 @@ fn component_swapped_for_another_kind_is_reported() {
         .unwrap();
     expect_err(&dir, &["expected a Qwen3 text encoder", "autoencoder"]);
 }
+
+/// A size that cannot fit in memory is refused with one line before any
+/// allocation (running out of memory would abort the whole process).
+#[test]
+fn requests_too_big_for_memory_are_refused_up_front() {
+    use zimage_engine::pipeline::{GenerateRequest, ModelKind};
+    let files = ModelFiles::locate(&fixtures().join("tiny-turbo"), &ModelOverrides::default()).unwrap();
+    let pipe = load_pipeline::<B>(&files, &device(), DType::F32, &mut |_, _, _| {}).unwrap();
+    let mut req = GenerateRequest::new("a cat", ModelKind::Turbo);
+    req.width = 512;
+    req.height = 512;
+    let small = pipe.working_memory_bytes(&req);
+    req.width = 1024;
+    req.height = 1024;
+    let big = pipe.working_memory_bytes(&req);
+    assert!(big > 3 * small && big < 20 * small, "2× the side costs ~4× to ~16× (attention): {small} → {big}");
+    req.prompts = vec!["a".into(), "b".into()];
+    assert!(pipe.working_memory_bytes(&req) >= 2 * big - small, "a batch of two needs about twice as much");
+    let err = pipe.check_memory(&req, big / 4).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, EngineError::InsufficientMemory { .. }));
+    assert!(msg.contains("2 images of 1024x1024") && msg.contains("GB") && !msg.contains('\n'), "{msg}");
+    pipe.check_memory(&req, u64::MAX).unwrap();
+}

@@ -287,6 +287,14 @@ fn cli_lora_flags() {
     let expected = r.tensor("image");
     let worst = pixels.iter().zip(&expected).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
     assert!(worst <= 1, "CLI image with two --lora differs from diffusers' by {worst}");
+    // The LoRAs are in the image's metadata, as A1111 writes them.
+    let meta = zimage_engine::metadata::read_png_metadata_file(std::path::Path::new(&out_png)).unwrap();
+    let names: Vec<&str> = meta.loras.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["tiny_turbo_lora", "tiny_turbo_lora_kohya"]);
+    assert!((meta.loras[0].strength - s / 3.0).abs() < 1e-6);
+    assert_eq!(meta.loras[1].hash.as_deref().map(str::len), Some(12));
+    let params = zimage_engine::metadata::a1111_parameters(&meta);
+    assert!(params.contains("<lora:tiny_turbo_lora_kohya:") && params.contains("Lora hashes: \""), "{params}");
 
     let base = kohya_with_metadata(tmp.path(), "made_for_base.safetensors", &[("ss_base_model_version", "z_image")]);
     let out = run(&[

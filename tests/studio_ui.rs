@@ -24,7 +24,16 @@ fn fixture(name: &str) -> String {
 
 /// Small, fast settings for the tiny models.
 fn write_test_settings(dir: &Path, edit: impl FnOnce(&mut Settings)) {
-    let mut s = Settings { width: 64, height: 64, size_chosen: true, base_steps: 10, base_guidance: 0.0, variations: 3, ..Settings::default() };
+    let mut s = Settings {
+        width: 64,
+        height: 64,
+        size_chosen: true,
+        base_steps: 10,
+        base_guidance: 0.0,
+        variations: 3,
+        welcome_done: true,
+        ..Settings::default()
+    };
     s.output_dir = Some(dir.join("saved"));
     edit(&mut s);
     s.save(&Paths::at(dir)).expect("write settings");
@@ -36,7 +45,10 @@ fn harness(dir: &Path) -> Harness<'static, StudioApp> {
 
 fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harness<'static, StudioApp> {
     let options = StudioOptions { paths: Paths::at(dir), turbo, base };
-    Harness::builder().with_size(egui::vec2(1280.0, 800.0)).with_step_dt(0.02).build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options))
+    Harness::builder()
+        .with_size(egui::vec2(1280.0, 800.0))
+        .with_step_dt(0.02)
+        .build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options))
 }
 
 /// Steps frames in real time until `pred` holds (the engine runs on its own
@@ -44,7 +56,12 @@ fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harn
 fn wait_until(h: &mut Harness<'static, StudioApp>, what: &str, pred: impl Fn(&StudioApp) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !pred(h.state()) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {:?}, message: {:?}", h.state().live_status, h.state().message);
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; status: {:?}, message: {:?}",
+            h.state().live_status,
+            h.state().message
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -107,7 +124,11 @@ fn typing_again_supersedes_the_running_job() {
     let mut h = harness(dir.path());
     wait_until(&mut h, "models to load", models_ready);
     type_text(&mut h, "a");
-    wait_until(&mut h, "the first job to render", |a| matches!(a.live_status, LiveStatus::Rendering { done, .. } if done >= 1));
+    wait_until(
+        &mut h,
+        "the first job to render",
+        |a| matches!(a.live_status, LiveStatus::Rendering { done, .. } if done >= 1),
+    );
     let seed = h.state().settings.seed;
     type_text(&mut h, " cat");
     assert_eq!(h.state().live_status, LiveStatus::Stale);
@@ -257,7 +278,15 @@ fn dropping_a_png_restores_its_parameters() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
     let png = dir.path().join("from-elsewhere.png");
-    let meta = GenerationMetadata { prompt: "a blue heron".into(), seed: 1234, steps: 6, width: 96, height: 64, model_kind: "turbo".into(), ..Default::default() };
+    let meta = GenerationMetadata {
+        prompt: "a blue heron".into(),
+        seed: 1234,
+        steps: 6,
+        width: 96,
+        height: 64,
+        model_kind: "turbo".into(),
+        ..Default::default()
+    };
     metadata::save_png(&png, &vec![128u8; 96 * 64 * 3], 96, 64, &meta).unwrap();
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not a png").unwrap();
@@ -268,7 +297,10 @@ fn dropping_a_png_restores_its_parameters() {
     h.step();
     let app = h.state();
     assert_eq!(app.prompt, "a blue heron");
-    assert_eq!((app.settings.seed, app.settings.width, app.settings.height, app.settings.turbo_steps), (1234, 96, 64, 6));
+    assert_eq!(
+        (app.settings.seed, app.settings.width, app.settings.height, app.settings.turbo_steps),
+        (1234, 96, 64, 6)
+    );
     h.get_by_label_contains("restored the parameters of from-elsewhere.png");
     // The restored parameters render live.
     wait_until(&mut h, "the restored image", live_done);
@@ -302,13 +334,22 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
         h.key_press(k);
     }
     h.step();
-    let marks: Vec<Mark> = h.state().variations.iter().map(|c| h.state().history.get(c.id.as_ref().unwrap()).unwrap().mark).collect();
+    let marks: Vec<Mark> =
+        h.state().variations.iter().map(|c| h.state().history.get(c.id.as_ref().unwrap()).unwrap().mark).collect();
     assert_eq!(marks, vec![Mark::Kept, Mark::Rejected, Mark::Starred]);
     h.get_by_label("Refine 2 kept with Base").click();
     h.step();
-    wait_until(&mut h, "2 Base refines", |a| a.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count() == 2);
+    wait_until(&mut h, "2 Base refines", |a| {
+        a.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count() == 2
+    });
     let app = h.state();
-    let parents: Vec<_> = app.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).map(|e| app.history.get(e.parent.as_ref().unwrap()).unwrap().meta.seed).collect();
+    let parents: Vec<_> = app
+        .history
+        .entries
+        .iter()
+        .filter(|e| e.slot == ModelSlot::Base)
+        .map(|e| app.history.get(e.parent.as_ref().unwrap()).unwrap().meta.seed)
+        .collect();
     assert_eq!(parents, vec![s0, s0 + 2], "the kept and the starred one, in order");
 }
 
@@ -328,7 +369,11 @@ fn help_overlay_and_model_status() {
     h.step();
     assert!(!h.state().show_help);
     type_text(&mut h, "x");
-    wait_until(&mut h, "the live error", |a| matches!(&a.live_status, LiveStatus::Error(m) if m.contains("/no/such/model")));
+    wait_until(
+        &mut h,
+        "the live error",
+        |a| matches!(&a.live_status, LiveStatus::Error(m) if m.contains("/no/such/model")),
+    );
 }
 
 /// Until the user picks a size, the size follows the Turbo model's natural
@@ -347,4 +392,103 @@ fn size_follows_the_model_until_the_user_chooses_one() {
     let mut h = harness(dir.path());
     wait_until(&mut h, "models to load", models_ready);
     assert_eq!((h.state().settings.width, h.state().settings.height), (64, 64));
+}
+
+#[path = "support/hub.rs"]
+mod hub;
+
+/// First run: the welcome explains the two models and offers the demo,
+/// finding models, downloading Turbo (its size shown) and a folder; nothing
+/// is fetched without a click; the choice is remembered.
+#[test]
+fn first_run_welcome_starts_the_demo_and_is_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness_with(dir.path(), None, None);
+    h.step();
+    assert!(h.state().show_welcome, "no settings yet: first run");
+    h.get_by_label("Welcome to Z-Image Studio");
+    h.get_by_label_contains("Z-Image-Turbo draws a new image in 8 steps");
+    h.get_by_label_contains("Download Z-Image-Turbo (about 32.8 GB)");
+    h.get_by_label("Find models on this computer");
+    h.get_by_label("Model folder or file");
+    assert!(h.state().download.is_none(), "no network access before a click");
+    h.get_by_label("Use the built-in demo model").click();
+    h.step();
+    assert!(!h.state().show_welcome);
+    wait_until(&mut h, "the demo models", models_ready);
+    assert_eq!(h.state().settings.turbo_model.as_deref(), Some("demo-turbo"));
+    assert_eq!(h.state().settings.base_model.as_deref(), Some("demo-base"));
+    drop(h);
+    let (saved, _) = Settings::load(&Paths::at(dir.path()));
+    assert!(saved.welcome_done && saved.turbo_model.as_deref() == Some("demo-turbo"), "{saved:?}");
+    let mut h = harness_with(dir.path(), None, None);
+    h.step();
+    assert!(!h.state().show_welcome, "shown once");
+}
+
+/// "Download Z-Image-Turbo" fetches the model from the hub (a local one
+/// here, serving the tiny fixture in the hub's layout) with progress into
+/// the HF cache, then uses it.
+#[test]
+fn welcome_download_fetches_turbo_and_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = hub::Hub::start(hub::Faults::default());
+    let mut h = harness_with(dir.path(), None, None);
+    h.state_mut().pull_options = Some(server.options(&dir.path().join("hf-cache")));
+    h.step();
+    h.get_by_label_contains("Download Z-Image-Turbo").click();
+    h.step();
+    assert!(h.state().download.is_some() || h.state().download_note.is_some());
+    wait_until(&mut h, "the download", |a| a.download.is_none() && a.settings.turbo_model.is_some());
+    let model = h.state().settings.turbo_model.clone().unwrap();
+    assert!(model.contains("models--Tongyi-MAI--Z-Image-Turbo") && model.contains(hub::COMMIT), "{model}");
+    assert!(h.state().download_note.as_deref().is_some_and(|n| n.contains("downloaded")));
+    wait_until(&mut h, "the downloaded Turbo", |a| {
+        matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. }))
+    });
+}
+
+/// Settings: the configured models are found with their size, and LoRAs
+/// can be added, are applied (and recorded in the image), and switched off.
+#[test]
+fn settings_find_models_and_manage_loras() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.turbo_model = Some(fixture("tiny-turbo")));
+    let mut h = harness_with(dir.path(), None, Some(fixture("tiny-base")));
+    wait_until(&mut h, "models to load", models_ready);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+    h.step();
+    h.get_by_label("Find models on this computer").click();
+    wait_until(&mut h, "the model scan", |a| a.found_models.is_some());
+    let found = h.state().found_models.clone().unwrap();
+    let tiny = found.iter().find(|m| m.path.ends_with("tiny-turbo")).unwrap_or_else(|| panic!("{found:?}"));
+    assert!(tiny.complete() && tiny.kind == "turbo" && tiny.bytes > 0, "{tiny:?}");
+    h.get_by_label_contains("Search again");
+
+    let lora = PathBuf::from(fixture("lora")).join("tiny_turbo_lora.safetensors");
+    h.get_by_label("Add Turbo LoRA").click();
+    h.step();
+    type_text(&mut h, &lora.display().to_string());
+    h.get_all_by_label("Add").next().expect("Add button").click();
+    h.step();
+    wait_until(&mut h, "the LoRA", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.len() == 1));
+    assert_eq!(h.state().settings.turbo_loras.len(), 1);
+    h.get_by_label("tiny_turbo_lora");
+    // An image made now records the LoRA (A1111 tag + hash).
+    h.state_mut().show_settings = false;
+    h.state_mut().prompt = "a red fox".into();
+    let ctx = h.ctx.clone();
+    h.state_mut().apply(&ctx, zimage_studio::app::Action::Generate);
+    wait_until(&mut h, "the live image", live_done);
+    let entry = h.state().history.get(h.state().current.as_ref().unwrap()).unwrap().meta.clone();
+    assert_eq!(entry.loras.len(), 1);
+    assert_eq!(entry.loras[0].name, "tiny_turbo_lora");
+    assert!(metadata::a1111_parameters(&entry).contains("<lora:tiny_turbo_lora:1>"));
+    // Switched off: removed from the model without a reload.
+    h.state_mut().show_settings = true;
+    h.step();
+    h.get_by_label("tiny_turbo_lora").click();
+    h.step();
+    wait_until(&mut h, "the LoRA off", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.is_empty()));
+    assert!(!h.state().settings.turbo_loras[0].enabled, "kept in the list, unticked");
 }

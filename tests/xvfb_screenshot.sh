@@ -47,7 +47,7 @@ fi
 DATA=$(mktemp -d)
 RUNTIME=$(mktemp -d)
 cat > "$DATA/settings.json" <<EOF
-{"width": $SIZE, "height": $SIZE, "size_chosen": true, "base_steps": 10, "base_guidance": 0.0, "output_dir": "$OUT/saved"}
+{"welcome_done": true, "width": $SIZE, "height": $SIZE, "size_chosen": true, "base_steps": 10, "base_guidance": 0.0, "output_dir": "$OUT/saved"}
 EOF
 
 DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))

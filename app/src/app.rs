@@ -5,11 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zimage_engine::metadata::{self, GenerationMetadata};
+use zimage_engine::discovery::FoundModel;
+use zimage_engine::metadata::{self, GenerationMetadata, LoraRef};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind};
 use zimage_engine::preview::RgbImage;
+use zimage_engine::pull::PullOptions;
 
-use crate::engine_bridge::{BackgroundIo, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, ModelConfig, ModelSlot, ModelState};
+use crate::engine_bridge::{
+    BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
+    LoraState, ModelConfig, ModelSlot, ModelState, Task, Waker,
+};
 use crate::history::History;
 use crate::images::Images;
 use crate::save;
@@ -112,7 +117,25 @@ pub enum Action {
     Select(String),
     Restore(String),
     Mark(String, Mark),
-    ApplyModels { turbo: String, base: String, output: String },
+    ApplyModels {
+        turbo: String,
+        base: String,
+        output: String,
+    },
+    /// Use this model (a path or built-in name) in `slot`, saved in the settings.
+    UseModel {
+        slot: ModelSlot,
+        model: String,
+    },
+    /// Look for models on this computer (HF cache, ComfyUI folders).
+    ScanModels,
+    /// Download `turbo` or `base` from the Hugging Face hub.
+    StartDownload(String),
+    CancelDownload,
+    /// The LoRA lists in the settings changed: apply them.
+    LorasChanged,
+    /// The first-run welcome was answered.
+    CloseWelcome,
     ShowView(View),
     CompareWith(String),
     Cancel(JobId),
@@ -152,6 +175,24 @@ pub struct StudioApp {
     pub show_help: bool,
     pub show_settings: bool,
     pub settings_form: [String; 3],
+    /// First-run welcome screen.
+    pub show_welcome: bool,
+    /// The welcome's "point at a folder" field.
+    pub welcome_folder: String,
+    /// Models found on this computer (None until a scan finished).
+    pub found_models: Option<Vec<FoundModel>>,
+    scan: Option<Task<Vec<FoundModel>>>,
+    pub download: Option<Download>,
+    /// One line about the last download (done, failed, cancelled).
+    pub download_note: Option<String>,
+    /// Where downloads come from; `None` = the hub the environment names
+    /// (`HF_ENDPOINT`, `HF_HOME`…). Tests point it at a local hub.
+    pub pull_options: Option<PullOptions>,
+    /// What the engine applied per model after the last LoRA change.
+    pub lora_state: HashMap<ModelSlot, LoraState>,
+    /// The "Add LoRA" path fields.
+    pub lora_form: HashMap<ModelSlot, String>,
+    pub waker: Waker,
     pub images: Images,
     /// History images being decoded on the disk thread.
     loading: HashSet<String>,
@@ -172,7 +213,8 @@ pub struct StudioApp {
 impl StudioApp {
     pub fn new(ctx: &egui::Context, options: StudioOptions) -> Self {
         let ctx2 = ctx.clone();
-        let engine = EngineHandle::spawn(Arc::new(move || ctx2.request_repaint()));
+        let waker: Waker = Arc::new(move || ctx2.request_repaint());
+        let engine = EngineHandle::spawn(waker.clone());
         let (settings, w1) = Settings::load(&options.paths);
         let (mut history, w2) = History::load(&options.paths);
         let ctx3 = ctx.clone();
@@ -211,6 +253,16 @@ impl StudioApp {
             show_help: false,
             show_settings: false,
             settings_form,
+            show_welcome: !settings.welcome_done,
+            welcome_folder: String::new(),
+            found_models: None,
+            scan: None,
+            download: None,
+            download_note: None,
+            pull_options: None,
+            lora_state: HashMap::new(),
+            lora_form: HashMap::new(),
+            waker,
             images: Images::default(),
             loading: HashSet::new(),
             metrics: Metrics::default(),
@@ -249,10 +301,72 @@ impl StudioApp {
                 IoResult::Done => {}
             }
         }
+        self.poll_background();
         self.schedule_live(ctx);
         self.handle_dropped_files(ctx);
         self.autosave_settings(ctx);
         self.write_metrics();
+    }
+
+    /// Model scan results and download progress.
+    fn poll_background(&mut self) {
+        if let Some(found) = self.scan.as_ref().and_then(Task::poll) {
+            self.found_models = Some(found);
+            self.scan = None;
+        }
+        let events = self.download.as_mut().map(Download::poll).unwrap_or_default();
+        for ev in events {
+            let model = self.download.as_ref().map(|d| d.model.clone()).unwrap_or_default();
+            match ev {
+                DownloadEvent::Progress(_) => {}
+                DownloadEvent::Done(path) => {
+                    self.download = None;
+                    self.download_note = Some(format!("Z-Image {model} downloaded to {}", path.display()));
+                    let slot = if model == "base" { ModelSlot::Base } else { ModelSlot::Turbo };
+                    self.use_model(slot, path.display().to_string());
+                    self.info(format!("download complete; loading {}", slot.label()));
+                }
+                DownloadEvent::Failed(e) => {
+                    self.download = None;
+                    self.download_note = Some(format!("download failed: {e} (start it again to resume)"));
+                    self.error(format!("download failed: {e}"));
+                }
+                DownloadEvent::Cancelled => {
+                    self.download = None;
+                    self.download_note =
+                        Some("download cancelled; what was downloaded is kept and the next start resumes".into());
+                }
+            }
+        }
+    }
+
+    /// Whether a model scan is running.
+    pub fn scanning(&self) -> bool {
+        self.scan.is_some()
+    }
+
+    /// Makes `model` the model of `slot`, saved in the settings, and loads it.
+    fn use_model(&mut self, slot: ModelSlot, model: String) {
+        match slot {
+            ModelSlot::Turbo => {
+                self.settings.turbo_model = Some(model.clone());
+                self.settings_form[0] = model;
+            }
+            ModelSlot::Base => {
+                self.settings.base_model = Some(model.clone());
+                self.settings_form[1] = model;
+            }
+        }
+        self.cli_override = false;
+        self.reload_models();
+    }
+
+    /// Applies the saved model and LoRA settings and persists them.
+    fn reload_models(&mut self) {
+        self.model_config =
+            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None });
+        self.engine.load_models(self.model_config.clone());
+        self.persist_settings();
     }
 
     fn write_metrics(&mut self) {
@@ -323,7 +437,18 @@ impl StudioApp {
             }
         };
         let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
-        self.jobs.insert(id, PendingJob { kind: JobKind::Live, slot: ModelSlot::Turbo, request, parent: None, edit_at, progress: (0, 0), saw_preview: false });
+        self.jobs.insert(
+            id,
+            PendingJob {
+                kind: JobKind::Live,
+                slot: ModelSlot::Turbo,
+                request,
+                parent: None,
+                edit_at,
+                progress: (0, 0),
+                saw_preview: false,
+            },
+        );
         self.live_job = Some(id);
     }
 
@@ -361,7 +486,9 @@ impl StudioApp {
                 }
             }
             Event::Progress { id, done, total, preview } => self.on_progress(ctx, id, done, total, preview),
-            Event::Finished { id, image, elapsed, per_step, model, shift, .. } => self.on_finished(ctx, id, image, elapsed, per_step, model, shift),
+            Event::Finished { id, image, elapsed, per_step, model, shift, loras, .. } => {
+                self.on_finished(ctx, id, image, elapsed, per_step, (model, shift, loras))
+            }
             Event::Cancelled { id, superseded } => {
                 self.metrics.superseded += superseded as u64;
                 if let Some(job) = self.jobs.remove(&id) {
@@ -405,6 +532,14 @@ impl StudioApp {
                 }
                 self.models.insert(slot, state);
             }
+            Event::Loras { slot, state } => {
+                if let Some(e) = &state.error {
+                    self.error(format!("{} LoRAs: {e}", slot.label()));
+                } else if let Some(w) = state.warnings.first() {
+                    self.info(w.clone());
+                }
+                self.lora_state.insert(slot, state);
+            }
             Event::EngineRestarted { reason } => {
                 self.error(format!("the engine crashed ({reason}) and was restarted; your history is safe"));
             }
@@ -442,14 +577,23 @@ impl StudioApp {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_finished(&mut self, ctx: &egui::Context, id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, model: String, shift: f32) {
+    /// `made_by`: the model name, its scheduler shift and the LoRAs applied.
+    fn on_finished(
+        &mut self,
+        ctx: &egui::Context,
+        id: JobId,
+        image: RgbImage,
+        elapsed: Duration,
+        per_step: Duration,
+        made_by: (String, f32, Vec<LoraRef>),
+    ) {
         let Some(job) = self.jobs.remove(&id) else { return };
         let prev = self.per_step.get(&job.slot).copied();
         self.per_step.insert(job.slot, state::ema(prev, per_step));
-        let meta = self.metadata_for(&job, model, shift);
+        let meta = self.metadata_for(&job, made_by);
         let image = Arc::new(image);
-        let (hid, written) = self.history.add(job.slot, job.kind, meta, job.parent.clone(), elapsed.as_millis() as u64, image.clone());
+        let (hid, written) =
+            self.history.add(job.slot, job.kind, meta, job.parent.clone(), elapsed.as_millis() as u64, image.clone());
         if let Err(e) = written {
             self.error(format!("could not store the image in the history folder: {}", save::one_line_error(&e)));
         }
@@ -491,7 +635,7 @@ impl StudioApp {
         }
     }
 
-    fn metadata_for(&self, job: &PendingJob, model: String, shift: f32) -> GenerationMetadata {
+    fn metadata_for(&self, job: &PendingJob, (model, shift, loras): (String, f32, Vec<LoraRef>)) -> GenerationMetadata {
         let r = &job.request;
         let cfg = r.guidance > 0.0;
         GenerationMetadata {
@@ -507,11 +651,17 @@ impl StudioApp {
             model,
             model_kind: job.slot.kind().name().to_string(),
             scheduler_shift: shift,
-            init_image: job.parent.as_ref().filter(|_| r.init.is_some()).and_then(|p| self.history.get(p)).map(|e| e.file.clone()),
+            init_image: job
+                .parent
+                .as_ref()
+                .filter(|_| r.init.is_some())
+                .and_then(|p| self.history.get(p))
+                .map(|e| e.file.clone()),
             strength: r.init.as_ref().map(|_| r.strength),
             parent: job.parent.clone(),
             app: APP_NAME.into(),
             created: metadata::utc_timestamp_now(),
+            loras,
         }
     }
 
@@ -542,10 +692,13 @@ impl StudioApp {
     pub fn refine_source(&self) -> Option<String> {
         let turbo = |id: &String| self.history.get(id).is_some_and(|e| e.slot == ModelSlot::Turbo);
         // In the grid, the cell under the cursor is the chosen one.
-        let cursor = (self.view == View::Variations).then(|| self.variations.get(self.var_cursor).and_then(|c| c.id.clone())).flatten();
-        cursor.filter(turbo).or_else(|| self.selected.clone().filter(turbo)).or_else(|| {
-            self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone())
-        })
+        let cursor = (self.view == View::Variations)
+            .then(|| self.variations.get(self.var_cursor).and_then(|c| c.id.clone()))
+            .flatten();
+        cursor
+            .filter(turbo)
+            .or_else(|| self.selected.clone().filter(turbo))
+            .or_else(|| self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone()))
     }
 
     /// Base steps the refine will run and what it will cost.
@@ -557,7 +710,11 @@ impl StudioApp {
         };
         let cfg_factor = if self.settings.base_guidance > 0.0 { 2 } else { 1 };
         // Before the first Base run, estimate from Turbo (same DiT; CFG doubles the work).
-        let per_step = self.per_step.get(&ModelSlot::Base).copied().or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
+        let per_step = self
+            .per_step
+            .get(&ModelSlot::Base)
+            .copied()
+            .or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
         (run, state::refine_estimate(run, per_step))
     }
 
@@ -588,7 +745,12 @@ impl StudioApp {
                 self.refine_selected();
             }
             Action::RefineKept => {
-                let kept: Vec<String> = self.variations.iter().filter_map(|c| c.id.clone()).filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept())).collect();
+                let kept: Vec<String> = self
+                    .variations
+                    .iter()
+                    .filter_map(|c| c.id.clone())
+                    .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
+                    .collect();
                 if kept.is_empty() {
                     self.error("no kept variations: press K (keep) or S (star) on some first");
                 }
@@ -638,10 +800,64 @@ impl StudioApp {
                 self.settings.base_model = opt(base);
                 self.settings.output_dir = opt(output).map(PathBuf::from);
                 self.cli_override = false;
-                self.model_config = effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None });
+                self.reload_models();
+                self.info("settings saved; loading models");
+            }
+            Action::UseModel { slot, model } => {
+                self.use_model(slot, model);
+                self.info(format!("loading the {} model", slot.label()));
+            }
+            Action::ScanModels => {
+                if self.scan.is_none() {
+                    let extra: Vec<PathBuf> = [&self.settings.turbo_model, &self.settings.base_model]
+                        .into_iter()
+                        .flatten()
+                        .filter(|m| !m.starts_with("demo-"))
+                        .map(PathBuf::from)
+                        .collect();
+                    self.scan = Some(Task::spawn("zimage-scan", self.waker.clone(), move || {
+                        zimage_engine::discovery::discover(&extra)
+                    }));
+                }
+            }
+            Action::StartDownload(model) => {
+                if self.download.is_some() {
+                    self.error("a download is already running");
+                } else {
+                    let options = match self.pull_options.clone().map(Ok).unwrap_or_else(PullOptions::from_env) {
+                        Ok(o) => o,
+                        Err(e) => return self.error(format!("cannot download: {e}")),
+                    };
+                    match Download::start(&model, options, self.waker.clone()) {
+                        Ok(d) => {
+                            self.download = Some(d);
+                            self.download_note = None;
+                        }
+                        Err(e) => self.error(e),
+                    }
+                }
+            }
+            Action::CancelDownload => {
+                if let Some(d) = &self.download {
+                    d.cancel();
+                }
+            }
+            Action::LorasChanged => {
+                // Same models (the command line's, if it named them), new LoRAs.
+                let saved = effective_models(
+                    &self.settings,
+                    &StudioOptions { paths: self.paths.clone(), turbo: None, base: None },
+                );
+                self.model_config.turbo_loras = saved.turbo_loras;
+                self.model_config.base_loras = saved.base_loras;
                 self.engine.load_models(self.model_config.clone());
                 self.persist_settings();
-                self.info("settings saved; loading models");
+            }
+            Action::CloseWelcome => {
+                self.show_welcome = false;
+                self.settings.welcome_done = true;
+                self.persist_settings();
+                self.focus_prompt = true;
             }
             Action::ShowView(v) => self.view = v,
             Action::CompareWith(id) => {
@@ -686,7 +902,18 @@ impl StudioApp {
             r.strength = state::snap_strength(self.settings.refine_strength, r.steps).0;
         }
         let id = self.engine.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r.clone() });
-        self.jobs.insert(id, PendingJob { kind: JobKind::Refine, slot: ModelSlot::Base, request: r, parent: Some(src.to_string()), edit_at: None, progress: (0, 0), saw_preview: false });
+        self.jobs.insert(
+            id,
+            PendingJob {
+                kind: JobKind::Refine,
+                slot: ModelSlot::Base,
+                request: r,
+                parent: Some(src.to_string()),
+                edit_at: None,
+                progress: (0, 0),
+                saw_preview: false,
+            },
+        );
         self.refine_job = Some(id);
         Ok(())
     }
@@ -709,8 +936,20 @@ impl StudioApp {
         for i in 0..n {
             let mut r = base.clone();
             r.seed = base.seed.wrapping_add(i as u64);
-            let job = self.engine.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone() });
-            self.jobs.insert(job, PendingJob { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone(), parent: None, edit_at: None, progress: (0, 0), saw_preview: false });
+            let job =
+                self.engine.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone() });
+            self.jobs.insert(
+                job,
+                PendingJob {
+                    kind: JobKind::Variation,
+                    slot: ModelSlot::Turbo,
+                    request: r.clone(),
+                    parent: None,
+                    edit_at: None,
+                    progress: (0, 0),
+                    saw_preview: false,
+                },
+            );
             self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });
         }
         self.var_cursor = 0;
@@ -753,15 +992,36 @@ impl StudioApp {
             }
         }
         self.live_status = if self.current.is_some() { LiveStatus::Stale } else { LiveStatus::Idle };
+        let active = &self.lora_state.get(&slot).map(|s| s.applied.clone()).unwrap_or_default();
+        let missing: Vec<String> = m
+            .loras
+            .iter()
+            .filter(|l| !active.iter().any(|a| a.name == l.name))
+            .map(|l| format!("{} ({})", l.name, l.strength))
+            .collect();
+        if !missing.is_empty() {
+            self.info(format!(
+                "this image was made with LoRAs {} that are not applied now (Settings → LoRAs)",
+                missing.join(", ")
+            ));
+        }
     }
 
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
         let dropped = ctx.input(|i| i.raw.dropped_files.clone());
         for f in dropped {
             let path = f.path().to_path_buf();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dropped file".into());
-            let bytes = if path.as_os_str().is_empty() { f.bytes().map_err(|e| e.to_string()) } else { std::fs::read(&path).map_err(|e| e.to_string()) };
-            match bytes.map_err(|e| e.to_string()).and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string())) {
+            let name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dropped file".into());
+            let bytes = if path.as_os_str().is_empty() {
+                f.bytes().map_err(|e| e.to_string())
+            } else {
+                std::fs::read(&path).map_err(|e| e.to_string())
+            };
+            match bytes
+                .map_err(|e| e.to_string())
+                .and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string()))
+            {
                 Ok(meta) => {
                     self.restore_meta(&meta, None);
                     self.info(format!("restored the parameters of {name}"));
@@ -776,13 +1036,20 @@ impl StudioApp {
     /// any, else the selected image.
     pub fn save_targets(&self) -> Vec<String> {
         if self.view == View::Variations {
-            let kept: Vec<String> = self.variations.iter().filter_map(|c| c.id.clone()).filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept())).collect();
+            let kept: Vec<String> = self
+                .variations
+                .iter()
+                .filter_map(|c| c.id.clone())
+                .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
+                .collect();
             if !kept.is_empty() {
                 return kept;
             }
         }
         let sel = match self.view {
-            View::Compare => self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() }),
+            View::Compare => {
+                self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() })
+            }
             View::Variations => self.variations.get(self.var_cursor).and_then(|c| c.id.clone()),
             View::Live => None,
         };
@@ -836,7 +1103,12 @@ impl StudioApp {
         }
         let meta = self.history.get(&id).map(|e| e.meta.clone()).unwrap_or_default();
         let name = format!("zimage-{}-{}.png", meta.model_kind, meta.seed);
-        let picked = rfd::FileDialog::new().set_title("Save image as").add_filter("PNG image", &["png"]).set_directory(self.output_dir()).set_file_name(name).save_file();
+        let picked = rfd::FileDialog::new()
+            .set_title("Save image as")
+            .add_filter("PNG image", &["png"])
+            .set_directory(self.output_dir())
+            .set_file_name(name)
+            .save_file();
         let Some(mut path) = picked else {
             return self.info("save cancelled (or the file dialog could not open)");
         };
@@ -882,9 +1154,19 @@ fn leave_text_field(ctx: &egui::Context) {
 /// demo models when they are installed.
 pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelConfig {
     let pick = |cli: &Option<String>, saved: &Option<String>, demo: &str| {
-        cli.clone().or_else(|| saved.clone()).or_else(|| zimage_engine::loader::resolve_model(demo).ok().map(|_| demo.to_string()))
+        cli.clone()
+            .or_else(|| saved.clone())
+            .or_else(|| zimage_engine::loader::resolve_model(demo).ok().map(|_| demo.to_string()))
     };
-    ModelConfig { turbo: pick(&options.turbo, &settings.turbo_model, "demo-turbo"), base: pick(&options.base, &settings.base_model, "demo-base") }
+    let loras = |list: &[crate::settings::LoraSetting]| {
+        list.iter().filter(|l| l.enabled).map(|l| LoraChoice { path: l.path.clone(), strength: l.strength }).collect()
+    };
+    ModelConfig {
+        turbo: pick(&options.turbo, &settings.turbo_model, "demo-turbo"),
+        base: pick(&options.base, &settings.base_model, "demo-base"),
+        turbo_loras: loras(&settings.turbo_loras),
+        base_loras: loras(&settings.base_loras),
+    }
 }
 
 /// rfd returns None both on cancel and when no dialog can be shown; tell the
@@ -894,7 +1176,8 @@ pub fn file_dialog_available() -> bool {
         return true;
     }
     let bus = std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|v| !v.is_empty());
-    let zenity = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
+    let zenity =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
     bus || zenity
 }
 
@@ -923,7 +1206,11 @@ mod tests {
 
     #[test]
     fn cli_models_override_saved_ones_for_this_run_only() {
-        let saved = Settings { turbo_model: Some("/saved/turbo".into()), base_model: Some("/saved/base".into()), ..Settings::default() };
+        let saved = Settings {
+            turbo_model: Some("/saved/turbo".into()),
+            base_model: Some("/saved/base".into()),
+            ..Settings::default()
+        };
         let paths = Paths::at("/tmp/unused");
         let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None };
         let m = effective_models(&saved, &cli);

@@ -11,11 +11,18 @@
 //! * prompt encodings are cached per text encoder, so when Turbo and Base
 //!   share one, the refine reuses the Turbo draft's conditioning;
 //! * a panic inside a job becomes [`Event::Failed`] + [`Event::EngineRestarted`],
-//!   the models are reloaded and the next job runs normally.
+//!   the models are reloaded and the next job runs normally;
+//! * LoRAs are applied to a loaded DiT in place and can be changed or removed
+//!   without reloading it.
+//!
+//! Two other kinds of background work live here too: [`Task`] (a one-off
+//! job such as finding models on disk) and [`Download`] (a model download
+//! with progress and cancel).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,8 +31,11 @@ use std::time::{Duration, Instant};
 use burn::tensor::{DType, Tensor};
 use zimage_engine::device::CpuBackend;
 use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, SharedComponents};
+use zimage_engine::lora::{self, AppliedLoras, LoraFile};
+use zimage_engine::metadata::LoraRef;
 use zimage_engine::pipeline::{Conditioning, GenerateRequest, ModelKind, ZImagePipeline};
 use zimage_engine::preview::RgbImage;
+use zimage_engine::pull::{PullOptions, PullProgress};
 use zimage_engine::scheduler::Schedule;
 use zimage_engine::EngineError;
 
@@ -71,26 +81,64 @@ pub struct JobSpec {
     pub request: GenerateRequest,
 }
 
-/// Where the two models come from: a built-in name (`demo-turbo`) or a path.
+/// Where the two models come from (a built-in name such as `demo-turbo`, or
+/// a path) and the LoRAs applied to each, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelConfig {
     pub turbo: Option<String>,
     pub base: Option<String>,
+    pub turbo_loras: Vec<LoraChoice>,
+    pub base_loras: Vec<LoraChoice>,
+}
+
+impl ModelConfig {
+    fn loras(&self, slot: ModelSlot) -> &[LoraChoice] {
+        match slot {
+            ModelSlot::Turbo => &self.turbo_loras,
+            ModelSlot::Base => &self.base_loras,
+        }
+    }
+}
+
+/// A LoRA file and its strength.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraChoice {
+    pub path: PathBuf,
+    pub strength: f32,
+}
+
+/// What is applied to one model's DiT after a LoRA change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraState {
+    /// Applied LoRAs (name, strength, A1111 hash), as the images record them.
+    pub applied: Vec<LoraRef>,
+    /// E.g. a LoRA made for Base used on Turbo.
+    pub warnings: Vec<String>,
+    /// Files that could not be used, one line; the others are applied.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelState {
     /// Nothing configured for this slot.
     NotConfigured,
-    Loading { stage: String },
+    Loading {
+        stage: String,
+    },
     /// `default_size`: the image side the model was made for.
-    Ready { name: String, default_size: u32 },
+    Ready {
+        name: String,
+        default_size: u32,
+    },
     /// Configured but unusable; one line saying why.
     Failed(String),
 }
 
 pub enum Command {
-    Submit { id: JobId, spec: JobSpec },
+    Submit {
+        id: JobId,
+        spec: JobSpec,
+    },
     Cancel(JobId),
     LoadModels(ModelConfig),
     /// Makes the next job panic inside the engine (fault-injection for tests
@@ -101,16 +149,48 @@ pub enum Command {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started { id: JobId },
+    Started {
+        id: JobId,
+    },
     /// After each sampler step; `preview` is the x0 estimate at latent resolution.
-    Progress { id: JobId, done: usize, total: usize, preview: Option<RgbImage> },
-    Finished { id: JobId, image: RgbImage, elapsed: Duration, per_step: Duration, conditioning_cached: bool, model: String, shift: f32 },
+    Progress {
+        id: JobId,
+        done: usize,
+        total: usize,
+        preview: Option<RgbImage>,
+    },
+    Finished {
+        id: JobId,
+        image: RgbImage,
+        elapsed: Duration,
+        per_step: Duration,
+        conditioning_cached: bool,
+        model: String,
+        shift: f32,
+        loras: Vec<LoraRef>,
+    },
     /// `superseded`: replaced by a newer live job (not a user cancel).
-    Cancelled { id: JobId, superseded: bool },
-    Failed { id: JobId, message: String },
-    Model { slot: ModelSlot, state: ModelState },
+    Cancelled {
+        id: JobId,
+        superseded: bool,
+    },
+    Failed {
+        id: JobId,
+        message: String,
+    },
+    Model {
+        slot: ModelSlot,
+        state: ModelState,
+    },
+    /// The LoRAs now applied to a model (after loading it or a LoRA change).
+    Loras {
+        slot: ModelSlot,
+        state: LoraState,
+    },
     /// The engine crashed and was restarted; `reason` is one line.
-    EngineRestarted { reason: String },
+    EngineRestarted {
+        reason: String,
+    },
 }
 
 /// What the UI holds: send commands, poll events. Never blocks.
@@ -131,7 +211,15 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 impl EngineHandle {
     pub fn spawn(waker: Waker) -> Self {
         let (cmd_tx, ev_rx, thread) = start_thread(waker.clone());
-        Self { cmd_tx, ev_rx, thread: Some(thread), next_id: 1, waker, config: ModelConfig::default(), outstanding: BTreeMap::new() }
+        Self {
+            cmd_tx,
+            ev_rx,
+            thread: Some(thread),
+            next_id: 1,
+            waker,
+            config: ModelConfig::default(),
+            outstanding: BTreeMap::new(),
+        }
     }
 
     pub fn submit(&mut self, spec: JobSpec) -> JobId {
@@ -283,7 +371,11 @@ impl PromptCache {
     }
 
     /// Same result as `ZImagePipeline::encode`, through the cache.
-    fn conditioning(&mut self, pipe: &ZImagePipeline<B>, req: &GenerateRequest) -> zimage_engine::Result<(Conditioning<B>, bool)> {
+    fn conditioning(
+        &mut self,
+        pipe: &ZImagePipeline<B>,
+        req: &GenerateRequest,
+    ) -> zimage_engine::Result<(Conditioning<B>, bool)> {
         let mut all_cached = true;
         let mut positive = Vec::new();
         for p in &req.prompts {
@@ -317,6 +409,12 @@ impl Models {
             ModelSlot::Base => self.base.as_ref(),
         }
     }
+    fn get_mut(&mut self, slot: ModelSlot) -> Option<&mut ZImagePipeline<B>> {
+        match slot {
+            ModelSlot::Turbo => self.turbo.as_mut(),
+            ModelSlot::Base => self.base.as_mut(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -338,6 +436,8 @@ struct Worker {
     model_state: HashMap<ModelSlot, ModelState>,
     cache: PromptCache,
     config: ModelConfig,
+    /// Per model: the LoRAs applied to its DiT (with the original weights they replaced).
+    loras: HashMap<ModelSlot, (AppliedLoras<B>, Vec<LoraRef>)>,
     device: burn::tensor::Device<B>,
 }
 
@@ -351,6 +451,7 @@ impl Worker {
             model_state: HashMap::new(),
             cache: PromptCache::default(),
             config: ModelConfig::default(),
+            loras: HashMap::new(),
             device: Default::default(),
         }
     }
@@ -399,12 +500,13 @@ impl Worker {
         };
         self.out.emit(Event::Started { id });
         let panic_now = std::mem::take(&mut self.queue.inject_panic);
+        let loras = self.loras.get(&spec.slot).map(|(_, refs)| refs.clone()).unwrap_or_default();
         let (queue, out, cache, rx) = (&mut self.queue, &self.out, &mut self.cache, &self.rx);
         let result = catch_unwind(AssertUnwindSafe(|| {
             if panic_now {
                 panic!("injected engine fault");
             }
-            run_pipeline(pipe, cache, &spec, id, queue, out, rx)
+            run_pipeline(pipe, cache, &spec, id, loras, queue, out, rx)
         }));
         match result {
             Ok(Ok(())) => {}
@@ -424,6 +526,7 @@ impl Worker {
                 self.out.emit(Event::EngineRestarted { reason: what });
                 // The models may be in any state after a panic: drop and reload them.
                 self.models = Models::default();
+                self.loras.clear();
                 self.cache = PromptCache::default();
                 self.queue.load = Some(self.config.clone());
             }
@@ -436,13 +539,25 @@ impl Worker {
     }
 
     fn load(&mut self, config: ModelConfig) {
-        // Same configuration, everything it names already loaded: nothing to do.
-        let loaded = self.models.turbo.is_some() == config.turbo.is_some() && self.models.base.is_some() == config.base.is_some();
-        if config == self.config && loaded && !self.model_state.is_empty() {
+        // Same models, everything they name already loaded: at most the LoRAs change.
+        let loaded = self.models.turbo.is_some() == config.turbo.is_some()
+            && self.models.base.is_some() == config.base.is_some();
+        if config.turbo == self.config.turbo
+            && config.base == self.config.base
+            && loaded
+            && !self.model_state.is_empty()
+        {
+            let previous = std::mem::replace(&mut self.config, config.clone());
+            for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+                if config.loras(slot) != previous.loras(slot) {
+                    self.apply_loras(slot);
+                }
+            }
             return;
         }
         self.config = config.clone();
         self.models = Models::default();
+        self.loras.clear();
         self.cache = PromptCache::default();
         let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
         for (slot, arg) in [(ModelSlot::Turbo, &config.turbo), (ModelSlot::Base, &config.base)] {
@@ -459,13 +574,59 @@ impl Worker {
                         ModelSlot::Base => self.models.base = Some(pipe),
                     }
                     self.set_state(slot, ModelState::Ready { name, default_size });
+                    if !config.loras(slot).is_empty() {
+                        self.apply_loras(slot);
+                    }
                 }
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
             }
         }
     }
 
-    fn load_one(&mut self, slot: ModelSlot, arg: &str, shared: &mut Option<(ModelFiles, SharedComponents<B>)>) -> zimage_engine::Result<ZImagePipeline<B>> {
+    /// Makes the configured LoRAs of `slot` the applied set: unusable files
+    /// are reported and left out, the rest applied; a set that does not fit
+    /// the model leaves it without LoRAs. Reports what is applied.
+    fn apply_loras(&mut self, slot: ModelSlot) {
+        let Some(pipe) = self.models.get_mut(slot) else { return };
+        let mut state = LoraState::default();
+        let mut problems = Vec::new();
+        let mut files = Vec::new();
+        for choice in self.config.loras(slot) {
+            match LoraFile::open(&choice.path) {
+                Ok(file) => {
+                    state.warnings.extend(lora::compatibility_warnings(&file, pipe.kind));
+                    files.push((file, choice.strength));
+                }
+                Err(e) => problems.push(one_line(&e.to_string())),
+            }
+        }
+        let (applied, refs) = self.loras.entry(slot).or_insert_with(|| (AppliedLoras::new(), Vec::new()));
+        let pairs: Vec<(&LoraFile, f32)> = files.iter().map(|(f, s)| (f, *s)).collect();
+        match applied.apply(&mut pipe.dit, &pairs) {
+            Ok(()) => {
+                state.applied = files
+                    .iter()
+                    .map(|(f, s)| LoraRef { name: f.name.clone(), strength: *s, hash: lora::short_hash(&f.path).ok() })
+                    .collect();
+            }
+            Err(e) => {
+                applied.clear(&mut pipe.dit);
+                problems.push(one_line(&e.to_string()));
+            }
+        }
+        *refs = state.applied.clone();
+        if !problems.is_empty() {
+            state.error = Some(problems.join("; "));
+        }
+        self.out.emit(Event::Loras { slot, state });
+    }
+
+    fn load_one(
+        &mut self,
+        slot: ModelSlot,
+        arg: &str,
+        shared: &mut Option<(ModelFiles, SharedComponents<B>)>,
+    ) -> zimage_engine::Result<ZImagePipeline<B>> {
         let path = loader::resolve_model(arg)?;
         let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
         let reuse = matches!(shared, Some((f, _)) if same_shared_files(f, &files));
@@ -508,11 +669,13 @@ enum JobEnd {
     Error(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     pipe: &ZImagePipeline<B>,
     cache: &mut PromptCache,
     spec: &JobSpec,
     id: JobId,
+    loras: Vec<LoraRef>,
     queue: &mut Queue,
     out: &Emitter,
     rx: &Receiver<Command>,
@@ -524,6 +687,11 @@ fn run_pipeline(
         other => JobEnd::Error(one_line(&other.to_string())),
     };
     req.validate(pipe.pixel_multiple()).map_err(err)?;
+    // Running out of host memory aborts the process (no error to catch):
+    // refuse sizes that cannot fit before allocating anything.
+    if let Some(available) = zimage_engine::device::host_available_memory() {
+        pipe.check_memory(req, available).map_err(err)?;
+    }
     let (cond, cached) = cache.conditioning(pipe, req).map_err(err)?;
     let running = (id, spec.kind);
     // Commands that arrived while encoding may already supersede this job.
@@ -540,8 +708,18 @@ fn run_pipeline(
     };
     let generated = pipe.generate_with(req, &cond, true, &mut on_step).map_err(err)?;
     let per_step = sample_start.elapsed() / steps.max(1) as u32;
-    let image = generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
-    out.emit(Event::Finished { id, image, elapsed: start.elapsed(), per_step, conditioning_cached: cached, model: pipe.name.clone(), shift: pipe.shift });
+    let image =
+        generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
+    out.emit(Event::Finished {
+        id,
+        image,
+        elapsed: start.elapsed(),
+        per_step,
+        conditioning_cached: cached,
+        model: pipe.name.clone(),
+        shift: pipe.shift,
+        loras,
+    });
     Ok(())
 }
 
@@ -599,6 +777,109 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// A one-off piece of background work whose single result the UI polls
+/// (finding models on disk reads file headers: never on the UI thread).
+pub struct Task<T> {
+    rx: Receiver<T>,
+}
+
+impl<T: Send + 'static> Task<T> {
+    pub fn spawn(name: &str, waker: Waker, work: impl FnOnce() -> T + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _ = tx.send(work());
+            waker();
+        });
+        if let Err(e) = spawned {
+            // No thread: the result never comes; say so instead of waiting forever.
+            eprintln!("zimage-studio: cannot start a background task: {e}");
+        }
+        Self { rx }
+    }
+
+    /// The result, once (None while running, and after it was taken).
+    pub fn poll(&self) -> Option<T> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// What a [`Download`] reports.
+#[derive(Debug, Clone)]
+pub enum DownloadEvent {
+    Progress(PullProgress),
+    /// The snapshot folder, complete and verified.
+    Done(PathBuf),
+    Failed(String),
+    Cancelled,
+}
+
+/// A model download from the Hugging Face hub on its own thread, into the
+/// shared hub cache (resumable; see `zimage_engine::pull`).
+pub struct Download {
+    /// `turbo` or `base`.
+    pub model: String,
+    pub started: Instant,
+    /// The latest progress report.
+    pub progress: Option<PullProgress>,
+    cancel: Arc<AtomicBool>,
+    rx: Receiver<DownloadEvent>,
+}
+
+impl Download {
+    pub fn start(model: &str, options: PullOptions, waker: Waker) -> Result<Self, String> {
+        let repo = zimage_engine::pull::repo_for(model).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        std::thread::Builder::new()
+            .name("zimage-download".into())
+            .spawn(move || {
+                let mut last_report = Instant::now() - Duration::from_secs(1);
+                let mut last_file = String::new();
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    zimage_engine::pull::pull(repo, &options, &stop, &mut |p: &PullProgress| {
+                        // Chunks are 1 MB: report at most ~10 times a second, and every new file.
+                        if last_report.elapsed() >= Duration::from_millis(100)
+                            || p.file != last_file
+                            || p.file_done == p.file_total
+                        {
+                            last_report = Instant::now();
+                            last_file.clone_from(&p.file);
+                            let _ = tx.send(DownloadEvent::Progress(p.clone()));
+                            waker();
+                        }
+                    })
+                }));
+                let event = match result {
+                    Ok(Ok(path)) => DownloadEvent::Done(path),
+                    Ok(Err(EngineError::Cancelled)) => DownloadEvent::Cancelled,
+                    Ok(Err(e)) => DownloadEvent::Failed(one_line(&e.to_string())),
+                    Err(_) => DownloadEvent::Failed("the download crashed; start it again to resume".into()),
+                };
+                let _ = tx.send(event);
+                waker();
+            })
+            .map_err(|e| format!("cannot start the download: {e}"))?;
+        Ok(Self { model: model.into(), started: Instant::now(), progress: None, cancel, rx })
+    }
+
+    /// Asks the download to stop after the current chunk (kept for resuming).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// New events; progress also updates [`Download::progress`].
+    pub fn poll(&mut self) -> Vec<DownloadEvent> {
+        let events: Vec<DownloadEvent> = self.rx.try_iter().collect();
+        for e in &events {
+            if let DownloadEvent::Progress(p) = e {
+                self.progress = Some(p.clone());
+            }
+        }
+        events
+    }
+}
+
 /// Disk work off the UI thread: PNG encoding + fsync of history images and
 /// the history index, and decoding thumbnails. One thread, FIFO, so writes
 /// land in the order they were asked for; dropping it finishes pending work.
@@ -625,7 +906,8 @@ impl BackgroundIo {
             .name("zimage-io".into())
             .spawn(move || {
                 for task in task_rx {
-                    let result = catch_unwind(AssertUnwindSafe(task)).unwrap_or_else(|_| IoResult::Error("a disk task crashed".into()));
+                    let result = catch_unwind(AssertUnwindSafe(task))
+                        .unwrap_or_else(|_| IoResult::Error("a disk task crashed".into()));
                     if !matches!(result, IoResult::Done) {
                         let _ = res_tx.send(result);
                         waker();
@@ -674,7 +956,11 @@ mod tests {
         let mut h = EngineHandle::spawn(Arc::new(move || {
             w.fetch_add(1, Ordering::Relaxed);
         }));
-        h.load_models(ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")) });
+        h.load_models(ModelConfig {
+            turbo: Some(fixture("tiny-turbo")),
+            base: Some(fixture("tiny-base")),
+            ..Default::default()
+        });
         (h, wakes)
     }
 
@@ -705,9 +991,14 @@ mod tests {
     #[test]
     fn live_job_produces_previews_and_an_image_and_wakes_the_ui() {
         let (mut h, wakes) = engine();
-        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a red fox", ModelKind::Turbo) });
+        let id = h.submit(JobSpec {
+            kind: JobKind::Live,
+            slot: ModelSlot::Turbo,
+            request: request("a red fox", ModelKind::Turbo),
+        });
         let evs = collect(&mut h, |e| finished(e, id));
-        let previews = evs.iter().filter(|e| matches!(e, Event::Progress { id: i, preview: Some(_), .. } if *i == id)).count();
+        let previews =
+            evs.iter().filter(|e| matches!(e, Event::Progress { id: i, preview: Some(_), .. } if *i == id)).count();
         assert_eq!(previews, 8, "one x0 preview per Turbo step");
         let img = evs.iter().find_map(|e| match e {
             Event::Finished { image, .. } => Some(image.clone()),
@@ -716,7 +1007,9 @@ mod tests {
         let img = img.unwrap_or_else(|| panic!("no image: {evs:?}"));
         assert_eq!((img.width, img.height), (64, 64));
         assert!(wakes.load(Ordering::Relaxed) >= 10);
-        assert!(evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Base, state: ModelState::Ready { .. } })));
+        assert!(evs
+            .iter()
+            .any(|e| matches!(e, Event::Model { slot: ModelSlot::Base, state: ModelState::Ready { .. } })));
     }
 
     #[test]
@@ -732,11 +1025,22 @@ mod tests {
         let mut refine = request("refine me", ModelKind::Base);
         refine.steps = 4;
         let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: refine });
-        let b = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("second", ModelKind::Turbo) });
-        let c = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("third", ModelKind::Turbo) });
+        let b = h.submit(JobSpec {
+            kind: JobKind::Live,
+            slot: ModelSlot::Turbo,
+            request: request("second", ModelKind::Turbo),
+        });
+        let c = h.submit(JobSpec {
+            kind: JobKind::Live,
+            slot: ModelSlot::Turbo,
+            request: request("third", ModelKind::Turbo),
+        });
         let evs = collect(&mut h, |e| finished(e, a) && finished(e, b) && finished(e, c) && finished(e, r));
         assert!(evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: true } if *id == a)), "{evs:?}");
-        assert!(evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: true } if *id == b)), "pending live job replaced: {evs:?}");
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: true } if *id == b)),
+            "pending live job replaced: {evs:?}"
+        );
         assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == c)));
         assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == r)), "refine must run: {evs:?}");
         // The running live job stopped at a step boundary, long before its 400 steps.
@@ -744,13 +1048,20 @@ mod tests {
         assert!(a_steps < 400, "{a_steps}");
         // Live before queued work: the newest live job finished before the refine started.
         let pos = |pred: &dyn Fn(&Event) -> bool| evs.iter().position(pred).unwrap_or(usize::MAX);
-        assert!(pos(&|e| matches!(e, Event::Finished { id, .. } if *id == c)) < pos(&|e| matches!(e, Event::Started { id } if *id == r)));
+        assert!(
+            pos(&|e| matches!(e, Event::Finished { id, .. } if *id == c))
+                < pos(&|e| matches!(e, Event::Started { id } if *id == r))
+        );
     }
 
     #[test]
     fn refine_reuses_the_turbo_prompt_encoding() {
         let (mut h, _) = engine();
-        let t = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a lighthouse", ModelKind::Turbo) });
+        let t = h.submit(JobSpec {
+            kind: JobKind::Live,
+            slot: ModelSlot::Turbo,
+            request: request("a lighthouse", ModelKind::Turbo),
+        });
         let evs = collect(&mut h, |e| finished(e, t));
         let turbo_image = evs
             .iter()
@@ -782,10 +1093,21 @@ mod tests {
     fn engine_panic_becomes_an_error_and_the_next_job_works() {
         let (mut h, _) = engine();
         h.inject_panic();
-        let bad = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
-        let good = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("y", ModelKind::Turbo) });
+        let bad = h.submit(JobSpec {
+            kind: JobKind::Variation,
+            slot: ModelSlot::Turbo,
+            request: request("x", ModelKind::Turbo),
+        });
+        let good = h.submit(JobSpec {
+            kind: JobKind::Variation,
+            slot: ModelSlot::Turbo,
+            request: request("y", ModelKind::Turbo),
+        });
         let evs = collect(&mut h, |e| finished(e, bad) && finished(e, good));
-        assert!(evs.iter().any(|e| matches!(e, Event::Failed { id, message } if *id == bad && message.contains("crashed"))), "{evs:?}");
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Failed { id, message } if *id == bad && message.contains("crashed"))),
+            "{evs:?}"
+        );
         assert!(evs.iter().any(|e| matches!(e, Event::EngineRestarted { .. })));
         assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == good)), "{evs:?}");
         assert_eq!(h.queued(), 0);
@@ -794,11 +1116,78 @@ mod tests {
     #[test]
     fn missing_model_is_a_clear_error_not_a_crash() {
         let mut h = EngineHandle::spawn(Arc::new(|| {}));
-        h.load_models(ModelConfig { turbo: Some("/nonexistent/model".into()), base: None });
-        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        h.load_models(ModelConfig { turbo: Some("/nonexistent/model".into()), ..Default::default() });
+        let id =
+            h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
         let evs = collect(&mut h, |e| finished(e, id));
         assert!(evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Turbo, state: ModelState::Failed(m) } if m.contains("/nonexistent/model"))), "{evs:?}");
-        assert!(evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("Turbo"))), "{evs:?}");
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("Turbo"))),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn loras_apply_change_and_come_off_without_reloading_the_model() {
+        let (mut h, _) = engine();
+        let lora = PathBuf::from(fixture("lora")).join("tiny_turbo_lora.safetensors");
+        let run = |h: &mut EngineHandle| {
+            let id = h.submit(JobSpec {
+                kind: JobKind::Variation,
+                slot: ModelSlot::Turbo,
+                request: request("a red fox", ModelKind::Turbo),
+            });
+            let evs = collect(h, |e| finished(e, id));
+            evs.into_iter()
+                .find_map(|e| match e {
+                    Event::Finished { image, loras, .. } => Some((image.pixels, loras)),
+                    _ => None,
+                })
+                .expect("an image")
+        };
+        let (plain, none) = run(&mut h);
+        assert!(none.is_empty());
+        let with = |strength: f32, extra: Option<&str>| {
+            let mut loras = vec![LoraChoice { path: lora.clone(), strength }];
+            if let Some(p) = extra {
+                loras.push(LoraChoice { path: p.into(), strength: 1.0 });
+            }
+            ModelConfig {
+                turbo: Some(fixture("tiny-turbo")),
+                base: Some(fixture("tiny-base")),
+                turbo_loras: loras,
+                ..Default::default()
+            }
+        };
+        h.load_models(with(0.8, Some("/nonexistent/style.safetensors")));
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Loras { .. })));
+        assert!(
+            !evs.iter().any(|e| matches!(e, Event::Model { .. })),
+            "a LoRA change must not reload the model: {evs:?}"
+        );
+        let state = evs.iter().find_map(|e| match e {
+            Event::Loras { slot: ModelSlot::Turbo, state } => Some(state.clone()),
+            _ => None,
+        });
+        let state = state.expect("LoRA state");
+        assert_eq!(state.applied.len(), 1, "the good file is applied: {state:?}");
+        assert_eq!(state.applied[0].name, "tiny_turbo_lora");
+        assert_eq!(state.applied[0].hash.as_ref().map(String::len), Some(12));
+        assert!(
+            state.error.as_deref().is_some_and(|e| e.contains("/nonexistent/style.safetensors") && !e.contains('\n')),
+            "{state:?}"
+        );
+        let (styled, refs) = run(&mut h);
+        assert_ne!(styled, plain, "the LoRA changes the image");
+        assert_eq!(refs, state.applied, "the image records the LoRAs it was made with");
+        // Removing them restores the model exactly.
+        h.load_models(ModelConfig {
+            turbo: Some(fixture("tiny-turbo")),
+            base: Some(fixture("tiny-base")),
+            ..Default::default()
+        });
+        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Loras { state, .. } if state.applied.is_empty())));
+        assert_eq!(run(&mut h).0, plain);
     }
 
     #[test]
@@ -808,6 +1197,9 @@ mod tests {
         r.width = 70;
         let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: r });
         let evs = collect(&mut h, |e| finished(e, id));
-        assert!(evs.iter().any(|e| matches!(e, Event::Failed { message, .. } if message.contains("multiple of 16"))), "{evs:?}");
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Failed { message, .. } if message.contains("multiple of 16"))),
+            "{evs:?}"
+        );
     }
 }

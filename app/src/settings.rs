@@ -34,6 +34,20 @@ pub struct Settings {
     pub refine_mode: RefineMode,
     pub refine_strength: f32,
     pub variations: usize,
+    /// The first-run welcome was answered (a choice made or dismissed).
+    pub welcome_done: bool,
+    /// LoRAs per model, applied in order.
+    pub turbo_loras: Vec<LoraSetting>,
+    pub base_loras: Vec<LoraSetting>,
+}
+
+/// One LoRA in a model's list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSetting {
+    pub path: PathBuf,
+    pub strength: f32,
+    /// Unticked LoRAs stay in the list but are not applied.
+    pub enabled: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +71,9 @@ impl Default for Settings {
             refine_mode: RefineMode::Img2Img,
             refine_strength: 0.6,
             variations: 8,
+            welcome_done: false,
+            turbo_loras: Vec::new(),
+            base_loras: Vec::new(),
         }
     }
 }
@@ -115,7 +132,10 @@ impl Settings {
         match std::fs::read_to_string(&file) {
             Ok(text) => match serde_json::from_str(&text) {
                 Ok(s) => (s, None),
-                Err(e) => (Self::default(), Some(format!("settings file {} is damaged ({e}); using defaults", file.display()))),
+                Err(e) => (
+                    Self::default(),
+                    Some(format!("settings file {} is damaged ({e}); using defaults", file.display())),
+                ),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), None),
             Err(e) => (Self::default(), Some(format!("cannot read {}: {e}; using defaults", file.display()))),
@@ -123,7 +143,8 @@ impl Settings {
     }
 
     pub fn save(&self, paths: &Paths) -> Result<()> {
-        std::fs::create_dir_all(&paths.data_dir).with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
+        std::fs::create_dir_all(&paths.data_dir)
+            .with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
         let json = serde_json::to_vec_pretty(self)?;
         zimage_engine::metadata::write_file_atomic(&paths.settings_file(), &json)?;
         Ok(())

@@ -71,6 +71,19 @@ impl DeviceKind {
     }
 }
 
+/// Host memory the system can still give this process without swapping
+/// (`MemAvailable` of /proc/meminfo); `None` where that is not known.
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Runs one tiny op on the backend's default device; backends panic when
 /// their driver is missing, so the panic is caught and turned into a message.
 #[allow(dead_code)]
@@ -88,5 +101,17 @@ fn probe<B: burn::tensor::backend::Backend>(what: &str) -> Result<()> {
     match ok {
         Ok(v) if (v - 4.0).abs() < 1e-3 => Ok(()),
         _ => Err(EngineError::Device(format!("no usable GPU found: this needs {what}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   12345678 kB\n";
+        assert_eq!(super::parse_mem_available(text), Some(12_345_678 * 1024));
+        assert_eq!(super::parse_mem_available("MemTotal: 1 kB\n"), None);
+        #[cfg(target_os = "linux")]
+        assert!(super::host_available_memory().is_some_and(|b| b > 0));
     }
 }

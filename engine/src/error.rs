@@ -48,6 +48,11 @@ pub enum EngineError {
     #[error("{0}")]
     Device(String),
 
+    /// A request whose working memory would not fit: refused before any
+    /// allocation, because an allocation failure aborts the whole process.
+    #[error("{what} needs about {:.1} GB of working memory but only {:.1} GB is free; choose a smaller size or fewer images, or close other programs", *need as f64 / 1e9, *available as f64 / 1e9)]
+    InsufficientMemory { what: String, need: u64, available: u64 },
+
     #[error("cancelled")]
     Cancelled,
 }

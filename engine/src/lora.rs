@@ -404,6 +404,22 @@ pub fn compatibility_warnings(lora: &LoraFile, kind: ModelKind) -> Vec<String> {
     out
 }
 
+/// A1111's short LoRA hash, which Civitai matches in `Lora hashes`: the
+/// first 12 hex digits of the sha256 of the file after its safetensors
+/// header (so editing the metadata does not change it).
+pub fn short_hash(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e: std::io::Error| EngineError::io(path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    file.seek(SeekFrom::Start(8u64.saturating_add(u64::from_le_bytes(len)))).map_err(io)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io)?;
+    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+}
+
 /// Parses `PATH[:STRENGTH]` (strength 1 when absent). A suffix that is not a
 /// number stays part of the path (`C:\loras\x.safetensors`).
 pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f32)> {
@@ -621,6 +637,22 @@ impl<B: Backend> AppliedLoras<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_hash_covers_the_data_after_the_header() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let header = br#"{"__metadata__":{"a":"b"}}"#;
+        let data = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&data);
+        let path = dir.path().join("x.safetensors");
+        std::fs::write(&path, &file).unwrap();
+        let expected: String = Sha256::digest(data).iter().take(6).map(|b| format!("{b:02x}")).collect();
+        assert_eq!(short_hash(&path).unwrap(), expected);
+        assert!(short_hash(&dir.path().join("missing.safetensors")).is_err());
+    }
 
     #[test]
     fn module_names_of_every_convention_map_to_the_dit() {

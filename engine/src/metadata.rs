@@ -57,6 +57,21 @@ pub struct GenerationMetadata {
     pub app: String,
     /// Creation time (e.g. [`utc_timestamp_now`]); may be empty.
     pub created: String,
+    /// LoRAs applied to the DiT, in order.
+    pub loras: Vec<LoraRef>,
+}
+
+/// A LoRA used for an image: A1111 writes it as `<lora:name:strength>` in
+/// the prompt and `name: hash` under `Lora hashes`, which Civitai matches.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct LoraRef {
+    /// File name without directory or extension.
+    pub name: String,
+    pub strength: f32,
+    /// A1111's short LoRA hash (first 12 hex digits of the sha256 of the
+    /// safetensors data after the header); see `lora::short_hash`.
+    pub hash: Option<String>,
 }
 
 /// Errors of this module; every message is one line of plain words.
@@ -65,12 +80,7 @@ pub enum MetadataError {
     #[error("image size {width}x{height} is not valid (each side must be 1 to 2147483647 pixels)")]
     InvalidSize { width: u32, height: u32 },
     #[error("image data has {actual} bytes but a {width}x{height} RGB image needs {expected}")]
-    BufferSize {
-        width: u32,
-        height: u32,
-        expected: usize,
-        actual: usize,
-    },
+    BufferSize { width: u32, height: u32, expected: usize, actual: usize },
     #[error("could not encode the PNG: {0}")]
     Encode(String),
     #[error("not a PNG file")]
@@ -142,13 +152,21 @@ pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
         fields.push(("CFG truncation", fmt_num(meta.cfg_truncation as f64)));
     }
     fields.push(("Shift", fmt_num(meta.scheduler_shift as f64)));
+    let hashes: Vec<String> =
+        meta.loras.iter().filter_map(|l| l.hash.as_ref().map(|h| format!("{}: {h}", l.name))).collect();
+    if !hashes.is_empty() {
+        fields.push(("Lora hashes", hashes.join(", ")));
+    }
     if !meta.app.is_empty() {
         fields.push(("Version", meta.app.clone()));
     }
 
     let mut out = String::new();
-    if !meta.prompt.is_empty() {
-        out.push_str(&meta.prompt);
+    let tags: String =
+        meta.loras.iter().map(|l| format!(" <lora:{}:{}>", l.name, fmt_num(l.strength as f64))).collect();
+    let prompt = if meta.prompt.is_empty() { tags.trim_start().to_string() } else { format!("{}{tags}", meta.prompt) };
+    if !prompt.is_empty() {
+        out.push_str(&prompt);
         out.push('\n');
     }
     if !meta.negative_prompt.is_empty() {
@@ -156,10 +174,7 @@ pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
         out.push_str(&meta.negative_prompt);
         out.push('\n');
     }
-    let params: Vec<String> = fields
-        .into_iter()
-        .map(|(k, v)| format!("{k}: {}", quote_value(&v)))
-        .collect();
+    let params: Vec<String> = fields.into_iter().map(|(k, v)| format!("{k}: {}", quote_value(&v))).collect();
     out.push_str(&params.join(", "));
     out
 }
@@ -173,9 +188,7 @@ pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
 pub fn parse_a1111_parameters(text: &str) -> Result<GenerationMetadata, MetadataError> {
     let text = text.trim_end_matches(['\n', '\r', ' ', '\t']);
     if text.trim().is_empty() {
-        return Err(MetadataError::InvalidMetadata(
-            "the parameters text is empty".into(),
-        ));
+        return Err(MetadataError::InvalidMetadata("the parameters text is empty".into()));
     }
     let mut lines: Vec<&str> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).collect();
     let mut params = Vec::new();
@@ -203,8 +216,10 @@ pub fn parse_a1111_parameters(text: &str) -> Result<GenerationMetadata, Metadata
         }
     }
 
+    let (prompt, loras) = take_lora_tags(&prompt.join("\n"));
     let mut meta = GenerationMetadata {
-        prompt: prompt.join("\n"),
+        prompt,
+        loras,
         negative_prompt: negative.join("\n"),
         cfg_truncation: 1.0,
         ..Default::default()
@@ -255,10 +270,43 @@ pub fn parse_a1111_parameters(text: &str) -> Result<GenerationMetadata, Metadata
                 }
             }
             "Version" => meta.app = v.to_string(),
+            "Lora hashes" => {
+                for pair in v.split(',') {
+                    if let Some((name, hash)) = pair.rsplit_once(':') {
+                        if let Some(l) = meta.loras.iter_mut().find(|l| l.name == name.trim()) {
+                            l.hash = Some(hash.trim().to_string());
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
     Ok(meta)
+}
+
+/// Removes A1111's `<lora:name:strength>` tags (and the space before each)
+/// from a prompt; returns the bare prompt and the LoRAs they name.
+fn take_lora_tags(prompt: &str) -> (String, Vec<LoraRef>) {
+    let mut bare = String::new();
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else { break };
+        let inner = &rest[start + "<lora:".len()..start + len];
+        let (name, strength) = match inner.rsplit_once(':') {
+            Some((n, s)) => match s.trim().parse::<f32>() {
+                Ok(v) => (n, v),
+                Err(_) => (inner, 1.0),
+            },
+            None => (inner, 1.0),
+        };
+        bare.push_str(rest[..start].strip_suffix(' ').unwrap_or(&rest[..start]));
+        loras.push(LoraRef { name: name.trim().to_string(), strength, hash: None });
+        rest = &rest[start + len + 1..];
+    }
+    bare.push_str(rest);
+    (bare, loras)
 }
 
 /// `Key: value, Key: "quoted, value", ...` → pairs (quoted values unquoted).
@@ -275,9 +323,7 @@ fn parse_param_line(line: &str) -> Vec<(String, String)> {
         let key = rest[..colon].trim();
         let key_ok = !key.is_empty()
             && key.chars().next().is_some_and(|c| c.is_alphanumeric() || c == '_')
-            && key
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '_' || c == ' ' || c == '-' || c == '/');
+            && key.chars().all(|c| c.is_alphanumeric() || c == '_' || c == ' ' || c == '-' || c == '/');
         if !key_ok {
             break;
         }
@@ -362,12 +408,7 @@ fn model_display_name(model: &str) -> String {
 
 /// Encodes an RGB8 image (`rgb` is row-major, `width * height * 3` bytes) as
 /// PNG with the `parameters` and `zimage` iTXt chunks (uncompressed UTF-8).
-pub fn encode_png(
-    rgb: &[u8],
-    width: u32,
-    height: u32,
-    meta: &GenerationMetadata,
-) -> Result<Vec<u8>, MetadataError> {
+pub fn encode_png(rgb: &[u8], width: u32, height: u32, meta: &GenerationMetadata) -> Result<Vec<u8>, MetadataError> {
     const MAX_SIDE: u32 = i32::MAX as u32;
     if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
         return Err(MetadataError::InvalidSize { width, height });
@@ -377,15 +418,9 @@ pub fn encode_png(
         .and_then(|n| n.checked_mul(3))
         .ok_or(MetadataError::InvalidSize { width, height })?;
     if rgb.len() != expected {
-        return Err(MetadataError::BufferSize {
-            width,
-            height,
-            expected,
-            actual: rgb.len(),
-        });
+        return Err(MetadataError::BufferSize { width, height, expected, actual: rgb.len() });
     }
-    let json = serde_json::to_string(meta)
-        .map_err(|e| MetadataError::Encode(format!("metadata to JSON: {e}")))?;
+    let json = serde_json::to_string(meta).map_err(|e| MetadataError::Encode(format!("metadata to JSON: {e}")))?;
     let params = a1111_parameters(meta);
 
     let mut out = Vec::with_capacity(expected / 2 + params.len() + json.len() + 256);
@@ -393,19 +428,11 @@ pub fn encode_png(
         let mut enc = png::Encoder::new(&mut out, width, height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), params)
-            .map_err(|e| MetadataError::Encode(e.to_string()))?;
-        enc.add_itxt_chunk(ZIMAGE_KEYWORD.to_string(), json)
-            .map_err(|e| MetadataError::Encode(e.to_string()))?;
-        let mut writer = enc
-            .write_header()
-            .map_err(|e| MetadataError::Encode(e.to_string()))?;
-        writer
-            .write_image_data(rgb)
-            .map_err(|e| MetadataError::Encode(e.to_string()))?;
-        writer
-            .finish()
-            .map_err(|e| MetadataError::Encode(e.to_string()))?;
+        enc.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), params).map_err(|e| MetadataError::Encode(e.to_string()))?;
+        enc.add_itxt_chunk(ZIMAGE_KEYWORD.to_string(), json).map_err(|e| MetadataError::Encode(e.to_string()))?;
+        let mut writer = enc.write_header().map_err(|e| MetadataError::Encode(e.to_string()))?;
+        writer.write_image_data(rgb).map_err(|e| MetadataError::Encode(e.to_string()))?;
+        writer.finish().map_err(|e| MetadataError::Encode(e.to_string()))?;
     }
     Ok(out)
 }
@@ -449,9 +476,7 @@ pub fn png_text_chunks(bytes: &[u8]) -> Result<Vec<(String, String)>, MetadataEr
 
 fn decode_error(e: png::DecodingError) -> MetadataError {
     match e {
-        png::DecodingError::IoError(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
-            MetadataError::Truncated
-        }
+        png::DecodingError::IoError(io) if io.kind() == io::ErrorKind::UnexpectedEof => MetadataError::Truncated,
         png::DecodingError::IoError(io) => MetadataError::Corrupt(one_line(&io.to_string())),
         png::DecodingError::Format(f) => {
             let msg = f.to_string();
@@ -481,19 +506,15 @@ pub fn read_png_metadata(bytes: &[u8]) -> Result<GenerationMetadata, MetadataErr
         return parse_a1111_parameters(text);
     }
     match json_error {
-        Some(e) => Err(MetadataError::InvalidMetadata(one_line(&format!(
-            "'zimage' JSON: {e}"
-        )))),
+        Some(e) => Err(MetadataError::InvalidMetadata(one_line(&format!("'zimage' JSON: {e}")))),
         None => Err(MetadataError::NoMetadata),
     }
 }
 
 /// [`read_png_metadata`] of the file at `path`.
 pub fn read_png_metadata_file(path: &Path) -> Result<GenerationMetadata, MetadataError> {
-    let bytes = fs::read(path).map_err(|e| MetadataError::Read {
-        path: path.to_path_buf(),
-        cause: io_cause(&e, path, false),
-    })?;
+    let bytes = fs::read(path)
+        .map_err(|e| MetadataError::Read { path: path.to_path_buf(), cause: io_cause(&e, path, false) })?;
     read_png_metadata(&bytes)
 }
 
@@ -525,17 +546,9 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), MetadataError>
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> Result<(), MetadataError> {
-    let fail = |cause: String| MetadataError::Write {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| fail("the path does not name a file".into()))?;
+fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<(), MetadataError> {
+    let fail = |cause: String| MetadataError::Write { path: path.to_path_buf(), cause };
+    let name = path.file_name().ok_or_else(|| fail("the path does not name a file".into()))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -600,10 +613,7 @@ fn one_line(s: &str) -> String {
 
 /// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (for [`GenerationMetadata::created`]).
 pub fn utc_timestamp_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     utc_timestamp(secs)
 }
 
@@ -620,12 +630,7 @@ fn utc_timestamp(unix_secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", sod / 3600, (sod / 60) % 60, sod % 60)
 }
 
 #[cfg(test)]
@@ -651,6 +656,7 @@ mod tests {
             parent: Some("20250101-abc".into()),
             app: "Z-Image Studio 0.1.0".into(),
             created: "2025-11-26T02:11:00Z".into(),
+            loras: vec![LoraRef { name: "水彩".into(), strength: -0.25, hash: Some("0123456789ab".into()) }],
         }
     }
 
@@ -686,10 +692,8 @@ mod tests {
             TestDir(p)
         }
         fn names(&self) -> Vec<String> {
-            let mut v: Vec<String> = fs::read_dir(&self.0)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
+            let mut v: Vec<String> =
+                fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             v.sort();
             v
         }
@@ -797,6 +801,37 @@ mod tests {
     }
 
     #[test]
+    fn loras_are_written_as_a1111_tags_and_hashes_and_read_back() {
+        let meta = GenerationMetadata {
+            prompt: "a harbour at dusk".into(),
+            steps: 8,
+            seed: 1,
+            width: 512,
+            height: 512,
+            cfg_truncation: 1.0,
+            scheduler_shift: 3.0,
+            loras: vec![
+                LoraRef { name: "ink_wash".into(), strength: 0.6, hash: Some("9ab12cd34ef5".into()) },
+                LoraRef { name: "grain".into(), strength: 1.0, hash: None },
+            ],
+            ..Default::default()
+        };
+        let text = a1111_parameters(&meta);
+        assert!(text.starts_with("a harbour at dusk <lora:ink_wash:0.6> <lora:grain:1>\n"), "{text}");
+        assert!(text.contains(", Lora hashes: \"ink_wash: 9ab12cd34ef5\""), "{text}");
+        let back = parse_a1111_parameters(&text).unwrap();
+        assert_eq!(back.prompt, "a harbour at dusk");
+        assert_eq!(back.loras, meta.loras);
+        // Tags typed anywhere in another tool's prompt are found too.
+        let (bare, loras) = take_lora_tags("<lora:a:0.5>cat, <lora:b> dog <lora:broken");
+        assert_eq!(bare, "cat, dog <lora:broken");
+        assert_eq!(loras.iter().map(|l| (l.name.as_str(), l.strength)).collect::<Vec<_>>(), [("a", 0.5), ("b", 1.0)]);
+        // And the JSON chunk keeps them exactly.
+        let png = encode_png(&rgb(2, 2), 2, 2, &meta).unwrap();
+        assert_eq!(read_png_metadata(&png).unwrap().loras, meta.loras);
+    }
+
+    #[test]
     fn a1111_text_parses_back() {
         let meta = GenerationMetadata {
             model: "z_image_turbo_bf16".into(),
@@ -816,6 +851,7 @@ mod tests {
         let bare = GenerationMetadata {
             prompt: String::new(),
             negative_prompt: String::new(),
+            loras: Vec::new(),
             ..meta.clone()
         };
         let text = a1111_parameters(&bare);
@@ -823,10 +859,7 @@ mod tests {
         assert_eq!(parse_a1111_parameters(&text).unwrap(), bare);
 
         // Multi-line negative prompt.
-        let multi = GenerationMetadata {
-            negative_prompt: "bad\nworse".into(),
-            ..meta
-        };
+        let multi = GenerationMetadata { negative_prompt: "bad\nworse".into(), ..meta };
         assert_eq!(parse_a1111_parameters(&a1111_parameters(&multi)).unwrap(), multi);
     }
 
@@ -841,10 +874,8 @@ mod tests {
             Lora hashes: \"detail: 1f2e3d4c5b6a, style: 0a1b2c3d\", \
             TI hashes: \"easynegative: c74b4e810b03\", Version: v1.10.1";
         let m = parse_a1111_parameters(text).unwrap();
-        assert_eq!(
-            m.prompt,
-            "masterpiece, best quality, 1girl, (smile:1.2), <lora:detail:0.8>\nBREAK city at night"
-        );
+        assert_eq!(m.prompt, "masterpiece, best quality, 1girl, (smile:1.2),\nBREAK city at night");
+        assert_eq!(m.loras, [LoraRef { name: "detail".into(), strength: 0.8, hash: Some("1f2e3d4c5b6a".into()) }]);
         assert_eq!(m.negative_prompt, "lowres, bad anatomy, (worst quality:1.4)");
         assert_eq!(m.steps, 28);
         assert_eq!(m.guidance, 6.5);
@@ -900,8 +931,7 @@ mod tests {
             let mut enc = png::Encoder::new(&mut out, 1, 1);
             enc.set_color(png::ColorType::Rgb);
             enc.add_itxt_chunk("zimage".into(), "{not json".into()).unwrap();
-            enc.add_itxt_chunk("parameters".into(), "x\nSteps: 1, CFG scale: 1, Seed: 2".into())
-                .unwrap();
+            enc.add_itxt_chunk("parameters".into(), "x\nSteps: 1, CFG scale: 1, Seed: 2".into()).unwrap();
             let mut w = enc.write_header().unwrap();
             w.write_image_data(&[0; 3]).unwrap();
             w.finish().unwrap();
@@ -911,8 +941,7 @@ mod tests {
 
     #[test]
     fn older_or_newer_json_reads() {
-        let m: GenerationMetadata =
-            serde_json::from_str(r#"{"prompt":"p","seed":5,"future_field":[1,2]}"#).unwrap();
+        let m: GenerationMetadata = serde_json::from_str(r#"{"prompt":"p","seed":5,"future_field":[1,2]}"#).unwrap();
         assert_eq!(m.prompt, "p");
         assert_eq!(m.seed, 5);
         assert_eq!(m.strength, None);
@@ -952,10 +981,7 @@ mod tests {
             w.finish().unwrap();
         }
         assert!(matches!(read_png_metadata(&plain), Err(MetadataError::NoMetadata)));
-        for e in [
-            read_png_metadata(&good[..good.len() - 20]).unwrap_err(),
-            read_png_metadata(&plain).unwrap_err(),
-        ] {
+        for e in [read_png_metadata(&good[..good.len() - 20]).unwrap_err(), read_png_metadata(&plain).unwrap_err()] {
             assert!(!e.to_string().contains('\n'));
         }
     }
@@ -963,14 +989,8 @@ mod tests {
     #[test]
     fn encode_checks_buffer_size() {
         let e = encode_png(&[0; 10], 2, 2, &sample()).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "image data has 10 bytes but a 2x2 RGB image needs 12"
-        );
-        assert!(matches!(
-            encode_png(&[], 0, 5, &sample()),
-            Err(MetadataError::InvalidSize { .. })
-        ));
+        assert_eq!(e.to_string(), "image data has 10 bytes but a 2x2 RGB image needs 12");
+        assert!(matches!(encode_png(&[], 0, 5, &sample()), Err(MetadataError::InvalidSize { .. })));
     }
 
     #[test]
@@ -995,10 +1015,7 @@ mod tests {
             Err(io::Error::from(io::ErrorKind::StorageFull))
         })
         .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("cannot write {}: no space left on device", path.display())
-        );
+        assert_eq!(err.to_string(), format!("cannot write {}: no space left on device", path.display()));
         assert_eq!(fs::read(&path).unwrap(), b"previous image");
         assert_eq!(dir.names(), ["keep.png"]);
 
@@ -1075,10 +1092,7 @@ mod tests {
             })
             .collect();
         let err = save_png(&path, &pixels, 1024, 1024, &sample()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("cannot write {}: no space left on device", path.display())
-        );
+        assert_eq!(err.to_string(), format!("cannot write {}: no space left on device", path.display()));
         assert!(!path.exists());
         let leftovers: Vec<_> = fs::read_dir(&dir)
             .unwrap()

@@ -210,6 +210,39 @@ impl<B: Backend> ZImagePipeline<B> {
         (self.vae_scale * self.dit_config.patch_size) as u32
     }
 
+    /// Working memory (bytes, beyond the weights) a request needs at its peak:
+    /// the larger of the DiT step (activations of one block for every image,
+    /// twice with CFG, attention scores counted as materialised; captions at
+    /// their 512-token maximum) and the VAE decode of the batch.
+    pub fn working_memory_bytes(&self, req: &GenerateRequest) -> u64 {
+        let c = &self.dit_config;
+        let cell = (self.vae_scale * c.patch_size) as u64;
+        let tokens = (req.width as u64 / cell) * (req.height as u64 / cell) + crate::text::MAX_TOKENS as u64;
+        let batch = req.prompts.len().max(1) as u64 * if req.guidance > 0.0 { 2 } else { 1 };
+        let per_token = (8 * c.dim + 3 * c.ffn_dim()) as u64;
+        let dit = batch * 4 * (tokens * per_token + c.n_heads as u64 * tokens * tokens);
+        let (h, w) = (req.height as usize / self.vae_scale, req.width as usize / self.vae_scale);
+        let vae = req.prompts.len().max(1) as u64 * self.vae.decode_working_bytes(h, w);
+        dit.max(vae)
+    }
+
+    /// Refuses a request whose working memory exceeds `available` bytes
+    /// (host memory on the CPU backend): running out aborts the process,
+    /// which no error handling can catch.
+    pub fn check_memory(&self, req: &GenerateRequest, available: u64) -> Result<()> {
+        let need = self.working_memory_bytes(req);
+        if need > available {
+            let n = req.prompts.len();
+            let what = if n > 1 {
+                format!("{n} images of {}x{}", req.width, req.height)
+            } else {
+                format!("a {}x{} image", req.width, req.height)
+            };
+            return Err(EngineError::InsufficientMemory { what, need, available });
+        }
+        Ok(())
+    }
+
     /// Encodes the prompts (and the negative prompt for each, if CFG is on at any step).
     pub fn encode(&self, req: &GenerateRequest) -> Result<Conditioning<B>> {
         let positive = req.prompts.iter().map(|p| self.text.encode(p)).collect::<Result<Vec<_>>>()?;

@@ -71,6 +71,19 @@ pub fn repo_for(model: &str) -> Result<&'static str> {
     }
 }
 
+/// About how many bytes `pull` fetches for `turbo` or `base`, known before
+/// asking the hub (so it can be shown before the user clicks): Turbo's DiT
+/// is published in fp32 (24.6 GB), Base's in bf16 (12.3 GB); both come with
+/// the Qwen3-4B text encoder (8.05 GB) and the VAE (0.17 GB).
+pub fn approximate_download_bytes(model: &str) -> Option<u64> {
+    const TEXT_ENCODER_AND_VAE: u64 = 8_050_000_000 + 168_000_000;
+    match model {
+        "turbo" => Some(24_620_000_000 + TEXT_ENCODER_AND_VAE),
+        "base" => Some(12_310_000_000 + TEXT_ENCODER_AND_VAE),
+        _ => None,
+    }
+}
+
 /// One file of the repository, as the hub lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RepoFile {

@@ -276,6 +276,28 @@ pub struct Vae<B: Backend> {
 }
 
 impl<B: Backend> Vae<B> {
+    /// Peak f32 working memory of decoding one latent of `h`×`w` cells, in
+    /// bytes (an upper estimate, used to refuse sizes that cannot fit). The
+    /// largest tensor is a level's output upsampled ×2 before its conv; about
+    /// four tensors of that size live at once (input, GroupNorm output, conv
+    /// output, residual). The mid-block attention is counted as if its
+    /// `(h·w)²` scores were materialised.
+    pub fn decode_working_bytes(&self, h: usize, w: usize) -> u64 {
+        let mut side = 1u64; // pixels per latent cell at the current level
+        let mut largest = 0u64;
+        for block in &self.decoder.up_blocks {
+            let channels = block.resnets.last().map(|r| r.conv2.weight.dims()[0]).unwrap_or(0) as u64;
+            let cells = (h * w) as u64 * side * side;
+            largest = largest.max(channels * cells);
+            if block.upsample.is_some() {
+                side *= 2;
+                largest = largest.max(channels * cells * 4);
+            }
+        }
+        let scores = ((h * w) as u64).pow(2);
+        4 * (4 * largest) + 4 * scores
+    }
+
     /// Builds from a [`WeightSource`] with the diffusers names.
     pub fn build<S: WeightSource<B>>(c: &VaeConfig, src: &mut S, with_encoder: bool) -> Result<Self> {
         let g = c.norm_num_groups;

@@ -6,10 +6,12 @@ pub mod compare;
 pub mod controls;
 pub mod help;
 pub mod history;
+pub mod models;
 pub mod settings;
 pub mod shortcuts;
 pub mod status;
 pub mod variations;
+pub mod welcome;
 
 use egui::{Rect, Vec2};
 
@@ -25,13 +27,18 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
     egui::Panel::left("controls").resizable(true).default_size(330.0).min_size(260.0).show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| controls::draw(app, ui, &mut actions));
     });
-    egui::Panel::right("history").resizable(true).default_size(230.0).min_size(160.0).show(ui, |ui| history::draw(app, ui, &mut actions));
+    egui::Panel::right("history")
+        .resizable(true)
+        .default_size(230.0)
+        .min_size(160.0)
+        .show(ui, |ui| history::draw(app, ui, &mut actions));
     egui::CentralPanel::default().show(ui, |ui| match app.view {
         View::Live => canvas::draw(app, ui, &mut actions),
         View::Variations => variations::draw(app, ui, &mut actions),
         View::Compare => compare::draw(app, ui, &mut actions),
     });
     settings::draw(app, &ctx, &mut actions);
+    welcome::draw(app, &ctx, &mut actions);
     help::draw(app, &ctx);
     for a in actions {
         app.apply(&ctx, a);
@@ -42,7 +49,9 @@ fn top_bar(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
         ui.heading("Z-Image Studio");
         ui.separator();
-        for (view, label) in [(View::Live, "Live (1)"), (View::Variations, "Variations (2)"), (View::Compare, "Compare (3)")] {
+        for (view, label) in
+            [(View::Live, "Live (1)"), (View::Variations, "Variations (2)"), (View::Compare, "Compare (3)")]
+        {
             if ui.selectable_label(app.view == view, label).clicked() {
                 actions.push(Action::ShowView(view));
             }

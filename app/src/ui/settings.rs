@@ -1,15 +1,18 @@
 //! Settings window: Turbo and Base model (folder, file or built-in name) and
-//! the save folder. Applied and persisted with "Apply".
+//! the save folder, applied and persisted with "Apply"; the models found on
+//! this computer, downloads, and each model's LoRAs (applied at once).
 
 use crate::app::{file_dialog_available, Action, StudioApp};
 use crate::engine_bridge::{ModelSlot, ModelState};
+use crate::ui::models;
 
 pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
     if !app.show_settings {
         return;
     }
     let mut open = true;
-    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(520.0).show(ctx, |ui| {
+    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(560.0).max_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
+      egui::ScrollArea::vertical().show(ui, |ui| {
         ui.label("Models: a diffusers folder, a single .safetensors file, or a built-in name (demo-turbo, demo-base).");
         if app.cli_override {
             ui.colored_label(ui.visuals().warn_fg_color, "This run uses the models given on the command line; Apply switches to these saved ones.");
@@ -56,6 +59,18 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 app.settings_form[1] = "demo-base".into();
             }
         });
+        ui.separator();
+        ui.strong("Models on this computer");
+        models::found_models(app, ui, actions);
+        ui.separator();
+        ui.strong("Download from Hugging Face");
+        models::downloads(app, ui, actions, &["turbo", "base"]);
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            ui.separator();
+            ui.strong(format!("{} LoRAs", slot.label()));
+            models::loras(app, ui, actions, slot);
+        }
+      });
     });
     if !open {
         app.show_settings = false;

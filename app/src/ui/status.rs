@@ -26,6 +26,13 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             }
         }
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if let Some(d) = &app.download {
+                let frac =
+                    d.progress.as_ref().filter(|p| p.total > 0).map(|p| p.done as f32 / p.total as f32).unwrap_or(0.0);
+                ui.add(egui::ProgressBar::new(frac).desired_width(140.0).show_percentage())
+                    .on_hover_text("Model download (Settings shows the details)");
+                ui.weak(format!("downloading {}", d.model));
+            }
             if let Some(d) = app.metrics.frame_times.back() {
                 ui.weak(format!("frame {:.1} ms", d.as_secs_f64() * 1000.0));
             }
@@ -37,9 +44,15 @@ pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
     for slot in [ModelSlot::Turbo, ModelSlot::Base] {
         let (text, color) = match app.models.get(&slot) {
             Some(ModelState::Ready { name, .. }) => (format!("{}: {name}", slot.label()), ui.visuals().text_color()),
-            Some(ModelState::Loading { stage }) => (format!("{}: loading {stage}…", slot.label()), ui.visuals().warn_fg_color),
-            Some(ModelState::Failed(_)) => (format!("{}: error (see Settings)", slot.label()), ui.visuals().error_fg_color),
-            Some(ModelState::NotConfigured) => (format!("{}: not configured", slot.label()), ui.visuals().warn_fg_color),
+            Some(ModelState::Loading { stage }) => {
+                (format!("{}: loading {stage}…", slot.label()), ui.visuals().warn_fg_color)
+            }
+            Some(ModelState::Failed(_)) => {
+                (format!("{}: error (see Settings)", slot.label()), ui.visuals().error_fg_color)
+            }
+            Some(ModelState::NotConfigured) => {
+                (format!("{}: not configured", slot.label()), ui.visuals().warn_fg_color)
+            }
             None => (format!("{}: starting…", slot.label()), ui.visuals().weak_text_color()),
         };
         ui.colored_label(color, text);

@@ -496,6 +496,13 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     req.strength = args.strength;
     req.init = init;
     req.validate(pipe.pixel_multiple())?;
+    // On the CPU the working memory is host memory, and running out of it
+    // aborts the process: refuse what cannot fit, before allocating.
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<CpuBackend>() {
+        if let Some(available) = zimage_engine::device::host_available_memory() {
+            pipe.check_memory(&req, available)?;
+        }
+    }
 
     let tokens = pipe.text.tokenizer.count(&args.prompt)?;
     if tokens > MAX_TOKENS {
@@ -535,6 +542,14 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
         parent: None,
         app: format!("zimage {}", env!("CARGO_PKG_VERSION")),
         created: metadata::utc_timestamp_now(),
+        loras: loras
+            .iter()
+            .map(|(file, strength)| metadata::LoraRef {
+                name: file.name.clone(),
+                strength: *strength,
+                hash: lora::short_hash(&file.path).ok(),
+            })
+            .collect(),
     };
     let path = args.out.clone().unwrap_or_else(|| fresh_output_path(seed));
     metadata::save_png(&path, &image.pixels, image.width, image.height, &meta)?;
