@@ -10,7 +10,7 @@ packages=(
   mesa-vulkan-drivers libvulkan1        # Vulkan (lavapipe) for wgpu
   libxkbcommon0 libxkbcommon-x11-0 libx11-6 libxcursor1 libxrandr2 libxi6 libwayland-client0
   xvfb xdotool imagemagick x11-apps     # tests/xvfb_screenshot.sh: a real window under Xvfb
-  fonts-dejavu-core
+  fonts-dejavu-core fonts-wqy-microhei  # Latin + CJK (Chinese prompts) in the UI
 )
 
 if ! command -v apt-get >/dev/null 2>&1; then

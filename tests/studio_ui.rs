@@ -492,3 +492,23 @@ fn settings_find_models_and_manage_loras() {
     wait_until(&mut h, "the LoRA off", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.is_empty()));
     assert!(!h.state().settings.turbo_loras[0].enabled, "kept in the list, unticked");
 }
+
+/// Chinese prompts are drawn with a system CJK font (egui's own fonts have
+/// none); `scripts/setup.sh` installs one, so on a set-up machine this
+/// checks real glyphs.
+#[test]
+fn chinese_prompts_have_glyphs_when_a_cjk_font_is_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    let Some(font) = zimage_studio::fonts::find_cjk_font() else {
+        eprintln!("no CJK font on this machine (scripts/setup.sh installs fonts-wqy-microhei); nothing to check");
+        return;
+    };
+    wait_until(&mut h, "the CJK font", |a| a.cjk_font.is_some());
+    assert_eq!(h.state().cjk_font.as_deref(), Some(font.as_path()));
+    h.step();
+    let id = egui::FontId::proportional(14.0);
+    assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "一只猫在屋顶上")), "CJK glyphs after installing {}", font.display());
+    assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "a cat")), "Latin text keeps its fonts");
+}

@@ -192,6 +192,10 @@ pub struct StudioApp {
     pub lora_state: HashMap<ModelSlot, LoraState>,
     /// The "Add LoRA" path fields.
     pub lora_form: HashMap<ModelSlot, String>,
+    /// Reading a CJK font for the prompt box (see `fonts`).
+    font_task: Option<Task<Option<(PathBuf, Result<Vec<u8>, String>)>>>,
+    /// The CJK font in use, once installed.
+    pub cjk_font: Option<PathBuf>,
     pub waker: Waker,
     pub images: Images,
     /// History images being decoded on the disk thread.
@@ -262,6 +266,13 @@ impl StudioApp {
             pull_options: None,
             lora_state: HashMap::new(),
             lora_form: HashMap::new(),
+            font_task: Some(Task::spawn("zimage-fonts", waker.clone(), || {
+                crate::fonts::find_cjk_font().map(|p| {
+                    let bytes = crate::fonts::read(&p);
+                    (p, bytes)
+                })
+            })),
+            cjk_font: None,
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -301,7 +312,7 @@ impl StudioApp {
                 IoResult::Done => {}
             }
         }
-        self.poll_background();
+        self.poll_background(ctx);
         self.schedule_live(ctx);
         self.handle_dropped_files(ctx);
         self.autosave_settings(ctx);
@@ -309,7 +320,18 @@ impl StudioApp {
     }
 
     /// Model scan results and download progress.
-    fn poll_background(&mut self) {
+    fn poll_background(&mut self, ctx: &egui::Context) {
+        if let Some(found) = self.font_task.as_ref().and_then(Task::poll) {
+            self.font_task = None;
+            match found {
+                Some((path, Ok(bytes))) => {
+                    crate::fonts::install(ctx, &path, bytes);
+                    self.cjk_font = Some(path);
+                }
+                Some((_, Err(e))) => eprintln!("zimage-studio: {e}; Chinese text shows as boxes"),
+                None => eprintln!("zimage-studio: no CJK font found (e.g. install fonts-noto-cjk); Chinese text shows as boxes"),
+            }
+        }
         if let Some(found) = self.scan.as_ref().and_then(Task::poll) {
             self.found_models = Some(found);
             self.scan = None;

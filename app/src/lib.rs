@@ -5,6 +5,7 @@
 pub mod app;
 pub mod cli;
 pub mod engine_bridge;
+pub mod fonts;
 pub mod history;
 pub mod images;
 pub mod save;
