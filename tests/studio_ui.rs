@@ -44,9 +44,13 @@ fn harness(dir: &Path) -> Harness<'static, StudioApp> {
 }
 
 fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harness<'static, StudioApp> {
-    let options = StudioOptions { paths: Paths::at(dir), turbo, base };
+    harness_sized(dir, turbo, base, egui::vec2(1280.0, 800.0))
+}
+
+fn harness_sized(dir: &Path, turbo: Option<String>, base: Option<String>, size: egui::Vec2) -> Harness<'static, StudioApp> {
+    let options = StudioOptions { paths: Paths::at(dir), turbo, base, device: Some("cpu".into()) };
     Harness::builder()
-        .with_size(egui::vec2(1280.0, 800.0))
+        .with_size(size)
         .with_step_dt(0.02)
         .build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options))
 }
@@ -454,7 +458,8 @@ fn welcome_download_fetches_turbo_and_uses_it() {
 fn settings_find_models_and_manage_loras() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |s| s.turbo_model = Some(fixture("tiny-turbo")));
-    let mut h = harness_with(dir.path(), None, Some(fixture("tiny-base")));
+    // Tall enough for the whole settings window (it scrolls on small screens).
+    let mut h = harness_sized(dir.path(), None, Some(fixture("tiny-base")), egui::vec2(1280.0, 1600.0));
     wait_until(&mut h, "models to load", models_ready);
     h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
     h.step();
@@ -466,10 +471,11 @@ fn settings_find_models_and_manage_loras() {
     h.get_by_label_contains("Search again");
 
     let lora = PathBuf::from(fixture("lora")).join("tiny_turbo_lora.safetensors");
-    h.get_by_label("Add Turbo LoRA").click();
+    h.get_by_role_and_label(Role::TextInput, "Add Turbo LoRA").focus();
     h.step();
     type_text(&mut h, &lora.display().to_string());
-    h.get_all_by_label("Add").next().expect("Add button").click();
+    assert_eq!(h.state().lora_form.get(&ModelSlot::Turbo).map(String::as_str), Some(lora.to_str().unwrap()));
+    h.get_all_by_role_and_label(Role::Button, "Add").next().expect("Add button").click_accesskit();
     h.step();
     wait_until(&mut h, "the LoRA", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.len() == 1));
     assert_eq!(h.state().settings.turbo_loras.len(), 1);
@@ -487,7 +493,7 @@ fn settings_find_models_and_manage_loras() {
     // Switched off: removed from the model without a reload.
     h.state_mut().show_settings = true;
     h.step();
-    h.get_by_label("tiny_turbo_lora").click();
+    h.get_by_role_and_label(Role::CheckBox, "tiny_turbo_lora").click_accesskit();
     h.step();
     wait_until(&mut h, "the LoRA off", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.is_empty()));
     assert!(!h.state().settings.turbo_loras[0].enabled, "kept in the list, unticked");

@@ -29,6 +29,8 @@ pub struct StudioOptions {
     pub paths: Paths,
     pub turbo: Option<String>,
     pub base: Option<String>,
+    /// Device for this run (`auto`, `cpu`, `cuda`, `wgpu`); `None` = the saved setting.
+    pub device: Option<String>,
 }
 
 /// A job the UI is waiting for.
@@ -136,6 +138,8 @@ pub enum Action {
     LorasChanged,
     /// The first-run welcome was answered.
     CloseWelcome,
+    /// Run the models on another device (`auto`, `cpu`, `cuda`, `wgpu`).
+    SetDevice(String),
     ShowView(View),
     CompareWith(String),
     Cancel(JobId),
@@ -194,6 +198,8 @@ pub struct StudioApp {
     pub lora_form: HashMap<ModelSlot, String>,
     /// Reading a CJK font for the prompt box (see `fonts`).
     font_task: Option<Task<Option<(PathBuf, Result<Vec<u8>, String>)>>>,
+    /// Where the engine runs ("CPU", "CUDA"…), once it said so.
+    pub device_name: Option<String>,
     /// The CJK font in use, once installed.
     pub cjk_font: Option<PathBuf>,
     pub waker: Waker,
@@ -218,8 +224,9 @@ impl StudioApp {
     pub fn new(ctx: &egui::Context, options: StudioOptions) -> Self {
         let ctx2 = ctx.clone();
         let waker: Waker = Arc::new(move || ctx2.request_repaint());
-        let engine = EngineHandle::spawn(waker.clone());
         let (settings, w1) = Settings::load(&options.paths);
+        let device = crate::cli::parse_device(options.device.as_deref().unwrap_or(&settings.device)).unwrap_or(None);
+        let engine = EngineHandle::spawn_on(device, waker.clone());
         let (mut history, w2) = History::load(&options.paths);
         let ctx3 = ctx.clone();
         history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
@@ -273,6 +280,7 @@ impl StudioApp {
                 })
             })),
             cjk_font: None,
+            device_name: None,
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -386,7 +394,7 @@ impl StudioApp {
     /// Applies the saved model and LoRA settings and persists them.
     fn reload_models(&mut self) {
         self.model_config =
-            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None });
+            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None });
         self.engine.load_models(self.model_config.clone());
         self.persist_settings();
     }
@@ -561,6 +569,12 @@ impl StudioApp {
                     self.info(w.clone());
                 }
                 self.lora_state.insert(slot, state);
+            }
+            Event::Device { name, problem } => {
+                if let Some(p) = problem {
+                    self.error(p);
+                }
+                self.device_name = Some(name);
             }
             Event::EngineRestarted { reason } => {
                 self.error(format!("the engine crashed ({reason}) and was restarted; your history is safe"));
@@ -868,13 +882,23 @@ impl StudioApp {
                 // Same models (the command line's, if it named them), new LoRAs.
                 let saved = effective_models(
                     &self.settings,
-                    &StudioOptions { paths: self.paths.clone(), turbo: None, base: None },
+                    &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None },
                 );
                 self.model_config.turbo_loras = saved.turbo_loras;
                 self.model_config.base_loras = saved.base_loras;
                 self.engine.load_models(self.model_config.clone());
                 self.persist_settings();
             }
+            Action::SetDevice(device) => match crate::cli::parse_device(&device) {
+                Ok(kind) => {
+                    self.settings.device = device;
+                    self.device_name = None;
+                    self.engine.set_device(kind);
+                    self.persist_settings();
+                    self.info("moving the models to the new device…");
+                }
+                Err(e) => self.error(e),
+            },
             Action::CloseWelcome => {
                 self.show_welcome = false;
                 self.settings.welcome_done = true;
@@ -1234,12 +1258,12 @@ mod tests {
             ..Settings::default()
         };
         let paths = Paths::at("/tmp/unused");
-        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None };
+        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None, device: None };
         let m = effective_models(&saved, &cli);
         assert_eq!(m.turbo.as_deref(), Some("/cli/turbo"));
         assert_eq!(m.base.as_deref(), Some("/saved/base"));
         assert_eq!(saved.turbo_model.as_deref(), Some("/saved/turbo"), "settings untouched");
-        let none = StudioOptions { paths, turbo: None, base: None };
+        let none = StudioOptions { paths, turbo: None, base: None, device: None };
         assert_eq!(effective_models(&saved, &none).turbo.as_deref(), Some("/saved/turbo"));
         // Nothing configured: the built-in demo model if installed, else nothing.
         let demo = effective_models(&Settings::default(), &none).turbo;

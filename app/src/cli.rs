@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 
-pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--data-dir DIR]
+pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--device auto|cpu|cuda|wgpu] [--data-dir DIR]
 
   --turbo M     Turbo model for this run (folder, .safetensors file or built-in name)
   --base M      Base model for this run; neither changes the saved settings
+  --device D    where the models run for this run (default: the saved setting, else auto:
+                CUDA when this build has it and a GPU answers, else the CPU)
   --data-dir D  where settings and history are kept (default: the platform data folder)
   -h, --help    this text";
 
@@ -14,6 +16,8 @@ pub struct Args {
     pub turbo: Option<String>,
     pub base: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// `auto`, `cpu`, `cuda` or `wgpu` (checked).
+    pub device: Option<String>,
     pub help: bool,
 }
 
@@ -30,11 +34,24 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--turbo" => out.turbo = Some(value("--turbo")?),
             "--base" => out.base = Some(value("--base")?),
             "--data-dir" => out.data_dir = Some(PathBuf::from(value("--data-dir")?)),
+            "--device" => {
+                let d = value("--device")?;
+                parse_device(&d)?;
+                out.device = Some(d);
+            }
             "-h" | "--help" => out.help = true,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
     Ok(out)
+}
+
+/// `auto` → None, else the device kind; a one-line error for anything else.
+pub fn parse_device(s: &str) -> Result<Option<zimage_engine::device::DeviceKind>, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    zimage_engine::device::DeviceKind::parse(s).map(Some).map_err(|e| format!("--device: {e} (or auto)"))
 }
 
 #[cfg(test)]
@@ -53,11 +70,14 @@ mod tests {
         assert_eq!(a.data_dir, Some(PathBuf::from("/tmp/d")));
         assert_eq!(p(&[]).unwrap(), Args::default());
         assert!(p(&["--help"]).unwrap().help);
+        assert_eq!(p(&["--device", "cuda"]).unwrap().device.as_deref(), Some("cuda"));
+        assert_eq!(parse_device("auto"), Ok(None));
     }
 
     #[test]
     fn rejects_bad_arguments_with_usage() {
         assert!(p(&["--turbo"]).unwrap_err().contains("needs a value"));
         assert!(p(&["--frobnicate"]).unwrap_err().contains("usage:"));
+        assert!(p(&["--device", "tpu"]).unwrap_err().contains("unknown device"));
     }
 }

@@ -28,8 +28,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
-use zimage_engine::device::CpuBackend;
+use zimage_engine::device::{CpuBackend, DeviceKind};
 use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, SharedComponents};
 use zimage_engine::lora::{self, AppliedLoras, LoraFile};
 use zimage_engine::metadata::LoraRef;
@@ -38,8 +39,6 @@ use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::{PullOptions, PullProgress};
 use zimage_engine::scheduler::Schedule;
 use zimage_engine::EngineError;
-
-type B = CpuBackend;
 
 pub type JobId = u64;
 
@@ -191,6 +190,12 @@ pub enum Event {
     EngineRestarted {
         reason: String,
     },
+    /// Where the models run ("CPU", "CUDA", "wgpu"), sent when the engine
+    /// starts; `problem` says why the requested device is not the one used.
+    Device {
+        name: String,
+        problem: Option<String>,
+    },
 }
 
 /// What the UI holds: send commands, poll events. Never blocks.
@@ -201,6 +206,8 @@ pub struct EngineHandle {
     next_id: JobId,
     waker: Waker,
     config: ModelConfig,
+    /// The device asked for; `None` picks the best one available.
+    device: Option<DeviceKind>,
     /// Queued (non-live) jobs not yet finished, re-submitted if the thread dies.
     outstanding: BTreeMap<JobId, JobSpec>,
 }
@@ -209,8 +216,16 @@ pub struct EngineHandle {
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 impl EngineHandle {
+    /// An engine on the CPU.
     pub fn spawn(waker: Waker) -> Self {
-        let (cmd_tx, ev_rx, thread) = start_thread(waker.clone());
+        Self::spawn_on(Some(DeviceKind::Cpu), waker)
+    }
+
+    /// An engine on `device` (`None`: CUDA when this build has it and a GPU
+    /// answers, else the CPU). A device that is missing falls back to the
+    /// CPU with [`Event::Device`] saying why.
+    pub fn spawn_on(device: Option<DeviceKind>, waker: Waker) -> Self {
+        let (cmd_tx, ev_rx, thread) = start_thread(waker.clone(), device);
         Self {
             cmd_tx,
             ev_rx,
@@ -218,8 +233,22 @@ impl EngineHandle {
             next_id: 1,
             waker,
             config: ModelConfig::default(),
+            device,
             outstanding: BTreeMap::new(),
         }
+    }
+
+    /// Moves the engine to another device: a new engine thread loads the
+    /// models there and takes the queued jobs; the old one stops at its next
+    /// step boundary (not waited for: the UI never blocks).
+    pub fn set_device(&mut self, device: Option<DeviceKind>) {
+        if device == self.device {
+            return;
+        }
+        self.device = device;
+        let _ = self.cmd_tx.send(Command::Shutdown);
+        drop(self.thread.take());
+        self.restart();
     }
 
     pub fn submit(&mut self, spec: JobSpec) -> JobId {
@@ -284,7 +313,7 @@ impl EngineHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let (cmd_tx, ev_rx, thread) = start_thread(self.waker.clone());
+        let (cmd_tx, ev_rx, thread) = start_thread(self.waker.clone(), self.device);
         self.cmd_tx = cmd_tx;
         self.ev_rx = ev_rx;
         self.thread = Some(thread);
@@ -304,18 +333,46 @@ impl Drop for EngineHandle {
     }
 }
 
-fn start_thread(waker: Waker) -> (Sender<Command>, Receiver<Event>, JoinHandle<()>) {
+fn start_thread(waker: Waker, device: Option<DeviceKind>) -> (Sender<Command>, Receiver<Event>, JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (ev_tx, ev_rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("zimage-engine".into())
         .spawn(move || {
             lower_priority();
-            let mut worker = Worker::new(cmd_rx, Emitter { tx: ev_tx, waker });
-            worker.run();
+            let out = Emitter { tx: ev_tx, waker };
+            // Probing a GPU initialises its driver: done here, off the UI thread.
+            let (kind, problem) = pick_device(device);
+            let name = match kind {
+                DeviceKind::Cpu => "CPU",
+                DeviceKind::Cuda => "CUDA",
+                DeviceKind::Wgpu => "wgpu",
+            };
+            out.emit(Event::Device { name: name.into(), problem });
+            match kind {
+                #[cfg(feature = "cuda")]
+                DeviceKind::Cuda => Worker::<zimage_engine::device::CudaBackend>::new(cmd_rx, out, kind).run(),
+                #[cfg(feature = "wgpu")]
+                DeviceKind::Wgpu => Worker::<zimage_engine::device::WgpuBackend>::new(cmd_rx, out, kind).run(),
+                _ => Worker::<CpuBackend>::new(cmd_rx, out, DeviceKind::Cpu).run(),
+            }
         })
         .expect("spawning the engine thread");
     (cmd_tx, ev_rx, thread)
+}
+
+/// The device to run on, and why it is not the requested one. Auto prefers
+/// CUDA; wgpu only when asked for (on machines without a GPU driver it runs
+/// on a software Vulkan, slower than the CPU backend).
+fn pick_device(requested: Option<DeviceKind>) -> (DeviceKind, Option<String>) {
+    match requested {
+        Some(kind) => match kind.ensure_available() {
+            Ok(()) => (kind, None),
+            Err(e) => (DeviceKind::Cpu, Some(format!("{}; running on the CPU", one_line(&e.to_string())))),
+        },
+        None if DeviceKind::Cuda.compiled_in() && DeviceKind::Cuda.ensure_available().is_ok() => (DeviceKind::Cuda, None),
+        None => (DeviceKind::Cpu, None),
+    }
 }
 
 /// The engine saturates every core; a higher nice value keeps the UI thread
@@ -344,13 +401,18 @@ impl Emitter {
 
 /// Prompt encodings keyed by (text encoder identity, prompt). Turbo and Base
 /// loaded from the same text-encoder files share one encoder, hence one key.
-#[derive(Default)]
-struct PromptCache {
+struct PromptCache<B: Backend> {
     map: HashMap<(usize, String), Tensor<B, 2>>,
     order: VecDeque<(usize, String)>,
 }
 
-impl PromptCache {
+impl<B: Backend> Default for PromptCache<B> {
+    fn default() -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new() }
+    }
+}
+
+impl<B: Backend> PromptCache<B> {
     const CAPACITY: usize = 64;
 
     /// The encoding and whether it came from the cache.
@@ -396,13 +458,18 @@ impl PromptCache {
     }
 }
 
-#[derive(Default)]
-struct Models {
+struct Models<B: Backend> {
     turbo: Option<ZImagePipeline<B>>,
     base: Option<ZImagePipeline<B>>,
 }
 
-impl Models {
+impl<B: Backend> Default for Models<B> {
+    fn default() -> Self {
+        Self { turbo: None, base: None }
+    }
+}
+
+impl<B: Backend> Models<B> {
     fn get(&self, slot: ModelSlot) -> Option<&ZImagePipeline<B>> {
         match slot {
             ModelSlot::Turbo => self.turbo.as_ref(),
@@ -428,21 +495,25 @@ struct Queue {
     load: Option<ModelConfig>,
 }
 
-struct Worker {
+struct Worker<B: Backend> {
     rx: Receiver<Command>,
     out: Emitter,
     queue: Queue,
-    models: Models,
+    models: Models<B>,
     model_state: HashMap<ModelSlot, ModelState>,
-    cache: PromptCache,
+    cache: PromptCache<B>,
     config: ModelConfig,
     /// Per model: the LoRAs applied to its DiT (with the original weights they replaced).
     loras: HashMap<ModelSlot, (AppliedLoras<B>, Vec<LoraRef>)>,
     device: burn::tensor::Device<B>,
+    /// Weight and compute dtype: f32 on the CPU, bf16 on GPUs.
+    dtype: DType,
+    /// Host memory is the working memory (the preflight check applies).
+    on_host: bool,
 }
 
-impl Worker {
-    fn new(rx: Receiver<Command>, out: Emitter) -> Self {
+impl<B: Backend> Worker<B> {
+    fn new(rx: Receiver<Command>, out: Emitter, kind: DeviceKind) -> Self {
         Self {
             rx,
             out,
@@ -453,6 +524,8 @@ impl Worker {
             config: ModelConfig::default(),
             loras: HashMap::new(),
             device: Default::default(),
+            dtype: kind.weight_dtype(),
+            on_host: kind == DeviceKind::Cpu,
         }
     }
 
@@ -506,7 +579,7 @@ impl Worker {
             if panic_now {
                 panic!("injected engine fault");
             }
-            run_pipeline(pipe, cache, &spec, id, loras, queue, out, rx)
+            run_pipeline(pipe, cache, &spec, id, loras, self.on_host, queue, out, rx)
         }));
         match result {
             Ok(Ok(())) => {}
@@ -645,11 +718,11 @@ impl Worker {
         };
         if !reuse {
             // VAE encoder included: the Base refine is img2img.
-            let comps = loader::load_shared::<B>(&files, &self.device, DType::F32, true, &mut progress)?;
+            let comps = loader::load_shared::<B>(&files, &self.device, self.dtype, true, &mut progress)?;
             *shared = Some((files.clone(), comps));
         }
         let comps = &shared.as_ref().expect("shared components were just loaded").1;
-        loader::load_pipeline_with::<B>(&files, comps, &self.device, DType::F32, &mut progress)
+        loader::load_pipeline_with::<B>(&files, comps, &self.device, self.dtype, &mut progress)
     }
 }
 
@@ -670,12 +743,13 @@ enum JobEnd {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_pipeline(
+fn run_pipeline<B: Backend>(
     pipe: &ZImagePipeline<B>,
-    cache: &mut PromptCache,
+    cache: &mut PromptCache<B>,
     spec: &JobSpec,
     id: JobId,
     loras: Vec<LoraRef>,
+    on_host: bool,
     queue: &mut Queue,
     out: &Emitter,
     rx: &Receiver<Command>,
@@ -689,7 +763,7 @@ fn run_pipeline(
     req.validate(pipe.pixel_multiple()).map_err(err)?;
     // Running out of host memory aborts the process (no error to catch):
     // refuse sizes that cannot fit before allocating anything.
-    if let Some(available) = zimage_engine::device::host_available_memory() {
+    if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| on_host) {
         pipe.check_memory(req, available).map_err(err)?;
     }
     let (cond, cached) = cache.conditioning(pipe, req).map_err(err)?;
@@ -1188,6 +1262,31 @@ mod tests {
         });
         collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Loras { state, .. } if state.applied.is_empty())));
         assert_eq!(run(&mut h).0, plain);
+    }
+
+    #[test]
+    fn a_missing_device_is_reported_and_the_engine_runs_on_the_cpu() {
+        let wanted = if cfg!(feature = "cuda") { DeviceKind::Wgpu } else { DeviceKind::Cuda };
+        if wanted.compiled_in() {
+            return; // a GPU build: the missing-device path is not reachable this way
+        }
+        let mut h = EngineHandle::spawn_on(Some(wanted), Arc::new(|| {}));
+        h.load_models(ModelConfig { turbo: Some(fixture("tiny-turbo")), ..Default::default() });
+        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        let device = evs.iter().find_map(|e| match e {
+            Event::Device { name, problem } => Some((name.clone(), problem.clone())),
+            _ => None,
+        });
+        let (name, problem) = device.expect("a Device event");
+        assert_eq!(name, "CPU");
+        let problem = problem.expect("says why");
+        assert!(problem.contains("no") && problem.contains("support") && problem.ends_with("running on the CPU"), "{problem}");
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id: i, .. } if *i == id)), "{evs:?}");
+        // Auto on a CPU-only build: the CPU, no complaint.
+        let mut h = EngineHandle::spawn_on(None, Arc::new(|| {}));
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Device { .. })));
+        assert!(evs.iter().any(|e| matches!(e, Event::Device { problem: None, .. })), "{evs:?}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             }
         },
     };
-    let options = StudioOptions { paths, turbo: args.turbo, base: args.base };
+    let options = StudioOptions { paths, turbo: args.turbo, base: args.base, device: args.device };
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default().with_title("Z-Image Studio").with_app_id("zimage-studio").with_inner_size([1280.0, 800.0]).with_min_inner_size([800.0, 500.0]).with_drag_and_drop(true),
         renderer: eframe::Renderer::Wgpu,

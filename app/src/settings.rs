@@ -34,6 +34,8 @@ pub struct Settings {
     pub refine_mode: RefineMode,
     pub refine_strength: f32,
     pub variations: usize,
+    /// Where the models run: `auto`, `cpu`, `cuda` or `wgpu`.
+    pub device: String,
     /// The first-run welcome was answered (a choice made or dismissed).
     pub welcome_done: bool,
     /// LoRAs per model, applied in order.
@@ -71,6 +73,7 @@ impl Default for Settings {
             refine_mode: RefineMode::Img2Img,
             refine_strength: 0.6,
             variations: 8,
+            device: "auto".into(),
             welcome_done: false,
             turbo_loras: Vec::new(),
             base_loras: Vec::new(),

@@ -60,6 +60,31 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             }
         });
         ui.separator();
+        ui.horizontal(|ui| {
+            let l = ui.label("Run the models on");
+            let current = app.settings.device.clone();
+            egui::ComboBox::from_id_salt("device").selected_text(&current).show_ui(ui, |ui| {
+                for (value, what) in [
+                    ("auto", "CUDA if available, else the CPU"),
+                    ("cpu", "the CPU (f32)"),
+                    ("cuda", "an NVIDIA GPU (bf16)"),
+                    ("wgpu", "a Vulkan/Metal GPU (bf16)"),
+                ] {
+                    let kind = crate::cli::parse_device(value).ok().flatten();
+                    let built = kind.is_none_or(|k| k.compiled_in());
+                    let text = if built { format!("{value}: {what}") } else { format!("{value}: not in this build") };
+                    if ui.add_enabled(built, egui::Button::selectable(current == value, text)).clicked() && current != value {
+                        actions.push(Action::SetDevice(value.to_string()));
+                    }
+                }
+            })
+            .response
+            .labelled_by(l.id);
+            if let Some(name) = &app.device_name {
+                ui.weak(format!("now: {name}"));
+            }
+        });
+        ui.separator();
         ui.strong("Models on this computer");
         models::found_models(app, ui, actions);
         ui.separator();
