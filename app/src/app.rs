@@ -198,6 +198,8 @@ pub struct StudioApp {
     pub lora_form: HashMap<ModelSlot, String>,
     /// Reading a CJK font for the prompt box (see `fonts`).
     font_task: Option<Task<Option<(PathBuf, Result<Vec<u8>, String>)>>>,
+    /// The engine's last memory report.
+    pub memory: Option<crate::engine_bridge::MemoryReport>,
     /// Where the engine runs ("CPU", "CUDA"…), once it said so.
     pub device_name: Option<String>,
     /// The CJK font in use, once installed.
@@ -281,6 +283,7 @@ impl StudioApp {
             })),
             cjk_font: None,
             device_name: None,
+            memory: None,
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -570,6 +573,7 @@ impl StudioApp {
                 }
                 self.lora_state.insert(slot, state);
             }
+            Event::Memory(report) => self.memory = Some(report),
             Event::Device { name, problem } => {
                 if let Some(p) = problem {
                     self.error(p);

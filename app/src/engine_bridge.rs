@@ -190,12 +190,30 @@ pub enum Event {
     EngineRestarted {
         reason: String,
     },
+    /// What is in memory: sent after models load and after each job.
+    Memory(MemoryReport),
     /// Where the models run ("CPU", "CUDA", "wgpu"), sent when the engine
     /// starts; `problem` says why the requested device is not the one used.
     Device {
         name: String,
         problem: Option<String>,
     },
+}
+
+/// The engine's memory plan and use: which weights are resident (shared
+/// components counted once) and how much memory the process holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryReport {
+    /// (component, bytes) of every resident weight set, e.g. ("Turbo DiT", …).
+    pub resident: Vec<(String, u64)>,
+    /// Resident memory of the whole process (host RAM), where known.
+    pub process_bytes: Option<u64>,
+}
+
+impl MemoryReport {
+    pub fn weights_total(&self) -> u64 {
+        self.resident.iter().map(|(_, b)| b).sum()
+    }
 }
 
 /// What the UI holds: send commands, poll events. Never blocks.
@@ -582,7 +600,7 @@ impl<B: Backend> Worker<B> {
             run_pipeline(pipe, cache, &spec, id, loras, self.on_host, queue, out, rx)
         }));
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.report_memory(),
             Ok(Err(JobEnd::Cancelled)) => {
                 let superseded = self.queue.superseded;
                 self.out.emit(Event::Cancelled { id, superseded });
@@ -604,6 +622,27 @@ impl<B: Backend> Worker<B> {
                 self.queue.load = Some(self.config.clone());
             }
         }
+    }
+
+    /// Reports the resident weights: the text encoder and VAE once when
+    /// Turbo and Base share them, each DiT, in the compute dtype.
+    fn report_memory(&self) {
+        let bytes = if self.dtype == DType::F32 { 4 } else { 2 };
+        let mut resident = Vec::new();
+        let mut seen = Vec::new();
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            let Some(pipe) = self.models.get(slot) else { continue };
+            let [(_, text), (_, dit), (_, vae)] = pipe.weight_bytes(bytes);
+            for (name, id, b) in [("text encoder", Arc::as_ptr(&pipe.text) as usize, text), ("VAE", Arc::as_ptr(&pipe.vae) as usize, vae)] {
+                if !seen.contains(&id) {
+                    seen.push(id);
+                    let owner = if resident.iter().any(|(n, _): &(String, u64)| n.ends_with(name)) { format!("{} {name}", slot.label()) } else { name.to_string() };
+                    resident.push((owner, b));
+                }
+            }
+            resident.push((format!("{} DiT", slot.label()), dit));
+        }
+        self.out.emit(Event::Memory(MemoryReport { resident, process_bytes: zimage_engine::device::process_resident_memory() }));
     }
 
     fn set_state(&mut self, slot: ModelSlot, state: ModelState) {
@@ -654,6 +693,7 @@ impl<B: Backend> Worker<B> {
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
             }
         }
+        self.report_memory();
     }
 
     /// Makes the configured LoRAs of `slot` the applied set: unusable files
@@ -1287,6 +1327,26 @@ mod tests {
         let mut h = EngineHandle::spawn_on(None, Arc::new(|| {}));
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Device { .. })));
         assert!(evs.iter().any(|e| matches!(e, Event::Device { problem: None, .. })), "{evs:?}");
+    }
+
+    #[test]
+    fn memory_report_counts_shared_weights_once() {
+        let (mut h, _) = engine();
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
+        let report = evs
+            .iter()
+            .find_map(|e| match e {
+                Event::Memory(m) => Some(m.clone()),
+                _ => None,
+            })
+            .expect("a memory report after loading");
+        let names: Vec<&str> = report.resident.iter().map(|(n, _)| n.as_str()).collect();
+        // tiny-base shares tiny-turbo's text encoder and VAE (same files): counted once.
+        assert_eq!(names, ["text encoder", "VAE", "Turbo DiT", "Base DiT"], "{report:?}");
+        assert!(report.resident.iter().all(|(_, b)| *b > 0 && b % 4 == 0), "f32 weights on the CPU");
+        assert_eq!(report.weights_total(), report.resident.iter().map(|(_, b)| b).sum::<u64>());
+        #[cfg(target_os = "linux")]
+        assert!(report.process_bytes.is_some_and(|p| p > report.weights_total()));
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub fn host_available_memory() -> Option<u64> {
     parse_mem_available(&text)
 }
 
+/// Resident memory of this process (`/proc/self/statm`); `None` where unknown.
+pub fn process_resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 fn parse_mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -210,6 +210,18 @@ impl<B: Backend> ZImagePipeline<B> {
         (self.vae_scale * self.dit_config.patch_size) as u32
     }
 
+    /// Bytes of the weights held in memory, per component (text encoder,
+    /// DiT, VAE), at `dtype_bytes` per parameter. The text encoder and VAE
+    /// may be shared with another pipeline (same `Arc`).
+    pub fn weight_bytes(&self, dtype_bytes: u64) -> [(&'static str, u64); 3] {
+        use burn::module::Module;
+        [
+            ("text encoder", self.text.model.num_params() as u64 * dtype_bytes),
+            ("DiT", self.dit.num_params() as u64 * dtype_bytes),
+            ("VAE", self.vae.num_params() as u64 * dtype_bytes),
+        ]
+    }
+
     /// Working memory (bytes, beyond the weights) a request needs at its peak:
     /// the larger of the DiT step (activations of one block for every image,
     /// twice with CFG, attention scores counted as materialised; captions at

@@ -84,6 +84,14 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 ui.weak(format!("now: {name}"));
             }
         });
+        if let Some(m) = &app.memory {
+            let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::gigabytes(*b))).collect();
+            let device = app.device_name.as_deref().unwrap_or("the device");
+            ui.label(format!("Resident weights on {device}: {} ({})", models::gigabytes(m.weights_total()), parts.join(", ")));
+            if let Some(p) = m.process_bytes {
+                ui.weak(format!("This process holds {} of RAM.", models::gigabytes(p)));
+            }
+        }
         ui.separator();
         ui.strong("Models on this computer");
         models::found_models(app, ui, actions);
