@@ -48,7 +48,7 @@ fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harn
 }
 
 fn harness_sized(dir: &Path, turbo: Option<String>, base: Option<String>, size: egui::Vec2) -> Harness<'static, StudioApp> {
-    let options = StudioOptions { paths: Paths::at(dir), turbo, base, device: Some("cpu".into()) };
+    let options = StudioOptions { paths: Paths::at(dir), turbo, base, device: Some("cpu".into()), open: Vec::new() };
     Harness::builder()
         .with_size(size)
         .with_step_dt(0.02)
@@ -312,6 +312,28 @@ fn dropping_a_png_restores_its_parameters() {
     h.input_mut().dropped_files.push(Arc::new(TestDrop(junk)));
     h.step();
     h.get_by_label_contains("junk.png: not a PNG file");
+}
+
+/// `zimage-studio IMAGE.png` (the desktop file's "Open with") restores the
+/// PNG's parameters like a drop.
+#[test]
+fn opening_a_png_from_the_command_line_restores_its_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let png = dir.path().join("opened.png");
+    let meta = GenerationMetadata { prompt: "a red kite".into(), seed: 77, steps: 5, width: 64, height: 64, model_kind: "turbo".into(), ..Default::default() };
+    metadata::save_png(&png, &vec![9u8; 64 * 64 * 3], 64, 64, &meta).unwrap();
+    let options = StudioOptions {
+        paths: Paths::at(dir.path()),
+        turbo: Some(fixture("tiny-turbo")),
+        base: Some(fixture("tiny-base")),
+        device: Some("cpu".into()),
+        open: vec![png],
+    };
+    let mut h = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options));
+    h.step();
+    assert_eq!((h.state().prompt.as_str(), h.state().settings.seed, h.state().settings.turbo_steps), ("a red kite", 77, 5));
+    h.get_by_label_contains("restored the parameters of");
 }
 
 #[test]

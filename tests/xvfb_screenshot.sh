@@ -9,18 +9,31 @@
 #   $OUT/4-help.png     the shortcut overlay
 #   $OUT/5-wipe.png, 6-difference.png  other compare modes
 #   $OUT/7-variations.png  the variations grid (one kept, one rejected)
+#   $OUT/8-settings.png the settings window (device, memory, models, LoRAs)
+#   $OUT/0-welcome.png  a first start (no settings yet): the welcome screen
 #   $OUT/metrics.json   latency + frame times measured inside the app
 #
 # Usage: tests/xvfb_screenshot.sh [OUT_DIR]   (default /tmp/zimage-xvfb)
 # Env:   ZIMAGE_STUDIO_BIN=path/to/zimage-studio to skip the cargo build;
-#        ZIMAGE_XVFB_SIZE=256 image size for the tiny models.
+#        ZIMAGE_XVFB_SIZE=256 image size for the tiny models;
+#        ZIMAGE_XVFB_MODELS=demo to use the built-in demo pair (128², a prompt
+#        in its grammar, Base 30 steps CFG 4) instead of the tiny fixtures.
 # Installs what it needs with apt-get when missing (xvfb, xdotool, imagemagick,
 # Mesa GL/Vulkan). Builds the release binary if needed (honours CARGO_TARGET_DIR).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-/tmp/zimage-xvfb}
-SIZE=${ZIMAGE_XVFB_SIZE:-256}
+MODELS=${ZIMAGE_XVFB_MODELS:-tiny}
+if [ "$MODELS" = demo ]; then
+    SIZE=${ZIMAGE_XVFB_SIZE:-128}
+    TURBO=demo-turbo; BASE=demo-base; BASE_STEPS=30; BASE_GUIDANCE=4.0
+    PROMPT="a large red circle in the center and a small yellow square at the top left on a blue background"
+else
+    SIZE=${ZIMAGE_XVFB_SIZE:-256}
+    TURBO="$ROOT/tests/fixtures/tiny-turbo"; BASE="$ROOT/tests/fixtures/tiny-base"; BASE_STEPS=10; BASE_GUIDANCE=0.0
+    PROMPT="a lighthouse on a cliff at dusk"
+fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.png "$OUT"/metrics.json
 
@@ -47,7 +60,7 @@ fi
 DATA=$(mktemp -d)
 RUNTIME=$(mktemp -d)
 cat > "$DATA/settings.json" <<EOF
-{"welcome_done": true, "width": $SIZE, "height": $SIZE, "size_chosen": true, "base_steps": 10, "base_guidance": 0.0, "output_dir": "$OUT/saved"}
+{"welcome_done": true, "device": "cpu", "width": $SIZE, "height": $SIZE, "size_chosen": true, "base_steps": $BASE_STEPS, "base_guidance": $BASE_GUIDANCE, "output_dir": "$OUT/saved"}
 EOF
 
 DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))
@@ -64,7 +77,7 @@ export DISPLAY=$DISPLAY_NUM XDG_RUNTIME_DIR=$RUNTIME
 sleep 1
 
 ZIMAGE_STUDIO_METRICS="$OUT/metrics.json" "$BIN" \
-    --turbo "$ROOT/tests/fixtures/tiny-turbo" --base "$ROOT/tests/fixtures/tiny-base" \
+    --turbo "$TURBO" --base "$BASE" \
     --data-dir "$DATA" >"$OUT/app.log" 2>&1 &
 APP_PID=$!
 
@@ -83,7 +96,7 @@ wait_metric() { # name, timeout seconds
 }
 
 # The prompt box has focus at start: just type.
-xdotool type --delay 40 "a lighthouse on a cliff at dusk"
+xdotool type --delay 40 "$PROMPT"
 sleep 0.3
 import -window root "$OUT/1-typing.png"
 wait_metric final_image_ms 60
@@ -119,4 +132,19 @@ sleep 1
 import -window root "$OUT/7-variations.png"
 sleep 1   # let the metrics file catch up
 cat "$OUT/metrics.json"; echo
+xdotool key ctrl+comma
+sleep 1.5
+import -window root "$OUT/8-settings.png"
+kill "$APP_PID" 2>/dev/null || true
+wait "$APP_PID" 2>/dev/null || true
+
+# A first start: no settings, so the welcome screen shows.
+FRESH=$(mktemp -d)
+"$BIN" --data-dir "$FRESH" >"$OUT/app-first-run.log" 2>&1 &
+APP_PID=$!
+timeout 60 xdotool search --sync --name "Z-Image Studio" >/dev/null
+sleep 3
+import -window root "$OUT/0-welcome.png"
+kill "$APP_PID" 2>/dev/null || true
+rm -rf "$FRESH"
 echo "screenshots in $OUT"

@@ -53,7 +53,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = Settings { width: size, height: size, size_chosen: true, variations: 4, ..Settings::default() };
         settings.save(&Paths::at(dir.path())).expect("settings");
-        let options = StudioOptions { paths: Paths::at(dir.path()), turbo: Some(turbo.clone()), base: Some(base.clone()), device: Some("cpu".into()) };
+        let options = StudioOptions { paths: Paths::at(dir.path()), turbo: Some(turbo.clone()), base: Some(base.clone()), device: Some("cpu".into()), open: Vec::new() };
         let mut h = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).wgpu().build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options));
         wait(&mut h, |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. })));
 

@@ -31,6 +31,8 @@ pub struct StudioOptions {
     pub base: Option<String>,
     /// Device for this run (`auto`, `cpu`, `cuda`, `wgpu`); `None` = the saved setting.
     pub device: Option<String>,
+    /// PNGs to open: their stored parameters are restored.
+    pub open: Vec<PathBuf>,
 }
 
 /// A job the UI is waiting for.
@@ -198,6 +200,8 @@ pub struct StudioApp {
     pub lora_form: HashMap<ModelSlot, String>,
     /// Reading a CJK font for the prompt box (see `fonts`).
     font_task: Option<Task<Option<(PathBuf, Result<Vec<u8>, String>)>>>,
+    /// PNGs from the command line, restored on the first frame.
+    open_files: Vec<PathBuf>,
     /// The engine's last memory report.
     pub memory: Option<crate::engine_bridge::MemoryReport>,
     /// Where the engine runs ("CPU", "CUDA"…), once it said so.
@@ -284,6 +288,7 @@ impl StudioApp {
             cjk_font: None,
             device_name: None,
             memory: None,
+            open_files: options.open.clone(),
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -397,7 +402,7 @@ impl StudioApp {
     /// Applies the saved model and LoRA settings and persists them.
     fn reload_models(&mut self) {
         self.model_config =
-            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None });
+            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None, open: Vec::new() });
         self.engine.load_models(self.model_config.clone());
         self.persist_settings();
     }
@@ -886,7 +891,7 @@ impl StudioApp {
                 // Same models (the command line's, if it named them), new LoRAs.
                 let saved = effective_models(
                     &self.settings,
-                    &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None },
+                    &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None, open: Vec::new() },
                 );
                 self.model_config.turbo_loras = saved.turbo_loras;
                 self.model_config.base_loras = saved.base_loras;
@@ -1068,17 +1073,24 @@ impl StudioApp {
             } else {
                 std::fs::read(&path).map_err(|e| e.to_string())
             };
-            match bytes
-                .map_err(|e| e.to_string())
-                .and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string()))
-            {
-                Ok(meta) => {
-                    self.restore_meta(&meta, None);
-                    self.info(format!("restored the parameters of {name}"));
-                    self.apply(ctx, Action::Edited);
-                }
-                Err(e) => self.error(format!("{name}: {e}")),
+            self.restore_png(ctx, &name, bytes);
+        }
+        // PNGs given on the command line (the desktop file's "Open with").
+        for path in std::mem::take(&mut self.open_files) {
+            let name = path.display().to_string();
+            self.restore_png(ctx, &name, std::fs::read(&path).map_err(|e| e.to_string()));
+        }
+    }
+
+    /// Restores the parameters stored in a PNG (dropped or opened).
+    fn restore_png(&mut self, ctx: &egui::Context, name: &str, bytes: Result<Vec<u8>, String>) {
+        match bytes.and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string())) {
+            Ok(meta) => {
+                self.restore_meta(&meta, None);
+                self.info(format!("restored the parameters of {name}"));
+                self.apply(ctx, Action::Edited);
             }
+            Err(e) => self.error(format!("{name}: {e}")),
         }
     }
 
@@ -1262,12 +1274,12 @@ mod tests {
             ..Settings::default()
         };
         let paths = Paths::at("/tmp/unused");
-        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None, device: None };
+        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None, device: None, open: Vec::new() };
         let m = effective_models(&saved, &cli);
         assert_eq!(m.turbo.as_deref(), Some("/cli/turbo"));
         assert_eq!(m.base.as_deref(), Some("/saved/base"));
         assert_eq!(saved.turbo_model.as_deref(), Some("/saved/turbo"), "settings untouched");
-        let none = StudioOptions { paths, turbo: None, base: None, device: None };
+        let none = StudioOptions { paths, turbo: None, base: None, device: None, open: Vec::new() };
         assert_eq!(effective_models(&saved, &none).turbo.as_deref(), Some("/saved/turbo"));
         // Nothing configured: the built-in demo model if installed, else nothing.
         let demo = effective_models(&Settings::default(), &none).turbo;

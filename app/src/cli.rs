@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--device auto|cpu|cuda|wgpu] [--data-dir DIR]
+pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--device auto|cpu|cuda|wgpu] [--data-dir DIR] [IMAGE.png ...]
 
+  IMAGE.png     restore the parameters stored in a PNG (as dropping it on the window does)
   --turbo M     Turbo model for this run (folder, .safetensors file or built-in name)
   --base M      Base model for this run; neither changes the saved settings
   --device D    where the models run for this run (default: the saved setting, else auto:
@@ -18,6 +19,8 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
     /// `auto`, `cpu`, `cuda` or `wgpu` (checked).
     pub device: Option<String>,
+    /// PNG files whose parameters to restore.
+    pub open: Vec<PathBuf>,
     pub help: bool,
 }
 
@@ -40,6 +43,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                 out.device = Some(d);
             }
             "-h" | "--help" => out.help = true,
+            other if !other.starts_with('-') && other.to_ascii_lowercase().ends_with(".png") => out.open.push(PathBuf::from(&a)),
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -72,6 +76,8 @@ mod tests {
         assert!(p(&["--help"]).unwrap().help);
         assert_eq!(p(&["--device", "cuda"]).unwrap().device.as_deref(), Some("cuda"));
         assert_eq!(parse_device("auto"), Ok(None));
+        assert_eq!(p(&["/x/final.PNG"]).unwrap().open, vec![PathBuf::from("/x/final.PNG")]);
+        assert!(p(&["notes.txt"]).unwrap_err().contains("unknown argument"));
     }
 
     #[test]

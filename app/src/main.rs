@@ -27,9 +27,10 @@ fn main() -> ExitCode {
             }
         },
     };
-    let options = StudioOptions { paths, turbo: args.turbo, base: args.base, device: args.device };
+    let options = StudioOptions { paths, turbo: args.turbo, base: args.base, device: args.device, open: args.open };
     let native = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_title("Z-Image Studio").with_app_id("zimage-studio").with_inner_size([1280.0, 800.0]).with_min_inner_size([800.0, 500.0]).with_drag_and_drop(true),
+        viewport: egui::ViewportBuilder::default().with_title("Z-Image Studio").with_app_id("zimage-studio").with_inner_size([1280.0, 800.0]).with_min_inner_size([800.0, 500.0]).with_drag_and_drop(true)
+            .with_icon(window_icon()),
         renderer: eframe::Renderer::Wgpu,
         ..Default::default()
     };
@@ -41,4 +42,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The app's own icon (packaging/icons), for the window and taskbar.
+fn window_icon() -> egui::IconData {
+    eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/256x256.png")).unwrap_or_default()
 }

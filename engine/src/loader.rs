@@ -233,6 +233,8 @@ pub fn asset_dirs() -> Vec<PathBuf> {
         dirs.push(exe_dir.join("assets"));
         dirs.push(exe_dir.join("../share/zimage-studio/assets"));
         dirs.push(exe_dir.join("../lib/zimage-studio/assets"));
+        // macOS app bundle: Contents/MacOS/<exe> and Contents/Resources/assets.
+        dirs.push(exe_dir.join("../Resources/assets"));
     }
     dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
     dirs

@@ -14,6 +14,15 @@ pub fn gigabytes(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
+/// GB from 1 GB up, MB below (the demo model is a few MB).
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        gigabytes(bytes)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
+}
+
 /// The models found in the Hugging Face cache, ComfyUI folders and the
 /// configured paths, each with a button to use it.
 pub fn found_models(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
@@ -48,7 +57,7 @@ pub fn found_models(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Ac
             ui.strong(if m.kind == "base" { "Base" } else { "Turbo" });
             ui.label(m.path.display().to_string()).on_hover_text(format!("found in {}", m.source));
             if m.complete() {
-                ui.label(format!("{} · {}", gigabytes(m.bytes), m.dtype));
+                ui.label(format!("{} · {}", human_bytes(m.bytes), m.dtype));
                 let label = format!("Use as {}", slot.label());
                 if ui.button(label).clicked() {
                     actions.push(Action::UseModel { slot, model: m.path.display().to_string() });

@@ -11,8 +11,9 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
         return;
     }
     let mut open = true;
-    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(560.0).max_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
-      egui::ScrollArea::vertical().show(ui, |ui| {
+    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(600.0)
+        .min_width(600.0).max_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
+      egui::ScrollArea::vertical().auto_shrink([false, true]).show(ui, |ui| {
         ui.label("Models: a diffusers folder, a single .safetensors file, or a built-in name (demo-turbo, demo-base).");
         if app.cli_override {
             ui.colored_label(ui.visuals().warn_fg_color, "This run uses the models given on the command line; Apply switches to these saved ones.");
@@ -85,11 +86,11 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             }
         });
         if let Some(m) = &app.memory {
-            let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::gigabytes(*b))).collect();
+            let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::human_bytes(*b))).collect();
             let device = app.device_name.as_deref().unwrap_or("the device");
-            ui.label(format!("Resident weights on {device}: {} ({})", models::gigabytes(m.weights_total()), parts.join(", ")));
+            ui.label(format!("Resident weights on {device}: {} ({})", models::human_bytes(m.weights_total()), parts.join(", ")));
             if let Some(p) = m.process_bytes {
-                ui.weak(format!("This process holds {} of RAM.", models::gigabytes(p)));
+                ui.weak(format!("This process holds {} of RAM.", models::human_bytes(p)));
             }
         }
         ui.separator();
