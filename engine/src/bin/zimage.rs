@@ -62,12 +62,19 @@ enum Command {
         /// The trained demo folder.
         #[arg(long, default_value = "assets/demo")]
         model_dir: PathBuf,
-        /// Number of held-out captions.
+        /// Number of held-out captions (0: only the VAE round trip).
         #[arg(long)]
         captions: Option<usize>,
         /// Also write a sheet of sample images here.
         #[arg(long)]
         samples: Option<PathBuf>,
+        /// Also judge N held-out scenes after a VAE encode/decode round trip
+        /// (the ceiling any DiT can reach through this VAE).
+        #[arg(long, value_name = "N")]
+        vae_round_trip: Option<usize>,
+        /// Sheet of originals and round trips for --vae-round-trip.
+        #[arg(long)]
+        vae_sheet: Option<PathBuf>,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -287,7 +294,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", zimage_engine::demo::train_demo(&opts)?);
             Ok(())
         }
-        Command::EvalDemo { model_dir, captions, samples, quiet } => {
+        Command::EvalDemo { model_dir, captions, samples, vae_round_trip, vae_sheet, quiet } => {
+            if let Some(n) = vae_round_trip {
+                let (objects, captions) =
+                    zimage_engine::demo::eval::vae_round_trip(&model_dir, n, 1234, vae_sheet.as_deref())?;
+                println!(
+                    "VAE round trip, {n} held-out scenes: {:.1}% of objects and {:.1}% of captions fully right",
+                    objects * 100.0,
+                    captions * 100.0
+                );
+            }
+            if captions == Some(0) {
+                return Ok(()); // only the VAE round trip was asked for
+            }
             let mut opts = zimage_engine::demo::EvalDemoOptions::new(model_dir);
             if let Some(n) = captions {
                 opts.captions = n;
