@@ -29,6 +29,7 @@ fn write_test_settings(dir: &Path, edit: impl FnOnce(&mut Settings)) {
         height: 64,
         size_chosen: true,
         base_steps: 10,
+        steps_chosen: true,
         base_guidance: 0.0,
         variations: 3,
         welcome_done: true,
@@ -444,6 +445,7 @@ fn first_run_welcome_starts_the_demo_and_is_remembered() {
     wait_until(&mut h, "the demo models", models_ready);
     assert_eq!(h.state().settings.turbo_model.as_deref(), Some("demo-turbo"));
     assert_eq!(h.state().settings.base_model.as_deref(), Some("demo-base"));
+    assert_eq!((h.state().settings.turbo_steps, h.state().settings.base_steps), (4, 30), "the demo models' own step counts");
     drop(h);
     let (saved, _) = Settings::load(&Paths::at(dir.path()));
     assert!(saved.welcome_done && saved.turbo_model.as_deref() == Some("demo-turbo"), "{saved:?}");

@@ -60,7 +60,7 @@ fi
 DATA=$(mktemp -d)
 RUNTIME=$(mktemp -d)
 cat > "$DATA/settings.json" <<EOF
-{"welcome_done": true, "device": "cpu", "width": $SIZE, "height": $SIZE, "size_chosen": true, "base_steps": $BASE_STEPS, "base_guidance": $BASE_GUIDANCE, "output_dir": "$OUT/saved"}
+{"welcome_done": true, "device": "cpu", "width": $SIZE, "height": $SIZE, "size_chosen": true, "steps_chosen": true, "base_steps": $BASE_STEPS, "base_guidance": $BASE_GUIDANCE, "output_dir": "$OUT/saved"}
 EOF
 
 DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))

@@ -561,6 +561,14 @@ impl StudioApp {
                 self.error(format!("{what} failed: {message}"));
             }
             Event::Model { slot, state } => {
+                if let ModelState::Ready { default_steps, .. } = &state {
+                    if !self.settings.steps_chosen {
+                        match slot {
+                            ModelSlot::Turbo => self.settings.turbo_steps = *default_steps,
+                            ModelSlot::Base => self.settings.base_steps = *default_steps,
+                        }
+                    }
+                }
                 if let (ModelSlot::Turbo, ModelState::Ready { default_size, .. }) = (slot, &state) {
                     if !self.settings.size_chosen {
                         if let Some((w, h)) = self.settings.aspect.size(*default_size) {
@@ -1031,6 +1039,7 @@ impl StudioApp {
         }
         let slot = slot.unwrap_or(if m.model_kind == "base" { ModelSlot::Base } else { ModelSlot::Turbo });
         if m.steps > 0 {
+            s.steps_chosen = true;
             match slot {
                 ModelSlot::Turbo => {
                     s.turbo_steps = m.steps as usize;

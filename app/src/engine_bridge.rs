@@ -124,10 +124,11 @@ pub enum ModelState {
     Loading {
         stage: String,
     },
-    /// `default_size`: the image side the model was made for.
+    /// `default_size`, `default_steps`: what the model was made for.
     Ready {
         name: String,
         default_size: u32,
+        default_steps: usize,
     },
     /// Configured but unusable; one line saying why.
     Failed(String),
@@ -680,12 +681,12 @@ impl<B: Backend> Worker<B> {
             self.set_state(slot, ModelState::Loading { stage: "locating files".into() });
             match self.load_one(slot, arg, &mut shared) {
                 Ok(pipe) => {
-                    let (name, default_size) = (pipe.name.clone(), pipe.default_size);
+                    let (name, default_size, default_steps) = (pipe.name.clone(), pipe.default_size, pipe.default_steps);
                     match slot {
                         ModelSlot::Turbo => self.models.turbo = Some(pipe),
                         ModelSlot::Base => self.models.base = Some(pipe),
                     }
-                    self.set_state(slot, ModelState::Ready { name, default_size });
+                    self.set_state(slot, ModelState::Ready { name, default_size, default_steps });
                     if !config.loras(slot).is_empty() {
                         self.apply_loras(slot);
                     }

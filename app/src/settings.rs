@@ -26,6 +26,9 @@ pub struct Settings {
     /// Whether the user chose the size; until then it follows the Turbo
     /// model's natural size (128² for the demo, 1024² for the real models).
     pub size_chosen: bool,
+    /// Whether the user chose the step counts; until then they follow the
+    /// models' own defaults (8 / 50 for the real models, 4 / 30 for the demo).
+    pub steps_chosen: bool,
     pub turbo_steps: usize,
     pub turbo_guidance: f32,
     pub base_steps: usize,
@@ -65,6 +68,7 @@ impl Default for Settings {
             width: 512,
             height: 512,
             size_chosen: false,
+            steps_chosen: false,
             turbo_steps: 8,
             turbo_guidance: 0.0,
             base_steps: 50,

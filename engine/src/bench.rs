@@ -126,6 +126,7 @@ pub fn random_pipeline<B: Backend>(
         vae_scale: model.vae.scale(),
         shift: if kind == ModelKind::Turbo { 3.0 } else { 6.0 },
         default_size: 1024,
+        default_steps: kind.default_steps(),
         device: device.clone(),
     })
 }

@@ -33,6 +33,9 @@ pub struct ModelFiles {
     pub shift: f32,
     /// Default image side: the VAE config's `sample_size` (1024 for the real models).
     pub default_size: u32,
+    /// Steps the model was made for, when its `model_index.json` says
+    /// (`zimage_default_steps`, which the demo models carry); else the kind's default.
+    pub default_steps: Option<usize>,
 }
 
 /// One component: its safetensors files and, if present, its config.json.
@@ -111,8 +114,10 @@ impl ModelFiles {
         };
         let tokenizer = o.tokenizer.clone().unwrap_or_else(|| shared_dir(dir, "tokenizer").join("tokenizer.json"));
         let default_size = default_size(&vae)?;
+        let default_steps = model_index.get("zimage_default_steps").and_then(|v| v.as_u64()).map(|v| v as usize).filter(|&v| v >= 1);
         Ok(Self {
             name,
+            default_steps,
             dit: component_in_dir(&dir.join("transformer"), "diffusion_pytorch_model")?,
             text_encoder,
             vae,
@@ -169,7 +174,7 @@ impl ModelFiles {
             3.0
         };
         let default_size = default_size(&vae)?;
-        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift, default_size })
+        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift, default_size, default_steps: None })
     }
 }
 
@@ -458,6 +463,7 @@ pub fn load_pipeline_with<B: Backend>(
         vae_scale: shared.vae_scale,
         shift: files.shift,
         default_size: files.default_size,
+        default_steps: files.default_steps.unwrap_or_else(|| ModelKind::from_shift(files.shift).default_steps()),
         device: device.clone(),
     })
 }

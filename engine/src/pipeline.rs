@@ -201,6 +201,9 @@ pub struct ZImagePipeline<B: Backend> {
     /// The image side the model was made for (VAE config `sample_size`):
     /// 1024 for the real models, 128 for the built-in demo.
     pub default_size: u32,
+    /// Sampling steps the model was made for (8 for Turbo, 50 for Base; the
+    /// demo models say 4 and 30).
+    pub default_steps: usize,
     pub device: B::Device,
 }
 

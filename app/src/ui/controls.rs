@@ -109,24 +109,31 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
 
         let l = ui.label("Turbo steps");
-        edited |= ui.add(Slider::new(&mut app.settings.turbo_steps, 1..=50)).labelled_by(l.id).changed();
+        let r = ui.add(Slider::new(&mut app.settings.turbo_steps, 1..=50)).labelled_by(l.id);
+        app.settings.steps_chosen |= r.changed();
+        edited |= r.changed();
         ui.end_row();
         let l = ui.label("Turbo guidance");
         edited |= ui.add(Slider::new(&mut app.settings.turbo_guidance, 0.0..=10.0).step_by(0.5)).labelled_by(l.id).changed();
         ui.end_row();
         let l = ui.label("Base steps");
-        ui.add(Slider::new(&mut app.settings.base_steps, 1..=100)).labelled_by(l.id);
+        app.settings.steps_chosen |= ui.add(Slider::new(&mut app.settings.base_steps, 1..=100)).labelled_by(l.id).changed();
         ui.end_row();
         let l = ui.label("Base guidance");
         ui.add(Slider::new(&mut app.settings.base_guidance, 0.0..=10.0).step_by(0.5)).labelled_by(l.id);
         ui.end_row();
     });
-    if ui.small_button("Model defaults").on_hover_text("Turbo: 8 steps, guidance 0 · Base: 50 steps, guidance 4").clicked() {
+    if ui.small_button("Model defaults").on_hover_text("The loaded models' own steps (Turbo 8, Base 50 for the real models), guidance 0 / 4").clicked() {
         let d = crate::settings::Settings::default();
-        app.settings.turbo_steps = d.turbo_steps;
+        let steps = |slot| match app.models.get(&slot) {
+            Some(crate::engine_bridge::ModelState::Ready { default_steps, .. }) => Some(*default_steps),
+            _ => None,
+        };
+        app.settings.turbo_steps = steps(crate::engine_bridge::ModelSlot::Turbo).unwrap_or(d.turbo_steps);
+        app.settings.base_steps = steps(crate::engine_bridge::ModelSlot::Base).unwrap_or(d.base_steps);
         app.settings.turbo_guidance = d.turbo_guidance;
-        app.settings.base_steps = d.base_steps;
         app.settings.base_guidance = d.base_guidance;
+        app.settings.steps_chosen = false;
         edited = true;
     }
     let neg = ui.label("Negative prompt (Base)");

@@ -506,7 +506,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     let mut req = GenerateRequest::new(args.prompt.clone(), pipe.kind);
     req.negative_prompt = args.negative.clone();
     req.seed = seed;
-    req.steps = args.steps.unwrap_or(req.steps);
+    req.steps = args.steps.unwrap_or(pipe.default_steps);
     req.guidance = args.guidance.unwrap_or(req.guidance);
     req.cfg_normalization = args.cfg_normalization;
     req.cfg_truncation = args.cfg_truncation;

@@ -246,7 +246,7 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     let t0 = Instant::now();
     let (denoiser, base_losses) = train_base(&recipe, seed, &data, &tok, &device, opts.quiet)?;
     write_text_encoder(&out.join("text_encoder"), &denoiser.text, &device)?;
-    write_dit(&out.join("base"), &denoiser.dit, &device, BASE_SHIFT)?;
+    write_dit(&out.join("base"), &denoiser.dit, &device, BASE_SHIFT, BASE_STEPS)?;
     drop(denoiser);
     drop(data);
     phases.push(("Base (text encoder + DiT)".to_string(), t0.elapsed().as_secs_f64()));
@@ -258,7 +258,7 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     let t0 = Instant::now();
     let base_dit = load_pipeline::<Inner>(&ModelFiles::locate(&out.join("base"), &ModelOverrides::default())?, &device, DType::F32, &mut |_, _, _| {})?.dit;
     let (turbo, turbo_losses) = train_turbo(&recipe, seed, base_dit, &pairs, &device, opts.quiet)?;
-    write_dit(&out.join("turbo"), &turbo, &device, TURBO_SHIFT)?;
+    write_dit(&out.join("turbo"), &turbo, &device, TURBO_SHIFT, TURBO_STEPS)?;
     phases.push(("Turbo distillation".to_string(), t0.elapsed().as_secs_f64()));
 
     let total_seconds = start.elapsed().as_secs_f64();
@@ -667,7 +667,9 @@ fn write_vae(dir: &Path, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Re
     )
 }
 
-fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: f32) -> anyhow::Result<()> {
+/// `steps`: what the model was made for, written as `zimage_default_steps`
+/// in `model_index.json` (the app and CLI use it as the default).
+fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: f32, steps: usize) -> anyhow::Result<()> {
     let c: ZImageDitConfig = dit_config();
     let named = named_tensors(dit, device, |s| ZImageDit::build(&c, s))?;
     write_bf16(&dir.join("transformer").join("diffusion_pytorch_model.safetensors"), &named, "")?;
@@ -712,7 +714,8 @@ fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: 
             "text_encoder": ["transformers", "Qwen3Model"],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "transformer": ["diffusers", "ZImageTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"]
+            "vae": ["diffusers", "AutoencoderKL"],
+            "zimage_default_steps": steps
         }),
     )
 }
