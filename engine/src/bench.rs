@@ -124,6 +124,7 @@ pub fn random_pipeline<B: Backend>(
         dit_config: model.dit.clone(),
         vae: Arc::new(vae),
         vae_scale: model.vae.scale(),
+        preview: Default::default(),
         shift: if kind == ModelKind::Turbo { 3.0 } else { 6.0 },
         default_size: 1024,
         default_steps: kind.default_steps(),

@@ -16,6 +16,7 @@ use crate::dit::{ZImageDit, ZImageDitConfig};
 use crate::error::{EngineError, Result};
 use crate::pipeline::{ModelKind, ZImagePipeline};
 use crate::qwen3::{Qwen3Config, Qwen3Encoder};
+use crate::preview::LatentRgb;
 use crate::text::{PromptTokenizer, TextEncoder};
 use crate::vae::{Vae, VaeConfig};
 use crate::weights::{check_plan, component_files, refuse_pickle, Checkpoint, KeyLayout, ShapePlan, TensorStore};
@@ -382,6 +383,18 @@ pub struct SharedComponents<B: Backend> {
     pub text: Arc<TextEncoder<B>>,
     pub vae: Arc<Vae<B>>,
     pub vae_scale: usize,
+    /// The step previews' latent → RGB map for this VAE.
+    pub preview: LatentRgb,
+}
+
+/// The VAE config's own latent → RGB map (`zimage_latent_rgb`), else Flux's.
+fn vae_preview(files: &ComponentFiles) -> LatentRgb {
+    files
+        .config
+        .as_ref()
+        .and_then(|c| read_json(c).ok())
+        .and_then(|j| j.get("zimage_latent_rgb").and_then(LatentRgb::from_json))
+        .unwrap_or_default()
 }
 
 /// Loads the text encoder (with tokenizer) and the VAE.
@@ -425,6 +438,7 @@ pub fn load_shared<B: Backend>(
         text: Arc::new(TextEncoder { tokenizer, model: qwen }),
         vae: Arc::new(vae),
         vae_scale: vcfg.scale(),
+        preview: vae_preview(&files.vae),
     })
 }
 
@@ -461,6 +475,7 @@ pub fn load_pipeline_with<B: Backend>(
         dit_config: cfg,
         vae: shared.vae.clone(),
         vae_scale: shared.vae_scale,
+        preview: shared.preview.clone(),
         shift: files.shift,
         default_size: files.default_size,
         default_steps: files.default_steps.unwrap_or_else(|| ModelKind::from_shift(files.shift).default_steps()),

@@ -18,7 +18,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::dit::{ZImageDit, ZImageDitConfig};
 use crate::error::{EngineError, Result};
-use crate::preview::{latent_to_rgb, RgbImage};
+use crate::preview::{LatentRgb, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::scheduler::Schedule;
 use crate::text::TextEncoder;
@@ -196,6 +196,8 @@ pub struct ZImagePipeline<B: Backend> {
     pub vae: Arc<Vae<B>>,
     /// Pixels per latent cell (8).
     pub vae_scale: usize,
+    /// Latent → RGB map of the step previews (the VAE's own, or Flux's).
+    pub preview: LatentRgb,
     /// Scheduler time shift from `scheduler_config.json`.
     pub shift: f32,
     /// The image side the model was made for (VAE config `sample_size`):
@@ -369,7 +371,7 @@ impl<B: Backend> ZImagePipeline<B> {
             let previews = if want_previews {
                 let x0 = x.clone() + u.clone() * schedule.sigmas[i];
                 let data = tensor_to_vec(x0);
-                data.chunks(channels * h * w).map(|item| latent_to_rgb(item, h, w)).collect()
+                data.chunks(channels * h * w).map(|item| self.preview.project(item, h, w)).collect()
             } else {
                 Vec::new()
             };

@@ -21,9 +21,11 @@ fn shipped(name: &str) -> zimage_engine::ZImagePipeline<CpuBackend> {
 }
 
 /// What the shipped pair achieves today: it loads through the regular
-/// loader as the right kinds and paints the prompt's background.
+/// loader as the right kinds and paints the prompt's background and an
+/// object of the prompt's colour (not yet reliably at the right place or
+/// in the right shape: docs/demo-model.md).
 #[test]
-fn shipped_demo_models_load_and_paint_the_background() {
+fn shipped_demo_models_load_and_paint_the_background_and_the_object_colour() {
     for (name, kind) in [("demo-turbo", ModelKind::Turbo), ("demo-base", ModelKind::Base)] {
         let pipe = shipped(name);
         assert_eq!(pipe.kind, kind, "{name}: scheduler shift {} gives the wrong kind", pipe.shift);
@@ -33,6 +35,7 @@ fn shipped_demo_models_load_and_paint_the_background() {
         assert_eq!((img.width, img.height), (128, 128));
         let verdict = judge(&img, &scene);
         assert!(verdict.background, "{name}, {prompt:?}, seed {seed}: {verdict:?}");
+        assert!(verdict.objects[0].colour, "{name}: a red object, {prompt:?}, seed {seed}: {verdict:?}");
     }
 }
 
@@ -70,5 +73,42 @@ fn training_recipe_runs_end_to_end_at_tiny_scale() {
         assert_eq!(pipe.kind == ModelKind::Base, base);
         let (img, _) = generate_one(&pipe, &demo_request("a small red circle on the left on a white background", 0, base)).expect("generate");
         assert_eq!((img.width, img.height), (128, 128));
+    }
+}
+
+/// The step previews of the demo models look like the image they lead to:
+/// the last step's x0 preview (through the VAE's own fitted latent → RGB
+/// map) matches the decoded image averaged over 8×8 patches. With Flux's
+/// map, which does not fit the demo VAE, they were off by ~67 levels.
+#[test]
+fn demo_step_previews_match_the_decoded_image() {
+    for name in ["demo-turbo", "demo-base"] {
+        let pipe = shipped(name);
+        let req = demo_request("a large yellow square on the left on a purple background", 3, name == "demo-base");
+        let mut last = None;
+        let out = pipe
+            .generate(&req, true, &mut |p| {
+                last = p.previews.first().cloned();
+                true
+            })
+            .expect("generate");
+        let (preview, image) = (last.expect("a preview per step"), &out.images[0]);
+        let (w, h) = (preview.width as usize, preview.height as usize);
+        let mut diff = 0f64;
+        for y in 0..h {
+            for x in 0..w {
+                for k in 0..3 {
+                    let mut sum = 0f64;
+                    for dy in 0..8 {
+                        for dx in 0..8 {
+                            sum += image.pixels[((y * 8 + dy) * image.width as usize + x * 8 + dx) * 3 + k] as f64;
+                        }
+                    }
+                    diff += (sum / 64.0 - preview.pixels[(y * w + x) * 3 + k] as f64).abs();
+                }
+            }
+        }
+        let mean = diff / (w * h * 3) as f64;
+        assert!(mean < 20.0, "{name}: preview differs from the image by {mean:.1} levels on average");
     }
 }

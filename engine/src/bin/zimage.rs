@@ -54,6 +54,10 @@ enum Command {
         /// Where to draw the loss curves (default: OUT/loss.png).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Only (re)fit the step previews' latent → RGB map of OUT/vae (a
+        /// step of the recipe; for models trained before it existed).
+        #[arg(long)]
+        preview_only: bool,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -285,7 +289,13 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.model.device)?;
             dispatch!(kind, parse_dtype(kind, &args.model.dtype)?, generate, args)
         }
-        Command::TrainDemo { out, seed, scale, plot, quiet } => {
+        Command::TrainDemo { out, seed, scale, plot, preview_only: true, .. } => {
+            let _ = (scale, plot);
+            zimage_engine::demo::train::write_preview_projection(&out.join("vae"), seed.wrapping_add(9))?;
+            println!("wrote the preview projection into {}", out.join("vae").join("config.json").display());
+            Ok(())
+        }
+        Command::TrainDemo { out, seed, scale, plot, quiet, .. } => {
             let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
             opts.seed = seed;
             opts.scale = scale;

@@ -100,18 +100,20 @@ impl Recipe {
     fn scaled(s: f64) -> Self {
         let n = |v: usize| ((v as f64 * s).round() as usize).max(2);
         Recipe {
-            vae_stages: [(32, 8, n(600)), (64, 8, n(700)), (128, 6, n(400))],
+            vae_stages: [(32, 8, n(600)), (64, 8, n(800)), (128, 6, n(250))],
             vae_lr: 3e-3,
             kl_weight: 1e-4,
             data_size: n(4096),
-            base_steps: n(2400),
+            base_steps: n(2800),
             base_batch: 24,
             base_lr: 1e-3,
             caption_dropout: 0.1,
-            // Uniform σ: at 16×16 latents the shift the real models use at
-            // 1024² (3) puts half the training at σ > 0.75, where only the
-            // background colour is visible; objects form at middle σ.
-            train_shift: 1.0,
+            // At 16×16 latents the shift the real models use at 1024² (3)
+            // puts half the training at σ > 0.75, where only the background
+            // colour is visible (run 1 learned nothing else); uniform σ (run 2)
+            // learned colours and sizes but hardly positions, which are set
+            // early, at high σ. 2 is between: median σ 0.67.
+            train_shift: 2.0,
             object_weight: 4.0,
             teacher_pairs: n(384),
             turbo_steps: n(400),
@@ -240,6 +242,7 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     let t0 = Instant::now();
     let (vae, data) = encode_dataset(vae, &recipe, seed, &tok, &device, opts.quiet)?;
     write_vae(&out.join("vae"), &vae, &device)?;
+    write_preview_projection(&out.join("vae"), seed.wrapping_add(9))?;
     phases.push(("encode training set".to_string(), t0.elapsed().as_secs_f64()));
 
     // 3. Base: text encoder + DiT.
@@ -665,6 +668,44 @@ fn write_vae(dir: &Path, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Re
             "force_upcast": true
         }),
     )
+}
+
+/// Fits the step previews' latent → RGB map of the VAE in `vae_dir` (its
+/// latent space is its own, not Flux's) on 256 training scenes, by least
+/// squares from each latent cell to its 8×8 patch's mean colour, and writes
+/// it into the VAE's `config.json` as `zimage_latent_rgb`.
+pub fn write_preview_projection(vae_dir: &Path, seed: u64) -> anyhow::Result<crate::preview::LatentRgb> {
+    let device: Device<Inner> = Default::default();
+    let config_path = vae_dir.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+    let cfg = crate::vae::VaeConfig::from_diffusers_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    let store = crate::weights::TensorStore::open_dir(vae_dir, "diffusion_pytorch_model")?;
+    let layout = crate::weights::KeyLayout::detect_vae(&store, cfg.block_out_channels.len())?;
+    let vae = Vae::<Inner>::build(&cfg, &mut crate::weights::Checkpoint::new(&store, layout, &device, DType::F32), true)?;
+    let (scale, n) = (cfg.scale(), IMAGE_SIDE);
+    let mut world = WorldSampler::new(seed);
+    let (mut cells, mut colours) = (Vec::new(), Vec::new());
+    for _ in 0..8 {
+        let b = 32;
+        let imgs: Vec<f32> = (0..b).flat_map(|_| image_to_chw(&world.sample(Split::Train).1)).collect();
+        let x = tensor4::<Inner>(imgs, [b, 3, n, n], &device);
+        let pooled = avg_pool2d(x.clone(), [scale, scale], [scale, scale], [0, 0], true, false);
+        let (mean, _) = vae.encode(x).ok_or_else(|| anyhow::anyhow!("the VAE has no encoder"))?;
+        let z = vae.scale(mean);
+        let [_, c, h, w] = z.dims();
+        let z: Vec<f32> = z.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let rgb: Vec<f32> = pooled.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for i in 0..b {
+            for p in 0..h * w {
+                cells.push(std::array::from_fn(|ch| if ch < c { z[(i * c + ch) * h * w + p] } else { 0.0 }));
+                colours.push(std::array::from_fn(|k| rgb[(i * 3 + k) * h * w + p]));
+            }
+        }
+    }
+    let fit = crate::preview::fit_latent_rgb(&cells, &colours).ok_or_else(|| anyhow::anyhow!("the preview fit is singular"))?;
+    json["zimage_latent_rgb"] = fit.to_json();
+    write_json(&config_path, &json)?;
+    Ok(fit)
 }
 
 /// `steps`: what the model was made for, written as `zimage_default_steps`
