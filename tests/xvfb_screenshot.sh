@@ -27,11 +27,11 @@ OUT=${1:-/tmp/zimage-xvfb}
 MODELS=${ZIMAGE_XVFB_MODELS:-tiny}
 if [ "$MODELS" = demo ]; then
     SIZE=${ZIMAGE_XVFB_SIZE:-128}
-    TURBO=demo-turbo; BASE=demo-base; BASE_STEPS=30; BASE_GUIDANCE=4.0
+    TURBO=demo-turbo; BASE=demo-base; BASE_STEPS=30; BASE_GUIDANCE=4.0; STEPS_CHOSEN=false  # the models' own 4 / 30
     PROMPT="a large red circle in the center and a small yellow square at the top left on a blue background"
 else
     SIZE=${ZIMAGE_XVFB_SIZE:-256}
-    TURBO="$ROOT/tests/fixtures/tiny-turbo"; BASE="$ROOT/tests/fixtures/tiny-base"; BASE_STEPS=10; BASE_GUIDANCE=0.0
+    TURBO="$ROOT/tests/fixtures/tiny-turbo"; BASE="$ROOT/tests/fixtures/tiny-base"; BASE_STEPS=10; BASE_GUIDANCE=0.0; STEPS_CHOSEN=true
     PROMPT="a lighthouse on a cliff at dusk"
 fi
 mkdir -p "$OUT"
@@ -60,7 +60,7 @@ fi
 DATA=$(mktemp -d)
 RUNTIME=$(mktemp -d)
 cat > "$DATA/settings.json" <<EOF
-{"welcome_done": true, "device": "cpu", "width": $SIZE, "height": $SIZE, "size_chosen": true, "steps_chosen": true, "base_steps": $BASE_STEPS, "base_guidance": $BASE_GUIDANCE, "output_dir": "$OUT/saved"}
+{"welcome_done": true, "device": "cpu", "width": $SIZE, "height": $SIZE, "size_chosen": true, "steps_chosen": $STEPS_CHOSEN, "base_steps": $BASE_STEPS, "base_guidance": $BASE_GUIDANCE, "output_dir": "$OUT/saved"}
 EOF
 
 DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))
