@@ -19,10 +19,13 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             ui.colored_label(ui.visuals().warn_fg_color, "This run uses the models given on the command line; Apply switches to these saved ones.");
         }
         let rows: [(&str, Option<ModelSlot>); 3] = [("Turbo model", Some(ModelSlot::Turbo)), ("Base model", Some(ModelSlot::Base)), ("Save folder", None)];
-        egui::Grid::new("settings_grid").num_columns(3).show(ui, |ui| {
-            for (i, (name, slot)) in rows.iter().enumerate() {
-                let l = ui.label(*name);
-                ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(320.0).hint_text(match slot {
+        // Rows of label, path field, Browse (not a Grid: inside the scroll
+        // area a Grid kept its first, narrow column widths).
+        for (i, (name, slot)) in rows.iter().enumerate() {
+            ui.horizontal(|ui| {
+                let l = ui.add_sized([90.0, 20.0], egui::Label::new(*name));
+                let width = (ui.available_width() - 80.0).max(120.0);
+                ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(width).hint_text(match slot {
                     Some(ModelSlot::Turbo) => "demo-turbo or /path/to/Z-Image-Turbo",
                     Some(ModelSlot::Base) => "demo-base or /path/to/Z-Image",
                     None => "default: your Pictures folder",
@@ -35,20 +38,20 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                         app.settings_form[i] = p.display().to_string();
                     }
                 }
-                ui.end_row();
-                if let Some(slot) = slot {
-                    ui.label("");
-                    let (text, color) = match app.models.get(slot) {
-                        Some(ModelState::Ready { name, .. }) => (format!("loaded: {name}"), ui.visuals().text_color()),
-                        Some(ModelState::Loading { stage }) => (format!("loading {stage}…"), ui.visuals().warn_fg_color),
-                        Some(ModelState::Failed(m)) => (m.clone(), ui.visuals().error_fg_color),
-                        Some(ModelState::NotConfigured) | None => ("not configured".into(), ui.visuals().warn_fg_color),
-                    };
+            });
+            if let Some(slot) = slot {
+                let (text, color) = match app.models.get(slot) {
+                    Some(ModelState::Ready { name, .. }) => (format!("loaded: {name}"), ui.visuals().text_color()),
+                    Some(ModelState::Loading { stage }) => (format!("loading {stage}…"), ui.visuals().warn_fg_color),
+                    Some(ModelState::Failed(m)) => (m.clone(), ui.visuals().error_fg_color),
+                    Some(ModelState::NotConfigured) | None => ("not configured".into(), ui.visuals().warn_fg_color),
+                };
+                ui.horizontal(|ui| {
+                    ui.add_space(98.0);
                     ui.colored_label(color, text);
-                    ui.end_row();
-                }
+                });
             }
-        });
+        }
         ui.weak(format!("Images are saved to {}", app.output_dir().display()));
         ui.horizontal(|ui| {
             if ui.button("Apply").clicked() {
