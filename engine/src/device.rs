@@ -1,9 +1,11 @@
 //! The one place that chooses where and in which precision models run.
 //!
 //! - CPU (`flex`): f32 weights and compute, the precision of the parity tests.
-//! - CUDA / wgpu (features `cuda`, `wgpu`): bf16 weights and compute; latents,
-//!   the scheduler and the VAE output path stay f32 (fp16 overflows in this
-//!   model, see spec §2.7).
+//! - CUDA (feature `cuda`): bf16 weights and compute; latents, the scheduler
+//!   and the VAE output path stay f32 (fp16 overflows in this model, see
+//!   spec §2.7).
+//! - wgpu (feature `wgpu`): f32, because WGSL has no bf16 (burn-wgpu 0.21
+//!   refuses it: "bf16 is not a valid WgpuElement") and f16 overflows.
 
 use burn::tensor::DType;
 
@@ -38,7 +40,8 @@ impl DeviceKind {
     pub fn weight_dtype(self) -> DType {
         match self {
             Self::Cpu => DType::F32,
-            Self::Cuda | Self::Wgpu => DType::BF16,
+            Self::Cuda => DType::BF16,
+            Self::Wgpu => DType::F32,
         }
     }
 

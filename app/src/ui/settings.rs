@@ -72,7 +72,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                     ("auto", "CUDA if available, else the CPU"),
                     ("cpu", "the CPU (f32)"),
                     ("cuda", "an NVIDIA GPU (bf16)"),
-                    ("wgpu", "a Vulkan/Metal GPU (bf16)"),
+                    ("wgpu", "a Vulkan/Metal GPU (f32)"),
                 ] {
                     let kind = crate::cli::parse_device(value).ok().flatten();
                     let built = kind.is_none_or(|k| k.compiled_in());
