@@ -20,12 +20,13 @@ fn shipped(name: &str) -> zimage_engine::ZImagePipeline<CpuBackend> {
     load_pipeline::<CpuBackend>(&files, &Default::default(), DType::F32, &mut |_, _, _| {}).expect("load")
 }
 
-/// What the shipped pair achieves today: it loads through the regular
-/// loader as the right kinds and paints the prompt's background and an
-/// object of the prompt's colour (not yet reliably at the right place or
-/// in the right shape: docs/demo-model.md).
+/// Issue 4's acceptance test: the shipped pair loads through the regular
+/// loader as the right kinds, and a fixed prompt gives, for both models, an
+/// image the judge accepts whole (background, object colour, place, size and
+/// shape, nothing else). One large object is the easy case: over 100
+/// held-out captions 17 % are fully right (docs/demo-model.md).
 #[test]
-fn shipped_demo_models_load_and_paint_the_background_and_the_object_colour() {
+fn shipped_demo_models_draw_a_fixed_prompt() {
     for (name, kind) in [("demo-turbo", ModelKind::Turbo), ("demo-base", ModelKind::Base)] {
         let pipe = shipped(name);
         assert_eq!(pipe.kind, kind, "{name}: scheduler shift {} gives the wrong kind", pipe.shift);
@@ -33,23 +34,6 @@ fn shipped_demo_models_load_and_paint_the_background_and_the_object_colour() {
         let scene = Scene::parse(prompt).expect("prompt follows the grammar");
         let (img, _) = generate_one(&pipe, &demo_request(prompt, seed, kind == ModelKind::Base)).expect("generate");
         assert_eq!((img.width, img.height), (128, 128));
-        let verdict = judge(&img, &scene);
-        assert!(verdict.background, "{name}, {prompt:?}, seed {seed}: {verdict:?}");
-        assert!(verdict.objects[0].colour, "{name}: a red object, {prompt:?}, seed {seed}: {verdict:?}");
-    }
-}
-
-/// Issue 4's acceptance test: the judge accepts the whole picture. The
-/// shipped demo does not draw objects reliably yet (docs/demo-model.md has
-/// the numbers); run with `--ignored` once a retrained pair is shipped.
-#[test]
-#[ignore = "the shipped demo does not yet draw the objects (see docs/demo-model.md)"]
-fn shipped_demo_models_draw_a_fixed_prompt() {
-    for (name, kind) in [("demo-turbo", ModelKind::Turbo), ("demo-base", ModelKind::Base)] {
-        let pipe = shipped(name);
-        let (prompt, seed) = PROMPT;
-        let scene = Scene::parse(prompt).expect("prompt follows the grammar");
-        let (img, _) = generate_one(&pipe, &demo_request(prompt, seed, kind == ModelKind::Base)).expect("generate");
         let verdict = judge(&img, &scene);
         assert!(verdict.whole_caption(), "{name}, {prompt:?}, seed {seed}: {verdict:?}");
     }
