@@ -798,12 +798,7 @@ impl StudioApp {
                 self.refine_selected();
             }
             Action::RefineKept => {
-                let kept: Vec<String> = self
-                    .variations
-                    .iter()
-                    .filter_map(|c| c.id.clone())
-                    .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
-                    .collect();
+                let kept = self.kept_variations();
                 if kept.is_empty() {
                     self.error("no kept variations: press K (keep) or S (star) on some first");
                 }
@@ -1103,16 +1098,20 @@ impl StudioApp {
         }
     }
 
+    /// History ids of the variations marked kept or starred, in grid order.
+    fn kept_variations(&self) -> Vec<String> {
+        self.variations
+            .iter()
+            .filter_map(|c| c.id.clone())
+            .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
+            .collect()
+    }
+
     /// What Ctrl+S saves: all kept variations when the grid is shown and has
     /// any, else the selected image.
     pub fn save_targets(&self) -> Vec<String> {
         if self.view == View::Variations {
-            let kept: Vec<String> = self
-                .variations
-                .iter()
-                .filter_map(|c| c.id.clone())
-                .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
-                .collect();
+            let kept = self.kept_variations();
             if !kept.is_empty() {
                 return kept;
             }
