@@ -949,16 +949,16 @@ impl Download {
         std::thread::Builder::new()
             .name("zimage-download".into())
             .spawn(move || {
-                let mut last_report = Instant::now() - Duration::from_secs(1);
+                let mut last_report: Option<Instant> = None;
                 let mut last_file = String::new();
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     zimage_engine::pull::pull(repo, &options, &stop, &mut |p: &PullProgress| {
                         // Chunks are 1 MB: report at most ~10 times a second, and every new file.
-                        if last_report.elapsed() >= Duration::from_millis(100)
+                        if last_report.is_none_or(|t| t.elapsed() >= Duration::from_millis(100))
                             || p.file != last_file
                             || p.file_done == p.file_total
                         {
-                            last_report = Instant::now();
+                            last_report = Some(Instant::now());
                             last_file.clone_from(&p.file);
                             let _ = tx.send(DownloadEvent::Progress(p.clone()));
                             waker();
