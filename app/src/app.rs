@@ -136,7 +136,7 @@ pub enum Action {
     /// Download `turbo` or `base` from the Hugging Face hub.
     StartDownload(String),
     CancelDownload,
-    /// The LoRA lists in the settings changed: apply them.
+    /// The LoRA lists or the memory plan in the settings changed: apply them (no reload).
     LorasChanged,
     /// The first-run welcome was answered.
     CloseWelcome,
@@ -891,13 +891,14 @@ impl StudioApp {
                 }
             }
             Action::LorasChanged => {
-                // Same models (the command line's, if it named them), new LoRAs.
+                // Same models (the command line's, if it named them), new LoRAs / memory plan.
                 let saved = effective_models(
                     &self.settings,
                     &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None, open: Vec::new() },
                 );
                 self.model_config.turbo_loras = saved.turbo_loras;
                 self.model_config.base_loras = saved.base_loras;
+                self.model_config.one_dit_at_a_time = saved.one_dit_at_a_time;
                 self.engine.load_models(self.model_config.clone());
                 self.persist_settings();
             }
@@ -1236,6 +1237,7 @@ pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelCo
         base: pick(&options.base, &settings.base_model, "demo-base"),
         turbo_loras: loras(&settings.turbo_loras),
         base_loras: loras(&settings.base_loras),
+        one_dit_at_a_time: settings.one_dit_at_a_time,
     }
 }
 

@@ -88,6 +88,11 @@ pub struct ModelConfig {
     pub base: Option<String>,
     pub turbo_loras: Vec<LoraChoice>,
     pub base_loras: Vec<LoraChoice>,
+    /// Memory plan: keep only one DiT resident and park the idle one (its
+    /// weights dropped, reloaded from the memory-mapped files when a job
+    /// needs it). For devices that cannot hold both (Turbo and Base are
+    /// 12.3 GB each in bf16).
+    pub one_dit_at_a_time: bool,
 }
 
 impl ModelConfig {
@@ -207,6 +212,8 @@ pub enum Event {
 pub struct MemoryReport {
     /// (component, bytes) of every resident weight set, e.g. ("Turbo DiT", …).
     pub resident: Vec<(String, u64)>,
+    /// Models whose DiT is parked (not in memory; reloaded when needed).
+    pub parked: Vec<String>,
     /// Resident memory of the whole process (host RAM), where known.
     pub process_bytes: Option<u64>,
 }
@@ -524,6 +531,11 @@ struct Worker<B: Backend> {
     config: ModelConfig,
     /// Per model: the LoRAs applied to its DiT (with the original weights they replaced).
     loras: HashMap<ModelSlot, (AppliedLoras<B>, Vec<LoraRef>)>,
+    /// Parked models: their files and the (still resident, shared) text
+    /// encoder and VAE, enough to reload the DiT.
+    parked: HashMap<ModelSlot, (ModelFiles, SharedComponents<B>)>,
+    /// The files each loaded model came from.
+    files: HashMap<ModelSlot, ModelFiles>,
     device: burn::tensor::Device<B>,
     /// Weight and compute dtype: f32 on the CPU, bf16 on GPUs.
     dtype: DType,
@@ -542,6 +554,8 @@ impl<B: Backend> Worker<B> {
             cache: PromptCache::default(),
             config: ModelConfig::default(),
             loras: HashMap::new(),
+            parked: HashMap::new(),
+            files: HashMap::new(),
             device: Default::default(),
             dtype: kind.weight_dtype(),
             on_host: kind == DeviceKind::Cpu,
@@ -581,6 +595,15 @@ impl<B: Backend> Worker<B> {
     fn run_job(&mut self, id: JobId, spec: JobSpec) {
         self.queue.cancel_running = false;
         self.queue.superseded = false;
+        if self.parked.contains_key(&spec.slot) {
+            // Park the other model first, so both are never resident at once.
+            for other in [ModelSlot::Turbo, ModelSlot::Base] {
+                if other != spec.slot {
+                    self.park(other);
+                }
+            }
+            self.unpark(spec.slot);
+        }
         let Some(pipe) = self.models.get(spec.slot) else {
             let why = match self.model_state.get(&spec.slot) {
                 Some(ModelState::Loading { .. }) => format!("the {} model is still loading", spec.slot.label()),
@@ -643,7 +666,8 @@ impl<B: Backend> Worker<B> {
             }
             resident.push((format!("{} DiT", slot.label()), dit));
         }
-        self.out.emit(Event::Memory(MemoryReport { resident, process_bytes: zimage_engine::device::process_resident_memory() }));
+        let parked = [ModelSlot::Turbo, ModelSlot::Base].into_iter().filter(|s| self.parked.contains_key(s)).map(|s| format!("{} DiT", s.label())).collect();
+        self.out.emit(Event::Memory(MemoryReport { resident, parked, process_bytes: zimage_engine::device::process_resident_memory() }));
     }
 
     fn set_state(&mut self, slot: ModelSlot, state: ModelState) {
@@ -652,9 +676,10 @@ impl<B: Backend> Worker<B> {
     }
 
     fn load(&mut self, config: ModelConfig) {
-        // Same models, everything they name already loaded: at most the LoRAs change.
-        let loaded = self.models.turbo.is_some() == config.turbo.is_some()
-            && self.models.base.is_some() == config.base.is_some();
+        // Same models, everything they name already loaded: at most the LoRAs
+        // or the memory plan change.
+        let present = |slot: ModelSlot| self.models.get(slot).is_some() || self.parked.contains_key(&slot);
+        let loaded = present(ModelSlot::Turbo) == config.turbo.is_some() && present(ModelSlot::Base) == config.base.is_some();
         if config.turbo == self.config.turbo
             && config.base == self.config.base
             && loaded
@@ -666,10 +691,19 @@ impl<B: Backend> Worker<B> {
                     self.apply_loras(slot);
                 }
             }
+            if config.one_dit_at_a_time && self.models.turbo.is_some() {
+                self.park(ModelSlot::Base);
+            } else if !config.one_dit_at_a_time {
+                for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+                    self.unpark(slot);
+                }
+            }
+            self.report_memory();
             return;
         }
         self.config = config.clone();
         self.models = Models::default();
+        self.parked.clear();
         self.loras.clear();
         self.cache = PromptCache::default();
         let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
@@ -693,6 +727,55 @@ impl<B: Backend> Worker<B> {
                 }
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
             }
+            // One DiT at a time: the Base DiT is parked right after it loads
+            // (a model must load once to be checked and to report its defaults).
+            if slot == ModelSlot::Base && config.one_dit_at_a_time && self.models.turbo.is_some() {
+                self.park(ModelSlot::Base);
+            }
+        }
+        self.report_memory();
+    }
+
+    /// Drops `slot`'s DiT, keeping what reloads it (a no-op when it is not resident).
+    fn park(&mut self, slot: ModelSlot) {
+        let taken = match slot {
+            ModelSlot::Turbo => self.models.turbo.take(),
+            ModelSlot::Base => self.models.base.take(),
+        };
+        let Some(pipe) = taken else { return };
+        let Some(files) = self.files.get(&slot).cloned() else {
+            // Unknown files: cannot reload, so keep it.
+            match slot {
+                ModelSlot::Turbo => self.models.turbo = Some(pipe),
+                ModelSlot::Base => self.models.base = Some(pipe),
+            }
+            return;
+        };
+        let comps = SharedComponents { text: pipe.text.clone(), vae: pipe.vae.clone(), vae_scale: pipe.vae_scale, preview: pipe.preview.clone() };
+        self.loras.remove(&slot);
+        drop(pipe);
+        self.parked.insert(slot, (files, comps));
+        self.report_memory();
+    }
+
+    /// Reloads a parked DiT from its files (memory-mapped: from the page
+    /// cache when recently used) and re-applies its LoRAs.
+    fn unpark(&mut self, slot: ModelSlot) {
+        let Some((files, comps)) = self.parked.remove(&slot) else { return };
+        self.out.emit(Event::Model { slot, state: ModelState::Loading { stage: "diffusion transformer (parked)".into() } });
+        match loader::load_pipeline_with::<B>(&files, &comps, &self.device, self.dtype, &mut |_, _, _| {}) {
+            Ok(pipe) => {
+                let state = ModelState::Ready { name: pipe.name.clone(), default_size: pipe.default_size, default_steps: pipe.default_steps };
+                match slot {
+                    ModelSlot::Turbo => self.models.turbo = Some(pipe),
+                    ModelSlot::Base => self.models.base = Some(pipe),
+                }
+                self.set_state(slot, state);
+                if !self.config.loras(slot).is_empty() {
+                    self.apply_loras(slot);
+                }
+            }
+            Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
         }
         self.report_memory();
     }
@@ -743,6 +826,7 @@ impl<B: Backend> Worker<B> {
     ) -> zimage_engine::Result<ZImagePipeline<B>> {
         let path = loader::resolve_model(arg)?;
         let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
+        self.files.insert(slot, files.clone());
         let reuse = matches!(shared, Some((f, _)) if same_shared_files(f, &files));
         let out = &self.out;
         let mut last = None;
@@ -1328,6 +1412,48 @@ mod tests {
         let mut h = EngineHandle::spawn_on(None, Arc::new(|| {}));
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Device { .. })));
         assert!(evs.iter().any(|e| matches!(e, Event::Device { problem: None, .. })), "{evs:?}");
+    }
+
+    #[test]
+    fn one_dit_at_a_time_parks_the_idle_model_and_images_are_unchanged() {
+        let run = |h: &mut EngineHandle, slot: ModelSlot| {
+            let kind = if slot == ModelSlot::Base { ModelKind::Base } else { ModelKind::Turbo };
+            let mut r = request("a lighthouse", kind);
+            r.steps = 3;
+            let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: r });
+            let evs = collect(h, |e| finished(e, id));
+            let image = evs.iter().find_map(|e| match e {
+                Event::Finished { image, .. } => Some(image.pixels.clone()),
+                _ => None,
+            });
+            let memory = evs.iter().rev().find_map(|e| match e {
+                Event::Memory(m) => Some(m.clone()),
+                _ => None,
+            });
+            (image.unwrap_or_else(|| panic!("{evs:?}")), memory.expect("a memory report after the job"))
+        };
+        let (mut both, _) = engine();
+        let (turbo_ref, _) = run(&mut both, ModelSlot::Turbo);
+        let (base_ref, m) = run(&mut both, ModelSlot::Base);
+        assert!(m.parked.is_empty());
+
+        let config = ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")), one_dit_at_a_time: true, ..Default::default() };
+        let mut h = EngineHandle::spawn(Arc::new(|| {}));
+        h.load_models(config.clone());
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
+        let loaded = evs.iter().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None }).expect("memory report");
+        assert_eq!(loaded.parked, ["Base DiT"], "{loaded:?}");
+        assert!(!loaded.resident.iter().any(|(n, _)| n == "Base DiT"));
+        let (base, m) = run(&mut h, ModelSlot::Base);
+        assert_eq!(base, base_ref, "a reloaded Base draws the same image");
+        assert_eq!(m.parked, ["Turbo DiT"], "{m:?}");
+        let (turbo, m) = run(&mut h, ModelSlot::Turbo);
+        assert_eq!(turbo, turbo_ref);
+        assert_eq!(m.parked, ["Base DiT"]);
+        // Switching the plan off brings the parked model back without a full reload.
+        h.load_models(ModelConfig { one_dit_at_a_time: false, ..config });
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(m) if m.parked.is_empty())));
+        assert!(!evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Turbo, .. })), "Turbo was not reloaded: {evs:?}");
     }
 
     #[test]

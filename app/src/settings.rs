@@ -39,6 +39,8 @@ pub struct Settings {
     pub variations: usize,
     /// Where the models run: `auto`, `cpu`, `cuda` or `wgpu`.
     pub device: String,
+    /// Memory plan: only one DiT in memory, the idle one reloaded when needed.
+    pub one_dit_at_a_time: bool,
     /// The first-run welcome was answered (a choice made or dismissed).
     pub welcome_done: bool,
     /// LoRAs per model, applied in order.
@@ -78,6 +80,7 @@ impl Default for Settings {
             refine_strength: 0.6,
             variations: 8,
             device: "auto".into(),
+            one_dit_at_a_time: false,
             welcome_done: false,
             turbo_loras: Vec::new(),
             base_loras: Vec::new(),

@@ -92,9 +92,19 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::human_bytes(*b))).collect();
             let device = app.device_name.as_deref().unwrap_or("the device");
             ui.label(format!("Resident weights on {device}: {} ({})", models::human_bytes(m.weights_total()), parts.join(", ")));
+            if !m.parked.is_empty() {
+                ui.weak(format!("Parked (reloaded when a job needs it): {}", m.parked.join(", ")));
+            }
             if let Some(p) = m.process_bytes {
                 ui.weak(format!("This process holds {} of RAM.", models::human_bytes(p)));
             }
+        }
+        if ui
+            .checkbox(&mut app.settings.one_dit_at_a_time, "One model in memory at a time")
+            .on_hover_text("Keeps only the DiT in use (12.3 GB each for the real models) and reloads the other when a job needs it: for GPUs that cannot hold both")
+            .changed()
+        {
+            actions.push(Action::LorasChanged);
         }
         ui.separator();
         ui.strong("Models on this computer");
