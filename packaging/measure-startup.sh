@@ -40,15 +40,7 @@ dpkg-deb -x "$DEB" "$TMP/root"
 mkdir -p "$TMP/data"
 echo '{"welcome_done": true}' >"$TMP/data/settings.json"
 
-# Xvfb picks a free display itself (-displayfd) and writes its number when it is ready,
-# so parallel Xvfb runs (other tests on the same machine) cannot collide.
-Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$TMP/display" >"$OUT/xvfb.log" 2>&1 &
-XVFB_PID=$!
-for _ in $(seq 1 100); do [ -s "$TMP/display" ] && break; sleep 0.05; done
-[ -s "$TMP/display" ] || { echo "Xvfb did not start: $(cat "$OUT/xvfb.log")"; exit 1; }
-export DISPLAY=:$(head -1 "$TMP/display")
-mkdir -p "$TMP/runtime" && chmod 700 "$TMP/runtime"
-export XDG_RUNTIME_DIR=$TMP/runtime
+. "$ROOT/packaging/xvfb-start.sh"
 
 CAN_DROP=0
 if sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then CAN_DROP=1; fi

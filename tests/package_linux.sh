@@ -147,15 +147,7 @@ check "zimage models runs" env -u ZIMAGE_ASSETS "$DEBROOT/usr/bin/zimage" models
 check "zimage-studio --help runs" "$DEBROOT/usr/bin/zimage-studio" --help
 
 # ---------------------------------------------------------------- Xvfb helpers
-# Xvfb picks a free display itself (-displayfd) and writes its number when it is ready,
-# so parallel Xvfb runs (other tests on the same machine) cannot collide.
-Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$TMP/display" >"$OUT/xvfb.log" 2>&1 &
-XVFB_PID=$!
-for _ in $(seq 1 100); do [ -s "$TMP/display" ] && break; sleep 0.05; done
-[ -s "$TMP/display" ] || { echo "Xvfb did not start: $(cat "$OUT/xvfb.log")"; exit 1; }
-export DISPLAY=:$(head -1 "$TMP/display")
-mkdir -p "$TMP/runtime" && chmod 700 "$TMP/runtime"
-export XDG_RUNTIME_DIR=$TMP/runtime
+. "$ROOT/packaging/xvfb-start.sh"
 
 alive() { [ -n "$APP_PID" ] && kill -0 "$APP_PID" 2>/dev/null; }
 xvfb_note() { kill -0 "$XVFB_PID" 2>/dev/null || echo " (Xvfb $DISPLAY is gone: $(tail -2 "$OUT/xvfb.log"))"; }

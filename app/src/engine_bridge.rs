@@ -503,9 +503,12 @@ impl<B: Backend> Models<B> {
         }
     }
     fn get_mut(&mut self, slot: ModelSlot) -> Option<&mut ZImagePipeline<B>> {
+        self.slot_mut(slot).as_mut()
+    }
+    fn slot_mut(&mut self, slot: ModelSlot) -> &mut Option<ZImagePipeline<B>> {
         match slot {
-            ModelSlot::Turbo => self.turbo.as_mut(),
-            ModelSlot::Base => self.base.as_mut(),
+            ModelSlot::Turbo => &mut self.turbo,
+            ModelSlot::Base => &mut self.base,
         }
     }
 }
@@ -603,6 +606,7 @@ impl<B: Backend> Worker<B> {
                 }
             }
             self.unpark(spec.slot);
+            self.report_memory();
         }
         let Some(pipe) = self.models.get(spec.slot) else {
             let why = match self.model_state.get(&spec.slot) {
@@ -716,10 +720,7 @@ impl<B: Backend> Worker<B> {
             match self.load_one(slot, arg, &mut shared) {
                 Ok(pipe) => {
                     let (name, default_size, default_steps) = (pipe.name.clone(), pipe.default_size, pipe.default_steps);
-                    match slot {
-                        ModelSlot::Turbo => self.models.turbo = Some(pipe),
-                        ModelSlot::Base => self.models.base = Some(pipe),
-                    }
+                    *self.models.slot_mut(slot) = Some(pipe);
                     self.set_state(slot, ModelState::Ready { name, default_size, default_steps });
                     if !config.loras(slot).is_empty() {
                         self.apply_loras(slot);
@@ -738,24 +739,13 @@ impl<B: Backend> Worker<B> {
 
     /// Drops `slot`'s DiT, keeping what reloads it (a no-op when it is not resident).
     fn park(&mut self, slot: ModelSlot) {
-        let taken = match slot {
-            ModelSlot::Turbo => self.models.turbo.take(),
-            ModelSlot::Base => self.models.base.take(),
-        };
-        let Some(pipe) = taken else { return };
-        let Some(files) = self.files.get(&slot).cloned() else {
-            // Unknown files: cannot reload, so keep it.
-            match slot {
-                ModelSlot::Turbo => self.models.turbo = Some(pipe),
-                ModelSlot::Base => self.models.base = Some(pipe),
-            }
-            return;
-        };
+        // Unknown files: it could not be reloaded, so it stays.
+        let Some(files) = self.files.get(&slot).cloned() else { return };
+        let Some(pipe) = self.models.slot_mut(slot).take() else { return };
         let comps = SharedComponents { text: pipe.text.clone(), vae: pipe.vae.clone(), vae_scale: pipe.vae_scale, preview: pipe.preview.clone() };
         self.loras.remove(&slot);
         drop(pipe);
         self.parked.insert(slot, (files, comps));
-        self.report_memory();
     }
 
     /// Reloads a parked DiT from its files (memory-mapped: from the page
@@ -766,10 +756,7 @@ impl<B: Backend> Worker<B> {
         match loader::load_pipeline_with::<B>(&files, &comps, &self.device, self.dtype, &mut |_, _, _| {}) {
             Ok(pipe) => {
                 let state = ModelState::Ready { name: pipe.name.clone(), default_size: pipe.default_size, default_steps: pipe.default_steps };
-                match slot {
-                    ModelSlot::Turbo => self.models.turbo = Some(pipe),
-                    ModelSlot::Base => self.models.base = Some(pipe),
-                }
+                *self.models.slot_mut(slot) = Some(pipe);
                 self.set_state(slot, state);
                 if !self.config.loras(slot).is_empty() {
                     self.apply_loras(slot);
@@ -777,7 +764,6 @@ impl<B: Backend> Worker<B> {
             }
             Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
         }
-        self.report_memory();
     }
 
     /// Makes the configured LoRAs of `slot` the applied set: unusable files

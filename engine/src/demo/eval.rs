@@ -223,18 +223,24 @@ pub fn eval_demo(opts: &EvalDemoOptions) -> anyhow::Result<EvalReport> {
     Ok(EvalReport { base: base_score, turbo: turbo_score })
 }
 
+/// A VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`),
+/// with its encoder, in f32: the VAE alone, before any DiT exists.
+pub fn load_vae_dir(dir: &Path, device: &Device<Inner>) -> anyhow::Result<(crate::vae::VaeConfig, crate::vae::Vae<Inner>)> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let cfg = crate::vae::VaeConfig::from_diffusers_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let store = crate::weights::TensorStore::open_dir(dir, "diffusion_pytorch_model")?;
+    let layout = crate::weights::KeyLayout::detect_vae(&store, cfg.block_out_channels.len())?;
+    let vae = crate::vae::Vae::<Inner>::build(&cfg, &mut crate::weights::Checkpoint::new(&store, layout, device, DType::F32), true)?;
+    Ok((cfg, vae))
+}
+
 /// The VAE's round trip as the judge sees it: held-out scenes rendered,
 /// encoded (posterior mean) and decoded. The result bounds what any DiT can
 /// reach through this VAE. Returns (objects fully right, whole captions right).
 pub fn vae_round_trip(model_dir: &Path, scenes: usize, seed: u64, sheet: Option<&Path>) -> anyhow::Result<(f64, f64)> {
     let device: Device<Inner> = Default::default();
     // Straight from `vae/` (usable while training, before any DiT is written).
-    let dir = model_dir.join("vae");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
-    let cfg = crate::vae::VaeConfig::from_diffusers_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let store = crate::weights::TensorStore::open_dir(&dir, "diffusion_pytorch_model")?;
-    let layout = crate::weights::KeyLayout::detect_vae(&store, cfg.block_out_channels.len())?;
-    let vae = crate::vae::Vae::<Inner>::build(&cfg, &mut crate::weights::Checkpoint::new(&store, layout, &device, DType::F32), true)?;
+    let (_, vae) = load_vae_dir(&model_dir.join("vae"), &device)?;
     let mut world = WorldSampler::new(seed);
     let (mut objects, mut objects_ok, mut captions_ok) = (0, 0, 0);
     let mut tiles = Vec::new();

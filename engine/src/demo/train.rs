@@ -676,12 +676,9 @@ fn write_vae(dir: &Path, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Re
 /// it into the VAE's `config.json` as `zimage_latent_rgb`.
 pub fn write_preview_projection(vae_dir: &Path, seed: u64) -> anyhow::Result<crate::preview::LatentRgb> {
     let device: Device<Inner> = Default::default();
+    let (cfg, vae) = super::eval::load_vae_dir(vae_dir, &device)?;
     let config_path = vae_dir.join("config.json");
     let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
-    let cfg = crate::vae::VaeConfig::from_diffusers_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
-    let store = crate::weights::TensorStore::open_dir(vae_dir, "diffusion_pytorch_model")?;
-    let layout = crate::weights::KeyLayout::detect_vae(&store, cfg.block_out_channels.len())?;
-    let vae = Vae::<Inner>::build(&cfg, &mut crate::weights::Checkpoint::new(&store, layout, &device, DType::F32), true)?;
     let (scale, n) = (cfg.scale(), IMAGE_SIDE);
     let mut world = WorldSampler::new(seed);
     let (mut cells, mut colours) = (Vec::new(), Vec::new());
