@@ -58,6 +58,13 @@ enum Command {
         /// step of the recipe; for models trained before it existed).
         #[arg(long)]
         preview_only: bool,
+        /// Stop after a phase (vae, base or turbo), for experiments: the VAE
+        /// alone can be judged with `eval-demo --vae-round-trip`.
+        #[arg(long, default_value = "turbo", value_parser = ["vae", "base", "turbo"])]
+        stop_after: String,
+        /// Take the VAE from this trained demo folder instead of training one.
+        #[arg(long)]
+        vae_from: Option<PathBuf>,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -295,8 +302,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote the preview projection into {}", out.join("vae").join("config.json").display());
             Ok(())
         }
-        Command::TrainDemo { out, seed, scale, plot, quiet, .. } => {
+        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, .. } => {
+            use zimage_engine::demo::Phase;
             let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
+            opts.stop_after = match stop_after.as_str() {
+                "vae" => Phase::Vae,
+                "base" => Phase::Base,
+                _ => Phase::Turbo,
+            };
+            opts.vae_from = vae_from;
             opts.seed = seed;
             opts.scale = scale;
             opts.plot = Some(plot.unwrap_or_else(|| opts.out.join("loss.png")));

@@ -23,13 +23,14 @@
 pub mod eval;
 pub mod export;
 pub mod judge;
+pub mod parallel;
 pub mod plot;
 pub mod tokenizer;
 pub mod train;
 pub mod world;
 
 pub use eval::{eval_demo, EvalDemoOptions, EvalReport};
-pub use train::{train_demo, TrainDemoOptions, TrainReport};
+pub use train::{train_demo, Phase, TrainDemoOptions, TrainReport};
 
 use crate::dit::ZImageDitConfig;
 use crate::qwen3::Qwen3Config;
@@ -64,7 +65,7 @@ pub fn text_encoder_config() -> Qwen3Config {
 pub fn vae_config() -> VaeConfig {
     VaeConfig::new()
         .with_latent_channels(16)
-        .with_block_out_channels(vec![8, 8, 16, 32])
+        .with_block_out_channels(vec![16, 16, 32, 32])
         .with_layers_per_block(1)
         .with_norm_num_groups(2)
 }

@@ -30,6 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::export::{named_tensors, write_bf16};
+use super::parallel::{data_parallel_grads, split_ranges};
 use super::plot::{write_loss_plot, Curve};
 use super::world::{image_to_chw, Split, WorldSampler, IMAGE_SIDE};
 use super::{dit_config, text_encoder_config, tokenizer, vae_config, BASE_GUIDANCE, BASE_SHIFT, BASE_STEPS, TURBO_SHIFT, TURBO_STEPS};
@@ -44,8 +45,8 @@ use crate::text::PromptTokenizer;
 use crate::vae::Vae;
 use crate::weights::RandomWeights;
 
-type Inner = CpuBackend;
-type Ad = Autodiff<Inner>;
+pub(crate) type Inner = CpuBackend;
+pub(crate) type Ad = Autodiff<Inner>;
 
 /// Options of [`train_demo`].
 #[derive(Debug, Clone)]
@@ -60,11 +61,25 @@ pub struct TrainDemoOptions {
     pub plot: Option<PathBuf>,
     /// Hide the progress bars.
     pub quiet: bool,
+    /// Stop after this phase (a partial folder, for experiments): the VAE
+    /// alone can be judged with `eval-demo --vae-round-trip`.
+    pub stop_after: Phase,
+    /// Take the VAE from this demo folder instead of training one (for
+    /// experiments on the later phases).
+    pub vae_from: Option<PathBuf>,
+}
+
+/// The recipe's phases, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Vae,
+    Base,
+    Turbo,
 }
 
 impl TrainDemoOptions {
     pub fn new(out: impl Into<PathBuf>) -> Self {
-        Self { out: out.into(), seed: 0, scale: 1.0, plot: None, quiet: false }
+        Self { out: out.into(), seed: 0, scale: 1.0, plot: None, quiet: false, stop_after: Phase::Turbo, vae_from: None }
     }
 }
 
@@ -89,6 +104,13 @@ struct Recipe {
     /// objects cover ~10 % of an image, and an unweighted loss is met by
     /// painting the background alone.
     object_weight: f32,
+    /// Extra loss weight of latent cells an object edge crosses (1 + w·4·c·(1−c)
+    /// for coverage c): the shape of an object is all in its edge cells.
+    edge_weight: f32,
+    /// Placement jitter of the DiT's training scenes (relative size, centre
+    /// px): smaller than the VAE's, so a caption names nearly one picture and
+    /// the model's capacity goes to shapes rather than to averaging placements.
+    dit_jitter: (f32, f32),
     /// Base samples (30 steps, CFG 4) the Turbo learns from.
     teacher_pairs: usize,
     turbo_steps: usize,
@@ -100,7 +122,7 @@ impl Recipe {
     fn scaled(s: f64) -> Self {
         let n = |v: usize| ((v as f64 * s).round() as usize).max(2);
         Recipe {
-            vae_stages: [(32, 8, n(600)), (64, 8, n(800)), (128, 6, n(250))],
+            vae_stages: [(32, 8, n(500)), (64, 8, n(700)), (128, 6, n(500))],
             vae_lr: 3e-3,
             kl_weight: 1e-4,
             data_size: n(4096),
@@ -115,6 +137,8 @@ impl Recipe {
             // early, at high σ. 2 is between: median σ 0.67.
             train_shift: 2.0,
             object_weight: 4.0,
+            edge_weight: 8.0,
+            dit_jitter: (0.02, 1.0),
             teacher_pairs: n(384),
             turbo_steps: n(400),
             turbo_batch: 24,
@@ -170,7 +194,7 @@ fn lr_at(step: usize, total: usize, peak: f64) -> f64 {
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f32 {
+pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f32 {
     t.into_data().convert::<f32>().into_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
 }
 
@@ -235,15 +259,28 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
 
     // 2. VAE.
     let t0 = Instant::now();
-    let (vae, vae_losses) = train_vae(&recipe, seed, &device, opts.quiet)?;
+    let (vae_cfg, vae, vae_losses) = match &opts.vae_from {
+        Some(dir) => {
+            let (cfg, vae) = super::eval::load_vae_dir(&dir.join("vae"), &device)?;
+            (cfg, vae, Vec::new())
+        }
+        None => {
+            let (vae, losses) = train_vae(&recipe, seed, &device, opts.quiet)?;
+            (vae_config(), vae, losses)
+        }
+    };
     phases.push(("VAE".to_string(), t0.elapsed().as_secs_f64()));
 
     // Encode the DiT's training set; latent statistics set the VAE scaling.
     let t0 = Instant::now();
-    let (vae, data) = encode_dataset(vae, &recipe, seed, &tok, &device, opts.quiet)?;
-    write_vae(&out.join("vae"), &vae, &device)?;
+    let (vae, data) = encode_dataset(vae, vae_cfg.scale(), &recipe, seed, &tok, &device, opts.quiet)?;
+    write_vae(&out.join("vae"), &vae_cfg, &vae, &device)?;
     write_preview_projection(&out.join("vae"), seed.wrapping_add(9))?;
     phases.push(("encode training set".to_string(), t0.elapsed().as_secs_f64()));
+    let mut curves = vec![Curve { title: "VAE: L2 + colour hint (+KL)".into(), losses: vae_losses }];
+    if opts.stop_after == Phase::Vae {
+        return finish(opts, &recipe, phases, curves, start);
+    }
 
     // 3. Base: text encoder + DiT.
     let t0 = Instant::now();
@@ -253,6 +290,10 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     drop(denoiser);
     drop(data);
     phases.push(("Base (text encoder + DiT)".to_string(), t0.elapsed().as_secs_f64()));
+    curves.push(Curve { title: "Base: flow matching".into(), losses: base_losses });
+    if opts.stop_after == Phase::Base {
+        return finish(opts, &recipe, phases, curves, start);
+    }
 
     // 4. Turbo from the saved Base.
     let t0 = Instant::now();
@@ -263,34 +304,34 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     let (turbo, turbo_losses) = train_turbo(&recipe, seed, base_dit, &pairs, &device, opts.quiet)?;
     write_dit(&out.join("turbo"), &turbo, &device, TURBO_SHIFT, TURBO_STEPS)?;
     phases.push(("Turbo distillation".to_string(), t0.elapsed().as_secs_f64()));
+    curves.push(Curve { title: "Turbo: distillation".into(), losses: turbo_losses });
+    finish(opts, &recipe, phases, curves, start)
+}
 
+/// Plot, `train_log.json` and the report of the phases that ran.
+fn finish(opts: &TrainDemoOptions, recipe: &Recipe, phases: Vec<(String, f64)>, curves: Vec<Curve>, start: Instant) -> anyhow::Result<TrainReport> {
     let total_seconds = start.elapsed().as_secs_f64();
     if let Some(plot) = &opts.plot {
-        write_loss_plot(
-            plot,
-            &[
-                Curve { title: "VAE: L2 + colour hint (+KL)".into(), losses: vae_losses.clone() },
-                Curve { title: "Base: flow matching".into(), losses: base_losses.clone() },
-                Curve { title: "Turbo: distillation".into(), losses: turbo_losses.clone() },
-            ],
-        )?;
+        write_loss_plot(plot, &curves)?;
     }
+    let loss = |i: usize| curves.get(i).map(|c| tail_mean(&c.losses)).unwrap_or(f32::NAN);
     let report = TrainReport {
         phases: phases.clone(),
         total_seconds,
-        final_losses: [tail_mean(&vae_losses), tail_mean(&base_losses), tail_mean(&turbo_losses)],
-        bytes_written: dir_bytes(&out)?,
+        final_losses: [loss(0), loss(1), loss(2)],
+        bytes_written: dir_bytes(&opts.out)?,
     };
+    let curve = |i: usize| curves.get(i).map(|c| c.losses.clone()).unwrap_or_default();
     let log = json!({
-        "seed": seed,
+        "seed": opts.seed,
         "scale": opts.scale,
         "recipe": format!("{recipe:?}"),
         "phases_seconds": phases.iter().map(|(n, s)| json!([n, s])).collect::<Vec<_>>(),
         "total_seconds": total_seconds,
         "final_losses": {"vae": report.final_losses[0], "base": report.final_losses[1], "turbo": report.final_losses[2]},
-        "loss_curves": {"vae": vae_losses, "base": base_losses, "turbo": turbo_losses},
+        "loss_curves": {"vae": curve(0), "base": curve(1), "turbo": curve(2)},
     });
-    std::fs::write(out.join("train_log.json"), serde_json::to_vec(&log)?)?;
+    std::fs::write(opts.out.join("train_log.json"), serde_json::to_vec(&log)?)?;
     Ok(report)
 }
 
@@ -321,33 +362,45 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
     for (step, &(n, batch)) in stages.iter().enumerate() {
         let lat = n / cfg.scale();
         let imgs: Vec<f32> = (0..batch).flat_map(|_| image_to_chw(&world.sample_at(Split::Train, n).1)).collect();
-        let x = tensor4::<Ad>(imgs, [batch, 3, n, n], device);
-        let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
-        // The first latent channels learn the average colour of their 8×8
-        // patch: without this hint the narrow autoencoder spends hundreds of
-        // steps before its latents carry the (normalised-away) flat colours.
-        let pooled = avg_pool2d(x.clone(), [8, 8], [8, 8], [0, 0], true, false);
-        let hint = (mean.clone().narrow(1, 0, 3) - pooled).square().mean();
         // Deterministic (posterior mean) on the small renders; at 128² every
         // fourth step samples the posterior with the KL term, which trains the
         // log-variance img2img uses without blurring the decoder much.
         let sampled = n == IMAGE_SIDE && step % 4 == 3;
-        let (z, kl) = if !sampled {
-            (mean, None)
-        } else {
-            let eps = tensor4::<Ad>(noise.randn(batch * cfg.latent_channels * lat * lat), mean.dims(), device);
-            let z = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
-            (z, Some((mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5))
-        };
-        let rec = (vae.decode(z) - x).square().mean();
-        let mut loss = rec + hint;
-        if let Some(kl) = kl {
-            loss = loss + kl * r.kl_weight;
-        }
-        let value = scalar(loss.clone());
+        let per_latent = cfg.latent_channels * lat * lat;
+        let eps = if sampled { noise.randn(batch * per_latent) } else { Vec::new() };
+        let parts: Vec<((Vec<f32>, Vec<f32>), usize)> = split_ranges(batch, threads())
+            .into_iter()
+            .map(|k| {
+                let x = imgs[k.start * 3 * n * n..k.end * 3 * n * n].to_vec();
+                let e = if sampled { eps[k.start * per_latent..k.end * per_latent].to_vec() } else { Vec::new() };
+                ((x, e), k.len())
+            })
+            .collect();
+        let (grads, value) = data_parallel_grads(&vae, &parts, |vae: &Vae<Ad>, (x, eps): &(Vec<f32>, Vec<f32>)| {
+            let b = x.len() / (3 * n * n);
+            let x = tensor4::<Ad>(x.clone(), [b, 3, n, n], device);
+            let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
+            // The first latent channels learn the average colour of their 8×8
+            // patch: without this hint the narrow autoencoder spends hundreds of
+            // steps before its latents carry the (normalised-away) flat colours.
+            let pooled = avg_pool2d(x.clone(), [8, 8], [8, 8], [0, 0], true, false);
+            let hint = (mean.clone().narrow(1, 0, 3) - pooled).square().mean();
+            let (z, kl) = if eps.is_empty() {
+                (mean, None)
+            } else {
+                let eps = tensor4::<Ad>(eps.clone(), mean.dims(), device);
+                let z = mean.clone() + (logvar.clone() * 0.5).exp() * eps;
+                (z, Some((mean.square() + logvar.clone().exp() - logvar - 1.0).mean() * 0.5))
+            };
+            let rec = (vae.decode(z) - x).square().mean();
+            let mut loss = rec + hint;
+            if let Some(kl) = kl {
+                loss = loss + kl * r.kl_weight;
+            }
+            Ok(loss)
+        })?;
         anyhow::ensure!(value.is_finite(), "VAE training diverged at step {step}");
         losses.push(value);
-        let grads = GradientsParams::from_grads(loss.backward(), &vae);
         vae = opt.step(lr_at(step, total, r.vae_lr), vae, grads);
         pb.inc(1);
         pb.set_message(format!("loss {value:.4}"));
@@ -388,13 +441,14 @@ fn object_coverage(img: &crate::preview::RgbImage, background: [u8; 3], scale: u
 
 fn encode_dataset(
     mut vae: Vae<Inner>,
+    vae_scale: usize,
     r: &Recipe,
     seed: u64,
     tok: &PromptTokenizer,
     device: &Device<Inner>,
     quiet: bool,
 ) -> anyhow::Result<(Vae<Inner>, LatentSet)> {
-    let mut world = WorldSampler::new(seed.wrapping_add(3));
+    let mut world = WorldSampler::new(seed.wrapping_add(3)).with_jitter(r.dit_jitter.0, r.dit_jitter.1);
     let n = IMAGE_SIDE;
     let chunk = 32;
     let pb = bar(quiet, r.data_size, "encode");
@@ -408,7 +462,7 @@ fn encode_dataset(
         for _ in 0..b {
             let (scene, img) = world.sample(Split::Train);
             imgs.extend(image_to_chw(&img));
-            coverage.extend(object_coverage(&img, scene.background.rgb(), vae_config().scale()));
+            coverage.extend(object_coverage(&img, scene.background.rgb(), vae_scale));
             ids.push(tok.encode(&scene.caption())?);
         }
         let (mean, _) = vae.encode(tensor4::<Inner>(imgs, [b, 3, n, n], device)).ok_or_else(|| anyhow::anyhow!("no encoder"))?;
@@ -466,7 +520,7 @@ fn train_base(
         let mut weight = Vec::with_capacity(b * cells);
         for i in 0..b {
             let k = ((rng.uniform_f64() * n_items as f64) as usize).min(n_items - 1);
-            weight.extend(data.coverage[k * cells..(k + 1) * cells].iter().map(|c| 1.0 + r.object_weight * c));
+            weight.extend(data.coverage[k * cells..(k + 1) * cells].iter().map(|c| 1.0 + r.object_weight * c + r.edge_weight * 4.0 * c * (1.0 - c)));
             let sigma = shifted_sigma(rng.uniform_f64(), r.train_shift);
             t.push(1.0 - sigma);
             ids.push(if rng.uniform_f64() < r.caption_dropout { empty.clone() } else { data.ids[k].clone() });
@@ -478,24 +532,52 @@ fn train_base(
             }
         }
         let [c, h, w] = data.shape;
-        let caps = encode_batch(&model.text, &ids);
-        let tt = Tensor::<Ad, 1>::from_data(TensorData::new(t, [b]), (device, DType::F32));
-        let pred = model.dit.forward(&cfg, tensor4::<Ad>(x, [b, c, h, w], device), tt, &caps)?;
-        // Object-weighted MSE, normalised by the weights so the loss stays
-        // comparable across batches.
-        let weight = tensor4::<Ad>(weight, [b, 1, h, w], device);
-        let norm = weight.clone().mean();
-        let loss = ((pred - tensor4::<Ad>(target, [b, c, h, w], device)).square() * weight).mean() / norm;
-        let value = scalar(loss.clone());
+        // Object-weighted MSE, normalised by the batch's mean weight so the
+        // loss stays comparable across batches.
+        let norm = weight.iter().sum::<f32>() / weight.len().max(1) as f32;
+        let parts: Vec<(BaseItems, usize)> = split_ranges(b, threads())
+            .into_iter()
+            .map(|k| {
+                let items = BaseItems {
+                    x: x[k.start * per..k.end * per].to_vec(),
+                    target: target[k.start * per..k.end * per].to_vec(),
+                    t: t[k.clone()].to_vec(),
+                    ids: ids[k.clone()].to_vec(),
+                    weight: weight[k.start * cells..k.end * cells].to_vec(),
+                };
+                (items, k.len())
+            })
+            .collect();
+        let (grads, value) = data_parallel_grads(&model, &parts, |model: &Denoiser<Ad>, p: &BaseItems| {
+            let n = p.t.len();
+            let caps = encode_batch(&model.text, &p.ids);
+            let tt = Tensor::<Ad, 1>::from_data(TensorData::new(p.t.clone(), [n]), (device, DType::F32));
+            let pred = model.dit.forward(&cfg, tensor4::<Ad>(p.x.clone(), [n, c, h, w], device), tt, &caps)?;
+            let weight = tensor4::<Ad>(p.weight.clone(), [n, 1, h, w], device);
+            Ok(((pred - tensor4::<Ad>(p.target.clone(), [n, c, h, w], device)).square() * weight).mean() / norm)
+        })?;
         anyhow::ensure!(value.is_finite(), "Base training diverged at step {step}");
         losses.push(value);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = opt.step(lr_at(step, r.base_steps, r.base_lr), model, grads);
         pb.inc(1);
         pb.set_message(format!("loss {value:.4}"));
     }
     pb.finish();
     Ok((model.valid(), losses))
+}
+
+/// One thread's share of a Base training batch (see [`train_base`]).
+struct BaseItems {
+    x: Vec<f32>,
+    target: Vec<f32>,
+    t: Vec<f32>,
+    ids: Vec<Vec<u32>>,
+    weight: Vec<f32>,
+}
+
+/// Training threads: one per core (see [`super::parallel`]).
+fn threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Base's 30-step CFG-4 outputs with the noise they started from.
@@ -640,9 +722,8 @@ fn write_text_encoder(dir: &Path, enc: &Qwen3Encoder<Inner>, device: &Device<Inn
     )
 }
 
-fn write_vae(dir: &Path, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Result<()> {
-    let c = vae_config();
-    let named = named_tensors(vae, device, |s| Vae::build(&c, s, true))?;
+fn write_vae(dir: &Path, c: &crate::vae::VaeConfig, vae: &Vae<Inner>, device: &Device<Inner>) -> anyhow::Result<()> {
+    let named = named_tensors(vae, device, |s| Vae::build(c, s, true))?;
     write_bf16(&dir.join("diffusion_pytorch_model.safetensors"), &named, "")?;
     let levels = c.block_out_channels.len();
     write_json(
