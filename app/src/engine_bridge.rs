@@ -858,8 +858,9 @@ impl<B: Backend> Worker<B> {
     }
 
     /// What each plan needs for the configured models (each text encoder and
-    /// VAE counted once), with the working memory of each model's default
-    /// request at its natural size.
+    /// VAE counted once), with the working memory of the default request:
+    /// the live one, Turbo's defaults at its natural size (Base's when only
+    /// Base is configured).
     fn plan_sizes(&self) -> PlanSizes {
         let bytes = if self.dtype == DType::F32 { 4 } else { 2 };
         let mut sizes = PlanSizes::default();
@@ -882,9 +883,12 @@ impl<B: Backend> Worker<B> {
                 seen_vaes.push(files);
                 sizes.vae += plan.vae_params * bytes;
             }
-            let mut req = GenerateRequest::new("", slot.kind());
-            (req.width, req.height) = (files.default_size, files.default_size);
-            sizes.working = sizes.working.max(plan.working_memory_bytes(&req));
+            if sizes.working == 0 {
+                let mut req = GenerateRequest::new("", slot.kind());
+                (req.width, req.height) = (files.default_size, files.default_size);
+                // The estimate counts f32 activations; bf16 devices hold half.
+                sizes.working = plan.working_memory_bytes(&req) * bytes / 4;
+            }
         }
         sizes
     }
