@@ -83,7 +83,7 @@ fn text_encoder_hidden_states_match() {
         if !r.has(&name) {
             continue;
         }
-        let ours = pipe.text.encode(case["prompt"].as_str().unwrap()).unwrap();
+        let ours = pipe.text_encoder().unwrap().encode(case["prompt"].as_str().unwrap()).unwrap();
         let (expected, shape) = r.f32(&name);
         assert_eq!(ours.dims().to_vec(), shape, "{name} shape");
         assert_close(&name, &to_vec(ours), &expected, 1e-5);

@@ -12,6 +12,7 @@ use egui::accesskit::Role;
 use egui::{Key, Modifiers};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
+use zimage_engine::memory::MemoryPlan;
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_studio::engine_bridge::{ModelSlot, ModelState};
 use zimage_studio::settings::{Paths, Settings};
@@ -541,4 +542,32 @@ fn chinese_prompts_have_glyphs_when_a_cjk_font_is_installed() {
     let id = egui::FontId::proportional(14.0);
     assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "一只猫在屋顶上")), "CJK glyphs after installing {}", font.display());
     assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "a cat")), "Latin text keeps its fonts");
+}
+
+#[test]
+fn settings_show_the_memory_plan_in_force_and_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(1280.0, 1600.0));
+    wait_until(&mut h, "models to load", models_ready);
+    wait_until(&mut h, "a memory report", |a| a.memory.is_some());
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+    h.step();
+    // Auto by default, resolved from this machine's memory, with the reason.
+    assert_eq!(h.state().settings.memory_plan, MemoryPlan::Auto);
+    h.get_by_label_contains("In force: Auto: ");
+    h.get_by_label_contains("host memory available → keep everything");
+    h.get_by_label(MemoryPlan::Auto.explanation());
+    // Choosing the lowest plan applies it without reloading and persists it.
+    h.get_by_role_and_label(Role::ComboBox, "Memory plan").click();
+    h.step();
+    h.step();
+    h.get_by_label_contains("Lowest memory: ").click();
+    h.step();
+    wait_until(&mut h, "the lowest plan", |a| a.memory.as_ref().is_some_and(|m| m.plan == MemoryPlan::Lowest));
+    assert_eq!(h.state().settings.memory_plan, MemoryPlan::Lowest);
+    assert_eq!(Settings::load(&Paths::at(dir.path())).0.memory_plan, MemoryPlan::Lowest);
+    h.get_by_label_contains("In force: Lowest memory (chosen in Settings)");
+    h.get_by_label_contains("Released (loaded to encode a new prompt): text encoder");
+    h.get_by_label_contains("Parked (reloaded when a job needs it): Base DiT");
 }

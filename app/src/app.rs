@@ -898,7 +898,7 @@ impl StudioApp {
                 );
                 self.model_config.turbo_loras = saved.turbo_loras;
                 self.model_config.base_loras = saved.base_loras;
-                self.model_config.one_dit_at_a_time = saved.one_dit_at_a_time;
+                self.model_config.memory_plan = saved.memory_plan;
                 self.engine.load_models(self.model_config.clone());
                 self.persist_settings();
             }
@@ -1237,7 +1237,7 @@ pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelCo
         base: pick(&options.base, &settings.base_model, "demo-base"),
         turbo_loras: loras(&settings.turbo_loras),
         base_loras: loras(&settings.base_loras),
-        one_dit_at_a_time: settings.one_dit_at_a_time,
+        memory_plan: settings.memory_plan,
     }
 }
 

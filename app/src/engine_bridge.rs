@@ -8,8 +8,13 @@
 //! * variation and refine jobs are queued in order and never dropped (they
 //!   even survive an engine restart: the handle re-submits them);
 //! * live jobs run before queued jobs, because the user is waiting on them;
-//! * prompt encodings are cached per text encoder, so when Turbo and Base
-//!   share one, the refine reuses the Turbo draft's conditioning;
+//! * prompt encodings are cached per text encoder (its files) and prompt,
+//!   64 at most, so re-renders, seeds, variations and the Base refine of a
+//!   prompt never re-run the encoder, and Turbo and Base share one encoder
+//!   (and its cache entries) when their files are the same;
+//! * the memory plan decides what stays resident: both DiTs, or only the one
+//!   in use (the idle one parked), and the text encoder kept or loaded only
+//!   to encode a new prompt;
 //! * a panic inside a job becomes [`Event::Failed`] + [`Event::EngineRestarted`],
 //!   the models are reloaded and the next job runs normally;
 //! * LoRAs are applied to a loaded DiT in place and can be changed or removed
@@ -31,13 +36,15 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use zimage_engine::device::{CpuBackend, DeviceKind};
-use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, SharedComponents};
+use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, ModelPlan, SharedComponents};
 use zimage_engine::lora::{self, AppliedLoras, LoraFile};
+use zimage_engine::memory::{self, MemoryPlan, PlanSizes, ResolvedPlan};
 use zimage_engine::metadata::LoraRef;
 use zimage_engine::pipeline::{Conditioning, GenerateRequest, ModelKind, ZImagePipeline};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::{PullOptions, PullProgress};
 use zimage_engine::scheduler::Schedule;
+use zimage_engine::text::TextEncoder;
 use zimage_engine::EngineError;
 
 pub type JobId = u64;
@@ -88,11 +95,11 @@ pub struct ModelConfig {
     pub base: Option<String>,
     pub turbo_loras: Vec<LoraChoice>,
     pub base_loras: Vec<LoraChoice>,
-    /// Memory plan: keep only one DiT resident and park the idle one (its
-    /// weights dropped, reloaded from the memory-mapped files when a job
-    /// needs it). For devices that cannot hold both (Turbo and Base are
-    /// 12.3 GB each in bf16).
-    pub one_dit_at_a_time: bool,
+    /// Memory plan: what stays resident between jobs (`Auto` is resolved
+    /// from the device's memory when the models load; see
+    /// `zimage_engine::memory`). Parked DiTs and a released text encoder are
+    /// reloaded from the memory-mapped files when a job needs them.
+    pub memory_plan: MemoryPlan,
 }
 
 impl ModelConfig {
@@ -206,16 +213,30 @@ pub enum Event {
     },
 }
 
-/// The engine's memory plan and use: which weights are resident (shared
-/// components counted once) and how much memory the process holds.
+/// The engine's memory plan and use: the plan in force and why, which
+/// weights are resident (shared components counted once), what is parked or
+/// released, and how much memory the process holds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MemoryReport {
     /// (component, bytes) of every resident weight set, e.g. ("Turbo DiT", …).
     pub resident: Vec<(String, u64)>,
     /// Models whose DiT is parked (not in memory; reloaded when needed).
     pub parked: Vec<String>,
+    /// Text encoders not in memory (loaded only to encode a new prompt).
+    pub released: Vec<String>,
     /// Resident memory of the whole process (host RAM), where known.
     pub process_bytes: Option<u64>,
+    /// The plan in force (never `Auto`: what `Auto` resolved to).
+    pub plan: MemoryPlan,
+    /// Why, e.g. "Auto: 80.0 GB free on the GPU (of 85.0 GB) → keep everything".
+    pub plan_reason: String,
+    /// The plan's estimated peak: weights resident at once plus the working
+    /// memory of the default request.
+    pub estimated_peak: u64,
+    /// Times a text encoder was loaded (at start and after each release).
+    pub text_encoder_loads: u64,
+    /// Prompts run through a text encoder (cache misses).
+    pub prompts_encoded: u64,
 }
 
 impl MemoryReport {
@@ -425,11 +446,12 @@ impl Emitter {
     }
 }
 
-/// Prompt encodings keyed by (text encoder identity, prompt). Turbo and Base
-/// loaded from the same text-encoder files share one encoder, hence one key.
+/// Prompt encodings keyed by (text-encoder files, exact prompt text): Turbo
+/// and Base loaded from the same files share one key, and the key survives
+/// the text encoder being released and reloaded. Least recently used first out.
 struct PromptCache<B: Backend> {
-    map: HashMap<(usize, String), Tensor<B, 2>>,
-    order: VecDeque<(usize, String)>,
+    map: HashMap<(String, String), Tensor<B, 2>>,
+    order: VecDeque<(String, String)>,
 }
 
 impl<B: Backend> Default for PromptCache<B> {
@@ -441,47 +463,38 @@ impl<B: Backend> Default for PromptCache<B> {
 impl<B: Backend> PromptCache<B> {
     const CAPACITY: usize = 64;
 
-    /// The encoding and whether it came from the cache.
-    fn get(&mut self, pipe: &ZImagePipeline<B>, prompt: &str) -> zimage_engine::Result<(Tensor<B, 2>, bool)> {
-        let key = (Arc::as_ptr(&pipe.text) as usize, prompt.to_string());
-        if let Some(t) = self.map.get(&key) {
-            return Ok((t.clone(), true));
+    fn get(&mut self, encoder: &str, prompt: &str) -> Option<Tensor<B, 2>> {
+        let key = (encoder.to_string(), prompt.to_string());
+        let t = self.map.get(&key)?.clone();
+        if let Some(pos) = self.order.iter().position(|k| *k == key) {
+            let k = self.order.remove(pos).expect("position is in range");
+            self.order.push_back(k);
         }
-        let t = pipe.text.encode(prompt)?;
-        if self.order.len() >= Self::CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-        self.order.push_back(key.clone());
-        self.map.insert(key, t.clone());
-        Ok((t, false))
+        Some(t)
     }
 
-    /// Same result as `ZImagePipeline::encode`, through the cache.
-    fn conditioning(
-        &mut self,
-        pipe: &ZImagePipeline<B>,
-        req: &GenerateRequest,
-    ) -> zimage_engine::Result<(Conditioning<B>, bool)> {
-        let mut all_cached = true;
-        let mut positive = Vec::new();
-        for p in &req.prompts {
-            let (t, hit) = self.get(pipe, p)?;
-            all_cached &= hit;
-            positive.push(t);
+    fn insert(&mut self, encoder: &str, prompt: &str, t: Tensor<B, 2>) {
+        let key = (encoder.to_string(), prompt.to_string());
+        if self.map.insert(key.clone(), t).is_none() {
+            if self.order.len() >= Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+            self.order.push_back(key);
         }
-        let schedule = Schedule::new(req.steps, pipe.shift);
-        let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
-        let negative = if needs_negative {
-            let (t, hit) = self.get(pipe, &req.negative_prompt)?;
-            all_cached &= hit;
-            vec![t; req.prompts.len()]
-        } else {
-            Vec::new()
-        };
-        Ok((Conditioning { positive, negative }, all_cached))
     }
+}
+
+/// A text encoder (one per distinct set of tokenizer + text-encoder files,
+/// so Turbo and Base share one when their files are the same).
+struct Encoder<B: Backend> {
+    files: ModelFiles,
+    /// The files' identity: the prompt cache's key.
+    key: String,
+    /// `None` while released (the lowest memory plan).
+    text: Option<Arc<TextEncoder<B>>>,
+    params: u64,
 }
 
 struct Models<B: Backend> {
@@ -528,17 +541,32 @@ struct Worker<B: Backend> {
     rx: Receiver<Command>,
     out: Emitter,
     queue: Queue,
+    /// The loaded pipelines; their `text` is always `None`: the text
+    /// encoders live in `encoders`.
     models: Models<B>,
     model_state: HashMap<ModelSlot, ModelState>,
     cache: PromptCache<B>,
     config: ModelConfig,
     /// Per model: the LoRAs applied to its DiT (with the original weights they replaced).
     loras: HashMap<ModelSlot, (AppliedLoras<B>, Vec<LoraRef>)>,
-    /// Parked models: their files and the (still resident, shared) text
-    /// encoder and VAE, enough to reload the DiT.
+    /// Parked models: their files and the (still resident, shared) VAE,
+    /// enough to reload the DiT.
     parked: HashMap<ModelSlot, (ModelFiles, SharedComponents<B>)>,
     /// The files each loaded model came from.
     files: HashMap<ModelSlot, ModelFiles>,
+    /// Each model's checked files: sizes, configs (known before loading).
+    plans: HashMap<ModelSlot, ModelPlan>,
+    encoders: Vec<Encoder<B>>,
+    /// Which of `encoders` each model uses.
+    encoder_of: HashMap<ModelSlot, usize>,
+    /// The plan in force and why.
+    plan: ResolvedPlan,
+    sizes: PlanSizes,
+    /// Memory the plan may use, measured when the engine started (before it
+    /// held any weight), and its name in the plan's reason.
+    budget: (Option<u64>, String),
+    text_encoder_loads: u64,
+    prompts_encoded: u64,
     device: burn::tensor::Device<B>,
     /// Weight and compute dtype: f32 on the CPU, bf16 on GPUs.
     dtype: DType,
@@ -559,6 +587,14 @@ impl<B: Backend> Worker<B> {
             loras: HashMap::new(),
             parked: HashMap::new(),
             files: HashMap::new(),
+            plans: HashMap::new(),
+            encoders: Vec::new(),
+            encoder_of: HashMap::new(),
+            plan: ResolvedPlan { plan: MemoryPlan::KeepAll, reason: String::new() },
+            sizes: PlanSizes::default(),
+            budget: zimage_engine::device::memory_budget(kind),
+            text_encoder_loads: 0,
+            prompts_encoded: 0,
             device: Default::default(),
             dtype: kind.weight_dtype(),
             on_host: kind == DeviceKind::Cpu,
@@ -598,17 +634,7 @@ impl<B: Backend> Worker<B> {
     fn run_job(&mut self, id: JobId, spec: JobSpec) {
         self.queue.cancel_running = false;
         self.queue.superseded = false;
-        if self.parked.contains_key(&spec.slot) {
-            // Park the other model first, so both are never resident at once.
-            for other in [ModelSlot::Turbo, ModelSlot::Base] {
-                if other != spec.slot {
-                    self.park(other);
-                }
-            }
-            self.unpark(spec.slot);
-            self.report_memory();
-        }
-        let Some(pipe) = self.models.get(spec.slot) else {
+        if self.models.get(spec.slot).is_none() && !self.parked.contains_key(&spec.slot) {
             let why = match self.model_state.get(&spec.slot) {
                 Some(ModelState::Loading { .. }) => format!("the {} model is still loading", spec.slot.label()),
                 Some(ModelState::Failed(m)) => format!("the {} model could not be loaded: {m}", spec.slot.label()),
@@ -616,16 +642,14 @@ impl<B: Backend> Worker<B> {
             };
             self.out.emit(Event::Failed { id, message: why });
             return;
-        };
+        }
         self.out.emit(Event::Started { id });
         let panic_now = std::mem::take(&mut self.queue.inject_panic);
-        let loras = self.loras.get(&spec.slot).map(|(_, refs)| refs.clone()).unwrap_or_default();
-        let (queue, out, cache, rx) = (&mut self.queue, &self.out, &mut self.cache, &self.rx);
         let result = catch_unwind(AssertUnwindSafe(|| {
             if panic_now {
                 panic!("injected engine fault");
             }
-            run_pipeline(pipe, cache, &spec, id, loras, self.on_host, queue, out, rx)
+            self.job(id, &spec)
         }));
         match result {
             Ok(Ok(())) => self.report_memory(),
@@ -645,6 +669,8 @@ impl<B: Backend> Worker<B> {
                 self.out.emit(Event::EngineRestarted { reason: what });
                 // The models may be in any state after a panic: drop and reload them.
                 self.models = Models::default();
+                self.parked.clear();
+                self.encoders.clear();
                 self.loras.clear();
                 self.cache = PromptCache::default();
                 self.queue.load = Some(self.config.clone());
@@ -652,31 +678,250 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Reports the resident weights: the text encoder and VAE once when
-    /// Turbo and Base share them, each DiT, in the compute dtype.
-    fn report_memory(&self) {
-        let bytes = if self.dtype == DType::F32 { 4 } else { 2 };
-        let mut resident = Vec::new();
-        let mut seen = Vec::new();
-        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
-            let Some(pipe) = self.models.get(slot) else { continue };
-            let [(_, text), (_, dit), (_, vae)] = pipe.weight_bytes(bytes);
-            for (name, id, b) in [("text encoder", Arc::as_ptr(&pipe.text) as usize, text), ("VAE", Arc::as_ptr(&pipe.vae) as usize, vae)] {
-                if !seen.contains(&id) {
-                    seen.push(id);
-                    let owner = if resident.iter().any(|(n, _): &(String, u64)| n.ends_with(name)) { format!("{} {name}", slot.label()) } else { name.to_string() };
-                    resident.push((owner, b));
+    /// One job: check it, encode its prompts (through the cache), make its
+    /// DiT resident, sample.
+    fn job(&mut self, id: JobId, spec: &JobSpec) -> Result<(), JobEnd> {
+        let start = Instant::now();
+        let req = &spec.request;
+        let plan = self.plans.get(&spec.slot).ok_or_else(|| JobEnd::Error("the model's files are unknown".into()))?;
+        let pixel_multiple = (plan.vae_config.scale() * plan.dit_config.patch_size) as u32;
+        req.validate(pixel_multiple).map_err(engine_err)?;
+        // Running out of host memory aborts the process (no error to catch):
+        // refuse sizes that cannot fit before allocating anything.
+        if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| self.on_host) {
+            let need = plan.working_memory_bytes(req);
+            if need > available {
+                let n = req.prompts.len();
+                let what = if n > 1 {
+                    format!("{n} images of {}x{}", req.width, req.height)
+                } else {
+                    format!("a {}x{} image", req.width, req.height)
+                };
+                return Err(engine_err(EngineError::InsufficientMemory { what, need, available }));
+            }
+        }
+        let (cond, cached) = self.conditioning(spec.slot, req)?;
+        let running = (id, spec.kind);
+        // Commands that arrived while encoding may already supersede this job.
+        if drain(&self.rx, &mut self.queue, &self.out, Some(running)) || self.queue.cancel_running || self.queue.shutdown {
+            return Err(JobEnd::Cancelled);
+        }
+        if self.models.get(spec.slot).is_none() {
+            // Parked: park the other model first when one DiT at a time, so
+            // both are never resident at once.
+            if self.plan.plan.one_dit() {
+                for other in [ModelSlot::Turbo, ModelSlot::Base] {
+                    if other != spec.slot {
+                        self.park(other);
+                    }
                 }
             }
-            resident.push((format!("{} DiT", slot.label()), dit));
+            self.unpark(spec.slot);
+            self.report_memory();
         }
-        let parked = [ModelSlot::Turbo, ModelSlot::Base].into_iter().filter(|s| self.parked.contains_key(s)).map(|s| format!("{} DiT", s.label())).collect();
-        self.out.emit(Event::Memory(MemoryReport { resident, parked, process_bytes: zimage_engine::device::process_resident_memory() }));
+        let pipe = self
+            .models
+            .get(spec.slot)
+            .ok_or_else(|| JobEnd::Error(format!("the {} model could not be reloaded", spec.slot.label())))?;
+        let loras = self.loras.get(&spec.slot).map(|(_, refs)| refs.clone()).unwrap_or_default();
+        run_pipeline(pipe, &cond, cached, start, spec, id, loras, &mut self.queue, &self.out, &self.rx)
+    }
+
+    /// The caption features of a request from the cache, encoding what is
+    /// missing: the text encoder is loaded for that if it is released (with
+    /// the DiTs parked first under the lowest plan) and released again
+    /// afterwards. Also whether everything came from the cache.
+    fn conditioning(&mut self, slot: ModelSlot, req: &GenerateRequest) -> Result<(Conditioning<B>, bool), JobEnd> {
+        let index = *self.encoder_of.get(&slot).ok_or_else(|| JobEnd::Error("no text encoder for this model".into()))?;
+        let key = self.encoders[index].key.clone();
+        let shift = self.files.get(&slot).map_or(3.0, |f| f.shift);
+        let schedule = Schedule::new(req.steps, shift);
+        let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
+        let mut texts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        if needs_negative {
+            texts.push(&req.negative_prompt);
+        }
+        let mut loaded_here = false;
+        let mut all_cached = true;
+        let mut features = Vec::with_capacity(texts.len());
+        for text in &texts {
+            if let Some(t) = self.cache.get(&key, text) {
+                features.push(t);
+                continue;
+            }
+            all_cached = false;
+            if self.encoders[index].text.is_none() {
+                self.load_encoder(index, slot).map_err(engine_err)?;
+                loaded_here = true;
+            }
+            let encoder = self.encoders[index].text.as_ref().expect("loaded above");
+            let t = encoder.encode(text).map_err(engine_err)?;
+            self.prompts_encoded += 1;
+            self.cache.insert(&key, text, t.clone());
+            features.push(t);
+        }
+        if loaded_here && self.plan.plan.releases_text_encoder() {
+            self.encoders[index].text = None;
+            self.report_memory();
+        }
+        let negative = if needs_negative {
+            let neg = features.pop().expect("the negative prompt was pushed last");
+            vec![neg; req.prompts.len()]
+        } else {
+            Vec::new()
+        };
+        Ok((Conditioning { positive: features, negative }, all_cached))
+    }
+
+    /// Loads a released text encoder; under the lowest plan every DiT is
+    /// parked first, so the two are never resident together.
+    fn load_encoder(&mut self, index: usize, slot: ModelSlot) -> zimage_engine::Result<()> {
+        if self.plan.plan.releases_text_encoder() {
+            for s in [ModelSlot::Turbo, ModelSlot::Base] {
+                self.park(s);
+            }
+        }
+        self.out.emit(Event::Model { slot, state: ModelState::Loading { stage: "text encoder".into() } });
+        let loaded = loader::load_text_encoder::<B>(&self.encoders[index].files, &self.device, self.dtype, &mut |_, _, _| {});
+        // Back to what the model was (Ready), whether or not this worked.
+        if let Some(state) = self.model_state.get(&slot).cloned() {
+            self.out.emit(Event::Model { slot, state });
+        }
+        self.encoders[index].text = Some(loaded?);
+        self.text_encoder_loads += 1;
+        self.report_memory();
+        Ok(())
+    }
+
+    /// Reports the plan and the resident weights: each text encoder and VAE
+    /// once (Turbo and Base share them when their files are the same), each
+    /// DiT, in the compute dtype.
+    fn report_memory(&self) {
+        let bytes = if self.dtype == DType::F32 { 4 } else { 2 };
+        let mut resident: Vec<(String, u64)> = Vec::new();
+        let mut released = Vec::new();
+        let mut seen_encoders = Vec::new();
+        let mut seen_vaes = Vec::new();
+        let name = |resident: &[(String, u64)], slot: ModelSlot, what: &str| {
+            if resident.iter().any(|(n, _)| n.ends_with(what)) {
+                format!("{} {what}", slot.label())
+            } else {
+                what.to_string()
+            }
+        };
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            if let Some(&i) = self.encoder_of.get(&slot) {
+                if !seen_encoders.contains(&i) {
+                    seen_encoders.push(i);
+                    let n = name(&resident, slot, "text encoder");
+                    match self.encoders.get(i) {
+                        Some(e) if e.text.is_some() => resident.push((n, e.params * bytes)),
+                        Some(_) => released.push(n),
+                        None => {}
+                    }
+                }
+            }
+            let vae = self.models.get(slot).map(|p| &p.vae).or_else(|| self.parked.get(&slot).map(|(_, c)| &c.vae));
+            if let Some(vae) = vae {
+                let id = Arc::as_ptr(vae) as usize;
+                if !seen_vaes.contains(&id) {
+                    seen_vaes.push(id);
+                    use burn::module::Module;
+                    resident.push((name(&resident, slot, "VAE"), vae.num_params() as u64 * bytes));
+                }
+            }
+            if let Some(pipe) = self.models.get(slot) {
+                resident.push((format!("{} DiT", slot.label()), pipe.weight_bytes(bytes)[1].1));
+            }
+        }
+        let parked = [ModelSlot::Turbo, ModelSlot::Base]
+            .into_iter()
+            .filter(|s| self.parked.contains_key(s))
+            .map(|s| format!("{} DiT", s.label()))
+            .collect();
+        self.out.emit(Event::Memory(MemoryReport {
+            resident,
+            parked,
+            released,
+            process_bytes: zimage_engine::device::process_resident_memory(),
+            plan: self.plan.plan,
+            plan_reason: self.plan.reason.clone(),
+            estimated_peak: self.sizes.peak(self.plan.plan),
+            text_encoder_loads: self.text_encoder_loads,
+            prompts_encoded: self.prompts_encoded,
+        }));
     }
 
     fn set_state(&mut self, slot: ModelSlot, state: ModelState) {
         self.model_state.insert(slot, state.clone());
         self.out.emit(Event::Model { slot, state });
+    }
+
+    /// What each plan needs for the configured models (each text encoder and
+    /// VAE counted once), with the working memory of the default request:
+    /// the live one, Turbo's defaults at its natural size (Base's when only
+    /// Base is configured).
+    fn plan_sizes(&self) -> PlanSizes {
+        let bytes = if self.dtype == DType::F32 { 4 } else { 2 };
+        let mut sizes = PlanSizes::default();
+        let mut seen_encoders = Vec::new();
+        let mut seen_vaes: Vec<&ModelFiles> = Vec::new();
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            let (Some(plan), Some(files)) = (self.plans.get(&slot), self.files.get(&slot)) else { continue };
+            let dit = plan.dit_params * bytes;
+            match slot {
+                ModelSlot::Turbo => sizes.turbo_dit = dit,
+                ModelSlot::Base => sizes.base_dit = dit,
+            }
+            if let Some(&i) = self.encoder_of.get(&slot) {
+                if !seen_encoders.contains(&i) {
+                    seen_encoders.push(i);
+                    sizes.text_encoder += plan.text_encoder_params * bytes;
+                }
+            }
+            if !seen_vaes.iter().any(|f| same_shared_files(f, files)) {
+                seen_vaes.push(files);
+                sizes.vae += plan.vae_params * bytes;
+            }
+            if sizes.working == 0 {
+                let mut req = GenerateRequest::new("", slot.kind());
+                (req.width, req.height) = (files.default_size, files.default_size);
+                // The estimate counts f32 activations; bf16 devices hold half.
+                sizes.working = plan.working_memory_bytes(&req) * bytes / 4;
+            }
+        }
+        sizes
+    }
+
+    /// Applies the plan in force to what is loaded: parks the idle DiT (one
+    /// at a time) or brings it back, releases or loads the text encoders.
+    fn apply_plan(&mut self) {
+        let plan = self.plan.plan;
+        if plan.one_dit() {
+            let resident: Vec<ModelSlot> =
+                [ModelSlot::Turbo, ModelSlot::Base].into_iter().filter(|s| self.models.get(*s).is_some()).collect();
+            // Keep Turbo (the live model) when both are resident.
+            if resident.len() == 2 {
+                self.park(ModelSlot::Base);
+            }
+        } else {
+            for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+                self.unpark(slot);
+            }
+        }
+        for index in 0..self.encoders.len() {
+            if plan.releases_text_encoder() {
+                self.encoders[index].text = None;
+            } else if self.encoders[index].text.is_none() {
+                let slot = [ModelSlot::Turbo, ModelSlot::Base]
+                    .into_iter()
+                    .find(|s| self.encoder_of.get(s) == Some(&index))
+                    .unwrap_or(ModelSlot::Turbo);
+                if let Err(e) = self.load_encoder(index, slot) {
+                    self.set_state(slot, ModelState::Failed(one_line(&e.to_string())));
+                }
+            }
+        }
     }
 
     fn load(&mut self, config: ModelConfig) {
@@ -695,13 +940,8 @@ impl<B: Backend> Worker<B> {
                     self.apply_loras(slot);
                 }
             }
-            if config.one_dit_at_a_time && self.models.turbo.is_some() {
-                self.park(ModelSlot::Base);
-            } else if !config.one_dit_at_a_time {
-                for slot in [ModelSlot::Turbo, ModelSlot::Base] {
-                    self.unpark(slot);
-                }
-            }
+            self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
+            self.apply_plan();
             self.report_memory();
             return;
         }
@@ -709,16 +949,32 @@ impl<B: Backend> Worker<B> {
         self.models = Models::default();
         self.parked.clear();
         self.loras.clear();
+        self.files.clear();
+        self.plans.clear();
+        self.encoders.clear();
+        self.encoder_of.clear();
         self.cache = PromptCache::default();
-        let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
+        // 1. Find and check every model's files (nothing loaded yet), so the
+        //    plan is known before anything is loaded.
+        let mut usable = Vec::new();
         for (slot, arg) in [(ModelSlot::Turbo, &config.turbo), (ModelSlot::Base, &config.base)] {
             let Some(arg) = arg else {
                 self.set_state(slot, ModelState::NotConfigured);
                 continue;
             };
-            self.set_state(slot, ModelState::Loading { stage: "locating files".into() });
-            match self.load_one(slot, arg, &mut shared) {
-                Ok(pipe) => {
+            self.set_state(slot, ModelState::Loading { stage: "checking files".into() });
+            match self.check_one(slot, arg) {
+                Ok(()) => usable.push(slot),
+                Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
+            }
+        }
+        self.sizes = self.plan_sizes();
+        self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
+        // 2. Load what the plan keeps resident.
+        let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
+        for slot in usable {
+            match self.load_one(slot, &mut shared) {
+                Ok(Some(pipe)) => {
                     let (name, default_size, default_steps) = (pipe.name.clone(), pipe.default_size, pipe.default_steps);
                     *self.models.slot_mut(slot) = Some(pipe);
                     self.set_state(slot, ModelState::Ready { name, default_size, default_steps });
@@ -726,15 +982,43 @@ impl<B: Backend> Worker<B> {
                         self.apply_loras(slot);
                     }
                 }
+                // Parked from the start: checked, reloaded when a job needs it.
+                Ok(None) => {
+                    let files = &self.files[&slot];
+                    let state = ModelState::Ready {
+                        name: files.name.clone(),
+                        default_size: files.default_size,
+                        default_steps: files.default_steps.unwrap_or_else(|| ModelKind::from_shift(files.shift).default_steps()),
+                    };
+                    self.set_state(slot, state);
+                }
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
-            }
-            // One DiT at a time: the Base DiT is parked right after it loads
-            // (a model must load once to be checked and to report its defaults).
-            if slot == ModelSlot::Base && config.one_dit_at_a_time && self.models.turbo.is_some() {
-                self.park(ModelSlot::Base);
             }
         }
         self.report_memory();
+    }
+
+    /// Locates and checks `slot`'s files and finds (or adds) its text encoder.
+    fn check_one(&mut self, slot: ModelSlot, arg: &str) -> zimage_engine::Result<()> {
+        let path = loader::resolve_model(arg)?;
+        let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
+        let plan = loader::plan_model::<B>(&files, &self.device)?;
+        let index = match self.encoders.iter().position(|e| same_text_files(&e.files, &files)) {
+            Some(i) => i,
+            None => {
+                self.encoders.push(Encoder {
+                    key: text_files_key(&files),
+                    files: files.clone(),
+                    text: None,
+                    params: plan.text_encoder_params,
+                });
+                self.encoders.len() - 1
+            }
+        };
+        self.encoder_of.insert(slot, index);
+        self.files.insert(slot, files);
+        self.plans.insert(slot, plan);
+        Ok(())
     }
 
     /// Drops `slot`'s DiT, keeping what reloads it (a no-op when it is not resident).
@@ -742,7 +1026,7 @@ impl<B: Backend> Worker<B> {
         // Unknown files: it could not be reloaded, so it stays.
         let Some(files) = self.files.get(&slot).cloned() else { return };
         let Some(pipe) = self.models.slot_mut(slot).take() else { return };
-        let comps = SharedComponents { text: pipe.text.clone(), vae: pipe.vae.clone(), vae_scale: pipe.vae_scale, preview: pipe.preview.clone() };
+        let comps = components_of(&pipe);
         self.loras.remove(&slot);
         drop(pipe);
         self.parked.insert(slot, (files, comps));
@@ -804,15 +1088,17 @@ impl<B: Backend> Worker<B> {
         self.out.emit(Event::Loras { slot, state });
     }
 
+    /// Loads `slot` as the plan says: its shared components unless an
+    /// earlier model has the same files, the text encoder unless the plan
+    /// releases it, and its DiT, or (one DiT at a time, another resident)
+    /// nothing: `None`, parked.
     fn load_one(
         &mut self,
         slot: ModelSlot,
-        arg: &str,
         shared: &mut Option<(ModelFiles, SharedComponents<B>)>,
-    ) -> zimage_engine::Result<ZImagePipeline<B>> {
-        let path = loader::resolve_model(arg)?;
-        let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
-        self.files.insert(slot, files.clone());
+    ) -> zimage_engine::Result<Option<ZImagePipeline<B>>> {
+        let files = self.files[&slot].clone();
+        let index = self.encoder_of[&slot];
         let reuse = matches!(shared, Some((f, _)) if same_shared_files(f, &files));
         let out = &self.out;
         let mut last = None;
@@ -827,25 +1113,67 @@ impl<B: Backend> Worker<B> {
                 out.emit(Event::Model { slot, state: ModelState::Loading { stage: stage.into() } });
             }
         };
+        let with_text = !self.plan.plan.releases_text_encoder() && self.encoders[index].text.is_none();
         if !reuse {
             // VAE encoder included: the Base refine is img2img.
-            let comps = loader::load_shared::<B>(&files, &self.device, self.dtype, true, &mut progress)?;
+            let mut comps =
+                loader::load_shared_with::<B>(&files, &self.device, self.dtype, true, with_text, &mut progress)?;
+            if let Some(text) = comps.text.take() {
+                self.encoders[index].text = Some(text);
+                self.text_encoder_loads += 1;
+            }
             *shared = Some((files.clone(), comps));
         }
         let comps = &shared.as_ref().expect("shared components were just loaded").1;
-        loader::load_pipeline_with::<B>(&files, comps, &self.device, self.dtype, &mut progress)
+        let other_resident = [ModelSlot::Turbo, ModelSlot::Base].into_iter().any(|s| s != slot && self.models.get(s).is_some());
+        if self.plan.plan.one_dit() && other_resident {
+            self.parked.insert(slot, (files, bare(comps)));
+            return Ok(None);
+        }
+        loader::load_pipeline_with::<B>(&files, comps, &self.device, self.dtype, &mut progress).map(Some)
     }
+}
+
+/// A pipeline's shared components without the text encoder (the worker keeps those).
+fn components_of<B: Backend>(pipe: &ZImagePipeline<B>) -> SharedComponents<B> {
+    SharedComponents {
+        text: None,
+        text_dim: pipe.dit_config.cap_feat_dim,
+        vae: pipe.vae.clone(),
+        vae_scale: pipe.vae_scale,
+        preview: pipe.preview.clone(),
+    }
+}
+
+fn bare<B: Backend>(c: &SharedComponents<B>) -> SharedComponents<B> {
+    SharedComponents { text: None, text_dim: c.text_dim, vae: c.vae.clone(), vae_scale: c.vae_scale, preview: c.preview.clone() }
+}
+
+fn canon(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn canon_all(v: &[PathBuf]) -> Vec<PathBuf> {
+    v.iter().map(|p| canon(p)).collect()
+}
+
+/// Whether two models use the same tokenizer and text-encoder files.
+fn same_text_files(a: &ModelFiles, b: &ModelFiles) -> bool {
+    canon(&a.tokenizer) == canon(&b.tokenizer) && canon_all(&a.text_encoder.files) == canon_all(&b.text_encoder.files)
 }
 
 /// Whether two models use the same tokenizer, text encoder and VAE files.
 fn same_shared_files(a: &ModelFiles, b: &ModelFiles) -> bool {
-    fn canon(p: &Path) -> PathBuf {
-        p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
-    }
-    let files = |v: &[PathBuf]| v.iter().map(|p| canon(p)).collect::<Vec<_>>();
-    canon(&a.tokenizer) == canon(&b.tokenizer)
-        && files(&a.text_encoder.files) == files(&b.text_encoder.files)
-        && files(&a.vae.files) == files(&b.vae.files)
+    same_text_files(a, b) && canon_all(&a.vae.files) == canon_all(&b.vae.files)
+}
+
+/// The identity of a model's tokenizer + text-encoder files (the prompt cache's key).
+fn text_files_key(files: &ModelFiles) -> String {
+    std::iter::once(canon(&files.tokenizer))
+        .chain(canon_all(&files.text_encoder.files))
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 enum JobEnd {
@@ -853,36 +1181,28 @@ enum JobEnd {
     Error(String),
 }
 
+fn engine_err(e: EngineError) -> JobEnd {
+    match e {
+        EngineError::Cancelled => JobEnd::Cancelled,
+        other => JobEnd::Error(one_line(&other.to_string())),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_pipeline<B: Backend>(
     pipe: &ZImagePipeline<B>,
-    cache: &mut PromptCache<B>,
+    cond: &Conditioning<B>,
+    cached: bool,
+    start: Instant,
     spec: &JobSpec,
     id: JobId,
     loras: Vec<LoraRef>,
-    on_host: bool,
     queue: &mut Queue,
     out: &Emitter,
     rx: &Receiver<Command>,
 ) -> Result<(), JobEnd> {
-    let start = Instant::now();
     let req = &spec.request;
-    let err = |e: EngineError| match e {
-        EngineError::Cancelled => JobEnd::Cancelled,
-        other => JobEnd::Error(one_line(&other.to_string())),
-    };
-    req.validate(pipe.pixel_multiple()).map_err(err)?;
-    // Running out of host memory aborts the process (no error to catch):
-    // refuse sizes that cannot fit before allocating anything.
-    if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| on_host) {
-        pipe.check_memory(req, available).map_err(err)?;
-    }
-    let (cond, cached) = cache.conditioning(pipe, req).map_err(err)?;
     let running = (id, spec.kind);
-    // Commands that arrived while encoding may already supersede this job.
-    if drain(rx, queue, out, Some(running)) || queue.cancel_running || queue.shutdown {
-        return Err(JobEnd::Cancelled);
-    }
     let sample_start = Instant::now();
     let mut steps = 0usize;
     let mut on_step = |p: &zimage_engine::pipeline::StepProgress| -> bool {
@@ -891,7 +1211,7 @@ fn run_pipeline<B: Backend>(
         let disconnected = drain(rx, queue, out, Some(running));
         !(disconnected || queue.cancel_running || queue.shutdown)
     };
-    let generated = pipe.generate_with(req, &cond, true, &mut on_step).map_err(err)?;
+    let generated = pipe.generate_with(req, cond, true, &mut on_step).map_err(engine_err)?;
     let per_step = sample_start.elapsed() / steps.max(1) as u32;
     let image =
         generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
@@ -1423,7 +1743,7 @@ mod tests {
         let (base_ref, m) = run(&mut both, ModelSlot::Base);
         assert!(m.parked.is_empty());
 
-        let config = ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")), one_dit_at_a_time: true, ..Default::default() };
+        let config = ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")), memory_plan: MemoryPlan::OneDitAtATime, ..Default::default() };
         let mut h = EngineHandle::spawn(Arc::new(|| {}));
         h.load_models(config.clone());
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
@@ -1437,7 +1757,7 @@ mod tests {
         assert_eq!(turbo, turbo_ref);
         assert_eq!(m.parked, ["Base DiT"]);
         // Switching the plan off brings the parked model back without a full reload.
-        h.load_models(ModelConfig { one_dit_at_a_time: false, ..config });
+        h.load_models(ModelConfig { memory_plan: MemoryPlan::KeepAll, ..config });
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(m) if m.parked.is_empty())));
         assert!(!evs.iter().any(|e| matches!(e, Event::Model { slot: ModelSlot::Turbo, .. })), "Turbo was not reloaded: {evs:?}");
     }
@@ -1460,6 +1780,142 @@ mod tests {
         assert_eq!(report.weights_total(), report.resident.iter().map(|(_, b)| b).sum::<u64>());
         #[cfg(target_os = "linux")]
         assert!(report.process_bytes.is_some_and(|p| p > report.weights_total()));
+        // Auto on the CPU: the tiny models fit in host memory.
+        assert_eq!(report.plan, MemoryPlan::KeepAll);
+        assert!(report.plan_reason.starts_with("Auto: ") && report.plan_reason.ends_with("host memory available → keep everything"), "{}", report.plan_reason);
+        assert!(report.estimated_peak > report.weights_total());
+        assert!(report.released.is_empty() && report.parked.is_empty());
+        assert_eq!(report.text_encoder_loads, 1, "one shared text encoder, loaded once");
+    }
+
+    /// Runs one 3-step job; its image, whether its conditioning came from the
+    /// cache, and the memory report after it.
+    fn run_job(h: &mut EngineHandle, slot: ModelSlot, prompt: &str, seed: u64) -> (Vec<u8>, bool, MemoryReport) {
+        let mut r = request(prompt, slot.kind());
+        r.steps = 3;
+        r.seed = seed;
+        let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: r });
+        // The report follows the Finished event.
+        let evs = collect(h, |e| {
+            let done = e.iter().position(|e| matches!(e, Event::Finished { id: i, .. } if *i == id));
+            done.is_some_and(|d| e[d..].iter().any(|e| matches!(e, Event::Memory(_))))
+                || e.iter().any(|e| matches!(e, Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
+        });
+        let (image, cached) = evs
+            .iter()
+            .find_map(|e| match e {
+                Event::Finished { image, conditioning_cached, .. } => Some((image.pixels.clone(), *conditioning_cached)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{evs:?}"));
+        let memory = evs.iter().rev().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None });
+        (image, cached, memory.expect("a memory report after the job"))
+    }
+
+    fn engine_with(plan: MemoryPlan) -> (EngineHandle, MemoryReport) {
+        let mut h = EngineHandle::spawn(Arc::new(|| {}));
+        h.load_models(ModelConfig {
+            turbo: Some(fixture("tiny-turbo")),
+            base: Some(fixture("tiny-base")),
+            memory_plan: plan,
+            ..Default::default()
+        });
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
+        let m = evs.iter().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None });
+        (h, m.expect("memory report"))
+    }
+
+    #[test]
+    fn lowest_plan_releases_the_text_encoder_after_encoding_and_images_are_unchanged() {
+        let (mut all, m) = engine_with(MemoryPlan::KeepAll);
+        assert_eq!((m.plan, m.plan_reason.as_str()), (MemoryPlan::KeepAll, "Keep everything (chosen in Settings)"));
+        let turbo_ref = run_job(&mut all, ModelSlot::Turbo, "a lighthouse", 7).0;
+        let base_ref = run_job(&mut all, ModelSlot::Base, "a lighthouse", 7).0;
+        let fox_ref = run_job(&mut all, ModelSlot::Turbo, "a red fox", 7).0;
+
+        let (mut h, m) = engine_with(MemoryPlan::Lowest);
+        assert_eq!(m.plan, MemoryPlan::Lowest);
+        assert_eq!(m.released, ["text encoder"], "checked, never loaded: {m:?}");
+        assert_eq!(m.parked, ["Base DiT"]);
+        assert!(!m.resident.iter().any(|(n, _)| n.contains("text encoder")), "{m:?}");
+        assert_eq!(m.text_encoder_loads, 0);
+
+        let (image, cached, m) = run_job(&mut h, ModelSlot::Turbo, "a lighthouse", 7);
+        assert_eq!(image, turbo_ref, "same image as with everything resident");
+        assert!(!cached);
+        assert_eq!((m.text_encoder_loads, m.prompts_encoded), (1, 1));
+        assert_eq!(m.released, ["text encoder"], "dropped after encoding: {m:?}");
+        assert!(m.resident.iter().any(|(n, _)| n == "Turbo DiT"), "the DiT is back: {m:?}");
+
+        // Same prompt, another seed: from the cache, no encoder.
+        let (_, cached, m) = run_job(&mut h, ModelSlot::Turbo, "a lighthouse", 8);
+        assert!(cached);
+        assert_eq!((m.text_encoder_loads, m.prompts_encoded), (1, 1));
+
+        // Base shares the text encoder: its positive prompt is cached, only
+        // the negative prompt (CFG) is new.
+        let (image, cached, m) = run_job(&mut h, ModelSlot::Base, "a lighthouse", 7);
+        assert_eq!(image, base_ref);
+        assert!(!cached);
+        assert_eq!((m.text_encoder_loads, m.prompts_encoded), (2, 2));
+        assert_eq!(m.parked, ["Turbo DiT"]);
+
+        // A new prompt reloads it, and the image is still the same.
+        let (image, _, m) = run_job(&mut h, ModelSlot::Turbo, "a red fox", 7);
+        assert_eq!(image, fox_ref);
+        assert_eq!((m.text_encoder_loads, m.prompts_encoded), (3, 3));
+        assert_eq!(m.released, ["text encoder"]);
+
+        // Switching to keep everything loads it back (and the parked DiT).
+        h.load_models(ModelConfig {
+            turbo: Some(fixture("tiny-turbo")),
+            base: Some(fixture("tiny-base")),
+            memory_plan: MemoryPlan::KeepAll,
+            ..Default::default()
+        });
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(m) if m.plan == MemoryPlan::KeepAll)));
+        let m = evs.iter().rev().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None }).unwrap();
+        assert!(m.released.is_empty() && m.parked.is_empty(), "{m:?}");
+        assert_eq!(m.text_encoder_loads, 4);
+    }
+
+    #[test]
+    fn repeated_prompts_never_rerun_the_text_encoder() {
+        let (mut h, m) = engine_with(MemoryPlan::KeepAll);
+        assert_eq!((m.text_encoder_loads, m.prompts_encoded), (1, 0));
+        let (first, cached, m) = run_job(&mut h, ModelSlot::Turbo, "a lighthouse", 7);
+        assert!(!cached);
+        assert_eq!(m.prompts_encoded, 1);
+        // Re-render, other seeds, a variation batch: no encoder run.
+        for seed in [7, 8, 9] {
+            let (image, cached, m) = run_job(&mut h, ModelSlot::Turbo, "a lighthouse", seed);
+            assert!(cached, "seed {seed}");
+            assert_eq!((m.text_encoder_loads, m.prompts_encoded), (1, 1));
+            if seed == 7 {
+                assert_eq!(image, first, "a cached encoding draws the same image");
+            }
+        }
+        // The exact text is the key: one more character is a new prompt.
+        let (_, cached, m) = run_job(&mut h, ModelSlot::Turbo, "a lighthouse!", 7);
+        assert!(!cached);
+        assert_eq!(m.prompts_encoded, 2);
+    }
+
+    #[test]
+    fn the_prompt_cache_drops_the_least_recently_used_entry() {
+        let device = Default::default();
+        let t = |v: f32| Tensor::<CpuBackend, 2>::full([1, 1], v, &device);
+        let mut cache = PromptCache::<CpuBackend>::default();
+        for i in 0..PromptCache::<CpuBackend>::CAPACITY {
+            cache.insert("enc", &format!("p{i}"), t(i as f32));
+        }
+        assert!(cache.get("enc", "p0").is_some(), "p0 becomes the most recent");
+        assert!(cache.get("other encoder", "p0").is_none(), "the key includes the text encoder's files");
+        cache.insert("enc", "new", t(-1.0));
+        assert!(cache.get("enc", "p1").is_none(), "p1 was the least recently used");
+        assert!(cache.get("enc", "p0").is_some() && cache.get("enc", "new").is_some());
+        assert_eq!(cache.map.len(), PromptCache::<CpuBackend>::CAPACITY);
+        assert_eq!(cache.order.len(), cache.map.len());
     }
 
     #[test]

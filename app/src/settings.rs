@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use zimage_engine::memory::MemoryPlan;
+
 use crate::state::{AspectPreset, RefineMode, SeedMode};
 
 /// Everything the user chose that should survive a restart. `#[serde(default)]`
@@ -39,8 +41,9 @@ pub struct Settings {
     pub variations: usize,
     /// Where the models run: `auto`, `cpu`, `cuda` or `wgpu`.
     pub device: String,
-    /// Memory plan: only one DiT in memory, the idle one reloaded when needed.
-    pub one_dit_at_a_time: bool,
+    /// Memory plan: what stays resident (`auto` picks from the device's
+    /// memory). Replaces `one_dit_at_a_time` (true → `one_dit_at_a_time`).
+    pub memory_plan: MemoryPlan,
     /// The first-run welcome was answered (a choice made or dismissed).
     pub welcome_done: bool,
     /// LoRAs per model, applied in order.
@@ -80,7 +83,7 @@ impl Default for Settings {
             refine_strength: 0.6,
             variations: 8,
             device: "auto".into(),
-            one_dit_at_a_time: false,
+            memory_plan: MemoryPlan::Auto,
             welcome_done: false,
             turbo_loras: Vec::new(),
             base_loras: Vec::new(),
@@ -140,7 +143,7 @@ impl Settings {
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.settings_file();
         match std::fs::read_to_string(&file) {
-            Ok(text) => match serde_json::from_str(&text) {
+            Ok(text) => match Self::from_json(&text) {
                 Ok(s) => (s, None),
                 Err(e) => (
                     Self::default(),
@@ -150,6 +153,20 @@ impl Settings {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), None),
             Err(e) => (Self::default(), Some(format!("cannot read {}: {e}; using defaults", file.display()))),
         }
+    }
+
+    /// Parses a settings file, migrating older fields: the boolean
+    /// `one_dit_at_a_time` became `memory_plan` (true → one DiT at a time).
+    fn from_json(text: &str) -> serde_json::Result<Self> {
+        let mut value: serde_json::Value = serde_json::from_str(text)?;
+        if let Some(map) = value.as_object_mut() {
+            if let Some(old) = map.remove("one_dit_at_a_time") {
+                if old.as_bool() == Some(true) && !map.contains_key("memory_plan") {
+                    map.insert("memory_plan".into(), serde_json::to_value(MemoryPlan::OneDitAtATime)?);
+                }
+            }
+        }
+        serde_json::from_value(value)
     }
 
     pub fn save(&self, paths: &Paths) -> Result<()> {
@@ -182,6 +199,30 @@ mod tests {
         // Older files with fewer fields still load.
         std::fs::write(paths.settings_file(), r#"{"width": 320}"#).unwrap();
         assert_eq!(Settings::load(&paths).0.width, 320);
+    }
+
+    #[test]
+    fn the_old_one_dit_boolean_becomes_a_memory_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let load = |json: &str| {
+            std::fs::write(paths.settings_file(), json).unwrap();
+            let (s, warn) = Settings::load(&paths);
+            assert!(warn.is_none(), "{warn:?}");
+            s
+        };
+        assert_eq!(load(r#"{"one_dit_at_a_time": true, "width": 320}"#).memory_plan, MemoryPlan::OneDitAtATime);
+        assert_eq!(load(r#"{"one_dit_at_a_time": true, "width": 320}"#).width, 320);
+        assert_eq!(load(r#"{"one_dit_at_a_time": false}"#).memory_plan, MemoryPlan::Auto);
+        assert_eq!(load(r#"{}"#).memory_plan, MemoryPlan::Auto);
+        // A newer file's plan wins over a leftover boolean.
+        assert_eq!(load(r#"{"one_dit_at_a_time": true, "memory_plan": "lowest"}"#).memory_plan, MemoryPlan::Lowest);
+        // Saved as the plan only.
+        let s = Settings { memory_plan: MemoryPlan::KeepAll, ..Settings::default() };
+        s.save(&paths).unwrap();
+        let text = std::fs::read_to_string(paths.settings_file()).unwrap();
+        assert!(text.contains(r#""memory_plan": "keep_all""#) && !text.contains("one_dit"), "{text}");
+        assert_eq!(Settings::load(&paths).0, s);
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn random_pipeline<B: Backend>(
     Ok(ZImagePipeline {
         name: format!("{} (random weights)", model.name),
         kind,
-        text: Arc::new(text),
+        text: Some(Arc::new(text)),
         dit,
         dit_config: model.dit.clone(),
         vae: Arc::new(vae),
@@ -185,7 +185,7 @@ pub fn run<B: Backend>(
     device_name: &str,
 ) -> Result<BenchReport> {
     let device = pipe.device.clone();
-    let prompt_tokens = pipe.text.tokenizer.encode(&req.prompts[0])?.len();
+    let prompt_tokens = pipe.text_encoder()?.tokenizer.encode(&req.prompts[0])?.len();
 
     let one = |record: bool| -> Result<(f64, f64, Vec<f64>, f64)> {
         let start = Instant::now();

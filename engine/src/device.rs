@@ -81,6 +81,33 @@ pub fn host_available_memory() -> Option<u64> {
     parse_mem_available(&text)
 }
 
+/// Free and total memory of the first CUDA GPU in bytes, from the driver
+/// (`cuMemGetInfo` on its primary context, the one burn-cuda uses); `None`
+/// when no GPU answers.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory() -> Option<(u64, u64)> {
+    let ctx = cudarc::driver::CudaContext::new(0).ok()?;
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+/// The memory a memory plan may use on `kind`, measured before any model is
+/// loaded, and how to name it in a sentence: host memory available on the
+/// CPU, free GPU memory on CUDA; `None` for wgpu, which cannot say.
+pub fn memory_budget(kind: DeviceKind) -> (Option<u64>, String) {
+    match kind {
+        DeviceKind::Cpu => (host_available_memory(), "host memory available".into()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => match cuda_memory() {
+            Some((free, total)) => (Some(free), format!("free on the GPU (of {:.1} GB)", total as f64 / 1e9)),
+            None => (None, "the CUDA driver".into()),
+        },
+        #[allow(unreachable_patterns)]
+        DeviceKind::Cuda => (None, "CUDA".into()),
+        DeviceKind::Wgpu => (None, "wgpu".into()),
+    }
+}
+
 /// Resident memory of this process (`/proc/self/statm`); `None` where unknown.
 pub fn process_resident_memory() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fp8;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod metadata;
 pub mod nn;
 pub mod pipeline;

@@ -305,6 +305,20 @@ pub enum LoadStage {
 /// Progress while loading: stage, tensors loaded, bytes loaded.
 pub type LoadProgress<'a> = &'a mut dyn FnMut(LoadStage, usize, u64);
 
+/// Plans a module and checks the plan against the store (nothing is read);
+/// evaluates to the number of parameters the module will hold.
+macro_rules! plan_checked {
+    ($component:expr, $store:expr, $layout:expr, $device:expr, |$src:ident| $build:expr) => {{
+        let mut plan = ShapePlan::<B>::new($device);
+        {
+            let $src = &mut plan;
+            let _ = $build?;
+        }
+        check_plan($component, &plan.requested, $store, &$layout)?;
+        plan.requested.iter().map(|(_, shape)| shape.iter().product::<usize>() as u64).sum::<u64>()
+    }};
+}
+
 /// Plans a module, checks the plan against the store, then loads it.
 macro_rules! load_checked {
     ($component:expr, $store:expr, $layout:expr, $device:expr, $dtype:expr, $progress:expr, $stage:expr, |$src:ident| $build:expr) => {{
@@ -380,7 +394,11 @@ fn vae_config(files: &ComponentFiles) -> Result<VaeConfig> {
 
 /// The shared parts (tokenizer + text encoder, VAE) of a model.
 pub struct SharedComponents<B: Backend> {
-    pub text: Arc<TextEncoder<B>>,
+    /// `None` when the text encoder is not resident (checked, not loaded:
+    /// the app's lowest memory plan loads it only to encode a prompt).
+    pub text: Option<Arc<TextEncoder<B>>>,
+    /// Width of the text encoder's features (what the DiT's caption embedder takes).
+    pub text_dim: usize,
     pub vae: Arc<Vae<B>>,
     pub vae_scale: usize,
     /// The step previews' latent → RGB map for this VAE.
@@ -397,16 +415,10 @@ fn vae_preview(files: &ComponentFiles) -> LatentRgb {
         .unwrap_or_default()
 }
 
-/// Loads the text encoder (with tokenizer) and the VAE.
-pub fn load_shared<B: Backend>(
-    files: &ModelFiles,
-    device: &B::Device,
-    dtype: DType,
-    with_encoder: bool,
-    progress: LoadProgress<'_>,
-) -> Result<SharedComponents<B>> {
+/// The tokenizer, the text encoder's store, layout and config, checked
+/// against each other.
+fn open_text_encoder(files: &ModelFiles) -> Result<(PromptTokenizer, TensorStore, KeyLayout, Qwen3Config)> {
     let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
-
     let store = TensorStore::open_files(&files.text_encoder.files)?;
     let layout = KeyLayout::detect_text_encoder(&store)?;
     let qcfg = qwen_config(&files.text_encoder, &store, &layout)?;
@@ -417,11 +429,54 @@ pub fn load_shared<B: Backend>(
             qcfg.vocab_size
         )));
     }
+    Ok((tokenizer, store, layout, qcfg))
+}
+
+/// Loads the text encoder (with its tokenizer) alone.
+pub fn load_text_encoder<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+    progress: LoadProgress<'_>,
+) -> Result<Arc<TextEncoder<B>>> {
+    let (tokenizer, store, layout, qcfg) = open_text_encoder(files)?;
     let qwen: Qwen3Encoder<B> =
         load_checked!("text encoder", &store, layout, device, dtype, progress, LoadStage::TextEncoder, |src| {
             Qwen3Encoder::<B>::build(&qcfg, src)
         });
-    drop(store);
+    Ok(Arc::new(TextEncoder { tokenizer, model: qwen }))
+}
+
+/// Loads the text encoder (with tokenizer) and the VAE.
+pub fn load_shared<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+    with_encoder: bool,
+    progress: LoadProgress<'_>,
+) -> Result<SharedComponents<B>> {
+    load_shared_with(files, device, dtype, with_encoder, true, progress)
+}
+
+/// [`load_shared`], with the text encoder only checked (not loaded) when
+/// `with_text` is false.
+pub fn load_shared_with<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+    with_encoder: bool,
+    with_text: bool,
+    progress: LoadProgress<'_>,
+) -> Result<SharedComponents<B>> {
+    let (text, text_dim) = if with_text {
+        let text = load_text_encoder(files, device, dtype, &mut *progress)?;
+        let dim = text.model.embed_tokens.dims()[1];
+        (Some(text), dim)
+    } else {
+        let (_, store, layout, qcfg) = open_text_encoder(files)?;
+        plan_checked!("text encoder", &store, layout, device, |src| Qwen3Encoder::<B>::build(&qcfg, src));
+        (None, qcfg.hidden_size)
+    };
 
     let vcfg = vae_config(&files.vae)?;
     let store = TensorStore::open_files(&files.vae.files)?;
@@ -435,11 +490,69 @@ pub fn load_shared<B: Backend>(
             with_encoder
         ));
     Ok(SharedComponents {
-        text: Arc::new(TextEncoder { tokenizer, model: qwen }),
+        text,
+        text_dim,
         vae: Arc::new(vae),
         vae_scale: vcfg.scale(),
         preview: vae_preview(&files.vae),
     })
+}
+
+/// What a model needs in memory, from its files alone: every component is
+/// checked (names and shapes) and counted, nothing is loaded.
+#[derive(Debug, Clone)]
+pub struct ModelPlan {
+    pub text_encoder_params: u64,
+    pub dit_params: u64,
+    /// Decoder and encoder (the refine is img2img).
+    pub vae_params: u64,
+    pub dit_config: ZImageDitConfig,
+    pub vae_config: VaeConfig,
+}
+
+impl ModelPlan {
+    /// Working memory of `req` on this model (see `ZImagePipeline::working_memory_bytes`).
+    pub fn working_memory_bytes(&self, req: &crate::pipeline::GenerateRequest) -> u64 {
+        let scale = self.vae_config.scale();
+        crate::pipeline::working_memory_bytes(&self.dit_config, scale, req, |h, w| {
+            self.vae_config.decode_working_bytes(h, w)
+        })
+    }
+}
+
+/// Checks a model's files completely and counts its parameters without
+/// loading any weight (a model can be checked, and its size known, before
+/// deciding what to keep in memory).
+pub fn plan_model<B: Backend>(files: &ModelFiles, device: &B::Device) -> Result<ModelPlan> {
+    let (_, store, layout, qcfg) = open_text_encoder(files)?;
+    let text_encoder_params =
+        plan_checked!("text encoder", &store, layout, device, |src| Qwen3Encoder::<B>::build(&qcfg, src));
+    drop(store);
+    let vcfg = vae_config(&files.vae)?;
+    let store = TensorStore::open_files(&files.vae.files)?;
+    let layout = KeyLayout::detect_vae(&store, vcfg.block_out_channels.len())?;
+    let has_encoder = store.names().any(|n| n.contains("encoder.conv_in"));
+    let vae_params = plan_checked!("VAE", &store, layout, device, |src| Vae::<B>::build(&vcfg, src, has_encoder));
+    drop(store);
+    let store = TensorStore::open_files(&files.dit.files)?;
+    let layout = KeyLayout::detect_dit(&store)?;
+    let cfg = dit_config(&files.dit, &store, &layout)?;
+    check_text_width(files, &cfg, qcfg.hidden_size)?;
+    let dit_params = plan_checked!("DiT", &store, layout, device, |src| ZImageDit::<B>::build(&cfg, src));
+    Ok(ModelPlan { text_encoder_params, dit_params, vae_params, dit_config: cfg, vae_config: vcfg })
+}
+
+fn check_text_width(files: &ModelFiles, cfg: &ZImageDitConfig, text_dim: usize) -> Result<()> {
+    if cfg.cap_feat_dim != text_dim {
+        return Err(EngineError::BadConfig {
+            path: files.dit.files[0].clone(),
+            reason: format!(
+                "the DiT expects {}-wide text features but the text encoder gives {text_dim}",
+                cfg.cap_feat_dim
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Loads a DiT and joins it with shared components into a pipeline.
@@ -453,16 +566,7 @@ pub fn load_pipeline_with<B: Backend>(
     let store = TensorStore::open_files(&files.dit.files)?;
     let layout = KeyLayout::detect_dit(&store)?;
     let cfg = dit_config(&files.dit, &store, &layout)?;
-    let text_dim = shared.text.model.embed_tokens.dims()[1];
-    if cfg.cap_feat_dim != text_dim {
-        return Err(EngineError::BadConfig {
-            path: files.dit.files[0].clone(),
-            reason: format!(
-                "the DiT expects {}-wide text features but the text encoder gives {text_dim}",
-                cfg.cap_feat_dim
-            ),
-        });
-    }
+    check_text_width(files, &cfg, shared.text_dim)?;
     let dit: ZImageDit<B> =
         load_checked!("DiT", &store, layout, device, dtype, progress, LoadStage::Dit, |src| ZImageDit::<B>::build(
             &cfg, src
@@ -492,4 +596,37 @@ pub fn load_pipeline<B: Backend>(
 ) -> Result<ZImagePipeline<B>> {
     let shared = load_shared(files, device, dtype, true, progress)?;
     load_pipeline_with(files, &shared, device, dtype, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::CpuBackend;
+    use crate::pipeline::GenerateRequest;
+    use burn::module::Module;
+
+    #[test]
+    fn plan_model_counts_what_loading_loads_and_estimates_the_same_working_memory() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-turbo");
+        let files = ModelFiles::locate(&dir, &ModelOverrides::default()).unwrap();
+        let device = Default::default();
+        let plan = plan_model::<CpuBackend>(&files, &device).unwrap();
+        let pipe = load_pipeline::<CpuBackend>(&files, &device, DType::F32, &mut |_, _, _| {}).unwrap();
+        let text = pipe.text.as_ref().unwrap();
+        assert_eq!(plan.text_encoder_params, text.model.num_params() as u64);
+        assert_eq!(plan.dit_params, pipe.dit.num_params() as u64);
+        assert_eq!(plan.vae_params, pipe.vae.num_params() as u64);
+        let mut req = GenerateRequest::new("x", ModelKind::Base);
+        for side in [64, 256, 1024] {
+            (req.width, req.height) = (side, side);
+            assert_eq!(plan.working_memory_bytes(&req), pipe.working_memory_bytes(&req), "{side}");
+        }
+        // Without the text encoder: checked, not loaded; same feature width.
+        let shared = load_shared_with::<CpuBackend>(&files, &device, DType::F32, true, false, &mut |_, _, _| {}).unwrap();
+        assert!(shared.text.is_none());
+        assert_eq!(shared.text_dim, text.model.embed_tokens.dims()[1]);
+        let bare = load_pipeline_with(&files, &shared, &device, DType::F32, &mut |_, _, _| {}).unwrap();
+        assert!(bare.encode(&req).err().is_some_and(|e| e.to_string().contains("text encoder is not loaded")));
+        assert_eq!(bare.weight_bytes(4)[0].1, 0);
+    }
 }

@@ -190,7 +190,9 @@ pub struct Conditioning<B: Backend> {
 pub struct ZImagePipeline<B: Backend> {
     pub name: String,
     pub kind: ModelKind,
-    pub text: Arc<TextEncoder<B>>,
+    /// `None` while the text encoder is not resident: such a pipeline samples
+    /// from given [`Conditioning`] and cannot [`encode`](Self::encode).
+    pub text: Option<Arc<TextEncoder<B>>>,
     pub dit: ZImageDit<B>,
     pub dit_config: ZImageDitConfig,
     pub vae: Arc<Vae<B>>,
@@ -217,11 +219,13 @@ impl<B: Backend> ZImagePipeline<B> {
 
     /// Bytes of the weights held in memory, per component (text encoder,
     /// DiT, VAE), at `dtype_bytes` per parameter. The text encoder and VAE
-    /// may be shared with another pipeline (same `Arc`).
+    /// may be shared with another pipeline (same `Arc`); a text encoder that
+    /// is not resident counts 0.
     pub fn weight_bytes(&self, dtype_bytes: u64) -> [(&'static str, u64); 3] {
         use burn::module::Module;
+        let text = self.text.as_ref().map_or(0, |t| t.model.num_params() as u64);
         [
-            ("text encoder", self.text.model.num_params() as u64 * dtype_bytes),
+            ("text encoder", text * dtype_bytes),
             ("DiT", self.dit.num_params() as u64 * dtype_bytes),
             ("VAE", self.vae.num_params() as u64 * dtype_bytes),
         ]
@@ -232,15 +236,12 @@ impl<B: Backend> ZImagePipeline<B> {
     /// twice with CFG, attention scores counted as materialised; captions at
     /// their 512-token maximum) and the VAE decode of the batch.
     pub fn working_memory_bytes(&self, req: &GenerateRequest) -> u64 {
-        let c = &self.dit_config;
-        let cell = (self.vae_scale * c.patch_size) as u64;
-        let tokens = (req.width as u64 / cell) * (req.height as u64 / cell) + crate::text::MAX_TOKENS as u64;
-        let batch = req.prompts.len().max(1) as u64 * if req.guidance > 0.0 { 2 } else { 1 };
-        let per_token = (8 * c.dim + 3 * c.ffn_dim()) as u64;
-        let dit = batch * 4 * (tokens * per_token + c.n_heads as u64 * tokens * tokens);
-        let (h, w) = (req.height as usize / self.vae_scale, req.width as usize / self.vae_scale);
-        let vae = req.prompts.len().max(1) as u64 * self.vae.decode_working_bytes(h, w);
-        dit.max(vae)
+        working_memory_bytes(&self.dit_config, self.vae_scale, req, |h, w| self.vae.decode_working_bytes(h, w))
+    }
+
+    /// The text encoder, or an error saying it is not resident.
+    pub fn text_encoder(&self) -> Result<&Arc<TextEncoder<B>>> {
+        self.text.as_ref().ok_or_else(|| EngineError::invalid("the text encoder is not loaded; encode the prompt first"))
     }
 
     /// Refuses a request whose working memory exceeds `available` bytes
@@ -262,11 +263,12 @@ impl<B: Backend> ZImagePipeline<B> {
 
     /// Encodes the prompts (and the negative prompt for each, if CFG is on at any step).
     pub fn encode(&self, req: &GenerateRequest) -> Result<Conditioning<B>> {
-        let positive = req.prompts.iter().map(|p| self.text.encode(p)).collect::<Result<Vec<_>>>()?;
+        let text = self.text_encoder()?;
+        let positive = req.prompts.iter().map(|p| text.encode(p)).collect::<Result<Vec<_>>>()?;
         let schedule = Schedule::new(req.steps, self.shift);
         let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
         let negative = if needs_negative {
-            let neg = self.text.encode(&req.negative_prompt)?;
+            let neg = text.encode(&req.negative_prompt)?;
             vec![neg; req.prompts.len()]
         } else {
             Vec::new()
@@ -431,6 +433,24 @@ impl<B: Backend> ZImagePipeline<B> {
         let data = tensor_to_vec(image);
         Ok((0..b).map(|i| to_rgb8(&data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w)).collect())
     }
+}
+
+/// [`ZImagePipeline::working_memory_bytes`] from the DiT config, the VAE's
+/// pixels per latent cell and its decode working memory for `h×w` latents.
+pub fn working_memory_bytes(
+    c: &ZImageDitConfig,
+    vae_scale: usize,
+    req: &GenerateRequest,
+    vae_decode_bytes: impl Fn(usize, usize) -> u64,
+) -> u64 {
+    let cell = (vae_scale * c.patch_size) as u64;
+    let tokens = (req.width as u64 / cell) * (req.height as u64 / cell) + crate::text::MAX_TOKENS as u64;
+    let batch = req.prompts.len().max(1) as u64 * if req.guidance > 0.0 { 2 } else { 1 };
+    let per_token = (8 * c.dim + 3 * c.ffn_dim()) as u64;
+    let dit = batch * 4 * (tokens * per_token + c.n_heads as u64 * tokens * tokens);
+    let (h, w) = (req.height as usize / vae_scale, req.width as usize / vae_scale);
+    let vae = req.prompts.len().max(1) as u64 * vae_decode_bytes(h, w);
+    dit.max(vae)
 }
 
 /// `[3, H, W]` in about [−1, 1] → RGB8: `round_half_even(clamp(x/2 + 0.5, 0, 1)·255)`.

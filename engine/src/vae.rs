@@ -76,6 +76,23 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
+    /// [`Vae::decode_working_bytes`] from the config alone (before loading).
+    pub fn decode_working_bytes(&self, h: usize, w: usize) -> u64 {
+        let mut side = 1u64;
+        let mut largest = 0u64;
+        let levels = self.block_out_channels.len();
+        for (i, &channels) in self.block_out_channels.iter().rev().enumerate() {
+            let cells = (h * w) as u64 * side * side;
+            largest = largest.max(channels as u64 * cells);
+            if i + 1 < levels {
+                side *= 2;
+                largest = largest.max(channels as u64 * cells * 4);
+            }
+        }
+        let scores = ((h * w) as u64).pow(2);
+        4 * (4 * largest) + 4 * scores
+    }
+
     /// A model with fresh random weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vae<B> {
         Vae::build(self, &mut RandomWeights::new(device, DType::F32), true).expect("random init cannot fail")

@@ -5,6 +5,7 @@
 use crate::app::{file_dialog_available, Action, StudioApp};
 use crate::engine_bridge::{ModelSlot, ModelState};
 use crate::ui::models;
+use zimage_engine::memory::MemoryPlan;
 
 pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
     if !app.show_settings {
@@ -88,23 +89,38 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 ui.weak(format!("now: {name}"));
             }
         });
+        ui.horizontal(|ui| {
+            let l = ui.label("Memory plan");
+            let current = app.settings.memory_plan;
+            egui::ComboBox::from_id_salt("memory_plan").selected_text(current.label()).show_ui(ui, |ui| {
+                for plan in MemoryPlan::ALL {
+                    let text = format!("{}: {}", plan.label(), plan.explanation());
+                    if ui.add(egui::Button::selectable(current == plan, text)).clicked() && current != plan {
+                        app.settings.memory_plan = plan;
+                        actions.push(Action::LorasChanged);
+                    }
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        });
+        ui.weak(app.settings.memory_plan.explanation());
         if let Some(m) = &app.memory {
+            if !m.plan_reason.is_empty() {
+                ui.label(format!("In force: {} (estimated peak {})", m.plan_reason, models::human_bytes(m.estimated_peak)));
+            }
             let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::human_bytes(*b))).collect();
             let device = app.device_name.as_deref().unwrap_or("the device");
             ui.label(format!("Resident weights on {device}: {} ({})", models::human_bytes(m.weights_total()), parts.join(", ")));
             if !m.parked.is_empty() {
                 ui.weak(format!("Parked (reloaded when a job needs it): {}", m.parked.join(", ")));
             }
+            if !m.released.is_empty() {
+                ui.weak(format!("Released (loaded to encode a new prompt): {}", m.released.join(", ")));
+            }
             if let Some(p) = m.process_bytes {
                 ui.weak(format!("This process holds {} of RAM.", models::human_bytes(p)));
             }
-        }
-        if ui
-            .checkbox(&mut app.settings.one_dit_at_a_time, "One model in memory at a time")
-            .on_hover_text("Keeps only the DiT in use (12.3 GB each for the real models) and reloads the other when a job needs it: for GPUs that cannot hold both")
-            .changed()
-        {
-            actions.push(Action::LorasChanged);
         }
         ui.separator();
         ui.strong("Models on this computer");

@@ -420,7 +420,7 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
     let load = started.elapsed();
     let mut req = bench::request(prompt_kind, args.width, args.height, args.steps, args.guidance, args.tokens);
     if args.model.is_some() && !args.random_weights {
-        req.prompts = vec![bench::fit_prompt(&pipe.text.tokenizer, args.tokens)?];
+        req.prompts = vec![bench::fit_prompt(&pipe.text_encoder()?.tokenizer, args.tokens)?];
     }
     req.validate(pipe.pixel_multiple())?;
     let device_name = format!("{} ({:?})", args.device, dtype);
@@ -547,7 +547,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
         }
     }
 
-    let tokens = pipe.text.tokenizer.count(&args.prompt)?;
+    let tokens = pipe.text_encoder()?.tokenizer.count(&args.prompt)?;
     if tokens > MAX_TOKENS {
         eprintln!("warning: the prompt is {tokens} tokens; only the first {MAX_TOKENS} (template included) are used");
     }

@@ -1,0 +1,214 @@
+//! Memory plans: which weights stay resident between jobs.
+//!
+//! The real models are large next to consumer GPUs: each DiT is 12.3 GB in
+//! bf16, the Qwen3-4B text encoder 8.0 GB, the VAE 0.17 GB (spec §8.10). A
+//! plan trades reload time for memory:
+//!
+//! | plan | resident between jobs | reloaded (from the memory-mapped files) |
+//! |---|---|---|
+//! | keep everything | both DiTs, text encoder, VAE | nothing |
+//! | one DiT at a time | the DiT in use, text encoder, VAE | the other DiT when a job needs it |
+//! | lowest | the DiT in use, VAE | the text encoder for each new prompt (the DiT is parked meanwhile) |
+//!
+//! [`resolve`] turns [`MemoryPlan::Auto`] into one of them from the device's
+//! memory budget, the weight sizes and the working memory of the default request.
+
+use serde::{Deserialize, Serialize};
+
+/// How much to keep in memory; `Auto` is resolved by [`resolve`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPlan {
+    #[default]
+    Auto,
+    /// Both DiTs, the text encoder and the VAE stay resident.
+    KeepAll,
+    /// Only the DiT in use is resident; the idle one is parked.
+    OneDitAtATime,
+    /// One DiT, and the text encoder only while a new prompt is encoded
+    /// (with the DiT parked meanwhile): one large component at a time.
+    Lowest,
+}
+
+impl MemoryPlan {
+    pub const ALL: [MemoryPlan; 4] = [MemoryPlan::Auto, MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime, MemoryPlan::Lowest];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MemoryPlan::Auto => "Auto",
+            MemoryPlan::KeepAll => "Keep everything",
+            MemoryPlan::OneDitAtATime => "One DiT at a time",
+            MemoryPlan::Lowest => "Lowest memory",
+        }
+    }
+
+    /// One line for the Settings.
+    pub fn explanation(self) -> &'static str {
+        match self {
+            MemoryPlan::Auto => "picks one of the plans below from the device's memory and the models' sizes",
+            MemoryPlan::KeepAll => "Turbo, Base, text encoder and VAE all resident: fastest, needs the most memory",
+            MemoryPlan::OneDitAtATime => "the idle DiT is dropped and reloaded when a job needs it",
+            MemoryPlan::Lowest => {
+                "one DiT; the text encoder is loaded only to encode a new prompt, then dropped (repeated prompts come from a cache)"
+            }
+        }
+    }
+
+    /// What the plan does, in a few words (for the resolved-plan line).
+    fn short(self) -> &'static str {
+        match self {
+            MemoryPlan::Auto => "auto",
+            MemoryPlan::KeepAll => "keep everything",
+            MemoryPlan::OneDitAtATime => "one DiT at a time",
+            MemoryPlan::Lowest => "one DiT, text encoder released",
+        }
+    }
+
+    /// Only the DiT in use is resident.
+    pub fn one_dit(self) -> bool {
+        matches!(self, MemoryPlan::OneDitAtATime | MemoryPlan::Lowest)
+    }
+
+    /// The text encoder is dropped after encoding.
+    pub fn releases_text_encoder(self) -> bool {
+        self == MemoryPlan::Lowest
+    }
+}
+
+/// Bytes of each component in the compute dtype, and the working memory of
+/// the default request. A missing DiT is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanSizes {
+    pub turbo_dit: u64,
+    pub base_dit: u64,
+    pub text_encoder: u64,
+    pub vae: u64,
+    pub working: u64,
+}
+
+impl PlanSizes {
+    /// Peak of each plan: weights resident at once plus the working memory.
+    pub fn peak(&self, plan: MemoryPlan) -> u64 {
+        let one = self.turbo_dit.max(self.base_dit);
+        match plan {
+            MemoryPlan::KeepAll | MemoryPlan::Auto => {
+                self.turbo_dit + self.base_dit + self.text_encoder + self.vae + self.working
+            }
+            MemoryPlan::OneDitAtATime => one + self.text_encoder + self.vae + self.working,
+            // The DiT is parked while the text encoder runs.
+            MemoryPlan::Lowest => one.max(self.text_encoder) + self.vae + self.working,
+        }
+    }
+}
+
+/// A plan to run with (never `Auto`) and why it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedPlan {
+    pub plan: MemoryPlan,
+    /// One line, e.g. "Auto: 80.0 GB free on CUDA → keep everything".
+    pub reason: String,
+}
+
+/// Resolves `requested`: an explicit plan is used as it is; `Auto` keeps
+/// everything when it fits in `budget` bytes (the device memory this engine
+/// can use; `None` when the device cannot say), else one DiT at a time when
+/// that fits, else the lowest plan. `device` names the budget in the reason.
+pub fn resolve(requested: MemoryPlan, budget: Option<u64>, device: &str, sizes: &PlanSizes) -> ResolvedPlan {
+    if requested != MemoryPlan::Auto {
+        return ResolvedPlan { plan: requested, reason: format!("{} (chosen in Settings)", requested.label()) };
+    }
+    let Some(budget) = budget else {
+        return ResolvedPlan {
+            plan: MemoryPlan::KeepAll,
+            reason: format!("Auto: {device} cannot report its memory → keep everything"),
+        };
+    };
+    let plan = [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime]
+        .into_iter()
+        .find(|p| sizes.peak(*p) <= budget)
+        .unwrap_or(MemoryPlan::Lowest);
+    ResolvedPlan { plan, reason: format!("Auto: {} {device} → {}", gigabytes(budget), plan.short()) }
+}
+
+fn gigabytes(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    /// The real models in bf16 (spec §8.10, README): DiTs 12.31 GB each,
+    /// Qwen3-4B 8.05 GB, VAE 0.17 GB; the working memory of Turbo's default
+    /// 1024² request as `working_memory_bytes` estimates it (the VAE decode,
+    /// 5.37 GB in f32), halved for bf16.
+    fn real() -> PlanSizes {
+        PlanSizes {
+            turbo_dit: 12_310_000_000,
+            base_dit: 12_310_000_000,
+            text_encoder: 8_050_000_000,
+            vae: 170_000_000,
+            working: 2_684_354_560,
+        }
+    }
+
+    fn auto(budget: u64, sizes: &PlanSizes) -> MemoryPlan {
+        resolve(MemoryPlan::Auto, Some(budget), "free on CUDA", sizes).plan
+    }
+
+    #[test]
+    fn auto_follows_the_device_size_for_the_real_models() {
+        let s = real();
+        assert_eq!(s.peak(MemoryPlan::KeepAll), 35_524_354_560);
+        assert_eq!(s.peak(MemoryPlan::OneDitAtATime), 23_214_354_560);
+        assert_eq!(auto(80 * GB, &s), MemoryPlan::KeepAll, "H100");
+        assert_eq!(auto(48 * GB, &s), MemoryPlan::KeepAll, "A6000");
+        assert_eq!(auto(35 * GB, &s), MemoryPlan::OneDitAtATime);
+        assert_eq!(auto(24 * GB, &s), MemoryPlan::OneDitAtATime, "RTX 4090");
+        assert_eq!(auto(23 * GB, &s), MemoryPlan::Lowest);
+        assert_eq!(auto(16 * GB, &s), MemoryPlan::Lowest, "RTX 4080");
+        assert_eq!(auto(12 * GB, &s), MemoryPlan::Lowest, "nothing smaller exists");
+        // Lowest: one large component at a time, peak under 16 GB.
+        assert_eq!(s.peak(MemoryPlan::Lowest), 15_164_354_560);
+    }
+
+    #[test]
+    fn auto_boundaries_are_inclusive_and_one_model_keeps_everything() {
+        let s = real();
+        assert_eq!(auto(s.peak(MemoryPlan::KeepAll), &s), MemoryPlan::KeepAll);
+        assert_eq!(auto(s.peak(MemoryPlan::KeepAll) - 1, &s), MemoryPlan::OneDitAtATime);
+        assert_eq!(auto(s.peak(MemoryPlan::OneDitAtATime), &s), MemoryPlan::OneDitAtATime);
+        assert_eq!(auto(s.peak(MemoryPlan::OneDitAtATime) - 1, &s), MemoryPlan::Lowest);
+        // Only Turbo configured: nothing to park, so a fit keeps everything.
+        let turbo_only = PlanSizes { base_dit: 0, ..s };
+        assert_eq!(auto(24 * GB, &turbo_only), MemoryPlan::KeepAll);
+        // The tiny demo models fit anywhere.
+        let demo = PlanSizes { turbo_dit: 40_000_000, base_dit: 40_000_000, text_encoder: 20_000_000, vae: 5_000_000, working: 50_000_000 };
+        assert_eq!(auto(GB, &demo), MemoryPlan::KeepAll);
+    }
+
+    #[test]
+    fn reasons_say_why_and_explicit_plans_are_kept() {
+        let s = real();
+        let r = resolve(MemoryPlan::Auto, Some(80 * GB), "free on CUDA", &s);
+        assert_eq!(r.reason, "Auto: 80.0 GB free on CUDA → keep everything");
+        let r = resolve(MemoryPlan::Auto, Some(16 * GB), "free on CUDA", &s);
+        assert_eq!(r.reason, "Auto: 16.0 GB free on CUDA → one DiT, text encoder released");
+        let r = resolve(MemoryPlan::Auto, None, "wgpu", &s);
+        assert_eq!((r.plan, r.reason.as_str()), (MemoryPlan::KeepAll, "Auto: wgpu cannot report its memory → keep everything"));
+        for plan in [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime, MemoryPlan::Lowest] {
+            let r = resolve(plan, Some(GB), "free on CUDA", &s);
+            assert_eq!(r.plan, plan);
+            assert!(r.reason.contains("chosen in Settings"), "{}", r.reason);
+        }
+    }
+
+    #[test]
+    fn plans_serialise_as_snake_case() {
+        assert_eq!(serde_json::to_string(&MemoryPlan::OneDitAtATime).unwrap(), "\"one_dit_at_a_time\"");
+        assert_eq!(serde_json::from_str::<MemoryPlan>("\"lowest\"").unwrap(), MemoryPlan::Lowest);
+        assert!(MemoryPlan::ALL.iter().all(|p| !p.explanation().contains('\n')));
+    }
+}
