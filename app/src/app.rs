@@ -1061,7 +1061,7 @@ impl StudioApp {
             .collect();
         if !missing.is_empty() {
             self.info(format!(
-                "this image was made with LoRAs {} that are not applied now (Settings → LoRAs)",
+                "this image was made with LoRAs {} that are not applied now (Settings > LoRAs)",
                 missing.join(", ")
             ));
         }

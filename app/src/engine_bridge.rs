@@ -228,7 +228,7 @@ pub struct MemoryReport {
     pub process_bytes: Option<u64>,
     /// The plan in force (never `Auto`: what `Auto` resolved to).
     pub plan: MemoryPlan,
-    /// Why, e.g. "Auto: 80.0 GB free on the GPU (of 85.0 GB) → keep everything".
+    /// Why, e.g. "Auto (80.0 GB free on CUDA): keep everything".
     pub plan_reason: String,
     /// The plan's estimated peak: weights resident at once plus the working
     /// memory of the default request.
@@ -1782,7 +1782,7 @@ mod tests {
         assert!(report.process_bytes.is_some_and(|p| p > report.weights_total()));
         // Auto on the CPU: the tiny models fit in host memory.
         assert_eq!(report.plan, MemoryPlan::KeepAll);
-        assert!(report.plan_reason.starts_with("Auto: ") && report.plan_reason.ends_with("host memory available → keep everything"), "{}", report.plan_reason);
+        assert!(report.plan_reason.starts_with("Auto (") && report.plan_reason.ends_with("host memory available): keep everything"), "{}", report.plan_reason);
         assert!(report.estimated_peak > report.weights_total());
         assert!(report.released.is_empty() && report.parked.is_empty());
         assert_eq!(report.text_encoder_loads, 1, "one shared text encoder, loaded once");

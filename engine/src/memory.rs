@@ -105,7 +105,7 @@ impl PlanSizes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedPlan {
     pub plan: MemoryPlan,
-    /// One line, e.g. "Auto: 80.0 GB free on CUDA → keep everything".
+    /// One line, e.g. "Auto (80.0 GB free on CUDA): keep everything".
     pub reason: String,
 }
 
@@ -120,14 +120,14 @@ pub fn resolve(requested: MemoryPlan, budget: Option<u64>, device: &str, sizes: 
     let Some(budget) = budget else {
         return ResolvedPlan {
             plan: MemoryPlan::KeepAll,
-            reason: format!("Auto: {device} cannot report its memory → keep everything"),
+            reason: format!("Auto ({device} cannot report its memory): keep everything"),
         };
     };
     let plan = [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime]
         .into_iter()
         .find(|p| sizes.peak(*p) <= budget)
         .unwrap_or(MemoryPlan::Lowest);
-    ResolvedPlan { plan, reason: format!("Auto: {} {device} → {}", gigabytes(budget), plan.short()) }
+    ResolvedPlan { plan, reason: format!("Auto ({} {device}): {}", gigabytes(budget), plan.short()) }
 }
 
 fn gigabytes(bytes: u64) -> String {
@@ -193,11 +193,11 @@ mod tests {
     fn reasons_say_why_and_explicit_plans_are_kept() {
         let s = real();
         let r = resolve(MemoryPlan::Auto, Some(80 * GB), "free on CUDA", &s);
-        assert_eq!(r.reason, "Auto: 80.0 GB free on CUDA → keep everything");
+        assert_eq!(r.reason, "Auto (80.0 GB free on CUDA): keep everything");
         let r = resolve(MemoryPlan::Auto, Some(16 * GB), "free on CUDA", &s);
-        assert_eq!(r.reason, "Auto: 16.0 GB free on CUDA → one DiT, text encoder released");
+        assert_eq!(r.reason, "Auto (16.0 GB free on CUDA): one DiT, text encoder released");
         let r = resolve(MemoryPlan::Auto, None, "wgpu", &s);
-        assert_eq!((r.plan, r.reason.as_str()), (MemoryPlan::KeepAll, "Auto: wgpu cannot report its memory → keep everything"));
+        assert_eq!((r.plan, r.reason.as_str()), (MemoryPlan::KeepAll, "Auto (wgpu cannot report its memory): keep everything"));
         for plan in [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime, MemoryPlan::Lowest] {
             let r = resolve(plan, Some(GB), "free on CUDA", &s);
             assert_eq!(r.plan, plan);

@@ -42,7 +42,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
 
 pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
     if let Some(device) = &app.device_name {
-        ui.weak(device).on_hover_text("Where the models run (Settings → Run the models on)");
+        ui.weak(device).on_hover_text("Where the models run (Settings > Run the models on)");
     }
     for slot in [ModelSlot::Turbo, ModelSlot::Base] {
         let (text, color) = match app.models.get(&slot) {

@@ -65,7 +65,7 @@ pub fn text_encoder_config() -> Qwen3Config {
 pub fn vae_config() -> VaeConfig {
     VaeConfig::new()
         .with_latent_channels(16)
-        .with_block_out_channels(vec![16, 16, 32, 32])
+        .with_block_out_channels(vec![8, 16, 32, 32])
         .with_layers_per_block(1)
         .with_norm_num_groups(2)
 }
