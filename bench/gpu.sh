@@ -60,6 +60,8 @@ PY
 
 log "ours: Turbo 1024² 8 steps"
 run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 1
+log "ours: Turbo 1024² 8 steps, text encoder released before the DiT loads (lowest memory plan; target peak <= 14 GB)"
+run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
 log "ours: Turbo 512² 8 steps"
 run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
 log "ours: Base 1024² with CFG (3 steps timed)"
@@ -85,8 +87,8 @@ def load(p):
         return None
 print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("turbo1024", "turbo512", "base1024"):
-    a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{name}.json")
+for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
+    a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{name.replace('_te_released', '')}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"
     ratio = f"{a['end_to_end_ms'] / b['end_to_end_ms']:.2f}" if a and b else "-"

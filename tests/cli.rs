@@ -218,3 +218,31 @@ fn unwritable_output_folder() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// `zimage bench` writes its JSON report; with `--release-text-encoder` the
+/// prompt is encoded before the DiT loads and not timed again (as the app's
+/// lowest memory plan does), for a real folder and for a random preset.
+#[test]
+fn bench_reports_stages_with_and_without_the_text_encoder_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model();
+    for (name, source, release) in [
+        ("kept", ["--model", m.as_str()], false),
+        ("released", ["--model", m.as_str()], true),
+        ("preset", ["--config", "tiny"], true),
+    ] {
+        let json = tmp.path().join(format!("{name}.json"));
+        let mut args = vec!["bench", source[0], source[1], "-W", "64", "-H", "64", "--runs", "1", "--json", json.to_str().unwrap()];
+        if release {
+            args.push("--release-text-encoder");
+        }
+        let out = zimage(&args, tmp.path());
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let text_ms = r["text_encode_ms"].as_f64().unwrap();
+        assert_eq!(text_ms == 0.0, release, "{name}: text encode {text_ms} ms");
+        assert!(r["end_to_end_ms"].as_f64().unwrap() > 0.0 && r["vae_decode_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["dit_step_ms"].as_array().unwrap().len(), 8, "{r}");
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 5, "{r}");
+    }
+}

@@ -762,6 +762,7 @@ impl<B: Backend> Worker<B> {
         }
         if loaded_here && self.plan.plan.releases_text_encoder() {
             self.encoders[index].text = None;
+            B::memory_cleanup(&self.device);
             self.report_memory();
         }
         let negative = if needs_negative {
@@ -912,6 +913,7 @@ impl<B: Backend> Worker<B> {
         for index in 0..self.encoders.len() {
             if plan.releases_text_encoder() {
                 self.encoders[index].text = None;
+                B::memory_cleanup(&self.device);
             } else if self.encoders[index].text.is_none() {
                 let slot = [ModelSlot::Turbo, ModelSlot::Base]
                     .into_iter()
@@ -1029,6 +1031,8 @@ impl<B: Backend> Worker<B> {
         let comps = components_of(&pipe);
         self.loras.remove(&slot);
         drop(pipe);
+        // GPU backends pool freed memory; hand it back so the next model fits.
+        B::memory_cleanup(&self.device);
         self.parked.insert(slot, (files, comps));
     }
 

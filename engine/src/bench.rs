@@ -112,14 +112,33 @@ pub fn random_pipeline<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> Result<ZImagePipeline<B>> {
+    let text = random_text_encoder(model, device, dtype)?;
+    let mut pipe = random_pipeline_without_text(model, kind, device, dtype)?;
+    pipe.text = Some(text);
+    Ok(pipe)
+}
+
+/// The bench text encoder with random weights.
+pub fn random_text_encoder<B: Backend>(model: &BenchModel, device: &B::Device, dtype: DType) -> Result<Arc<TextEncoder<B>>> {
     let mut src = RandomWeights::<B>::new(device, dtype);
-    let text = TextEncoder { tokenizer: bench_tokenizer()?, model: Qwen3Encoder::build(&model.text, &mut src)? };
+    Ok(Arc::new(TextEncoder { tokenizer: bench_tokenizer()?, model: Qwen3Encoder::build(&model.text, &mut src)? }))
+}
+
+/// DiT and VAE with random weights, no text encoder (it samples from given
+/// conditioning, as the app's lowest memory plan does).
+pub fn random_pipeline_without_text<B: Backend>(
+    model: &BenchModel,
+    kind: ModelKind,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<ZImagePipeline<B>> {
+    let mut src = RandomWeights::<B>::new(device, dtype);
     let vae = Vae::build(&model.vae, &mut src, false)?;
     let dit = ZImageDit::build(&model.dit, &mut src)?;
     Ok(ZImagePipeline {
         name: format!("{} (random weights)", model.name),
         kind,
-        text: Some(Arc::new(text)),
+        text: None,
         dit,
         dit_config: model.dit.clone(),
         vae: Arc::new(vae),
@@ -130,6 +149,19 @@ pub fn random_pipeline<B: Backend>(
         default_steps: kind.default_steps(),
         device: device.clone(),
     })
+}
+
+/// Encodes the request's prompts with `text` outside a pipeline (what the
+/// lowest memory plan does before the DiT is loaded).
+pub fn encode_with<B: Backend>(text: &TextEncoder<B>, req: &GenerateRequest, shift: f32) -> Result<Conditioning<B>> {
+    let positive = req.prompts.iter().map(|p| text.encode(p)).collect::<Result<Vec<_>>>()?;
+    let schedule = crate::scheduler::Schedule::new(req.steps, shift);
+    let negative = if (0..req.steps).any(|i| req.cfg_at(&schedule, i)) {
+        vec![text.encode(&req.negative_prompt)?; req.prompts.len()]
+    } else {
+        Vec::new()
+    };
+    Ok(Conditioning { positive, negative })
 }
 
 /// What a benchmark run measured (all times in milliseconds).
@@ -176,25 +208,37 @@ pub fn peak_host_mib() -> f64 {
 }
 
 /// Times one generation stage by stage, `runs` times after one cold run;
-/// reports the fastest warm run's stages.
+/// reports the fastest warm run's stages. With `encoded` (the text encoder
+/// already released) the prompt is not encoded again and its time is 0.
 pub fn run<B: Backend>(
     pipe: &ZImagePipeline<B>,
     req: &GenerateRequest,
+    encoded: Option<&Conditioning<B>>,
     load: Duration,
     runs: usize,
     device_name: &str,
 ) -> Result<BenchReport> {
     let device = pipe.device.clone();
-    let prompt_tokens = pipe.text_encoder()?.tokenizer.encode(&req.prompts[0])?.len();
+    let prompt_tokens = match encoded {
+        Some(c) => c.positive.first().map(|t| t.dims()[0]).unwrap_or(0),
+        None => pipe.text_encoder()?.tokenizer.encode(&req.prompts[0])?.len(),
+    };
 
     let one = |record: bool| -> Result<(f64, f64, Vec<f64>, f64)> {
         let start = Instant::now();
-        let cond: Conditioning<B> = pipe.encode(req)?;
+        let owned;
+        let cond: &Conditioning<B> = match encoded {
+            Some(c) => c,
+            None => {
+                owned = pipe.encode(req)?;
+                &owned
+            }
+        };
         sync::<B>(&device)?;
-        let text_ms = ms(start.elapsed());
+        let text_ms = if encoded.is_some() { 0.0 } else { ms(start.elapsed()) };
         let mut steps = Vec::new();
         let mut last = Instant::now();
-        let latents = pipe.sample(req, &cond, false, &mut |_| {
+        let latents = pipe.sample(req, cond, false, &mut |_| {
             if record {
                 let _ = B::sync(&device);
                 steps.push(ms(last.elapsed()));

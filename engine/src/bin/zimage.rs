@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use zimage_engine::bench;
 use zimage_engine::device::{CpuBackend, DeviceKind};
-use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides};
+use zimage_engine::loader::{self, LoadProgress, LoadStage, ModelFiles, ModelOverrides};
 use zimage_engine::lora;
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind, ZImagePipeline};
@@ -155,6 +155,11 @@ struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Load the text encoder alone, encode the prompt, release it, and only
+    /// then load the DiT and VAE (the app's lowest memory plan): the peak
+    /// memory without the text encoder resident.
+    #[arg(long)]
+    release_text_encoder: bool,
 }
 
 #[derive(Args)]
@@ -407,24 +412,58 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
         other => bail!("unknown kind {other:?}; use turbo or base"),
     };
     let started = Instant::now();
-    let (pipe, prompt_kind) = match (&args.model, &args.config) {
+    let files = match (&args.model, &args.config) {
         (Some(model), _) if !args.random_weights => {
-            let files = ModelFiles::locate(&loader::resolve_model(model)?, &ModelOverrides::default())?;
-            let pipe = loader::load_pipeline::<B>(&files, &device, dtype, &mut |_, _, _| {})?;
-            let k = pipe.kind;
-            (pipe, k)
+            Some(ModelFiles::locate(&loader::resolve_model(model)?, &ModelOverrides::default())?)
         }
-        (_, Some(config)) => (bench::random_pipeline::<B>(&bench::preset(config)?, kind, &device, dtype)?, kind),
+        (_, Some(_)) => None,
         _ => bail!("give --model PATH or --config full|medium|tiny"),
     };
+    let preset = match (&files, &args.config) {
+        (None, Some(config)) => Some(bench::preset(config)?),
+        _ => None,
+    };
+    let kind = files.as_ref().map(|f| ModelKind::from_shift(f.shift)).unwrap_or(kind);
+    let mut req = bench::request(kind, args.width, args.height, args.steps, args.guidance, args.tokens);
+    let none: LoadProgress<'_> = &mut |_, _, _| {};
+    // The lowest memory plan: the text encoder is loaded, used and released
+    // before the DiT is loaded, so the two are never resident together.
+    let encoded = if args.release_text_encoder {
+        let text = match (&files, &preset) {
+            (Some(files), _) => loader::load_text_encoder::<B>(files, &device, dtype, none)?,
+            (None, Some(preset)) => bench::random_text_encoder::<B>(preset, &device, dtype)?,
+            _ => unreachable!("a model or a preset was chosen above"),
+        };
+        if files.is_some() {
+            req.prompts = vec![bench::fit_prompt(&text.tokenizer, args.tokens)?];
+        }
+        let shift = files.as_ref().map(|f| f.shift).unwrap_or(if kind == ModelKind::Turbo { 3.0 } else { 6.0 });
+        let cond = bench::encode_with(&text, &req, shift)?;
+        B::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+        drop(text);
+        // burn's GPU backends pool freed memory: hand it back to the driver.
+        B::memory_cleanup(&device);
+        Some(cond)
+    } else {
+        None
+    };
+    let pipe = match (&files, &preset) {
+        (Some(files), _) if args.release_text_encoder => {
+            let shared = loader::load_shared_with::<B>(files, &device, dtype, false, false, none)?;
+            loader::load_pipeline_with::<B>(files, &shared, &device, dtype, none)?
+        }
+        (Some(files), _) => loader::load_pipeline::<B>(files, &device, dtype, none)?,
+        (None, Some(preset)) if args.release_text_encoder => bench::random_pipeline_without_text::<B>(preset, kind, &device, dtype)?,
+        (None, Some(preset)) => bench::random_pipeline::<B>(preset, kind, &device, dtype)?,
+        _ => unreachable!("a model or a preset was chosen above"),
+    };
     let load = started.elapsed();
-    let mut req = bench::request(prompt_kind, args.width, args.height, args.steps, args.guidance, args.tokens);
-    if args.model.is_some() && !args.random_weights {
+    if files.is_some() && !args.release_text_encoder {
         req.prompts = vec![bench::fit_prompt(&pipe.text_encoder()?.tokenizer, args.tokens)?];
     }
     req.validate(pipe.pixel_multiple())?;
     let device_name = format!("{} ({:?})", args.device, dtype);
-    let report = bench::run(&pipe, &req, load, args.runs, &device_name)?;
+    let report = bench::run(&pipe, &req, encoded.as_ref(), load, args.runs, &device_name)?;
     print!("{}", bench::table(&report));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;
