@@ -509,8 +509,16 @@ impl KeyLayout {
     /// Guesses the layout of a DiT checkpoint from its keys.
     pub fn detect_dit(store: &TensorStore) -> Result<Self> {
         let has = |k: &str| store.get(k).is_some();
+        // Diffusers names the patch embedder by its patch sizes
+        // (`all_x_embedder.{p}-{f}`): 2-1 in the real checkpoints, 4-1 in the
+        // built-in demo.
+        let diffusers_embedder = |prefix: &str| {
+            store.names().any(|n| {
+                n.strip_prefix(prefix).is_some_and(|rest| rest.starts_with("all_x_embedder.") && rest.ends_with(".weight"))
+            })
+        };
         for prefix in ["", "model.diffusion_model.", "diffusion_model.", "model."] {
-            if has(&format!("{prefix}all_x_embedder.2-1.weight")) {
+            if diffusers_embedder(prefix) {
                 return Ok(KeyLayout::Prefixed(prefix.into()));
             }
             if has(&format!("{prefix}x_embedder.weight")) && has(&format!("{prefix}cap_embedder.0.weight")) {

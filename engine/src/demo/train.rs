@@ -129,16 +129,18 @@ impl Recipe {
             vae_lr: 3e-3,
             kl_weight: 1e-4,
             data_size: n(4096),
-            base_steps: n(4800),
+            base_steps: n(4400),
             base_batch: 24,
             base_lr: 1e-3,
             caption_dropout: 0.1,
-            // At 16×16 latents the shift the real models use at 1024² (3)
-            // puts half the training at σ > 0.75, where only the background
-            // colour is visible (run 1 learned nothing else); uniform σ (run 2)
-            // learned colours and sizes but hardly positions, which are set
-            // early, at high σ. 2 is between: median σ 0.67.
-            train_shift: 2.0,
+            // With the ×8 VAE (16×16 latents) the shift the real models use
+            // at 1024² (3) put half the training at σ > 0.75, where only the
+            // background colour is visible (run 1 learned nothing else);
+            // uniform σ (run 2) learned colours and sizes but hardly
+            // positions, which are set early, at high σ; 2 got both (run 3).
+            // The ×4 VAE's 32×32 latents are more redundant (noise hides
+            // less at the same σ), hence a little more: median σ 0.71.
+            train_shift: 2.5,
             object_weight: 4.0,
             edge_weight: 8.0,
             dit_jitter: (0.02, 1.0),
@@ -367,8 +369,9 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
     let stages: Vec<(usize, usize, usize)> =
         r.vae_stages.iter().flat_map(|&(side, crop, batch, steps)| std::iter::repeat_n((side, crop, batch), steps)).collect();
     let mut crop_rng = TorchGenerator::manual_seed(seed.wrapping_add(10));
+    let scale = cfg.scale();
     for (step, &(side, n, batch)) in stages.iter().enumerate() {
-        let lat = n / cfg.scale();
+        let lat = n / scale;
         let imgs: Vec<f32> = (0..batch)
             .flat_map(|_| {
                 let (scene, img) = world.sample_at(Split::Train, side);
@@ -395,10 +398,10 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
             let b = x.len() / (3 * n * n);
             let x = tensor4::<Ad>(x.clone(), [b, 3, n, n], device);
             let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
-            // The first latent channels learn the average colour of their 8×8
-            // patch: without this hint the narrow autoencoder spends hundreds of
+            // The first latent channels learn the average colour of their
+            // patch (4×4 pixels): without this hint the narrow autoencoder spends hundreds of
             // steps before its latents carry the (normalised-away) flat colours.
-            let pooled = avg_pool2d(x.clone(), [8, 8], [8, 8], [0, 0], true, false);
+            let pooled = avg_pool2d(x.clone(), [scale, scale], [scale, scale], [0, 0], true, false);
             let hint = (mean.clone().narrow(1, 0, 3) - pooled).square().mean();
             let (z, kl) = if eps.is_empty() {
                 (mean, None)
@@ -456,7 +459,7 @@ struct LatentSet {
     per_item: usize,
     shape: [usize; 3],
     ids: Vec<Vec<u32>>,
-    /// `[N, 16, 16]`: the fraction of each latent cell's 8×8 pixels that
+    /// `[N, 32, 32]`: the fraction of each latent cell's 4×4 pixels that
     /// belong to an object (not the background colour).
     coverage: Vec<f32>,
 }
@@ -793,7 +796,7 @@ fn write_vae(dir: &Path, c: &crate::vae::VaeConfig, vae: &Vae<Inner>, device: &D
 
 /// Fits the step previews' latent → RGB map of the VAE in `vae_dir` (its
 /// latent space is its own, not Flux's) on 256 training scenes, by least
-/// squares from each latent cell to its 8×8 patch's mean colour, and writes
+/// squares from each latent cell to its patch's mean colour, and writes
 /// it into the VAE's `config.json` as `zimage_latent_rgb`.
 pub fn write_preview_projection(vae_dir: &Path, seed: u64) -> anyhow::Result<crate::preview::LatentRgb> {
     let device: Device<Inner> = Default::default();
