@@ -689,16 +689,7 @@ impl<B: Backend> Worker<B> {
         // Running out of host memory aborts the process (no error to catch):
         // refuse sizes that cannot fit before allocating anything.
         if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| self.on_host) {
-            let need = plan.working_memory_bytes(req);
-            if need > available {
-                let n = req.prompts.len();
-                let what = if n > 1 {
-                    format!("{n} images of {}x{}", req.width, req.height)
-                } else {
-                    format!("a {}x{} image", req.width, req.height)
-                };
-                return Err(engine_err(EngineError::InsufficientMemory { what, need, available }));
-            }
+            zimage_engine::pipeline::check_working_memory(req, plan.working_memory_bytes(req), available).map_err(engine_err)?;
         }
         let (cond, cached) = self.conditioning(spec.slot, req)?;
         let running = (id, spec.kind);

@@ -151,19 +151,6 @@ pub fn random_pipeline_without_text<B: Backend>(
     })
 }
 
-/// Encodes the request's prompts with `text` outside a pipeline (what the
-/// lowest memory plan does before the DiT is loaded).
-pub fn encode_with<B: Backend>(text: &TextEncoder<B>, req: &GenerateRequest, shift: f32) -> Result<Conditioning<B>> {
-    let positive = req.prompts.iter().map(|p| text.encode(p)).collect::<Result<Vec<_>>>()?;
-    let schedule = crate::scheduler::Schedule::new(req.steps, shift);
-    let negative = if (0..req.steps).any(|i| req.cfg_at(&schedule, i)) {
-        vec![text.encode(&req.negative_prompt)?; req.prompts.len()]
-    } else {
-        Vec::new()
-    };
-    Ok(Conditioning { positive, negative })
-}
-
 /// What a benchmark run measured (all times in milliseconds).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -352,7 +339,7 @@ mod tests {
         let model = preset("tiny").unwrap();
         let pipe = random_pipeline::<CpuBackend>(&model, ModelKind::Turbo, &device, DType::F32).unwrap();
         let req = request(ModelKind::Turbo, 64, 64, Some(3), None, 40);
-        let r = run(&pipe, &req, Duration::ZERO, 1, "cpu").unwrap();
+        let r = run(&pipe, &req, None, Duration::ZERO, 1, "cpu").unwrap();
         assert_eq!(r.dit_step_ms.len(), 3);
         assert!(r.prompt_tokens >= 30 && r.prompt_tokens <= 50, "{}", r.prompt_tokens);
         assert!(r.end_to_end_ms >= r.vae_decode_ms && r.end_to_end_ms > 0.0);

@@ -211,6 +211,33 @@ pub struct ZImagePipeline<B: Backend> {
     pub device: B::Device,
 }
 
+/// Refuses `req` when the working memory it `need`s exceeds `available`
+/// bytes, naming the request in the error.
+pub fn check_working_memory(req: &GenerateRequest, need: u64, available: u64) -> Result<()> {
+    if need > available {
+        let n = req.prompts.len();
+        let what = if n > 1 { format!("{n} images of {}x{}", req.width, req.height) } else { format!("a {}x{} image", req.width, req.height) };
+        return Err(EngineError::InsufficientMemory { what, need, available });
+    }
+    Ok(())
+}
+
+/// The request's prompts through `text`, and its negative prompt when the
+/// schedule (`steps`, `shift`) runs CFG on some step. Also used without a
+/// pipeline, when the text encoder is resident alone (lowest memory plan).
+pub fn encode_prompts<B: Backend>(text: &TextEncoder<B>, req: &GenerateRequest, shift: f32) -> Result<Conditioning<B>> {
+    let positive = req.prompts.iter().map(|p| text.encode(p)).collect::<Result<Vec<_>>>()?;
+    let schedule = Schedule::new(req.steps, shift);
+    let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
+    let negative = if needs_negative {
+        let neg = text.encode(&req.negative_prompt)?;
+        vec![neg; req.prompts.len()]
+    } else {
+        Vec::new()
+    };
+    Ok(Conditioning { positive, negative })
+}
+
 impl<B: Backend> ZImagePipeline<B> {
     /// Width and height must be multiples of this (16).
     pub fn pixel_multiple(&self) -> u32 {
@@ -248,32 +275,12 @@ impl<B: Backend> ZImagePipeline<B> {
     /// (host memory on the CPU backend): running out aborts the process,
     /// which no error handling can catch.
     pub fn check_memory(&self, req: &GenerateRequest, available: u64) -> Result<()> {
-        let need = self.working_memory_bytes(req);
-        if need > available {
-            let n = req.prompts.len();
-            let what = if n > 1 {
-                format!("{n} images of {}x{}", req.width, req.height)
-            } else {
-                format!("a {}x{} image", req.width, req.height)
-            };
-            return Err(EngineError::InsufficientMemory { what, need, available });
-        }
-        Ok(())
+        check_working_memory(req, self.working_memory_bytes(req), available)
     }
 
     /// Encodes the prompts (and the negative prompt for each, if CFG is on at any step).
     pub fn encode(&self, req: &GenerateRequest) -> Result<Conditioning<B>> {
-        let text = self.text_encoder()?;
-        let positive = req.prompts.iter().map(|p| text.encode(p)).collect::<Result<Vec<_>>>()?;
-        let schedule = Schedule::new(req.steps, self.shift);
-        let needs_negative = (0..req.steps).any(|i| req.cfg_at(&schedule, i));
-        let negative = if needs_negative {
-            let neg = text.encode(&req.negative_prompt)?;
-            vec![neg; req.prompts.len()]
-        } else {
-            Vec::new()
-        };
-        Ok(Conditioning { positive, negative })
+        encode_prompts(self.text_encoder()?, req, self.shift)
     }
 
     /// Runs the whole pipeline.
