@@ -5,7 +5,9 @@
 //! `$XDG_CACHE_HOME/zimage-studio/appimage/<hash of the image>/`, and run `AppRun` from
 //! there. That needs no FUSE (often missing in containers and minimal systems) and later
 //! starts are as fast as a normal install. The hash names the version, so a new AppImage
-//! never runs files of an older one.
+//! never runs files of an older one. Each start marks its folder as used (`.last-used`);
+//! after extracting a new version, versions unused for a week are removed, so updates do
+//! not pile up copies in the cache (a week: an older version still running keeps its files).
 //!
 //! Why our own: the usual tools (appimagetool, linuxdeploy, the prebuilt runtimes) are
 //! downloaded from GitHub at build time, which our build machines cannot reach.
@@ -37,6 +39,10 @@ use backhand::{FilesystemReader, InnerNode};
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Under `$XDG_CACHE_HOME`: one folder per extracted image.
 const CACHE_SUBDIR: &str = "zimage-studio/appimage";
+/// Other versions' folders unused for this long are removed after a new extraction.
+const KEEP_UNUSED: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// Touched on every start: the folder's own mtime does not change when it is only read.
+const LAST_USED: &str = ".last-used";
 
 const HELP: &str = "AppImage options (extract-and-run runtime, no FUSE needed):
   --appimage-extract [PATH]   extract the contents (or PATH) into ./squashfs-root
@@ -139,6 +145,7 @@ fn cached_appdir(image: &Path, offset: u64) -> Result<PathBuf> {
     let hash = format!("{:016x}", hash_image(image, offset)?);
     let appdir = parent.join(&hash);
     if appdir.join("AppRun").exists() {
+        mark_used(&appdir);
         return Ok(appdir);
     }
 
@@ -157,7 +164,34 @@ fn cached_appdir(image: &Path, offset: u64) -> Result<PathBuf> {
             return Err(format!("cannot move the extracted image to {}: {e}", appdir.display()));
         }
     }
+    mark_used(&appdir);
+    remove_unused_versions(&parent, &hash, KEEP_UNUSED);
     Ok(appdir)
+}
+
+/// Records that this version was started now (best effort: a read-only cache only
+/// means the folder may be removed a week after the next update).
+fn mark_used(appdir: &Path) {
+    let _ = File::create(appdir.join(LAST_USED));
+}
+
+/// Removes the extracted folders of other versions (16 hex digits) not started for
+/// `keep` (their `.last-used`, else the folder's own modification time).
+fn remove_unused_versions(parent: &Path, current: &str, keep: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == current || name.len() != 16 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let path = entry.path();
+        let used = fs::metadata(path.join(LAST_USED)).or_else(|_| fs::metadata(&path)).and_then(|m| m.modified());
+        let unused_for = used.ok().and_then(|t| t.elapsed().ok());
+        if unused_for.is_some_and(|d| d > keep) {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Temporary folders left by extractions that were killed (their process is gone).
@@ -280,6 +314,34 @@ mod tests {
     fn elf_end_is_the_file_size() {
         let exe = env::current_exe().unwrap();
         assert_eq!(squashfs_offset(&exe).unwrap(), fs::metadata(&exe).unwrap().len());
+    }
+
+    #[test]
+    fn only_other_versions_unused_for_long_are_removed() {
+        let parent = env::temp_dir().join(format!("appimage-runtime-versions-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&parent);
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        let old = std::time::SystemTime::now() - 2 * week;
+        let version = |name: &str, used: Option<std::time::SystemTime>| {
+            let dir = parent.join(name);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("AppRun"), b"#!/bin/sh\n").unwrap();
+            if let Some(t) = used {
+                File::create(dir.join(LAST_USED)).unwrap().set_modified(t).unwrap();
+            }
+            dir
+        };
+        let current = version("00000000000000aa", Some(old));
+        let stale = version("00000000000000bb", Some(old));
+        let recent = version("00000000000000cc", None);
+        mark_used(&recent);
+        let other = version("not-a-version", Some(old));
+        remove_unused_versions(&parent, "00000000000000aa", week);
+        assert!(current.exists(), "the running version stays");
+        assert!(!stale.exists(), "a version unused for two weeks goes");
+        assert!(recent.exists(), "a version started now stays");
+        assert!(other.exists(), "folders that are not versions are not ours to remove");
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
