@@ -2,7 +2,6 @@
 //! norms keep their statistics in f32 whatever the compute dtype.
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
@@ -21,9 +20,39 @@ pub fn join(prefix: &str, name: &str) -> String {
     }
 }
 
+/// `y = x·Wᵀ + b` over the last dimension, as PyTorch's `Linear`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[d_in, d_out]`: a transposed view of the stored `[d_out, d_in]` weight.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// `[..., d_in]` → `[..., d_out]`. The leading dimensions are folded into
+    /// one and the matmul is 2-D, straight on the transposed view: burn's own
+    /// `linear` first reshapes the weight to the input's rank, which for a
+    /// transposed view copies the whole weight on every call (measured on
+    /// flex: 11 % of a DiT step).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let weight = self.weight.val();
+        let [d_in, d_out] = weight.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let y = x.reshape([rows, d_in]).matmul(weight);
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            None => y,
+        };
+        dims[D - 1] = d_out;
+        y.reshape(dims)
+    }
+}
+
 /// A PyTorch `Linear(d_in → d_out)` under `name` (`.weight` stored [d_out, d_in],
 /// optional `.bias`). The weight is kept as stored and used through a transposed
-/// view (what burn's `LinearLayout::Col` does): no copy, faster CPU matmuls.
+/// view: no copy at load, and the matmul reads it with its strides.
 pub fn linear<B: Backend, S: WeightSource<B>>(
     src: &mut S,
     name: &str,
