@@ -57,7 +57,7 @@ pub struct ZImageDitConfig {
     /// Latent channels in and out.
     #[config(default = 16)]
     pub in_channels: usize,
-    /// Spatial patch size (the real checkpoints: 2; the built-in demo: 4).
+    /// Spatial patch size (the only one the checkpoints have: 2).
     #[config(default = 2)]
     pub patch_size: usize,
     /// RoPE base.

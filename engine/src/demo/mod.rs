@@ -60,22 +60,17 @@ pub fn text_encoder_config() -> Qwen3Config {
         .with_rope_theta(10_000.0)
 }
 
-/// The Flux-structured autoencoder, narrower and with 3 levels (×4 down, not
-/// ×8), 16 latent channels, one ResNet per encoder level. At ×8 a small
-/// object (25 px) spans three latent cells and this narrow VAE rounded its
-/// corners (runs 1–3: its round trip kept 71–75 % of the objects); at ×4 it
-/// keeps 98.5 %.
+/// The Flux-structured autoencoder, narrower: 4 levels (×8 down), 16 latent
+/// channels, one ResNet per encoder level.
 pub fn vae_config() -> VaeConfig {
     VaeConfig::new()
         .with_latent_channels(16)
-        .with_block_out_channels(vec![8, 16, 32])
+        .with_block_out_channels(vec![8, 8, 16, 32])
         .with_layers_per_block(1)
         .with_norm_num_groups(2)
 }
 
-/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128,
-/// patch 4 (the real one has 2): on the ×4 VAE's 32×32 latents a token still
-/// covers 16×16 pixels, so 64 image tokens, as with ×8 and patch 2.
+/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128.
 pub fn dit_config() -> ZImageDitConfig {
     ZImageDitConfig::new()
         .with_dim(128)
@@ -84,6 +79,5 @@ pub fn dit_config() -> ZImageDitConfig {
         .with_n_refiner_layers(1)
         .with_cap_feat_dim(64)
         .with_in_channels(16)
-        .with_patch_size(4)
         .with_axes_dims([8, 12, 12])
 }

@@ -86,13 +86,10 @@ impl TrainDemoOptions {
 /// Step counts and hyper-parameters of the recipe.
 #[derive(Debug, Clone)]
 struct Recipe {
-    /// VAE stages: (render side, crop side, batch, steps). The narrow
-    /// autoencoder first learns the flat colours cheaply on small renders,
-    /// then edges at 64², then objects at their true 128² scale from 64²
-    /// crops around them (convolutions are local, so the stages share
-    /// everything, and a crop costs a quarter of the whole image), and last
-    /// whole 128² images (the mid-block attention sees the full grid).
-    vae_stages: [(usize, usize, usize, usize); 4],
+    /// VAE stages: (image side, batch, steps). The narrow autoencoder first
+    /// learns the flat colours cheaply on small renders, then edges at 64²
+    /// and 128² (convolutions are local, so the stages share everything).
+    vae_stages: [(usize, usize, usize); 3],
     vae_lr: f64,
     kl_weight: f32,
     /// Training scenes encoded once for the DiT.
@@ -107,13 +104,6 @@ struct Recipe {
     /// objects cover ~10 % of an image, and an unweighted loss is met by
     /// painting the background alone.
     object_weight: f32,
-    /// Extra loss weight of latent cells an object edge crosses (1 + w·4·c·(1−c)
-    /// for coverage c): the shape of an object is all in its edge cells.
-    edge_weight: f32,
-    /// Placement jitter of the DiT's training scenes (relative size, centre
-    /// px): smaller than the VAE's, so a caption names nearly one picture and
-    /// the model's capacity goes to shapes rather than to averaging placements.
-    dit_jitter: (f32, f32),
     /// Base samples (30 steps, CFG 4) the Turbo learns from.
     teacher_pairs: usize,
     turbo_steps: usize,
@@ -125,27 +115,23 @@ impl Recipe {
     fn scaled(s: f64) -> Self {
         let n = |v: usize| ((v as f64 * s).round() as usize).max(2);
         Recipe {
-            vae_stages: [(32, 32, 8, n(400)), (64, 64, 8, n(450)), (128, 64, 8, n(700)), (128, 128, 4, n(50))],
+            vae_stages: [(32, 8, n(600)), (64, 8, n(800)), (128, 6, n(250))],
             vae_lr: 3e-3,
             kl_weight: 1e-4,
             data_size: n(4096),
-            base_steps: n(4400),
+            base_steps: n(2800),
             base_batch: 24,
             base_lr: 1e-3,
             caption_dropout: 0.1,
-            // With the ×8 VAE (16×16 latents) the shift the real models use
-            // at 1024² (3) put half the training at σ > 0.75, where only the
-            // background colour is visible (run 1 learned nothing else);
-            // uniform σ (run 2) learned colours and sizes but hardly
-            // positions, which are set early, at high σ; 2 got both (run 3).
-            // The ×4 VAE's 32×32 latents are more redundant (noise hides
-            // less at the same σ), hence a little more: median σ 0.71.
-            train_shift: 2.5,
+            // At 16×16 latents the shift the real models use at 1024² (3)
+            // puts half the training at σ > 0.75, where only the background
+            // colour is visible (run 1 learned nothing else); uniform σ (run 2)
+            // learned colours and sizes but hardly positions, which are set
+            // early, at high σ. 2 is between: median σ 0.67.
+            train_shift: 2.0,
             object_weight: 4.0,
-            edge_weight: 8.0,
-            dit_jitter: (0.02, 1.0),
-            teacher_pairs: n(448),
-            turbo_steps: n(600),
+            teacher_pairs: n(384),
+            turbo_steps: n(400),
             turbo_batch: 24,
             turbo_lr: 2e-4,
         }
@@ -363,27 +349,18 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
         .init::<Ad, Vae<Ad>>();
     let mut world = WorldSampler::new(seed.wrapping_add(1));
     let mut noise = TorchGenerator::manual_seed(seed.wrapping_add(2));
-    let total: usize = r.vae_stages.iter().map(|s| s.3).sum();
+    let total: usize = r.vae_stages.iter().map(|s| s.2).sum();
     let pb = bar(quiet, total, "VAE");
     let mut losses = Vec::with_capacity(total);
-    let stages: Vec<(usize, usize, usize)> =
-        r.vae_stages.iter().flat_map(|&(side, crop, batch, steps)| std::iter::repeat_n((side, crop, batch), steps)).collect();
-    let mut crop_rng = TorchGenerator::manual_seed(seed.wrapping_add(10));
+    let stages: Vec<(usize, usize)> = r.vae_stages.iter().flat_map(|&(side, batch, steps)| std::iter::repeat_n((side, batch), steps)).collect();
     let scale = cfg.scale();
-    for (step, &(side, n, batch)) in stages.iter().enumerate() {
+    for (step, &(n, batch)) in stages.iter().enumerate() {
         let lat = n / scale;
-        let imgs: Vec<f32> = (0..batch)
-            .flat_map(|_| {
-                let (scene, img) = world.sample_at(Split::Train, side);
-                let img = if n < side { crop_near_object(&img, scene.background.rgb(), n, cfg.scale(), &mut crop_rng) } else { img };
-                image_to_chw(&img)
-            })
-            .collect();
-        // Deterministic (posterior mean) on the small renders; at the true
-        // scale every fourth step samples the posterior with the KL term,
-        // which trains the log-variance img2img uses without blurring the
-        // decoder much.
-        let sampled = side == IMAGE_SIDE && step % 4 == 3;
+        let imgs: Vec<f32> = (0..batch).flat_map(|_| image_to_chw(&world.sample_at(Split::Train, n).1)).collect();
+        // Deterministic (posterior mean) on the small renders; at 128² every
+        // fourth step samples the posterior with the KL term, which trains the
+        // log-variance img2img uses without blurring the decoder much.
+        let sampled = n == IMAGE_SIDE && step % 4 == 3;
         let per_latent = cfg.latent_channels * lat * lat;
         let eps = if sampled { noise.randn(batch * per_latent) } else { Vec::new() };
         let parts: Vec<((Vec<f32>, Vec<f32>), usize)> = split_ranges(batch, threads())
@@ -398,8 +375,8 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
             let b = x.len() / (3 * n * n);
             let x = tensor4::<Ad>(x.clone(), [b, 3, n, n], device);
             let (mean, logvar) = vae.encode(x.clone()).ok_or_else(|| anyhow::anyhow!("VAE built without its encoder"))?;
-            // The first latent channels learn the average colour of their
-            // patch (4×4 pixels): without this hint the narrow autoencoder spends hundreds of
+            // The first latent channels learn the average colour of their 8×8
+            // patch: without this hint the narrow autoencoder spends hundreds of
             // steps before its latents carry the (normalised-away) flat colours.
             let pooled = avg_pool2d(x.clone(), [scale, scale], [scale, scale], [0, 0], true, false);
             let hint = (mean.clone().narrow(1, 0, 3) - pooled).square().mean();
@@ -427,31 +404,6 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
     Ok((vae.valid(), losses))
 }
 
-/// A `side`² crop of `img`, aligned to the latent grid (`align` px, so the
-/// encoder sees the pixel phases it sees on whole images), centred near a
-/// random object pixel 80 % of the time (objects cover ~10 % of an image),
-/// anywhere otherwise.
-fn crop_near_object(img: &crate::preview::RgbImage, background: [u8; 3], side: usize, align: usize, rng: &mut TorchGenerator) -> crate::preview::RgbImage {
-    let (w, h) = (img.width as usize, img.height as usize);
-    let pick = |rng: &mut TorchGenerator, n: usize| ((rng.uniform_f64() * n as f64) as usize).min(n.saturating_sub(1));
-    let object: Vec<usize> = (0..w * h)
-        .filter(|&i| img.pixels[i * 3..][..3].iter().zip(background).map(|(a, b)| (*a as i32 - b as i32).abs()).sum::<i32>() > 45)
-        .collect();
-    let (cx, cy) = if !object.is_empty() && rng.uniform_f64() < 0.8 {
-        let i = object[pick(rng, object.len())];
-        (i % w, i / w)
-    } else {
-        (pick(rng, w), pick(rng, h))
-    };
-    let origin = |c: usize, n: usize| (c.saturating_sub(side / 2).min(n - side) / align) * align;
-    let (x0, y0) = (origin(cx, w), origin(cy, h));
-    let mut pixels = Vec::with_capacity(side * side * 3);
-    for y in y0..y0 + side {
-        pixels.extend_from_slice(&img.pixels[(y * w + x0) * 3..(y * w + x0 + side) * 3]);
-    }
-    crate::preview::RgbImage { width: side as u32, height: side as u32, pixels }
-}
-
 /// The DiT's training set: model-space latents and caption token ids.
 struct LatentSet {
     /// `[N, 16, 16, 16]` flattened.
@@ -459,7 +411,7 @@ struct LatentSet {
     per_item: usize,
     shape: [usize; 3],
     ids: Vec<Vec<u32>>,
-    /// `[N, 32, 32]`: the fraction of each latent cell's 4×4 pixels that
+    /// `[N, 16, 16]`: the fraction of each latent cell's 8×8 pixels that
     /// belong to an object (not the background colour).
     coverage: Vec<f32>,
 }
@@ -491,7 +443,7 @@ fn encode_dataset(
     device: &Device<Inner>,
     quiet: bool,
 ) -> anyhow::Result<(Vae<Inner>, LatentSet)> {
-    let mut world = WorldSampler::new(seed.wrapping_add(3)).with_jitter(r.dit_jitter.0, r.dit_jitter.1);
+    let mut world = WorldSampler::new(seed.wrapping_add(3));
     let n = IMAGE_SIDE;
     let chunk = 32;
     let pb = bar(quiet, r.data_size, "encode");
@@ -563,7 +515,7 @@ fn train_base(
         let mut weight = Vec::with_capacity(b * cells);
         for i in 0..b {
             let k = ((rng.uniform_f64() * n_items as f64) as usize).min(n_items - 1);
-            weight.extend(data.coverage[k * cells..(k + 1) * cells].iter().map(|c| 1.0 + r.object_weight * c + r.edge_weight * 4.0 * c * (1.0 - c)));
+            weight.extend(data.coverage[k * cells..(k + 1) * cells].iter().map(|c| 1.0 + r.object_weight * c));
             let sigma = shifted_sigma(rng.uniform_f64(), r.train_shift);
             t.push(1.0 - sigma);
             ids.push(if rng.uniform_f64() < r.caption_dropout { empty.clone() } else { data.ids[k].clone() });
@@ -885,26 +837,6 @@ fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crops_are_aligned_and_mostly_hold_an_object() {
-        let mut world = WorldSampler::new(3);
-        let mut rng = TorchGenerator::manual_seed(1);
-        let mut with_object = 0;
-        for _ in 0..50 {
-            let (scene, img) = world.sample(Split::Train);
-            let bg = scene.background.rgb();
-            let crop = crop_near_object(&img, bg, 64, 8, &mut rng);
-            assert_eq!((crop.width, crop.height, crop.pixels.len()), (64, 64, 64 * 64 * 3));
-            // The crop is a window of the image at a multiple of 8.
-            let found = (0..=64).step_by(8).flat_map(|y| (0..=64).step_by(8).map(move |x| (x, y))).any(|(x, y)| {
-                (0..64).all(|r| crop.pixels[r * 64 * 3..(r + 1) * 64 * 3] == img.pixels[((y + r) * 128 + x) * 3..((y + r) * 128 + x + 64) * 3])
-            });
-            assert!(found);
-            with_object += object_coverage(&crop, bg, 8).iter().any(|&c| c > 0.0) as usize;
-        }
-        assert!(with_object >= 35, "{with_object} of 50 crops hold an object");
-    }
 
     #[test]
     fn object_coverage_counts_non_background_pixels_per_latent_cell() {

@@ -329,23 +329,11 @@ pub enum Split {
 /// Draws scenes, and their jittered placements, from a seed.
 pub struct WorldSampler {
     rng: TorchGenerator,
-    /// Relative size jitter (±).
-    size_jitter: f32,
-    /// Centre jitter in pixels at 128² (±).
-    centre_jitter: f32,
 }
 
 impl WorldSampler {
-    /// Size ±7 %, centre ±3 px.
     pub fn new(seed: u64) -> Self {
-        Self { rng: TorchGenerator::manual_seed(seed), size_jitter: 0.07, centre_jitter: 3.0 }
-    }
-
-    /// The same scenes with another placement jitter.
-    pub fn with_jitter(mut self, size: f32, centre_px: f32) -> Self {
-        self.size_jitter = size;
-        self.centre_jitter = centre_px;
-        self
+        Self { rng: TorchGenerator::manual_seed(seed) }
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -391,18 +379,17 @@ impl WorldSampler {
         }
     }
 
-    /// Jittered placements for a scene (by default size ±7%, centre ±3 px),
-    /// redrawn until the objects stay apart.
+    /// Jittered placements for a scene: size ±7%, centre ±3 px, redrawn until
+    /// the objects stay apart.
     pub fn placements(&mut self, scene: &Scene) -> Vec<Placement> {
         for _ in 0..100 {
             let p: Vec<Placement> = scene
                 .objects
                 .iter()
                 .map(|o| {
-                    let (sj, cj) = (self.size_jitter, self.centre_jitter);
-                    let s = self.uniform(1.0 - sj, 1.0 + sj);
-                    let dx = self.uniform(-cj, cj);
-                    let dy = self.uniform(-cj, cj);
+                    let s = self.uniform(0.93, 1.07);
+                    let dx = self.uniform(-3.0, 3.0);
+                    let dy = self.uniform(-3.0, 3.0);
                     place(o, s, dx, dy)
                 })
                 .collect();
