@@ -144,7 +144,7 @@ pub fn random_pipeline_without_text<B: Backend>(
         vae: Arc::new(vae),
         vae_scale: model.vae.scale(),
         preview: Default::default(),
-        shift: if kind == ModelKind::Turbo { 3.0 } else { 6.0 },
+        shift: kind.default_shift(),
         default_size: 1024,
         default_steps: kind.default_steps(),
         device: device.clone(),

@@ -46,6 +46,13 @@ impl ModelKind {
             ModelKind::Turbo
         }
     }
+    /// The scheduler shift of the published checkpoints (Turbo 3.0, Base 6.0).
+    pub fn default_shift(self) -> f32 {
+        match self {
+            ModelKind::Turbo => 3.0,
+            ModelKind::Base => 6.0,
+        }
+    }
     pub fn default_steps(self) -> usize {
         match self {
             ModelKind::Turbo => 8,

@@ -437,7 +437,7 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
         if files.is_some() {
             req.prompts = vec![bench::fit_prompt(&text.tokenizer, args.tokens)?];
         }
-        let shift = files.as_ref().map(|f| f.shift).unwrap_or(if kind == ModelKind::Turbo { 3.0 } else { 6.0 });
+        let shift = files.as_ref().map(|f| f.shift).unwrap_or(kind.default_shift());
         let cond = zimage_engine::pipeline::encode_prompts(&text, &req, shift)?;
         B::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
         drop(text);
