@@ -6,6 +6,7 @@ use zimage_studio::settings::Paths;
 use zimage_studio::{cli, StudioApp, StudioOptions};
 
 fn main() -> ExitCode {
+    zimage_engine::device::tune_allocator();
     let args = match cli::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

@@ -281,20 +281,20 @@ impl<B: Backend> DitBlock<B> {
     ) -> Tensor<B, 3> {
         match &self.modulation {
             Some(modulation) => {
-                let m = modulation.forward(adaln.clone()).unsqueeze_dim::<3>(1);
-                let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 3>; 4] =
-                    m.chunk(4, 2).try_into().expect("4 chunks");
+                let m = modulation.forward(adaln.clone());
+                let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 2>; 4] =
+                    m.chunk(4, 1).try_into().expect("4 chunks");
                 let attn =
-                    self.attention.forward(self.attention_norm1.forward(x.clone()) * (scale_msa + 1.0), rope, mask);
-                let x = x + gate_msa.tanh() * self.attention_norm2.forward(attn);
-                let ffn = self.feed_forward.forward(self.ffn_norm1.forward(x.clone()) * (scale_mlp + 1.0));
-                x + gate_mlp.tanh() * self.ffn_norm2.forward(ffn)
+                    self.attention.forward(self.attention_norm1.forward_scaled(x.clone(), scale_msa + 1.0), rope, mask);
+                let x = self.attention_norm2.residual(x, attn, Some(gate_msa.tanh()));
+                let ffn = self.feed_forward.forward(self.ffn_norm1.forward_scaled(x.clone(), scale_mlp + 1.0));
+                self.ffn_norm2.residual(x, ffn, Some(gate_mlp.tanh()))
             }
             None => {
                 let attn = self.attention.forward(self.attention_norm1.forward(x.clone()), rope, mask);
-                let x = x + self.attention_norm2.forward(attn);
+                let x = self.attention_norm2.residual(x, attn, None);
                 let ffn = self.feed_forward.forward(self.ffn_norm1.forward(x.clone()));
-                x + self.ffn_norm2.forward(ffn)
+                self.ffn_norm2.residual(x, ffn, None)
             }
         }
     }
@@ -359,6 +359,10 @@ impl<B: Backend> Rope<B> {
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let dtype = x.dtype();
+        // The kernel reads one row of angles per token (no broadcasting).
+        if crate::fused::enabled::<B>(dtype) && self.cos.dims() == [b, s, 1, d / 2] {
+            return crate::fused::rope_interleaved(x, self.cos.clone(), self.sin.clone());
+        }
         let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
         let pairs = x.reshape([b, s, h, d / 2, 2]);
         let x0 = pairs.clone().narrow(4, 0, 1).squeeze_dim::<4>(4);

@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod dit;
 pub mod error;
 pub mod fp8;
+pub mod fused;
 pub mod loader;
 pub mod lora;
 pub mod memory;

@@ -89,6 +89,34 @@ impl<B: Backend> RmsNorm<B> {
 
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if crate::fused::enabled::<B>(x.dtype()) {
+            return crate::fused::rms_norm(x, self.weight.val(), self.eps, None);
+        }
+        self.forward_composed(x)
+    }
+
+    /// `norm(x) · scale[b]`: `x` `[B, S, dim]`, `scale` `[B, dim]` (the DiT's `1 + scale`).
+    pub fn forward_scaled(&self, x: Tensor<B, 3>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
+        if crate::fused::enabled::<B>(x.dtype()) && scale.dims() == [x.dims()[0], x.dims()[2]] {
+            return crate::fused::rms_norm(x, self.weight.val(), self.eps, Some(scale));
+        }
+        self.forward_composed(x) * scale.unsqueeze_dim::<3>(1)
+    }
+
+    /// `x + gate[b] · norm(y)`: `x`, `y` `[B, S, dim]`, `gate` `[B, dim]` (ones when `None`).
+    pub fn residual(&self, x: Tensor<B, 3>, y: Tensor<B, 3>, gate: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let [b, _, dim] = x.dims();
+        if crate::fused::enabled::<B>(x.dtype()) && y.dims() == x.dims() && gate.as_ref().is_none_or(|g| g.dims() == [b, dim]) {
+            return crate::fused::residual_rms_norm(x, y, self.weight.val(), self.eps, gate);
+        }
+        match gate {
+            Some(gate) => x + gate.unsqueeze_dim::<3>(1) * self.forward_composed(y),
+            None => x + self.forward_composed(y),
+        }
+    }
+
+    /// The same with burn's tensor ops (every backend but CPU f32).
+    pub fn forward_composed<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let x32 = to_f32(x);
         let var = x32.clone().square().mean_dim(D - 1);
@@ -141,7 +169,13 @@ impl<B: Backend> SwiGlu<B> {
 
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+        let (gate, up) = (self.gate.forward(x.clone()), self.up.forward(x));
+        let hidden = if crate::fused::enabled::<B>(gate.dtype()) {
+            crate::fused::silu_mul(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        self.down.forward(hidden)
     }
 }
 

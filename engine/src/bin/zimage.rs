@@ -245,6 +245,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "unknown cause".into());
         eprintln!("error: internal error: {}", msg.lines().next().unwrap_or(""));
     }));
+    zimage_engine::device::tune_allocator();
     let cli = Cli::parse();
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,

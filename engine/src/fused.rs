@@ -1,0 +1,313 @@
+//! Fused CPU kernels for the elementwise chains around the matmuls.
+//!
+//! Why: on burn's `flex` backend every tensor op is its own pass over memory
+//! with its own freshly allocated output, and ops on tensors below flex's
+//! parallel threshold (256 K elements) run on one core. An RMSNorm was seven
+//! such passes, a RoPE eight plus strided copies; `perf` of a `medium` DiT
+//! step put those passes, their allocations and page faults next to the
+//! matmuls. Each function here does one pass, split over rayon's threads.
+//!
+//! They are used only where the backend *is* flex and the tensors are f32
+//! (the CPU path): CUDA, wgpu and the autodiff backend used for training run
+//! the composed burn ops unchanged. The arithmetic is the composed ops', in
+//! the same order, so where no reduction is involved the results are equal
+//! to the last bit (tested against the composed code in `nn.rs` / `dit.rs`).
+//! `ZIMAGE_FUSED=0` turns them off (to measure what they bring).
+
+use std::any::{Any, TypeId};
+use std::sync::OnceLock;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// Elements per rayon task: below this, splitting costs more than it saves.
+const TASK_ELEMENTS: usize = 16 * 1024;
+
+/// Whether the fused kernels replace the composed ops for tensors of this
+/// backend and dtype.
+pub fn enabled<B: Backend>(dtype: DType) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    dtype == DType::F32
+        && TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>()
+        && *ON.get_or_init(|| std::env::var("ZIMAGE_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
+/// A flex tensor in contiguous layout (callers check [`enabled`]).
+fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    let primitive = match t.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(q) => B::dequantize(q, burn::tensor::FloatDType::F32),
+    };
+    let boxed: Box<dyn Any> = Box::new(primitive);
+    match boxed.downcast::<FlexTensor>() {
+        Ok(flex) => flex.to_contiguous(),
+        Err(_) => unreachable!("fused kernels run only on flex tensors (checked by `enabled`)"),
+    }
+}
+
+/// Read-only f32 view of a contiguous flex tensor.
+fn view(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().unwrap_or_else(|| unreachable!("fused kernels run only on contiguous f32 tensors"))
+}
+
+/// An owned copy of the values (the buffer an output is written into).
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    view(&flex(t)).to_vec()
+}
+
+/// A tensor of backend `B` (flex, checked by [`enabled`]) from f32 values.
+fn tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    let flex = FlexTensor::from_data(TensorData::new(values, shape));
+    let boxed: Box<dyn Any> = Box::new(flex);
+    match boxed.downcast::<B::FloatTensorPrimitive>() {
+        Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
+        Err(_) => unreachable!("fused kernels run only on flex tensors (checked by `enabled`)"),
+    }
+}
+
+/// Rows per rayon task for rows of `width` elements.
+fn rows_per_task(width: usize) -> usize {
+    (TASK_ELEMENTS / width.max(1)).max(1)
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row, summed in f32 as flex's `mean_dim`.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for v in chunks.remainder() {
+        sum += v * v;
+    }
+    let mean = sum / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// RMSNorm over the last dimension, `(x · r) · weight`, then times
+/// `post_scale[b]` when given (`[B, dim]`, one row per batch item: the DiT's
+/// `1 + scale` modulation). `x`: `[B, ..., dim]`.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    post_scale: Option<Tensor<B, 2>>,
+) -> Tensor<B, D> {
+    let shape = x.dims();
+    let dim = shape[D - 1];
+    let per_item = shape[1..].iter().product::<usize>().max(1);
+    if let Some(s) = &post_scale {
+        assert_eq!(s.dims(), [shape[0], dim], "one row of scales per batch item");
+    }
+    let (x, w) = (flex(x), flex(weight));
+    let (x, w) = (view(&x), view(&w));
+    let s = post_scale.map(flex);
+    let s = s.as_ref().map(view);
+    let eps = eps as f32;
+    let mut out = vec![0f32; x.len()];
+    let rows = rows_per_task(dim);
+    out.par_chunks_mut(rows * dim).zip(x.par_chunks(rows * dim)).enumerate().for_each(|(task, (o, xi))| {
+        for (r, (orow, xrow)) in o.chunks_mut(dim).zip(xi.chunks(dim)).enumerate() {
+            let inv = inv_rms(xrow, eps);
+            let item = ((task * rows + r) * dim) / per_item;
+            match s {
+                Some(s) => {
+                    let srow = &s[item * dim..(item + 1) * dim];
+                    for j in 0..dim {
+                        orow[j] = ((xrow[j] * inv) * w[j]) * srow[j];
+                    }
+                }
+                None => {
+                    for j in 0..dim {
+                        orow[j] = (xrow[j] * inv) * w[j];
+                    }
+                }
+            }
+        }
+    });
+    tensor(out, shape)
+}
+
+/// `x + gate[b] ⊙ rms_norm(y)` (the DiT's sandwich-normed residual); `gate`
+/// `[B, dim]` is already `tanh`-ed, `None` is a gate of ones. `x`, `y`: `[B, S, dim]`.
+pub fn residual_rms_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    y: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+    gate: Option<Tensor<B, 2>>,
+) -> Tensor<B, 3> {
+    let shape = x.dims();
+    let dim = shape[2];
+    let per_item = shape[1] * dim;
+    assert_eq!(y.dims(), shape, "x and y have the same shape");
+    if let Some(g) = &gate {
+        assert_eq!(g.dims(), [shape[0], dim], "one row of gates per batch item");
+    }
+    let mut out = values(x);
+    let (y, w) = (flex(y), flex(weight));
+    let (y, w) = (view(&y), view(&w));
+    let g = gate.map(flex);
+    let g = g.as_ref().map(view);
+    let eps = eps as f32;
+    let rows = rows_per_task(dim);
+    out.par_chunks_mut(rows * dim).zip(y.par_chunks(rows * dim)).enumerate().for_each(|(task, (o, yi))| {
+        for (r, (orow, yrow)) in o.chunks_mut(dim).zip(yi.chunks(dim)).enumerate() {
+            let inv = inv_rms(yrow, eps);
+            let item = ((task * rows + r) * dim) / per_item;
+            match g {
+                Some(g) => {
+                    let grow = &g[item * dim..(item + 1) * dim];
+                    for j in 0..dim {
+                        orow[j] += grow[j] * ((yrow[j] * inv) * w[j]);
+                    }
+                }
+                None => {
+                    for j in 0..dim {
+                        orow[j] += (yrow[j] * inv) * w[j];
+                    }
+                }
+            }
+        }
+    });
+    tensor(out, shape)
+}
+
+/// RoPE on interleaved pairs: `(x[2m], x[2m+1])` rotated by the token's
+/// angle `m`. `x`: `[B, S, H, D]`; `cos`, `sin`: `[B, S, 1, D/2]`.
+pub fn rope_interleaved<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let shape = x.dims();
+    let [batch, seq, h, d] = shape;
+    let half = d / 2;
+    assert_eq!(cos.dims(), [batch, seq, 1, half], "one row of angles per token");
+    assert_eq!(sin.dims(), [batch, seq, 1, half], "one row of angles per token");
+    let (x, c, s) = (flex(x), flex(cos), flex(sin));
+    let (x, c, s) = (view(&x), view(&c), view(&s));
+    let mut out = vec![0f32; x.len()];
+    let token = h * d;
+    let tokens = rows_per_task(token);
+    out.par_chunks_mut(tokens * token).zip(x.par_chunks(tokens * token)).enumerate().for_each(|(task, (o, xi))| {
+        for (t, (ot, xt)) in o.chunks_mut(token).zip(xi.chunks(token)).enumerate() {
+            let angle = (task * tokens + t) * half;
+            let (ct, st) = (&c[angle..angle + half], &s[angle..angle + half]);
+            for (oh, xh) in ot.chunks_mut(d).zip(xt.chunks(d)) {
+                for m in 0..half {
+                    let (x0, x1) = (xh[2 * m], xh[2 * m + 1]);
+                    oh[2 * m] = x0 * ct[m] - x1 * st[m];
+                    oh[2 * m + 1] = x0 * st[m] + x1 * ct[m];
+                }
+            }
+        }
+    });
+    tensor(out, shape)
+}
+
+/// `silu(a) ⊙ b` (SwiGLU's gate), with flex's numerically stable sigmoid.
+pub fn silu_mul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    let shape = a.dims();
+    let mut out = values(a);
+    let b = flex(b);
+    let b = view(&b);
+    out.par_chunks_mut(TASK_ELEMENTS).zip(b.par_chunks(TASK_ELEMENTS)).for_each(|(o, bi)| {
+        for (v, &m) in o.iter_mut().zip(bi) {
+            let x = *v;
+            let sig = if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            };
+            *v = (x * sig) * m;
+        }
+    });
+    tensor(out, shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::CpuBackend as B;
+    use burn::tensor::Distribution;
+
+    fn max_rel_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+        let a = a.into_data().to_vec::<f32>().unwrap();
+        let b = b.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+    }
+
+    fn randn<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    #[test]
+    fn fused_kernels_run_on_flex_f32_only() {
+        assert!(enabled::<B>(DType::F32) || std::env::var("ZIMAGE_FUSED").as_deref() == Ok("0"));
+        assert!(!enabled::<B>(DType::BF16));
+        assert!(!enabled::<burn::backend::Autodiff<B>>(DType::F32));
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_ops() {
+        // Large enough to split over tasks, with a per-item post scale.
+        let (x, w, s) = (randn([3, 70, 96]), randn([96]), randn([3, 96]));
+        let composed = {
+            let var = x.clone().square().mean_dim(2);
+            (x.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 96]) * s.clone().unsqueeze_dim::<3>(1)
+        };
+        assert!(max_rel_diff(rms_norm(x.clone(), w.clone(), 1e-6, Some(s)), composed) < 1e-5);
+        let plain = {
+            let var = x.clone().square().mean_dim(2);
+            (x.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 96])
+        };
+        assert!(max_rel_diff(rms_norm(x, w, 1e-6, None), plain) < 1e-5);
+    }
+
+    #[test]
+    fn residual_rms_norm_matches_the_composed_ops() {
+        let (x, y, w, g) = (randn([2, 300, 64]), randn([2, 300, 64]), randn([64]), randn([2, 64]).tanh());
+        let norm = {
+            let var = y.clone().square().mean_dim(2);
+            (y.clone() * (var + 1e-5).sqrt().recip()) * w.clone().reshape([1, 1, 64])
+        };
+        let composed = x.clone() + g.clone().unsqueeze_dim::<3>(1) * norm.clone();
+        assert!(max_rel_diff(residual_rms_norm(x.clone(), y.clone(), w.clone(), 1e-5, Some(g)), composed) < 1e-5);
+        assert!(max_rel_diff(residual_rms_norm(x.clone(), y, w, 1e-5, None), x + norm) < 1e-5);
+    }
+
+    #[test]
+    fn rope_matches_the_composed_ops_bit_for_bit() {
+        let (x, cos, sin) = (randn([2, 50, 3, 16]), randn([2, 50, 1, 8]), randn([2, 50, 1, 8]));
+        let pairs = x.clone().reshape([2, 50, 3, 8, 2]);
+        let x0 = pairs.clone().narrow(4, 0, 1).squeeze_dim::<4>(4);
+        let x1 = pairs.narrow(4, 1, 1).squeeze_dim::<4>(4);
+        let y0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+        let y1 = x0 * sin.clone() + x1 * cos.clone();
+        let composed = Tensor::stack::<5>(vec![y0, y1], 4).reshape([2, 50, 3, 16]);
+        assert_eq!(max_rel_diff(rope_interleaved(x, cos, sin), composed), 0.0);
+    }
+
+    #[test]
+    fn silu_mul_matches_the_composed_ops_bit_for_bit() {
+        let (a, b) = (randn([5, 7000]) * 6.0, randn([5, 7000]));
+        let composed = burn::tensor::activation::silu(a.clone()) * b.clone();
+        assert_eq!(max_rel_diff(silu_mul(a, b), composed), 0.0);
+    }
+
+    #[test]
+    fn non_contiguous_inputs_are_read_in_logical_order() {
+        let x = randn([4, 6, 8]);
+        let w = randn([4]);
+        let t = x.clone().swap_dims(0, 2); // [8, 6, 4], a strided view
+        let composed = {
+            let var = t.clone().square().mean_dim(2);
+            (t.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 4])
+        };
+        assert!(max_rel_diff(rms_norm(t, w, 1e-6, None), composed) < 1e-5);
+    }
+}
