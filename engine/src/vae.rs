@@ -121,6 +121,22 @@ impl<B: Backend> GroupNorm<B> {
 
     /// `[B, C, H, W]` → `[B, C, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if crate::fused::enabled::<B>(x.dtype()) {
+            return crate::fused::group_norm(x, self.groups, self.weight.val(), self.bias.val(), GN_EPS, false);
+        }
+        self.forward_composed(x)
+    }
+
+    /// `silu(norm(x))`, the pair every VAE block applies.
+    pub fn forward_silu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if crate::fused::enabled::<B>(x.dtype()) {
+            return crate::fused::group_norm(x, self.groups, self.weight.val(), self.bias.val(), GN_EPS, true);
+        }
+        silu(self.forward_composed(x))
+    }
+
+    /// The same with burn's tensor ops (every backend but CPU f32).
+    pub fn forward_composed(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let dtype = x.dtype();
         let x32 = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
@@ -187,8 +203,8 @@ impl<B: Backend> ResnetBlock<B> {
 
     /// `[B, C_in, H, W]` → `[B, C_out, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         match &self.conv_shortcut {
             Some(s) => s.forward(x) + h,
             None => x + h,
@@ -394,7 +410,7 @@ impl<B: Backend> Vae<B> {
                 x = up.forward(upsample_nearest_2x(x));
             }
         }
-        d.conv_out.forward(silu(d.norm_out.forward(x)))
+        d.conv_out.forward(d.norm_out.forward_silu(x))
     }
 
     /// Image `[B, 3, H, W]` in [−1, 1] → (mean, logvar) `[B, 16, H/8, W/8]`,
@@ -410,7 +426,7 @@ impl<B: Backend> Vae<B> {
                 x = down.forward(x);
             }
         }
-        let x = e.conv_out.forward(silu(e.norm_out.forward(e.mid.forward(x))));
+        let x = e.conv_out.forward(e.norm_out.forward_silu(e.mid.forward(x)));
         let [mean, logvar]: [Tensor<B, 4>; 2] = x.chunk(2, 1).try_into().expect("2 chunks");
         Some((mean, logvar.clamp(-30.0, 20.0)))
     }
