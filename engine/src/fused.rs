@@ -99,6 +99,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
     post_scale: Option<Tensor<B, 2>>,
 ) -> Tensor<B, D> {
     let shape = x.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
     let dim = shape[D - 1];
     let per_item = shape[1..].iter().product::<usize>().max(1);
     if let Some(s) = &post_scale {
@@ -143,6 +146,9 @@ pub fn residual_rms_norm<B: Backend>(
     gate: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
     let shape = x.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
     let dim = shape[2];
     let per_item = shape[1] * dim;
     assert_eq!(y.dims(), shape, "x and y have the same shape");
@@ -182,6 +188,9 @@ pub fn residual_rms_norm<B: Backend>(
 /// angle `m`. `x`: `[B, S, H, D]`; `cos`, `sin`: `[B, S, 1, D/2]`.
 pub fn rope_interleaved<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
     let shape = x.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
     let [batch, seq, h, d] = shape;
     let half = d / 2;
     assert_eq!(cos.dims(), [batch, seq, 1, half], "one row of angles per token");
@@ -210,6 +219,9 @@ pub fn rope_interleaved<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Ten
 /// `silu(a) ⊙ b` (SwiGLU's gate).
 pub fn silu_mul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     let shape = a.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
     let mut out = values(a);
     let b = flex(b);
     let b = view(&b);
@@ -236,6 +248,9 @@ pub fn group_norm<B: Backend>(
     then_silu: bool,
 ) -> Tensor<B, 4> {
     let shape = x.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
     let [b, c, h, w] = shape;
     assert!(groups > 0 && c % groups == 0, "channels divide into groups");
     let plane = (h * w).max(1);
@@ -398,6 +413,15 @@ mod tests {
         assert_eq!(exp_approx(0.0), 1.0);
         assert!(exp_approx(-1000.0) > 0.0 && exp_approx(1000.0).is_finite());
         assert!((sigmoid(-200.0)).abs() < 1e-30 && (sigmoid(200.0) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn empty_tensors_give_empty_results() {
+        let x = Tensor::<B, 3>::zeros([2, 0, 4], &Default::default());
+        assert_eq!(rms_norm(x.clone(), randn([4]), 1e-6, None).dims(), [2, 0, 4]);
+        assert_eq!(silu_mul(x.clone(), x).dims(), [2, 0, 4]);
+        let img = Tensor::<B, 4>::zeros([1, 0, 3, 3], &Default::default());
+        assert_eq!(group_norm(img, 1, randn([0]), randn([0]), 1e-6, true).dims(), [1, 0, 3, 3]);
     }
 
     #[test]
