@@ -40,10 +40,15 @@ impl<B: Backend> Linear<B> {
         let weight = self.weight.val();
         let [d_in, d_out] = weight.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = x.reshape([rows, d_in]).matmul(weight);
-        let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze::<2>(),
-            None => y,
+        let x = x.reshape([rows, d_in]);
+        let y = if crate::fused::enabled::<B>(x.dtype()) && weight.dtype() == DType::F32 {
+            crate::fused::matmul(x, weight, self.bias.as_ref().map(|b| b.val()))
+        } else {
+            let y = x.matmul(weight);
+            match &self.bias {
+                Some(bias) => y + bias.val().unsqueeze::<2>(),
+                None => y,
+            }
         };
         dims[D - 1] = d_out;
         y.reshape(dims)
