@@ -1,0 +1,38 @@
+//! Matmul throughput at the shapes of a `medium` DiT step, the text encoder and
+//! a VAE conv tile: flex's own matmul against `fused::matmul` (the one `Linear`
+//! uses on the CPU). Run with RAYON_NUM_THREADS=1 and =2 to see what the second
+//! core adds; `bench/matmul_torch.py` times PyTorch on the same shapes.
+//!
+//! cargo run --release -p zimage-engine --example matmul_threads
+use burn::tensor::{Distribution, Tensor};
+use zimage_engine::device::CpuBackend as B;
+
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let reps = 20;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() {
+    let device = Default::default();
+    println!("threads: {}", rayon::current_num_threads());
+    for (m, k, n) in [(384usize, 768usize, 768usize), (384, 768, 2048), (384, 2048, 768), (100, 1024, 3072), (4096, 576, 64)] {
+        let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        // A stored [n, k] weight used through its transposed view, as `Linear` does.
+        let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device).transpose();
+        let flex = time(|| drop(x.clone().matmul(w.clone()).into_data()));
+        let ours = time(|| drop(zimage_engine::fused::matmul(x.clone(), w.clone(), None).into_data()));
+        let gflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+        println!(
+            "{m}x{k}x{n}: flex {:.2} ms ({:.0} GFLOP/s), fused {:.2} ms ({:.0} GFLOP/s)",
+            flex * 1e3,
+            gflops(flex),
+            ours * 1e3,
+            gflops(ours)
+        );
+    }
+}
