@@ -170,6 +170,106 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, bias: Option<Tensor<
     tensor(out, [m, n])
 }
 
+/// Output positions per conv tile times output channels: the tile's
+/// accumulator (~1 MB) stays in cache across its nine gemms.
+const CONV_TILE_ELEMENTS: usize = 256 * 1024;
+
+/// 3×3 convolution, stride 1, padding 1 (the VAE's convolutions), without
+/// im2col. `x`: `[B, C_in, H, W]`, `weight`: `[C_out, C_in, 3, 3]`, `bias`:
+/// `[C_out]` → `[B, C_out, H, W]`.
+///
+/// The input is copied once into a zero-padded `(H+2)×(W+2)` plane per channel.
+/// Output positions are counted on that padded width, so for each of the nine
+/// kernel offsets `(dy, dx)` the inputs an output block needs are one
+/// contiguous run of every padded plane, shifted by `dy·(W+2) + dx`: nine
+/// gemms (`C_out × C_in` weights times `C_in ×` positions) accumulate into
+/// the block, and its two wrapped columns per row are dropped. Blocks of whole
+/// rows are spread over rayon's threads, one single-threaded gemm at a time.
+pub fn conv3x3<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 4> {
+    let [b, c_in, h, w] = x.dims();
+    let [c_out, c_in_w, kh, kw] = weight.dims();
+    assert!(c_in == c_in_w && kh == 3 && kw == 3, "a 3×3 kernel over the input's channels");
+    let shape = [b, c_out, h, w];
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
+    let (pw, ph) = (w + 2, h + 2);
+    let plane = ph * pw;
+    // Zero-padded copy; the slack after the last plane keeps the wrapped
+    // columns' reads (dropped later) inside the buffer.
+    let slack = 2 * pw + 2;
+    let x = flex(x);
+    let xv = view(&x);
+    let mut padded = vec![0f32; b * c_in * plane + slack];
+    padded[..b * c_in * plane].par_chunks_mut(plane).zip(xv.par_chunks(h * w)).for_each(|(dst, src)| {
+        for (y, row) in src.chunks(w).enumerate() {
+            dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(row);
+        }
+    });
+    let weight = flex(weight);
+    let wv = view(&weight);
+    let bias = bias.map(flex);
+    let bias = bias.as_ref().map(view);
+    let rows_per_tile = (CONV_TILE_ELEMENTS / (c_out * pw)).clamp(1, h);
+    let tiles_per_item = h.div_ceil(rows_per_tile);
+    let mut out = vec![0f32; b * c_out * h * w];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..b * tiles_per_item).into_par_iter().for_each(|task| {
+        let (item, tile) = (task / tiles_per_item, task % tiles_per_item);
+        let y0 = tile * rows_per_tile;
+        let rows = rows_per_tile.min(h - y0);
+        let n = rows * pw;
+        let mut acc = vec![0f32; c_out * n];
+        if let Some(bias) = bias {
+            for (co, block) in acc.chunks_mut(n).enumerate() {
+                block.fill(bias[co]);
+            }
+        }
+        let input = &padded[item * c_in * plane..];
+        for dy in 0..3 {
+            for dx in 0..3 {
+                // SAFETY: weights [c_out, c_in, 3, 3] read at (·, ·, dy, dx) with
+                // strides (9·c_in, 9); inputs [c_in, n] start at y0·pw + dy·pw + dx of
+                // this item's padded planes (channel stride `plane`), whose last read,
+                // ≤ (c_in−1)·plane + (h+1)·pw + w + 1 + pw, stays inside `padded` thanks
+                // to the slack; `acc` is this task's own [c_out, n] block.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        n,
+                        c_in,
+                        acc.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        true,
+                        wv.as_ptr().add(dy * 3 + dx),
+                        9,
+                        (9 * c_in) as isize,
+                        input.as_ptr().add((y0 + dy) * pw + dx),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+        // Drop the two wrapped columns of every row into the [B, C_out, H, W] output.
+        for (co, block) in acc.chunks(n).enumerate() {
+            let dst = out_ptr.at(((item * c_out + co) * h + y0) * w);
+            for (r, row) in block.chunks(pw).enumerate() {
+                // SAFETY: rows y0..y0+rows of channel co of this item belong to this task alone.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * w), w) };
+            }
+        }
+    });
+    tensor(out, shape)
+}
+
 /// Rows per rayon task for rows of `width` elements.
 fn rows_per_task(width: usize) -> usize {
     (TASK_ELEMENTS / width.max(1)).max(1)
@@ -574,5 +674,19 @@ mod tests {
         let (xc, wc, bc) = (randn([40, 300]), randn([300, 200]), randn([200]));
         let reference = xc.clone().matmul(wc.clone()) + bc.clone().unsqueeze::<2>();
         assert!(max_rel_diff(matmul(xc, wc, Some(bc)), reference) < 1e-5);
+    }
+
+    #[test]
+    fn conv3x3_matches_flex_conv2d() {
+        use burn::tensor::module::conv2d;
+        use burn::tensor::ops::ConvOptions;
+        // Several tiles per item (c_out·(w+2) large against the tile), two items, odd sizes.
+        for (b, c_in, c_out, h, w) in [(2, 5, 7, 9, 11), (1, 16, 300, 40, 33), (1, 3, 2, 1, 1)] {
+            let (x, wt, bias) = (randn([b, c_in, h, w]), randn([c_out, c_in, 3, 3]), randn([c_out]));
+            let reference = conv2d(x.clone(), wt.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            assert!(max_rel_diff(conv3x3(x.clone(), wt.clone(), Some(bias)), reference) < 1e-4);
+            let no_bias = conv2d(x.clone(), wt.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            assert!(max_rel_diff(conv3x3(x, wt, None), no_bias) < 1e-4);
+        }
     }
 }

@@ -150,6 +150,21 @@ impl<B: Backend> GroupNorm<B> {
     }
 }
 
+/// `conv(x)`, through the CPU's fused 3×3 kernel where it applies (stride 1,
+/// padding 1: every VAE conv but the 1×1 shortcuts and the encoder's
+/// downsampling); burn's conv everywhere else.
+fn apply_conv<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let same_3x3 = conv.kernel_size == [3, 3]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1));
+    if same_3x3 && crate::fused::enabled::<B>(x.dtype()) && conv.weight.dtype() == DType::F32 {
+        return crate::fused::conv3x3(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+    }
+    conv.forward(x)
+}
+
 /// A PyTorch `Conv2d` (weight `[out, in, k, k]`, bias) under `name`.
 fn conv<B: Backend, S: WeightSource<B>>(
     src: &mut S,
@@ -203,10 +218,10 @@ impl<B: Backend> ResnetBlock<B> {
 
     /// `[B, C_in, H, W]` → `[B, C_out, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
-        let h = self.conv2.forward(self.norm2.forward_silu(h));
+        let h = apply_conv(&self.conv1, self.norm1.forward_silu(x.clone()));
+        let h = apply_conv(&self.conv2, self.norm2.forward_silu(h));
         match &self.conv_shortcut {
-            Some(s) => s.forward(x) + h,
+            Some(s) => apply_conv(s, x) + h,
             None => x + h,
         }
     }
@@ -401,32 +416,32 @@ impl<B: Backend> Vae<B> {
     /// VAE-space latents `[B, 16, h, w]` → image `[B, 3, 8h, 8w]` (unclamped).
     pub fn decode(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let d = &self.decoder;
-        let mut x = d.mid.forward(d.conv_in.forward(z));
+        let mut x = d.mid.forward(apply_conv(&d.conv_in, z));
         for block in &d.up_blocks {
             for r in &block.resnets {
                 x = r.forward(x);
             }
             if let Some(up) = &block.upsample {
-                x = up.forward(upsample_nearest_2x(x));
+                x = apply_conv(up, upsample_nearest_2x(x));
             }
         }
-        d.conv_out.forward(d.norm_out.forward_silu(x))
+        apply_conv(&d.conv_out, d.norm_out.forward_silu(x))
     }
 
     /// Image `[B, 3, H, W]` in [−1, 1] → (mean, logvar) `[B, 16, H/8, W/8]`,
     /// logvar clamped to [−30, 20]. `None` when the encoder was not loaded.
     pub fn encode(&self, image: Tensor<B, 4>) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
         let e = self.encoder.as_ref()?;
-        let mut x = e.conv_in.forward(image);
+        let mut x = apply_conv(&e.conv_in, image);
         for block in &e.down_blocks {
             for r in &block.resnets {
                 x = r.forward(x);
             }
             if let Some(down) = &block.downsample {
-                x = down.forward(x);
+                x = apply_conv(down, x);
             }
         }
-        let x = e.conv_out.forward(e.norm_out.forward_silu(e.mid.forward(x)));
+        let x = apply_conv(&e.conv_out, e.norm_out.forward_silu(e.mid.forward(x)));
         let [mean, logvar]: [Tensor<B, 4>; 2] = x.chunk(2, 1).try_into().expect("2 chunks");
         Some((mean, logvar.clamp(-30.0, 20.0)))
     }
