@@ -34,6 +34,27 @@ pub fn enabled<B: Backend>(dtype: DType) -> bool {
         && *ON.get_or_init(|| std::env::var("ZIMAGE_FUSED").map(|v| v != "0").unwrap_or(true))
 }
 
+/// Whether tensors of `B` live on flex, directly or under autodiff (training).
+///
+/// Why it matters to the composed ops: flex's binary ops have SIMD paths for
+/// same-shape operands and for a right-hand side broadcast over all leading
+/// or all trailing dimensions, but a broadcast in a middle dimension (`[B, 1,
+/// D]` against `[B, S, D]`) walks both operands element by element, ~10×
+/// slower. On flex such operands are repeated to full size first
+/// ([`expand_for_flex`]); other backends broadcast natively.
+pub fn on_flex<B: Backend>() -> bool {
+    TypeId::of::<B::Device>() == TypeId::of::<burn_flex::FlexDevice>()
+}
+
+/// `small` repeated along `dim` to `size` on flex (see [`on_flex`]), unchanged elsewhere.
+pub fn expand_for_flex<B: Backend, const D: usize>(small: Tensor<B, D>, dim: usize, size: usize) -> Tensor<B, D> {
+    if on_flex::<B>() && small.dims()[dim] == 1 && size > 1 {
+        small.repeat_dim(dim, size)
+    } else {
+        small
+    }
+}
+
 /// A flex tensor in contiguous layout (callers check [`enabled`]).
 fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
     let primitive = match t.into_primitive() {
@@ -688,5 +709,13 @@ mod tests {
             let no_bias = conv2d(x.clone(), wt.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
             assert!(max_rel_diff(conv3x3(x, wt, None), no_bias) < 1e-4);
         }
+    }
+
+    #[test]
+    fn flex_is_recognised_with_and_without_autodiff() {
+        assert!(on_flex::<B>() && on_flex::<burn::backend::Autodiff<B>>());
+        let t = randn([2, 1, 3]);
+        assert_eq!(expand_for_flex(t.clone(), 1, 5).dims(), [2, 5, 3]);
+        assert_eq!(expand_for_flex(t, 1, 1).dims(), [2, 1, 3]);
     }
 }

@@ -105,7 +105,8 @@ impl<B: Backend> RmsNorm<B> {
         if crate::fused::enabled::<B>(x.dtype()) && scale.dims() == [x.dims()[0], x.dims()[2]] {
             return crate::fused::rms_norm(x, self.weight.val(), self.eps, Some(scale));
         }
-        self.forward_composed(x) * scale.unsqueeze_dim::<3>(1)
+        let s = x.dims()[1];
+        self.forward_composed(x) * crate::fused::expand_for_flex(scale.unsqueeze_dim::<3>(1), 1, s)
     }
 
     /// `x + gate[b] · norm(y)`: `x`, `y` `[B, S, dim]`, `gate` `[B, dim]` (ones when `None`).
@@ -115,7 +116,10 @@ impl<B: Backend> RmsNorm<B> {
             return crate::fused::residual_rms_norm(x, y, self.weight.val(), self.eps, gate);
         }
         match gate {
-            Some(gate) => x + gate.unsqueeze_dim::<3>(1) * self.forward_composed(y),
+            Some(gate) => {
+                let s = y.dims()[1];
+                x + self.forward_composed(y) * crate::fused::expand_for_flex(gate.unsqueeze_dim::<3>(1), 1, s)
+            }
             None => x + self.forward_composed(y),
         }
     }

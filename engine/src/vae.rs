@@ -146,7 +146,11 @@ impl<B: Backend> GroupNorm<B> {
         let var = centered.clone().square().mean_dim(2);
         let y = (centered / (var + GN_EPS).sqrt()).reshape([b, c, h, w]);
         let y = if dtype == DType::F32 { y } else { y.cast(dtype) };
-        y * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        // As [B·C, H·W] rows with one (weight, bias) pair per row: a per-row
+        // scalar broadcast, which every backend (flex included) does fast.
+        let per_row = |p: Tensor<B, 1>| p.unsqueeze::<2>().repeat_dim(0, b).reshape([b * c, 1]);
+        let y = y.reshape([b * c, h * w]) * per_row(self.weight.val()) + per_row(self.bias.val());
+        y.reshape([b, c, h, w])
     }
 }
 

@@ -123,7 +123,7 @@ impl Recipe {
             vae_lr: 3e-3,
             kl_weight: 1e-4,
             data_size: n(6144),
-            base_steps: n(5200),
+            base_steps: n(7000),
             base_batch: 24,
             base_lr: 1e-3,
             base_ema: 0.998,
@@ -135,8 +135,8 @@ impl Recipe {
             // early, at high σ. 2 is between: median σ 0.67.
             train_shift: 2.0,
             object_weight: 4.0,
-            teacher_pairs: n(384),
-            turbo_steps: n(400),
+            teacher_pairs: n(512),
+            turbo_steps: n(500),
             turbo_batch: 24,
             turbo_lr: 2e-4,
         }
@@ -554,7 +554,8 @@ fn train_base(
             let caps = encode_batch(&model.text, &p.ids);
             let tt = Tensor::<Ad, 1>::from_data(TensorData::new(p.t.clone(), [n]), (device, DType::F32));
             let pred = model.dit.forward(&cfg, tensor4::<Ad>(p.x.clone(), [n, c, h, w], device), tt, &caps)?;
-            let weight = tensor4::<Ad>(p.weight.clone(), [n, 1, h, w], device);
+            // Repeated over the channels on flex (its broadcast over a middle dimension is slow).
+            let weight = crate::fused::expand_for_flex(tensor4::<Ad>(p.weight.clone(), [n, 1, h, w], device), 1, c);
             Ok(((pred - tensor4::<Ad>(p.target.clone(), [n, c, h, w], device)).square() * weight).mean() / norm)
         })?;
         anyhow::ensure!(value.is_finite(), "Base training diverged at step {step}");
