@@ -313,6 +313,25 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (mean + eps).sqrt()
 }
 
+/// Calls `f(out_row, in_row, 1/rms(in_row), batch item)` for every row of
+/// `dim` elements (`per_item` elements per batch item), rows split over rayon's threads.
+fn rms_rows(
+    out: &mut [f32],
+    input: &[f32],
+    dim: usize,
+    per_item: usize,
+    eps: f32,
+    f: impl Fn(&mut [f32], &[f32], f32, usize) + Sync,
+) {
+    let rows = rows_per_task(dim);
+    out.par_chunks_mut(rows * dim).zip(input.par_chunks(rows * dim)).enumerate().for_each(|(task, (o, xi))| {
+        for (r, (orow, xrow)) in o.chunks_mut(dim).zip(xi.chunks(dim)).enumerate() {
+            let item = ((task * rows + r) * dim) / per_item;
+            f(orow, xrow, inv_rms(xrow, eps), item);
+        }
+    });
+}
+
 /// RMSNorm over the last dimension, `(x · r) · weight`, then times
 /// `post_scale[b]` when given (`[B, dim]`, one row per batch item: the DiT's
 /// `1 + scale` modulation). `x`: `[B, ..., dim]`.
@@ -337,23 +356,16 @@ pub fn rms_norm<B: Backend, const D: usize>(
     let s = s.as_ref().map(view);
     let eps = eps as f32;
     let mut out = vec![0f32; x.len()];
-    let rows = rows_per_task(dim);
-    out.par_chunks_mut(rows * dim).zip(x.par_chunks(rows * dim)).enumerate().for_each(|(task, (o, xi))| {
-        for (r, (orow, xrow)) in o.chunks_mut(dim).zip(xi.chunks(dim)).enumerate() {
-            let inv = inv_rms(xrow, eps);
-            let item = ((task * rows + r) * dim) / per_item;
-            match s {
-                Some(s) => {
-                    let srow = &s[item * dim..(item + 1) * dim];
-                    for j in 0..dim {
-                        orow[j] = ((xrow[j] * inv) * w[j]) * srow[j];
-                    }
-                }
-                None => {
-                    for j in 0..dim {
-                        orow[j] = (xrow[j] * inv) * w[j];
-                    }
-                }
+    rms_rows(&mut out, x, dim, per_item, eps, |orow, xrow, inv, item| match s {
+        Some(s) => {
+            let srow = &s[item * dim..(item + 1) * dim];
+            for j in 0..dim {
+                orow[j] = ((xrow[j] * inv) * w[j]) * srow[j];
+            }
+        }
+        None => {
+            for j in 0..dim {
+                orow[j] = (xrow[j] * inv) * w[j];
             }
         }
     });
@@ -385,23 +397,16 @@ pub fn residual_rms_norm<B: Backend>(
     let g = gate.map(flex);
     let g = g.as_ref().map(view);
     let eps = eps as f32;
-    let rows = rows_per_task(dim);
-    out.par_chunks_mut(rows * dim).zip(y.par_chunks(rows * dim)).enumerate().for_each(|(task, (o, yi))| {
-        for (r, (orow, yrow)) in o.chunks_mut(dim).zip(yi.chunks(dim)).enumerate() {
-            let inv = inv_rms(yrow, eps);
-            let item = ((task * rows + r) * dim) / per_item;
-            match g {
-                Some(g) => {
-                    let grow = &g[item * dim..(item + 1) * dim];
-                    for j in 0..dim {
-                        orow[j] += grow[j] * ((yrow[j] * inv) * w[j]);
-                    }
-                }
-                None => {
-                    for j in 0..dim {
-                        orow[j] += (yrow[j] * inv) * w[j];
-                    }
-                }
+    rms_rows(&mut out, y, dim, per_item, eps, |orow, yrow, inv, item| match g {
+        Some(g) => {
+            let grow = &g[item * dim..(item + 1) * dim];
+            for j in 0..dim {
+                orow[j] += grow[j] * ((yrow[j] * inv) * w[j]);
+            }
+        }
+        None => {
+            for j in 0..dim {
+                orow[j] += (yrow[j] * inv) * w[j];
             }
         }
     });
