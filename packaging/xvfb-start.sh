@@ -6,7 +6,8 @@
 # is ready, so parallel Xvfb runs (other tests on the same machine) cannot collide.
 Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$TMP/display" >"$OUT/xvfb.log" 2>&1 &
 XVFB_PID=$!
-for _ in $(seq 1 100); do [ -s "$TMP/display" ] && break; sleep 0.05; done
+# Up to 30 s: a cold Xvfb (fonts, xkbcomp) on a busy 2-core machine can take more than 5.
+for _ in $(seq 1 600); do [ -s "$TMP/display" ] && break; sleep 0.05; done
 [ -s "$TMP/display" ] || { echo "Xvfb did not start: $(cat "$OUT/xvfb.log")"; exit 1; }
 export DISPLAY=:$(head -1 "$TMP/display")
 mkdir -p "$TMP/runtime" && chmod 700 "$TMP/runtime"
