@@ -576,6 +576,13 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
     }
 
+    /// RMSNorm with burn's composed ops (as `nn::RmsNorm::forward_composed`), for `[.., .., dim]`.
+    fn composed_rms_norm(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+        let dim = w.dims()[0];
+        let var = x.clone().square().mean_dim(2);
+        (x * (var + eps).sqrt().recip()) * w.reshape([1, 1, dim])
+    }
+
     #[test]
     fn fused_kernels_run_on_flex_f32_only() {
         assert!(enabled::<B>(DType::F32) || std::env::var("ZIMAGE_FUSED").as_deref() == Ok("0"));
@@ -587,25 +594,16 @@ mod tests {
     fn rms_norm_matches_the_composed_ops() {
         // Large enough to split over tasks, with a per-item post scale.
         let (x, w, s) = (randn([3, 70, 96]), randn([96]), randn([3, 96]));
-        let composed = {
-            let var = x.clone().square().mean_dim(2);
-            (x.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 96]) * s.clone().unsqueeze_dim::<3>(1)
-        };
+        let composed = composed_rms_norm(x.clone(), w.clone(), 1e-6) * s.clone().unsqueeze_dim::<3>(1);
         assert!(max_rel_diff(rms_norm(x.clone(), w.clone(), 1e-6, Some(s)), composed) < 1e-5);
-        let plain = {
-            let var = x.clone().square().mean_dim(2);
-            (x.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 96])
-        };
+        let plain = composed_rms_norm(x.clone(), w.clone(), 1e-6);
         assert!(max_rel_diff(rms_norm(x, w, 1e-6, None), plain) < 1e-5);
     }
 
     #[test]
     fn residual_rms_norm_matches_the_composed_ops() {
         let (x, y, w, g) = (randn([2, 300, 64]), randn([2, 300, 64]), randn([64]), randn([2, 64]).tanh());
-        let norm = {
-            let var = y.clone().square().mean_dim(2);
-            (y.clone() * (var + 1e-5).sqrt().recip()) * w.clone().reshape([1, 1, 64])
-        };
+        let norm = composed_rms_norm(y.clone(), w.clone(), 1e-5);
         let composed = x.clone() + g.clone().unsqueeze_dim::<3>(1) * norm.clone();
         assert!(max_rel_diff(residual_rms_norm(x.clone(), y.clone(), w.clone(), 1e-5, Some(g)), composed) < 1e-5);
         assert!(max_rel_diff(residual_rms_norm(x.clone(), y, w, 1e-5, None), x + norm) < 1e-5);
@@ -658,10 +656,7 @@ mod tests {
         let x = randn([4, 6, 8]);
         let w = randn([4]);
         let t = x.clone().swap_dims(0, 2); // [8, 6, 4], a strided view
-        let composed = {
-            let var = t.clone().square().mean_dim(2);
-            (t.clone() * (var + 1e-6).sqrt().recip()) * w.clone().reshape([1, 1, 4])
-        };
+        let composed = composed_rms_norm(t.clone(), w.clone(), 1e-6);
         assert!(max_rel_diff(rms_norm(t, w, 1e-6, None), composed) < 1e-5);
     }
 
