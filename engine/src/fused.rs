@@ -57,15 +57,7 @@ pub fn expand_for_flex<B: Backend, const D: usize>(small: Tensor<B, D>, dim: usi
 
 /// A flex tensor in contiguous layout (callers check [`enabled`]).
 fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
-    let primitive = match t.into_primitive() {
-        TensorPrimitive::Float(p) => p,
-        TensorPrimitive::QFloat(q) => B::dequantize(q, burn::tensor::FloatDType::F32),
-    };
-    let boxed: Box<dyn Any> = Box::new(primitive);
-    match boxed.downcast::<FlexTensor>() {
-        Ok(flex) => flex.to_contiguous(),
-        Err(_) => unreachable!("fused kernels run only on flex tensors (checked by `enabled`)"),
-    }
+    flex_strided(t).to_contiguous()
 }
 
 /// Read-only f32 view of a contiguous flex tensor.
