@@ -1152,9 +1152,11 @@ fn canon_all(v: &[PathBuf]) -> Vec<PathBuf> {
     v.iter().map(|p| canon(p)).collect()
 }
 
-/// Whether two models use the same tokenizer and text-encoder files.
+/// Whether two models use the same tokenizer and text-encoder files: the
+/// prompt cache's identity, so sharing an encoder and sharing cached prompts
+/// cannot disagree.
 fn same_text_files(a: &ModelFiles, b: &ModelFiles) -> bool {
-    canon(&a.tokenizer) == canon(&b.tokenizer) && canon_all(&a.text_encoder.files) == canon_all(&b.text_encoder.files)
+    text_files_key(a) == text_files_key(b)
 }
 
 /// Whether two models use the same tokenizer, text encoder and VAE files.
