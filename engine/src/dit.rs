@@ -18,6 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use crate::error::{EngineError, Result};
+use crate::fused::swap_dims_1_2;
 use crate::nn::{join, layer_norm_plain, linear, sdpa, RmsNorm, SwiGlu};
 use crate::weights::{Init, RandomWeights, WeightSource};
 
@@ -232,10 +233,10 @@ impl<B: Backend> Attention<B> {
             q = nq.forward(q);
             k = nk.forward(k);
         }
-        let q = rope.apply(q).swap_dims(1, 2);
-        let k = rope.apply(k).swap_dims(1, 2);
-        let o = sdpa(q, k, v.swap_dims(1, 2), mask, false);
-        self.to_out.forward(o.swap_dims(1, 2).reshape([b, s, d]))
+        let q = swap_dims_1_2(rope.apply(q));
+        let k = swap_dims_1_2(rope.apply(k));
+        let o = sdpa(q, k, swap_dims_1_2(v), mask, false);
+        self.to_out.forward(swap_dims_1_2(o).reshape([b, s, d]))
     }
 }
 

@@ -423,6 +423,33 @@ pub fn residual_rms_norm<B: Backend>(
     tensor(out, shape)
 }
 
+/// `x.swap_dims(1, 2)` laid out contiguously: `[A, B, C, D]` → `[A, C, B, D]`,
+/// moving whole rows of `D`. Attention's head split and merge (`[B, S, H, hd]`
+/// ↔ `[B, H, S, hd]`); as a strided view, flex's attention and reshape copy
+/// it element by element through its strided iterator (perf: ~6 % of a
+/// `medium` DiT step). Composed backends get the plain view.
+pub fn swap_dims_1_2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if !enabled::<B>(x.dtype()) {
+        return x.swap_dims(1, 2);
+    }
+    let [a, b, c, d] = x.dims();
+    let shape = [a, c, b, d];
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
+    let x = flex(x);
+    let xv = view(&x);
+    let mut out = vec![0f32; a * b * c * d];
+    // One task per output [B, D] block (fixed i, l): rows j come from x[i, j, l].
+    out.par_chunks_mut(b * d).enumerate().for_each(|(il, block)| {
+        let (i, l) = (il / c, il % c);
+        for (j, row) in block.chunks_mut(d).enumerate() {
+            row.copy_from_slice(&xv[((i * b + j) * c + l) * d..][..d]);
+        }
+    });
+    tensor(out, shape)
+}
+
 /// RoPE on interleaved pairs: `(x[2m], x[2m+1])` rotated by the token's
 /// angle `m`. `x`: `[B, S, H, D]`; `cos`, `sin`: `[B, S, 1, D/2]`.
 pub fn rope_interleaved<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -591,6 +618,17 @@ mod tests {
         let dim = w.dims()[0];
         let var = x.clone().square().mean_dim(2);
         (x * (var + eps).sqrt().recip()) * w.reshape([1, 1, dim])
+    }
+
+    #[test]
+    fn swap_dims_1_2_matches_the_view() {
+        let x = randn([2, 5, 3, 4]);
+        let got = swap_dims_1_2(x.clone());
+        assert_eq!(got.dims(), [2, 3, 5, 4]);
+        assert_eq!(got.into_data().to_vec::<f32>().unwrap(), x.clone().swap_dims(1, 2).into_data().to_vec::<f32>().unwrap());
+        // From a strided input too (the view of a view).
+        let t = x.clone().swap_dims(1, 2);
+        assert_eq!(swap_dims_1_2(t).into_data().to_vec::<f32>().unwrap(), x.into_data().to_vec::<f32>().unwrap());
     }
 
     #[test]

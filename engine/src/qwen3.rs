@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::error::{EngineError, Result};
+use crate::fused::swap_dims_1_2;
 use crate::nn::{join, linear, sdpa, RmsNorm, SwiGlu};
 use crate::weights::{Init, RandomWeights, WeightSource};
 
@@ -125,11 +126,11 @@ impl<B: Backend> Qwen3Attention<B> {
         let q = self.q_norm.forward(self.q_proj.forward(x.clone()).reshape([b, l, self.n_heads, hd]));
         let k = self.k_norm.forward(self.k_proj.forward(x.clone()).reshape([b, l, self.n_kv_heads, hd]));
         let v = self.v_proj.forward(x).reshape([b, l, self.n_kv_heads, hd]);
-        let q = rope.apply(q.swap_dims(1, 2));
-        let k = repeat_kv(rope.apply(k.swap_dims(1, 2)), self.n_heads / self.n_kv_heads);
-        let v = repeat_kv(v.swap_dims(1, 2), self.n_heads / self.n_kv_heads);
+        let q = rope.apply(swap_dims_1_2(q));
+        let k = repeat_kv(rope.apply(swap_dims_1_2(k)), self.n_heads / self.n_kv_heads);
+        let v = repeat_kv(swap_dims_1_2(v), self.n_heads / self.n_kv_heads);
         let o = sdpa(q, k, v, None, true);
-        self.o_proj.forward(o.swap_dims(1, 2).reshape([b, l, self.n_heads * hd]))
+        self.o_proj.forward(swap_dims_1_2(o).reshape([b, l, self.n_heads * hd]))
     }
 }
 
