@@ -87,7 +87,37 @@ pub fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
         return t;
     }
     let shape = t.dims();
-    tensor(values(t), shape)
+    let x = flex_strided(t);
+    // The common case, a Linear's transposed weight: a cache-blocked transpose
+    // (flex's `to_contiguous` walks it element by element: +0.5 s on `medium`'s load).
+    if D == 2 && x.layout().strides() == [1, shape[0] as isize] {
+        let src = &x.storage::<f32>()[x.layout().start_offset()..][..shape[0] * shape[1]];
+        return tensor(transposed(src, shape[1], shape[0]), shape);
+    }
+    tensor(view(&x.to_contiguous()).to_vec(), shape)
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix (`[cols, rows]`, row-major),
+/// in 32×32 blocks so that reads and writes both stay in cache; bands of
+/// output rows in parallel.
+fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(band, dst)| {
+        let c0 = band * BLOCK;
+        let band_cols = dst.len() / rows;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for c in c0..c0 + band_cols {
+                for r in r0..(r0 + BLOCK).min(rows) {
+                    dst[(c - c0) * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    });
+    out
 }
 
 /// A flex tensor as it is laid out (strides and offset kept; callers check [`enabled`]).
@@ -618,6 +648,21 @@ mod tests {
         let dim = w.dims()[0];
         let var = x.clone().square().mean_dim(2);
         (x * (var + eps).sqrt().recip()) * w.reshape([1, 1, dim])
+    }
+
+    #[test]
+    fn contiguous_keeps_the_values_of_a_transposed_view() {
+        for [r, c] in [[70, 45], [1, 33], [32, 32], [5, 1]] {
+            let w = randn([r, c]);
+            let t = w.clone().transpose();
+            let want = t.clone().into_data().to_vec::<f32>().unwrap();
+            let got = contiguous(t);
+            assert_eq!(got.dims(), [c, r]);
+            assert_eq!(got.into_data().to_vec::<f32>().unwrap(), want, "{r}×{c}");
+        }
+        // Any other layout goes through the generic copy.
+        let x = randn([3, 4, 5]).swap_dims(0, 2);
+        assert_eq!(contiguous(x.clone()).into_data().to_vec::<f32>().unwrap(), x.into_data().to_vec::<f32>().unwrap());
     }
 
     #[test]
