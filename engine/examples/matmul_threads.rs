@@ -22,8 +22,8 @@ fn main() {
     println!("threads: {}", rayon::current_num_threads());
     for (m, k, n) in [(384usize, 768usize, 768usize), (384, 768, 2048), (384, 2048, 768), (100, 1024, 3072), (4096, 576, 64)] {
         let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
-        // A stored [n, k] weight used through its transposed view, as `Linear` does.
-        let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device).transpose();
+        // A stored [n, k] weight, transposed and laid out as rows at load, as `Linear` does.
+        let w = zimage_engine::fused::contiguous(Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device).transpose());
         let flex = time(|| drop(x.clone().matmul(w.clone()).into_data()));
         let ours = time(|| drop(zimage_engine::fused::matmul(x.clone(), w.clone(), None).into_data()));
         let gflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;

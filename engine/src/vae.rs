@@ -463,6 +463,9 @@ impl<B: Backend> Vae<B> {
 
 /// Nearest-neighbour ×2: `[B, C, H, W]` → `[B, C, 2H, 2W]`.
 fn upsample_nearest_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if crate::fused::enabled::<B>(x.dtype()) {
+        return crate::fused::upsample_nearest_2x(x);
+    }
     let [b, c, h, w] = x.dims();
     x.reshape([b, c, h, 1, w, 1]).expand([b, c, h, 2, w, 2]).reshape([b, c, 2 * h, 2 * w])
 }
