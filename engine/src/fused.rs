@@ -225,7 +225,7 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, bias: Option<Tensor<
 
 /// Output positions per conv tile times output channels: the tile's
 /// accumulator (256 kB) and the input rows it reads stay in a core's 1 MB L2
-/// across its nine gemms (`examples/conv_threads`: 64 channels at 256², 116 →
+/// across its nine gemms (`examples/matmul_threads`: 64 channels at 256², 116 →
 /// ~160 GFLOP/s from 1 MB tiles; 32 kB tiles are slower again).
 const CONV_TILE_ELEMENTS: usize = 64 * 1024;
 
