@@ -146,6 +146,45 @@ impl SharedOut {
     }
 }
 
+/// One single-threaded gemm, `[m, n, k]`, into a row-major destination
+/// (`dst`, its row stride, whether to add to what it holds or overwrite it):
+/// `dst (+)= lhs · rhs`, each operand given as (pointer, row stride, column stride).
+///
+/// # Safety
+/// The pointers and strides must describe valid `[m, k]` and `[k, n]` views and a
+/// writable `[m, n]` one that no other thread touches during the call.
+unsafe fn gemm_into_rows(
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Below this many multiply-adds one single-threaded gemm call is fastest.
 const SPLIT_MATMUL_WORK: usize = 1 << 21;
 
@@ -202,26 +241,11 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, bias: Option<Tensor<
         // m·n values), disjoint from every other share's, and `out` outlives
         // the parallel loop. Without a bias the destination is not read.
         unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                k,
-                dst.at(row0 * n + col0),
-                1,
-                n as isize,
-                with_bias,
-                xs.as_ptr().offset(x0 as isize + row0 as isize * x_rs),
-                x_cs,
-                x_rs,
-                ws.as_ptr().offset(w0 as isize + col0 as isize * w_cs),
-                w_cs,
-                w_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            gemm_into_rows(
+                [rows, cols, k],
+                (dst.at(row0 * n + col0), n, with_bias),
+                (xs.as_ptr().offset(x0 as isize + row0 as isize * x_rs), x_rs, x_cs),
+                (ws.as_ptr().offset(w0 as isize + col0 as isize * w_cs), w_rs, w_cs),
             );
         }
     });
@@ -312,26 +336,11 @@ pub fn conv3x3<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Option<T
                 // ≤ (c_in−1)·plane + (h+1)·pw + w + 1 + pw, stays inside `padded` thanks
                 // to the slack; `acc` is this task's own [c_out, n] block.
                 unsafe {
-                    gemm::gemm(
-                        c_out,
-                        n,
-                        c_in,
-                        acc.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        true,
-                        per_offset.as_ptr().add((dy * 3 + dx) * c_out * c_in),
-                        1,
-                        c_in as isize,
-                        input.as_ptr().add((y0 + dy) * pw + dx),
-                        1,
-                        plane as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_into_rows(
+                        [c_out, n, c_in],
+                        (acc.as_mut_ptr(), n, true),
+                        (per_offset.as_ptr().add((dy * 3 + dx) * c_out * c_in), c_in as isize, 1),
+                        (input.as_ptr().add((y0 + dy) * pw + dx), plane as isize, 1),
                     );
                 }
             }
