@@ -188,8 +188,8 @@ unsafe fn gemm_into_rows(
 /// Below this many multiply-adds one single-threaded gemm call is fastest.
 const SPLIT_MATMUL_WORK: usize = 1 << 21;
 
-/// `x · w (+ bias)` for 2-D f32 tensors of any strides (`w` is usually the
-/// transposed view of a stored `[d_out, d_in]` weight, read in place). `x`:
+/// `x · w (+ bias)` for 2-D f32 tensors of any strides (`w` is usually a
+/// `Linear`'s weight, laid out as `[d_in, d_out]` rows at load). `x`:
 /// `[m, k]`, `w`: `[k, n]`, `bias`: `[n]` → `[m, n]`.
 ///
 /// Why not flex's matmul: for the DiT's shapes (a few hundred rows) gemm's

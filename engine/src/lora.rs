@@ -617,7 +617,7 @@ impl<B: Backend> AppliedLoras<B> {
                 );
                 weight = weight + up.matmul(down) * c.scale;
             }
-            linear.weight = Param::from_tensor(crate::fused::contiguous(weight.cast(dtype).transpose()));
+            linear.weight = Linear::weight_from_stored(weight.cast(dtype));
         }
         self.active = loras.iter().map(|(l, s)| (l.name.clone(), *s)).collect();
         Ok(())

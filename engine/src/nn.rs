@@ -23,13 +23,23 @@ pub fn join(prefix: &str, name: &str) -> String {
 /// `y = x·Wᵀ + b` over the last dimension, as PyTorch's `Linear`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[d_in, d_out]`: a transposed view of the stored `[d_out, d_in]` weight.
+    /// `[d_in, d_out]`: the stored `[d_out, d_in]` weight transposed (see [`Linear::weight_from_stored`]).
     pub weight: Param<Tensor<B, 2>>,
     /// `[d_out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// The `weight` parameter for a stored (PyTorch) `[d_out, d_in]` weight: a
+    /// transposed view, laid out once as `[d_in, d_out]` rows on the CPU kernels
+    /// (`fused`). Read in place, gemm gathers the transposed view one float at a
+    /// time into its packed panels on every call (perf: ~12 % of a `medium`
+    /// generation); rows of output features pack with vector copies. GPU
+    /// backends keep the stored layout.
+    pub fn weight_from_stored(stored: Tensor<B, 2>) -> Param<Tensor<B, 2>> {
+        Param::from_tensor(crate::fused::contiguous(stored.transpose()))
+    }
+
     /// `[..., d_in]` → `[..., d_out]`. The leading dimensions are folded into
     /// one and the matmul is 2-D, straight on the transposed view: burn's own
     /// `linear` first reshapes the weight to the input's rank, which for a
@@ -56,11 +66,7 @@ impl<B: Backend> Linear<B> {
 }
 
 /// A PyTorch `Linear(d_in → d_out)` under `name` (`.weight` stored [d_out, d_in],
-/// optional `.bias`). The weight is used through a transposed view; on the CPU
-/// kernels (`fused`) that view is laid out once at load as `[d_in, d_out]` rows:
-/// read in place, gemm gathers the weight one float at a time into its packed
-/// panels on every call (perf: ~12 % of a `medium` generation), while rows of
-/// output features pack with vector copies. GPU backends keep the stored layout.
+/// optional `.bias`), its weight kept by [`Linear::weight_from_stored`].
 pub fn linear<B: Backend, S: WeightSource<B>>(
     src: &mut S,
     name: &str,
@@ -70,7 +76,7 @@ pub fn linear<B: Backend, S: WeightSource<B>>(
 ) -> Result<Linear<B>> {
     let weight = src.tensor(&join(name, "weight"), [d_out, d_in], Init::FanIn(d_in))?;
     let bias = if bias { Some(src.param(&join(name, "bias"), [d_out], Init::FanIn(d_in))?) } else { None };
-    Ok(Linear { weight: Param::from_tensor(crate::fused::contiguous(weight.transpose())), bias })
+    Ok(Linear { weight: Linear::weight_from_stored(weight), bias })
 }
 
 /// Casts to f32 for statistics when computing in a half type.
