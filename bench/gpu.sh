@@ -6,11 +6,18 @@
 # same through diffusers (PyTorch bf16, SDPA) on the same card, and the table.
 #
 # Needs: bench/bin/zimage-cuda (built with `cargo build --release -p zimage-engine
-# --features cuda`), python3 with torch; diffusers from .whl/ when missing.
+# --features cuda`; bench/bin/zimage-cuda.gz is unpacked when only it is there),
+# python3 with torch; diffusers from .whl/ when missing.
 # Works in $WORK (default /tmp/zimage-bench); at the end copies table.md and
 # log.txt and a tarball of everything to $OUT (default ./bench-out).
 # Keep the whole run < 8 min.
+#
+# The matmul kernel for the whole-model runs is the one bench-ops finds
+# fastest on this card (printed as "best matmul kernel"), unless ZIMAGE_MATMUL
+# is set. QUICK=1 skips diffusers and the released-text-encoder case (for a
+# second call on a card whose diffusers numbers are already in hand).
 set -uo pipefail
+QUICK="${QUICK:-0}"
 cd "$(dirname "$0")/.."
 FINAL="${OUT:-bench-out}"
 OUT="${WORK:-/tmp/zimage-bench}"
@@ -20,20 +27,31 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nv
 # The log goes straight to $FINAL so that a run cut off by a time limit still
 # returns everything it printed.
 LOG="$FINAL/log.txt"
-log() { echo "== $*" | tee -a "$LOG"; }
+log() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
 
 if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 
+[ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
+
+# First the ops one by one: which kernel costs what, and the hand-picked CUDA
+# kernels (flash attention, implicit-GEMM conv) checked against burn's own.
+log "ops at full-size shapes (bf16)"
+timeout 240 "$Z" bench-ops --device cuda --shapes full --reps 5 --json "$OUT/ops.json" 2>&1 | tee -a "$LOG" "$OUT/ops.md"
+if [ -z "${ZIMAGE_MATMUL:-}" ]; then
+  best=$(sed -n 's/^best matmul kernel: //p' "$OUT/ops.md" | tail -1)
+  [ -n "$best" ] && export ZIMAGE_MATMUL="$best"
+fi
+log "matmul kernel for the runs below: ${ZIMAGE_MATMUL:-burn default}"
 
 run_ours() { # name, args...
   local name=$1; shift
   local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
   local pid=$!
-  timeout 240 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
+  timeout 150 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
@@ -60,22 +78,34 @@ PY
 
 log "ours: Turbo 1024² 8 steps"
 run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 1
-log "ours: Turbo 1024² 8 steps, text encoder released before the DiT loads (lowest memory plan; target peak <= 14 GB)"
-run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
+if [ "$QUICK" != 1 ]; then
+  log "ours: Turbo 1024² 8 steps, text encoder released before the DiT loads (lowest memory plan; target peak <= 14 GB)"
+  run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
+fi
 log "ours: Turbo 512² 8 steps"
 run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
 log "ours: Base 1024² with CFG (3 steps timed)"
 run_ours base1024 --config full --kind base -W 1024 -H 1024 --steps 3 --runs 1
 
+if [ "$QUICK" != 1 ]; then
 log "diffusers: same configs, same card"
 for spec in "turbo1024 --kind turbo --width 1024 --height 1024 --runs 1" \
             "turbo512 --kind turbo --width 512 --height 512 --runs 1" \
             "base1024 --kind base --width 1024 --height 1024 --steps 3 --runs 1"; do
   set -- $spec
   name=$1; shift
-  timeout 200 python3 bench/diffusers_bench.py --config full --device cuda --json "$OUT/torch_$name.json" "$@" \
+  timeout 120 python3 bench/diffusers_bench.py --config full --device cuda --json "$OUT/torch_$name.json" "$@" \
     > "$OUT/torch_$name.txt" 2>&1 || tail -5 "$OUT/torch_$name.txt"
 done
+
+log "ours with burn's default kernels (no flash attention, direct conv): Turbo 512², for the A/B on this card"
+saved="${ZIMAGE_MATMUL:-}"
+unset ZIMAGE_MATMUL
+export ZIMAGE_CUDA_KERNELS=burn
+run_ours turbo512_burn_kernels --config full --kind turbo -W 512 -H 512 --runs 1
+unset ZIMAGE_CUDA_KERNELS
+[ -n "$saved" ] && export ZIMAGE_MATMUL="$saved"
+fi
 
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
@@ -87,13 +117,13 @@ def load(p):
         return None
 print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
-    a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{name.replace('_te_released', '')}.json")
+for name in ("turbo1024", "turbo1024_te_released", "turbo512", "turbo512_burn_kernels", "base1024"):
+    a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{name.replace('_te_released', '').replace('_burn_kernels', '')}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"
     ratio = f"{a['end_to_end_ms'] / b['end_to_end_ms']:.2f}" if a and b else "-"
     print(f"| {name} | {f(a,'end_to_end_ms')} | {f(b,'end_to_end_ms')} | {ratio} | {f(a,'dit_step_mean_ms')} | {f(b,'dit_step_mean_ms')} | {f(a,'text_encode_ms')} | {f(a,'vae_decode_ms')} | {peak} | {f(b,'peak_device_mib')} |")
 PY
 
-cp "$OUT/table.md" "$FINAL/" 2>/dev/null
+cp "$OUT/table.md" "$OUT/ops.md" "$FINAL/" 2>/dev/null
 tar czf "$FINAL/bench.tgz" -C "$OUT" . 2>/dev/null

@@ -6,6 +6,7 @@
 //! [`pipeline::ZImagePipeline::generate`].
 
 pub mod bench;
+pub mod cuda_kernels;
 pub mod demo;
 pub mod device;
 pub mod discovery;
@@ -13,6 +14,7 @@ pub mod dit;
 pub mod error;
 pub mod fp8;
 pub mod fused;
+pub mod kernel_bench;
 pub mod loader;
 pub mod lora;
 pub mod memory;

@@ -54,7 +54,11 @@ impl<B: Backend> Linear<B> {
         let y = if crate::fused::enabled::<B>(x.dtype()) && weight.dtype() == DType::F32 {
             crate::fused::matmul(x, weight, self.bias.as_ref().map(|b| b.val()))
         } else {
-            let y = x.matmul(weight);
+            let kernel = crate::cuda_kernels::matmul_kernel();
+            let y = match kernel.and_then(|k| crate::cuda_kernels::matmul(&x, &weight, k)) {
+                Some(y) => y,
+                None => x.matmul(weight),
+            };
             match &self.bias {
                 Some(bias) => y + bias.val().unsqueeze::<2>(),
                 None => y,
@@ -197,8 +201,9 @@ impl<B: Backend> SwiGlu<B> {
     }
 }
 
-/// Scaled dot-product attention over `[B, heads, S, head_dim]` tensors with
-/// burn's fused kernel. `mask`: `[B, 1, S_q, S_k]`, true = hidden key.
+/// Scaled dot-product attention over `[B, heads, S, head_dim]` tensors:
+/// the flash kernel on CUDA (see [`crate::cuda_kernels`]), burn's fused
+/// attention elsewhere. `mask`: `[B, 1, S_q, S_k]`, true = hidden key.
 pub fn sdpa<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -206,6 +211,10 @@ pub fn sdpa<B: Backend>(
     mask: Option<Tensor<B, 4, Bool>>,
     causal: bool,
 ) -> Tensor<B, 4> {
+    let planes = crate::cuda_kernels::flash_planes();
+    if let Some(out) = crate::cuda_kernels::flash_attention(&q, &k, &v, mask.as_ref(), causal, planes) {
+        return out;
+    }
     let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
     attention(q, k, v, mask, None, options)
 }

@@ -91,6 +91,25 @@ enum Command {
     },
     /// Time each stage of a generation (text encode, every DiT step, VAE decode).
     Bench(BenchArgs),
+    /// Time the DiT's and the VAE's heaviest ops one by one at the full
+    /// model's shapes, and check the CUDA kernels against burn's defaults.
+    BenchOps {
+        /// cpu, cuda or wgpu.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16 (default: f32 on CPU, bf16 on GPU).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// full (1024² image on the published model) or tiny.
+        #[arg(long, default_value = "full")]
+        shapes: String,
+        /// Timed calls per op, after one untimed.
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Also write the timings as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// List the Z-Image models found on this machine (Hugging Face cache,
     /// ComfyUI folders, and the given paths), with size, dtype and completeness.
     Models {
@@ -376,6 +395,11 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.device)?;
             dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
         }
+        Command::BenchOps { device, dtype, shapes, reps, json } => {
+            let kind = DeviceKind::parse(&device)?;
+            let shapes = zimage_engine::kernel_bench::OpShapes::named(&shapes)?;
+            dispatch!(kind, parse_dtype(kind, &dtype)?, bench_ops, (shapes, reps, json))
+        }
         Command::Pull { model, cache_dir, revision, quiet } => pull_model(&model, cache_dir, revision, quiet),
     }
 }
@@ -469,6 +493,19 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;
         metadata::write_file_atomic(path, json.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn bench_ops<B: Backend>(
+    (shapes, reps, json): (zimage_engine::kernel_bench::OpShapes, usize, Option<PathBuf>),
+    device: B::Device,
+    dtype: DType,
+) -> Result<()> {
+    let report = zimage_engine::kernel_bench::run::<B>(&device, dtype, shapes, reps)?;
+    print!("{}", zimage_engine::kernel_bench::table(&report));
+    if let Some(path) = json {
+        metadata::write_file_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }

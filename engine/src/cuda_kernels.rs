@@ -1,0 +1,349 @@
+//! burn-cubecl kernels called with an explicit strategy on CUDA.
+//!
+//! Why: this build leaves burn's `autotune` feature off (GPU run 2 with it
+//! ran past its time limit), and without it burn takes the most conservative
+//! kernel for every op: attention materialises the `S × S` scores in several
+//! separate kernels, and `conv2d` runs its direct kernel (GPU run 1: VAE
+//! decode 78× slower than cuDNN, a DiT step 6×). The kernels autotune would
+//! choose among are public in burn-cubecl; here the flash attention (tensor
+//! core tiles, f32 accumulation) and the implicit-GEMM convolution are picked
+//! by hand. Where a kernel refuses the shapes (or panics), the caller runs
+//! burn's default op, so results never depend on these kernels applying.
+//!
+//! `ZIMAGE_CUDA_KERNELS=burn` keeps burn's defaults, for A/B benchmarks.
+//! Every function returns `None` off CUDA (and in builds without `cuda`).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Bool, Tensor};
+
+/// Whether the hand-picked kernels are used (see the module doc).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZIMAGE_CUDA_KERNELS").map(|v| v != "burn").unwrap_or(true))
+}
+
+/// Planes (warps) per flash-attention cube: 2, 4 or 8, the candidates burn's
+/// autotune times; `ZIMAGE_FLASH_PLANES` overrides the default.
+pub fn flash_planes() -> u8 {
+    static PLANES: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *PLANES.get_or_init(|| {
+        std::env::var("ZIMAGE_FLASH_PLANES").ok().and_then(|v| v.parse().ok()).filter(|p| [2, 4, 8].contains(p)).unwrap_or(4)
+    })
+}
+
+/// Scaled dot-product attention (scale `1/√head_dim`) through the flash
+/// kernel with `planes` planes per cube. `q`: `[B, H, S_q, D]`, `k`, `v`:
+/// `[B, H, S_k, D]`, `mask`: `[B, 1, S_q, S_k]` (true = hidden key);
+/// returns `[B, H, S_q, D]`, or `None` off CUDA or where the kernel refuses.
+pub fn flash_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    causal: bool,
+    planes: u8,
+) -> Option<Tensor<B, 4>> {
+    if !enabled() {
+        return None;
+    }
+    imp::flash_attention(q, k, v, mask, causal, planes)
+}
+
+/// `conv2d` through the implicit-GEMM kernel (tensor cores). `x`: `[B, C_in,
+/// H, W]`, `weight`: `[C_out, C_in, kh, kw]`, `bias`: `[C_out]`; returns
+/// `[B, C_out, H', W']`, or `None` off CUDA or where the kernel refuses.
+pub fn conv2d<B: Backend>(
+    x: &Tensor<B, 4>,
+    weight: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 1>>,
+    options: ConvOptions<2>,
+) -> Option<Tensor<B, 4>> {
+    if !enabled() {
+        return None;
+    }
+    imp::conv2d(x, weight, bias, options)
+}
+
+/// The matmul kernels [`matmul`] can run: cubek's tiled strategies as burn's
+/// autotune lists them (`cmma`: CUDA's wmma tiles, `mma`: PTX mma;
+/// `tma`: Hopper's bulk tensor copies).
+pub const MATMUL_KERNELS: &[&str] = &[
+    "simple-cmma",
+    "simple-mma",
+    "simple-multirow-cmma",
+    "simple-multirow-mma",
+    "ordered-4-cmma",
+    "ordered-8-cmma",
+    "ordered-8-mma",
+    "double-cmma",
+    "double-mma",
+    "double-specialized-cmma",
+    "double-specialized-mma",
+    "specialized-cmma",
+    "specialized-mma",
+    "simple-tma-cmma",
+    "simple-tma-mma",
+    "specialized-tma-cmma",
+    "specialized-tma-mma",
+];
+
+/// The matmul kernel `Linear` runs on CUDA: `ZIMAGE_MATMUL` (one of
+/// [`MATMUL_KERNELS`]), else `None`: burn's default (`simple-cmma`).
+pub fn matmul_kernel() -> Option<&'static str> {
+    static KERNEL: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let wanted = std::env::var("ZIMAGE_MATMUL").ok()?;
+        MATMUL_KERNELS.iter().copied().find(|k| *k == wanted)
+    })
+}
+
+/// `lhs · rhs` (`[M, K] × [K, N]` → `[M, N]`, either side may be a
+/// transposed view) through the named kernel of [`MATMUL_KERNELS`], or
+/// `None` off CUDA or where the kernel refuses.
+pub fn matmul<B: Backend>(lhs: &Tensor<B, 2>, rhs: &Tensor<B, 2>, kernel: &str) -> Option<Tensor<B, 2>> {
+    if !enabled() {
+        return None;
+    }
+    imp::matmul(lhs, rhs, kernel)
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::*;
+
+    pub fn flash_attention<B: Backend>(
+        _: &Tensor<B, 4>,
+        _: &Tensor<B, 4>,
+        _: &Tensor<B, 4>,
+        _: Option<&Tensor<B, 4, Bool>>,
+        _: bool,
+        _: u8,
+    ) -> Option<Tensor<B, 4>> {
+        None
+    }
+
+    pub fn conv2d<B: Backend>(
+        _: &Tensor<B, 4>,
+        _: &Tensor<B, 4>,
+        _: Option<&Tensor<B, 1>>,
+        _: ConvOptions<2>,
+    ) -> Option<Tensor<B, 4>> {
+        None
+    }
+
+    pub fn matmul<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>, _: &str) -> Option<Tensor<B, 2>> {
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::any::Any;
+    use std::collections::BTreeSet;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use burn::tensor::backend::BackendTypes;
+    use burn::tensor::{DType, TensorPrimitive};
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn_cubecl::kernel::attention::{AttentionStrategy, attention};
+    use burn_cubecl::kernel::conv::{ConvStrategy, conv_forward};
+    use burn::tensor::Shape;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
+    use cubek::matmul::components::tile::TileMatmulKind::{Cmma, Mma};
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::launch::{Strategy, launch_ref};
+    use cubek::matmul::routines::double_buffering::DoubleBufferingArgs;
+    use cubek::matmul::routines::ordered_double_buffering::OrderedSelectionArgs;
+    use cubek::matmul::routines::simple::SimpleArgs;
+    use cubek::matmul::routines::BlueprintStrategy;
+    use cubek::std::InputBinding;
+
+    use super::*;
+
+    type CudaFloat = <burn::backend::Cuda as BackendTypes>::FloatTensorPrimitive;
+    type CudaBool = <burn::backend::Cuda as BackendTypes>::BoolTensorPrimitive;
+
+    /// The CUDA primitive behind `t`, or `None` when `B` is another backend.
+    fn float<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<CudaFloat> {
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+            return None;
+        };
+        let boxed: Box<dyn Any> = Box::new(p);
+        boxed.downcast::<CudaFloat>().ok().map(|p| *p)
+    }
+
+    fn boolean<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<CudaBool> {
+        let boxed: Box<dyn Any> = Box::new(t.clone().into_primitive());
+        boxed.downcast::<CudaBool>().ok().map(|p| *p)
+    }
+
+    fn back<B: Backend, const D: usize>(p: CudaFloat) -> Tensor<B, D> {
+        let boxed: Box<dyn Any> = Box::new(p);
+        match boxed.downcast::<B::FloatTensorPrimitive>() {
+            Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
+            Err(_) => unreachable!("only called with a primitive taken from a tensor of B"),
+        }
+    }
+
+    /// Runs `launch` unless it was refused before for the same `key` (shapes
+    /// and settings). A refusal is said once on stderr and remembered; a panic
+    /// turns the kernel off for the rest of the process. Either way the
+    /// caller then runs burn's op.
+    fn guarded<E: std::fmt::Debug>(
+        name: &str,
+        state: &Refusals,
+        key: String,
+        launch: impl FnOnce() -> Result<CudaFloat, E>,
+    ) -> Option<CudaFloat> {
+        if state.off.load(Ordering::Relaxed) || state.keys.lock().is_ok_and(|k| k.contains(&key)) {
+            return None;
+        }
+        let why = match catch_unwind(AssertUnwindSafe(launch)) {
+            Ok(Ok(out)) => return Some(out),
+            Ok(Err(e)) => format!("{e:?}"),
+            Err(_) => {
+                state.off.store(true, Ordering::Relaxed);
+                "it panicked; off from now on".to_string()
+            }
+        };
+        eprintln!("note: CUDA {name} kernel not used for {key} ({why}); burn's default runs instead");
+        if let Ok(mut keys) = state.keys.lock() {
+            keys.insert(key);
+        }
+        None
+    }
+
+    /// What one kernel was refused for.
+    struct Refusals {
+        off: AtomicBool,
+        keys: Mutex<BTreeSet<String>>,
+    }
+
+    impl Refusals {
+        const fn new() -> Self {
+            Self { off: AtomicBool::new(false), keys: Mutex::new(BTreeSet::new()) }
+        }
+    }
+
+    /// Only half-precision tensors: in f32 the tensor-core kernels would
+    /// compute in tf32, and f32 on CUDA is the precision of parity checks.
+    fn half<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+        matches!(t.dtype(), DType::BF16 | DType::F16)
+    }
+
+    pub fn flash_attention<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        causal: bool,
+        planes: u8,
+    ) -> Option<Tensor<B, 4>> {
+        static REFUSED: Refusals = Refusals::new();
+        float(q)?;
+        if !half(q) {
+            return None;
+        }
+        let key = format!("q {:?} k {:?} mask {} causal {causal} planes {planes}", q.dims(), k.dims(), mask.is_some());
+        // cubek's accelerated attention computes its tiles in f16 and reads
+        // the query without a cast, so it takes f16 only. The attention
+        // inputs are safe in f16 (q, k RMS-normalised, v from a normalised
+        // input), unlike the FFN activations (spec §2.7); softmax and the
+        // output accumulate in f32.
+        let dtype = q.dtype();
+        let f16 = |t: &Tensor<B, 4>| float(&t.clone().cast(DType::F16));
+        let (qc, kc, vc) = (f16(q)?, f16(k)?, f16(v)?);
+        let mask = match mask {
+            Some(m) => Some(boolean(m)?),
+            None => None,
+        };
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        let strategy =
+            AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy { num_planes: planes, seq_q: 1, seq_kv: 1 });
+        guarded("flash attention", &REFUSED, key, || attention(qc, kc, vc, mask, None, options, strategy))
+            .map(|out| back::<B, 4>(out).cast(dtype))
+    }
+
+    pub fn conv2d<B: Backend>(
+        x: &Tensor<B, 4>,
+        weight: &Tensor<B, 4>,
+        bias: Option<&Tensor<B, 1>>,
+        options: ConvOptions<2>,
+    ) -> Option<Tensor<B, 4>> {
+        static REFUSED: Refusals = Refusals::new();
+        let (xc, weight_c) = (float(x)?, float(weight)?);
+        if !half(x) {
+            return None;
+        }
+        let key = format!("x {:?} weight {:?} {options:?}", x.dims(), weight.dims());
+        let bias = match bias {
+            Some(b) => Some(float(b)?),
+            None => None,
+        };
+        guarded("implicit-GEMM conv", &REFUSED, key, || conv_forward::<_, 2>(xc, weight_c, bias, options, ConvStrategy::ImplicitGemm))
+            .map(back)
+    }
+
+    /// The cubek strategy behind a name of [`MATMUL_KERNELS`].
+    fn strategy(name: &str) -> Option<Strategy> {
+        let simple = |multi_rows, tile_matmul| BlueprintStrategy::Inferred(SimpleArgs { multi_rows, tile_matmul });
+        let ordered = |row_count, tile_matmul| {
+            BlueprintStrategy::Inferred(OrderedSelectionArgs {
+                partition_k: Some(2),
+                row_count: Some(row_count),
+                rows_per_plane: Some(2),
+                tile_matmul,
+            })
+        };
+        let double = |specialized, tile_matmul| BlueprintStrategy::Inferred(DoubleBufferingArgs { specialized, tile_matmul });
+        Some(match name {
+            "simple-cmma" => Strategy::SimpleCyclicCmma(simple(false, Cmma)),
+            "simple-mma" => Strategy::SimpleCyclicMma(simple(false, Mma)),
+            "simple-multirow-cmma" => Strategy::SimpleCyclicCmma(simple(true, Cmma)),
+            "simple-multirow-mma" => Strategy::SimpleCyclicMma(simple(true, Mma)),
+            "ordered-4-cmma" => Strategy::OrderedDoubleCmma(ordered(4, Cmma)),
+            "ordered-8-cmma" => Strategy::OrderedDoubleCmma(ordered(8, Cmma)),
+            "ordered-8-mma" => Strategy::OrderedDoubleMma(ordered(8, Mma)),
+            "double-cmma" => Strategy::DoubleCyclicCmma(double(false, Cmma)),
+            "double-mma" => Strategy::DoubleCyclicMma(double(false, Mma)),
+            "double-specialized-cmma" => Strategy::DoubleCyclicCmma(double(true, Cmma)),
+            "double-specialized-mma" => Strategy::DoubleCyclicMma(double(true, Mma)),
+            "specialized-cmma" => Strategy::SpecializedCyclicCmma(BlueprintStrategy::Inferred(().into())),
+            "specialized-mma" => Strategy::SpecializedCyclicMma(BlueprintStrategy::Inferred(().into())),
+            "simple-tma-cmma" => {
+                Strategy::SimpleTmaCmma(BlueprintStrategy::Inferred(SimpleArgs { multi_rows: false, tile_matmul: Cmma }))
+            }
+            "simple-tma-mma" => {
+                Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(SimpleArgs { multi_rows: false, tile_matmul: Mma }))
+            }
+            "specialized-tma-cmma" => Strategy::SpecializedTmaCmma(BlueprintStrategy::Inferred(().into())),
+            "specialized-tma-mma" => Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into())),
+            _ => return None,
+        })
+    }
+
+    pub fn matmul<B: Backend>(lhs: &Tensor<B, 2>, rhs: &Tensor<B, 2>, kernel: &str) -> Option<Tensor<B, 2>> {
+        static REFUSED: Refusals = Refusals::new();
+        let (l, r) = (float(lhs)?, float(rhs)?);
+        if !half(lhs) || lhs.dtype() != rhs.dtype() {
+            return None;
+        }
+        let strategy = strategy(kernel)?;
+        let ([m, _], [_, n]) = (lhs.dims(), rhs.dims());
+        let key = format!("{kernel} {:?} × {:?}", lhs.dims(), rhs.dims());
+        guarded("matmul", &REFUSED, key, || {
+            let dtype = l.dtype;
+            let client = l.client.clone();
+            let out = empty_device_dtype(client.clone(), l.device.clone(), Shape::new([m, n]), dtype);
+            let mut dtypes =
+                MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype.into(), rhs: dtype.into(), out: dtype.into() });
+            let (l, r) = (InputBinding::new(l.binding(), dtype.into()), InputBinding::new(r.binding(), dtype.into()));
+            launch_ref(&strategy, &client, l, r, out.clone().binding(), &mut dtypes).map(|()| out)
+        })
+        .map(back)
+    }
+}
