@@ -34,8 +34,11 @@ pub fn flash_planes() -> u8 {
 
 /// Scaled dot-product attention (scale `1/√head_dim`) through the flash
 /// kernel with `planes` planes per cube. `q`: `[B, H, S_q, D]`, `k`, `v`:
-/// `[B, H, S_k, D]`, `mask`: `[B, 1, S_q, S_k]` (true = hidden key);
-/// returns `[B, H, S_q, D]`, or `None` off CUDA or where the kernel refuses.
+/// `[B, H, S_k, D]`; returns `[B, H, S_q, D]`, or `None` off CUDA, where the
+/// kernel refuses, and for any `mask`: cubek 0.2's attention with a mask was
+/// wrong in GPU runs 4 and 5 (49 % and 82 % off f32 on a batch of two, with
+/// the mask as given and as a per-item broadcast over the heads). Batch
+/// padding goes through [`crate::nn::sdpa_padded`] instead.
 pub fn flash_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -44,10 +47,10 @@ pub fn flash_attention<B: Backend>(
     causal: bool,
     planes: u8,
 ) -> Option<Tensor<B, 4>> {
-    if !enabled() {
+    if !enabled() || mask.is_some() {
         return None;
     }
-    imp::flash_attention(q, k, v, mask, causal, planes)
+    imp::flash_attention(q, k, v, causal, planes)
 }
 
 /// `conv2d` through the implicit-GEMM kernel (tensor cores). `x`: `[B, C_in,
@@ -116,7 +119,6 @@ mod imp {
         _: &Tensor<B, 4>,
         _: &Tensor<B, 4>,
         _: &Tensor<B, 4>,
-        _: Option<&Tensor<B, 4, Bool>>,
         _: bool,
         _: u8,
     ) -> Option<Tensor<B, 4>> {
@@ -165,7 +167,6 @@ mod imp {
     use super::*;
 
     type CudaFloat = <burn::backend::Cuda as BackendTypes>::FloatTensorPrimitive;
-    type CudaBool = <burn::backend::Cuda as BackendTypes>::BoolTensorPrimitive;
 
     /// The CUDA primitive behind `t`, or `None` when `B` is another backend.
     fn float<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<CudaFloat> {
@@ -174,11 +175,6 @@ mod imp {
         };
         let boxed: Box<dyn Any> = Box::new(p);
         boxed.downcast::<CudaFloat>().ok().map(|p| *p)
-    }
-
-    fn boolean<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<CudaBool> {
-        let boxed: Box<dyn Any> = Box::new(t.clone().into_primitive());
-        boxed.downcast::<CudaBool>().ok().map(|p| *p)
     }
 
     fn back<B: Backend, const D: usize>(p: CudaFloat) -> Tensor<B, D> {
@@ -239,7 +235,6 @@ mod imp {
         q: &Tensor<B, 4>,
         k: &Tensor<B, 4>,
         v: &Tensor<B, 4>,
-        mask: Option<&Tensor<B, 4, Bool>>,
         causal: bool,
         planes: u8,
     ) -> Option<Tensor<B, 4>> {
@@ -248,7 +243,18 @@ mod imp {
         if !half(q) {
             return None;
         }
-        let key = format!("q {:?} k {:?} mask {} causal {causal} planes {planes}", q.dims(), k.dims(), mask.is_some());
+        let batch = q.dims()[0];
+        if batch > 1 {
+            // cubek's global layout flattens (batch, head) into one index
+            // times the head stride: right within one item whatever the
+            // strides, wrong across the items of a view. One call per item.
+            let item = |t: &Tensor<B, 4>, i: usize| t.clone().narrow(0, i, 1);
+            let outs = (0..batch)
+                .map(|i| flash_attention(&item(q, i), &item(k, i), &item(v, i), causal, planes))
+                .collect::<Option<Vec<_>>>()?;
+            return Some(Tensor::cat(outs, 0));
+        }
+        let key = format!("q {:?} k {:?} causal {causal} planes {planes}", q.dims(), k.dims());
         // cubek's accelerated attention computes its tiles in f16 and reads
         // the query without a cast, so it takes f16 only. The attention
         // inputs are safe in f16 (q, k RMS-normalised, v from a normalised
@@ -257,14 +263,10 @@ mod imp {
         let dtype = q.dtype();
         let f16 = |t: &Tensor<B, 4>| float(&t.clone().cast(DType::F16));
         let (qc, kc, vc) = (f16(q)?, f16(k)?, f16(v)?);
-        let mask = match mask {
-            Some(m) => Some(boolean(m)?),
-            None => None,
-        };
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
         let strategy =
             AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy { num_planes: planes, seq_q: 1, seq_kv: 1 });
-        guarded("flash attention", &REFUSED, key, || attention(qc, kc, vc, mask, None, options, strategy))
+        guarded("flash attention", &REFUSED, key, || attention(qc, kc, vc, None, None, options, strategy))
             .map(|out| back::<B, 4>(out).cast(dtype))
     }
 

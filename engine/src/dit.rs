@@ -19,7 +19,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData};
 
 use crate::error::{EngineError, Result};
 use crate::fused::swap_dims_1_2;
-use crate::nn::{join, layer_norm_plain, linear, sdpa, RmsNorm, SwiGlu};
+use crate::nn::{join, layer_norm_plain, linear, sdpa_padded, KeyPadding, RmsNorm, SwiGlu};
 use crate::weights::{Init, RandomWeights, WeightSource};
 
 /// Image and caption sequences are each padded to a multiple of this.
@@ -221,9 +221,9 @@ impl<B: Backend> Attention<B> {
         })
     }
 
-    /// `x`: `[B, S, dim]`, `rope`: per-token rotations, `mask`: `[B, 1, S, S]`
-    /// (true = hidden key) → `[B, S, dim]`.
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+    /// `x`: `[B, S, dim]`, `rope`: per-token rotations, `padding`: the batch
+    /// padding keys to hide → `[B, S, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &Rope<B>, padding: Option<&KeyPadding<B>>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.n_heads, d / self.n_heads]);
         let mut q = heads(self.to_q.forward(x.clone()));
@@ -235,7 +235,7 @@ impl<B: Backend> Attention<B> {
         }
         let q = swap_dims_1_2(rope.apply(q));
         let k = swap_dims_1_2(rope.apply(k));
-        let o = sdpa(q, k, swap_dims_1_2(v), mask, false);
+        let o = sdpa_padded(q, k, swap_dims_1_2(v), padding);
         self.to_out.forward(swap_dims_1_2(o).reshape([b, s, d]))
     }
 }
@@ -277,7 +277,7 @@ impl<B: Backend> DitBlock<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        padding: Option<&KeyPadding<B>>,
         adaln: &Tensor<B, 2>,
     ) -> Tensor<B, 3> {
         match &self.modulation {
@@ -286,13 +286,13 @@ impl<B: Backend> DitBlock<B> {
                 let [scale_msa, gate_msa, scale_mlp, gate_mlp]: [Tensor<B, 2>; 4] =
                     m.chunk(4, 1).try_into().expect("4 chunks");
                 let attn =
-                    self.attention.forward(self.attention_norm1.forward_scaled(x.clone(), scale_msa + 1.0), rope, mask);
+                    self.attention.forward(self.attention_norm1.forward_scaled(x.clone(), scale_msa + 1.0), rope, padding);
                 let x = self.attention_norm2.residual(x, attn, Some(gate_msa.tanh()));
                 let ffn = self.feed_forward.forward(self.ffn_norm1.forward_scaled(x.clone(), scale_mlp + 1.0));
                 self.ffn_norm2.residual(x, ffn, Some(gate_mlp.tanh()))
             }
             None => {
-                let attn = self.attention.forward(self.attention_norm1.forward(x.clone()), rope, mask);
+                let attn = self.attention.forward(self.attention_norm1.forward(x.clone()), rope, padding);
                 let x = self.attention_norm2.residual(x, attn, None);
                 let ffn = self.feed_forward.forward(self.ffn_norm1.forward(x.clone()));
                 self.ffn_norm2.residual(x, ffn, None)
@@ -587,9 +587,9 @@ impl<B: Backend> ZImageDit<B> {
             .map(|&lc| (0..cap_max).map(|j| if j < lc { [1 + j, 0, 0] } else { [0, 0, 0] }).collect())
             .collect();
         let cap_rope = Rope::new(&cap_ids, cfg, &device);
-        let cap_mask = key_mask::<B>(&cap_padded, cap_max, &device);
+        let cap_padding = key_padding::<B>(&cap_padded, cap_max, &device);
         for (i, block) in self.context_refiner.iter().enumerate() {
-            cap = block.forward(cap, &cap_rope, cap_mask.clone(), &adaln);
+            cap = block.forward(cap, &cap_rope, cap_padding.as_ref(), &adaln);
             trace(&format!("context_refiner.{i}"), &cap);
         }
 
@@ -600,9 +600,9 @@ impl<B: Backend> ZImageDit<B> {
         let unified_max = n_img_padded + cap_max;
         let mut unified = Tensor::cat(vec![x, cap], 1);
         let rope = Rope::cat(vec![img_rope, cap_rope]);
-        let mask = key_mask::<B>(&unified_lens, unified_max, &device);
+        let padding = key_padding::<B>(&unified_lens, unified_max, &device);
         for (i, block) in self.layers.iter().enumerate() {
-            unified = block.forward(unified, &rope, mask.clone(), &adaln);
+            unified = block.forward(unified, &rope, padding.as_ref(), &adaln);
             trace(&format!("layers.{i}"), &unified);
         }
 
@@ -616,9 +616,10 @@ fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
-/// Key mask `[B, 1, S, S]` hiding batch padding (true = hidden); `None` when
-/// every item has the full length, as the reference (no mask at all).
-fn key_mask<B: Backend>(lens: &[usize], max: usize, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+/// The batch padding of items of `lens` tokens (its mask `[B, 1, S, S]`,
+/// true = hidden key); `None` when every item has the full length, as the
+/// reference (no mask at all).
+fn key_padding<B: Backend>(lens: &[usize], max: usize, device: &B::Device) -> Option<KeyPadding<B>> {
     if lens.iter().all(|&l| l == max) {
         return None;
     }
@@ -627,7 +628,7 @@ fn key_mask<B: Backend>(lens: &[usize], max: usize, device: &B::Device) -> Optio
         m[i * max + l..(i + 1) * max].iter_mut().for_each(|v| *v = true);
     }
     let row = Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [lens.len(), 1, 1, max]), device);
-    Some(row.expand([lens.len(), 1, max, max]))
+    Some(KeyPadding { lens: lens.to_vec(), mask: row.expand([lens.len(), 1, max, max]) })
 }
 
 /// `[B, C, H, W]` → `[B, (H/p)(W/p), p·p·C]`: tokens row-major, features

@@ -161,6 +161,11 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         let diff = rel_diff(&got, &f32_attention(&q2, &k2, &v2, Some(mask.clone())));
         out.push(OpTiming { op: "attention, flash, batch 2 masked (check only)".into(), shape: format!("[2, {h}, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
     }
+    let v2_view = v2.clone().swap_dims(1, 2).reshape([2, s, h, head_dim]).swap_dims(1, 2);
+    if let Some(got) = cuda_kernels::flash_attention(&q2, &k2, &v2_view, Some(&mask), false, planes) {
+        let diff = rel_diff(&got, &f32_attention(&q2, &k2, &v2_view, Some(mask.clone())));
+        out.push(OpTiming { op: "attention, flash, batch 2 masked, strided v (check only)".into(), shape: format!("[2, {h}, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
+    }
 
     // The VAE decoder's 3×3 convolutions (padding 1).
     for (c, side) in shapes.convs {
