@@ -44,7 +44,7 @@ if [ -z "${ZIMAGE_MATMUL:-}" ]; then
   best=$(sed -n 's/^best matmul kernel: //p' "$OUT/ops.md" | tail -1)
   [ -n "$best" ] && export ZIMAGE_MATMUL="$best"
 fi
-log "matmul kernel for the runs below: ${ZIMAGE_MATMUL:-burn default}"
+log "matmul kernel for the runs below: ${ZIMAGE_MATMUL:-the engine default, specialized-tma-mma}"
 
 run_ours() { # name, args...
   local name=$1; shift
