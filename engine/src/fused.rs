@@ -529,6 +529,105 @@ pub fn swap_dims_1_2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     tensor(out, shape)
 }
 
+/// Query rows per attention task: the block's scores (`ATTENTION_ROWS ×
+/// S_k` f32) stay in L2 for sequences up to a few thousand keys.
+const ATTENTION_ROWS: usize = 64;
+
+/// `softmax(q·kᵀ/√D (+ causal mask))·v` for f32 flex tensors of any strides
+/// (the DiT's are head-split views): `q` `[B, H, S_q, D]`, `k` `[B, H, S_k,
+/// D]`, `v` `[B, H, S_k, D_v]` → `[B, H, S_q, D_v]`. Causal: query `i` sees
+/// keys up to `i + S_k − S_q`.
+///
+/// Why not flex's attention: it runs the heads one after another with
+/// single-threaded gemms, so one core of two idles. Here every block of
+/// [`ATTENTION_ROWS`] query rows of every head is a task: scores by one
+/// gemm, the row softmax in place, the output rows by a second gemm.
+pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
+    let [b, h, s_q, d] = q.dims();
+    let [_, _, s_k, d_v] = v.dims();
+    let shape = [b, h, s_q, d_v];
+    if shape.contains(&0) || s_k == 0 {
+        return tensor(vec![0.0; b * h * s_q * d_v], shape);
+    }
+    let (q, k, v) = (flex_strided(q), flex_strided(k), flex_strided(v));
+    // (base pointer of the view, its four strides) for each operand.
+    let parts = |t: &FlexTensor| {
+        let base = t.storage::<f32>()[t.layout().start_offset()..].as_ptr();
+        let st = t.layout().strides();
+        (SharedIn(base), [st[0], st[1], st[2], st[3]])
+    };
+    let ((qp, qs), (kp, ks), (vp, vs)) = (parts(&q), parts(&k), parts(&v));
+    let scale = 1.0 / (d as f32).sqrt();
+    let offset = s_k as isize - s_q as isize;
+    let mut out = vec![0f32; b * h * s_q * d_v];
+    out.par_chunks_mut(s_q * d_v).enumerate().for_each(|(bh, head_out)| {
+        let (bi, hi) = ((bh / h) as isize, (bh % h) as isize);
+        let (q0, k0, v0) = (qs[0] * bi + qs[1] * hi, ks[0] * bi + ks[1] * hi, vs[0] * bi + vs[1] * hi);
+        head_out.par_chunks_mut(ATTENTION_ROWS * d_v).enumerate().for_each(|(blk, rows_out)| {
+            let row0 = blk * ATTENTION_ROWS;
+            let m = rows_out.len() / d_v;
+            // Keys a causal block can see at all: the rest are skipped.
+            let keys = if causal { ((row0 + m) as isize + offset).clamp(0, s_k as isize) as usize } else { s_k };
+            if keys == 0 {
+                return; // every score hidden: the output rows stay 0, as burn's
+            }
+            let mut scores = vec![0f32; m * keys];
+            // SAFETY: the views lie inside their tensors (shapes checked by the
+            // caller's dims, strides from flex); `scores` and `rows_out` are this
+            // task's own.
+            unsafe {
+                gemm_into_rows(
+                    [m, keys, d],
+                    (scores.as_mut_ptr(), keys, false),
+                    (qp.at(q0 + qs[2] * row0 as isize), qs[2], qs[3]),
+                    (kp.at(k0), ks[3], ks[2]),
+                );
+            }
+            for (i, row) in scores.chunks_mut(keys).enumerate() {
+                let visible = if causal { ((row0 + i) as isize + offset + 1).clamp(0, keys as isize) as usize } else { keys };
+                let (seen, hidden) = row.split_at_mut(visible);
+                hidden.fill(0.0);
+                if seen.is_empty() {
+                    continue;
+                }
+                let max = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let mut sum = 0.0;
+                for x in seen.iter_mut() {
+                    *x = exp_approx((*x - max) * scale);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                seen.iter_mut().for_each(|x| *x *= inv);
+            }
+            // SAFETY: as above.
+            unsafe {
+                gemm_into_rows(
+                    [m, d_v, keys],
+                    (rows_out.as_mut_ptr(), d_v, false),
+                    (scores.as_ptr(), keys as isize, 1),
+                    (vp.at(v0), vs[2], vs[3]),
+                );
+            }
+        });
+    });
+    tensor(out, shape)
+}
+
+/// A read-only base pointer shared by the attention's tasks.
+#[derive(Clone, Copy)]
+struct SharedIn(*const f32);
+
+// SAFETY: the tasks only read through it, while the tensor it points into lives.
+unsafe impl Sync for SharedIn {}
+unsafe impl Send for SharedIn {}
+
+impl SharedIn {
+    /// Pointer to element `offset` (a method, so closures capture the whole wrapper).
+    fn at(&self, offset: isize) -> *const f32 {
+        self.0.wrapping_offset(offset)
+    }
+}
+
 /// RoPE on interleaved pairs: `(x[2m], x[2m+1])` rotated by the token's
 /// angle `m`. `x`: `[B, S, H, D]`; `cos`, `sin`: `[B, S, 1, D/2]`.
 pub fn rope_interleaved<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -809,6 +908,23 @@ mod tests {
         let t = x.clone().swap_dims(0, 2); // [8, 6, 4], a strided view
         let composed = composed_rms_norm(t.clone(), w.clone(), 1e-6);
         assert!(max_rel_diff(rms_norm(t, w, 1e-6, None), composed) < 1e-5);
+    }
+
+    #[test]
+    fn attention_matches_burns() {
+        use burn::tensor::module::attention as burn_attention;
+        use burn::tensor::ops::AttentionModuleOptions;
+        // Rows not a multiple of the task block, keys longer than queries
+        // (causal offset), and the DiT's head-split views as inputs.
+        for (s_q, s_k, causal) in [(70, 70, false), (70, 70, true), (5, 150, true), (130, 40, false)] {
+            let (q, k, v) = (randn([2, s_q, 3, 16]), randn([2, s_k, 3, 16]), randn([2, s_k, 3, 8]));
+            let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+            let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+            let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+            let ours = attention(q, k, v, causal);
+            assert_eq!(ours.dims(), [2, 3, s_q, 8]);
+            assert!(max_rel_diff(ours, reference) < 1e-5, "{s_q}×{s_k} causal {causal}");
+        }
     }
 
     #[test]
