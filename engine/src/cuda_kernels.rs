@@ -50,6 +50,13 @@ pub fn flash_attention<B: Backend>(
     if !enabled() || mask.is_some() {
         return None;
     }
+    if composed_attention_on() && !causal {
+        if let Some(kernel) = matmul_kernel() {
+            if let Some(out) = composed_attention(q, k, v, kernel) {
+                return Some(out);
+            }
+        }
+    }
     imp::flash_attention(q, k, v, causal, planes)
 }
 
@@ -104,14 +111,43 @@ pub fn matmul_kernel() -> Option<&'static str> {
     })
 }
 
-/// `lhs · rhs` (`[M, K] × [K, N]` → `[M, N]`, either side may be a
-/// transposed view) through the named kernel of [`MATMUL_KERNELS`], or
-/// `None` off CUDA or where the kernel refuses.
-pub fn matmul<B: Backend>(lhs: &Tensor<B, 2>, rhs: &Tensor<B, 2>, kernel: &str) -> Option<Tensor<B, 2>> {
+/// `lhs · rhs` (`[.., M, K] × [.., K, N]` → `[.., M, N]`, the same leading
+/// batch dimensions; either side may be a transposed view) through the named
+/// kernel of [`MATMUL_KERNELS`], or `None` off CUDA or where it refuses.
+pub fn matmul<B: Backend, const D: usize>(lhs: &Tensor<B, D>, rhs: &Tensor<B, D>, kernel: &str) -> Option<Tensor<B, D>> {
     if !enabled() {
         return None;
     }
     imp::matmul(lhs, rhs, kernel)
+}
+
+/// Whether attention runs as [`composed_attention`] instead of the flash
+/// kernel on CUDA: `ZIMAGE_ATTENTION=composed` (an experiment for the next
+/// GPU run; off by default).
+pub fn composed_attention_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZIMAGE_ATTENTION").is_ok_and(|v| v == "composed"))
+}
+
+/// Attention as two batched matmuls through `kernel` around a softmax in
+/// f32, the scores materialised (`B·H·S_q·S_k` f32). Why try it: cubek's
+/// flash kernel reached 37 TFLOP/s on the H200 (GPU run 5), the TMA matmul
+/// 256–293. Shapes as [`flash_attention`]; `None` off CUDA or where a matmul
+/// refuses.
+pub fn composed_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    kernel: &str,
+) -> Option<Tensor<B, 4>> {
+    let [b, h, s_q, d] = q.dims();
+    let ([_, _, s_k, _], d_v) = (k.dims(), v.dims()[3]);
+    let q3 = q.clone().reshape([b * h, s_q, d]);
+    let k_t = k.clone().reshape([b * h, s_k, d]).swap_dims(1, 2);
+    let scores = matmul(&q3, &k_t, kernel)?;
+    let weights = burn::tensor::activation::softmax(scores.cast(burn::tensor::DType::F32) / (d as f64).sqrt(), 2);
+    let out = matmul(&weights.cast(q.dtype()), &v.clone().reshape([b * h, s_k, d_v]), kernel)?;
+    Some(out.reshape([b, h, s_q, d_v]))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -137,7 +173,7 @@ mod imp {
         None
     }
 
-    pub fn matmul<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>, _: &str) -> Option<Tensor<B, 2>> {
+    pub fn matmul<B: Backend, const D: usize>(_: &Tensor<B, D>, _: &Tensor<B, D>, _: &str) -> Option<Tensor<B, D>> {
         None
     }
 }
@@ -331,19 +367,25 @@ mod imp {
         })
     }
 
-    pub fn matmul<B: Backend>(lhs: &Tensor<B, 2>, rhs: &Tensor<B, 2>, kernel: &str) -> Option<Tensor<B, 2>> {
+    pub fn matmul<B: Backend, const D: usize>(
+        lhs: &Tensor<B, D>,
+        rhs: &Tensor<B, D>,
+        kernel: &str,
+    ) -> Option<Tensor<B, D>> {
         static REFUSED: Refusals = Refusals::new();
         let (l, r) = (float(lhs)?, float(rhs)?);
-        if !half(lhs) || lhs.dtype() != rhs.dtype() {
+        let (ld, rd) = (lhs.dims(), rhs.dims());
+        if !half(lhs) || lhs.dtype() != rhs.dtype() || ld[..D - 2] != rd[..D - 2] || ld[D - 1] != rd[D - 2] {
             return None;
         }
         let strategy = strategy(kernel)?;
-        let ([m, _], [_, n]) = (lhs.dims(), rhs.dims());
-        let key = format!("{kernel} {:?} × {:?}", lhs.dims(), rhs.dims());
+        let mut out_dims = ld;
+        out_dims[D - 1] = rd[D - 1];
+        let key = format!("{kernel} {ld:?} × {rd:?}");
         guarded("matmul", &REFUSED, key, || {
             let dtype = l.dtype;
             let client = l.client.clone();
-            let out = empty_device_dtype(client.clone(), l.device.clone(), Shape::new([m, n]), dtype);
+            let out = empty_device_dtype(client.clone(), l.device.clone(), Shape::new(out_dims), dtype);
             let mut dtypes =
                 MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype.into(), rhs: dtype.into(), out: dtype.into() });
             let (l, r) = (InputBinding::new(l.binding(), dtype.into()), InputBinding::new(r.binding(), dtype.into()));

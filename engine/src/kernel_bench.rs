@@ -153,19 +153,26 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         let diff = rel_diff(&got, &f32_attention(&q, &k, &v_view, None));
         out.push(OpTiming { op: "attention, flash, strided v (check only)".into(), shape: shape.clone(), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
     }
+    for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| **k == "specialized-tma-mma") {
+        if let Some(got) = cuda_kernels::composed_attention(&q, &k, &v, kernel) {
+            let diff = rel_diff(&got, &reference);
+            let op = format!("attention, composed ({kernel} matmuls, f32 softmax)");
+            out.push(timed::<B, _, 4>(device, reps, &op, &shape, Some(flop), Some(diff), || {
+                cuda_kernels::composed_attention(&q, &k, &v, kernel).unwrap_or_else(|| q.clone())
+            })?);
+        }
+    }
+    // A CFG batch whose second item is padded, as the DiT runs it
+    // (`nn::sdpa_padded`), against the masked attention in f32.
     let q2 = Tensor::cat(vec![q.clone(), q.clone()], 0);
     let k2 = Tensor::cat(vec![k.clone(), k.clone()], 0);
     let v2 = Tensor::cat(vec![v.clone(), v.clone()], 0);
-    let mask = padding_mask::<B>(s, s - s / 8, device);
-    if let Some(got) = cuda_kernels::flash_attention(&q2, &k2, &v2, Some(&mask), false, planes) {
-        let diff = rel_diff(&got, &f32_attention(&q2, &k2, &v2, Some(mask.clone())));
-        out.push(OpTiming { op: "attention, flash, batch 2 masked (check only)".into(), shape: format!("[2, {h}, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
-    }
-    let v2_view = v2.clone().swap_dims(1, 2).reshape([2, s, h, head_dim]).swap_dims(1, 2);
-    if let Some(got) = cuda_kernels::flash_attention(&q2, &k2, &v2_view, Some(&mask), false, planes) {
-        let diff = rel_diff(&got, &f32_attention(&q2, &k2, &v2_view, Some(mask.clone())));
-        out.push(OpTiming { op: "attention, flash, batch 2 masked, strided v (check only)".into(), shape: format!("[2, {h}, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
-    }
+    let lens = vec![s, s - s / 8];
+    let mask = padding_mask::<B>(s, lens[1], device);
+    let padding = crate::nn::KeyPadding { lens, mask: mask.clone() };
+    let got = crate::nn::sdpa_padded(q2.clone(), k2.clone(), v2.clone(), Some(&padding));
+    let diff = rel_diff(&got, &f32_attention(&q2, &k2, &v2, Some(mask)));
+    out.push(OpTiming { op: "attention, batch of 2 padded, as the DiT (check only)".into(), shape: format!("[2, {h}, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
 
     // The VAE decoder's 3×3 convolutions (padding 1).
     for (c, side) in shapes.convs {
@@ -304,7 +311,11 @@ mod tests {
         // Off CUDA only burn's kernels run, here in f32: the same as the reference.
         assert_eq!(report.best_matmul, None);
         assert!(rows.iter().filter_map(|r| r.rel_diff).all(|d| d < 1e-5), "{rows:?}");
-        assert!(rows.iter().all(|r| r.ms > 0.0 && r.tflop_per_s.is_none_or(|t| t > 0.0)));
+        let timed = rows.iter().filter(|r| !r.op.ends_with("(check only)"));
+        assert!(timed.clone().count() >= 10);
+        assert!(timed.into_iter().all(|r| r.ms > 0.0 && r.tflop_per_s.is_none_or(|t| t > 0.0)));
+        // The padded-batch check runs everywhere (here: the CPU kernel per item).
+        assert!(ops.contains(&"attention, batch of 2 padded, as the DiT (check only)"));
         assert!(table(&report).contains("| conv 3×3, burn default | [1, 8, 16, 16], 3×3 → 8 |"));
         assert!(OpShapes::named("huge").is_err());
     }
