@@ -11,7 +11,8 @@
 //! burn's default op, so results never depend on these kernels applying.
 //!
 //! `ZIMAGE_CUDA_KERNELS=burn` keeps burn's defaults, for A/B benchmarks.
-//! Every function returns `None` off CUDA (and in builds without `cuda`).
+//! Every function returns `None` off CUDA (and in builds without `cuda`,
+//! where only the public functions below exist).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::ConvOptions;
@@ -39,6 +40,7 @@ pub fn flash_planes() -> u8 {
 /// wrong in GPU runs 4 and 5 (49 % and 82 % off f32 on a batch of two, with
 /// the mask as given and as a per-item broadcast over the heads). Batch
 /// padding goes through [`crate::nn::sdpa_padded`] instead.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn flash_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -57,12 +59,16 @@ pub fn flash_attention<B: Backend>(
             }
         }
     }
-    imp::flash_attention(q, k, v, causal, planes)
+    #[cfg(feature = "cuda")]
+    return imp::flash_attention(q, k, v, causal, planes);
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// `conv2d` through the implicit-GEMM kernel (tensor cores). `x`: `[B, C_in,
 /// H, W]`, `weight`: `[C_out, C_in, kh, kw]`, `bias`: `[C_out]`; returns
 /// `[B, C_out, H', W']`, or `None` off CUDA or where the kernel refuses.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn conv2d<B: Backend>(
     x: &Tensor<B, 4>,
     weight: &Tensor<B, 4>,
@@ -72,7 +78,10 @@ pub fn conv2d<B: Backend>(
     if !enabled() {
         return None;
     }
-    imp::conv2d(x, weight, bias, options)
+    #[cfg(feature = "cuda")]
+    return imp::conv2d(x, weight, bias, options);
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// The matmul kernels [`matmul`] can run: cubek's tiled strategies as burn's
@@ -114,11 +123,15 @@ pub fn matmul_kernel() -> Option<&'static str> {
 /// `lhs · rhs` (`[.., M, K] × [.., K, N]` → `[.., M, N]`, the same leading
 /// batch dimensions; either side may be a transposed view) through the named
 /// kernel of [`MATMUL_KERNELS`], or `None` off CUDA or where it refuses.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn matmul<B: Backend, const D: usize>(lhs: &Tensor<B, D>, rhs: &Tensor<B, D>, kernel: &str) -> Option<Tensor<B, D>> {
     if !enabled() {
         return None;
     }
-    imp::matmul(lhs, rhs, kernel)
+    #[cfg(feature = "cuda")]
+    return imp::matmul(lhs, rhs, kernel);
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Whether attention runs as [`composed_attention`] instead of the flash
@@ -148,34 +161,6 @@ pub fn composed_attention<B: Backend>(
     let weights = burn::tensor::activation::softmax(scores.cast(burn::tensor::DType::F32) / (d as f64).sqrt(), 2);
     let out = matmul(&weights.cast(q.dtype()), &v.clone().reshape([b * h, s_k, d_v]), kernel)?;
     Some(out.reshape([b, h, s_q, d_v]))
-}
-
-#[cfg(not(feature = "cuda"))]
-mod imp {
-    use super::*;
-
-    pub fn flash_attention<B: Backend>(
-        _: &Tensor<B, 4>,
-        _: &Tensor<B, 4>,
-        _: &Tensor<B, 4>,
-        _: bool,
-        _: u8,
-    ) -> Option<Tensor<B, 4>> {
-        None
-    }
-
-    pub fn conv2d<B: Backend>(
-        _: &Tensor<B, 4>,
-        _: &Tensor<B, 4>,
-        _: Option<&Tensor<B, 1>>,
-        _: ConvOptions<2>,
-    ) -> Option<Tensor<B, 4>> {
-        None
-    }
-
-    pub fn matmul<B: Backend, const D: usize>(_: &Tensor<B, D>, _: &Tensor<B, D>, _: &str) -> Option<Tensor<B, D>> {
-        None
-    }
 }
 
 #[cfg(feature = "cuda")]
