@@ -206,6 +206,8 @@ pub struct StudioApp {
     pub memory: Option<crate::engine_bridge::MemoryReport>,
     /// Where the engine runs ("CPU", "CUDA"…), once it said so.
     pub device_name: Option<String>,
+    /// On a GPU, until its first image is finished: kernels still compile.
+    pub gpu_kernels_cold: bool,
     /// The CJK font in use, once installed.
     pub cjk_font: Option<PathBuf>,
     pub waker: Waker,
@@ -287,6 +289,7 @@ impl StudioApp {
             })),
             cjk_font: None,
             device_name: None,
+            gpu_kernels_cold: false,
             memory: None,
             open_files: options.open.clone(),
             waker,
@@ -591,6 +594,7 @@ impl StudioApp {
                 if let Some(p) = problem {
                     self.error(p);
                 }
+                self.gpu_kernels_cold = name != "CPU";
                 self.device_name = Some(name);
             }
             Event::EngineRestarted { reason } => {
@@ -641,6 +645,7 @@ impl StudioApp {
         made_by: (String, f32, Vec<LoraRef>),
     ) {
         let Some(job) = self.jobs.remove(&id) else { return };
+        self.gpu_kernels_cold = false;
         let prev = self.per_step.get(&job.slot).copied();
         self.per_step.insert(job.slot, state::ema(prev, per_step));
         let meta = self.metadata_for(&job, made_by);

@@ -277,9 +277,30 @@ pub fn difference_heatmap(a: &[u8], b: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// What to say while the first image on a GPU shows no step yet: burn's
+/// GPU backends compile every kernel at its first use (23–32 s on an H200 in
+/// docs/performance.md), once per launch of the app.
+pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option<&'static str> {
+    match live {
+        LiveStatus::Rendering { done: 0, .. } if gpu_kernels_cold => {
+            Some("the first image on the GPU compiles its kernels: about half a minute, once per launch")
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_gpu_image_says_why_it_is_slow_until_its_first_step() {
+        let waiting = LiveStatus::Rendering { done: 0, total: 8 };
+        assert!(first_gpu_image_hint(true, &waiting).is_some_and(|h| h.contains("compiles")));
+        assert_eq!(first_gpu_image_hint(false, &waiting), None);
+        assert_eq!(first_gpu_image_hint(true, &LiveStatus::Rendering { done: 1, total: 8 }), None);
+        assert_eq!(first_gpu_image_hint(true, &LiveStatus::Idle), None);
+    }
 
     #[test]
     fn strength_snaps_to_the_step_grid() {
