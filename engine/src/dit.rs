@@ -255,7 +255,7 @@ pub struct DitBlock<B: Backend> {
 }
 
 impl<B: Backend> DitBlock<B> {
-    fn build<S: WeightSource<B>>(src: &mut S, p: &str, cfg: &ZImageDitConfig, modulated: bool) -> Result<Self> {
+    pub(crate) fn build<S: WeightSource<B>>(src: &mut S, p: &str, cfg: &ZImageDitConfig, modulated: bool) -> Result<Self> {
         let (d, eps) = (cfg.dim, cfg.norm_eps);
         Ok(Self {
             attention: Attention::build(src, &join(p, "attention"), cfg)?,

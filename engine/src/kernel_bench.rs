@@ -229,6 +229,37 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         crate::nn::sdpa(q.clone(), k.clone(), v.clone(), None, false)
     })?);
 
+    // One whole modulated DiT block as the model runs it, and its parts: what
+    // the ops above leave out (norms, RoPE, gates, casts) is the difference.
+    let cfg = crate::dit::ZImageDitConfig::new().with_dim(d).with_n_heads(h).with_axes_dims(if head_dim == 128 {
+        [32, 48, 48]
+    } else {
+        [head_dim / 4, head_dim * 3 / 8, head_dim - head_dim / 4 - head_dim * 3 / 8]
+    });
+    let block = crate::dit::DitBlock::<B>::build(&mut crate::weights::RandomWeights::new(device, dtype), "", &cfg, true)?;
+    let side = (s as f64).sqrt() as usize;
+    let ids: Vec<[usize; 3]> = (0..s).map(|i| [1, (i / side.max(1)) % 512, i % side.max(1)]).collect();
+    let rope = crate::dit::Rope::<B>::new(&[ids], &cfg, device);
+    let x = normal(vec![1, s, d], 1.0).reshape([1, s, d]);
+    let adaln = normal(vec![1, cfg.adaln_dim()], 1.0).reshape([1, cfg.adaln_dim()]);
+    let shape = format!("[1, {s}, {d}]");
+    out.push(timed::<B, _, 3>(device, reps, "DiT block, whole (modulated)", &shape, None, None, || {
+        block.forward(x.clone(), &rope, None, &adaln)
+    })?);
+    out.push(timed::<B, _, 3>(device, reps, "DiT block: attention module (q/k/v/out, q/k norms, RoPE, attention)", &shape, None, None, || {
+        block.attention.forward(x.clone(), &rope, None)
+    })?);
+    out.push(timed::<B, _, 3>(device, reps, "DiT block: SwiGLU feed-forward (w1, w3, SiLU·, w2)", &shape, None, None, || {
+        block.feed_forward.forward(x.clone())
+    })?);
+    let scale = normal(vec![1, d], 1.0).reshape([1, d]);
+    out.push(timed::<B, _, 3>(device, reps, "DiT block: one RMSNorm × (1 + scale)", &shape, None, None, || {
+        block.attention_norm1.forward_scaled(x.clone(), scale.clone())
+    })?);
+    out.push(timed::<B, _, 3>(device, reps, "DiT block: one gated residual (RMSNorm, tanh gate, add)", &shape, None, None, || {
+        block.attention_norm2.residual(x.clone(), x.clone(), Some(scale.clone().tanh()))
+    })?);
+
     // One elementwise op over the DiT's activations: launch and bandwidth cost.
     let a = normal(vec![s, d], 1.0).reshape([s, d]);
     let b = normal(vec![s, d], 1.0).reshape([s, d]);
@@ -305,7 +336,13 @@ mod tests {
         let report = run::<CpuBackend>(&Default::default(), DType::F32, OpShapes::TINY, 2).unwrap();
         let rows = &report.ops;
         let ops: Vec<&str> = rows.iter().map(|r| r.op.as_str()).collect();
-        for op in ["linear ffn up, burn default", "attention, burn default", "conv 3×3, burn default", "elementwise add"] {
+        for op in [
+            "linear ffn up, burn default",
+            "attention, burn default",
+            "conv 3×3, burn default",
+            "DiT block, whole (modulated)",
+            "elementwise add",
+        ] {
             assert!(ops.contains(&op), "{op} missing from {ops:?}");
         }
         // Off CUDA only burn's kernels run, here in f32: the same as the reference.
