@@ -23,6 +23,7 @@ FINAL="${OUT:-bench-out}"
 OUT="${WORK:-/tmp/zimage-bench}"
 mkdir -p "$OUT" "$FINAL"
 Z=bench/bin/zimage-cuda
+export ZIMAGE_KERNEL_NOTES=1  # which shapes the hand-picked CUDA kernels refuse
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
 # The log goes straight to $FINAL so that a run cut off by a time limit still
 # returns everything it printed.

@@ -10,7 +10,8 @@
 //! by hand. Where a kernel refuses the shapes (or panics), the caller runs
 //! burn's default op, so results never depend on these kernels applying.
 //!
-//! `ZIMAGE_CUDA_KERNELS=burn` keeps burn's defaults, for A/B benchmarks.
+//! `ZIMAGE_CUDA_KERNELS=burn` keeps burn's defaults, for A/B benchmarks;
+//! `ZIMAGE_KERNEL_NOTES=1` says on stderr which shapes a kernel refused.
 //! Every function returns `None` off CUDA (and in builds without `cuda`,
 //! where only the public functions below exist).
 
@@ -230,7 +231,11 @@ mod imp {
                 "it panicked; off from now on".to_string()
             }
         };
-        eprintln!("note: CUDA {name} kernel not used for {key} ({why}); burn's default runs instead");
+        // Refusals are expected for some shapes (the text encoder's odd lengths):
+        // said only on request, e.g. by bench/gpu.sh.
+        if std::env::var_os("ZIMAGE_KERNEL_NOTES").is_some() {
+            eprintln!("note: CUDA {name} kernel not used for {key} ({why}); burn's default runs instead");
+        }
         if let Ok(mut keys) = state.keys.lock() {
             keys.insert(key);
         }

@@ -202,8 +202,9 @@ impl<B: Backend> SwiGlu<B> {
 }
 
 /// Scaled dot-product attention over `[B, heads, S, head_dim]` tensors:
-/// the flash kernel on CUDA (see [`crate::cuda_kernels`]), burn's fused
-/// attention elsewhere. `mask`: `[B, 1, S_q, S_k]`, true = hidden key.
+/// without a mask the project's own kernels where they apply (see
+/// [`unmasked_kernel`]), burn's attention otherwise. `mask`: `[B, 1, S_q,
+/// S_k]`, true = hidden key.
 pub fn sdpa<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -295,10 +296,7 @@ mod tests {
         let randn = |shape: [usize; 4]| Tensor::<CpuBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
         let (q, k, v) = (randn([2, 3, 10, 8]), randn([2, 3, 10, 8]), randn([2, 3, 10, 8]));
         let lens = vec![10, 6];
-        let hidden: Vec<bool> = (0..2).flat_map(|i| (0..10).map(move |j| j >= lens_of(i))).collect();
-        fn lens_of(i: usize) -> usize {
-            [10, 6][i]
-        }
+        let hidden: Vec<bool> = lens.iter().flat_map(|&len| (0..10).map(move |j| j >= len)).collect();
         let mask = Tensor::<CpuBackend, 4, Bool>::from_data(TensorData::new(hidden, [2, 1, 1, 10]), &device)
             .expand([2, 1, 10, 10]);
         let masked = sdpa(q.clone(), k.clone(), v.clone(), Some(mask.clone()), false);
