@@ -5,9 +5,9 @@
 //! kernel for every op: attention materialises the `S × S` scores in several
 //! separate kernels, and `conv2d` runs its direct kernel (GPU run 1: VAE
 //! decode 78× slower than cuDNN, a DiT step 6×). The kernels autotune would
-//! choose among are public in burn-cubecl; here the flash attention (tensor
-//! core tiles, f32 accumulation) and the implicit-GEMM convolution are picked
-//! by hand. Where a kernel refuses the shapes (or panics), the caller runs
+//! choose among are public in burn-cubecl and cubek; here the flash attention
+//! (tensor-core tiles, f32 accumulation), the implicit-GEMM convolution and
+//! the matmul strategy are picked by hand (measured with `zimage bench-ops`). Where a kernel refuses the shapes (or panics), the caller runs
 //! burn's default op, so results never depend on these kernels applying.
 //!
 //! `ZIMAGE_CUDA_KERNELS=burn` keeps burn's defaults, for A/B benchmarks;
@@ -17,7 +17,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
 
 /// Whether the hand-picked kernels are used (see the module doc).
 pub fn enabled() -> bool {
@@ -34,23 +34,22 @@ pub fn flash_planes() -> u8 {
     })
 }
 
-/// Scaled dot-product attention (scale `1/√head_dim`) through the flash
-/// kernel with `planes` planes per cube. `q`: `[B, H, S_q, D]`, `k`, `v`:
-/// `[B, H, S_k, D]`; returns `[B, H, S_q, D]`, or `None` off CUDA, where the
-/// kernel refuses, and for any `mask`: cubek 0.2's attention with a mask was
-/// wrong in GPU runs 4 and 5 (49 % and 82 % off f32 on a batch of two, with
-/// the mask as given and as a per-item broadcast over the heads). Batch
+/// Scaled dot-product attention (scale `1/√head_dim`, no mask) through the
+/// flash kernel with `planes` planes per cube. `q`: `[B, H, S_q, D]`, `k`,
+/// `v`: `[B, H, S_k, D]`; returns `[B, H, S_q, D]`, or `None` off CUDA or
+/// where the kernel refuses. Never with a mask: cubek 0.2's attention with
+/// one was wrong in GPU runs 4 and 5 (49 % and 82 % off f32 on a batch of
+/// two, the mask as given and as a per-item broadcast over the heads); batch
 /// padding goes through [`crate::nn::sdpa_padded`] instead.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn flash_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
-    mask: Option<&Tensor<B, 4, Bool>>,
     causal: bool,
     planes: u8,
 ) -> Option<Tensor<B, 4>> {
-    if !enabled() || mask.is_some() {
+    if !enabled() {
         return None;
     }
     if composed_attention_on() && !causal {

@@ -138,10 +138,10 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         attention(q.clone(), k.clone(), v.clone(), None, None, options)
     })?);
     for planes in [2u8, 4, 8] {
-        if let Some(got) = cuda_kernels::flash_attention(&q, &k, &v, None, false, planes) {
+        if let Some(got) = cuda_kernels::flash_attention(&q, &k, &v, false, planes) {
             let diff = rel_diff(&got, &reference);
             out.push(timed::<B, _, 4>(device, reps, &format!("attention, flash {planes} planes"), &shape, Some(flop), Some(diff), || {
-                cuda_kernels::flash_attention(&q, &k, &v, None, false, planes).unwrap_or_else(|| q.clone())
+                cuda_kernels::flash_attention(&q, &k, &v, false, planes).unwrap_or_else(|| q.clone())
             })?);
         }
     }
@@ -149,7 +149,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
     // batch of two (CFG) whose second item hides its last keys.
     let planes = cuda_kernels::flash_planes();
     let v_view = v.clone().swap_dims(1, 2).reshape([1, s, h, head_dim]).swap_dims(1, 2);
-    if let Some(got) = cuda_kernels::flash_attention(&q, &k, &v_view, None, false, planes) {
+    if let Some(got) = cuda_kernels::flash_attention(&q, &k, &v_view, false, planes) {
         let diff = rel_diff(&got, &f32_attention(&q, &k, &v_view, None));
         out.push(OpTiming { op: "attention, flash, strided v (check only)".into(), shape: shape.clone(), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
     }

@@ -228,7 +228,7 @@ fn unmasked_kernel<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B,
     if crate::fused::enabled::<B>(q.dtype()) {
         return Some(crate::fused::attention(q.clone(), k.clone(), v.clone(), causal));
     }
-    crate::cuda_kernels::flash_attention(q, k, v, None, causal, crate::cuda_kernels::flash_planes())
+    crate::cuda_kernels::flash_attention(q, k, v, causal, crate::cuda_kernels::flash_planes())
 }
 
 /// Batch padding of a sequence: item `i` has `lens[i]` real tokens, then
