@@ -210,9 +210,9 @@ mod imp {
     }
 
     /// Runs `launch` unless it was refused before for the same `key` (shapes
-    /// and settings). A refusal is said once on stderr and remembered; a panic
-    /// turns the kernel off for the rest of the process. Either way the
-    /// caller then runs burn's op.
+    /// and settings). A refusal is remembered (and said on stderr with
+    /// `ZIMAGE_KERNEL_NOTES`); a panic turns the kernel off for the rest of the
+    /// process. Either way the caller then runs burn's op.
     fn guarded<E: std::fmt::Debug>(
         name: &str,
         state: &Refusals,
@@ -288,14 +288,17 @@ mod imp {
         // inputs are safe in f16 (q, k RMS-normalised, v from a normalised
         // input), unlike the FFN activations (spec §2.7); softmax and the
         // output accumulate in f32.
+        // The casts run inside the launch: shapes refused before cost nothing.
         let dtype = q.dtype();
-        let f16 = |t: &Tensor<B, 4>| float(&t.clone().cast(DType::F16));
-        let (qc, kc, vc) = (f16(q)?, f16(k)?, f16(v)?);
+        let f16 = |t: &Tensor<B, 4>| float(&t.clone().cast(DType::F16)).ok_or("not a CUDA tensor");
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
         let strategy =
             AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy { num_planes: planes, seq_q: 1, seq_kv: 1 });
-        guarded("flash attention", &REFUSED, key, || attention(qc, kc, vc, None, None, options, strategy))
-            .map(|out| back::<B, 4>(out).cast(dtype))
+        let launch = || {
+            let (qc, kc, vc) = (f16(q)?, f16(k)?, f16(v)?);
+            attention(qc, kc, vc, None, None, options, strategy).map_err(|e| format!("{e:?}"))
+        };
+        guarded("flash attention", &REFUSED, key, launch).map(|out| back::<B, 4>(out).cast(dtype))
     }
 
     pub fn conv2d<B: Backend>(
