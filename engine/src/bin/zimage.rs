@@ -58,6 +58,10 @@ enum Command {
         /// step of the recipe; for models trained before it existed).
         #[arg(long)]
         preview_only: bool,
+        /// Only fine-tune the decoder of OUT/vae for N steps (encoder frozen),
+        /// for experiments.
+        #[arg(long, value_name = "N")]
+        polish_only: Option<usize>,
         /// Stop after a phase (vae, base or turbo), for experiments: the VAE
         /// alone can be judged with `eval-demo --vae-round-trip`.
         #[arg(long, default_value = "turbo", value_parser = ["vae", "base", "turbo"])]
@@ -65,6 +69,10 @@ enum Command {
         /// Take the VAE from this trained demo folder instead of training one.
         #[arg(long)]
         vae_from: Option<PathBuf>,
+        /// Take text encoder, VAE and Base from this trained demo folder and run
+        /// only the later phases (decoder at full size, Turbo).
+        #[arg(long)]
+        base_from: Option<PathBuf>,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -327,7 +335,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote the preview projection into {}", out.join("vae").join("config.json").display());
             Ok(())
         }
-        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, .. } => {
+        Command::TrainDemo { out, seed, polish_only: Some(steps), quiet, .. } => {
+            let losses = zimage_engine::demo::train::polish_demo_decoder(&out, steps, seed, quiet)?;
+            let tail = &losses[losses.len() - losses.len() / 10..];
+            println!("decoder fine-tuned for {steps} steps; final loss {:.4}", tail.iter().sum::<f32>() / tail.len().max(1) as f32);
+            Ok(())
+        }
+        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, base_from, .. } => {
             use zimage_engine::demo::Phase;
             let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
             opts.stop_after = match stop_after.as_str() {
@@ -336,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                 _ => Phase::Turbo,
             };
             opts.vae_from = vae_from;
+            opts.base_from = base_from;
             opts.seed = seed;
             opts.scale = scale;
             opts.plot = Some(plot.unwrap_or_else(|| opts.out.join("loss.png")));
@@ -345,12 +360,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::EvalDemo { model_dir, captions, samples, vae_round_trip, vae_sheet, quiet } => {
             if let Some(n) = vae_round_trip {
-                let (objects, captions) =
-                    zimage_engine::demo::eval::vae_round_trip(&model_dir, n, 1234, vae_sheet.as_deref())?;
+                let score = zimage_engine::demo::eval::vae_round_trip(&model_dir, n, 1234, vae_sheet.as_deref())?;
                 println!(
-                    "VAE round trip, {n} held-out scenes: {:.1}% of objects and {:.1}% of captions fully right",
-                    objects * 100.0,
-                    captions * 100.0
+                    "VAE round trip, {n} held-out scenes: {:.1}% of objects and {:.1}% of captions fully right\n\n{}\n",
+                    score.object_accuracy() * 100.0,
+                    score.caption_accuracy() * 100.0,
+                    zimage_engine::demo::eval::kind_table(&[&score])
                 );
             }
             if captions == Some(0) {

@@ -8,7 +8,7 @@ use burn::tensor::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::judge::{judge, Verdict};
-use super::world::{render, Scene, Split, WorldSampler, IMAGE_SIDE};
+use super::world::{render, Scene, Shape, Size, Split, WorldSampler, IMAGE_SIDE};
 use super::{BASE_GUIDANCE, BASE_STEPS, TURBO_STEPS};
 use crate::device::CpuBackend;
 use crate::loader::{load_pipeline_with, load_shared, ModelFiles, ModelOverrides};
@@ -54,16 +54,22 @@ pub struct ModelScore {
     pub shape_ok: usize,
     pub object_ok: usize,
     pub caption_ok: usize,
+    /// Objects and objects fully right per kind, `[size][shape]` in
+    /// [`Size::ALL`] × [`Shape::ALL`] order: where the errors are.
+    pub by_kind: [[(usize, usize); 3]; 2],
     /// Mean wall time per image (prompt encoding, sampling, decoding), seconds.
     pub seconds_per_image: f64,
 }
 
 impl ModelScore {
-    fn add(&mut self, v: &Verdict) {
+    fn add(&mut self, v: &Verdict, scene: &Scene) {
         self.images += 1;
         self.background_ok += v.background as usize;
         self.caption_ok += v.whole_caption() as usize;
-        for o in &v.objects {
+        for (o, want) in v.objects.iter().zip(&scene.objects) {
+            let cell = &mut self.by_kind[want.size as usize][want.shape as usize];
+            cell.0 += 1;
+            cell.1 += o.all() as usize;
             self.objects += 1;
             self.colour_ok += o.colour as usize;
             self.position_ok += o.position as usize;
@@ -117,8 +123,29 @@ impl std::fmt::Display for EvalReport {
         row(f, "whole caption right", pct(b.caption_ok, b.images), pct(t.caption_ok, t.images))?;
         row(f, "time per image (128², CPU)", format!("{:.0} ms", b.seconds_per_image * 1e3), format!("{:.0} ms", t.seconds_per_image * 1e3))?;
         row(f, "DiT evaluations per image", b.evals_per_image.to_string(), t.evals_per_image.to_string())?;
-        write!(f, "\n{} held-out captions, {} objects; Turbo is {:.1}× faster per image.", b.images, b.objects, self.speedup())
+        write!(f, "\n{} held-out captions, {} objects; Turbo is {:.1}× faster per image.", b.images, b.objects, self.speedup())?;
+        write!(f, "\n\nObjects fully right by kind (Base / Turbo):\n\n{}", kind_table(&[b, t]))
     }
+}
+
+/// A Markdown table of objects fully right per size × shape, one column per score.
+pub fn kind_table(scores: &[&ModelScore]) -> String {
+    let mut out = String::from("| kind |");
+    for s in scores {
+        out += &format!(" {} |", s.name);
+    }
+    out += "\n|---|";
+    out += &"---|".repeat(scores.len());
+    for size in Size::ALL {
+        for shape in Shape::ALL {
+            out += &format!("\n| {} {} |", size.name(), shape.name());
+            for s in scores {
+                let (n, ok) = s.by_kind[size as usize][shape as usize];
+                out += &format!(" {} of {n} |", pct(ok, n));
+            }
+        }
+    }
+    out
 }
 
 fn bar(quiet: bool, len: usize, prefix: &str) -> ProgressBar {
@@ -199,7 +226,7 @@ pub fn eval_demo(opts: &EvalDemoOptions) -> anyhow::Result<EvalReport> {
             let req = demo_request(&scene.caption(), opts.seed.wrapping_add(i as u64), is_base);
             let (img, secs) = generate_one(pipe, &req)?;
             total += secs;
-            score.add(&judge(&img, scene));
+            score.add(&judge(&img, scene), scene);
             if i < sheet_n {
                 images.push(img);
             }
@@ -236,13 +263,13 @@ pub fn load_vae_dir(dir: &Path, device: &Device<Inner>) -> anyhow::Result<(crate
 
 /// The VAE's round trip as the judge sees it: held-out scenes rendered,
 /// encoded (posterior mean) and decoded. The result bounds what any DiT can
-/// reach through this VAE. Returns (objects fully right, whole captions right).
-pub fn vae_round_trip(model_dir: &Path, scenes: usize, seed: u64, sheet: Option<&Path>) -> anyhow::Result<(f64, f64)> {
+/// reach through this VAE. Returns its score (no timing).
+pub fn vae_round_trip(model_dir: &Path, scenes: usize, seed: u64, sheet: Option<&Path>) -> anyhow::Result<ModelScore> {
     let device: Device<Inner> = Default::default();
     // Straight from `vae/` (usable while training, before any DiT is written).
     let (_, vae) = load_vae_dir(&model_dir.join("vae"), &device)?;
     let mut world = WorldSampler::new(seed);
-    let (mut objects, mut objects_ok, mut captions_ok) = (0, 0, 0);
+    let mut score = ModelScore { name: "VAE round trip".into(), ..Default::default() };
     let mut tiles = Vec::new();
     let n = IMAGE_SIDE;
     for _ in 0..scenes {
@@ -254,10 +281,7 @@ pub fn vae_round_trip(model_dir: &Path, scenes: usize, seed: u64, sheet: Option<
         let (mean, _) = vae.encode(x).ok_or_else(|| anyhow::anyhow!("the demo VAE has no encoder"))?;
         let out = vae.decode(mean).into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let rec = crate::pipeline::to_rgb8(&out, n, n);
-        let v = judge(&rec, &scene);
-        objects += v.objects.len();
-        objects_ok += v.objects.iter().filter(|o| o.all()).count();
-        captions_ok += v.whole_caption() as usize;
+        score.add(&judge(&rec, &scene), &scene);
         if tiles.len() < 16 {
             tiles.push(img);
             tiles.push(rec);
@@ -266,7 +290,7 @@ pub fn vae_round_trip(model_dir: &Path, scenes: usize, seed: u64, sheet: Option<
     if let Some(path) = sheet {
         write_sheet(path, &tiles, 8)?;
     }
-    Ok((objects_ok as f64 / objects.max(1) as f64, captions_ok as f64 / scenes.max(1) as f64))
+    Ok(score)
 }
 
 /// Tiles equally sized images `cols` per row with a 4-px white gap.
@@ -286,4 +310,27 @@ fn write_sheet(path: &Path, images: &[RgbImage], cols: usize) -> anyhow::Result<
     }
     sheet.save(path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::judge::ObjectVerdict;
+
+    #[test]
+    fn scores_count_objects_by_size_and_shape() {
+        let scene = Scene::parse("a small red square at the top left and a large blue circle in the center on a white background").unwrap();
+        let right = ObjectVerdict { colour: true, position: true, size: true, shape: true };
+        let wrong_shape = ObjectVerdict { shape: false, ..right };
+        let mut score = ModelScore::default();
+        score.add(&Verdict { background: true, objects: vec![wrong_shape, right], extra_objects: 0 }, &scene);
+        score.add(&Verdict { background: true, objects: vec![right, right], extra_objects: 0 }, &scene);
+        assert_eq!(score.by_kind[Size::Small as usize][Shape::Square as usize], (2, 1));
+        assert_eq!(score.by_kind[Size::Large as usize][Shape::Circle as usize], (2, 2));
+        assert_eq!(score.by_kind[Size::Small as usize][Shape::Circle as usize], (0, 0));
+        assert_eq!((score.objects, score.object_ok, score.caption_ok), (4, 3, 1));
+        let table = kind_table(&[&score]);
+        assert!(table.contains("| small square | 50.0% of 2 |"), "{table}");
+        assert!(table.contains("| large circle | 100.0% of 2 |"), "{table}");
+    }
 }
