@@ -58,6 +58,9 @@ enum Command {
         /// step of the recipe; for models trained before it existed).
         #[arg(long)]
         preview_only: bool,
+        /// Only redraw the loss curves of OUT/train_log.json into --plot (default OUT/loss.png).
+        #[arg(long)]
+        replot: bool,
         /// Only fine-tune the decoder of OUT/vae for N steps (encoder frozen),
         /// for experiments.
         #[arg(long, value_name = "N")]
@@ -333,6 +336,12 @@ fn run(cli: Cli) -> Result<()> {
             let _ = (scale, plot);
             zimage_engine::demo::train::write_preview_projection(&out.join("vae"), seed.wrapping_add(9))?;
             println!("wrote the preview projection into {}", out.join("vae").join("config.json").display());
+            Ok(())
+        }
+        Command::TrainDemo { out, plot, replot: true, .. } => {
+            let plot = plot.unwrap_or_else(|| out.join("loss.png"));
+            zimage_engine::demo::train::replot(&out, &plot)?;
+            println!("wrote {}", plot.display());
             Ok(())
         }
         Command::TrainDemo { out, seed, polish_only: Some(steps), quiet, .. } => {
