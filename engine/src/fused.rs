@@ -774,6 +774,147 @@ fn exp_approx(x: f32) -> f32 {
     p * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
+/// Training (burn's autodiff over flex): a 3×3, stride-1, padding-1
+/// convolution whose forward is [`conv3x3`] and whose backward is written
+/// here. Why: burn's default weight gradient is a convolution whose kernel
+/// is the whole output gradient (128×128 at the demo VAE's size), which
+/// flex runs element by element; perf put it at ~57 % of a VAE training
+/// step. Here it is nine GEMMs per image ([`conv3x3_weight_grad`]) and the
+/// input gradient is [`conv3x3`] with the flipped, transposed kernel.
+/// `None` when `B` is not `Autodiff<Flex>` or the tensors are not f32.
+pub fn conv3x3_autodiff<B: Backend>(x: &Tensor<B, 4>, weight: &Tensor<B, 4>, bias: &Tensor<B, 1>) -> Option<Tensor<B, 4>> {
+    use burn::backend::autodiff::ops::{Backward, OpsKind};
+    type Ad = burn::backend::Autodiff<burn_flex::Flex>;
+    type AdTensor = <Ad as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<AdTensor>()
+        || [x.dtype(), weight.dtype(), bias.dtype()].iter().any(|d| *d != DType::F32)
+        || weight.dims()[2..] != [3, 3]
+    {
+        return None;
+    }
+    fn unwrap<B: Backend, const D: usize>(t: Tensor<B, D>) -> AdTensor {
+        let TensorPrimitive::Float(p) = t.into_primitive() else { unreachable!("float tensors") };
+        *(Box::new(p) as Box<dyn Any>).downcast::<AdTensor>().unwrap_or_else(|_| unreachable!("checked by the caller"))
+    }
+    let (x, w, b) = (unwrap(x.clone()), unwrap(weight.clone()), unwrap(bias.clone()));
+
+    #[derive(Debug)]
+    struct Conv3x3Backward;
+
+    impl Backward<burn_flex::Flex, 3> for Conv3x3Backward {
+        /// The forward's input and weight.
+        type State = (FlexTensor, FlexTensor);
+
+        fn backward(
+            self,
+            ops: burn::backend::autodiff::ops::Ops<Self::State, 3>,
+            grads: &mut burn::backend::autodiff::grads::Gradients,
+            _checkpointer: &mut burn::backend::autodiff::checkpoint::base::Checkpointer,
+        ) {
+            type F = burn_flex::Flex;
+            let [node_x, node_w, node_b] = ops.parents;
+            let grad = grads.consume::<F>(&ops.node);
+            let (x, w) = ops.state;
+            let t = |p: FlexTensor| Tensor::<F, 4>::from_primitive(TensorPrimitive::Float(p));
+            let [b, c_in, h, wd] = t(x.clone()).dims();
+            let c_out = t(w.clone()).dims()[0];
+            let g = t(grad);
+            if let Some(node) = node_x {
+                // ∂x = the same convolution of ∂y with w[o, c, 2−ky, 2−kx] as a [c, o] kernel.
+                let flipped = t(w).swap_dims(0, 1).flip([2, 3]);
+                let gx = conv3x3::<F>(g.clone(), flipped, None);
+                grads.register::<F>(node.id, flex(gx));
+            }
+            if let Some(node) = node_w {
+                let gx_in = flex(t(x));
+                let gy = flex(g.clone());
+                let gw = conv3x3_weight_grad(view(&gx_in), view(&gy), [b, c_in, c_out, h, wd]);
+                grads.register::<F>(node.id, flex(tensor::<F, 4>(gw, [c_out, c_in, 3, 3])));
+            }
+            if let Some(node) = node_b {
+                let gb = g.sum_dim(0).sum_dim(2).sum_dim(3).reshape([c_out]);
+                grads.register::<F>(node.id, flex(gb));
+            }
+        }
+    }
+
+    let out = {
+        let t = |p: &FlexTensor| Tensor::<burn_flex::Flex, 4>::from_primitive(TensorPrimitive::Float(p.clone()));
+        let bias = Tensor::<burn_flex::Flex, 1>::from_primitive(TensorPrimitive::Float(b.primitive.clone()));
+        flex(conv3x3::<burn_flex::Flex>(t(&x.primitive), t(&w.primitive), Some(bias)))
+    };
+    let result: AdTensor = match Conv3x3Backward
+        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([
+            x.node.clone(),
+            w.node.clone(),
+            b.node.clone(),
+        ])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive.clone(), w.primitive.clone()), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    let boxed: Box<dyn Any> = Box::new(result);
+    let p = boxed.downcast::<B::FloatTensorPrimitive>().unwrap_or_else(|_| unreachable!("checked above"));
+    Some(Tensor::from_primitive(TensorPrimitive::Float(*p)))
+}
+
+/// `∂L/∂w [C_out, C_in, 3, 3]` of a 3×3, stride-1, padding-1 convolution
+/// from its input `x [B, C_in, H, W]` and output gradient `g [B, C_out, H, W]`
+/// (both contiguous): per image and kernel offset `(dy, dx)` one GEMM
+/// `g [C_out, H·(W+2)] · shifted(x)ᵀ [H·(W+2), C_in]` over the zero-padded
+/// planes, with `g` widened by two zero columns per row so that every shift
+/// of `x` is one contiguous run (as in [`conv3x3`]). Images in parallel.
+fn conv3x3_weight_grad(x: &[f32], g: &[f32], [b, c_in, c_out, h, w]: [usize; 5]) -> Vec<f32> {
+    let pw = w + 2;
+    let plane = (h + 2) * pw;
+    let n = h * pw;
+    let per_item: Vec<Vec<f32>> = (0..b)
+        .into_par_iter()
+        .map(|item| {
+            let mut padded = vec![0f32; c_in * plane + 2 * pw + 2];
+            for ci in 0..c_in {
+                for y in 0..h {
+                    let src = &x[((item * c_in + ci) * h + y) * w..][..w];
+                    padded[ci * plane + (y + 1) * pw + 1..][..w].copy_from_slice(src);
+                }
+            }
+            let mut wide = vec![0f32; c_out * n];
+            for co in 0..c_out {
+                for y in 0..h {
+                    wide[co * n + y * pw..][..w].copy_from_slice(&g[((item * c_out + co) * h + y) * w..][..w]);
+                }
+            }
+            let mut acc = vec![0f32; 9 * c_out * c_in];
+            for offset in 0..9 {
+                let (dy, dx) = (offset / 3, offset % 3);
+                // SAFETY: lhs `wide` [c_out, n] (row stride n); rhs [n, c_in] read at
+                // dy·pw + dx + p + ci·plane ≤ (c_in − 1)·plane + 2·pw + 2 + n − 1 < padded.len();
+                // dst: this offset's own [c_out, c_in] block of `acc`.
+                unsafe {
+                    gemm_into_rows(
+                        [c_out, c_in, n],
+                        (acc.as_mut_ptr().add(offset * c_out * c_in), c_in, false),
+                        (wide.as_ptr(), n as isize, 1),
+                        (padded.as_ptr().add(dy * pw + dx), 1, plane as isize),
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; c_out * c_in * 9];
+    for acc in per_item {
+        for (offset, block) in acc.chunks(c_out * c_in).enumerate() {
+            for (co_ci, v) in block.iter().enumerate() {
+                out[co_ci * 9 + offset] += v;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1021,146 +1162,4 @@ mod tests {
         // Not autodiff: not ours.
         assert!(conv3x3_autodiff(&x0, &w0, &b0).is_none());
     }
-}
-
-/// Training (burn's autodiff over flex): a 3×3, stride-1, padding-1
-/// convolution whose forward is [`conv3x3`] and whose backward is written
-/// here. Why: burn's default weight gradient is a convolution whose kernel
-/// is the whole output gradient (128×128 at the demo VAE's size), which
-/// flex runs element by element; perf put it at ~57 % of a VAE training
-/// step. Here it is nine GEMMs per image ([`conv3x3_weight_grad`]) and the
-/// input gradient is [`conv3x3`] with the flipped, transposed kernel.
-/// `None` when `B` is not `Autodiff<Flex>` or the tensors are not f32.
-pub fn conv3x3_autodiff<B: Backend>(x: &Tensor<B, 4>, weight: &Tensor<B, 4>, bias: &Tensor<B, 1>) -> Option<Tensor<B, 4>> {
-    use burn::backend::autodiff::ops::{Backward, OpsKind};
-    type Ad = burn::backend::Autodiff<burn_flex::Flex>;
-    type AdTensor = <Ad as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
-    if TypeId::of::<B::FloatTensorPrimitive>() != TypeId::of::<AdTensor>()
-        || [x.dtype(), weight.dtype(), bias.dtype()].iter().any(|d| *d != DType::F32)
-        || weight.dims()[2..] != [3, 3]
-    {
-        return None;
-    }
-    let unwrap = |t: Tensor<B, 4>| -> AdTensor {
-        let TensorPrimitive::Float(p) = t.into_primitive() else { unreachable!("float tensors") };
-        *(Box::new(p) as Box<dyn Any>).downcast::<AdTensor>().unwrap_or_else(|_| unreachable!("checked above"))
-    };
-    let (x, w) = (unwrap(x.clone()), unwrap(weight.clone()));
-    let b = unwrap(bias.clone().reshape([1, 1, 1, bias.dims()[0]]));
-
-    #[derive(Debug)]
-    struct Conv3x3Backward;
-
-    impl Backward<burn_flex::Flex, 3> for Conv3x3Backward {
-        /// The forward's input and weight.
-        type State = (FlexTensor, FlexTensor);
-
-        fn backward(
-            self,
-            ops: burn::backend::autodiff::ops::Ops<Self::State, 3>,
-            grads: &mut burn::backend::autodiff::grads::Gradients,
-            _checkpointer: &mut burn::backend::autodiff::checkpoint::base::Checkpointer,
-        ) {
-            type F = burn_flex::Flex;
-            let [node_x, node_w, node_b] = ops.parents;
-            let grad = grads.consume::<F>(&ops.node);
-            let (x, w) = ops.state;
-            let t = |p: FlexTensor| Tensor::<F, 4>::from_primitive(TensorPrimitive::Float(p));
-            let [b, c_in, h, wd] = t(x.clone()).dims();
-            let c_out = t(w.clone()).dims()[0];
-            let g = t(grad);
-            if let Some(node) = node_x {
-                // ∂x = the same convolution of ∂y with w[o, c, 2−ky, 2−kx] as a [c, o] kernel.
-                let flipped = t(w).swap_dims(0, 1).flip([2, 3]);
-                let gx = conv3x3::<F>(g.clone(), flipped, None);
-                grads.register::<F>(node.id, flex(gx));
-            }
-            if let Some(node) = node_w {
-                let gx_in = flex(t(x));
-                let gy = flex(g.clone());
-                let gw = conv3x3_weight_grad(view(&gx_in), view(&gy), [b, c_in, c_out, h, wd]);
-                grads.register::<F>(node.id, flex(tensor::<F, 4>(gw, [c_out, c_in, 3, 3])));
-            }
-            if let Some(node) = node_b {
-                let gb = g.sum_dim(0).sum_dim(2).sum_dim(3).reshape([1, 1, 1, c_out]);
-                grads.register::<F>(node.id, flex(gb));
-            }
-        }
-    }
-
-    let out = {
-        let t = |p: &FlexTensor| Tensor::<burn_flex::Flex, 4>::from_primitive(TensorPrimitive::Float(p.clone()));
-        let bias = t(&b.primitive).reshape([b.primitive.layout().shape()[3]]);
-        flex(conv3x3::<burn_flex::Flex>(t(&x.primitive), t(&w.primitive), Some(bias)))
-    };
-    let result: AdTensor = match Conv3x3Backward
-        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([
-            x.node.clone(),
-            w.node.clone(),
-            b.node.clone(),
-        ])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive.clone(), w.primitive.clone()), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    let boxed: Box<dyn Any> = Box::new(result);
-    let p = boxed.downcast::<B::FloatTensorPrimitive>().unwrap_or_else(|_| unreachable!("checked above"));
-    Some(Tensor::from_primitive(TensorPrimitive::Float(*p)))
-}
-
-/// `∂L/∂w [C_out, C_in, 3, 3]` of a 3×3, stride-1, padding-1 convolution
-/// from its input `x [B, C_in, H, W]` and output gradient `g [B, C_out, H, W]`
-/// (both contiguous): per image and kernel offset `(dy, dx)` one GEMM
-/// `g [C_out, H·(W+2)] · shifted(x)ᵀ [H·(W+2), C_in]` over the zero-padded
-/// planes, with `g` widened by two zero columns per row so that every shift
-/// of `x` is one contiguous run (as in [`conv3x3`]). Images in parallel.
-fn conv3x3_weight_grad(x: &[f32], g: &[f32], [b, c_in, c_out, h, w]: [usize; 5]) -> Vec<f32> {
-    let pw = w + 2;
-    let plane = (h + 2) * pw;
-    let n = h * pw;
-    let per_item: Vec<Vec<f32>> = (0..b)
-        .into_par_iter()
-        .map(|item| {
-            let mut padded = vec![0f32; c_in * plane + 2 * pw + 2];
-            for ci in 0..c_in {
-                for y in 0..h {
-                    let src = &x[((item * c_in + ci) * h + y) * w..][..w];
-                    padded[ci * plane + (y + 1) * pw + 1..][..w].copy_from_slice(src);
-                }
-            }
-            let mut wide = vec![0f32; c_out * n];
-            for co in 0..c_out {
-                for y in 0..h {
-                    wide[co * n + y * pw..][..w].copy_from_slice(&g[((item * c_out + co) * h + y) * w..][..w]);
-                }
-            }
-            let mut acc = vec![0f32; 9 * c_out * c_in];
-            for offset in 0..9 {
-                let (dy, dx) = (offset / 3, offset % 3);
-                // SAFETY: lhs `wide` [c_out, n] (row stride n); rhs [n, c_in] read at
-                // dy·pw + dx + p + ci·plane ≤ (c_in − 1)·plane + 2·pw + 2 + n − 1 < padded.len();
-                // dst: this offset's own [c_out, c_in] block of `acc`.
-                unsafe {
-                    gemm_into_rows(
-                        [c_out, c_in, n],
-                        (acc.as_mut_ptr().add(offset * c_out * c_in), c_in, false),
-                        (wide.as_ptr(), n as isize, 1),
-                        (padded.as_ptr().add(dy * pw + dx), 1, plane as isize),
-                    );
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut out = vec![0f32; c_out * c_in * 9];
-    for acc in per_item {
-        for (offset, block) in acc.chunks(c_out * c_in).enumerate() {
-            for (co_ci, v) in block.iter().enumerate() {
-                out[co_ci * 9 + offset] += v;
-            }
-        }
-    }
-    out
 }

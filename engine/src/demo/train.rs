@@ -720,31 +720,14 @@ fn train_base(
                 target[i * per + j] = x0[j] - e;
             }
         }
-        let [c, h, w] = data.shape;
-        // Object-weighted MSE, normalised by the batch's mean weight so the
-        // loss stays comparable across batches.
-        let norm = weight.iter().sum::<f32>() / weight.len().max(1) as f32;
-        let parts: Vec<(BaseItems, usize)> = split_ranges(b, threads())
+        let batch = DenoiseBatch { x, target, t, weight, shape: data.shape };
+        let parts: Vec<((DenoiseBatch, Vec<Vec<u32>>), usize)> = split_ranges(b, threads())
             .into_iter()
-            .map(|k| {
-                let items = BaseItems {
-                    x: x[k.start * per..k.end * per].to_vec(),
-                    target: target[k.start * per..k.end * per].to_vec(),
-                    t: t[k.clone()].to_vec(),
-                    ids: ids[k.clone()].to_vec(),
-                    weight: weight[k.start * cells..k.end * cells].to_vec(),
-                };
-                (items, k.len())
-            })
+            .map(|k| ((batch.part(k.clone()), ids[k.clone()].to_vec()), k.len()))
             .collect();
-        let (grads, value) = data_parallel_grads(&model, &parts, |model: &Denoiser<Ad>, p: &BaseItems| {
-            let n = p.t.len();
-            let caps = encode_batch(&model.text, &p.ids);
-            let tt = Tensor::<Ad, 1>::from_data(TensorData::new(p.t.clone(), [n]), (device, DType::F32));
-            let pred = model.dit.forward(&cfg, tensor4::<Ad>(p.x.clone(), [n, c, h, w], device), tt, &caps)?;
-            // Repeated over the channels on flex (its broadcast over a middle dimension is slow).
-            let weight = crate::fused::expand_for_flex(tensor4::<Ad>(p.weight.clone(), [n, 1, h, w], device), 1, c);
-            Ok(((pred - tensor4::<Ad>(p.target.clone(), [n, c, h, w], device)).square() * weight).mean() / norm)
+        let norm = batch.mean_weight();
+        let (grads, value) = data_parallel_grads(&model, &parts, |model: &Denoiser<Ad>, (p, ids): &(DenoiseBatch, Vec<Vec<u32>>)| {
+            p.loss(&model.dit, &cfg, &encode_batch(&model.text, ids), norm, device)
         })?;
         anyhow::ensure!(value.is_finite(), "Base training diverged at step {step}");
         losses.push(value);
@@ -797,13 +780,50 @@ impl ModuleMapper<Inner> for BlendParams {
     }
 }
 
-/// One thread's share of a Base training batch (see [`train_base`]).
-struct BaseItems {
+/// A Base or Turbo training batch (or one core's share of it): DiT inputs at
+/// times `t`, velocity targets, and per-latent-cell loss weights.
+struct DenoiseBatch {
+    /// `[n, c, h, w]` flattened, as `target`.
     x: Vec<f32>,
     target: Vec<f32>,
     t: Vec<f32>,
-    ids: Vec<Vec<u32>>,
+    /// `[n, h, w]`: `1 + object_weight · coverage` (and whatever else weighs a cell).
     weight: Vec<f32>,
+    /// `[c, h, w]` of one item.
+    shape: [usize; 3],
+}
+
+impl DenoiseBatch {
+    /// Items `k` of the batch.
+    fn part(&self, k: std::ops::Range<usize>) -> Self {
+        let [c, h, w] = self.shape;
+        let (per, cells) = (c * h * w, h * w);
+        DenoiseBatch {
+            x: self.x[k.start * per..k.end * per].to_vec(),
+            target: self.target[k.start * per..k.end * per].to_vec(),
+            t: self.t[k.clone()].to_vec(),
+            weight: self.weight[k.start * cells..k.end * cells].to_vec(),
+            shape: self.shape,
+        }
+    }
+
+    /// The mean cell weight of the whole batch: the loss is divided by it so
+    /// that it stays comparable across batches.
+    fn mean_weight(&self) -> f32 {
+        self.weight.iter().sum::<f32>() / self.weight.len().max(1) as f32
+    }
+
+    /// The object-weighted MSE of the DiT's velocity for these items, summed
+    /// over cells and divided by `norm`.
+    fn loss(&self, dit: &ZImageDit<Ad>, cfg: &ZImageDitConfig, caps: &[Tensor<Ad, 2>], norm: f32, device: &Device<Inner>) -> anyhow::Result<Tensor<Ad, 1>> {
+        let [c, h, w] = self.shape;
+        let n = self.t.len();
+        let t = Tensor::<Ad, 1>::from_data(TensorData::new(self.t.clone(), [n]), (device, DType::F32));
+        let pred = dit.forward(cfg, tensor4::<Ad>(self.x.clone(), [n, c, h, w], device), t, caps)?;
+        // Repeated over the channels on flex (its broadcast over a middle dimension is slow).
+        let weight = crate::fused::expand_for_flex(tensor4::<Ad>(self.weight.clone(), [n, 1, h, w], device), 1, c);
+        Ok(((pred - tensor4::<Ad>(self.target.clone(), [n, c, h, w], device)).square() * weight).mean() / norm)
+    }
 }
 
 /// Training threads: one per core (see [`super::parallel`]).
@@ -970,27 +990,18 @@ fn train_turbo(
                 }
             }
         }
-        let norm = weight.iter().sum::<f32>() / weight.len().max(1) as f32;
-        let parts: Vec<(TurboItems, usize)> = split_ranges(b, threads())
+        let batch = DenoiseBatch { x, target, t, weight, shape: pairs.shape };
+        let parts: Vec<((DenoiseBatch, Vec<Tensor<Inner, 2>>), usize)> = split_ranges(b, threads())
             .into_iter()
             .map(|k| {
-                let items = TurboItems {
-                    x: x[k.start * per..k.end * per].to_vec(),
-                    target: target[k.start * per..k.end * per].to_vec(),
-                    t: t[k.clone()].to_vec(),
-                    caps: items[k.clone()].iter().map(|(i, _)| pairs.captions[*i].clone()).collect(),
-                    weight: weight[k.start * cells..k.end * cells].to_vec(),
-                };
-                (items, k.len())
+                let caps = items[k.clone()].iter().map(|(i, _)| pairs.captions[*i].clone()).collect();
+                ((batch.part(k.clone()), caps), k.len())
             })
             .collect();
-        let (grads, value) = data_parallel_grads(&dit, &parts, |dit: &ZImageDit<Ad>, p: &TurboItems| {
-            let n = p.t.len();
-            let caps: Vec<Tensor<Ad, 2>> = p.caps.iter().map(|c| Tensor::<Ad, 2>::from_inner(c.clone())).collect();
-            let tt = Tensor::<Ad, 1>::from_data(TensorData::new(p.t.clone(), [n]), (device, DType::F32));
-            let pred = dit.forward(&cfg, tensor4::<Ad>(p.x.clone(), [n, c, h, w], device), tt, &caps)?;
-            let weight = crate::fused::expand_for_flex(tensor4::<Ad>(p.weight.clone(), [n, 1, h, w], device), 1, c);
-            Ok(((pred - tensor4::<Ad>(p.target.clone(), [n, c, h, w], device)).square() * weight).mean() / norm)
+        let norm = batch.mean_weight();
+        let (grads, value) = data_parallel_grads(&dit, &parts, |dit: &ZImageDit<Ad>, (p, caps): &(DenoiseBatch, Vec<Tensor<Inner, 2>>)| {
+            let caps: Vec<Tensor<Ad, 2>> = caps.iter().map(|c| Tensor::<Ad, 2>::from_inner(c.clone())).collect();
+            p.loss(dit, &cfg, &caps, norm, device)
         })?;
         anyhow::ensure!(value.is_finite(), "Turbo training diverged at step {step}");
         losses.push(value);
@@ -1002,14 +1013,6 @@ fn train_turbo(
     Ok((dit.valid(), losses))
 }
 
-/// One core's share of a Turbo batch.
-struct TurboItems {
-    x: Vec<f32>,
-    target: Vec<f32>,
-    t: Vec<f32>,
-    caps: Vec<Tensor<Inner, 2>>,
-    weight: Vec<f32>,
-}
 
 // ---------------------------------------------------------------------------
 // Writing the diffusers folders.
