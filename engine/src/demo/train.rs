@@ -538,7 +538,9 @@ pub fn polish_decoder(
 /// Redraws `<dir>/train_log.json`'s loss curves (VAE, decoder, Base, Turbo;
 /// those present) into `plot`.
 pub fn replot(dir: &Path, plot: &Path) -> anyhow::Result<()> {
-    let log: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("train_log.json"))?)?;
+    let path = dir.join("train_log.json");
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let log: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{} is not a training log: {e}", path.display()))?;
     let mut curves = Vec::new();
     for (key, title) in [("vae", "VAE: edge L2 + hint"), ("base", "Base: flow matching"), ("decoder", "VAE decoder at 128 px"), ("turbo", "Turbo: distillation")] {
         let losses: Vec<f32> = log["loss_curves"][key].as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).map(|v| v as f32).collect()).unwrap_or_default();
@@ -546,7 +548,7 @@ pub fn replot(dir: &Path, plot: &Path) -> anyhow::Result<()> {
             curves.push(Curve { title: title.into(), losses });
         }
     }
-    anyhow::ensure!(!curves.is_empty(), "{} has no loss curves", dir.join("train_log.json").display());
+    anyhow::ensure!(!curves.is_empty(), "{} has no loss curves", path.display());
     write_loss_plot(plot, &curves)
 }
 
@@ -1288,6 +1290,9 @@ mod tests {
         assert_eq!(img.width(), 2 * one.width());
         std::fs::write(dir.path().join("train_log.json"), b"{}").unwrap();
         assert!(replot(dir.path(), &plot).is_err());
+        // A missing log is one line naming the file.
+        let missing = replot(&dir.path().join("nowhere"), &plot).unwrap_err().to_string();
+        assert!(missing.contains("nowhere") && missing.contains("train_log.json") && !missing.contains('\n'), "{missing}");
     }
 
     struct ScaleBy(f32, f32);
