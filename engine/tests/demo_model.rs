@@ -6,7 +6,7 @@ use burn::tensor::DType;
 use zimage_engine::demo::eval::{demo_request, generate_one};
 use zimage_engine::demo::judge::judge;
 use zimage_engine::demo::world::Scene;
-use zimage_engine::demo::{train_demo, TrainDemoOptions};
+use zimage_engine::demo::{train_demo, Phase, TrainDemoOptions};
 use zimage_engine::device::CpuBackend;
 use zimage_engine::loader::{load_pipeline, resolve_model, ModelFiles, ModelOverrides};
 use zimage_engine::ModelKind;
@@ -58,6 +58,41 @@ fn training_recipe_runs_end_to_end_at_tiny_scale() {
         let (img, _) = generate_one(&pipe, &demo_request("a small red circle on the left on a white background", 0, base)).expect("generate");
         assert_eq!((img.width, img.height), (128, 128));
     }
+}
+
+/// `--base-from`: the later phases alone on a trained Base. The decoder phase
+/// runs once (it marks the VAE's config) and is skipped on a folder that has
+/// had it, so the latent space Base was trained on never moves twice.
+#[test]
+fn base_from_runs_the_decoder_phase_only_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |out: &str, base_from: Option<&str>, stop_after| {
+        let mut opts = TrainDemoOptions::new(dir.path().join(out));
+        opts.scale = 1e-4;
+        opts.quiet = true;
+        opts.stop_after = stop_after;
+        opts.base_from = base_from.map(|b| dir.path().join(b));
+        let report = train_demo(&opts).expect("train");
+        report.phases.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>()
+    };
+    let decoder_steps = |out: &str| {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(out).join("vae").join("config.json")).expect("vae config")).expect("json");
+        json.get("zimage_decoder_steps").and_then(|v| v.as_u64())
+    };
+    let phases = run("a", None, Phase::Base);
+    assert!(!phases.iter().any(|p| p.contains("decoder")) && !phases.iter().any(|p| p.contains("Turbo")), "{phases:?}");
+    assert_eq!(decoder_steps("a"), None);
+    let phases = run("b", Some("a"), Phase::Turbo);
+    assert!(phases.iter().any(|p| p.contains("decoder")) && phases.iter().any(|p| p.contains("Turbo")), "{phases:?}");
+    assert!(decoder_steps("b").is_some());
+    let phases = run("c", Some("b"), Phase::Turbo);
+    assert!(!phases.iter().any(|p| p.contains("decoder")) && phases.iter().any(|p| p.contains("Turbo")), "{phases:?}");
+    assert_eq!(decoder_steps("c"), decoder_steps("b"));
+    // The copied VAE is the polished one, byte for byte.
+    let vae = |out: &str| std::fs::read(dir.path().join(out).join("vae").join("diffusion_pytorch_model.safetensors")).expect("vae");
+    assert_eq!(vae("c"), vae("b"));
+    assert!(ModelFiles::locate(&dir.path().join("c").join("turbo"), &ModelOverrides::default()).is_ok());
 }
 
 /// The step previews of the demo models look like the image they lead to:

@@ -70,7 +70,8 @@ pub fn vae_config() -> VaeConfig {
         .with_norm_num_groups(2)
 }
 
-/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128.
+/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128
+/// (dim 192 was tried in runs 10 and 11: docs/demo-model.md).
 pub fn dit_config() -> ZImageDitConfig {
     ZImageDitConfig::new()
         .with_dim(128)

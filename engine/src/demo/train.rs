@@ -102,6 +102,8 @@ struct Recipe {
     vae_edge_weight: f32,
     /// Training scenes encoded once for the DiT.
     data_size: usize,
+    /// Placement jitter of the DiT's training scenes (see [`WorldSampler::with_jitter`]).
+    dit_jitter: f32,
     base_steps: usize,
     base_batch: usize,
     base_lr: f64,
@@ -136,6 +138,7 @@ impl Recipe {
             kl_weight: 1e-4,
             vae_edge_weight: 8.0,
             data_size: n(6144),
+            dit_jitter: 1.0,
             base_steps: n(9000),
             base_batch: 24,
             base_lr: 1e-3,
@@ -310,7 +313,7 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
         let t0 = Instant::now();
         let (denoiser, base_losses) = train_base(&recipe, seed, &data, &tok, &device, opts.quiet)?;
         write_text_encoder(&out.join("text_encoder"), &denoiser.text, &device)?;
-        write_dit(&out.join("base"), &denoiser.dit, &device, BASE_SHIFT, BASE_STEPS)?;
+        write_dit(&out.join("base"), &denoiser.dit, &dit_config(), &device, BASE_SHIFT, BASE_STEPS)?;
         drop(denoiser);
         drop(data);
         phases.push(("Base (text encoder + DiT)".to_string(), t0.elapsed().as_secs_f64()));
@@ -335,9 +338,11 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     let pairs = teacher_pairs(&recipe, seed, &out, &device, opts.quiet)?;
     phases.push(("Base samples for Turbo".to_string(), t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
-    let base_dit = load_pipeline::<Inner>(&ModelFiles::locate(&out.join("base"), &ModelOverrides::default())?, &device, DType::F32, &mut |_, _, _| {})?.dit;
-    let (turbo, turbo_losses) = train_turbo(&recipe, seed, base_dit, &pairs, &device, opts.quiet)?;
-    write_dit(&out.join("turbo"), &turbo, &device, TURBO_SHIFT, TURBO_STEPS)?;
+    // Turbo has Base's architecture, whatever the recipe's (a `--base-from`
+    // folder may hold an older one).
+    let base = load_pipeline::<Inner>(&ModelFiles::locate(&out.join("base"), &ModelOverrides::default())?, &device, DType::F32, &mut |_, _, _| {})?;
+    let (turbo, turbo_losses) = train_turbo(&recipe, seed, base.dit, &base.dit_config, &pairs, &device, opts.quiet)?;
+    write_dit(&out.join("turbo"), &turbo, &base.dit_config, &device, TURBO_SHIFT, TURBO_STEPS)?;
     phases.push(("Turbo distillation".to_string(), t0.elapsed().as_secs_f64()));
     curves.push(Curve { title: "Turbo: distillation".into(), losses: turbo_losses });
     finish(opts, &recipe, phases, curves, start)
@@ -638,7 +643,7 @@ fn encode_dataset(
     device: &Device<Inner>,
     quiet: bool,
 ) -> anyhow::Result<(Vae<Inner>, LatentSet)> {
-    let mut world = WorldSampler::new(seed.wrapping_add(3));
+    let mut world = WorldSampler::new(seed.wrapping_add(3)).with_jitter(r.dit_jitter);
     let n = IMAGE_SIDE;
     let chunk = 32;
     let pb = bar(quiet, r.data_size, "encode");
@@ -907,11 +912,11 @@ fn train_turbo(
     r: &Recipe,
     seed: u64,
     base: ZImageDit<Inner>,
+    cfg: &ZImageDitConfig,
     pairs: &TeacherPairs,
     device: &Device<Inner>,
     quiet: bool,
 ) -> anyhow::Result<(ZImageDit<Inner>, Vec<f32>)> {
-    let cfg = dit_config();
     let mut dit = ZImageDit::<Ad>::from_inner(base);
     let mut opt = AdamWConfig::new()
         .with_weight_decay(0.0)
@@ -960,7 +965,7 @@ fn train_turbo(
                     break;
                 }
                 let t = Tensor::<Inner, 1>::from_data(TensorData::new(vec![schedule.model_time(j); n], [n]), (device, DType::F32));
-                let u = inner.forward(&cfg, tensor4::<Inner>(x.clone(), [n, c, h, w], device), t, &caps)?;
+                let u = inner.forward(cfg, tensor4::<Inner>(x.clone(), [n, c, h, w], device), t, &caps)?;
                 let u = u.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 let dt = schedule.dt(j);
                 x.iter_mut().zip(&u).for_each(|(xv, uv)| *xv -= uv * dt);
@@ -1003,7 +1008,7 @@ fn train_turbo(
         let norm = batch.mean_weight();
         let (grads, value) = data_parallel_grads(&dit, &parts, |dit: &ZImageDit<Ad>, (p, caps): &(DenoiseBatch, Vec<Tensor<Inner, 2>>)| {
             let caps: Vec<Tensor<Ad, 2>> = caps.iter().map(|c| Tensor::<Ad, 2>::from_inner(c.clone())).collect();
-            p.loss(dit, &cfg, &caps, norm, device)
+            p.loss(dit, cfg, &caps, norm, device)
         })?;
         anyhow::ensure!(value.is_finite(), "Turbo training diverged at step {step}");
         losses.push(value);
@@ -1121,9 +1126,8 @@ pub fn write_preview_projection(vae_dir: &Path, seed: u64) -> anyhow::Result<cra
 
 /// `steps`: what the model was made for, written as `zimage_default_steps`
 /// in `model_index.json` (the app and CLI use it as the default).
-fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, device: &Device<Inner>, shift: f32, steps: usize) -> anyhow::Result<()> {
-    let c: ZImageDitConfig = dit_config();
-    let named = named_tensors(dit, device, |s| ZImageDit::build(&c, s))?;
+fn write_dit(dir: &Path, dit: &ZImageDit<Inner>, c: &ZImageDitConfig, device: &Device<Inner>, shift: f32, steps: usize) -> anyhow::Result<()> {
+    let named = named_tensors(dit, device, |s| ZImageDit::build(c, s))?;
     write_bf16(&dir.join("transformer").join("diffusion_pytorch_model.safetensors"), &named, "")?;
     write_json(
         &dir.join("transformer").join("config.json"),

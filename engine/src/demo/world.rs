@@ -329,11 +329,21 @@ pub enum Split {
 /// Draws scenes, and their jittered placements, from a seed.
 pub struct WorldSampler {
     rng: TorchGenerator,
+    /// Multiplies the placement jitter (1: size ±7 %, centre ±3 px; 0: every
+    /// object at its nominal placement).
+    jitter: f32,
 }
 
 impl WorldSampler {
     pub fn new(seed: u64) -> Self {
-        Self { rng: TorchGenerator::manual_seed(seed) }
+        Self { rng: TorchGenerator::manual_seed(seed), jitter: 1.0 }
+    }
+
+    /// The same sampler with the placement jitter scaled by `jitter` (the
+    /// draws stay the same, so scenes do not change with it).
+    pub fn with_jitter(mut self, jitter: f32) -> Self {
+        self.jitter = jitter;
+        self
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -379,17 +389,18 @@ impl WorldSampler {
         }
     }
 
-    /// Jittered placements for a scene: size ±7%, centre ±3 px, redrawn until
-    /// the objects stay apart.
+    /// Jittered placements for a scene: size ±7%, centre ±3 px (times the
+    /// sampler's jitter scale), redrawn until the objects stay apart.
     pub fn placements(&mut self, scene: &Scene) -> Vec<Placement> {
+        let j = self.jitter;
         for _ in 0..100 {
             let p: Vec<Placement> = scene
                 .objects
                 .iter()
                 .map(|o| {
-                    let s = self.uniform(0.93, 1.07);
-                    let dx = self.uniform(-3.0, 3.0);
-                    let dy = self.uniform(-3.0, 3.0);
+                    let s = 1.0 + j * self.uniform(-0.07, 0.07);
+                    let dx = j * self.uniform(-3.0, 3.0);
+                    let dy = j * self.uniform(-3.0, 3.0);
                     place(o, s, dx, dy)
                 })
                 .collect();
@@ -514,5 +525,19 @@ mod tests {
         for _ in 0..50 {
             assert!(h.scene(Split::HeldOut).is_held_out());
         }
+    }
+
+    #[test]
+    fn jitter_scale_zero_places_every_object_at_its_nominal_placement() {
+        let (mut still, mut jittered) = (WorldSampler::new(3).with_jitter(0.0), WorldSampler::new(3));
+        let mut moved = 0;
+        for _ in 0..100 {
+            let scene = still.scene(Split::Any);
+            assert_eq!(jittered.scene(Split::Any), scene, "the jitter scale must not change the scenes drawn");
+            let nominal: Vec<Placement> = scene.objects.iter().map(nominal_placement).collect();
+            assert_eq!(still.placements(&scene), nominal);
+            moved += usize::from(jittered.placements(&scene) != nominal);
+        }
+        assert!(moved > 90, "the default jitter moved only {moved} of 100 scenes");
     }
 }
