@@ -1724,7 +1724,12 @@ mod tests {
             let mut r = request("a lighthouse", kind);
             r.steps = 3;
             let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: r });
-            let evs = collect(h, |e| finished(e, id));
+            // The memory report follows the Finished event, possibly in a later poll.
+            let evs = collect(h, |e| {
+                let done = e.iter().position(|e| matches!(e, Event::Finished { id: i, .. } if *i == id));
+                done.is_some_and(|d| e[d..].iter().any(|e| matches!(e, Event::Memory(_))))
+                    || e.iter().any(|e| matches!(e, Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
+            });
             let image = evs.iter().find_map(|e| match e {
                 Event::Finished { image, .. } => Some(image.pixels.clone()),
                 _ => None,
