@@ -1486,6 +1486,16 @@ mod tests {
         all
     }
 
+    /// Events until job `id` ends and, when it finished, the memory report
+    /// that follows its Finished event (possibly in a later poll).
+    fn collect_job_and_report(h: &mut EngineHandle, id: JobId) -> Vec<Event> {
+        collect(h, |e| {
+            let done = e.iter().position(|e| matches!(e, Event::Finished { id: i, .. } if *i == id));
+            done.is_some_and(|d| e[d..].iter().any(|e| matches!(e, Event::Memory(_))))
+                || e.iter().any(|e| matches!(e, Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
+        })
+    }
+
     fn finished(evs: &[Event], id: JobId) -> bool {
         evs.iter().any(|e| matches!(e, Event::Finished { id: i, .. } | Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
     }
@@ -1724,12 +1734,7 @@ mod tests {
             let mut r = request("a lighthouse", kind);
             r.steps = 3;
             let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: r });
-            // The memory report follows the Finished event, possibly in a later poll.
-            let evs = collect(h, |e| {
-                let done = e.iter().position(|e| matches!(e, Event::Finished { id: i, .. } if *i == id));
-                done.is_some_and(|d| e[d..].iter().any(|e| matches!(e, Event::Memory(_))))
-                    || e.iter().any(|e| matches!(e, Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
-            });
+            let evs = collect_job_and_report(h, id);
             let image = evs.iter().find_map(|e| match e {
                 Event::Finished { image, .. } => Some(image.pixels.clone()),
                 _ => None,
@@ -1797,12 +1802,7 @@ mod tests {
         r.steps = 3;
         r.seed = seed;
         let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: r });
-        // The report follows the Finished event.
-        let evs = collect(h, |e| {
-            let done = e.iter().position(|e| matches!(e, Event::Finished { id: i, .. } if *i == id));
-            done.is_some_and(|d| e[d..].iter().any(|e| matches!(e, Event::Memory(_))))
-                || e.iter().any(|e| matches!(e, Event::Failed { id: i, .. } | Event::Cancelled { id: i, .. } if *i == id))
-        });
+        let evs = collect_job_and_report(h, id);
         let (image, cached) = evs
             .iter()
             .find_map(|e| match e {
