@@ -233,8 +233,14 @@ impl<B: Backend> Attention<B> {
             q = nq.forward(q);
             k = nk.forward(k);
         }
-        let q = swap_dims_1_2(rope.apply(q));
-        let k = swap_dims_1_2(rope.apply(k));
+        let (q, k) = (rope.apply(q), rope.apply(k));
+        // Training on the CPU: one op on the head split itself (no swapped views).
+        if padding.is_none() {
+            if let Some(o) = crate::fused::grad::attention_bshd(&q, &k, &v) {
+                return self.to_out.forward(o.reshape([b, s, d]));
+            }
+        }
+        let (q, k) = (swap_dims_1_2(q), swap_dims_1_2(k));
         let o = sdpa_padded(q, k, swap_dims_1_2(v), padding);
         self.to_out.forward(swap_dims_1_2(o).reshape([b, s, d]))
     }
@@ -395,6 +401,9 @@ impl<B: Backend> Rope<B> {
         // The kernel reads one row of angles per token (no broadcasting).
         if crate::fused::enabled::<B>(dtype) && self.cos.dims() == [b, s, 1, d / 2] {
             return crate::fused::rope_interleaved(x, self.cos.clone(), self.sin.clone());
+        }
+        if let Some(y) = crate::fused::grad::rope_interleaved(&x, &self.cos, &self.sin) {
+            return y;
         }
         let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
         if let Some(p) = &self.pairs {

@@ -14,6 +14,8 @@
 //! to the last bit (tested against the composed code in `nn.rs` / `dit.rs`).
 //! `ZIMAGE_FUSED=0` turns them off (to measure what they bring).
 
+pub mod grad;
+
 use std::any::{Any, TypeId};
 use std::sync::OnceLock;
 
@@ -133,10 +135,10 @@ fn flex_strided<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
     }
 }
 
-/// The output buffer shared by the matmul's threads (each writes its own block).
+/// An output buffer shared by a kernel's threads (each writes its own block).
 struct SharedOut(*mut f32);
 
-// SAFETY: only used by `matmul`, whose shares write disjoint blocks.
+// SAFETY: used by `matmul` and the attention kernels of `grad`, whose tasks write disjoint blocks.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

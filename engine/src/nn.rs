@@ -110,6 +110,9 @@ impl<B: Backend> RmsNorm<B> {
         if crate::fused::enabled::<B>(x.dtype()) {
             return crate::fused::rms_norm(x, self.weight.val(), self.eps, None);
         }
+        if let Some(y) = crate::fused::grad::rms_norm(&x, &self.weight.val(), self.eps, None) {
+            return y;
+        }
         self.forward_composed(x)
     }
 
@@ -117,6 +120,9 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward_scaled(&self, x: Tensor<B, 3>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
         if crate::fused::enabled::<B>(x.dtype()) && scale.dims() == [x.dims()[0], x.dims()[2]] {
             return crate::fused::rms_norm(x, self.weight.val(), self.eps, Some(scale));
+        }
+        if let Some(y) = crate::fused::grad::rms_norm(&x, &self.weight.val(), self.eps, Some(&scale)) {
+            return y;
         }
         let s = x.dims()[1];
         self.forward_composed(x) * crate::fused::expand_for_flex(scale.unsqueeze_dim::<3>(1), 1, s)
@@ -127,6 +133,9 @@ impl<B: Backend> RmsNorm<B> {
         let [b, _, dim] = x.dims();
         if crate::fused::enabled::<B>(x.dtype()) && y.dims() == x.dims() && gate.as_ref().is_none_or(|g| g.dims() == [b, dim]) {
             return crate::fused::residual_rms_norm(x, y, self.weight.val(), self.eps, gate);
+        }
+        if let Some(normed) = crate::fused::grad::rms_norm(&y, &self.weight.val(), self.eps, gate.as_ref()) {
+            return x + normed;
         }
         match gate {
             Some(gate) => {
@@ -194,6 +203,8 @@ impl<B: Backend> SwiGlu<B> {
         let (gate, up) = (self.gate.forward(x.clone()), self.up.forward(x));
         let hidden = if crate::fused::enabled::<B>(gate.dtype()) {
             crate::fused::silu_mul(gate, up)
+        } else if let Some(hidden) = crate::fused::grad::silu_mul(&gate, &up) {
+            hidden
         } else {
             silu(gate) * up
         };
