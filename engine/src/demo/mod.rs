@@ -70,12 +70,12 @@ pub fn vae_config() -> VaeConfig {
         .with_norm_num_groups(2)
 }
 
-/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 128
-/// (dim 192 was tried in runs 10 and 11: docs/demo-model.md).
+/// The S3-DiT, miniature: 1 refiner block per stream, 3 joint blocks, dim 192
+/// (6 heads of 32; run 9 and earlier: dim 128, see docs/demo-model.md).
 pub fn dit_config() -> ZImageDitConfig {
     ZImageDitConfig::new()
-        .with_dim(128)
-        .with_n_heads(4)
+        .with_dim(192)
+        .with_n_heads(6)
         .with_n_layers(3)
         .with_n_refiner_layers(1)
         .with_cap_feat_dim(64)

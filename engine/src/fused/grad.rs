@@ -128,11 +128,12 @@ pub fn silu_mul<B: Backend, const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) 
                 .enumerate()
                 .for_each(|(task, (ga, gb))| {
                     let at = task * TASK_ELEMENTS;
-                    for i in 0..ga.len() {
-                        let (x, m, gi) = (av[at + i], bv[at + i], g[at + i]);
+                    let n = ga.len();
+                    let inputs = av[at..at + n].iter().zip(&bv[at..at + n]).zip(&g[at..at + n]);
+                    for ((da, db), ((&x, &m), &gi)) in ga.iter_mut().zip(gb.iter_mut()).zip(inputs) {
                         let s = sigmoid(x);
-                        ga[i] = gi * m * s * (1.0 + x * (1.0 - s));
-                        gb[i] = gi * x * s;
+                        *da = gi * m * s * (1.0 + x * (1.0 - s));
+                        *db = gi * x * s;
                     }
                 });
             if let Some(node) = node_a {
@@ -205,23 +206,20 @@ pub fn rms_norm<B: Backend, const D: usize>(
                 .par_chunks_mut(per_item)
                 .enumerate()
                 .map(|(item, gx_item)| {
-                    let scale = sv.map(|s| &s[item * n..(item + 1) * n]);
+                    let c: Vec<f32> = match sv {
+                        Some(s) => wv.iter().zip(&s[item * n..(item + 1) * n]).map(|(w, s)| w * s).collect(),
+                        None => wv.to_vec(),
+                    };
                     let mut gxr = vec![0f32; n];
                     let base = item * per_item;
                     for (row, gx_row) in gx_item.chunks_mut(n).enumerate() {
                         let at = base + row * n;
                         let (xr, gr) = (&xv[at..at + n], &g[at..at + n]);
                         let r = inv_rms(xr, self.eps);
-                        let mut dot = 0f32;
-                        for j in 0..n {
-                            let c = wv[j] * scale.map_or(1.0, |s| s[j]);
-                            dot += gr[j] * c * xr[j];
-                            gxr[j] += gr[j] * xr[j] * r;
-                        }
-                        let k = r * r * r * dot / n as f32;
-                        for j in 0..n {
-                            let c = wv[j] * scale.map_or(1.0, |s| s[j]);
-                            gx_row[j] = r * gr[j] * c - xr[j] * k;
+                        let k = r * r * r * lane_dot3(gr, &c, xr) / n as f32;
+                        for ((((o, acc), &gj), &xj), &cj) in gx_row.iter_mut().zip(&mut gxr).zip(gr).zip(xr).zip(&c) {
+                            *o = r * gj * cj - xj * k;
+                            *acc += gj * xj * r;
                         }
                     }
                     gxr
@@ -327,13 +325,9 @@ pub fn attention_bshd<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor
             gemm_into_rows([s, s, d], (p.as_mut_ptr(), s, false), (qp.at(q0), qs[1], qs[3]), (kp.at(k0), ks[3], ks[1]));
         }
         for row in p.chunks_mut(s) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let mut sum = 0.0;
-            for x in row.iter_mut() {
-                *x = exp_approx((*x - max) * scale);
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
+            let max = lane_max(row);
+            row.iter_mut().for_each(|x| *x = exp_approx((*x - max) * scale));
+            let inv = 1.0 / lane_dot3(row, &[], &[]);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         let o0 = (bh / h) * s * h * d + (bh % h) * d;
@@ -377,7 +371,7 @@ pub fn attention_bshd<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor
                     gemm_into_rows([s, s, d], (dp.as_mut_ptr(), s, false), (gp.at(at(gs)), gs[1], gs[3]), (vp.at(at(vs)), vs[3], vs[1]));
                 }
                 for (dp_row, p_row) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    let dot = lane_dot3(dp_row, p_row, &[]);
                     for (x, &pi) in dp_row.iter_mut().zip(p_row) {
                         *x = pi * (*x - dot) * scale;
                     }
@@ -397,6 +391,52 @@ pub fn attention_bshd<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor
         }
     }
     Some(record(AttentionBackward, [&q, &k, &v], (qf, kf, vf, probs), out))
+}
+
+/// `Σ a ⊙ b ⊙ c` in 16 f32 lanes (vectorised); an empty `b` or `c` counts as ones.
+fn lane_dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    const L: usize = 16;
+    let at = |v: &[f32], i: usize| if v.is_empty() { 1.0 } else { v[i] };
+    let mut acc = [0f32; L];
+    let full = a.len() / L * L;
+    match (b.is_empty(), c.is_empty()) {
+        (false, false) => {
+            for ((x, y), z) in a[..full].chunks_exact(L).zip(b.chunks_exact(L)).zip(c.chunks_exact(L)) {
+                for i in 0..L {
+                    acc[i] += x[i] * y[i] * z[i];
+                }
+            }
+        }
+        (false, true) => {
+            for (x, y) in a[..full].chunks_exact(L).zip(b.chunks_exact(L)) {
+                for i in 0..L {
+                    acc[i] += x[i] * y[i];
+                }
+            }
+        }
+        _ => {
+            for x in a[..full].chunks_exact(L) {
+                for i in 0..L {
+                    acc[i] += x[i];
+                }
+            }
+        }
+    }
+    let tail: f32 = (full..a.len()).map(|i| a[i] * at(b, i) * at(c, i)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The largest value of a row, in 16 lanes (vectorised).
+fn lane_max(v: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; L];
+    let mut chunks = v.chunks_exact(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    chunks.remainder().iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &x| a.max(x))
 }
 
 /// (base pointer, strides) of a 4-D f32 flex view, for [`gemm_into_rows`].
@@ -469,9 +509,10 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_the_composed_ops_and_their_gradients_with_and_without_a_post_scale() {
-        let x = randn([3, 4, 2, 8]);
-        let (w, s) = (randn::<1>([8]), randn::<2>([3, 8]));
-        let up = randn([3, 4, 2, 8]);
+        // 40 wide: two full 16-lane blocks and a tail.
+        let x = randn([3, 4, 2, 40]);
+        let (w, s) = (randn::<1>([40]), randn::<2>([3, 40]));
+        let up = randn([3, 4, 2, 40]);
         // x as a transposed view: the kernel reads it in logical order.
         let x_view = x.clone().swap_dims(1, 2);
         let (y1, g1) = run(&[x_view.clone()], &up.clone().swap_dims(1, 2), |t| {
@@ -522,7 +563,8 @@ mod tests {
 
     #[test]
     fn attention_matches_the_composed_softmax_attention_and_its_gradients() {
-        let (b, s, h, d) = (2, 7, 3, 4);
+        // 37 keys: two full 16-lane blocks and a tail in the row sums.
+        let (b, s, h, d) = (2, 37, 3, 4);
         let inputs = [randn([b, s, h, d]), randn([b, s, h, d]), randn([b, s, h, d])];
         let up = randn([b, s, h, d]);
         let (y1, g1) = run(&inputs, &up, |t| {
