@@ -139,7 +139,7 @@ impl Recipe {
             vae_edge_weight: 8.0,
             data_size: n(6144),
             dit_jitter: 1.0,
-            base_steps: n(8000),
+            base_steps: n(10000),
             base_batch: 24,
             base_lr: 1e-3,
             base_ema: 0.998,
