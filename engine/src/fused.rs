@@ -552,13 +552,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         return tensor(vec![0.0; b * h * s_q * d_v], shape);
     }
     let (q, k, v) = (flex_strided(q), flex_strided(k), flex_strided(v));
-    // (base pointer of the view, its four strides) for each operand.
-    let parts = |t: &FlexTensor| {
-        let base = t.storage::<f32>()[t.layout().start_offset()..].as_ptr();
-        let st = t.layout().strides();
-        (SharedIn(base), [st[0], st[1], st[2], st[3]])
-    };
-    let ((qp, qs), (kp, ks), (vp, vs)) = (parts(&q), parts(&k), parts(&v));
+    let ((qp, qs), (kp, ks), (vp, vs)) = (operand(&q), operand(&k), operand(&v));
     let scale = 1.0 / (d as f32).sqrt();
     let offset = s_k as isize - s_q as isize;
     let mut out = vec![0f32; b * h * s_q * d_v];
@@ -613,6 +607,13 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         });
     });
     tensor(out, shape)
+}
+
+/// (base pointer, strides) of a 4-D f32 flex view, for [`gemm_into_rows`].
+fn operand(t: &FlexTensor) -> (SharedIn, [isize; 4]) {
+    let base = t.storage::<f32>()[t.layout().start_offset()..].as_ptr();
+    let st = t.layout().strides();
+    (SharedIn(base), [st[0], st[1], st[2], st[3]])
 }
 
 /// A read-only base pointer shared by the attention's tasks.

@@ -31,7 +31,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{exp_approx, gemm_into_rows, inv_rms, sigmoid, SharedIn, SharedOut, TASK_ELEMENTS};
+use super::{exp_approx, gemm_into_rows, inv_rms, operand, sigmoid, SharedOut, TASK_ELEMENTS};
 
 type F = burn_flex::Flex;
 type AdTensor = <burn::backend::Autodiff<F> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
@@ -437,13 +437,6 @@ fn lane_max(v: &[f32]) -> f32 {
         }
     }
     chunks.remainder().iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &x| a.max(x))
-}
-
-/// (base pointer, strides) of a 4-D f32 flex view, for [`gemm_into_rows`].
-fn operand(t: &FlexTensor) -> (SharedIn, [isize; 4]) {
-    let base = t.storage::<f32>()[t.layout().start_offset()..].as_ptr();
-    let st = t.layout().strides();
-    (SharedIn(base), [st[0], st[1], st[2], st[3]])
 }
 
 #[cfg(test)]
