@@ -31,7 +31,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{exp_approx, gemm_into_rows, inv_rms, operand, sigmoid, SharedOut, TASK_ELEMENTS};
+use super::{exp_approx, gemm_into_rows, inv_rms, operand, sigmoid, view, SharedOut, TASK_ELEMENTS};
 
 type F = burn_flex::Flex;
 type AdTensor = <burn::backend::Autodiff<F> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
@@ -67,10 +67,6 @@ fn dims(t: &FlexTensor) -> Vec<usize> {
 /// The values of `t` in logical order (a copy only when it is a view).
 fn contiguous(t: &FlexTensor) -> FlexTensor {
     t.to_contiguous()
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().unwrap_or_else(|| unreachable!("contiguous f32"))
 }
 
 /// Records `out` as the result of `op` on `parents` (with `state` for its
@@ -120,7 +116,7 @@ pub fn silu_mul<B: Backend, const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) 
             let g = contiguous(&grads.consume::<F>(&ops.node));
             let (a, b) = ops.state;
             let shape = dims(&a);
-            let (g, av, bv) = (slice(&g), slice(&a), slice(&b));
+            let (g, av, bv) = (view(&g), view(&a), view(&b));
             let mut ga = vec![0f32; av.len()];
             let mut gb = vec![0f32; av.len()];
             ga.par_chunks_mut(TASK_ELEMENTS)
@@ -196,8 +192,8 @@ pub fn rms_norm<B: Backend, const D: usize>(
             let (x, w, s) = ops.state;
             let shape = dims(&x);
             let w = contiguous(&w);
-            let (g, xv, wv) = (slice(&g), slice(&x), slice(&w));
-            let sv = s.as_ref().map(slice);
+            let (g, xv, wv) = (view(&g), view(&x), view(&w));
+            let sv = s.as_ref().map(view);
             let n = wv.len();
             let per_item = xv.len() / shape[0];
             let mut gx = vec![0f32; xv.len()];
