@@ -46,6 +46,12 @@ if [ -z "${ZIMAGE_MATMUL:-}" ]; then
   [ -n "$best" ] && export ZIMAGE_MATMUL="$best"
 fi
 log "matmul kernel for the runs below: ${ZIMAGE_MATMUL:-the engine default, specialized-tma-mma}"
+# Attention: the flash kernel or two matmuls around the fused softmax,
+# whichever bench-ops timed faster (both checked against f32 there).
+if [ -z "${ZIMAGE_ATTENTION:-}" ] && grep -q "^best attention: composed" "$OUT/ops.md"; then
+  export ZIMAGE_ATTENTION=composed
+fi
+log "attention for the runs below: ${ZIMAGE_ATTENTION:-flash}"
 
 run_ours() { # name, args...
   local name=$1; shift
@@ -102,16 +108,21 @@ done
 log "ours with burn's default kernels (no flash attention, direct conv): Turbo 512², for the A/B on this card"
 saved="${ZIMAGE_MATMUL:-}"
 unset ZIMAGE_MATMUL
-export ZIMAGE_CUDA_KERNELS=burn
+export ZIMAGE_CUDA_KERNELS=burn ZIMAGE_GPU_FUSED=0
 run_ours turbo512_burn_kernels --config full --kind turbo -W 512 -H 512 --runs 1
-unset ZIMAGE_CUDA_KERNELS
+unset ZIMAGE_CUDA_KERNELS ZIMAGE_GPU_FUSED
 [ -n "$saved" ] && export ZIMAGE_MATMUL="$saved"
 fi
 
-log "experiment: attention as TMA matmuls around an f32 softmax instead of the flash kernel (Turbo 1024²)"
-export ZIMAGE_ATTENTION=composed
-run_ours turbo1024_composed_attention --config full --kind turbo -W 1024 -H 1024 --runs 1
-unset ZIMAGE_ATTENTION
+log "A/B: the fused GPU kernels (RMSNorm, RoPE, SiLU gate) off (Turbo 512²)"
+export ZIMAGE_GPU_FUSED=0
+run_ours turbo512_unfused --config full --kind turbo -W 512 -H 512 --runs 1
+unset ZIMAGE_GPU_FUSED
+log "A/B: the other attention (Turbo 1024²)"
+saved_attention="${ZIMAGE_ATTENTION:-}"
+if [ "$saved_attention" = composed ]; then unset ZIMAGE_ATTENTION; else export ZIMAGE_ATTENTION=composed; fi
+run_ours turbo1024_other_attention --config full --kind turbo -W 1024 -H 1024 --runs 1
+if [ -n "$saved_attention" ]; then export ZIMAGE_ATTENTION="$saved_attention"; else unset ZIMAGE_ATTENTION; fi
 
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
@@ -123,8 +134,8 @@ def load(p):
         return None
 print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("turbo1024", "turbo1024_te_released", "turbo1024_composed_attention", "turbo512", "turbo512_burn_kernels", "base1024"):
-    b_name = name.replace('_te_released', '').replace('_burn_kernels', '').replace('_composed_attention', '')
+for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_attention", "turbo512", "turbo512_unfused", "turbo512_burn_kernels", "base1024"):
+    b_name = name.replace('_te_released', '').replace('_burn_kernels', '').replace('_other_attention', '').replace('_unfused', '')
     a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{b_name}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"

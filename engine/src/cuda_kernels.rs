@@ -123,13 +123,24 @@ pub fn matmul_kernel() -> Option<&'static str> {
 /// `lhs · rhs` (`[.., M, K] × [.., K, N]` → `[.., M, N]`, the same leading
 /// batch dimensions; either side may be a transposed view) through the named
 /// kernel of [`MATMUL_KERNELS`], or `None` off CUDA or where it refuses.
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn matmul<B: Backend, const D: usize>(lhs: &Tensor<B, D>, rhs: &Tensor<B, D>, kernel: &str) -> Option<Tensor<B, D>> {
+    matmul_to(lhs, rhs, kernel, lhs.dtype())
+}
+
+/// [`matmul`] written in `out` (f32 from half-precision inputs: the
+/// attention scores, before their softmax).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn matmul_to<B: Backend, const D: usize>(
+    lhs: &Tensor<B, D>,
+    rhs: &Tensor<B, D>,
+    kernel: &str,
+    out: burn::tensor::DType,
+) -> Option<Tensor<B, D>> {
     if !enabled() {
         return None;
     }
     #[cfg(feature = "cuda")]
-    return imp::matmul(lhs, rhs, kernel);
+    return imp::matmul(lhs, rhs, kernel, out);
     #[cfg(not(feature = "cuda"))]
     None
 }
@@ -142,25 +153,45 @@ pub fn composed_attention_on() -> bool {
     *ON.get_or_init(|| std::env::var("ZIMAGE_ATTENTION").is_ok_and(|v| v == "composed"))
 }
 
-/// Attention as two batched matmuls through `kernel` around a softmax in
-/// f32, the scores materialised (`B·H·S_q·S_k` f32). Why try it: cubek's
-/// flash kernel reached 37 TFLOP/s on the H200 (GPU run 5), the TMA matmul
-/// 256–293. Shapes as [`flash_attention`]; `None` off CUDA or where a matmul
-/// refuses.
+/// Attention as two batched matmuls through `kernel` around a softmax: the
+/// scores in f32 straight from the matmul's accumulators, the softmax in
+/// f32 ([`crate::cube_kernels::softmax`] where it runs, else burn's), cast to
+/// the inputs' dtype for the second matmul; a group of heads at a time
+/// (scores of at most 1 GiB: the 1024² DiT's 30 heads at once would be
+/// 2.1 GB). Why try it: cubek's flash kernel reached 36–37 TFLOP/s on the
+/// H100 and H200, the TMA matmul 250–300. In GPU run 6 (H100) both matmuls
+/// were right (the scores in f32 3.5·10⁻⁷ off f32) and the composed
+/// attention with the fused softmax writing bf16 took 3.7–4.2 ms against
+/// flash's 7.6, but that softmax was wrong, so this form (f32 softmax, then
+/// a cast) is still to be timed on a card. Shapes as [`flash_attention`];
+/// `None` off CUDA or where a matmul refuses.
 pub fn composed_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     kernel: &str,
 ) -> Option<Tensor<B, 4>> {
+    use burn::tensor::DType;
     let [b, h, s_q, d] = q.dims();
     let ([_, _, s_k, _], d_v) = (k.dims(), v.dims()[3]);
-    let q3 = q.clone().reshape([b * h, s_q, d]);
-    let k_t = k.clone().reshape([b * h, s_k, d]).swap_dims(1, 2);
-    let scores = matmul(&q3, &k_t, kernel)?;
-    let weights = burn::tensor::activation::softmax(scores.cast(burn::tensor::DType::F32) / (d as f64).sqrt(), 2);
-    let out = matmul(&weights.cast(q.dtype()), &v.clone().reshape([b * h, s_k, d_v]), kernel)?;
-    Some(out.reshape([b, h, s_q, d_v]))
+    let (items, dtype, scale) = (b * h, q.dtype(), 1.0 / (d as f64).sqrt());
+    let q3 = q.clone().reshape([items, s_q, d]);
+    let k_t = k.clone().reshape([items, s_k, d]).swap_dims(1, 2);
+    let v3 = v.clone().reshape([items, s_k, d_v]);
+    let group = ((1usize << 30) / (s_q * s_k * 4).max(1)).clamp(1, items.max(1));
+    let mut outs = Vec::with_capacity(items.div_ceil(group));
+    for start in (0..items).step_by(group) {
+        let len = group.min(items - start);
+        let part = |t: &Tensor<B, 3>| if len == items { t.clone() } else { t.clone().narrow(0, start, len) };
+        let scores = match matmul_to(&part(&q3), &part(&k_t), kernel, DType::F32) {
+            Some(scores) => scores,
+            None => matmul(&part(&q3), &part(&k_t), kernel)?.cast(DType::F32),
+        };
+        let weights = crate::cube_kernels::softmax(&scores, scale, DType::F32)
+            .unwrap_or_else(|| burn::tensor::activation::softmax(scores * scale, 2));
+        outs.push(matmul(&weights.cast(dtype), &part(&v3), kernel)?);
+    }
+    Some(Tensor::cat(outs, 0).reshape([b, h, s_q, d_v]))
 }
 
 #[cfg(feature = "cuda")]
@@ -363,23 +394,30 @@ mod imp {
         lhs: &Tensor<B, D>,
         rhs: &Tensor<B, D>,
         kernel: &str,
+        out_dtype: DType,
     ) -> Option<Tensor<B, D>> {
+        // A panic in the f32-output variant must not turn off the Linear layers' kernel.
         static REFUSED: Refusals = Refusals::new();
+        static REFUSED_WIDENING: Refusals = Refusals::new();
         let (l, r) = (float(lhs)?, float(rhs)?);
         let (ld, rd) = (lhs.dims(), rhs.dims());
         if !half(lhs) || lhs.dtype() != rhs.dtype() || ld[..D - 2] != rd[..D - 2] || ld[D - 1] != rd[D - 2] {
             return None;
         }
+        if !matches!(out_dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return None;
+        }
         let strategy = strategy(kernel)?;
         let mut out_dims = ld;
         out_dims[D - 1] = rd[D - 1];
-        let key = format!("{kernel} {ld:?} × {rd:?}");
-        guarded("matmul", &REFUSED, key, || {
+        let key = format!("{kernel} {ld:?} × {rd:?} → {out_dtype:?}");
+        let state = if out_dtype == lhs.dtype() { &REFUSED } else { &REFUSED_WIDENING };
+        guarded("matmul", state, key, || {
             let dtype = l.dtype;
             let client = l.client.clone();
-            let out = empty_device_dtype(client.clone(), l.device.clone(), Shape::new(out_dims), dtype);
+            let out = empty_device_dtype(client.clone(), l.device.clone(), Shape::new(out_dims), out_dtype);
             let mut dtypes =
-                MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype.into(), rhs: dtype.into(), out: dtype.into() });
+                MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype.into(), rhs: dtype.into(), out: out_dtype.into() });
             let (l, r) = (InputBinding::new(l.binding(), dtype.into()), InputBinding::new(r.binding(), dtype.into()));
             launch_ref(&strategy, &client, l, r, out.clone().binding(), &mut dtypes).map(|()| out)
         })

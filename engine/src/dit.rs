@@ -405,6 +405,9 @@ impl<B: Backend> Rope<B> {
         if let Some(y) = crate::fused::grad::rope_interleaved(&x, &self.cos, &self.sin) {
             return y;
         }
+        if let Some(y) = crate::cube_kernels::rope_interleaved(&x, &self.cos, &self.sin) {
+            return y;
+        }
         let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
         if let Some(p) = &self.pairs {
             let swapped = x.clone().reshape([b * s * h, d]).matmul(p.swap.clone()).reshape([b, s, h, d]);
@@ -425,6 +428,11 @@ impl<B: Backend> Rope<B> {
         } else {
             y.cast(dtype)
         }
+    }
+
+    /// The angles' `cos` and `sin`, `[B, S, 1, head_dim/2]` (f32).
+    pub fn angles(&self) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        (&self.cos, &self.sin)
     }
 
     /// Concatenates along the sequence (per batch item widths must match).

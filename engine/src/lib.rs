@@ -6,6 +6,7 @@
 //! [`pipeline::ZImagePipeline::generate`].
 
 pub mod bench;
+pub mod cube_kernels;
 pub mod cuda_kernels;
 pub mod demo;
 pub mod device;

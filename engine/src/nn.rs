@@ -113,6 +113,9 @@ impl<B: Backend> RmsNorm<B> {
         if let Some(y) = crate::fused::grad::rms_norm(&x, &self.weight.val(), self.eps, None) {
             return y;
         }
+        if let Some(y) = crate::cube_kernels::rms_norm(&x, &self.weight.val(), self.eps, None) {
+            return y;
+        }
         self.forward_composed(x)
     }
 
@@ -122,6 +125,9 @@ impl<B: Backend> RmsNorm<B> {
             return crate::fused::rms_norm(x, self.weight.val(), self.eps, Some(scale));
         }
         if let Some(y) = crate::fused::grad::rms_norm(&x, &self.weight.val(), self.eps, Some(&scale)) {
+            return y;
+        }
+        if let Some(y) = crate::cube_kernels::rms_norm(&x, &self.weight.val(), self.eps, Some(&scale)) {
             return y;
         }
         let s = x.dims()[1];
@@ -136,6 +142,9 @@ impl<B: Backend> RmsNorm<B> {
         }
         if let Some(normed) = crate::fused::grad::rms_norm(&y, &self.weight.val(), self.eps, gate.as_ref()) {
             return x + normed;
+        }
+        if let Some(out) = crate::cube_kernels::residual_rms_norm(&x, &y, &self.weight.val(), self.eps, gate.as_ref()) {
+            return out;
         }
         match gate {
             Some(gate) => {
@@ -204,6 +213,8 @@ impl<B: Backend> SwiGlu<B> {
         let hidden = if crate::fused::enabled::<B>(gate.dtype()) {
             crate::fused::silu_mul(gate, up)
         } else if let Some(hidden) = crate::fused::grad::silu_mul(&gate, &up) {
+            hidden
+        } else if let Some(hidden) = crate::cube_kernels::silu_mul(&gate, &up) {
             hidden
         } else {
             silu(gate) * up

@@ -120,6 +120,9 @@ enum Command {
         /// Also write the timings as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only this section: matmul, attention, vae or block.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// List the Z-Image models found on this machine (Hugging Face cache,
     /// ComfyUI folders, and the given paths), with size, dtype and completeness.
@@ -419,10 +422,10 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.device)?;
             dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
         }
-        Command::BenchOps { device, dtype, shapes, reps, json } => {
+        Command::BenchOps { device, dtype, shapes, reps, json, only } => {
             let kind = DeviceKind::parse(&device)?;
             let shapes = zimage_engine::kernel_bench::OpShapes::named(&shapes)?;
-            dispatch!(kind, parse_dtype(kind, &dtype)?, bench_ops, (shapes, reps, json))
+            dispatch!(kind, parse_dtype(kind, &dtype)?, bench_ops, (shapes, reps, json, only))
         }
         Command::Pull { model, cache_dir, revision, quiet } => pull_model(&model, cache_dir, revision, quiet),
     }
@@ -522,11 +525,11 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
 }
 
 fn bench_ops<B: Backend>(
-    (shapes, reps, json): (zimage_engine::kernel_bench::OpShapes, usize, Option<PathBuf>),
+    (shapes, reps, json, only): (zimage_engine::kernel_bench::OpShapes, usize, Option<PathBuf>, Option<String>),
     device: B::Device,
     dtype: DType,
 ) -> Result<()> {
-    let report = zimage_engine::kernel_bench::run::<B>(&device, dtype, shapes, reps)?;
+    let report = zimage_engine::kernel_bench::run::<B>(&device, dtype, shapes, reps, only.as_deref())?;
     print!("{}", zimage_engine::kernel_bench::table(&report));
     if let Some(path) = json {
         metadata::write_file_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;

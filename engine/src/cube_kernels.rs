@@ -1,0 +1,607 @@
+//! The DiT's elementwise chains as single GPU kernels, written once in CubeCL
+//! (they run on CUDA and on wgpu).
+//!
+//! Why: on a GPU burn runs every tensor op as its own kernel (this build has
+//! no `fusion`), so an RMSNorm in bf16 with f32 statistics was ~10 kernels
+//! over the whole activation (cast, square, mean, add, sqrt, recip, multiply,
+//! cast, weight, modulation), RoPE ~10 more, and together with SwiGLU's gate
+//! they were an estimated 120 ms of a 543-ms 1024² DiT step on the H200 (GPU
+//! run 5). Each kernel here reads its inputs once and writes once, computes
+//! in f32 and rounds once to the tensor's dtype. The attention softmax is
+//! here too, for attention as two matmuls around it ([`crate::cuda_kernels`]).
+//!
+//! Every function returns `None` off CUDA/wgpu (and for shapes it does not
+//! take), and the caller runs the composed ops; `ZIMAGE_GPU_FUSED=0` turns
+//! them off for A/B runs.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+
+/// Set by [`set_enabled`]: 0 = as `ZIMAGE_GPU_FUSED` says, 1 = on, 2 = off.
+static OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the kernels are used (see the module doc).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ON.get_or_init(|| std::env::var("ZIMAGE_GPU_FUSED").map(|v| v != "0").unwrap_or(true)),
+    }
+}
+
+/// Whether the kernel `name` (`rms_norm`, `rope`, `silu_mul`, `softmax`) is
+/// used: [`enabled`], and not listed in `ZIMAGE_GPU_FUSED_OFF` (comma-separated,
+/// to find which one a wrong result comes from).
+fn kernel_on(name: &str) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    enabled()
+        && !OFF
+            .get_or_init(|| std::env::var("ZIMAGE_GPU_FUSED_OFF").map(|v| v.split(',').map(|s| s.trim().to_string()).collect()).unwrap_or_default())
+            .iter()
+            .any(|off| off == name)
+}
+
+/// Turns the kernels on or off for this process (`zimage bench-ops` times
+/// a DiT block both ways).
+pub fn set_enabled(on: bool) {
+    OVERRIDE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// RMSNorm over the last dimension times `weight` (`[N]`), and with `scale`
+/// (`[B, N]`, `x` `[B, S, N]`) times the item's scale: `x · rsqrt(mean(x²) +
+/// eps) · weight (· scale)`, statistics in f32.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+    scale: Option<&Tensor<B, 2>>,
+) -> Option<Tensor<B, D>> {
+    let n = x.dims()[D - 1];
+    if !kernel_on("rms_norm") || weight.dims() != [n] || weight.dtype() != x.dtype() {
+        return None;
+    }
+    if let Some(scale) = scale {
+        if D != 3 || scale.dims() != [x.dims()[0], n] || scale.dtype() != x.dtype() {
+            return None;
+        }
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        let rows_per_item = if D == 3 { x.dims()[1] } else { 1 };
+        let mut inputs = vec![imp::prim(x), imp::prim(weight)];
+        inputs.extend(scale.map(imp::prim));
+        return imp::dispatch::<B, D>(inputs, imp::Op::RmsNorm { n, rows_per_item, eps, scaled: scale.is_some(), residual: false });
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+/// `x + rms_norm(y) · weight (· gate)`: the DiT's sandwich norm closing a
+/// branch, `gate` `[B, N]` per item (`x`, `y` `[B, S, N]`).
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn residual_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    y: &Tensor<B, 3>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+    gate: Option<&Tensor<B, 2>>,
+) -> Option<Tensor<B, 3>> {
+    let [b, s, n] = y.dims();
+    if !kernel_on("rms_norm") || x.dims() != y.dims() || weight.dims() != [n] || x.dtype() != y.dtype() || weight.dtype() != y.dtype() {
+        return None;
+    }
+    if gate.is_some_and(|g| g.dims() != [b, n] || g.dtype() != y.dtype()) {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        // Input order: the normalised tensor, weight, (gate), residual.
+        let mut inputs = vec![imp::prim(y), imp::prim(weight)];
+        inputs.extend(gate.map(imp::prim));
+        inputs.push(imp::prim(x));
+        return imp::dispatch::<B, 3>(inputs, imp::Op::RmsNorm { n, rows_per_item: s, eps, scaled: gate.is_some(), residual: true });
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+/// Rotates the interleaved pairs `(x[2m], x[2m+1])` of `x` `[B, S, H, D]` by
+/// the angles whose `cos`, `sin` are `[B, S, 1, D/2]` (f32), in f32.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn rope_interleaved<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let [b, s, h, d] = x.dims();
+    if !kernel_on("rope") || d % 2 != 0 || cos.dims() != [b, s, 1, d / 2] || sin.dims() != cos.dims() {
+        return None;
+    }
+    if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return imp::dispatch::<B, 4>(vec![imp::prim(x), imp::prim(cos), imp::prim(sin)], imp::Op::Rope { heads: h, half: d / 2 });
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+/// SwiGLU's gate `silu(gate) ⊙ up` (same shapes), in f32.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn silu_mul<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    if !kernel_on("silu_mul") || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return imp::dispatch::<B, D>(vec![imp::prim(gate), imp::prim(up)], imp::Op::SiluMul);
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+/// Softmax over the last dimension of `scores · scale`, written in `dtype`
+/// (statistics in f32; `scores` in any float dtype).
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn softmax<B: Backend, const D: usize>(scores: &Tensor<B, D>, scale: f64, dtype: DType) -> Option<Tensor<B, D>> {
+    if !kernel_on("softmax") {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return imp::dispatch::<B, D>(vec![imp::prim(scores)], imp::Op::Softmax { n: scores.dims()[D - 1], scale, dtype });
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod imp {
+    use std::any::Any;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{DType, Tensor as BurnTensor, TensorPrimitive};
+    use burn_cubecl::CubeRuntime;
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::prelude::*;
+    use cubecl::{CubeDim, calculate_cube_count_elemwise};
+
+    /// What to launch, with its sizes.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Op {
+        /// Inputs: x, weight, (scale or gate when `scaled`), (residual when `residual`).
+        RmsNorm { n: usize, rows_per_item: usize, eps: f64, scaled: bool, residual: bool },
+        /// Inputs: x, cos, sin.
+        Rope { heads: usize, half: usize },
+        /// Inputs: gate, up.
+        SiluMul,
+        /// Inputs: scores.
+        Softmax { n: usize, scale: f64, dtype: DType },
+    }
+
+    impl Op {
+        /// Whether the kernel's results were right on a CUDA card. GPU run 6
+        /// (H100): RMSNorm and RoPE were (the tiny fixture's image within 1
+        /// level of the CPU's in f32 with them on); the SiLU gate made that
+        /// image 140 levels off (in all three forms tried: elementwise
+        /// `g / (1 + e^−g)`, the overflow-free `g·σ(g)`, one cube per row),
+        /// though right on the full-size shapes, and the softmax was wrong
+        /// whenever it wrote bf16 (right writing f32). Both are right on wgpu
+        /// (the tests below); on CUDA they stay off until found out
+        /// (`ZIMAGE_GPU_FUSED_CUDA_ALL=1` turns them on, for `bench/gpu_check.sh`).
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        pub fn verified_on_cuda(&self) -> bool {
+            matches!(self, Op::RmsNorm { .. } | Op::Rope { .. })
+        }
+    }
+
+    pub fn prim<B: Backend, const D: usize>(t: &BurnTensor<B, D>) -> B::FloatTensorPrimitive {
+        t.clone().into_primitive().tensor()
+    }
+
+    /// Runs `op` on the runtime behind `B` (CUDA or wgpu), or `None` for
+    /// other backends.
+    pub fn dispatch<B: Backend, const D: usize>(inputs: Vec<B::FloatTensorPrimitive>, op: Op) -> Option<BurnTensor<B, D>> {
+        #[cfg(feature = "cuda")]
+        if op.verified_on_cuda() || std::env::var_os("ZIMAGE_GPU_FUSED_CUDA_ALL").is_some() {
+            if let Some(out) = on_runtime::<B, cubecl::cuda::CudaRuntime, D>(&inputs, op) {
+                return Some(out);
+            }
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(out) = on_runtime::<B, cubecl::wgpu::WgpuRuntime, D>(&inputs, op) {
+            return Some(out);
+        }
+        None
+    }
+
+    fn on_runtime<B: Backend, R: CubeRuntime, const D: usize>(inputs: &[B::FloatTensorPrimitive], op: Op) -> Option<BurnTensor<B, D>> {
+        let cubes = inputs
+            .iter()
+            .map(|p| {
+                let boxed: Box<dyn Any> = Box::new(p.clone());
+                boxed.downcast::<CubeTensor<R>>().ok().map(|t| into_contiguous(*t))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        // A kernel that fails to compile or launch (a driver without some
+        // feature) panics inside cubecl: the kernels go off for the rest of
+        // the process and the composed ops run, as everywhere else.
+        static BROKEN: AtomicBool = AtomicBool::new(false);
+        if BROKEN.load(Ordering::Relaxed) {
+            return None;
+        }
+        let out = match catch_unwind(AssertUnwindSafe(|| launch(cubes, op))) {
+            Ok(out) => out?,
+            Err(_) => {
+                BROKEN.store(true, Ordering::Relaxed);
+                eprintln!("note: a fused GPU kernel ({op:?}) failed; the composed ops run from now on");
+                return None;
+            }
+        };
+        let boxed: Box<dyn Any> = Box::new(out);
+        let out = boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
+        Some(BurnTensor::from_primitive(TensorPrimitive::Float(*out)))
+    }
+
+    /// Threads per cube for a row of `n`: a power of two (the block
+    /// reductions halve it), at most 256.
+    fn row_block(n: usize) -> u32 {
+        (n.next_power_of_two() as u32).clamp(32, 256)
+    }
+
+    fn launch<R: CubeRuntime>(mut t: Vec<CubeTensor<R>>, op: Op) -> Option<CubeTensor<R>> {
+        let x = t.first()?.clone();
+        let client = x.client.clone();
+        let shape = x.meta.shape().clone();
+        let numel = shape.num_elements();
+        let dtype = x.dtype;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return None;
+        }
+        match op {
+            Op::RmsNorm { n, rows_per_item, eps, scaled, residual } => {
+                let rows = numel / n;
+                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let weight = t.get(1)?.clone();
+                // Unused inputs are bound to `x` (never read: comptime flags).
+                let scale = if scaled { t.get(2)?.clone() } else { x.clone() };
+                let res = if residual { t.pop()? } else { x.clone() };
+                let block = row_block(n);
+                let count = cubecl::server::CubeCountSelection::new(&client, rows as u32).cube_count();
+                rms_norm_kernel::launch::<R>(
+                    &client,
+                    count,
+                    CubeDim::new_1d(block),
+                    x.into_tensor_arg(),
+                    weight.into_tensor_arg(),
+                    scale.into_tensor_arg(),
+                    res.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    rows as u32,
+                    n as u32,
+                    rows_per_item.max(1) as u32,
+                    eps as f32,
+                    block,
+                    scaled,
+                    residual,
+                    dtype.into(),
+                );
+                Some(out)
+            }
+            Op::Rope { heads, half } => {
+                let (cos, sin) = (t.get(1)?.clone(), t.get(2)?.clone());
+                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let pairs = numel / 2;
+                let dim = CubeDim::new(&client, pairs);
+                let count = calculate_cube_count_elemwise(&client, pairs, dim);
+                rope_kernel::launch::<R>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    cos.into_tensor_arg(),
+                    sin.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    pairs as u32,
+                    heads as u32,
+                    half as u32,
+                    dtype.into(),
+                );
+                Some(out)
+            }
+            Op::SiluMul => {
+                let up = t.get(1)?.clone();
+                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let dim = CubeDim::new(&client, numel);
+                let count = calculate_cube_count_elemwise(&client, numel, dim);
+                silu_mul_kernel::launch::<R>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    up.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    numel as u32,
+                    dtype.into(),
+                );
+                Some(out)
+            }
+            Op::Softmax { n, scale, dtype: out_dtype } => {
+                if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
+                    return None;
+                }
+                let rows = numel / n;
+                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, out_dtype);
+                let block = row_block(n);
+                let count = cubecl::server::CubeCountSelection::new(&client, rows as u32).cube_count();
+                softmax_kernel::launch::<R>(
+                    &client,
+                    count,
+                    CubeDim::new_1d(block),
+                    x.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    rows as u32,
+                    n as u32,
+                    scale as f32,
+                    block,
+                    [dtype.into(), out_dtype.into()],
+                );
+                Some(out)
+            }
+        }
+    }
+
+    /// The sum of every unit's `value` over the cube (`block` units, a power
+    /// of two), returned to all units.
+    #[cube]
+    fn cube_sum(value: f32, #[comptime] block: u32) -> f32 {
+        let mut shared = SharedMemory::<f32>::new(block as usize);
+        let unit = UNIT_POS_X as usize;
+        shared[unit] = value;
+        sync_cube();
+        // A runtime variable (the comptime `block` cannot be halved in a loop).
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if unit < stride {
+                shared[unit] = shared[unit] + shared[unit + stride];
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = shared[0];
+        sync_cube();
+        total
+    }
+
+    /// The maximum of every unit's `value` over the cube, as [`cube_sum`].
+    #[cube]
+    fn cube_max(value: f32, #[comptime] block: u32) -> f32 {
+        let mut shared = SharedMemory::<f32>::new(block as usize);
+        let unit = UNIT_POS_X as usize;
+        shared[unit] = value;
+        sync_cube();
+        // A runtime variable (the comptime `block` cannot be halved in a loop).
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if unit < stride {
+                shared[unit] = f32::max(shared[unit], shared[unit + stride]);
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = shared[0];
+        sync_cube();
+        total
+    }
+
+    /// One cube per row of `n`: `out = x · rsqrt(mean(x²) + eps) · weight`,
+    /// times `scale[item]` when `scaled`, plus `residual` when `residual`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_kernel<E: Float>(
+        x: &Tensor<E>,
+        weight: &Tensor<E>,
+        scale: &Tensor<E>,
+        residual_in: &Tensor<E>,
+        out: &mut Tensor<E>,
+        rows: u32,
+        n: u32,
+        rows_per_item: u32,
+        eps: f32,
+        #[comptime] block: u32,
+        #[comptime] scaled: bool,
+        #[comptime] residual: bool,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS;
+        if row >= rows as usize {
+            terminate!();
+        }
+        let n = n as usize;
+        let base = row * n;
+        let step = block as usize;
+        let mut sum = f32::new(0.0);
+        let mut i = UNIT_POS_X as usize;
+        while i < n {
+            let v = f32::cast_from(x[base + i]);
+            sum += v * v;
+            i += step;
+        }
+        let total = cube_sum(sum, block);
+        let inv = f32::recip(f32::sqrt(total / f32::cast_from(n as u32) + eps));
+        let item_base = (row / rows_per_item as usize) * n;
+        let mut i = UNIT_POS_X as usize;
+        while i < n {
+            let mut y = f32::cast_from(x[base + i]) * inv * f32::cast_from(weight[i]);
+            if scaled {
+                y *= f32::cast_from(scale[item_base + i]);
+            }
+            if residual {
+                y += f32::cast_from(residual_in[base + i]);
+            }
+            out[base + i] = E::cast_from(y);
+            i += step;
+        }
+    }
+
+    /// One unit per pair `p` of `x` `[B·S·H, D]`: token `p / (H·D/2)`, angle
+    /// `p % (D/2)` of that token's row of `cos`, `sin`.
+    #[cube(launch)]
+    fn rope_kernel<E: Float>(
+        x: &Tensor<E>,
+        cos: &Tensor<f32>,
+        sin: &Tensor<f32>,
+        out: &mut Tensor<E>,
+        pairs: u32,
+        heads: u32,
+        half: u32,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let p = ABSOLUTE_POS;
+        if p >= pairs as usize {
+            terminate!();
+        }
+        let half = half as usize;
+        let angle = (p / (half * heads as usize)) * half + p % half;
+        let c = cos[angle];
+        let s = sin[angle];
+        let x0 = f32::cast_from(x[2 * p]);
+        let x1 = f32::cast_from(x[2 * p + 1]);
+        out[2 * p] = E::cast_from(x0 * c - x1 * s);
+        out[2 * p + 1] = E::cast_from(x0 * s + x1 * c);
+    }
+
+    /// `silu(g) = g · σ(g)` with `σ` from `exp(−|g|)` (never overflows).
+    #[cube]
+    fn silu_stable(g: f32) -> f32 {
+        let e = f32::exp(f32::new(0.0) - f32::abs(g));
+        let r = f32::recip(f32::new(1.0) + e);
+        let sigma = select(g >= f32::new(0.0), r, e * r);
+        g * sigma
+    }
+
+    #[cube(launch)]
+    fn silu_mul_kernel<E: Float>(gate: &Tensor<E>, up: &Tensor<E>, out: &mut Tensor<E>, len: u32, #[define(E)] _dtype: StorageType) {
+        let i = ABSOLUTE_POS;
+        if i >= len as usize {
+            terminate!();
+        }
+        out[i] = E::cast_from(silu_stable(f32::cast_from(gate[i])) * f32::cast_from(up[i]));
+    }
+
+    /// One cube per row of `n`: `out = softmax(scores · scale)`.
+    #[cube(launch)]
+    fn softmax_kernel<E: Float, O: Float>(
+        scores: &Tensor<E>,
+        out: &mut Tensor<O>,
+        rows: u32,
+        n: u32,
+        scale: f32,
+        #[comptime] block: u32,
+        #[define(E, O)] _dtypes: [StorageType; 2],
+    ) {
+        let row = CUBE_POS;
+        if row >= rows as usize {
+            terminate!();
+        }
+        let n = n as usize;
+        let base = row * n;
+        let step = block as usize;
+        let mut largest = f32::new(-3.0e38);
+        let mut i = UNIT_POS_X as usize;
+        while i < n {
+            largest = f32::max(largest, f32::cast_from(scores[base + i]));
+            i += step;
+        }
+        let largest = cube_max(largest, block);
+        let mut sum = f32::new(0.0);
+        let mut i = UNIT_POS_X as usize;
+        while i < n {
+            sum += f32::exp((f32::cast_from(scores[base + i]) - largest) * scale);
+            i += step;
+        }
+        let inv = f32::recip(cube_sum(sum, block));
+        let mut i = UNIT_POS_X as usize;
+        while i < n {
+            out[base + i] = O::cast_from(f32::exp((f32::cast_from(scores[base + i]) - largest) * scale) * inv);
+            i += step;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::{silu, softmax as softmax_composed};
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+
+    fn random<B: Backend, const D: usize>(dims: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// The kernels run on CUDA and wgpu only: on the CPU every caller gets
+    /// `None` and runs its own ops.
+    #[test]
+    fn declined_on_the_cpu() {
+        type B = crate::device::CpuBackend;
+        let device = Default::default();
+        let x = random::<B, 3>([2, 5, 8], &device);
+        let w = random::<B, 1>([8], &device);
+        let s = random::<B, 2>([2, 8], &device);
+        assert!(rms_norm(&x, &w, 1e-6, Some(&s)).is_none());
+        assert!(residual_rms_norm(&x, &x, &w, 1e-6, None).is_none());
+        assert!(silu_mul(&x, &x).is_none());
+        assert!(softmax(&x, 1.0, DType::F32).is_none());
+    }
+
+    /// Each kernel against the composed formula on the wgpu backend (f32;
+    /// on this project's machines Mesa's software Vulkan): the same code the
+    /// CUDA build runs in bf16. Sizes cover rows longer and shorter than a
+    /// cube (256 units) and counts that are not a multiple of it.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn kernels_match_the_composed_ops_on_wgpu() {
+        type B = crate::device::WgpuBackend;
+        let device = Default::default();
+        let close = |a: Tensor<B, 3>, b: Tensor<B, 3>, what: &str| {
+            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
+            let scale: f32 = b.abs().max().into_scalar();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max diff {diff} (scale {scale})");
+        };
+        for (b, s, n) in [(2, 7, 600), (1, 33, 96), (2, 3, 5)] {
+            let x = random::<B, 3>([b, s, n], &device);
+            let y = random::<B, 3>([b, s, n], &device);
+            let w = random::<B, 1>([n], &device);
+            let scale = random::<B, 2>([b, n], &device);
+            let eps = 1e-6;
+            let norm = |t: Tensor<B, 3>| t.clone() * (t.square().mean_dim(2) + eps).sqrt().recip() * w.clone().reshape([1, 1, n]);
+            close(rms_norm(&x, &w, eps, None).unwrap(), norm(x.clone()), "rms_norm");
+            close(rms_norm(&x, &w, eps, Some(&scale)).unwrap(), norm(x.clone()) * scale.clone().unsqueeze_dim(1), "scaled");
+            close(residual_rms_norm(&x, &y, &w, eps, None).unwrap(), x.clone() + norm(y.clone()), "residual");
+            close(
+                residual_rms_norm(&x, &y, &w, eps, Some(&scale)).unwrap(),
+                x.clone() + norm(y.clone()) * scale.clone().unsqueeze_dim(1),
+                "gated residual",
+            );
+            close(silu_mul(&x, &y).unwrap(), silu(x.clone()) * y.clone(), "silu_mul");
+            close(softmax(&(x.clone() * 5.0), 0.3, DType::F32).unwrap(), softmax_composed(x.clone() * 1.5, 2), "softmax");
+        }
+        // RoPE: pairs (x0, x1) of [B, S, H, D] rotated by the token's angles.
+        let (b, s, h, d) = (2, 9, 3, 8);
+        let x = random::<B, 4>([b, s, h, d], &device);
+        let angles = random::<B, 4>([b, s, 1, d / 2], &device);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let pairs = x.clone().reshape([b, s, h, d / 2, 2]);
+        let x0 = pairs.clone().narrow(4, 0, 1).squeeze_dim::<4>(4);
+        let x1 = pairs.narrow(4, 1, 1).squeeze_dim::<4>(4);
+        let y0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+        let y1 = x0 * sin.clone() + x1 * cos.clone();
+        let expected = Tensor::stack::<5>(vec![y0, y1], 4).reshape([b * s, h, d]);
+        close(rope_interleaved(&x, &cos, &sin).unwrap().reshape([b * s, h, d]), expected, "rope");
+        // A strided input (a transposed view) is made contiguous first.
+        let n = 40;
+        let xt = random::<B, 3>([2, n, 7], &device).swap_dims(1, 2);
+        let w = random::<B, 1>([n], &device);
+        let expected = xt.clone() * (xt.clone().square().mean_dim(2) + 1e-6).sqrt().recip() * w.clone().reshape([1, 1, n]);
+        close(rms_norm(&xt, &w, 1e-6, None).unwrap(), expected, "strided rms_norm");
+    }
+}
