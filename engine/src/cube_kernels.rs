@@ -529,7 +529,6 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::activation::{silu, softmax as softmax_composed};
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
@@ -560,6 +559,7 @@ mod tests {
     #[cfg(feature = "wgpu")]
     #[test]
     fn kernels_match_the_composed_ops_on_wgpu() {
+        use burn::tensor::activation::{silu, softmax as softmax_composed};
         type B = crate::device::WgpuBackend;
         let device = Default::default();
         let close = |a: Tensor<B, 3>, b: Tensor<B, 3>, what: &str| {
