@@ -52,3 +52,12 @@ if grep -q "^best attention: composed" "$LOG"; then
     timeout 100 "$Z" bench --device cuda --config full --runs 1 --json "$FINAL/${name}_composed.json" "$@" 2>&1 | grep -v "^note" | tail -8 | tee -a "$LOG"
   done
 fi
+# The CUDA source of the fused kernels as cubecl compiled them (its compilation
+# log), for the kernels that were wrong on CUDA in GPU runs 7-8 (SiLU gate,
+# softmax writing bf16) next to the right ones (RMSNorm, RoPE).
+( export CUBECL_DEBUG_LOG="$FINAL/cubecl-full.log" ZIMAGE_GPU_FUSED_CUDA_ALL=1; gen cuda f32 "$FINAL/cuda-f32-logged.png" )
+ZIMAGE_GPU_FUSED_CUDA_ALL=1 CUBECL_DEBUG_LOG="$FINAL/cubecl-full.log" timeout 60 "$Z" bench-ops --device cuda --shapes tiny --reps 1 --only attention > /dev/null 2>&1
+awk '/\[START_KERNEL_COMPILATION\]/{keep=0; buf=""} {buf = buf $0 "\n"} /^name: zimage_engine::cube_kernels/{keep=1} /\[END_KERNEL_COMPILATION\]/{if (keep) printf "%s", buf; buf=""; keep=0}' \
+  "$FINAL/cubecl-full.log" > "$FINAL/cube-kernels-cuda-source.txt" 2>/dev/null
+rm -f "$FINAL/cubecl-full.log"
+echo "CUDA sources of the fused kernels: $(grep -c START_KERNEL "$FINAL/cube-kernels-cuda-source.txt" 2>/dev/null) kernels in cube-kernels-cuda-source.txt" | tee -a "$LOG"
