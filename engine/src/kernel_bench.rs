@@ -189,6 +189,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
                 check("composed piece: q·kᵀ, f32 out", cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, DType::F32), &scores32);
                 check("composed piece: q·kᵀ, bf16 out", cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, dtype), &scores32);
                 let scale = 1.0 / (head_dim as f64).sqrt();
+                check("composed piece: softmax bf16 → f32", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, DType::F32), &weights32);
                 check("composed piece: softmax f32 → f32", crate::cube_kernels::softmax(&scores32, scale, DType::F32), &weights32);
                 check("composed piece: softmax f32 → bf16", crate::cube_kernels::softmax(&scores32, scale, dtype), &weights32);
                 check("composed piece: softmax bf16 → bf16", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, dtype), &weights32);
