@@ -357,10 +357,10 @@ mod imp {
         }
     }
 
-    /// The sum of every unit's `value` over the cube (`block` units, a power
-    /// of two), returned to all units.
+    /// The sum (or with `max`, the maximum) of every unit's `value` over the
+    /// cube (`block` units, a power of two), returned to all units.
     #[cube]
-    fn cube_sum(value: f32, #[comptime] block: u32) -> f32 {
+    fn cube_reduce(value: f32, #[comptime] block: u32, #[comptime] max: bool) -> f32 {
         let mut shared = SharedMemory::<f32>::new(block as usize);
         let unit = UNIT_POS_X as usize;
         shared[unit] = value;
@@ -369,28 +369,11 @@ mod imp {
         let mut stride = CUBE_DIM_X as usize / 2;
         while stride > 0 {
             if unit < stride {
-                shared[unit] = shared[unit] + shared[unit + stride];
-            }
-            sync_cube();
-            stride /= 2;
-        }
-        let total = shared[0];
-        sync_cube();
-        total
-    }
-
-    /// The maximum of every unit's `value` over the cube, as [`cube_sum`].
-    #[cube]
-    fn cube_max(value: f32, #[comptime] block: u32) -> f32 {
-        let mut shared = SharedMemory::<f32>::new(block as usize);
-        let unit = UNIT_POS_X as usize;
-        shared[unit] = value;
-        sync_cube();
-        // A runtime variable (the comptime `block` cannot be halved in a loop).
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if unit < stride {
-                shared[unit] = f32::max(shared[unit], shared[unit + stride]);
+                if max {
+                    shared[unit] = f32::max(shared[unit], shared[unit + stride]);
+                } else {
+                    shared[unit] = shared[unit] + shared[unit + stride];
+                }
             }
             sync_cube();
             stride /= 2;
@@ -433,7 +416,7 @@ mod imp {
             sum += v * v;
             i += step;
         }
-        let total = cube_sum(sum, block);
+        let total = cube_reduce(sum, block, false);
         let inv = f32::recip(f32::sqrt(total / f32::cast_from(n as u32) + eps));
         let item_base = (row / rows_per_item as usize) * n;
         let mut i = UNIT_POS_X as usize;
@@ -519,14 +502,14 @@ mod imp {
             largest = f32::max(largest, f32::cast_from(scores[base + i]));
             i += step;
         }
-        let largest = cube_max(largest, block);
+        let largest = cube_reduce(largest, block, true);
         let mut sum = f32::new(0.0);
         let mut i = UNIT_POS_X as usize;
         while i < n {
             sum += f32::exp((f32::cast_from(scores[base + i]) - largest) * scale);
             i += step;
         }
-        let inv = f32::recip(cube_sum(sum, block));
+        let inv = f32::recip(cube_reduce(sum, block, false));
         let mut i = UNIT_POS_X as usize;
         while i < n {
             out[base + i] = O::cast_from(f32::exp((f32::cast_from(scores[base + i]) - largest) * scale) * inv);
