@@ -10,6 +10,12 @@
 //! in f32 and rounds once to the tensor's dtype. The attention softmax is
 //! here too, for attention as two matmuls around it ([`crate::cuda_kernels`]).
 //!
+//! Measured on an H100 (GPU run 6): a 512² DiT step 174 → 125 ms, a 1024²
+//! block 17.6 → 13.7 ms. On CUDA only the kernels whose results were
+//! checked right on that card run (`Op::verified_on_cuda`: RMSNorm,
+//! RoPE, the bf16 → f32 softmax); the SiLU gate and the softmax writing bf16
+//! were wrong there, though right on wgpu (the tests below).
+//!
 //! Every function returns `None` off CUDA/wgpu (and for shapes it does not
 //! take), and the caller runs the composed ops; `ZIMAGE_GPU_FUSED=0` turns
 //! them off for A/B runs.
