@@ -171,7 +171,7 @@ mod imp {
     use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::prelude::*;
-    use cubecl::{CubeDim, calculate_cube_count_elemwise};
+    use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
     /// What to launch, with its sizes.
     #[derive(Debug, Clone, Copy)]
@@ -261,6 +261,18 @@ mod imp {
         (n.next_power_of_two() as u32).clamp(32, 256)
     }
 
+    /// One cube per row of `n` (`block` units, see [`row_block`]) over `rows` rows.
+    fn per_row<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>, rows: usize, n: usize) -> (CubeCount, CubeDim, u32) {
+        let block = row_block(n);
+        (cubecl::server::CubeCountSelection::new(client, rows as u32).cube_count(), CubeDim::new_1d(block), block)
+    }
+
+    /// One unit per element of `units`.
+    fn per_unit<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>, units: usize) -> (CubeCount, CubeDim) {
+        let dim = CubeDim::new(client, units);
+        (calculate_cube_count_elemwise(client, units, dim), dim)
+    }
+
     fn launch<R: CubeRuntime>(mut t: Vec<CubeTensor<R>>, op: Op) -> Option<CubeTensor<R>> {
         let x = t.first()?.clone();
         let client = x.client.clone();
@@ -278,12 +290,11 @@ mod imp {
                 // Unused inputs are bound to `x` (never read: comptime flags).
                 let scale = if scaled { t.get(2)?.clone() } else { x.clone() };
                 let res = if residual { t.pop()? } else { x.clone() };
-                let block = row_block(n);
-                let count = cubecl::server::CubeCountSelection::new(&client, rows as u32).cube_count();
+                let (count, dim, block) = per_row(&client, rows, n);
                 rms_norm_kernel::launch::<R>(
                     &client,
                     count,
-                    CubeDim::new_1d(block),
+                    dim,
                     x.into_tensor_arg(),
                     weight.into_tensor_arg(),
                     scale.into_tensor_arg(),
@@ -304,8 +315,7 @@ mod imp {
                 let (cos, sin) = (t.get(1)?.clone(), t.get(2)?.clone());
                 let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
                 let pairs = numel / 2;
-                let dim = CubeDim::new(&client, pairs);
-                let count = calculate_cube_count_elemwise(&client, pairs, dim);
+                let (count, dim) = per_unit(&client, pairs);
                 rope_kernel::launch::<R>(
                     &client,
                     count,
@@ -324,8 +334,7 @@ mod imp {
             Op::SiluMul => {
                 let up = t.get(1)?.clone();
                 let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
-                let dim = CubeDim::new(&client, numel);
-                let count = calculate_cube_count_elemwise(&client, numel, dim);
+                let (count, dim) = per_unit(&client, numel);
                 silu_mul_kernel::launch::<R>(
                     &client,
                     count,
@@ -344,12 +353,11 @@ mod imp {
                 }
                 let rows = numel / n;
                 let out = empty_device_dtype(client.clone(), x.device.clone(), shape, out_dtype);
-                let block = row_block(n);
-                let count = cubecl::server::CubeCountSelection::new(&client, rows as u32).cube_count();
+                let (count, dim, block) = per_row(&client, rows, n);
                 softmax_kernel::launch::<R>(
                     &client,
                     count,
-                    CubeDim::new_1d(block),
+                    dim,
                     x.into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     rows as u32,
