@@ -235,9 +235,13 @@ mod imp {
                 boxed.downcast::<CubeTensor<R>>().ok().map(|t| into_contiguous(*t))
             })
             .collect::<Option<Vec<_>>>()?;
-        // A kernel that fails to compile or launch (a driver without some
-        // feature) panics inside cubecl: the kernels go off for the rest of
-        // the process and the composed ops run, as everywhere else.
+        // A launch that panics on this thread (cubecl checking the arguments)
+        // turns the kernels off for the rest of the process and the composed
+        // ops run. A kernel that fails to *compile* panics on the device's
+        // server thread instead (seen on wgpu while writing these), which
+        // this cannot catch: its output is then garbage, which is why every
+        // kernel is checked on a backend before it is allowed there
+        // (`Op::verified_on_cuda`, the wgpu tests).
         static BROKEN: AtomicBool = AtomicBool::new(false);
         if BROKEN.load(Ordering::Relaxed) {
             return None;
