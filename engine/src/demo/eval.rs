@@ -57,6 +57,8 @@ pub struct ModelScore {
     /// Objects and objects fully right per kind, `[size][shape]` in
     /// [`Size::ALL`] × [`Shape::ALL`] order: where the errors are.
     pub by_kind: [[(usize, usize); 3]; 2],
+    /// Sum and count of the fill ratios found per kind (same order).
+    pub fill_by_kind: [[(f64, usize); 3]; 2],
     /// Mean wall time per image (prompt encoding, sampling, decoding), seconds.
     pub seconds_per_image: f64,
 }
@@ -70,6 +72,11 @@ impl ModelScore {
             let cell = &mut self.by_kind[want.size as usize][want.shape as usize];
             cell.0 += 1;
             cell.1 += o.all() as usize;
+            if let Some(fill) = o.fill {
+                let f = &mut self.fill_by_kind[want.size as usize][want.shape as usize];
+                f.0 += fill as f64;
+                f.1 += 1;
+            }
             self.objects += 1;
             self.colour_ok += o.colour as usize;
             self.position_ok += o.position as usize;
@@ -128,7 +135,10 @@ impl std::fmt::Display for EvalReport {
     }
 }
 
-/// A Markdown table of objects fully right per size × shape, one column per score.
+/// A Markdown table of objects fully right per size × shape, one column per
+/// score, with the mean fill ratio of the objects found (clean renders:
+/// squares 0.96–1.0, circles 0.74–0.83, triangles 0.45–0.55; the judge reads
+/// ≥ 0.89 as a square, ≥ 0.64 as a circle).
 pub fn kind_table(scores: &[&ModelScore]) -> String {
     let mut out = String::from("| kind |");
     for s in scores {
@@ -141,7 +151,9 @@ pub fn kind_table(scores: &[&ModelScore]) -> String {
             out += &format!("\n| {} {} |", size.name(), shape.name());
             for s in scores {
                 let (n, ok) = s.by_kind[size as usize][shape as usize];
-                out += &format!(" {} of {n} |", pct(ok, n));
+                let (sum, found) = s.fill_by_kind[size as usize][shape as usize];
+                let fill = if found > 0 { format!(", fill {:.2}", sum / found as f64) } else { String::new() };
+                out += &format!(" {} of {n}{fill} |", pct(ok, n));
             }
         }
     }
@@ -320,8 +332,8 @@ mod tests {
     #[test]
     fn scores_count_objects_by_size_and_shape() {
         let scene = Scene::parse("a small red square at the top left and a large blue circle in the center on a white background").unwrap();
-        let right = ObjectVerdict { colour: true, position: true, size: true, shape: true };
-        let wrong_shape = ObjectVerdict { shape: false, ..right };
+        let right = ObjectVerdict { colour: true, position: true, size: true, shape: true, fill: Some(0.95) };
+        let wrong_shape = ObjectVerdict { shape: false, fill: Some(0.85), ..right };
         let mut score = ModelScore::default();
         score.add(&Verdict { background: true, objects: vec![wrong_shape, right], extra_objects: 0 }, &scene);
         score.add(&Verdict { background: true, objects: vec![right, right], extra_objects: 0 }, &scene);
@@ -330,7 +342,8 @@ mod tests {
         assert_eq!(score.by_kind[Size::Small as usize][Shape::Circle as usize], (0, 0));
         assert_eq!((score.objects, score.object_ok, score.caption_ok), (4, 3, 1));
         let table = kind_table(&[&score]);
-        assert!(table.contains("| small square | 50.0% of 2 |"), "{table}");
-        assert!(table.contains("| large circle | 100.0% of 2 |"), "{table}");
+        assert!(table.contains("| small square | 50.0% of 2, fill 0.90 |"), "{table}");
+        assert!(table.contains("| large circle | 100.0% of 2, fill 0.95 |"), "{table}");
+        assert!(table.contains("| small circle | 0.0% of 0 |"), "{table}");
     }
 }

@@ -141,13 +141,16 @@ pub fn analyse(img: &RgbImage) -> Analysis {
 }
 
 /// Per-attribute verdict for one captioned object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ObjectVerdict {
     /// An object of the right colour is present.
     pub colour: bool,
     pub position: bool,
     pub size: bool,
     pub shape: bool,
+    /// Fill ratio of the object of the right colour, if present: how far a
+    /// shape is from the judge's thresholds (square ≥ 0.89 > circle ≥ 0.64).
+    pub fill: Option<f32>,
 }
 
 impl ObjectVerdict {
@@ -175,7 +178,13 @@ impl Verdict {
 fn verdict_for(o: &Object, found: Option<&Detected>) -> ObjectVerdict {
     match found {
         None => ObjectVerdict::default(),
-        Some(d) => ObjectVerdict { colour: true, position: d.position == o.position, size: d.size == o.size, shape: d.shape == o.shape },
+        Some(d) => ObjectVerdict {
+            colour: true,
+            position: d.position == o.position,
+            size: d.size == o.size,
+            shape: d.shape == o.shape,
+            fill: Some(d.fill),
+        },
     }
 }
 
