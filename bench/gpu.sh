@@ -23,6 +23,7 @@ FINAL="${OUT:-bench-out}"
 OUT="${WORK:-/tmp/zimage-bench}"
 mkdir -p "$OUT" "$FINAL"
 Z=bench/bin/zimage-cuda
+PWD_REPO=$PWD
 export ZIMAGE_KERNEL_NOTES=1  # which shapes the hand-picked CUDA kernels refuse
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
 # The log goes straight to $FINAL so that a run cut off by a time limit still
@@ -53,12 +54,19 @@ if [ -z "${ZIMAGE_ATTENTION:-}" ] && grep -q "^best attention: composed" "$OUT/o
 fi
 log "attention for the runs below: ${ZIMAGE_ATTENTION:-flash}"
 
-run_ours() { # name, args...
+run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates
   local name=$1; shift
   local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
   local pid=$!
-  timeout 150 "$Z" bench --device cuda --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
+  # cubecl reads cubecl.toml from the working directory: a directory of its own
+  # keeps the page log to this one run.
+  local dir=$PWD
+  if [ "${MEMLOG:-0}" = 1 ]; then
+    dir="$OUT/memlog-$name"; mkdir -p "$dir"
+    printf '[memory.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/$name.cubecl-memory.log" > "$dir/cubecl.toml"
+  fi
+  (cd "$dir" && timeout 150 "$PWD_REPO/$Z" bench --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
@@ -87,7 +95,7 @@ log "ours: Turbo 1024² 8 steps"
 run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 1
 if [ "$QUICK" != 1 ]; then
   log "ours: Turbo 1024² 8 steps, text encoder released before the DiT loads (lowest memory plan; target peak <= 14 GB)"
-  run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
+  MEMLOG=1 run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
 fi
 log "ours: Turbo 512² 8 steps"
 run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
@@ -141,7 +149,19 @@ for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_attention", 
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"
     ratio = f"{a['end_to_end_ms'] / b['end_to_end_ms']:.2f}" if a and b else "-"
     print(f"| {name} | {f(a,'end_to_end_ms')} | {f(b,'end_to_end_ms')} | {ratio} | {f(a,'dit_step_mean_ms')} | {f(b,'dit_step_mean_ms')} | {f(a,'text_encode_ms')} | {f(a,'vae_decode_ms')} | {peak} | {f(b,'peak_device_mib')} |")
+# What the tensors hold against what cubecl's pools keep, after each stage of
+# the cold run (the pools keep pages for reuse; nvidia-smi sees them all).
+print()
+print("| case | after | MiB in tensors | MiB reserved by the pools |")
+print("|---|---|---|---|")
+for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
+    a = load(f"{out}/{name}.json")
+    for m in (a or {}).get("device_memory", []):
+        print(f"| {name} | {m['after']} | {m['in_use_mib']:.0f} | {m['reserved_mib']:.0f} |")
 PY
+# The pages cubecl created for the released-text-encoder run: their sizes say
+# which pool (and which tensors) the memory beyond the weights went to.
+grep -c "Allocated a new memory page" "$OUT/turbo1024_te_released.cubecl-memory.log" 2>/dev/null | sed 's/^/cubecl pages created (te_released): /' | tee -a "$OUT/table.md"
 
 cp "$OUT/table.md" "$OUT/ops.md" "$FINAL/" 2>/dev/null
 tar czf "$FINAL/bench.tgz" -C "$OUT" . 2>/dev/null

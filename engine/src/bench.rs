@@ -172,7 +172,19 @@ pub struct BenchReport {
     /// Peak resident memory of this process (host), MiB; device memory is
     /// measured outside (nvidia-smi) by bench/gpu.sh.
     pub peak_host_mib: f64,
+    /// GPU memory after each stage of the cold run and after the last run
+    /// (`None` on the CPU): what the tensors hold against what the memory
+    /// pools keep, which nvidia-smi cannot tell apart.
+    pub device_memory: Vec<StageMemory>,
     pub runs: usize,
+}
+
+/// GPU memory after one stage, MiB.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageMemory {
+    pub after: String,
+    pub in_use_mib: f64,
+    pub reserved_mib: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -211,7 +223,15 @@ pub fn run<B: Backend>(
         None => pipe.text_encoder()?.tokenizer.encode(&req.prompts[0])?.len(),
     };
 
-    let one = |record: bool| -> Result<(f64, f64, Vec<f64>, f64)> {
+    let mut memory = Vec::new();
+    let probe = |after: &str, memory: &mut Vec<StageMemory>| {
+        if let Some(m) = crate::device::device_memory::<B>(&device) {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            memory.push(StageMemory { after: after.into(), in_use_mib: mib(m.in_use), reserved_mib: mib(m.reserved) });
+        }
+    };
+    probe("load", &mut memory);
+    let one = |record: bool, memory: &mut Vec<StageMemory>| -> Result<(f64, f64, Vec<f64>, f64)> {
         let start = Instant::now();
         let owned;
         let cond: &Conditioning<B> = match encoded {
@@ -223,6 +243,9 @@ pub fn run<B: Backend>(
         };
         sync::<B>(&device)?;
         let text_ms = if encoded.is_some() { 0.0 } else { ms(start.elapsed()) };
+        if !record {
+            probe("text encode", memory);
+        }
         let mut steps = Vec::new();
         let mut last = Instant::now();
         let latents = pipe.sample(req, cond, false, &mut |_| {
@@ -234,20 +257,28 @@ pub fn run<B: Backend>(
             true
         })?;
         sync::<B>(&device)?;
+        if !record {
+            probe("DiT steps", memory);
+        }
         let t = Instant::now();
         pipe.decode(latents)?;
         let vae_ms = ms(t.elapsed());
+        if !record {
+            // The decoder's buffers are freed by now; `reserved` keeps its high water.
+            probe("VAE decode", memory);
+        }
         Ok((ms(start.elapsed()), text_ms, steps, vae_ms))
     };
 
-    let (first_run_ms, ..) = one(false)?;
+    let (first_run_ms, ..) = one(false, &mut memory)?;
     let mut best: Option<(f64, f64, Vec<f64>, f64)> = None;
     for _ in 0..runs.max(1) {
-        let r = one(true)?;
+        let r = one(true, &mut memory)?;
         if best.as_ref().is_none_or(|b| r.0 < b.0) {
             best = Some(r);
         }
     }
+    probe("all runs", &mut memory);
     let (end_to_end_ms, text_encode_ms, dit_step_ms, vae_decode_ms) = best.expect("at least one run");
     let dit_step_mean_ms = dit_step_ms.iter().sum::<f64>() / dit_step_ms.len().max(1) as f64;
     Ok(BenchReport {
@@ -266,6 +297,7 @@ pub fn run<B: Backend>(
         vae_decode_ms,
         end_to_end_ms,
         peak_host_mib: peak_host_mib(),
+        device_memory: memory,
         runs: runs.max(1),
     })
 }
@@ -291,6 +323,9 @@ pub fn table(r: &BenchReport) -> String {
     s += &format!("VAE decode   {:10.1} ms\n", r.vae_decode_ms);
     s += &format!("end to end   {:10.1} ms (best of {})\n", r.end_to_end_ms, r.runs);
     s += &format!("peak host    {:10.1} MiB\n", r.peak_host_mib);
+    for m in &r.device_memory {
+        s += &format!("GPU memory   {:10.1} MiB in tensors, {:10.1} MiB reserved by the pools, after {}\n", m.in_use_mib, m.reserved_mib, m.after);
+    }
     s
 }
 

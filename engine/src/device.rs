@@ -109,6 +109,44 @@ pub fn cuda_memory() -> Option<(u64, u64)> {
     Some((free as u64, total as u64))
 }
 
+/// A GPU's memory as its allocator sees it (cubecl's memory pools; the
+/// driver, and so nvidia-smi, sees `reserved` plus the CUDA context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct DeviceMemory {
+    /// Bytes held by live tensors.
+    pub in_use: u64,
+    /// Bytes the pools hold from the driver: live tensors, their padding and
+    /// the free space of the pages the pools keep for reuse.
+    pub reserved: u64,
+}
+
+/// The memory of `device` if it is a CUDA or wgpu device; `None` on the CPU.
+///
+/// Why both numbers: the pools slice large pages (on CUDA a quarter of the
+/// card, then quarters of that) and keep them, so what the driver reports can
+/// be far above what the tensors need; this separates the two.
+pub fn device_memory<B: burn::tensor::backend::Backend>(device: &B::Device) -> Option<DeviceMemory> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        fn on<R: burn_cubecl::CubeRuntime>(device: &dyn std::any::Any) -> Option<DeviceMemory> {
+            let device = device.downcast_ref::<R::Device>()?;
+            let usage = R::client(device).memory_usage().ok()?;
+            Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
+        }
+        let any: &dyn std::any::Any = device;
+        #[cfg(feature = "cuda")]
+        if let Some(m) = on::<cubecl::cuda::CudaRuntime>(any) {
+            return Some(m);
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(m) = on::<cubecl::wgpu::WgpuRuntime>(any) {
+            return Some(m);
+        }
+    }
+    let _ = device;
+    None
+}
+
 /// The memory a memory plan may use on `kind`, measured before any model is
 /// loaded, and how to name it in a sentence: host memory available on the
 /// CPU, free GPU memory on CUDA; `None` for wgpu, which cannot say.
@@ -168,5 +206,25 @@ mod tests {
         assert_eq!(super::parse_mem_available("MemTotal: 1 kB\n"), None);
         #[cfg(target_os = "linux")]
         assert!(super::host_available_memory().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn the_cpu_has_no_device_memory_to_report() {
+        assert_eq!(super::device_memory::<super::CpuBackend>(&Default::default()), None);
+    }
+
+    /// Lavapipe here (`cargo test --release -p zimage-engine --features wgpu --lib device`).
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_reports_live_and_reserved_bytes() {
+        use burn::tensor::Tensor;
+        type B = super::WgpuBackend;
+        let device = Default::default();
+        let before = super::device_memory::<B>(&device).expect("a wgpu device reports its memory");
+        let t = Tensor::<B, 2>::ones([1024, 1024], &device);
+        let after = super::device_memory::<B>(&device).expect("a wgpu device reports its memory");
+        assert!(after.in_use >= before.in_use + 4 << 20, "{before:?} -> {after:?}");
+        assert!(after.reserved >= after.in_use, "{after:?}");
+        drop(t);
     }
 }
