@@ -64,7 +64,7 @@ run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it c
   local dir=$PWD
   if [ "${MEMLOG:-0}" = 1 ]; then
     dir="$OUT/memlog-$name"; mkdir -p "$dir"
-    printf '[memory.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/$name.cubecl-memory.log" > "$dir/cubecl.toml"
+    printf '[memory.logger]\nlevel = "full"\nfile = "%s"\n' "$OUT/$name.cubecl-memory.log" > "$dir/cubecl.toml"
   fi
   (cd "$dir" && timeout 150 "$PWD_REPO/$Z" bench --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
@@ -161,7 +161,13 @@ for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
 PY
 # The pages cubecl created for the released-text-encoder run: their sizes say
 # which pool (and which tensors) the memory beyond the weights went to.
-grep -c "Allocated a new memory page" "$OUT/turbo1024_te_released.cubecl-memory.log" 2>/dev/null | sed 's/^/cubecl pages created (te_released): /' | tee -a "$OUT/table.md"
+# ("full" also logs every allocation; the page events, each with the state of
+# every pool, are what comes back.)
+mlog="$OUT/turbo1024_te_released.cubecl-memory.log"
+if [ -f "$mlog" ]; then
+  grep -c "Allocated a new memory page" "$mlog" | sed 's/^/cubecl pages created (te_released): /' | tee -a "$OUT/table.md"
+  grep -v "Reserved memory" "$mlog" | head -c 3000000 > "$FINAL/te_released.cubecl-pages.txt"
+fi
 
 cp "$OUT/table.md" "$OUT/ops.md" "$FINAL/" 2>/dev/null
 tar czf "$FINAL/bench.tgz" -C "$OUT" . 2>/dev/null
