@@ -169,11 +169,11 @@ pub struct BenchReport {
     pub dit_step_mean_ms: f64,
     pub vae_decode_ms: f64,
     pub end_to_end_ms: f64,
-    /// Peak resident memory of this process (host), MiB; device memory is
-    /// measured outside (nvidia-smi) by bench/gpu.sh.
+    /// Peak resident memory of this process (host), MiB; the driver's view
+    /// of device memory is polled outside (nvidia-smi) by bench/gpu.sh.
     pub peak_host_mib: f64,
     /// GPU memory after each stage of the cold run and after the last run
-    /// (`None` on the CPU): what the tensors hold against what the memory
+    /// (empty on the CPU): what the tensors hold against what the memory
     /// pools keep, which nvidia-smi cannot tell apart.
     pub device_memory: Vec<StageMemory>,
     pub runs: usize,
