@@ -226,6 +226,9 @@ pub struct MemoryReport {
     pub released: Vec<String>,
     /// Resident memory of the whole process (host RAM), where known.
     pub process_bytes: Option<u64>,
+    /// On a GPU, its memory as the allocator sees it: bytes in tensors and
+    /// bytes its pools hold (what the driver reports as used); `None` on the CPU.
+    pub device_memory: Option<zimage_engine::device::DeviceMemory>,
     /// The plan in force (never `Auto`: what `Auto` resolved to).
     pub plan: MemoryPlan,
     /// Why, e.g. "Auto (80.0 GB free on CUDA): keep everything".
@@ -836,6 +839,7 @@ impl<B: Backend> Worker<B> {
             parked,
             released,
             process_bytes: zimage_engine::device::process_resident_memory(),
+            device_memory: zimage_engine::device::device_memory::<B>(&self.device),
             plan: self.plan.plan,
             plan_reason: self.plan.reason.clone(),
             estimated_peak: self.sizes.peak(self.plan.plan),
@@ -1787,6 +1791,8 @@ mod tests {
         assert_eq!(report.weights_total(), report.resident.iter().map(|(_, b)| b).sum::<u64>());
         #[cfg(target_os = "linux")]
         assert!(report.process_bytes.is_some_and(|p| p > report.weights_total()));
+        // No GPU allocator to ask on the CPU.
+        assert_eq!(report.device_memory, None);
         // Auto on the CPU: the tiny models fit in host memory.
         assert_eq!(report.plan, MemoryPlan::KeepAll);
         assert!(report.plan_reason.starts_with("Auto (") && report.plan_reason.ends_with("host memory available): keep everything"), "{}", report.plan_reason);

@@ -121,6 +121,14 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             if let Some(p) = m.process_bytes {
                 ui.weak(format!("This process holds {} of RAM.", models::human_bytes(p)));
             }
+            if let Some(d) = m.device_memory {
+                // The pools keep freed pages for reuse, so the driver's "used" can be far above the tensors'.
+                ui.weak(format!(
+                    "On {device}: {} in tensors, {} held by the memory pools.",
+                    models::human_bytes(d.in_use),
+                    models::human_bytes(d.reserved)
+                ));
+            }
         }
         ui.separator();
         ui.strong("Models on this computer");
