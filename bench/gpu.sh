@@ -54,7 +54,7 @@ if [ -z "${ZIMAGE_ATTENTION:-}" ] && grep -q "^best attention: composed" "$OUT/o
 fi
 log "attention for the runs below: ${ZIMAGE_ATTENTION:-flash}"
 
-run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates
+run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates; SUB: the subcommand (bench)
   local name=$1; shift
   local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
@@ -66,7 +66,7 @@ run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it c
     dir="$OUT/memlog-$name"; mkdir -p "$dir"
     printf '[memory.logger]\nlevel = "full"\nfile = "%s"\n' "$OUT/$name.cubecl-memory.log" > "$dir/cubecl.toml"
   fi
-  (cd "$dir" && timeout 150 "$PWD_REPO/$Z" bench --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
+  (cd "$dir" && timeout 150 "$PWD_REPO/$Z" "${SUB:-bench}" --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
@@ -97,6 +97,12 @@ if [ "$QUICK" != 1 ]; then
   log "ours: Turbo 1024² 8 steps, text encoder released before the DiT loads (lowest memory plan; target peak <= 14 GB)"
   MEMLOG=1 run_ours turbo1024_te_released --config full --kind turbo -W 1024 -H 1024 --runs 1 --release-text-encoder
 fi
+# The VAE alone at 1024²: whole tensors against row bands of at most 128 MiB
+# (the default since session 12): how much of the peak the pools' large
+# pages took (docs/performance.md, "Session 11").
+log "ours: VAE decode 1024², whole tensors vs row bands"
+SUB=bench-vae run_ours vae1024_whole --config full -W 1024 -H 1024 --runs 1 --tensor-mib 0
+SUB=bench-vae run_ours vae1024_bands --config full -W 1024 -H 1024 --runs 1
 log "ours: Turbo 512² 8 steps"
 run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
 log "ours: Base 1024² with CFG (3 steps timed)"
@@ -158,6 +164,16 @@ for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
     a = load(f"{out}/{name}.json")
     for m in (a or {}).get("device_memory", []):
         print(f"| {name} | {m['after']} | {m['in_use_mib']:.0f} | {m['reserved_mib']:.0f} |")
+# The decoder alone: whole tensors against row bands.
+print()
+print("| VAE 1024² | decode ms | first decode ms | peak MiB (nvidia-smi) | MiB in tensors / reserved, after the first decode |")
+print("|---|---|---|---|---|")
+for name in ("vae1024_whole", "vae1024_bands"):
+    a = load(f"{out}/{name}.json")
+    peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
+    mem = (a or {}).get("device_memory", [])
+    held = f"{mem[0]['in_use_mib']:.0f} / {mem[0]['reserved_mib']:.0f}" if mem else "?"
+    print(f"| {name} | {a['decode_ms']:.1f} | {a['first_decode_ms']:.1f} | {peak} | {held} |" if a else f"| {name} | failed | | {peak} | |")
 PY
 # The pages cubecl created for the released-text-encoder run: their sizes say
 # which pool (and which tensors) the memory beyond the weights went to.

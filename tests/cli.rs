@@ -248,3 +248,23 @@ fn bench_reports_stages_with_and_without_the_text_encoder_resident() {
         assert_eq!(r["device_memory"].as_array().map(Vec::len), Some(0), "{r}");
     }
 }
+
+/// `zimage bench-vae` times the decoder alone, in whole tensors (`--tensor-mib 0`)
+/// or in row bands, and writes its JSON report; a bad size is one line.
+#[test]
+fn bench_vae_reports_whole_and_banded_decodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (mib, banded) in [("0", false), ("1", true)] {
+        let json = tmp.path().join(format!("vae{mib}.json"));
+        let args = ["bench-vae", "--config", "tiny", "-W", "64", "-H", "64", "--runs", "1", "--tensor-mib", mib];
+        let out = zimage(&[&args[..], &["--json", json.to_str().unwrap()]].concat(), tmp.path());
+        assert!(out.status.success(), "{mib}: {}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(r["tensor_limit_mib"].is_number(), banded, "{r}");
+        assert!(r["decode_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let out = zimage(&["bench-vae", "--config", "tiny", "-W", "100", "-H", "64"], tmp.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -187,6 +187,13 @@ pub struct StageMemory {
     pub reserved_mib: f64,
 }
 
+/// The GPU's own accounting now (`None` on the CPU).
+fn stage_memory<B: Backend>(device: &B::Device, after: &str) -> Option<StageMemory> {
+    let m = crate::device::device_memory::<B>(device)?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Some(StageMemory { after: after.into(), in_use_mib: mib(m.in_use), reserved_mib: mib(m.reserved) })
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -224,12 +231,7 @@ pub fn run<B: Backend>(
     };
 
     let mut memory = Vec::new();
-    let probe = |after: &str, memory: &mut Vec<StageMemory>| {
-        if let Some(m) = crate::device::device_memory::<B>(&device) {
-            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-            memory.push(StageMemory { after: after.into(), in_use_mib: mib(m.in_use), reserved_mib: mib(m.reserved) });
-        }
-    };
+    let probe = |after: &str, memory: &mut Vec<StageMemory>| memory.extend(stage_memory::<B>(&device, after));
     probe("load", &mut memory);
     let one = |record: bool, memory: &mut Vec<StageMemory>| -> Result<(f64, f64, Vec<f64>, f64)> {
         let start = Instant::now();
@@ -300,6 +302,98 @@ pub fn run<B: Backend>(
         device_memory: memory,
         runs: runs.max(1),
     })
+}
+
+/// `zimage bench-vae`: the decoder alone, with random weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct VaeBenchReport {
+    pub config: String,
+    pub device: String,
+    pub width: u32,
+    pub height: u32,
+    /// The largest tensor the decode holds in one piece, MiB (`None`: whole
+    /// tensors throughout; see [`crate::vae::DECODE_TENSOR_LIMIT_BYTES`]).
+    pub tensor_limit_mib: Option<f64>,
+    pub load_ms: f64,
+    /// The first decode (kernel compilation, caches).
+    pub first_decode_ms: f64,
+    /// The fastest of the warm decodes.
+    pub decode_ms: f64,
+    pub runs: usize,
+    /// Process high-water mark (VmHWM): the decode's own peak on the CPU.
+    pub peak_host_mib: f64,
+    /// The GPU's accounting after the first decode and after all (empty on the CPU).
+    pub device_memory: Vec<StageMemory>,
+}
+
+/// Times a `width`×`height` decode of random latents, `runs` times after a
+/// cold one, holding no tensor over `limit` bytes in one piece.
+pub fn run_vae<B: Backend>(
+    model: &BenchModel,
+    device: &B::Device,
+    dtype: DType,
+    (width, height): (u32, u32),
+    limit: u64,
+    runs: usize,
+    device_name: &str,
+) -> Result<VaeBenchReport> {
+    let scale = model.vae.scale() as u32;
+    if width == 0 || height == 0 || width % scale != 0 || height % scale != 0 {
+        return Err(EngineError::invalid(format!("image size {width}×{height} must be positive multiples of {scale}")));
+    }
+    let start = Instant::now();
+    let vae = Vae::build(&model.vae, &mut RandomWeights::<B>::new(device, dtype), false)?;
+    sync::<B>(device)?;
+    let load_ms = ms(start.elapsed());
+    let shape = [1, model.vae.latent_channels, (height / scale) as usize, (width / scale) as usize];
+    let z = burn::tensor::Tensor::<B, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let decode = || -> Result<f64> {
+        let t = Instant::now();
+        let image = vae.decode_within(z.clone(), limit);
+        sync::<B>(device)?;
+        drop(image);
+        Ok(ms(t.elapsed()))
+    };
+    let mut device_memory = Vec::new();
+    let first_decode_ms = decode()?;
+    device_memory.extend(stage_memory::<B>(device, "first decode"));
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        best = best.min(decode()?);
+    }
+    device_memory.extend(stage_memory::<B>(device, "all decodes"));
+    Ok(VaeBenchReport {
+        config: model.name.into(),
+        device: device_name.into(),
+        width,
+        height,
+        tensor_limit_mib: (limit != u64::MAX).then(|| limit as f64 / (1024.0 * 1024.0)),
+        load_ms,
+        first_decode_ms,
+        decode_ms: best,
+        runs: runs.max(1),
+        peak_host_mib: peak_host_mib(),
+        device_memory,
+    })
+}
+
+/// The VAE report as a small table.
+pub fn vae_table(r: &VaeBenchReport) -> String {
+    let mut s = String::new();
+    s += &format!("VAE          {} (random weights) on {}\n", r.config, r.device);
+    let limit = match r.tensor_limit_mib {
+        Some(mib) => format!("row bands of at most {mib:.0} MiB"),
+        None => "whole tensors".into(),
+    };
+    s += &format!("image        {}×{}, {limit}\n", r.width, r.height);
+    s += &format!("load         {:10.1} ms\n", r.load_ms);
+    s += &format!("first decode {:10.1} ms (cold: kernel compilation, caches)\n", r.first_decode_ms);
+    s += &format!("decode       {:10.1} ms (best of {})\n", r.decode_ms, r.runs);
+    s += &format!("peak host    {:10.1} MiB\n", r.peak_host_mib);
+    for m in &r.device_memory {
+        s += &format!("GPU memory   {:10.1} MiB in tensors, {:10.1} MiB reserved by the pools, after {}\n", m.in_use_mib, m.reserved_mib, m.after);
+    }
+    s
 }
 
 /// The report as a small table.
@@ -380,5 +474,20 @@ mod tests {
         assert!(r.end_to_end_ms >= r.vae_decode_ms && r.end_to_end_ms > 0.0);
         assert!(table(&r).contains("DiT step"));
         assert!(preset("huge").is_err());
+    }
+
+    #[test]
+    fn tiny_vae_bench_decodes_whole_and_in_bands() {
+        let device = Default::default();
+        let model = preset("tiny").unwrap();
+        for limit in [u64::MAX, 4096] {
+            let r = run_vae::<CpuBackend>(&model, &device, DType::F32, (64, 48), limit, 1, "cpu").unwrap();
+            assert!(r.decode_ms > 0.0 && r.first_decode_ms > 0.0 && r.peak_host_mib > 0.0);
+            assert_eq!(r.tensor_limit_mib.is_some(), limit != u64::MAX);
+            assert!(r.device_memory.is_empty(), "the CPU has no device accounting");
+            assert!(vae_table(&r).contains("decode"));
+        }
+        let odd = run_vae::<CpuBackend>(&model, &device, DType::F32, (60, 48), u64::MAX, 1, "cpu");
+        assert!(odd.unwrap_err().to_string().contains("multiples of 8"));
     }
 }

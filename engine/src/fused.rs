@@ -96,6 +96,26 @@ pub fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
         let src = &x.storage::<f32>()[x.layout().start_offset()..][..shape[0] * shape[1]];
         return tensor(transposed(src, shape[1], shape[0]), shape);
     }
+    // A slice of rows (a narrowed view, the VAE's row bands): copies of whole
+    // rows, in parallel (flex's `to_contiguous` walks it element by element).
+    let (strides, start) = (x.layout().strides().to_vec(), x.layout().start_offset());
+    if D >= 2 && strides[D - 1] == 1 && strides.iter().all(|&s| s >= 0) && !x.layout().is_contiguous() {
+        let row = shape[D - 1];
+        let src = x.storage::<f32>();
+        let mut out = vec![0f32; shape.iter().product()];
+        if row > 0 {
+            out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+                // Row `r`'s offset from its index along each leading dimension.
+                let (mut rest, mut offset) = (r, start);
+                for d in (0..D - 1).rev() {
+                    offset += (rest % shape[d]) * strides[d] as usize;
+                    rest /= shape[d];
+                }
+                o.copy_from_slice(&src[offset..offset + row]);
+            });
+        }
+        return tensor(out, shape);
+    }
     tensor(view(&x.to_contiguous()).to_vec(), shape)
 }
 
@@ -705,21 +725,13 @@ pub fn group_norm<B: Backend>(
     let (x, wt, bs) = (flex(x), flex(weight), flex(bias));
     let (x, wt, bs) = (view(&x), view(&wt), view(&bs));
     // Pass 1: mean per group (from per-plane sums, planes in parallel).
-    let plane_sums: Vec<f64> = x.par_chunks(plane).map(|p| lane_sum(p, |v| v)).collect();
     let count = (per_group * plane) as f64;
-    let means: Vec<f32> =
-        plane_sums.chunks(per_group).map(|g| (g.iter().sum::<f64>() / count) as f32).collect();
+    let means: Vec<f32> = slice_group_sums(x, plane, per_group, None).iter().map(|s| (s / count) as f32).collect();
     // Pass 2: variance of the centred values, as the composed ops centre them.
-    let plane_sq: Vec<f64> = x
-        .par_chunks(plane)
-        .enumerate()
-        .map(|(i, p)| {
-            let m = means[i / per_group];
-            lane_sum(p, |v| (v - m) * (v - m))
-        })
+    let denoms: Vec<f32> = slice_group_sums(x, plane, per_group, Some(&means))
+        .iter()
+        .map(|s| (((s / count) as f32) + eps as f32).sqrt())
         .collect();
-    let denoms: Vec<f32> =
-        plane_sq.chunks(per_group).map(|g| (((g.iter().sum::<f64>() / count) as f32) + eps as f32).sqrt()).collect();
     debug_assert_eq!(means.len(), b * groups);
     // Pass 3: normalise, scale, shift (and SiLU) per plane.
     let mut out = vec![0f32; x.len()];
@@ -733,6 +745,56 @@ pub fn group_norm<B: Backend>(
             for ov in o.iter_mut() {
                 *ov *= sigmoid(*ov);
             }
+        }
+    });
+    tensor(out, shape)
+}
+
+/// GroupNorm's two statistics passes over `[B, C, H, W]`, one f64 sum per
+/// (item, group): `Σ v`, or with `centres` (one per item and group) `Σ (v −
+/// centre)²`. For statistics gathered over several tensors (the VAE
+/// decoder's row bands, `vae::RowBands`).
+pub fn group_sums<B: Backend>(x: Tensor<B, 4>, groups: usize, centres: Option<&[f32]>) -> Vec<f64> {
+    let [b, c, h, w] = x.dims();
+    assert!(groups > 0 && c % groups == 0, "channels divide into groups");
+    assert!(centres.is_none_or(|m| m.len() == b * groups), "one centre per item and group");
+    let x = flex(x);
+    slice_group_sums(view(&x), (h * w).max(1), c / groups, centres)
+}
+
+/// [`group_sums`] on the values: per-plane sums (planes in parallel, 16 f32
+/// lanes each), then each group's planes summed in f64.
+fn slice_group_sums(x: &[f32], plane: usize, per_group: usize, centres: Option<&[f32]>) -> Vec<f64> {
+    let plane_sums: Vec<f64> = x
+        .par_chunks(plane)
+        .enumerate()
+        .map(|(i, p)| match centres {
+            None => lane_sum(p, |v| v),
+            Some(m) => {
+                let m = m[i / per_group];
+                lane_sum(p, |v| (v - m) * (v - m))
+            }
+        })
+        .collect();
+    plane_sums.chunks(per_group).map(|g| g.iter().sum::<f64>()).collect()
+}
+
+/// `silu(x · scale + shift)` over `[B, C, H, W]` with one `(scale, shift)`
+/// pair per plane (`[B·C, 1]` each): GroupNorm's last pass and the SiLU, for
+/// statistics taken elsewhere (the VAE decoder's row bands, `vae::RowBands`).
+pub fn plane_affine_silu<B: Backend>(x: Tensor<B, 4>, scale: Tensor<B, 2>, shift: Tensor<B, 2>) -> Tensor<B, 4> {
+    let shape = x.dims();
+    if shape.contains(&0) {
+        return tensor(Vec::new(), shape);
+    }
+    let [b, c, h, w] = shape;
+    let (scale, shift) = (values(scale), values(shift));
+    assert!(scale.len() == b * c && shift.len() == b * c, "one (scale, shift) pair per plane");
+    let mut out = values(x);
+    out.par_chunks_mut(h * w).zip(scale.par_iter().zip(&shift)).for_each(|(o, (&s, &t))| {
+        for v in o.iter_mut() {
+            let y = *v * s + t;
+            *v = y * sigmoid(y);
         }
     });
     tensor(out, shape)
@@ -955,6 +1017,18 @@ mod tests {
         // Any other layout goes through the generic copy.
         let x = randn([3, 4, 5]).swap_dims(0, 2);
         assert_eq!(contiguous(x.clone()).into_data().to_vec::<f32>().unwrap(), x.into_data().to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn contiguous_copies_a_band_of_rows_row_by_row() {
+        let x = randn([2, 3, 9, 7]);
+        for (start, len) in [(0, 4), (3, 5), (8, 1)] {
+            let band = x.clone().narrow(2, start, len);
+            let want = band.clone().into_data().to_vec::<f32>().unwrap();
+            let got = contiguous(band);
+            assert_eq!(got.dims(), [2, 3, len, 7]);
+            assert_eq!(got.into_data().to_vec::<f32>().unwrap(), want, "rows {start}+{len}");
+        }
     }
 
     #[test]

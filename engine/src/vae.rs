@@ -80,19 +80,9 @@ impl VaeConfig {
 
     /// [`Vae::decode_working_bytes`] from the config alone (before loading).
     pub fn decode_working_bytes(&self, h: usize, w: usize) -> u64 {
-        let mut side = 1u64;
-        let mut largest = 0u64;
         let levels = self.block_out_channels.len();
-        for (i, &channels) in self.block_out_channels.iter().rev().enumerate() {
-            let cells = (h * w) as u64 * side * side;
-            largest = largest.max(channels as u64 * cells);
-            if i + 1 < levels {
-                side *= 2;
-                largest = largest.max(channels as u64 * cells * 4);
-            }
-        }
-        let scores = ((h * w) as u64).pow(2);
-        4 * (4 * largest) + 4 * scores
+        let channels = self.block_out_channels.iter().rev().enumerate().map(|(i, &c)| (c as u64, i + 1 < levels));
+        decode_working_bytes(channels, h, w)
     }
 
     /// A model with fresh random weights.
@@ -102,6 +92,15 @@ impl VaeConfig {
 }
 
 const GN_EPS: f64 = 1e-6;
+
+/// The largest tensor, in bytes, that [`Vae::decode`] holds in one piece.
+/// Why: at 1024² the decoder's top levels hold 0.5–1.07 GB activations, and
+/// cubecl's CUDA pools give any allocation between 312 MB and 2.5 GB a page
+/// of its own kind, 5 GB on an 80 GB card, kept until cleanup (see
+/// docs/performance.md, "Session 11"). Bands of at most 128 MiB (counted in
+/// f32, the GroupNorm's working copy), halo rows included, stay in the
+/// pools of 312 MB slices and under.
+pub const DECODE_TENSOR_LIMIT_BYTES: u64 = 128 << 20;
 
 /// GroupNorm with affine weight and bias; statistics in f32.
 #[derive(Module, Debug)]
@@ -153,6 +152,225 @@ impl<B: Backend> GroupNorm<B> {
         let y = y.reshape([b * c, h * w]) * per_row(self.weight.val()) + per_row(self.bias.val());
         y.reshape([b, c, h, w])
     }
+
+    /// The per-(item, channel) `(scale, shift)`, `[B·C, 1]` in f32, that
+    /// normalise the whole tensor whose row bands are `bands`: `norm(x) = x ·
+    /// scale + shift`. Two passes as in [`Self::forward_composed`] (the mean,
+    /// then the mean squared deviation from it), each a row-weighted mean of
+    /// the bands' own, so the statistics are the whole tensor's.
+    fn band_affine(&self, bands: &[Tensor<B, 4>]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        if crate::fused::enabled::<B>(bands[0].dtype()) {
+            return self.band_affine_fused(bands);
+        }
+        self.band_affine_composed(bands)
+    }
+
+    /// [`Self::band_affine`] with burn's tensor ops (every backend but CPU f32).
+    fn band_affine_composed(&self, bands: &[Tensor<B, 4>]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [b, c, _, w] = bands[0].dims();
+        let g = self.groups;
+        let rows: usize = bands.iter().map(|t| t.dims()[2]).sum();
+        let f32 = |t: Tensor<B, 1>| if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+        let grouped = |t: &Tensor<B, 4>| {
+            let h = t.dims()[2];
+            let x = if t.dtype() == DType::F32 { t.clone() } else { t.clone().cast(DType::F32) };
+            (x.reshape([b, g, (c / g) * h * w]), h as f64 / rows as f64)
+        };
+        let weighted_mean = |f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
+            let parts = bands.iter().map(|t| {
+                let (x, share) = grouped(t);
+                mean_last(f(x)) * share
+            });
+            parts.reduce(|a, p| a + p).expect("at least one band")
+        };
+        let mean = weighted_mean(&|x| x);
+        let var = weighted_mean(&|x| (x - mean.clone()).square());
+        // [B, G, 1] → [B·C, 1]: each group's value for its C/G channels.
+        let per_channel = |t: Tensor<B, 3>| t.repeat_dim(2, c / g).reshape([b * c, 1]);
+        let per_row = |p: Tensor<B, 1>| f32(p).unsqueeze::<2>().repeat_dim(0, b).reshape([b * c, 1]);
+        let scale = per_channel((var + GN_EPS).sqrt().recip()) * per_row(self.weight.val());
+        let shift = per_row(self.bias.val()) - per_channel(mean) * scale.clone();
+        (scale, shift)
+    }
+
+    /// [`Self::band_affine`] on the CPU: the fused GroupNorm's own passes
+    /// (flex runs the composed reductions on one core).
+    fn band_affine_fused(&self, bands: &[Tensor<B, 4>]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [b, c, _, w] = bands[0].dims();
+        let per_group = c / self.groups;
+        let count = (per_group * w * bands.iter().map(|t| t.dims()[2]).sum::<usize>()) as f64;
+        let total = |centres: Option<&[f32]>| {
+            let sums = bands.iter().map(|t| crate::fused::group_sums(t.clone(), self.groups, centres));
+            sums.reduce(|a, s| a.iter().zip(&s).map(|(x, y)| x + y).collect()).expect("at least one band")
+        };
+        let means: Vec<f32> = total(None).iter().map(|s| (s / count) as f32).collect();
+        let inv: Vec<f32> = total(Some(&means)).iter().map(|s| 1.0 / ((s / count) as f32 + GN_EPS as f32).sqrt()).collect();
+        let host = |p: Tensor<B, 1>| p.into_data().to_vec::<f32>().expect("f32 parameters on the CPU");
+        let (weight, bias) = (host(self.weight.val()), host(self.bias.val()));
+        let (mut scale, mut shift) = (Vec::with_capacity(b * c), Vec::with_capacity(b * c));
+        for i in 0..b * c {
+            let (group, channel) = (i / per_group, i % c);
+            scale.push(weight[channel] * inv[group]);
+            shift.push(bias[channel] - means[group] * weight[channel] * inv[group]);
+        }
+        let device = bands[0].device();
+        let column = |v: Vec<f32>| Tensor::from_data(burn::tensor::TensorData::new(v, [b * c, 1]), &device);
+        (column(scale), column(shift))
+    }
+}
+
+/// Applies a [`GroupNorm::band_affine`] to one band (or its halo-extended
+/// copy), then SiLU: `[B, C, h, W]` → the same. On the CPU in one pass
+/// (flex's own SiLU calls a scalar `expf` per element).
+fn affine_silu<B: Backend>(x: Tensor<B, 4>, scale: &Tensor<B, 2>, shift: &Tensor<B, 2>) -> Tensor<B, 4> {
+    if crate::fused::enabled::<B>(x.dtype()) {
+        return crate::fused::plane_affine_silu(x, scale.clone(), shift.clone());
+    }
+    affine_silu_composed(x, scale, shift)
+}
+
+fn affine_silu_composed<B: Backend>(x: Tensor<B, 4>, scale: &Tensor<B, 2>, shift: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    let dtype = x.dtype();
+    let x32 = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
+    let y = (x32.reshape([b * c, h * w]) * scale.clone() + shift.clone()).reshape([b, c, h, w]);
+    silu(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// A `[B, C, H, W]` activation held as bands of rows, top to bottom, so that
+/// no single allocation exceeds a byte limit (see
+/// [`DECODE_TENSOR_LIMIT_BYTES`]). The ops on it give the whole tensor's
+/// values: a 3×3 convolution sees its neighbours' edge rows (the halo),
+/// GroupNorm takes its statistics over all bands. With one band every op is
+/// the plain one.
+struct RowBands<B: Backend> {
+    bands: Vec<Tensor<B, 4>>,
+}
+
+impl<B: Backend> RowBands<B> {
+    fn whole(x: Tensor<B, 4>) -> Self {
+        Self { bands: vec![x] }
+    }
+
+    /// Splits every band whose rows, with two halo rows, hold more than
+    /// `limit` bytes into about equal bands that do not, each a multiple of
+    /// `align` rows (but the last; `align` rows at the least).
+    fn split(self, limit: u64, align: usize) -> Self {
+        let mut bands = Vec::with_capacity(self.bands.len());
+        for band in self.bands {
+            let [b, c, h, w] = band.dims();
+            // GroupNorm works on an f32 copy: a bf16 band's rows count at 4 bytes.
+            let row_bytes = ((b * c * w * band.dtype().size().max(4)) as u64).max(1);
+            let units = h / align;
+            if h as u64 * row_bytes <= limit || units <= 1 {
+                bands.push(band);
+                continue;
+            }
+            let units_per_band = ((limit / row_bytes).saturating_sub(2) as usize / align).max(1);
+            let n = units.div_ceil(units_per_band);
+            let mut start = 0;
+            for i in 0..n {
+                let len = if i + 1 == n { h - start } else { align * (units / n + usize::from(i < units % n)) };
+                bands.push(crate::fused::contiguous(band.clone().narrow(2, start, len)));
+                start += len;
+            }
+        }
+        Self { bands }
+    }
+
+    /// `prepare` then `conv` (3×3, padding 1) on each band with one row of
+    /// each neighbour above and below; the halo rows' outputs are dropped.
+    /// `prepare` acts on each row alone (an affine map, an activation) or
+    /// repeats each row `stretch` times (the nearest ×2 upsampling, with
+    /// `stretch` 2), so the whole upsampled tensor never exists at once.
+    fn conv3x3(&self, conv: &Conv2d<B>, stretch: usize, prepare: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>) -> Self {
+        let n = self.bands.len();
+        if n == 1 {
+            return Self::whole(apply_conv(conv, prepare(self.bands[0].clone())));
+        }
+        let bands = (0..n)
+            .map(|i| {
+                let band = &self.bands[i];
+                let h = band.dims()[2];
+                let mut parts = Vec::with_capacity(3);
+                if i > 0 {
+                    let above = &self.bands[i - 1];
+                    parts.push(above.clone().narrow(2, above.dims()[2] - 1, 1));
+                }
+                parts.push(band.clone());
+                if i + 1 < n {
+                    parts.push(self.bands[i + 1].clone().narrow(2, 0, 1));
+                }
+                // The neighbours' rows, stretched, are only read by the band's
+                // edge outputs; their own outputs are dropped.
+                let y = apply_conv(conv, prepare(Tensor::cat(parts, 2)));
+                // Contiguous on the CPU, where every later op would walk a view element by element.
+                crate::fused::contiguous(y.narrow(2, if i > 0 { stretch } else { 0 }, stretch * h))
+            })
+            .collect();
+        Self { bands }
+    }
+
+    /// The encoder's downsampling (pad bottom and right by one, then 3×3
+    /// stride 2) on each band with the first row of the band below; bands of
+    /// even length (but the last) give half as many rows each.
+    fn downsample(&self, conv: &Conv2d<B>) -> Self {
+        let n = self.bands.len();
+        let bands = (0..n).map(|i| {
+            let band = self.bands[i].clone();
+            if i + 1 == n {
+                return apply_conv(conv, band); // the conv's own padding is the bottom edge's
+            }
+            let below = self.bands[i + 1].clone().narrow(2, 0, 1);
+            // One row more than the band's own output reads: that row, of the
+            // padding below the halo, is dropped.
+            let h = band.dims()[2];
+            crate::fused::contiguous(apply_conv(conv, Tensor::cat(vec![band, below], 2)).narrow(2, 0, h / 2))
+        });
+        Self { bands: bands.collect() }
+    }
+
+    /// `conv(silu(norm(x)))`, the pair every decoder block applies.
+    fn norm_silu_conv(&self, norm: &GroupNorm<B>, conv: &Conv2d<B>) -> Self {
+        if self.bands.len() == 1 {
+            return self.conv3x3(conv, 1, |x| norm.forward_silu(x));
+        }
+        let (scale, shift) = norm.band_affine(&self.bands);
+        self.conv3x3(conv, 1, |x| affine_silu(x, &scale, &shift))
+    }
+
+    /// The bands joined again: `[B, C, H, W]`.
+    fn join(mut self) -> Tensor<B, 4> {
+        if self.bands.len() == 1 {
+            return self.bands.remove(0);
+        }
+        Tensor::cat(self.bands, 2)
+    }
+}
+
+/// Peak f32 working memory, bytes, of decoding `h`×`w` latent cells through
+/// up blocks of `(channels, upsamples)`, coarsest first: an upper estimate.
+/// The largest activation is a level's output upsampled ×2. Whole tensors
+/// hold about four of it at once (input, GroupNorm output, conv output,
+/// residual) and the attention's `(h·w)²` scores; in row bands two (the block's
+/// input and output) and a few bands. Measured peaks above the weights
+/// (`zimage bench-vae --config full`, CPU): 1024², whole 3.5 GiB against 5.0
+/// estimated, bands 2.2 GiB against 2.5.
+pub fn decode_working_bytes(levels: impl Iterator<Item = (u64, bool)>, h: usize, w: usize) -> u64 {
+    let mut side = 1u64; // pixels per latent cell at the current level
+    let mut largest = 0u64;
+    for (channels, upsamples) in levels {
+        let cells = (h * w) as u64 * side * side;
+        largest = largest.max(channels * cells);
+        if upsamples {
+            side *= 2;
+            largest = largest.max(channels * cells * 4);
+        }
+    }
+    let scores = ((h * w) as u64).pow(2);
+    let whole = 4 * (4 * largest) + 4 * scores;
+    let banded = 4 * (2 * largest) + 4 * DECODE_TENSOR_LIMIT_BYTES;
+    whole.min(banded)
 }
 
 /// Mean over the last dimension, `[b, g, n]` → `[b, g, 1]`, as a mean of
@@ -287,12 +505,18 @@ impl<B: Backend> ResnetBlock<B> {
 
     /// `[B, C_in, H, W]` → `[B, C_out, H, W]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = apply_conv(&self.conv1, self.norm1.forward_silu(x.clone()));
-        let h = apply_conv(&self.conv2, self.norm2.forward_silu(h));
-        match &self.conv_shortcut {
+        self.forward_bands(RowBands::whole(x)).join()
+    }
+
+    /// The same on row bands; the output keeps the input's bands.
+    fn forward_bands(&self, x: RowBands<B>) -> RowBands<B> {
+        let h = x.norm_silu_conv(&self.norm1, &self.conv1);
+        let h = h.norm_silu_conv(&self.norm2, &self.conv2);
+        let bands = x.bands.into_iter().zip(h.bands).map(|(x, h)| match &self.conv_shortcut {
             Some(s) => apply_conv(s, x) + h,
             None => x + h,
-        }
+        });
+        RowBands { bands: bands.collect() }
     }
 }
 
@@ -307,15 +531,27 @@ pub struct MidAttention<B: Backend> {
 }
 
 impl<B: Backend> MidAttention<B> {
-    /// `[B, C, H, W]` → `[B, C, H, W]`.
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `[B, C, H, W]` → `[B, C, H, W]`; the queries go in chunks whose
+    /// `[B, chunk, H·W]` scores hold at most `limit` bytes (a backend without
+    /// a fused kernel for this head size materialises them: 1.07 GB at 1024²).
+    pub fn forward(&self, x: Tensor<B, 4>, limit: u64) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
         let heads = |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(1);
         let q = heads(self.to_q.forward(tokens.clone()));
         let k = heads(self.to_k.forward(tokens.clone()));
         let v = heads(self.to_v.forward(tokens));
-        let o = sdpa(q, k, v, None, false).squeeze_dim::<3>(1);
+        let s = h * w;
+        let chunk = (limit / (b * s * 4).max(1) as u64).clamp(1, s as u64) as usize;
+        let o = if chunk >= s {
+            sdpa(q, k, v, None, false)
+        } else {
+            let chunks = (0..s)
+                .step_by(chunk)
+                .map(|start| sdpa(q.clone().narrow(2, start, chunk.min(s - start)), k.clone(), v.clone(), None, false));
+            Tensor::cat(chunks.collect(), 2)
+        };
+        let o = o.squeeze_dim::<3>(1);
         let o = self.to_out.forward(o).swap_dims(1, 2).reshape([b, c, h, w]);
         x + o
     }
@@ -345,8 +581,9 @@ impl<B: Backend> MidBlock<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.resnet_2.forward(self.attention.forward(self.resnet_1.forward(x)))
+    /// `[B, C, H, W]` → `[B, C, H, W]`; `limit` as in [`MidAttention::forward`].
+    pub fn forward(&self, x: Tensor<B, 4>, limit: u64) -> Tensor<B, 4> {
+        self.resnet_2.forward(self.attention.forward(self.resnet_1.forward(x), limit))
     }
 }
 
@@ -395,25 +632,14 @@ pub struct Vae<B: Backend> {
 
 impl<B: Backend> Vae<B> {
     /// Peak f32 working memory of decoding one latent of `h`×`w` cells, in
-    /// bytes (an upper estimate, used to refuse sizes that cannot fit). The
-    /// largest tensor is a level's output upsampled ×2 before its conv; about
-    /// four tensors of that size live at once (input, GroupNorm output, conv
-    /// output, residual). The mid-block attention is counted as if its
-    /// `(h·w)²` scores were materialised.
+    /// bytes (an upper estimate, used to refuse sizes that cannot fit; see
+    /// [`decode_working_bytes`]).
     pub fn decode_working_bytes(&self, h: usize, w: usize) -> u64 {
-        let mut side = 1u64; // pixels per latent cell at the current level
-        let mut largest = 0u64;
-        for block in &self.decoder.up_blocks {
-            let channels = block.resnets.last().map(|r| r.conv2.weight.dims()[0]).unwrap_or(0) as u64;
-            let cells = (h * w) as u64 * side * side;
-            largest = largest.max(channels * cells);
-            if block.upsample.is_some() {
-                side *= 2;
-                largest = largest.max(channels * cells * 4);
-            }
-        }
-        let scores = ((h * w) as u64).pow(2);
-        4 * (4 * largest) + 4 * scores
+        let channels = self.decoder.up_blocks.iter().map(|block| {
+            let c = block.resnets.last().map(|r| r.conv2.weight.dims()[0]).unwrap_or(0);
+            (c as u64, block.upsample.is_some())
+        });
+        decode_working_bytes(channels, h, w)
     }
 
     /// Builds from a [`WeightSource`] with the diffusers names.
@@ -482,35 +708,57 @@ impl<B: Backend> Vae<B> {
         Ok(Self { decoder, encoder, scaling_factor: c.scaling_factor, shift_factor: c.shift_factor })
     }
 
-    /// VAE-space latents `[B, 16, h, w]` → image `[B, 3, 8h, 8w]` (unclamped).
+    /// VAE-space latents `[B, 16, h, w]` → image `[B, 3, 8h, 8w]` (unclamped),
+    /// no tensor over [`DECODE_TENSOR_LIMIT_BYTES`] held in one piece.
     pub fn decode(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.decode_within(z, DECODE_TENSOR_LIMIT_BYTES)
+    }
+
+    /// [`Self::decode`] with the levels whose activations exceed `limit` bytes
+    /// run in row bands (`u64::MAX`: whole tensors throughout); the values are
+    /// the same either way, up to float summation order.
+    pub fn decode_within(&self, z: Tensor<B, 4>, limit: u64) -> Tensor<B, 4> {
         let d = &self.decoder;
-        let mut x = d.mid.forward(apply_conv(&d.conv_in, z));
+        let x = d.mid.forward(apply_conv(&d.conv_in, z), limit);
+        let mut x = RowBands::whole(x).split(limit, 1);
         for block in &d.up_blocks {
             for r in &block.resnets {
-                x = r.forward(x);
+                x = r.forward_bands(x);
             }
             if let Some(up) = &block.upsample {
-                x = apply_conv(up, upsample_nearest_2x(x));
+                // A quarter of the limit before, so each band is within it after ×2.
+                x = x.split(limit / 4, 1).conv3x3(up, 2, upsample_nearest_2x);
             }
         }
-        apply_conv(&d.conv_out, d.norm_out.forward_silu(x))
+        x.norm_silu_conv(&d.norm_out, &d.conv_out).join()
     }
 
     /// Image `[B, 3, H, W]` in [−1, 1] → (mean, logvar) `[B, 16, H/8, W/8]`,
     /// logvar clamped to [−30, 20]. `None` when the encoder was not loaded.
     pub fn encode(&self, image: Tensor<B, 4>) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        self.encode_within(image, DECODE_TENSOR_LIMIT_BYTES)
+    }
+
+    /// [`Self::encode`] with the levels whose activations exceed `limit`
+    /// bytes run in row bands, as [`Self::decode_within`].
+    pub fn encode_within(&self, image: Tensor<B, 4>, limit: u64) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
         let e = self.encoder.as_ref()?;
-        let mut x = apply_conv(&e.conv_in, image);
+        // Bands sized for conv_in's output (3 → 128 channels), each a multiple
+        // of 2^levels rows so that every downsampling halves whole pairs.
+        let [c_out, c_in, ..] = e.conv_in.weight.dims();
+        let align = 1 << e.down_blocks.iter().filter(|b| b.downsample.is_some()).count();
+        let image = RowBands::whole(image).split(limit.saturating_mul(c_in as u64) / c_out.max(1) as u64, align);
+        let mut x = image.conv3x3(&e.conv_in, 1, |x| x);
         for block in &e.down_blocks {
             for r in &block.resnets {
-                x = r.forward(x);
+                x = r.forward_bands(x);
             }
             if let Some(down) = &block.downsample {
-                x = apply_conv(down, x);
+                x = x.downsample(down);
             }
         }
-        let x = apply_conv(&e.conv_out, e.norm_out.forward_silu(e.mid.forward(x)));
+        let x = e.mid.forward(x.join(), limit);
+        let x = apply_conv(&e.conv_out, e.norm_out.forward_silu(x));
         let [mean, logvar]: [Tensor<B, 4>; 2] = x.chunk(2, 1).try_into().expect("2 chunks");
         Some((mean, logvar.clamp(-30.0, 20.0)))
     }
@@ -584,6 +832,99 @@ mod tests {
         // Not under autodiff: burn's own path.
         let conv: Conv2d<CpuBackend> = Conv2dConfig::new([3, 5], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
         assert!(training_conv(&conv, &randn([1, 3, 4, 4])).is_none());
+    }
+
+    /// Largest |a − b| relative to b's largest magnitude.
+    fn rel_diff(a: Tensor<CpuBackend, 4>, b: Tensor<CpuBackend, 4>) -> f32 {
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        diff / scale.max(1e-12)
+    }
+
+    #[test]
+    fn group_norm_over_row_bands_is_the_whole_tensors() {
+        let norm = GroupNorm::<CpuBackend> {
+            weight: burn::module::Param::from_tensor(randn([12])),
+            bias: burn::module::Param::from_tensor(randn([12])),
+            groups: 4,
+        };
+        let x = randn([2, 12, 11, 7]) * 3.0 + 1.5;
+        // Uneven bands, one of a single row.
+        let bands = vec![x.clone().narrow(2, 0, 5), x.clone().narrow(2, 5, 1), x.clone().narrow(2, 6, 5)];
+        let whole = norm.forward_silu(x);
+        // On the CPU's kernels and through burn's ops (what a GPU runs).
+        for (scale, shift) in [norm.band_affine(&bands), norm.band_affine_composed(&bands)] {
+            for apply in [affine_silu, affine_silu_composed] {
+                let banded = Tensor::cat(bands.iter().map(|t| apply(t.clone(), &scale, &shift)).collect(), 2);
+                assert!(rel_diff(banded, whole.clone()) < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn split_bands_keep_every_row_within_the_limit() {
+        let x = randn([1, 4, 37, 8]); // 128 bytes a row
+        let bands = RowBands::whole(x.clone()).split(128 * 8, 1);
+        let rows: Vec<usize> = bands.bands.iter().map(|t| t.dims()[2]).collect();
+        assert_eq!(rows.iter().sum::<usize>(), 37);
+        assert!(rows.iter().all(|&r| (r + 2) * 128 <= 128 * 8), "{rows:?}");
+        assert!(rel_diff(bands.join(), x.clone()) == 0.0);
+        // Aligned to 4 rows: every band but the last a multiple of 4.
+        let rows: Vec<usize> = RowBands::whole(x.clone()).split(128 * 8, 4).bands.iter().map(|t| t.dims()[2]).collect();
+        assert_eq!((rows.iter().sum::<usize>(), rows.len()), (37, 9), "{rows:?}");
+        assert!(rows[..8].iter().all(|&r| r == 4) && rows[8] == 5, "{rows:?}");
+        // Within the limit: one band, untouched.
+        assert_eq!(RowBands::whole(x).split(128 * 37, 1).bands.len(), 1);
+    }
+
+    #[test]
+    fn banded_decode_is_the_whole_decode() {
+        // Three levels, one upsampling at 2 bands' worth of rows and more, the
+        // attention in query chunks: the limit is a few rows of the latent level.
+        let config = VaeConfig::new().with_block_out_channels(vec![8, 16, 16]).with_layers_per_block(1).with_norm_num_groups(4);
+        let vae = config.init::<CpuBackend>(&Default::default());
+        let z = randn([2, 16, 7, 5]);
+        let whole = vae.decode_within(z.clone(), u64::MAX);
+        assert_eq!(whole.dims(), [2, 3, 28, 20]);
+        for limit in [2 * 16 * 5 * 4 * 4, 2 * 16 * 5 * 4 * 9, 3000] {
+            let banded = vae.decode_within(z.clone(), limit);
+            assert!(rel_diff(banded, whole.clone()) < 1e-5, "limit {limit}");
+        }
+        // The default limit leaves small images whole: the same path as before.
+        assert!(rel_diff(vae.decode(z), whole) == 0.0);
+    }
+
+    #[test]
+    fn banded_encode_is_the_whole_encode() {
+        // Two downsamplings: bands of 4k rows at the image, 2k, then k.
+        let config = VaeConfig::new().with_block_out_channels(vec![8, 16, 16]).with_layers_per_block(1).with_norm_num_groups(4);
+        let vae = Vae::build(&config, &mut RandomWeights::<CpuBackend>::new(&Default::default(), DType::F32), true).unwrap();
+        let image = randn([2, 3, 28, 20]);
+        let (mean, logvar) = vae.encode_within(image.clone(), u64::MAX).unwrap();
+        assert_eq!(mean.dims(), [2, 16, 7, 5]);
+        // conv_in's output rows are 2·8·20·4 bytes: bands of 4, 8 and more rows.
+        for limit in [2 * 8 * 20 * 4 * 6, 2 * 8 * 20 * 4 * 10, 2 * 8 * 20 * 4 * 14] {
+            let (m, l) = vae.encode_within(image.clone(), limit).unwrap();
+            assert!(rel_diff(m, mean.clone()) < 1e-5 && rel_diff(l, logvar.clone()) < 1e-5, "limit {limit}");
+        }
+    }
+
+    /// Burn's composed ops on views, as a GPU runs them: lavapipe here
+    /// (`cargo test --release -p zimage-engine --features wgpu --lib banded`).
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn banded_decode_is_the_whole_decode_on_wgpu() {
+        type W = crate::device::WgpuBackend;
+        let device = Default::default();
+        let config = VaeConfig::new().with_block_out_channels(vec![8, 16, 16]).with_layers_per_block(1).with_norm_num_groups(4);
+        let vae = config.init::<W>(&device);
+        let z = Tensor::<W, 4>::random([2, 16, 7, 5], Distribution::Normal(0.0, 1.0), &device);
+        let on_cpu = |t: Tensor<W, 4>| Tensor::<CpuBackend, 4>::from_data(t.into_data(), &Default::default());
+        let whole = on_cpu(vae.decode_within(z.clone(), u64::MAX));
+        for limit in [2 * 16 * 5 * 4 * 4, 3000] {
+            let banded = on_cpu(vae.decode_within(z.clone(), limit));
+            assert!(rel_diff(banded, whole.clone()) < 1e-4, "limit {limit}");
+        }
     }
 
     #[test]

@@ -102,6 +102,32 @@ enum Command {
     },
     /// Time each stage of a generation (text encode, every DiT step, VAE decode).
     Bench(BenchArgs),
+    /// Time the VAE decoder alone (random weights): whole tensors or row bands.
+    BenchVae {
+        /// A named VAE: full (the published FLUX VAE), medium, tiny.
+        #[arg(long, default_value = "full")]
+        config: String,
+        #[arg(long, short = 'W', default_value_t = 1024)]
+        width: u32,
+        #[arg(long, short = 'H', default_value_t = 1024)]
+        height: u32,
+        /// Largest tensor held in one piece, MiB; 0: whole tensors (the
+        /// default is what generation uses).
+        #[arg(long, default_value_t = (zimage_engine::vae::DECODE_TENSOR_LIMIT_BYTES >> 20) as u32)]
+        tensor_mib: u32,
+        /// Warm decodes after the cold one; the fastest is reported.
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+        /// cpu, cuda or wgpu.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16 (default: f32 on CPU, bf16 on GPU).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Time the DiT's and the VAE's heaviest ops one by one at the full
     /// model's shapes, and check the CUDA kernels against burn's defaults.
     BenchOps {
@@ -422,6 +448,12 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.device)?;
             dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
         }
+        Command::BenchVae { config, width, height, tensor_mib, runs, device, dtype, json } => {
+            let kind = DeviceKind::parse(&device)?;
+            let limit = if tensor_mib == 0 { u64::MAX } else { u64::from(tensor_mib) << 20 };
+            let args = (bench::preset(&config)?, (width, height), limit, runs, json, device);
+            dispatch!(kind, parse_dtype(kind, &dtype)?, bench_vae, args)
+        }
         Command::BenchOps { device, dtype, shapes, reps, json, only } => {
             let kind = DeviceKind::parse(&device)?;
             let shapes = zimage_engine::kernel_bench::OpShapes::named(&shapes)?;
@@ -520,6 +552,18 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;
         metadata::write_file_atomic(path, json.as_bytes())?;
+    }
+    Ok(())
+}
+
+type BenchVaeArgs = (bench::BenchModel, (u32, u32), u64, usize, Option<PathBuf>, String);
+
+fn bench_vae<B: Backend>((model, size, limit, runs, json, name): BenchVaeArgs, device: B::Device, dtype: DType) -> Result<()> {
+    let device_name = format!("{name} ({dtype:?})");
+    let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, runs, &device_name)?;
+    print!("{}", bench::vae_table(&report));
+    if let Some(path) = json {
+        metadata::write_file_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }
