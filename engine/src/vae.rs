@@ -834,6 +834,11 @@ mod tests {
         assert!(training_conv(&conv, &randn([1, 3, 4, 4])).is_none());
     }
 
+    fn random_norm(channels: usize, groups: usize) -> GroupNorm<CpuBackend> {
+        let param = || burn::module::Param::from_tensor(randn([channels]));
+        GroupNorm { weight: param(), bias: param(), groups }
+    }
+
     /// Largest |a − b| relative to b's largest magnitude.
     fn rel_diff(a: Tensor<CpuBackend, 4>, b: Tensor<CpuBackend, 4>) -> f32 {
         let scale: f32 = b.clone().abs().max().into_scalar();
@@ -843,11 +848,7 @@ mod tests {
 
     #[test]
     fn group_norm_over_row_bands_is_the_whole_tensors() {
-        let norm = GroupNorm::<CpuBackend> {
-            weight: burn::module::Param::from_tensor(randn([12])),
-            bias: burn::module::Param::from_tensor(randn([12])),
-            groups: 4,
-        };
+        let norm = random_norm(12, 4);
         let x = randn([2, 12, 11, 7]) * 3.0 + 1.5;
         // Uneven bands, one of a single row.
         let bands = vec![x.clone().narrow(2, 0, 5), x.clone().narrow(2, 5, 1), x.clone().narrow(2, 6, 5)];
@@ -939,11 +940,7 @@ mod tests {
 
     #[test]
     fn composed_group_norm_matches_the_fused_kernel() {
-        let norm = GroupNorm::<CpuBackend> {
-            weight: burn::module::Param::from_tensor(randn([64])),
-            bias: burn::module::Param::from_tensor(randn([64])),
-            groups: 32,
-        };
+        let norm = random_norm(64, 32);
         let x = randn([1, 64, 32, 32]) * 3.0 + 1.5;
         let (fused, composed) = (norm.forward(x.clone()), norm.forward_composed(x));
         let diff: f32 = (fused - composed).abs().max().into_scalar();

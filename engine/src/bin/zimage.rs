@@ -115,18 +115,8 @@ enum Command {
         /// default is what generation uses).
         #[arg(long, default_value_t = (zimage_engine::vae::DECODE_TENSOR_LIMIT_BYTES >> 20) as u32)]
         tensor_mib: u32,
-        /// Warm decodes after the cold one; the fastest is reported.
-        #[arg(long, default_value_t = 2)]
-        runs: usize,
-        /// cpu, cuda or wgpu.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32 or bf16 (default: f32 on CPU, bf16 on GPU).
-        #[arg(long)]
-        dtype: Option<String>,
-        /// Also write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        run: BenchRun,
     },
     /// Time the DiT's and the VAE's heaviest ops one by one at the full
     /// model's shapes, and check the CUDA kernels against burn's defaults.
@@ -176,6 +166,23 @@ enum Command {
     },
 }
 
+/// How `bench` and `bench-vae` run and report.
+#[derive(Args)]
+struct BenchRun {
+    /// Warm runs after the cold one; the fastest is reported.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// cpu, cuda or wgpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight/compute dtype override: f32 or bf16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Args)]
 #[command(args_override_self = true)]
 struct BenchArgs {
@@ -202,18 +209,8 @@ struct BenchArgs {
     /// Prompt length in tokens (template included).
     #[arg(long, default_value_t = 100)]
     tokens: usize,
-    /// Warm runs after the cold one; the fastest is reported.
-    #[arg(long, default_value_t = 2)]
-    runs: usize,
-    /// cpu, cuda or wgpu.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Weight/compute dtype override: f32 or bf16 (default: f32 on CPU, bf16 on GPU).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Also write the report as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    run: BenchRun,
     /// Load the text encoder alone, encode the prompt, release it, and only
     /// then load the DiT and VAE (the app's lowest memory plan): the peak
     /// memory without the text encoder resident.
@@ -445,14 +442,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            let kind = DeviceKind::parse(&args.device)?;
-            dispatch!(kind, parse_dtype(kind, &args.dtype)?, bench, args)
+            let kind = DeviceKind::parse(&args.run.device)?;
+            dispatch!(kind, parse_dtype(kind, &args.run.dtype)?, bench, args)
         }
-        Command::BenchVae { config, width, height, tensor_mib, runs, device, dtype, json } => {
-            let kind = DeviceKind::parse(&device)?;
+        Command::BenchVae { config, width, height, tensor_mib, run } => {
+            let kind = DeviceKind::parse(&run.device)?;
             let limit = if tensor_mib == 0 { u64::MAX } else { u64::from(tensor_mib) << 20 };
-            let args = (bench::preset(&config)?, (width, height), limit, runs, json, device);
-            dispatch!(kind, parse_dtype(kind, &dtype)?, bench_vae, args)
+            let dtype = parse_dtype(kind, &run.dtype)?;
+            dispatch!(kind, dtype, bench_vae, (bench::preset(&config)?, (width, height), limit, run))
         }
         Command::BenchOps { device, dtype, shapes, reps, json, only } => {
             let kind = DeviceKind::parse(&device)?;
@@ -546,23 +543,25 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
         req.prompts = vec![bench::fit_prompt(&pipe.text_encoder()?.tokenizer, args.tokens)?];
     }
     req.validate(pipe.pixel_multiple())?;
-    let device_name = format!("{} ({:?})", args.device, dtype);
-    let report = bench::run(&pipe, &req, encoded.as_ref(), load, args.runs, &device_name)?;
+    let device_name = format!("{} ({:?})", args.run.device, dtype);
+    let report = bench::run(&pipe, &req, encoded.as_ref(), load, args.run.runs, &device_name)?;
     print!("{}", bench::table(&report));
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.run.json {
         let json = serde_json::to_string_pretty(&report)?;
         metadata::write_file_atomic(path, json.as_bytes())?;
     }
     Ok(())
 }
 
-type BenchVaeArgs = (bench::BenchModel, (u32, u32), u64, usize, Option<PathBuf>, String);
-
-fn bench_vae<B: Backend>((model, size, limit, runs, json, name): BenchVaeArgs, device: B::Device, dtype: DType) -> Result<()> {
-    let device_name = format!("{name} ({dtype:?})");
-    let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, runs, &device_name)?;
+fn bench_vae<B: Backend>(
+    (model, size, limit, run): (bench::BenchModel, (u32, u32), u64, BenchRun),
+    device: B::Device,
+    dtype: DType,
+) -> Result<()> {
+    let device_name = format!("{} ({dtype:?})", run.device);
+    let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, run.runs, &device_name)?;
     print!("{}", bench::vae_table(&report));
-    if let Some(path) = json {
+    if let Some(path) = run.json {
         metadata::write_file_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
