@@ -41,6 +41,13 @@ for dt in ("f32", "bf16"):
         except Exception as e:
             print(f"{dt} {name}: failed: {e}")
 PY
+# The VAE in row bands against whole tensors on the card (512², bands of at most
+# 16 MiB: several per level, the attention in query chunks), in f32 and bf16.
+for dt in f32 bf16; do
+  echo "== VAE bands vs whole, $dt" | tee -a "$LOG"
+  timeout 90 "$Z" bench-vae --device cuda --dtype $dt --config full -W 512 -H 512 --tensor-mib 16 --runs 1 --check 2>&1 \
+    | grep -E "decode|bands vs whole|GPU memory" | tee -a "$LOG"
+done
 # With the kernels not yet verified on CUDA on too, so that their pieces are checked.
 ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 150 "$Z" bench-ops --device cuda --shapes full --reps 3 --only attention 2>&1 | grep -v "^note" | tee -a "$LOG"
 # The whole model with the composed attention where bench-ops found it right and faster.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::DType;
+use burn::tensor::{DType, ElementConversion};
 use serde::Serialize;
 
 use crate::dit::{ZImageDit, ZImageDitConfig};
@@ -324,6 +324,9 @@ pub struct VaeBenchReport {
     pub peak_host_mib: f64,
     /// The GPU's accounting after the first decode and after all (empty on the CPU).
     pub device_memory: Vec<StageMemory>,
+    /// With `check`: largest |banded − whole| over the whole decode's largest
+    /// magnitude, the same latents decoded both ways after the timed runs.
+    pub max_rel_diff_vs_whole: Option<f64>,
 }
 
 /// Times a `width`×`height` decode of random latents, `runs` times after a
@@ -334,7 +337,7 @@ pub fn run_vae<B: Backend>(
     dtype: DType,
     (width, height): (u32, u32),
     limit: u64,
-    runs: usize,
+    (runs, check): (usize, bool),
     device_name: &str,
 ) -> Result<VaeBenchReport> {
     let scale = model.vae.scale() as u32;
@@ -362,6 +365,13 @@ pub fn run_vae<B: Backend>(
         best = best.min(decode()?);
     }
     device_memory.extend(stage_memory::<B>(device, "all decodes"));
+    let max_rel_diff_vs_whole = check.then(|| {
+        let whole = vae.decode_within(z.clone(), u64::MAX).cast(DType::F32);
+        let banded = vae.decode_within(z.clone(), limit).cast(DType::F32);
+        let scale = whole.clone().abs().max().into_scalar().elem::<f64>();
+        let diff = (banded - whole).abs().max().into_scalar().elem::<f64>();
+        diff / scale.max(1e-12)
+    });
     Ok(VaeBenchReport {
         config: model.name.into(),
         device: device_name.into(),
@@ -374,6 +384,7 @@ pub fn run_vae<B: Backend>(
         runs: runs.max(1),
         peak_host_mib: peak_host_mib(),
         device_memory,
+        max_rel_diff_vs_whole,
     })
 }
 
@@ -392,6 +403,9 @@ pub fn vae_table(r: &VaeBenchReport) -> String {
     s += &format!("peak host    {:10.1} MiB\n", r.peak_host_mib);
     for m in &r.device_memory {
         s += &format!("GPU memory   {:10.1} MiB in tensors, {:10.1} MiB reserved by the pools, after {}\n", m.in_use_mib, m.reserved_mib, m.after);
+    }
+    if let Some(d) = r.max_rel_diff_vs_whole {
+        s += &format!("bands vs whole {d:.2e} (largest difference over the largest value)\n");
     }
     s
 }
@@ -481,13 +495,14 @@ mod tests {
         let device = Default::default();
         let model = preset("tiny").unwrap();
         for limit in [u64::MAX, 4096] {
-            let r = run_vae::<CpuBackend>(&model, &device, DType::F32, (64, 48), limit, 1, "cpu").unwrap();
+            let r = run_vae::<CpuBackend>(&model, &device, DType::F32, (64, 48), limit, (1, true), "cpu").unwrap();
             assert!(r.decode_ms > 0.0 && r.first_decode_ms > 0.0 && r.peak_host_mib > 0.0);
             assert_eq!(r.tensor_limit_mib.is_some(), limit != u64::MAX);
             assert!(r.device_memory.is_empty(), "the CPU has no device accounting");
-            assert!(vae_table(&r).contains("decode"));
+            assert!(r.max_rel_diff_vs_whole.is_some_and(|d| d < 1e-5), "{:?}", r.max_rel_diff_vs_whole);
+            assert!(vae_table(&r).contains("bands vs whole"));
         }
-        let odd = run_vae::<CpuBackend>(&model, &device, DType::F32, (60, 48), u64::MAX, 1, "cpu");
+        let odd = run_vae::<CpuBackend>(&model, &device, DType::F32, (60, 48), u64::MAX, (1, false), "cpu");
         assert!(odd.unwrap_err().to_string().contains("multiples of 8"));
     }
 }

@@ -115,6 +115,10 @@ enum Command {
         /// default is what generation uses).
         #[arg(long, default_value_t = (zimage_engine::vae::DECODE_TENSOR_LIMIT_BYTES >> 20) as u32)]
         tensor_mib: u32,
+        /// Also decode the same latents in whole tensors and report the
+        /// largest difference from the banded decode.
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         run: BenchRun,
     },
@@ -445,11 +449,11 @@ fn run(cli: Cli) -> Result<()> {
             let kind = DeviceKind::parse(&args.run.device)?;
             dispatch!(kind, parse_dtype(kind, &args.run.dtype)?, bench, args)
         }
-        Command::BenchVae { config, width, height, tensor_mib, run } => {
+        Command::BenchVae { config, width, height, tensor_mib, check, run } => {
             let kind = DeviceKind::parse(&run.device)?;
             let limit = if tensor_mib == 0 { u64::MAX } else { u64::from(tensor_mib) << 20 };
             let dtype = parse_dtype(kind, &run.dtype)?;
-            dispatch!(kind, dtype, bench_vae, (bench::preset(&config)?, (width, height), limit, run))
+            dispatch!(kind, dtype, bench_vae, (bench::preset(&config)?, (width, height), limit, check, run))
         }
         Command::BenchOps { device, dtype, shapes, reps, json, only } => {
             let kind = DeviceKind::parse(&device)?;
@@ -554,12 +558,12 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
 }
 
 fn bench_vae<B: Backend>(
-    (model, size, limit, run): (bench::BenchModel, (u32, u32), u64, BenchRun),
+    (model, size, limit, check, run): (bench::BenchModel, (u32, u32), u64, bool, BenchRun),
     device: B::Device,
     dtype: DType,
 ) -> Result<()> {
     let device_name = format!("{} ({dtype:?})", run.device);
-    let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, run.runs, &device_name)?;
+    let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, (run.runs, check), &device_name)?;
     print!("{}", bench::vae_table(&report));
     if let Some(path) = run.json {
         metadata::write_file_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
