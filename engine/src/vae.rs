@@ -93,7 +93,8 @@ impl VaeConfig {
 
 const GN_EPS: f64 = 1e-6;
 
-/// The largest tensor, in bytes, that [`Vae::decode`] holds in one piece.
+/// The largest tensor, in bytes, that [`Vae::decode`] and [`Vae::encode`]
+/// hold in one piece.
 /// Why: at 1024² the decoder's top levels hold 0.5–1.07 GB activations, and
 /// cubecl's CUDA pools give any allocation between 312 MB and 2.5 GB a page
 /// of its own kind, 5 GB on an 80 GB card, kept until cleanup (see
@@ -321,11 +322,10 @@ impl<B: Backend> RowBands<B> {
             if i + 1 == n {
                 return apply_conv(conv, band); // the conv's own padding is the bottom edge's
             }
+            // An even band, the row below it and the conv's own zero row under
+            // that: exactly half the band's rows out, the last reading the row below.
             let below = self.bands[i + 1].clone().narrow(2, 0, 1);
-            // One row more than the band's own output reads: that row, of the
-            // padding below the halo, is dropped.
-            let h = band.dims()[2];
-            crate::fused::contiguous(apply_conv(conv, Tensor::cat(vec![band, below], 2)).narrow(2, 0, h / 2))
+            apply_conv(conv, Tensor::cat(vec![band, below], 2))
         });
         Self { bands: bands.collect() }
     }
