@@ -54,7 +54,7 @@ if [ -z "${ZIMAGE_ATTENTION:-}" ] && grep -q "^best attention: composed" "$OUT/o
 fi
 log "attention for the runs below: ${ZIMAGE_ATTENTION:-flash}"
 
-run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates; SUB: the subcommand (bench)
+run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates; SUB: the subcommand (bench); TIMEOUT: seconds (150)
   local name=$1; shift
   local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.$name.log" &
@@ -66,7 +66,7 @@ run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it c
     dir="$OUT/memlog-$name"; mkdir -p "$dir"
     printf '[memory.logger]\nlevel = "full"\nfile = "%s"\n' "$OUT/$name.cubecl-memory.log" > "$dir/cubecl.toml"
   fi
-  (cd "$dir" && timeout 150 "$PWD_REPO/$Z" "${SUB:-bench}" --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
+  (cd "$dir" && timeout "${TIMEOUT:-150}" "$PWD_REPO/$Z" "${SUB:-bench}" --device cuda --json "$OUT/$name.json" "$@") 2>&1 | tee -a "$LOG"
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
@@ -101,8 +101,8 @@ fi
 # (the default since session 12): how much of the peak the pools' large
 # pages took (docs/performance.md, "Session 11").
 log "ours: VAE decode 1024², whole tensors vs row bands"
-SUB=bench-vae run_ours vae1024_whole --config full -W 1024 -H 1024 --runs 1 --tensor-mib 0
-SUB=bench-vae run_ours vae1024_bands --config full -W 1024 -H 1024 --runs 1
+SUB=bench-vae TIMEOUT=60 run_ours vae1024_whole --config full -W 1024 -H 1024 --runs 1 --tensor-mib 0
+SUB=bench-vae TIMEOUT=60 run_ours vae1024_bands --config full -W 1024 -H 1024 --runs 1
 log "ours: Turbo 512² 8 steps"
 run_ours turbo512 --config full --kind turbo -W 512 -H 512 --runs 1
 log "ours: Base 1024² with CFG (3 steps timed)"
