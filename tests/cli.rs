@@ -263,8 +263,12 @@ fn bench_vae_reports_whole_and_banded_decodes() {
         assert_eq!(r["tensor_limit_mib"].is_number(), banded, "{r}");
         assert!(r["decode_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
-    let out = zimage(&["bench-vae", "--config", "tiny", "-W", "100", "-H", "64"], tmp.path());
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // Sizes off the VAE's grid and over the maximum side: one line each.
+    for (size, says) in [("100", "multiples of 8"), ("40000000", "maximum")] {
+        let out = zimage(&["bench-vae", "--config", "tiny", "-W", size, "-H", "64"], tmp.path());
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{size}: {stderr}");
+        assert!(stderr.contains(says), "{size}: {stderr}");
+    }
 }

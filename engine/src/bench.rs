@@ -329,6 +329,19 @@ pub struct VaeBenchReport {
     pub max_rel_diff_vs_whole: Option<f64>,
 }
 
+/// Refuses a decode size off the VAE's grid or over generation's maximum side.
+pub fn check_vae_size(model: &BenchModel, width: u32, height: u32) -> Result<()> {
+    let scale = model.vae.scale() as u32;
+    if width == 0 || height == 0 || width % scale != 0 || height % scale != 0 {
+        return Err(EngineError::invalid(format!("image size {width}×{height} must be positive multiples of {scale}")));
+    }
+    let max = crate::pipeline::MAX_SIDE;
+    if width > max || height > max {
+        return Err(EngineError::invalid(format!("image size {width}×{height} is larger than the maximum of {max}")));
+    }
+    Ok(())
+}
+
 /// Times a `width`×`height` decode of random latents, `runs` times after a
 /// cold one, holding no tensor over `limit` bytes in one piece.
 pub fn run_vae<B: Backend>(
@@ -340,10 +353,8 @@ pub fn run_vae<B: Backend>(
     (runs, check): (usize, bool),
     device_name: &str,
 ) -> Result<VaeBenchReport> {
+    check_vae_size(model, width, height)?;
     let scale = model.vae.scale() as u32;
-    if width == 0 || height == 0 || width % scale != 0 || height % scale != 0 {
-        return Err(EngineError::invalid(format!("image size {width}×{height} must be positive multiples of {scale}")));
-    }
     let start = Instant::now();
     let vae = Vae::build(&model.vae, &mut RandomWeights::<B>::new(device, dtype), false)?;
     sync::<B>(device)?;

@@ -347,6 +347,11 @@ macro_rules! dispatch {
     }};
 }
 
+/// Whether `B` is the CPU backend, whose working memory is host memory.
+fn on_cpu<B: Backend>() -> bool {
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<CpuBackend>()
+}
+
 fn parse_dtype(kind: DeviceKind, arg: &Option<String>) -> Result<DType> {
     Ok(match arg.as_deref() {
         None => kind.weight_dtype(),
@@ -547,6 +552,11 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
         req.prompts = vec![bench::fit_prompt(&pipe.text_encoder()?.tokenizer, args.tokens)?];
     }
     req.validate(pipe.pixel_multiple())?;
+    if on_cpu::<B>() {
+        if let Some(available) = zimage_engine::device::host_available_memory() {
+            pipe.check_memory(&req, available)?;
+        }
+    }
     let device_name = format!("{} ({:?})", args.run.device, dtype);
     let report = bench::run(&pipe, &req, encoded.as_ref(), load, args.run.runs, &device_name)?;
     print!("{}", bench::table(&report));
@@ -562,6 +572,18 @@ fn bench_vae<B: Backend>(
     device: B::Device,
     dtype: DType,
 ) -> Result<()> {
+    let (w, h) = size;
+    let scale = model.vae.scale() as u32;
+    bench::check_vae_size(&model, w, h)?;
+    if on_cpu::<B>() {
+        if let Some(available) = zimage_engine::device::host_available_memory() {
+            let need = model.vae.decode_working_bytes((h / scale) as usize, (w / scale) as usize);
+            if need > available {
+                let what = format!("a {w}x{h} decode");
+                return Err(zimage_engine::error::EngineError::InsufficientMemory { what, need, available }.into());
+            }
+        }
+    }
     let device_name = format!("{} ({dtype:?})", run.device);
     let report = bench::run_vae::<B>(&model, &device, dtype, size, limit, (run.runs, check), &device_name)?;
     print!("{}", bench::vae_table(&report));
@@ -692,7 +714,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     req.validate(pipe.pixel_multiple())?;
     // On the CPU the working memory is host memory, and running out of it
     // aborts the process: refuse what cannot fit, before allocating.
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<CpuBackend>() {
+    if on_cpu::<B>() {
         if let Some(available) = zimage_engine::device::host_available_memory() {
             pipe.check_memory(&req, available)?;
         }
