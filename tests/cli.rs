@@ -264,7 +264,7 @@ fn bench_vae_reports_whole_and_banded_decodes() {
         assert!(r["decode_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
     // Sizes off the VAE's grid and over the maximum side: one line each.
-    for (size, says) in [("100", "multiples of 8"), ("40000000", "maximum")] {
+    for (size, says) in [("100", "not a multiple of 8"), ("40000000", "maximum")] {
         let out = zimage(&["bench-vae", "--config", "tiny", "-W", size, "-H", "64"], tmp.path());
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -331,15 +331,7 @@ pub struct VaeBenchReport {
 
 /// Refuses a decode size off the VAE's grid or over generation's maximum side.
 pub fn check_vae_size(model: &BenchModel, width: u32, height: u32) -> Result<()> {
-    let scale = model.vae.scale() as u32;
-    if width == 0 || height == 0 || width % scale != 0 || height % scale != 0 {
-        return Err(EngineError::invalid(format!("image size {width}×{height} must be positive multiples of {scale}")));
-    }
-    let max = crate::pipeline::MAX_SIDE;
-    if width > max || height > max {
-        return Err(EngineError::invalid(format!("image size {width}×{height} is larger than the maximum of {max}")));
-    }
-    Ok(())
+    crate::pipeline::validate_sides(width, height, model.vae.scale() as u32)
 }
 
 /// Times a `width`×`height` decode of random latents, `runs` times after a
@@ -514,6 +506,6 @@ mod tests {
             assert!(vae_table(&r).contains("bands vs whole"));
         }
         let odd = run_vae::<CpuBackend>(&model, &device, DType::F32, (60, 48), u64::MAX, (1, false), "cpu");
-        assert!(odd.unwrap_err().to_string().contains("multiples of 8"));
+        assert!(odd.unwrap_err().to_string().contains("not a multiple of 8"));
     }
 }

@@ -95,6 +95,27 @@ pub struct GenerateRequest {
     pub strength: f32,
 }
 
+/// Checks an image size: each side positive, a multiple of `pixel_multiple`
+/// and at most [`MAX_SIDE`]; one line saying what is wrong.
+pub fn validate_sides(width: u32, height: u32, pixel_multiple: u32) -> Result<()> {
+    let bad = |m: String| Err(EngineError::invalid(m));
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 {
+            return bad(format!("{name} must be positive"));
+        }
+        if v % pixel_multiple != 0 {
+            return bad(format!(
+                "{name} {v} is not a multiple of {pixel_multiple} (try {})",
+                (v / pixel_multiple).max(1) * pixel_multiple
+            ));
+        }
+        if v > MAX_SIDE {
+            return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
+        }
+    }
+    Ok(())
+}
+
 impl GenerateRequest {
     /// A request with the defaults of `kind`.
     pub fn new(prompt: impl Into<String>, kind: ModelKind) -> Self {
@@ -119,20 +140,7 @@ impl GenerateRequest {
         if self.prompts.is_empty() {
             return bad("no prompt given".into());
         }
-        for (name, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 {
-                return bad(format!("{name} must be positive"));
-            }
-            if v % pixel_multiple != 0 {
-                return bad(format!(
-                    "{name} {v} is not a multiple of {pixel_multiple} (try {})",
-                    (v / pixel_multiple).max(1) * pixel_multiple
-                ));
-            }
-            if v > MAX_SIDE {
-                return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
-            }
-        }
+        validate_sides(self.width, self.height, pixel_multiple)?;
         if self.steps == 0 || self.steps > 1000 {
             return bad(format!("steps must be between 1 and 1000, not {}", self.steps));
         }
