@@ -38,6 +38,53 @@ fi
 [ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
 
+log "parity: tiny fixtures, CUDA vs CPU"
+for dt in f32 bf16; do
+  for dev in cpu cuda; do
+    timeout 60 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
+      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$LOG"
+  done
+done
+python3 - "$OUT" <<'PY' | tee -a "$LOG"
+import sys, numpy as np
+from PIL import Image
+out = sys.argv[1]
+for dt in ("f32", "bf16"):
+    try:
+        a = np.asarray(Image.open(f"{out}/parity-cpu-{dt}.png")).astype(int)
+        b = np.asarray(Image.open(f"{out}/parity-cuda-{dt}.png")).astype(int)
+        print(f"parity {dt}: max |cuda - cpu| = {np.abs(a - b).max()} (uint8), mean {np.abs(a - b).mean():.3f}")
+    except Exception as e:
+        print(f"parity {dt}: failed: {e}")
+PY
+
+# The two fused kernels not yet confirmed on CUDA (the SiLU gate and the
+# softmax writing bf16: their outputs had CUDA's padded rows until session
+# 13, see engine/src/cube_kernels.rs) are used for everything below when the
+# tiny image with them on matches the CPU's as closely as without them.
+log "fused kernels not yet confirmed on CUDA: tiny image with them on"
+ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 60 "$Z" generate --device cuda --dtype f32 --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
+  --seed 42 -W 64 -H 64 -q -o "$OUT/parity-cuda-f32-all.png" 2>&1 | tee -a "$LOG"
+python3 - "$OUT" <<'PY' | tee -a "$LOG" "$OUT/all-kernels.txt"
+import sys, numpy as np
+from PIL import Image
+out = sys.argv[1]
+try:
+    a = np.asarray(Image.open(f"{out}/parity-cpu-f32.png")).astype(int)
+    b = np.asarray(Image.open(f"{out}/parity-cuda-f32-all.png")).astype(int)
+    d = np.abs(a - b).max()
+    print(f"all fused kernels on, f32: max |cuda - cpu| = {d}, mean {np.abs(a - b).mean():.3f}")
+    print("all fused kernels right" if d <= 2 else "all fused kernels NOT right: the confirmed ones only")
+except Exception as e:
+    print(f"all fused kernels: failed: {e}")
+PY
+if grep -q "^all fused kernels right" "$OUT/all-kernels.txt"; then export ZIMAGE_GPU_FUSED_CUDA_ALL=1; fi
+if [ -n "${ZIMAGE_GPU_FUSED_CUDA_ALL:-}" ]; then
+  log "fused kernels for the runs below: all (the SiLU gate and the bf16 softmax too)"
+else
+  log "fused kernels for the runs below: those confirmed on CUDA (RMSNorm, RoPE, softmax bf16 -> f32)"
+fi
+
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
 log "ops at full-size shapes (bf16)"
@@ -71,26 +118,6 @@ run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it c
   echo "$(( $(sort -n "$OUT/mem.$name.log" | tail -1) - base ))" > "$OUT/$name.peak_mib"
 }
 
-log "parity: tiny fixtures, CUDA vs CPU"
-for dt in f32 bf16; do
-  for dev in cpu cuda; do
-    timeout 60 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
-      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$LOG"
-  done
-done
-python3 - "$OUT" <<'PY' | tee -a "$LOG"
-import sys, numpy as np
-from PIL import Image
-out = sys.argv[1]
-for dt in ("f32", "bf16"):
-    try:
-        a = np.asarray(Image.open(f"{out}/parity-cpu-{dt}.png")).astype(int)
-        b = np.asarray(Image.open(f"{out}/parity-cuda-{dt}.png")).astype(int)
-        print(f"parity {dt}: max |cuda - cpu| = {np.abs(a - b).max()} (uint8), mean {np.abs(a - b).mean():.3f}")
-    except Exception as e:
-        print(f"parity {dt}: failed: {e}")
-PY
-
 log "ours: Turbo 1024² 8 steps"
 run_ours turbo1024 --config full --kind turbo -W 1024 -H 1024 --runs 1
 if [ "$QUICK" != 1 ]; then
@@ -119,13 +146,8 @@ for spec in "turbo1024 --kind turbo --width 1024 --height 1024 --runs 1" \
     > "$OUT/torch_$name.txt" 2>&1 || tail -5 "$OUT/torch_$name.txt"
 done
 
-log "ours with burn's default kernels (no flash attention, direct conv): Turbo 512², for the A/B on this card"
-saved="${ZIMAGE_MATMUL:-}"
-unset ZIMAGE_MATMUL
-export ZIMAGE_CUDA_KERNELS=burn ZIMAGE_GPU_FUSED=0
-run_ours turbo512_burn_kernels --config full --kind turbo -W 512 -H 512 --runs 1
-unset ZIMAGE_CUDA_KERNELS ZIMAGE_GPU_FUSED
-[ -n "$saved" ] && export ZIMAGE_MATMUL="$saved"
+# (The A/B against burn's default kernels everywhere, 3,148 ms at Turbo 512² in
+# run 6, is no longer run: its time went to the fused-kernel check above.)
 fi
 
 log "A/B: the fused GPU kernels (RMSNorm, RoPE, SiLU gate) off (Turbo 512²)"
@@ -148,8 +170,8 @@ def load(p):
         return None
 print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_attention", "turbo512", "turbo512_unfused", "turbo512_burn_kernels", "base1024"):
-    b_name = name.replace('_te_released', '').replace('_burn_kernels', '').replace('_other_attention', '').replace('_unfused', '')
+for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_attention", "turbo512", "turbo512_unfused", "base1024"):
+    b_name = name.replace('_te_released', '').replace('_other_attention', '').replace('_unfused', '')
     a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{b_name}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"

@@ -17,7 +17,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nv
 LOG="$FINAL/check.txt"
 gen() { # device, dtype, output
   timeout 60 "$Z" generate --device "$1" --dtype "$2" --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
-    --seed 42 -W 64 -H 64 -q -o "$3" > /dev/null 2>&1
+    --seed 42 -W 64 -H 64 -q -o "$3" > /dev/null 2>> "$FINAL/generate-stderr.txt"
 }
 # name:VARIABLE=value — each a CUDA run of the tiny fixture with that setting.
 variants="${VARIANTS:-on:ZIMAGE_GPU_FUSED=1 off:ZIMAGE_GPU_FUSED=0 unverified-too:ZIMAGE_GPU_FUSED_CUDA_ALL=1}"
@@ -28,6 +28,8 @@ for dt in f32 bf16; do
     ( export "${v#*:}"; gen cuda $dt "$FINAL/cuda-$dt-${v%%:*}.png" )
   done
 done
+# A kernel that fails to compile panics on cubecl's server thread: say so.
+echo "generate stderr: $(grep -c -i -E "panic|error" "$FINAL/generate-stderr.txt" 2>/dev/null || echo 0) lines with panic/error (generate-stderr.txt)" | tee -a "$LOG"
 python3 - "$FINAL" $variants <<'PY' | tee -a "$LOG"
 import sys, numpy as np
 from PIL import Image

@@ -14,7 +14,8 @@
 //! block 17.6 → 13.7 ms. On CUDA only the kernels whose results were
 //! checked right on that card run (`Op::verified_on_cuda`: RMSNorm,
 //! RoPE, the bf16 → f32 softmax); the SiLU gate and the softmax writing bf16
-//! were wrong there, though right on wgpu (the tests below).
+//! were wrong there, though right on wgpu (the tests below): their outputs
+//! had CUDA's padded rows (fixed, see `imp::output`; to be confirmed on a card).
 //!
 //! Every function returns `None` off CUDA/wgpu (and for shapes it does not
 //! take), and the caller runs the composed ops; `ZIMAGE_GPU_FUSED=0` turns
@@ -158,6 +159,35 @@ pub fn softmax<B: Backend, const D: usize>(scores: &Tensor<B, D>, scale: f64, dt
     None
 }
 
+/// The distance between consecutive rows (last-dimension runs) of a
+/// tensor whose rows are each contiguous and follow one another at a
+/// fixed pitch (≥ the row length), as a compact tensor's or a padded
+/// allocation's; `None` for any other layout.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+fn row_pitch(shape: &[usize], strides: &[usize]) -> Option<usize> {
+    let d = shape.len();
+    let n = *shape.last()?;
+    if n > 1 && strides[d - 1] != 1 {
+        return None;
+    }
+    if d == 1 {
+        return Some(n);
+    }
+    let pitch = strides[d - 2];
+    if pitch < n && shape[d - 2] > 1 {
+        return None;
+    }
+    let mut expected = pitch;
+    for k in (0..d - 1).rev() {
+        if shape[k] > 1 && strides[k] != expected {
+            return None;
+        }
+        expected *= shape[k];
+    }
+    Some(pitch.max(n))
+}
+
+
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod imp {
     use std::any::Any;
@@ -168,8 +198,10 @@ mod imp {
     use burn::tensor::{DType, Tensor as BurnTensor, TensorPrimitive};
     use burn_cubecl::CubeRuntime;
     use burn_cubecl::kernel::into_contiguous;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use burn_cubecl::tensor::CubeTensor;
+
+    use super::row_pitch;
     use cubecl::prelude::*;
     use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
@@ -195,8 +227,12 @@ mod imp {
         /// though right on the full-size shapes; the softmax was right from
         /// bf16 scores to f32 weights (1.2·10⁻⁶ off at `[30, 4224, 4224]`) and
         /// wrong whenever it wrote bf16. All are right on wgpu (the tests
-        /// below); on CUDA the rest stays off until found out
-        /// (`ZIMAGE_GPU_FUSED_CUDA_ALL=1` turns it on, for `bench/gpu_check.sh`).
+        /// below). Session 13 found why, from cubecl's source: the outputs
+        /// were allocated in CUDA's padded-row layout (see [`output`]), which
+        /// predicts exactly those cases and no others; they are compact now.
+        /// Until a card confirms it, the two stay off on CUDA
+        /// (`ZIMAGE_GPU_FUSED_CUDA_ALL=1` turns them on: `bench/gpu_check.sh`
+        /// checks them, `bench/gpu.sh` uses them when the tiny image agrees).
         #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
         pub fn verified_on_cuda(&self) -> bool {
             match self {
@@ -230,9 +266,16 @@ mod imp {
     fn on_runtime<B: Backend, R: CubeRuntime, const D: usize>(inputs: &[B::FloatTensorPrimitive], op: Op) -> Option<BurnTensor<B, D>> {
         let cubes = inputs
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(k, p)| {
                 let boxed: Box<dyn Any> = Box::new(p.clone());
-                boxed.downcast::<CubeTensor<R>>().ok().map(|t| into_contiguous(*t))
+                let t = *boxed.downcast::<CubeTensor<R>>().ok()?;
+                // The softmax reads its scores at a row pitch (a matmul's
+                // output, padded rows on CUDA: copying them would be another
+                // pass over the largest tensor of the attention); every other
+                // input is read as compact rows.
+                let pitched_ok = matches!(op, Op::Softmax { .. }) && k == 0;
+                Some(if pitched_ok && row_pitch(t.meta.shape(), t.meta.strides()).is_some() { t } else { into_contiguous(t) })
             })
             .collect::<Option<Vec<_>>>()?;
         // A launch that panics on this thread (cubecl checking the arguments)
@@ -257,6 +300,21 @@ mod imp {
         let boxed: Box<dyn Any> = Box::new(out);
         let out = boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
         Some(BurnTensor::from_primitive(TensorPrimitive::Float(*out)))
+    }
+
+    /// A kernel's output, always compact rows. Not `empty_device_dtype`:
+    /// that asks the runtime for its *optimized* layout, and CUDA's
+    /// (cubecl's `PitchedMemoryLayoutPolicy`) pads every row to a multiple
+    /// of min(next power of two of its bytes, 512) bytes, so that a
+    /// `[.., 85]` f32 or `[.., 4224]` bf16 tensor has its rows 512 or 8,704
+    /// bytes apart, while these kernels write row `r` at `r · n`. wgpu
+    /// allocates compactly, which is why the SiLU gate (the tiny DiT's
+    /// hidden width 85) and the softmax writing bf16 (4,224 keys) were
+    /// right on wgpu and wrong on the H100 (GPU runs 7–8), and why RMSNorm
+    /// and RoPE (widths of 32 and 16 f32, 3,840 and 128 bf16: multiples of
+    /// their alignment) were right on both.
+    fn output<R: CubeRuntime>(like: &CubeTensor<R>, shape: burn::tensor::Shape, dtype: DType) -> CubeTensor<R> {
+        empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
     }
 
     /// Threads per cube for a row of `n`: a power of two (the block
@@ -289,7 +347,7 @@ mod imp {
         match op {
             Op::RmsNorm { n, rows_per_item, eps, scaled, residual } => {
                 let rows = numel / n;
-                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let out = output(&x, shape, dtype);
                 let weight = t.get(1)?.clone();
                 // Unused inputs are bound to `x` (never read: comptime flags).
                 let scale = if scaled { t.get(2)?.clone() } else { x.clone() };
@@ -317,7 +375,7 @@ mod imp {
             }
             Op::Rope { heads, half } => {
                 let (cos, sin) = (t.get(1)?.clone(), t.get(2)?.clone());
-                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let out = output(&x, shape, dtype);
                 let pairs = numel / 2;
                 let (count, dim) = per_unit(&client, pairs);
                 rope_kernel::launch::<R>(
@@ -337,7 +395,7 @@ mod imp {
             }
             Op::SiluMul => {
                 let up = t.get(1)?.clone();
-                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, dtype);
+                let out = output(&x, shape, dtype);
                 let (count, dim) = per_unit(&client, numel);
                 silu_mul_kernel::launch::<R>(
                     &client,
@@ -356,7 +414,8 @@ mod imp {
                     return None;
                 }
                 let rows = numel / n;
-                let out = empty_device_dtype(client.clone(), x.device.clone(), shape, out_dtype);
+                let pitch = row_pitch(x.meta.shape(), x.meta.strides())?;
+                let out = output(&x, shape, out_dtype);
                 let (count, dim, block) = per_row(&client, rows, n);
                 softmax_kernel::launch::<R>(
                     &client,
@@ -366,6 +425,7 @@ mod imp {
                     out.clone().into_tensor_arg(),
                     rows as u32,
                     n as u32,
+                    pitch as u32,
                     scale as f32,
                     block,
                     [dtype.into(), out_dtype.into()],
@@ -496,13 +556,16 @@ mod imp {
         out[i] = E::cast_from(silu_stable(f32::cast_from(gate[i])) * f32::cast_from(up[i]));
     }
 
-    /// One cube per row of `n`: `out = softmax(scores · scale)`.
+    /// One cube per row of `n`: `out = softmax(scores · scale)`, the rows of
+    /// `scores` `pitch` apart (see [`row_pitch`]), those of `out` compact.
     #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
     fn softmax_kernel<E: Float, O: Float>(
         scores: &Tensor<E>,
         out: &mut Tensor<O>,
         rows: u32,
         n: u32,
+        pitch: u32,
         scale: f32,
         #[comptime] block: u32,
         #[define(E, O)] _dtypes: [StorageType; 2],
@@ -512,25 +575,25 @@ mod imp {
             terminate!();
         }
         let n = n as usize;
-        let base = row * n;
+        let (base, read) = (row * n, row * pitch as usize);
         let step = block as usize;
         let mut largest = f32::new(-3.0e38);
         let mut i = UNIT_POS_X as usize;
         while i < n {
-            largest = f32::max(largest, f32::cast_from(scores[base + i]));
+            largest = f32::max(largest, f32::cast_from(scores[read + i]));
             i += step;
         }
         let largest = cube_reduce(largest, block, true);
         let mut sum = f32::new(0.0);
         let mut i = UNIT_POS_X as usize;
         while i < n {
-            sum += f32::exp((f32::cast_from(scores[base + i]) - largest) * scale);
+            sum += f32::exp((f32::cast_from(scores[read + i]) - largest) * scale);
             i += step;
         }
         let inv = f32::recip(cube_reduce(sum, block, false));
         let mut i = UNIT_POS_X as usize;
         while i < n {
-            out[base + i] = O::cast_from(f32::exp((f32::cast_from(scores[base + i]) - largest) * scale) * inv);
+            out[base + i] = O::cast_from(f32::exp((f32::cast_from(scores[read + i]) - largest) * scale) * inv);
             i += step;
         }
     }
@@ -544,6 +607,22 @@ mod tests {
 
     fn random<B: Backend, const D: usize>(dims: [usize; D], device: &B::Device) -> Tensor<B, D> {
         Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    #[test]
+    fn row_pitch_reads_compact_and_padded_rows_and_nothing_else() {
+        // Compact, and CUDA's padded allocation of a [2, 3, 85] f32 tensor (rows of 128).
+        assert_eq!(row_pitch(&[2, 3, 85], &[255, 85, 1]), Some(85));
+        assert_eq!(row_pitch(&[2, 3, 85], &[384, 128, 1]), Some(128));
+        // A narrowed last dimension is a pitch too; size-1 dimensions may have any stride.
+        assert_eq!(row_pitch(&[4, 600], &[640, 1]), Some(640));
+        assert_eq!(row_pitch(&[1, 4, 600], &[7, 640, 1]), Some(640));
+        assert_eq!(row_pitch(&[5], &[1]), Some(5));
+        // Transposed, strided columns, or leading dimensions not compact over the rows.
+        assert_eq!(row_pitch(&[3, 4], &[1, 3]), None);
+        assert_eq!(row_pitch(&[3, 4], &[8, 2]), None);
+        assert_eq!(row_pitch(&[2, 3, 4], &[16, 4, 1]), None);
+        assert_eq!(row_pitch(&[3, 4], &[2, 1]), None);
     }
 
     /// The kernels run on CUDA and wgpu only: on the CPU every caller gets
@@ -612,5 +691,19 @@ mod tests {
         let w = random::<B, 1>([n], &device);
         let expected = xt.clone() * (xt.clone().square().mean_dim(2) + 1e-6).sqrt().recip() * w.clone().reshape([1, 1, n]);
         close(rms_norm(&xt, &w, 1e-6, None).unwrap(), expected, "strided rms_norm");
+        // Rows at a pitch (a narrowed last dimension, as CUDA's padded rows):
+        // the softmax reads them in place, the other kernels after a compact copy.
+        let wide = random::<B, 3>([2, 7, 640], &device);
+        let w = random::<B, 1>([600], &device);
+        for start in [0, 40] {
+            let x = wide.clone().narrow(2, start, 600);
+            let view = x.clone().into_primitive().tensor();
+            assert_eq!(row_pitch(view.meta.shape(), view.meta.strides()), Some(640), "a view, not a copy");
+            let s = softmax_composed(x.clone() * 0.3, 2);
+            close(softmax(&x, 0.3, DType::F32).unwrap(), s, "softmax of pitched rows");
+            close(silu_mul(&x, &x).unwrap(), silu(x.clone()) * x.clone(), "silu_mul of pitched rows");
+            let expected = x.clone() * (x.clone().square().mean_dim(2) + 1e-6).sqrt().recip() * w.clone().reshape([1, 1, 600]);
+            close(rms_norm(&x, &w, 1e-6, None).unwrap(), expected, "rms_norm of pitched rows");
+        }
     }
 }

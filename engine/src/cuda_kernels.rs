@@ -154,16 +154,17 @@ pub fn composed_attention_on() -> bool {
 }
 
 /// Attention as two batched matmuls through `kernel` around a softmax: the
-/// scores in the inputs' dtype (as PyTorch's math attention), the softmax in
-/// f32 ([`crate::cube_kernels::softmax`], the form verified on CUDA: bf16 in,
-/// f32 out; burn's where it does not run), cast to the inputs' dtype for the
-/// second matmul; a group of heads at a time (scores of at most 1 GiB in
+/// scores in the inputs' dtype (as PyTorch's math attention), the softmax
+/// ([`crate::cube_kernels::softmax`]) writing the inputs' dtype where that
+/// form is allowed on CUDA, else writing f32 (the form verified on the H100)
+/// then cast, or burn's where neither runs; a group of heads at a time (scores of at most 1 GiB in
 /// f32: the 1024² DiT's 30 heads at once would be 2.1 GB). Why: cubek's
 /// flash kernel reached 36–37 TFLOP/s on the H100 and H200, the TMA matmul
 /// 250–300. GPU runs 6–8 (H100): both matmuls right (q·kᵀ 2.8·10⁻³ off f32
 /// in bf16, 3.5·10⁻⁷ in f32; weights·v 2.7·10⁻³), the whole in 3.7–4.2 ms
-/// against flash's 7.6 but with a softmax writing bf16, which was wrong; this
-/// form is still to be timed and checked on a card (`bench-ops`), and
+/// against flash's 7.6 but with a softmax writing bf16, which was wrong (its
+/// output rows were padded on CUDA, see `cube_kernels`; fixed since, not yet
+/// checked on a card); this form is still to be timed and checked on a card (`bench-ops`), and
 /// `bench/gpu.sh` runs it only where that finds it right and faster. Shapes
 /// as [`flash_attention`]; `None` off CUDA or where a matmul refuses.
 pub fn composed_attention<B: Backend>(
@@ -185,9 +186,14 @@ pub fn composed_attention<B: Backend>(
         let len = group.min(items - start);
         let part = |t: &Tensor<B, 3>| if len == items { t.clone() } else { t.clone().narrow(0, start, len) };
         let scores = matmul(&part(&q3), &part(&k_t), kernel)?;
-        let weights = crate::cube_kernels::softmax(&scores, scale, DType::F32)
-            .unwrap_or_else(|| burn::tensor::activation::softmax(scores.cast(DType::F32) * scale, 2));
-        outs.push(matmul(&weights.cast(dtype), &part(&v3), kernel)?);
+        // Weights written in the inputs' dtype where that softmax runs on
+        // this backend, else in f32 and cast.
+        let weights = crate::cube_kernels::softmax(&scores, scale, dtype).unwrap_or_else(|| {
+            crate::cube_kernels::softmax(&scores, scale, DType::F32)
+                .unwrap_or_else(|| burn::tensor::activation::softmax(scores.clone().cast(DType::F32) * scale, 2))
+                .cast(dtype)
+        });
+        outs.push(matmul(&weights, &part(&v3), kernel)?);
     }
     Some(Tensor::cat(outs, 0).reshape([b, h, s_q, d_v]))
 }

@@ -130,6 +130,18 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
             }
             out.push(row);
         }
+        // The same product with the weight stored row-major `[d_in, d_out]`
+        // (what a transpose at load time would give), for the TMA kernels:
+        // does the transposed view cost them anything?
+        let weight_rows = normal(vec![d_in, d_out], 1.0 / (d_in as f64).sqrt()).reshape([d_in, d_out]);
+        let reference_rows = x.clone().cast(DType::F32).matmul(weight_rows.clone().cast(DType::F32));
+        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| k.contains("tma")) {
+            let Some(got) = cuda_kernels::matmul(&x, &weight_rows, kernel) else { continue };
+            let diff = rel_diff(&got, &reference_rows);
+            out.push(timed::<B, _, 2>(device, reps, &format!("{name}, {kernel}, weight row-major"), &shape, Some(flop), Some(diff), || {
+                cuda_kernels::matmul(&x, &weight_rows, kernel).unwrap_or_else(|| x.clone())
+            })?);
+        }
     }
     let best_matmul = per_kernel
         .into_iter()
