@@ -58,10 +58,11 @@ for dt in ("f32", "bf16"):
         print(f"parity {dt}: failed: {e}")
 PY
 
-# The two fused kernels not yet confirmed on CUDA (the SiLU gate and the
-# softmax writing bf16: their outputs had CUDA's padded rows until session
-# 13, see engine/src/cube_kernels.rs) are used for everything below when the
-# tiny image with them on matches the CPU's as closely as without them.
+# The fused kernels not yet confirmed on CUDA (the SiLU gate and the softmax
+# writing bf16, whose outputs had CUDA's padded rows until session 13, see
+# engine/src/cube_kernels.rs; the VAE's GroupNorm, new in session 13) are used
+# for everything below when the tiny image with them on matches the CPU's as
+# closely as without them.
 log "fused kernels not yet confirmed on CUDA: tiny image with them on"
 ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 60 "$Z" generate --device cuda --dtype f32 --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
   --seed 42 -W 64 -H 64 -q -o "$OUT/parity-cuda-f32-all.png" 2>&1 | tee -a "$LOG"
@@ -80,7 +81,7 @@ except Exception as e:
 PY
 if grep -q "^all fused kernels right" "$OUT/all-kernels.txt"; then export ZIMAGE_GPU_FUSED_CUDA_ALL=1; fi
 if [ -n "${ZIMAGE_GPU_FUSED_CUDA_ALL:-}" ]; then
-  log "fused kernels for the runs below: all (the SiLU gate and the bf16 softmax too)"
+  log "fused kernels for the runs below: all (the SiLU gate, the bf16 softmax and the VAE's GroupNorm too)"
 else
   log "fused kernels for the runs below: those confirmed on CUDA (RMSNorm, RoPE, softmax bf16 -> f32)"
 fi
@@ -150,7 +151,7 @@ done
 # run 6, is no longer run: its time went to the fused-kernel check above.)
 fi
 
-log "A/B: the fused GPU kernels (RMSNorm, RoPE, SiLU gate) off (Turbo 512²)"
+log "A/B: the fused GPU kernels off (Turbo 512²)"
 export ZIMAGE_GPU_FUSED=0
 run_ours turbo512_unfused --config full --kind turbo -W 512 -H 512 --runs 1
 unset ZIMAGE_GPU_FUSED

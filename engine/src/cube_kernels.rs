@@ -8,7 +8,9 @@
 //! they were an estimated 120 ms of a 543-ms 1024² DiT step on the H200 (GPU
 //! run 5). Each kernel here reads its inputs once and writes once, computes
 //! in f32 and rounds once to the tensor's dtype. The attention softmax is
-//! here too, for attention as two matmuls around it ([`crate::cuda_kernels`]).
+//! here too, for attention as two matmuls around it ([`crate::cuda_kernels`]),
+//! and the VAE's GroupNorm as two (its statistics, band by band, and the
+//! per-channel affine with SiLU) instead of burn's dozen passes in f32.
 //!
 //! Measured on an H100 (GPU run 6): a 512² DiT step 174 → 125 ms, a 1024²
 //! block 17.6 → 13.7 ms. On CUDA only the kernels whose results were
@@ -37,7 +39,8 @@ pub fn enabled() -> bool {
     }
 }
 
-/// Whether the kernel `name` (`rms_norm`, `rope`, `silu_mul`, `softmax`) is
+/// Whether the kernel `name` (`rms_norm`, `rope`, `silu_mul`, `softmax`,
+/// `group_norm` for both of the VAE's) is
 /// used: [`enabled`], and not listed in `ZIMAGE_GPU_FUSED_OFF` (comma-separated,
 /// to find which one a wrong result comes from).
 fn kernel_on(name: &str) -> bool {
@@ -159,6 +162,51 @@ pub fn softmax<B: Backend, const D: usize>(scores: &Tensor<B, D>, scale: f64, dt
     None
 }
 
+/// Per (item, group) sums of `x − centre` (with `squared`, of its square)
+/// over `x` `[B, C, H, W]`, whose groups are `C / groups` consecutive
+/// channels: `[B·groups]` in f32 (`centres` `[B·groups]`, f32). The VAE's
+/// GroupNorm statistics, band by band: two passes (the mean, then the squared
+/// deviations from it) as the composed ops, each one read of the band.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn group_sums<B: Backend>(x: &Tensor<B, 4>, groups: usize, centres: &Tensor<B, 1>, squared: bool) -> Option<Tensor<B, 1>> {
+    let [b, c, h, w] = x.dims();
+    let sets = b * groups;
+    if !kernel_on("group_norm") || groups == 0 || c % groups != 0 || b * c * h * w == 0 {
+        return None;
+    }
+    if centres.dims() != [sets] || centres.dtype() != DType::F32 {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        // One partial sum per chunk of a group (a group at 1024² is millions
+        // of values: one cube each would leave most of a GPU idle).
+        let partial = imp::dispatch::<B, 1>(vec![imp::prim(x), imp::prim(centres)], imp::Op::GroupSums { groups, squared })?;
+        let chunks = partial.dims()[0] / sets;
+        return Some(partial.reshape([sets, chunks]).sum_dim(1).reshape([sets]));
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
+/// `x · scale + shift` on each (item, channel) plane of `x` `[B, C, H, W]`,
+/// then SiLU when `silu` (`scale`, `shift` `[B·C, 1]` in f32, as
+/// `vae::GroupNorm::band_affine` gives them), in f32, written in `x`'s dtype.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn plane_affine<B: Backend>(x: &Tensor<B, 4>, scale: &Tensor<B, 2>, shift: &Tensor<B, 2>, silu: bool) -> Option<Tensor<B, 4>> {
+    let [b, c, h, w] = x.dims();
+    if !kernel_on("group_norm") || scale.dims() != [b * c, 1] || shift.dims() != [b * c, 1] || h * w == 0 {
+        return None;
+    }
+    if scale.dtype() != DType::F32 || shift.dtype() != DType::F32 {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return imp::dispatch::<B, 4>(vec![imp::prim(x), imp::prim(scale), imp::prim(shift)], imp::Op::PlaneAffine { plane: h * w, silu });
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
 /// The distance between consecutive rows (last-dimension runs) of a
 /// tensor whose rows are each contiguous and follow one another at a
 /// fixed pitch (≥ the row length), as a compact tensor's or a padded
@@ -216,6 +264,10 @@ mod imp {
         SiluMul,
         /// Inputs: scores (in `input`), written in `dtype`.
         Softmax { n: usize, scale: f64, input: DType, dtype: DType },
+        /// Inputs: x `[B, C, H, W]`, centres `[B·groups]` (f32).
+        GroupSums { groups: usize, squared: bool },
+        /// Inputs: x `[B, C, H, W]`, scale and shift `[B·C, 1]` (f32); `plane` = H·W.
+        PlaneAffine { plane: usize, silu: bool },
     }
 
     impl Op {
@@ -238,7 +290,8 @@ mod imp {
             match self {
                 Op::RmsNorm { .. } | Op::Rope { .. } => true,
                 Op::Softmax { input, dtype, .. } => *input == DType::BF16 && *dtype == DType::F32,
-                Op::SiluMul => false,
+                // Written in session 13, with no card to check them on.
+                Op::SiluMul | Op::GroupSums { .. } | Op::PlaneAffine { .. } => false,
             }
         }
     }
@@ -409,6 +462,49 @@ mod imp {
                 );
                 Some(out)
             }
+            Op::GroupSums { groups, squared } => {
+                let centres = t.get(1)?.clone();
+                let sets = shape[0] * groups;
+                let len = numel / sets;
+                let chunks = len.div_ceil(GROUP_CHUNK);
+                let total = sets * chunks;
+                let out = output(&x, burn::tensor::Shape::new([total]), DType::F32);
+                let (count, dim, block) = per_row(&client, total, GROUP_CHUNK.min(len));
+                group_sums_kernel::launch::<R>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    centres.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    total as u32,
+                    len as u32,
+                    chunks as u32,
+                    block,
+                    squared,
+                    dtype.into(),
+                );
+                Some(out)
+            }
+            Op::PlaneAffine { plane, silu } => {
+                let (scale, shift) = (t.get(1)?.clone(), t.get(2)?.clone());
+                let out = output(&x, shape, dtype);
+                let (count, dim) = per_unit(&client, numel);
+                plane_affine_kernel::launch::<R>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    scale.into_tensor_arg(),
+                    shift.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    numel as u32,
+                    plane as u32,
+                    silu,
+                    dtype.into(),
+                );
+                Some(out)
+            }
             Op::Softmax { n, scale, dtype: out_dtype, .. } => {
                 if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
                     return None;
@@ -556,6 +652,75 @@ mod imp {
         out[i] = E::cast_from(silu_stable(f32::cast_from(gate[i])) * f32::cast_from(up[i]));
     }
 
+    /// Values of a group one cube sums (256 units, 64 values each).
+    const GROUP_CHUNK: usize = 16384;
+
+    /// One cube per chunk of [`GROUP_CHUNK`] values of a group (`len` values
+    /// from `group · len`): the sum of `x − centre` (or its square).
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn group_sums_kernel<E: Float>(
+        x: &Tensor<E>,
+        centres: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        total: u32,
+        len: u32,
+        chunks: u32,
+        #[comptime] block: u32,
+        #[comptime] squared: bool,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let id = CUBE_POS;
+        if id >= total as usize {
+            terminate!();
+        }
+        let (len, chunks) = (len as usize, chunks as usize);
+        let group = id / chunks;
+        let start = group * len + (id % chunks) * GROUP_CHUNK;
+        let end = usize::min(start + GROUP_CHUNK, (group + 1) * len);
+        let centre = centres[group];
+        let mut acc = f32::new(0.0);
+        let mut i = start + UNIT_POS_X as usize;
+        while i < end {
+            let v = f32::cast_from(x[i]) - centre;
+            if squared {
+                acc += v * v;
+            } else {
+                acc += v;
+            }
+            i += block as usize;
+        }
+        let sum = cube_reduce(acc, block, false);
+        if UNIT_POS_X == 0 {
+            out[id] = sum;
+        }
+    }
+
+    /// One unit per element: `x · scale[plane] + shift[plane]`, then SiLU.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn plane_affine_kernel<E: Float>(
+        x: &Tensor<E>,
+        scale: &Tensor<f32>,
+        shift: &Tensor<f32>,
+        out: &mut Tensor<E>,
+        len: u32,
+        plane: u32,
+        #[comptime] silu: bool,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= len as usize {
+            terminate!();
+        }
+        let p = i / plane as usize;
+        let mut y = f32::cast_from(x[i]) * scale[p] + shift[p];
+        if silu {
+            y = silu_stable(y);
+        }
+        out[i] = E::cast_from(y);
+    }
+
     /// One cube per row of `n`: `out = softmax(scores · scale)`, the rows of
     /// `scores` `pitch` apart (see [`row_pitch`]), those of `out` compact.
     #[cube(launch)]
@@ -691,6 +856,23 @@ mod tests {
         let w = random::<B, 1>([n], &device);
         let expected = xt.clone() * (xt.clone().square().mean_dim(2) + 1e-6).sqrt().recip() * w.clone().reshape([1, 1, n]);
         close(rms_norm(&xt, &w, 1e-6, None).unwrap(), expected, "strided rms_norm");
+        // GroupNorm's pieces, groups of one chunk and of several (the last partial).
+        for (dims, groups) in [([2, 8, 9, 33], 4), ([1, 4, 128, 160], 2)] {
+            let [b, c, h, w] = dims;
+            let len = (c / groups) * h * w;
+            let x = random::<B, 4>(dims, &device) * 2.0 + 0.5;
+            let centres = random::<B, 1>([b * groups], &device);
+            let deviations = x.clone().reshape([b, groups, len]) - centres.clone().reshape([b, groups, 1]);
+            let sums = |t: Tensor<B, 3>| t.sum_dim(2).reshape([1, 1, b * groups]);
+            let as3 = |t: Tensor<B, 1>| t.reshape([1, 1, b * groups]);
+            close(as3(group_sums(&x, groups, &centres, false).unwrap()), sums(deviations.clone()), "group sums");
+            close(as3(group_sums(&x, groups, &centres, true).unwrap()), sums(deviations.square()), "group sums of squares");
+            let (scale, shift) = (random::<B, 2>([b * c, 1], &device), random::<B, 2>([b * c, 1], &device));
+            let affine = (x.clone().reshape([b * c, h * w]) * scale.clone() + shift.clone()).reshape([b, c * h, w]);
+            let as3 = |t: Tensor<B, 4>| t.reshape([b, c * h, w]);
+            close(as3(plane_affine(&x, &scale, &shift, false).unwrap()), affine.clone(), "plane affine");
+            close(as3(plane_affine(&x, &scale, &shift, true).unwrap()), silu(affine), "plane affine + silu");
+        }
         // Rows at a pitch (a narrowed last dimension, as CUDA's padded rows):
         // the softmax reads them in place, the other kernels after a compact copy.
         let wide = random::<B, 3>([2, 7, 640], &device);
