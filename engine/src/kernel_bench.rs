@@ -266,7 +266,12 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
             groups: 32.min(c),
         };
         let shape = format!("[1, {c}, {side}, {side}]");
-        out.push(timed::<B, _, 4>(device, reps, "group norm + SiLU (VAE)", &shape, None, None, || norm.forward_silu(x.clone()))?);
+        // As the decoder runs it (the GroupNorm kernels where they run), then
+        // burn's ops alone; the first checked against the second.
+        let composed = || burn::tensor::activation::silu(norm.forward_composed(x.clone()));
+        let diff = rel_diff(&norm.forward_silu(x.clone()), &composed());
+        out.push(timed::<B, _, 4>(device, reps, "group norm + SiLU (VAE)", &shape, None, Some(diff), || norm.forward_silu(x.clone()))?);
+        out.push(timed::<B, _, 4>(device, reps, "group norm + SiLU (VAE), burn's ops", &shape, None, None, composed)?);
         let one_step = |x: Tensor<B, 4>| {
             let [b, c, h, w] = x.dims();
             let g = x.cast(DType::F32).reshape([b, norm.groups, c / norm.groups * h * w]);
@@ -445,6 +450,7 @@ mod tests {
             "linear ffn up, burn default",
             "attention, burn default",
             "conv 3×3, burn default",
+            "group norm + SiLU (VAE), burn's ops",
             "DiT block, whole (modulated)",
             "elementwise add",
         ] {
