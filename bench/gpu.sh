@@ -86,6 +86,29 @@ else
   log "fused kernels for the runs below: those confirmed on CUDA (RMSNorm, RoPE, softmax bf16 -> f32)"
 fi
 
+# cubecl's PTX cache (ZIMAGE_KERNEL_CACHE=1; opt-in until checked on a card,
+# see engine/src/device.rs): the tiny image twice into a fresh cache folder.
+# The second process should skip most of NVRTC; both images must be the first's.
+log "kernel cache: the tiny image twice with ZIMAGE_KERNEL_CACHE=1, a fresh cache folder"
+for n in 1 2; do
+  t0=$(date +%s%N)
+  XDG_CACHE_HOME="$OUT/kernel-cache" ZIMAGE_KERNEL_CACHE=1 timeout 90 "$Z" generate --device cuda --dtype bf16 --model tests/fixtures/tiny-turbo \
+    -p "a photo of a cat" --seed 42 -W 64 -H 64 -q -o "$OUT/kernel-cache-$n.png" 2>&1 | tee -a "$LOG"
+  echo "kernel cache, process $n: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$LOG"
+done
+echo "kernel cache folder: $(du -sh "$OUT/kernel-cache" 2>/dev/null | cut -f1), $(find "$OUT/kernel-cache" -type f 2>/dev/null | wc -l) files" | tee -a "$LOG"
+python3 - "$OUT" <<'PY' | tee -a "$LOG"
+import sys, numpy as np
+from PIL import Image
+out = sys.argv[1]
+try:
+    a = np.asarray(Image.open(f"{out}/kernel-cache-1.png")).astype(int)
+    b = np.asarray(Image.open(f"{out}/kernel-cache-2.png")).astype(int)
+    print(f"kernel cache: second image vs first, max |diff| = {np.abs(a - b).max()}")
+except Exception as e:
+    print(f"kernel cache: failed: {e}")
+PY
+
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
 log "ops at full-size shapes (bf16)"

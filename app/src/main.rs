@@ -7,6 +7,7 @@ use zimage_studio::{cli, StudioApp, StudioOptions};
 
 fn main() -> ExitCode {
     zimage_engine::device::tune_allocator();
+    zimage_engine::device::keep_compiled_kernels();
     let args = match cli::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

@@ -36,6 +36,62 @@ pub fn tune_allocator() {
     }
 }
 
+/// Keeps the CUDA kernels NVRTC compiles (their PTX) on disk when
+/// `ZIMAGE_KERNEL_CACHE=1`, so that a later process can skip most of the
+/// 23–36 s its first image spends compiling them (cubecl's own PTX cache, in
+/// [`kernel_cache_folder`]). Opt-in until a card has shown it right: written
+/// in session 13 with no GPU. A `cubecl.toml` that sets its own cache wins.
+/// Call at start-up, before anything uses cubecl; does nothing without the
+/// `cuda` feature or a GPU.
+pub fn keep_compiled_kernels() {
+    #[cfg(feature = "cuda")]
+    if std::env::var("ZIMAGE_KERNEL_CACHE").is_ok_and(|v| v == "1") {
+        use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+        let gpu = cudarc::driver::CudaContext::new(0).ok().and_then(|ctx| {
+            let (major, minor) = ctx.compute_capability().ok()?;
+            Some(format!("{} sm{major}{minor}", ctx.name().ok()?))
+        });
+        let base = directories::ProjectDirs::from("io", "zimage", "zimage-studio").map(|d| d.cache_dir().join("cuda-kernels"));
+        let (Some(gpu), Some(base), Ok(exe)) = (gpu, base, std::env::current_exe()) else { return };
+        let Some(folder) = kernel_cache_folder(&base, &exe, &gpu) else { return };
+        // Read as cubecl would (cubecl.toml, then its environment variables), plus the cache.
+        if CubeClRuntimeConfig::storage().lock().is_some() {
+            return;
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            config.compilation.cache = Some(CacheConfig::File(folder));
+        }
+        CubeClRuntimeConfig::set(config);
+    }
+}
+
+/// The folder for the compiled kernels of `exe` on `gpu` under `base`:
+/// `base/<exe name>/<build stamp> <gpu>`, created and checked writable, the
+/// folders of this program's earlier builds removed. One per build because
+/// cubecl keys a kernel by its signature, not its body: a kernel changed
+/// by an update would otherwise load the old build's PTX. The stamp is the
+/// executable's size and modification time. `None` where it cannot be made.
+pub fn kernel_cache_folder(base: &std::path::Path, exe: &std::path::Path, gpu: &str) -> Option<std::path::PathBuf> {
+    let meta = std::fs::metadata(exe).ok()?;
+    let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let stamp = format!("{:x}-{modified:x}", meta.len());
+    let safe = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect::<String>();
+    let parent = base.join(safe(&exe.file_name()?.to_string_lossy()));
+    let folder = parent.join(format!("{stamp} {}", safe(gpu)));
+    std::fs::create_dir_all(&folder).ok()?;
+    let probe = folder.join(".writable");
+    std::fs::write(&probe, b"").ok()?;
+    std::fs::remove_file(&probe).ok()?;
+    for old in std::fs::read_dir(&parent).ok()?.flatten() {
+        let name = old.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&stamp) && old.path().is_dir() {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    Some(folder)
+}
+
 /// A device the user can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -206,6 +262,30 @@ mod tests {
         assert_eq!(super::parse_mem_available("MemTotal: 1 kB\n"), None);
         #[cfg(target_os = "linux")]
         assert!(super::host_available_memory().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn the_kernel_cache_has_a_folder_per_build_and_gpu_and_drops_older_builds() {
+        let root = std::env::temp_dir().join(format!("zimage-kernel-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let exe = root.join("zimage");
+        std::fs::write(&exe, b"build one").unwrap();
+        let base = root.join("cache");
+        let h100 = super::kernel_cache_folder(&base, &exe, "NVIDIA H100 80GB HBM3 sm90").unwrap();
+        let a100 = super::kernel_cache_folder(&base, &exe, "NVIDIA A100 sm80").unwrap();
+        assert!(h100.is_dir() && a100.is_dir() && h100 != a100);
+        assert_eq!(h100.parent(), Some(base.join("zimage").as_path()));
+        assert!(h100.file_name().unwrap().to_string_lossy().ends_with("NVIDIA_H100_80GB_HBM3_sm90"));
+        // Another build of the program (another size): a new folder, the old build's gone.
+        std::fs::write(&exe, b"build number two").unwrap();
+        let next = super::kernel_cache_folder(&base, &exe, "NVIDIA H100 80GB HBM3 sm90").unwrap();
+        assert!(next.is_dir() && next != h100);
+        assert!(!h100.exists() && !a100.exists());
+        // Nowhere to write: no cache, no error.
+        assert_eq!(super::kernel_cache_folder(&exe.join("not-a-folder"), &exe, "gpu"), None);
+        assert_eq!(super::kernel_cache_folder(&base, &root.join("missing"), "gpu"), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

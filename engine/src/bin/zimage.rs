@@ -306,6 +306,7 @@ fn main() -> ExitCode {
         eprintln!("error: internal error: {}", msg.lines().next().unwrap_or(""));
     }));
     zimage_engine::device::tune_allocator();
+    zimage_engine::device::keep_compiled_kernels();
     let cli = Cli::parse();
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
