@@ -38,25 +38,31 @@ fi
 [ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
 
-log "parity: tiny fixtures, CUDA vs CPU"
-for dt in f32 bf16; do
-  for dev in cpu cuda; do
-    timeout 60 "$Z" generate --device $dev --dtype $dt --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
-      --seed 42 -W 64 -H 64 -q -o "$OUT/parity-$dev-$dt.png" 2>&1 | tee -a "$LOG"
-  done
-done
-python3 - "$OUT" <<'PY' | tee -a "$LOG"
+# The tiny fixture's image: device, dtype, output file (TIMEOUT: seconds, 60).
+tiny() {
+  timeout "${TIMEOUT:-60}" "$Z" generate --device "$1" --dtype "$2" --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
+    --seed 42 -W 64 -H 64 -q -o "$3" 2>&1 | tee -a "$LOG"
+}
+# "MAX MEAN" of |a - b| between two images in levels of 255, or "failed: why".
+img_diff() {
+  python3 - "$1" "$2" <<'PY'
 import sys, numpy as np
 from PIL import Image
-out = sys.argv[1]
-for dt in ("f32", "bf16"):
-    try:
-        a = np.asarray(Image.open(f"{out}/parity-cpu-{dt}.png")).astype(int)
-        b = np.asarray(Image.open(f"{out}/parity-cuda-{dt}.png")).astype(int)
-        print(f"parity {dt}: max |cuda - cpu| = {np.abs(a - b).max()} (uint8), mean {np.abs(a - b).mean():.3f}")
-    except Exception as e:
-        print(f"parity {dt}: failed: {e}")
+try:
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in sys.argv[1:3])
+    print(np.abs(a - b).max(), f"{np.abs(a - b).mean():.3f}")
+except Exception as e:
+    print("failed:", e)
 PY
+}
+
+log "parity: tiny fixtures, CUDA vs CPU"
+for dt in f32 bf16; do
+  tiny cpu $dt "$OUT/parity-cpu-$dt.png"
+  tiny cuda $dt "$OUT/parity-cuda-$dt.png"
+  read -r d m <<< "$(img_diff "$OUT/parity-cpu-$dt.png" "$OUT/parity-cuda-$dt.png")"
+  echo "parity $dt: max |cuda - cpu| = $d (uint8), mean $m" | tee -a "$LOG"
+done
 
 # The fused kernels not yet confirmed on CUDA (the SiLU gate and the softmax
 # writing bf16, whose outputs had CUDA's padded rows until session 13, see
@@ -64,23 +70,11 @@ PY
 # for everything below when the tiny image with them on matches the CPU's as
 # closely as without them.
 log "fused kernels not yet confirmed on CUDA: tiny image with them on"
-ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 60 "$Z" generate --device cuda --dtype f32 --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
-  --seed 42 -W 64 -H 64 -q -o "$OUT/parity-cuda-f32-all.png" 2>&1 | tee -a "$LOG"
-python3 - "$OUT" <<'PY' | tee -a "$LOG" "$OUT/all-kernels.txt"
-import sys, numpy as np
-from PIL import Image
-out = sys.argv[1]
-try:
-    a = np.asarray(Image.open(f"{out}/parity-cpu-f32.png")).astype(int)
-    b = np.asarray(Image.open(f"{out}/parity-cuda-f32-all.png")).astype(int)
-    d = np.abs(a - b).max()
-    print(f"all fused kernels on, f32: max |cuda - cpu| = {d}, mean {np.abs(a - b).mean():.3f}")
-    print("all fused kernels right" if d <= 2 else "all fused kernels NOT right: the confirmed ones only")
-except Exception as e:
-    print(f"all fused kernels: failed: {e}")
-PY
-if grep -q "^all fused kernels right" "$OUT/all-kernels.txt"; then export ZIMAGE_GPU_FUSED_CUDA_ALL=1; fi
-if [ -n "${ZIMAGE_GPU_FUSED_CUDA_ALL:-}" ]; then
+ZIMAGE_GPU_FUSED_CUDA_ALL=1 tiny cuda f32 "$OUT/parity-cuda-f32-all.png"
+read -r d m <<< "$(img_diff "$OUT/parity-cpu-f32.png" "$OUT/parity-cuda-f32-all.png")"
+echo "all fused kernels on, f32: max |cuda - cpu| = $d, mean $m" | tee -a "$LOG"
+if [[ "$d" =~ ^[0-9]+$ ]] && [ "$d" -le 2 ]; then
+  export ZIMAGE_GPU_FUSED_CUDA_ALL=1
   log "fused kernels for the runs below: all (the SiLU gate, the bf16 softmax and the VAE's GroupNorm too)"
 else
   log "fused kernels for the runs below: those confirmed on CUDA (RMSNorm, RoPE, softmax bf16 -> f32)"
@@ -88,26 +82,15 @@ fi
 
 # cubecl's PTX cache (ZIMAGE_KERNEL_CACHE=1; opt-in until checked on a card,
 # see engine/src/device.rs): the tiny image twice into a fresh cache folder.
-# The second process should skip most of NVRTC; both images must be the first's.
+# The second process should skip most of NVRTC; both images must be the same.
 log "kernel cache: the tiny image twice with ZIMAGE_KERNEL_CACHE=1, a fresh cache folder"
 for n in 1 2; do
   t0=$(date +%s%N)
-  XDG_CACHE_HOME="$OUT/kernel-cache" ZIMAGE_KERNEL_CACHE=1 timeout 90 "$Z" generate --device cuda --dtype bf16 --model tests/fixtures/tiny-turbo \
-    -p "a photo of a cat" --seed 42 -W 64 -H 64 -q -o "$OUT/kernel-cache-$n.png" 2>&1 | tee -a "$LOG"
+  XDG_CACHE_HOME="$OUT/kernel-cache" ZIMAGE_KERNEL_CACHE=1 TIMEOUT=90 tiny cuda bf16 "$OUT/kernel-cache-$n.png"
   echo "kernel cache, process $n: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$LOG"
 done
 echo "kernel cache folder: $(du -sh "$OUT/kernel-cache" 2>/dev/null | cut -f1), $(find "$OUT/kernel-cache" -type f 2>/dev/null | wc -l) files" | tee -a "$LOG"
-python3 - "$OUT" <<'PY' | tee -a "$LOG"
-import sys, numpy as np
-from PIL import Image
-out = sys.argv[1]
-try:
-    a = np.asarray(Image.open(f"{out}/kernel-cache-1.png")).astype(int)
-    b = np.asarray(Image.open(f"{out}/kernel-cache-2.png")).astype(int)
-    print(f"kernel cache: second image vs first, max |diff| = {np.abs(a - b).max()}")
-except Exception as e:
-    print(f"kernel cache: failed: {e}")
-PY
+echo "kernel cache: second image vs first, max |diff| = $(img_diff "$OUT/kernel-cache-1.png" "$OUT/kernel-cache-2.png" | cut -d' ' -f1)" | tee -a "$LOG"
 
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
