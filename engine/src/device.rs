@@ -72,7 +72,8 @@ pub fn keep_compiled_kernels() {
 /// cubecl keys a kernel by its signature, not its body: a kernel changed
 /// by an update would otherwise load the old build's PTX. The stamp is the
 /// executable's size and modification time. `None` where it cannot be made.
-pub fn kernel_cache_folder(base: &std::path::Path, exe: &std::path::Path, gpu: &str) -> Option<std::path::PathBuf> {
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_cache_folder(base: &std::path::Path, exe: &std::path::Path, gpu: &str) -> Option<std::path::PathBuf> {
     let meta = std::fs::metadata(exe).ok()?;
     let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
     let stamp = format!("{:x}-{modified:x}", meta.len());
