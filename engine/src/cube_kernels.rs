@@ -218,21 +218,21 @@ fn row_pitch(shape: &[usize], strides: &[usize]) -> Option<usize> {
     if n > 1 && strides[d - 1] != 1 {
         return None;
     }
-    if d == 1 {
-        return Some(n);
-    }
-    let pitch = strides[d - 2];
-    if pitch < n && shape[d - 2] > 1 {
+    // Leading dimensions of size 1 may have any stride; the others must step
+    // over whole rows, the innermost of them by the pitch.
+    let lead: Vec<(usize, usize)> = shape[..d - 1].iter().zip(&strides[..d - 1]).filter(|(size, _)| **size > 1).map(|(&a, &b)| (a, b)).collect();
+    let Some(&(_, pitch)) = lead.last() else { return Some(n) };
+    if pitch < n {
         return None;
     }
     let mut expected = pitch;
-    for k in (0..d - 1).rev() {
-        if shape[k] > 1 && strides[k] != expected {
+    for &(size, stride) in lead.iter().rev() {
+        if stride != expected {
             return None;
         }
-        expected *= shape[k];
+        expected *= size;
     }
-    Some(pitch.max(n))
+    Some(pitch)
 }
 
 
@@ -788,6 +788,8 @@ mod tests {
         assert_eq!(row_pitch(&[3, 4], &[8, 2]), None);
         assert_eq!(row_pitch(&[2, 3, 4], &[16, 4, 1]), None);
         assert_eq!(row_pitch(&[3, 4], &[2, 1]), None);
+        // Overlapping rows behind a size-1 dimension: items 3 apart, rows of 5.
+        assert_eq!(row_pitch(&[2, 1, 5], &[3, 3, 1]), None);
     }
 
     /// The kernels run on CUDA and wgpu only: on the CPU every caller gets
