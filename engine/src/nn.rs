@@ -51,16 +51,19 @@ impl<B: Backend> Linear<B> {
         let [d_in, d_out] = weight.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = x.reshape([rows, d_in]);
+        let bias = self.bias.as_ref().map(|b| b.val());
         let y = if crate::fused::enabled::<B>(x.dtype()) && weight.dtype() == DType::F32 {
-            crate::fused::matmul(x, weight, self.bias.as_ref().map(|b| b.val()))
+            crate::fused::matmul(x, weight, bias)
+        } else if let Some(y) = crate::fused::grad::linear(&x, &weight, bias.as_ref()) {
+            y
         } else {
             let kernel = crate::cuda_kernels::matmul_kernel();
             let y = match kernel.and_then(|k| crate::cuda_kernels::matmul(&x, &weight, k)) {
                 Some(y) => y,
                 None => x.matmul(weight),
             };
-            match &self.bias {
-                Some(bias) => y + bias.val().unsqueeze::<2>(),
+            match bias {
+                Some(bias) => y + bias.unsqueeze::<2>(),
                 None => y,
             }
         };
