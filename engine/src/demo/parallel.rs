@@ -37,16 +37,19 @@ where
         let value = super::train::scalar(l.clone());
         Ok((GradientsParams::from_grads(l.backward(), &replica), value))
     };
+    let pools = replica_pools(parts.len())?;
     let results: Vec<anyhow::Result<(GradientsParams, f32)>> = std::thread::scope(|s| {
         let handles: Vec<_> = parts[1..]
             .iter()
-            .map(|(part, len)| {
+            .zip(&pools[1..])
+            .map(|((part, len), pool)| {
                 let replica = replica::<M>(&inner);
                 let one = &one;
-                s.spawn(move || one(replica, part, *len))
+                s.spawn(move || pool.install(|| one(replica, part, *len)))
             })
             .collect();
-        let mut out = vec![one(replica::<M>(&inner), &parts[0].0, parts[0].1)];
+        let first = replica::<M>(&inner);
+        let mut out = vec![pools[0].install(|| one(first, &parts[0].0, parts[0].1))];
         for h in handles {
             out.push(h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a training thread panicked"))));
         }
@@ -66,6 +69,25 @@ where
         });
     }
     Ok((sum.unwrap_or_default(), value))
+}
+
+/// One single-threaded rayon pool per replica (built once, reused): each
+/// replica's kernels, flex's and ours, run on its own core and split no work
+/// with the other replica's. With rayon's shared pool every product was cut in
+/// two and both halves queued behind the other replica's work.
+fn replica_pools(n: usize) -> anyhow::Result<Vec<std::sync::Arc<rayon::ThreadPool>>> {
+    static POOLS: std::sync::Mutex<Vec<std::sync::Arc<rayon::ThreadPool>>> = std::sync::Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    while pools.len() < n {
+        let k = pools.len();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(move |_| format!("replica-{k}"))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start a training thread: {e}"))?;
+        pools.push(std::sync::Arc::new(pool));
+    }
+    Ok(pools[..n].to_vec())
 }
 
 /// A copy of the model with fresh autodiff leaves for every parameter (same
