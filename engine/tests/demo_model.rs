@@ -95,6 +95,41 @@ fn base_from_runs_the_decoder_phase_only_once() {
     assert!(ModelFiles::locate(&dir.path().join("c").join("turbo"), &ModelOverrides::default()).is_ok());
 }
 
+/// `--continue-base`: Base's second cycle alone on a trained folder. It
+/// starts from that folder's Base (so its loss starts where that Base is, not
+/// at a random model's), keeps the folder's VAE byte for byte (its decoder
+/// phase included, which therefore does not run again), and writes a new
+/// Base and Turbo.
+#[test]
+fn continue_base_trains_the_second_cycle_from_a_trained_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |out: &str, base_from: Option<&str>, continue_base: Option<&str>| {
+        let mut opts = TrainDemoOptions::new(dir.path().join(out));
+        opts.scale = 1e-4;
+        opts.quiet = true;
+        opts.base_from = base_from.map(|b| dir.path().join(b));
+        opts.continue_base = continue_base.map(|b| dir.path().join(b));
+        train_demo(&opts).expect("train")
+    };
+    let read = |out: &str, file: &str| std::fs::read(dir.path().join(out).join(file)).expect(file);
+    let first = run("a", None, None);
+    let again = run("b", None, Some("a"));
+    let names: Vec<&str> = again.phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(!names.iter().any(|p| p.contains("decoder")) && names.iter().any(|p| p.contains("Turbo")), "{names:?}");
+    let vae = "vae/diffusion_pytorch_model.safetensors";
+    assert_eq!(read("b", vae), read("a", vae), "the VAE is the trained folder's");
+    assert_eq!(read("b", "vae/config.json"), read("a", "vae/config.json"));
+    let base = "base/transformer/diffusion_pytorch_model.safetensors";
+    assert_ne!(read("b", base), read("a", base), "Base trained further");
+    assert!(again.final_losses[1].is_finite() && first.final_losses[1].is_finite());
+    let log: serde_json::Value = serde_json::from_slice(&read("b", "train_log.json")).expect("log");
+    let base_curve = log["loss_curves"]["base"].as_array().expect("base curve");
+    let first_log: serde_json::Value = serde_json::from_slice(&read("a", "train_log.json")).expect("log");
+    let first_curve = first_log["loss_curves"]["base"].as_array().expect("base curve");
+    assert!(!base_curve.is_empty() && base_curve.len() < first_curve.len(), "the second cycle only: {} vs {}", base_curve.len(), first_curve.len());
+    assert!(ModelFiles::locate(&dir.path().join("b").join("turbo"), &ModelOverrides::default()).is_ok());
+}
+
 /// The step previews of the demo models look like the image they lead to:
 /// the last step's x0 preview (through the VAE's own fitted latent → RGB
 /// map) matches the decoded image averaged over the pixels of each latent

@@ -76,6 +76,10 @@ enum Command {
         /// only the later phases (decoder at full size, Turbo).
         #[arg(long)]
         base_from: Option<PathBuf>,
+        /// Take VAE, text encoder and Base from this trained demo folder and run
+        /// Base's second cycle on them, then the later phases.
+        #[arg(long, conflicts_with_all = ["base_from", "vae_from"])]
+        continue_base: Option<PathBuf>,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -386,7 +390,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("decoder fine-tuned for {steps} steps; final loss {:.4}", tail.iter().sum::<f32>() / tail.len().max(1) as f32);
             Ok(())
         }
-        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, base_from, .. } => {
+        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, base_from, continue_base, .. } => {
             use zimage_engine::demo::Phase;
             let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
             opts.stop_after = match stop_after.as_str() {
@@ -396,6 +400,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             opts.vae_from = vae_from;
             opts.base_from = base_from;
+            opts.continue_base = continue_base;
             opts.seed = seed;
             opts.scale = scale;
             opts.plot = Some(plot.unwrap_or_else(|| opts.out.join("loss.png")));

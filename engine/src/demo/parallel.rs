@@ -97,7 +97,13 @@ fn replica<M: AutodiffModule<Ad>>(inner: &M::InnerModule) -> M
 where
     M::InnerModule: Clone,
 {
-    M::from_inner(inner.clone()).map(&mut RequireGrad)
+    trainable::<M>(inner.clone())
+}
+
+/// An autodiff copy of `inner` whose parameters all take gradients (a model
+/// loaded from disk, or built lazily, does not carry the flag).
+pub fn trainable<M: AutodiffModule<Ad>>(inner: M::InnerModule) -> M {
+    M::from_inner(inner).map(&mut RequireGrad)
 }
 
 struct RequireGrad;
