@@ -23,6 +23,7 @@
 pub mod eval;
 pub mod export;
 pub mod judge;
+pub mod optim;
 pub mod parallel;
 pub mod plot;
 pub mod tokenizer;

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, Optimizer};
-use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -30,6 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::export::{named_tensors, write_bf16};
+use super::optim::{blend, AdamW};
 use super::parallel::{data_parallel_grads, split_ranges, trainable};
 use super::plot::{write_loss_plot, Curve};
 use super::world::{image_to_chw, Split, WorldSampler, IMAGE_SIDE};
@@ -448,10 +447,7 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
     Inner::seed(device, seed);
     let cfg = vae_config();
     let mut vae = Vae::<Ad>::build(&cfg, &mut RandomWeights::new(device, DType::F32), true)?;
-    let mut opt = AdamWConfig::new()
-        .with_weight_decay(0.0)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init::<Ad, Vae<Ad>>();
+    let mut opt = AdamW::new(0.0, Some(1.0));
     let mut world = WorldSampler::new(seed.wrapping_add(1));
     let mut noise = TorchGenerator::manual_seed(seed.wrapping_add(2));
     let total: usize = r.vae_stages.iter().map(|s| s.2).sum();
@@ -530,10 +526,7 @@ pub fn polish_decoder(
     quiet: bool,
 ) -> anyhow::Result<(Vae<Inner>, Vec<f32>)> {
     Inner::seed(device, seed);
-    let mut opt = AdamWConfig::new()
-        .with_weight_decay(0.0)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init::<Ad, Vae<Ad>>();
+    let mut opt = AdamW::new(0.0, Some(1.0));
     let mut vae_ad = Vae::<Ad>::from_inner(vae);
     let mut world = WorldSampler::new(seed.wrapping_add(1));
     let n = IMAGE_SIDE;
@@ -754,10 +747,7 @@ fn train_base(
             dit: ZImageDit::build(&cfg, &mut RandomWeights::new(device, DType::F32))?,
         },
     };
-    let mut opt = AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init::<Ad, Denoiser<Ad>>();
+    let mut opt = AdamW::new(0.01, Some(1.0));
     let empty = tok.encode("")?;
     let mut rng = TorchGenerator::manual_seed(cycle.seed.wrapping_add(1));
     let pb = bar(quiet, cycle.steps, cycle.label);
@@ -803,47 +793,13 @@ fn train_base(
         let decay = r.base_ema.min((1.0 + step as f64) / (10.0 + step as f64));
         average = Some(match average {
             None => model.valid(),
-            Some(avg) => ema_update(avg, &model.valid(), decay as f32),
+            Some(avg) => blend(avg, &model.valid(), decay as f32),
         });
         pb.inc(1);
         pb.set_message(format!("loss {value:.4}"));
     }
     pb.finish();
     Ok((average.unwrap_or_else(|| model.valid()), losses))
-}
-
-/// `avg ← decay·avg + (1 − decay)·current`, parameter by parameter (matched by id).
-fn ema_update<M: Module<Inner>>(avg: M, current: &M, decay: f32) -> M {
-    let mut collect = CollectParams(std::collections::HashMap::new());
-    current.visit(&mut collect);
-    avg.map(&mut BlendParams { current: collect.0, decay })
-}
-
-/// Every float parameter, flattened, by id.
-struct CollectParams(std::collections::HashMap<ParamId, Tensor<Inner, 1>>);
-
-impl ModuleVisitor<Inner> for CollectParams {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Inner, D>>) {
-        let t = param.val();
-        let n = t.shape().num_elements();
-        self.0.insert(param.id, t.reshape([n]));
-    }
-}
-
-struct BlendParams {
-    current: std::collections::HashMap<ParamId, Tensor<Inner, 1>>,
-    decay: f32,
-}
-
-impl ModuleMapper<Inner> for BlendParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Inner, D>>) -> Param<Tensor<Inner, D>> {
-        let (id, avg, mapper) = param.consume();
-        let blended = match self.current.remove(&id) {
-            Some(cur) => avg.clone() * self.decay + cur.reshape(avg.dims()) * (1.0 - self.decay),
-            None => avg,
-        };
-        Param::from_mapped_value(id, blended, mapper)
-    }
 }
 
 /// A Base or Turbo training batch (or one core's share of it): DiT inputs at
@@ -977,10 +933,7 @@ fn train_turbo(
     quiet: bool,
 ) -> anyhow::Result<(ZImageDit<Inner>, Vec<f32>)> {
     let mut dit = ZImageDit::<Ad>::from_inner(base);
-    let mut opt = AdamWConfig::new()
-        .with_weight_decay(0.0)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init::<Ad, ZImageDit<Ad>>();
+    let mut opt = AdamW::new(0.0, Some(1.0));
     let schedule = Schedule::new(TURBO_STEPS, TURBO_SHIFT);
     let mut visited: Vec<f32> = schedule.sigmas[..TURBO_STEPS].to_vec();
     visited.extend_from_slice(&Schedule::new(2 * TURBO_STEPS, TURBO_SHIFT).sigmas[..2 * TURBO_STEPS]);
@@ -1282,14 +1235,14 @@ mod tests {
     }
 
     #[test]
-    fn ema_update_blends_every_parameter_by_id() {
+    fn blend_averages_every_parameter_by_id_lazy_linears_included() {
         use burn::nn::{Linear, LinearConfig};
         let device = Default::default();
         // Mapped once so its (lazily initialised) values are fixed before cloning.
         let a = LinearConfig::new(3, 2).init::<Inner>(&device).map(&mut ScaleBy(1.0, 0.0));
         // Same ids, other values: the model after an optimiser step.
         let b = a.clone().map(&mut ScaleBy(3.0, 1.0));
-        let avg = ema_update(a.clone(), &b, 0.75);
+        let avg = blend(a.clone(), &b, 0.75);
         let (wa, wb, wavg) = (a.weight.val().into_data(), b.weight.val().into_data(), avg.weight.val().into_data());
         for ((x, y), m) in wa.to_vec::<f32>().unwrap().iter().zip(wb.to_vec::<f32>().unwrap()).zip(wavg.to_vec::<f32>().unwrap()) {
             assert!((m - (0.75 * x + 0.25 * y)).abs() < 1e-6);
@@ -1304,17 +1257,9 @@ mod tests {
     fn polish_decoder_trains_the_decoder_and_leaves_the_encoder() {
         let device: Device<Inner> = Default::default();
         let vae = Vae::<Inner>::build(&vae_config(), &mut RandomWeights::new(&device, DType::F32), true).unwrap();
-        let params = |v: &Vae<Inner>| {
-            let mut c = CollectParams(std::collections::HashMap::new());
-            v.visit(&mut c);
-            c.0.into_iter().map(|(id, t)| (id, t.into_data().to_vec::<f32>().unwrap())).collect::<std::collections::HashMap<_, _>>()
-        };
-        let encoder_ids: std::collections::HashSet<ParamId> = match &vae.encoder {
-            Some(e) => {
-                let mut c = CollectParams(std::collections::HashMap::new());
-                e.visit(&mut c);
-                c.0.into_keys().collect()
-            }
+        let params = |v: &Vae<Inner>| crate::demo::optim::param_values(v);
+        let encoder_ids: std::collections::HashSet<burn::module::ParamId> = match &vae.encoder {
+            Some(e) => crate::demo::optim::param_values(e).into_keys().collect(),
             None => panic!("built with its encoder"),
         };
         let before = params(&vae);
@@ -1360,10 +1305,10 @@ mod tests {
 
     struct ScaleBy(f32, f32);
 
-    impl ModuleMapper<Inner> for ScaleBy {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<Inner, D>>) -> Param<Tensor<Inner, D>> {
+    impl burn::module::ModuleMapper<Inner> for ScaleBy {
+        fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<Inner, D>>) -> burn::module::Param<Tensor<Inner, D>> {
             let (id, t, mapper) = param.consume();
-            Param::from_mapped_value(id, t * self.0 + self.1, mapper)
+            burn::module::Param::from_mapped_value(id, t * self.0 + self.1, mapper)
         }
     }
 }
