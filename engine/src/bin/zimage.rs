@@ -76,10 +76,14 @@ enum Command {
         /// only the later phases (decoder at full size, Turbo).
         #[arg(long)]
         base_from: Option<PathBuf>,
-        /// Take VAE, text encoder and Base from this trained demo folder and run
-        /// Base's second cycle on them, then the later phases.
+        /// Take VAE, text encoder and Base from this trained demo folder, train
+        /// Base for another warm-up + cosine cycle (peak lr 3e-4) from there,
+        /// then run the later phases (an experiment, not the recipe).
         #[arg(long, conflicts_with_all = ["base_from", "vae_from"])]
         continue_base: Option<PathBuf>,
+        /// Steps of the --continue-base cycle (times --scale).
+        #[arg(long, default_value_t = 3000, requires = "continue_base")]
+        continue_steps: usize,
         #[arg(long, short = 'q')]
         quiet: bool,
     },
@@ -390,7 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("decoder fine-tuned for {steps} steps; final loss {:.4}", tail.iter().sum::<f32>() / tail.len().max(1) as f32);
             Ok(())
         }
-        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, base_from, continue_base, .. } => {
+        Command::TrainDemo { out, seed, scale, plot, quiet, stop_after, vae_from, base_from, continue_base, continue_steps, .. } => {
             use zimage_engine::demo::Phase;
             let mut opts = zimage_engine::demo::TrainDemoOptions::new(out);
             opts.stop_after = match stop_after.as_str() {
@@ -401,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.vae_from = vae_from;
             opts.base_from = base_from;
             opts.continue_base = continue_base;
+            opts.continue_steps = continue_steps;
             opts.seed = seed;
             opts.scale = scale;
             opts.plot = Some(plot.unwrap_or_else(|| opts.out.join("loss.png")));

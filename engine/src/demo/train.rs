@@ -69,10 +69,11 @@ pub struct TrainDemoOptions {
     /// Take the tokenizer, text encoder, VAE and Base from this demo folder
     /// and run only the later phases (decoder at full size, Turbo).
     pub base_from: Option<PathBuf>,
-    /// Take the VAE, text encoder and Base from this demo folder and run
-    /// Base's second cycle on them, then the later phases (to add the second
-    /// cycle to a pair trained without it, or to try other cycles).
+    /// Take the VAE, text encoder and Base from this demo folder, train Base
+    /// for another cycle of `continue_steps` (times `scale`) from there, then
+    /// run the later phases (an experiment; not part of the recipe).
     pub continue_base: Option<PathBuf>,
+    pub continue_steps: usize,
 }
 
 /// The recipe's phases, in order.
@@ -85,7 +86,7 @@ pub enum Phase {
 
 impl TrainDemoOptions {
     pub fn new(out: impl Into<PathBuf>) -> Self {
-        Self { out: out.into(), seed: 0, scale: 1.0, plot: None, quiet: false, stop_after: Phase::Turbo, vae_from: None, base_from: None, continue_base: None }
+        Self { out: out.into(), seed: 0, scale: 1.0, plot: None, quiet: false, stop_after: Phase::Turbo, vae_from: None, base_from: None, continue_base: None, continue_steps: 3000 }
     }
 }
 
@@ -110,13 +111,8 @@ struct Recipe {
     base_steps: usize,
     base_batch: usize,
     base_lr: f64,
-    /// Base's second cycle, from the first one's average: steps and peak
-    /// learning rate (warm-up and cosine again, the average restarted).
-    /// Session 11 measured +2.9 points of objects fully right per 1,000 such
-    /// steps on run 13's Base, against +1.1 per 1,000 steps added to the
-    /// first cycle (runs 12 → 13).
-    base_second_steps: usize,
-    base_second_lr: f64,
+    /// Peak learning rate of a further cycle on a trained Base (`continue_base`).
+    base_continue_lr: f64,
     /// Decay of the exponential moving average of Base's weights, which is
     /// what gets written: the last iterate of a small batch still carries
     /// step-to-step noise that shows as lumpy outlines.
@@ -152,8 +148,7 @@ impl Recipe {
             base_steps: n(10000),
             base_batch: 24,
             base_lr: 1e-3,
-            base_second_steps: n(3000),
-            base_second_lr: 3e-4,
+            base_continue_lr: 3e-4,
             base_ema: 0.998,
             caption_dropout: 0.1,
             // At 16×16 latents the shift the real models use at 1024² (3)
@@ -330,21 +325,16 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
 
         // 3. Base: text encoder + DiT.
         let t0 = Instant::now();
-        let (first, mut base_losses) = match &opts.continue_base {
-            Some(src) => (load_denoiser(src, &device)?, Vec::new()),
+        let (denoiser, base_losses) = match &opts.continue_base {
+            Some(src) => {
+                let steps = ((opts.continue_steps as f64 * opts.scale).round() as usize).max(2);
+                let cycle = BaseCycle { steps, lr: recipe.base_continue_lr, seed: seed.wrapping_add(14), label: "Base, again" };
+                train_base(&recipe, &cycle, Some(load_denoiser(src, &device)?), &data, &tok, &device, opts.quiet)?
+            }
             None => {
                 let cycle = BaseCycle { steps: recipe.base_steps, lr: recipe.base_lr, seed: seed.wrapping_add(4), label: "Base" };
                 train_base(&recipe, &cycle, None, &data, &tok, &device, opts.quiet)?
             }
-        };
-        let denoiser = if recipe.base_second_steps > 0 {
-            let cycle =
-                BaseCycle { steps: recipe.base_second_steps, lr: recipe.base_second_lr, seed: seed.wrapping_add(14), label: "Base, cycle 2" };
-            let (second, losses) = train_base(&recipe, &cycle, Some(first), &data, &tok, &device, opts.quiet)?;
-            base_losses.extend(losses);
-            second
-        } else {
-            first
         };
         write_text_encoder(&out.join("text_encoder"), &denoiser.text, &device)?;
         write_dit(&out.join("base"), &denoiser.dit, &dit_config(), &device, BASE_SHIFT, BASE_STEPS)?;
