@@ -128,6 +128,14 @@ fn continue_base_trains_the_second_cycle_from_a_trained_folder() {
     let first_curve = first_log["loss_curves"]["base"].as_array().expect("base curve");
     assert_eq!((base_curve.len(), first_curve.len()), (3, 2), "the further cycle's steps only");
     assert!(ModelFiles::locate(&dir.path().join("b").join("turbo"), &ModelOverrides::default()).is_ok());
+    // A folder without a trained Base: one line naming it, before any phase runs.
+    std::fs::create_dir_all(dir.path().join("vae_only")).expect("mkdir");
+    std::fs::rename(dir.path().join("a").join("vae"), dir.path().join("vae_only").join("vae")).expect("move");
+    let mut opts = TrainDemoOptions::new(dir.path().join("c"));
+    opts.continue_base = Some(dir.path().join("vae_only"));
+    let err = train_demo(&opts).expect_err("no Base to continue").to_string();
+    assert!(err.contains("vae_only") && err.contains("text_encoder") && !err.contains('\n'), "{err}");
+    assert!(!dir.path().join("c").join("tokenizer").exists(), "nothing written");
 }
 
 /// The step previews of the demo models look like the image they lead to:

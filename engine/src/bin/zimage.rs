@@ -82,7 +82,8 @@ enum Command {
         #[arg(long, conflicts_with_all = ["base_from", "vae_from"])]
         continue_base: Option<PathBuf>,
         /// Steps of the --continue-base cycle (times --scale).
-        #[arg(long, default_value_t = 3000, requires = "continue_base")]
+        #[arg(long, default_value_t = 3000, requires = "continue_base",
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         continue_steps: usize,
         #[arg(long, short = 'q')]
         quiet: bool,

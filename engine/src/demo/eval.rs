@@ -265,7 +265,9 @@ pub fn eval_demo(opts: &EvalDemoOptions) -> anyhow::Result<EvalReport> {
 /// A VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`),
 /// with its encoder, in f32: the VAE alone, before any DiT exists.
 pub fn load_vae_dir(dir: &Path, device: &Device<Inner>) -> anyhow::Result<(crate::vae::VaeConfig, crate::vae::Vae<Inner>)> {
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let cfg = crate::vae::VaeConfig::from_diffusers_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let store = crate::weights::TensorStore::open_dir(dir, "diffusion_pytorch_model")?;
     let layout = crate::weights::KeyLayout::detect_vae(&store, cfg.block_out_channels.len())?;

@@ -265,6 +265,13 @@ pub struct Denoiser<B: Backend> {
 /// Trains the demo pair and writes it under `opts.out` (see the module docs).
 pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
     anyhow::ensure!(opts.scale > 0.0 && opts.scale.is_finite(), "scale must be positive");
+    // The folders taken from, checked before any phase spends time.
+    let sources = [(&opts.vae_from, &["vae"][..]), (&opts.base_from, &["text_encoder", "vae", "base"]), (&opts.continue_base, &["text_encoder", "vae", "base"])];
+    for (dir, parts) in sources.iter().filter_map(|(d, p)| d.as_ref().map(|d| (d, p))) {
+        for part in parts.iter() {
+            anyhow::ensure!(dir.join(part).is_dir(), "{}: no {part}/ folder (not a trained demo folder)", dir.display());
+        }
+    }
     let recipe = Recipe::scaled(opts.scale);
     let device: Device<Inner> = Default::default();
     let start = Instant::now();
