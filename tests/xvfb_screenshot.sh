@@ -64,7 +64,7 @@ cat > "$DATA/settings.json" <<EOF
 EOF
 
 DISPLAY_NUM=:$(( 90 + RANDOM % 9 ))
-Xvfb "$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp >"$OUT/xvfb.log" 2>&1 &
+Xvfb "$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp -noreset >"$OUT/xvfb.log" 2>&1 &
 XVFB_PID=$!
 APP_PID=""
 cleanup() {
