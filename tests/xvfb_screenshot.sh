@@ -103,9 +103,13 @@ wait_metric final_image_ms 60
 sleep 1.5
 import -window root "$OUT/2-live.png"
 
+# Refine with Base: wait for its image (the typing may have left several
+# live images in the history, as many as finished before the next key).
+before=$(metric history)
 xdotool key ctrl+Return
 for _ in $(seq 1 300); do
-    [ "$(metric history)" = "2" ] && break
+    now=$(metric history)
+    [ "${now:-0}" -ge $(( ${before:-0} + 1 )) ] && break
     sleep 0.1
 done
 sleep 1.5
@@ -122,9 +126,12 @@ import -window root "$OUT/5-wipe.png"
 xdotool key m m      # -> flicker -> difference
 sleep 0.8
 import -window root "$OUT/6-difference.png"
-xdotool key ctrl+g   # 8 variations
+# 8 variations: wait for all of them.
+before=$(metric history)
+xdotool key ctrl+g
 for _ in $(seq 1 600); do
-    [ "$(metric history)" = "10" ] && break
+    now=$(metric history)
+    [ "${now:-0}" -ge $(( ${before:-0} + 8 )) ] && break
     sleep 0.1
 done
 xdotool key k Right x

@@ -422,6 +422,8 @@ impl StudioApp {
         let pct = |p: f64| frames.get(((frames.len() as f64 - 1.0) * p).round() as usize).copied();
         let mut cpu: Vec<f64> = self.metrics.frame_cpu_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         cpu.sort_by(f64::total_cmp);
+        let mut live: Vec<u64> = self.history.entries.iter().filter(|e| e.job == JobKind::Live).map(|e| e.elapsed_ms).collect();
+        live.sort_unstable();
         let json = serde_json::json!({
             "frame_cpu_ms_max": cpu.last(),
             "first_preview_ms": ms(self.metrics.first_preview),
@@ -431,6 +433,10 @@ impl StudioApp {
             "frame_ms_p95": pct(0.95),
             "frame_ms_max": frames.last(),
             "history": self.history.entries.len(),
+            // How live the preview was: images finished (not overtaken by the
+            // next key) and their median engine time.
+            "live_images": live.len(),
+            "live_ms_median": live.get(live.len() / 2),
             "live_status": self.live_status.text(),
         });
         let _ = metadata::write_file_atomic(path, json.to_string().as_bytes());

@@ -997,8 +997,7 @@ impl<B: Backend> Worker<B> {
 
     /// Locates and checks `slot`'s files and finds (or adds) its text encoder.
     fn check_one(&mut self, slot: ModelSlot, arg: &str) -> zimage_engine::Result<()> {
-        let path = loader::resolve_model(arg)?;
-        let files = ModelFiles::locate(&path, &ModelOverrides::default())?;
+        let files = loader::locate_model(arg, &ModelOverrides::default())?;
         let plan = loader::plan_model::<B>(&files, &self.device)?;
         let index = match self.encoders.iter().position(|e| same_text_files(&e.files, &files)) {
             Some(i) => i,

@@ -6,6 +6,10 @@ use zimage_studio::settings::Paths;
 use zimage_studio::{cli, StudioApp, StudioOptions};
 
 fn main() -> ExitCode {
+    // Before any thread starts (the window's renderer reads it when it loads).
+    if let Some(threads) = software_renderer_threads(std::env::var_os("LP_NUM_THREADS")) {
+        std::env::set_var("LP_NUM_THREADS", threads);
+    }
     zimage_engine::device::tune_allocator();
     zimage_engine::device::keep_compiled_kernels();
     let args = match cli::parse(std::env::args().skip(1)) {
@@ -43,6 +47,29 @@ fn main() -> ExitCode {
             eprintln!("zimage-studio: cannot open the window: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Threads for Mesa's software rasterisers (llvmpipe, lavapipe), unless the
+/// user chose: one. They draw the window on machines without a GPU, in VMs
+/// and under Xvfb, and start one thread per core by default, which then
+/// compete with the engine for the same cores: under Xvfb on 2 cores a 4-step
+/// 128² demo image took 220–860 ms instead of ≈ 70 ms, so live previews were
+/// overtaken by the next key before they finished (docs/app-latency.md). One
+/// thread draws this UI in a few ms a frame. Hardware drivers ignore it.
+fn software_renderer_threads(user: Option<std::ffi::OsString>) -> Option<&'static str> {
+    match user {
+        Some(_) => None,
+        None => Some("1"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn software_rendering_gets_one_thread_unless_the_user_chose() {
+        assert_eq!(super::software_renderer_threads(None), Some("1"));
+        assert_eq!(super::software_renderer_threads(Some("4".into())), None);
     }
 }
 

@@ -229,6 +229,17 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     )))
 }
 
+/// [`resolve_model`], then [`ModelFiles::locate`]. A built-in model keeps its
+/// built-in name (`demo-turbo`), which the app shows and saved images record,
+/// rather than its folder's (`turbo`, which says nothing of where it came from).
+pub fn locate_model(arg: &str, overrides: &ModelOverrides) -> Result<ModelFiles> {
+    let mut files = ModelFiles::locate(&resolve_model(arg)?, overrides)?;
+    if BUILTIN_MODELS.contains(&arg) {
+        files.name = arg.to_string();
+    }
+    Ok(files)
+}
+
 /// Folders that may hold the application's `assets/`.
 pub fn asset_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();

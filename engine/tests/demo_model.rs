@@ -8,16 +8,29 @@ use zimage_engine::demo::judge::judge;
 use zimage_engine::demo::world::Scene;
 use zimage_engine::demo::{train_demo, Phase, TrainDemoOptions};
 use zimage_engine::device::CpuBackend;
-use zimage_engine::loader::{load_pipeline, resolve_model, ModelFiles, ModelOverrides};
+use zimage_engine::loader::{load_pipeline, locate_model, resolve_model, ModelFiles, ModelOverrides};
 use zimage_engine::ModelKind;
 
 /// Prompt and seed each shipped model is checked with.
 const PROMPT: (&str, u64) = ("a large red circle in the center on a blue background", 1);
 
 fn shipped(name: &str) -> zimage_engine::ZImagePipeline<CpuBackend> {
-    let dir = resolve_model(name).unwrap_or_else(|e| panic!("{name} must be shipped in assets/demo: {e}"));
-    let files = ModelFiles::locate(&dir, &ModelOverrides::default()).expect("locate");
+    let files = locate_model(name, &ModelOverrides::default()).unwrap_or_else(|e| panic!("{name} must be shipped in assets/demo: {e}"));
     load_pipeline::<CpuBackend>(&files, &Default::default(), DType::F32, &mut |_, _, _| {}).expect("load")
+}
+
+/// A built-in model is named by its built-in name (shown in the app, written
+/// into saved images), not by its folder (`assets/demo/turbo`); a model given
+/// by path keeps its folder's name.
+#[test]
+fn built_in_models_keep_their_names() {
+    for name in ["demo-turbo", "demo-base"] {
+        let files = locate_model(name, &ModelOverrides::default()).expect("shipped");
+        assert_eq!(files.name, name);
+        assert_eq!(shipped(name).name, name);
+        let by_path = ModelFiles::locate(&resolve_model(name).expect("shipped"), &ModelOverrides::default()).expect("locate");
+        assert_eq!(by_path.name, name.trim_start_matches("demo-"));
+    }
 }
 
 /// Issue 4's acceptance test: the shipped pair loads through the regular

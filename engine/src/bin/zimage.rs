@@ -516,7 +516,7 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
     let started = Instant::now();
     let files = match (&args.model, &args.config) {
         (Some(model), _) if !args.random_weights => {
-            Some(ModelFiles::locate(&loader::resolve_model(model)?, &ModelOverrides::default())?)
+            Some(loader::locate_model(model, &ModelOverrides::default())?)
         }
         (_, Some(_)) => None,
         _ => bail!("give --model PATH or --config full|medium|tiny"),
@@ -621,13 +621,12 @@ fn bench_ops<B: Backend>(
 impl ModelArgs {
     fn files(&self) -> Result<ModelFiles> {
         let arg = self.model.clone().unwrap_or_else(|| "demo-turbo".into());
-        let path = loader::resolve_model(&arg)?;
         let overrides = ModelOverrides {
             text_encoder: self.text_encoder.clone(),
             vae: self.vae.clone(),
             tokenizer: self.tokenizer.clone(),
         };
-        Ok(ModelFiles::locate(&path, &overrides)?)
+        Ok(loader::locate_model(&arg, &overrides)?)
     }
 }
 
