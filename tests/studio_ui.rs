@@ -118,6 +118,21 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     h.get_by_label_contains("Live: done in");
 }
 
+/// A key starts its live job in the frame that handled it, not in the next
+/// one: on a software renderer (Xvfb, no GPU) frames come ~0.3 s apart, and
+/// waiting for the next one doubled the time from a key to its image
+/// (docs/app-latency.md).
+#[test]
+fn an_edit_submits_its_live_job_in_the_same_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    assert!(h.state().live_job.is_some(), "no live job after the frame that took the key");
+    wait_until(&mut h, "the live image", live_done);
+}
+
 #[test]
 fn typing_again_supersedes_the_running_job() {
     let dir = tempfile::tempdir().unwrap();

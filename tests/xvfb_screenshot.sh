@@ -17,7 +17,8 @@
 # Env:   ZIMAGE_STUDIO_BIN=path/to/zimage-studio to skip the cargo build;
 #        ZIMAGE_XVFB_SIZE=256 image size for the tiny models;
 #        ZIMAGE_XVFB_MODELS=demo to use the built-in demo pair (128², a prompt
-#        in its grammar, Base 30 steps CFG 4) instead of the tiny fixtures.
+#        in its grammar, Base 30 steps CFG 4) instead of the tiny fixtures;
+#        ZIMAGE_XVFB_KEYS=N to time N single keys typed with the engine idle.
 # Installs what it needs with apt-get when missing (xvfb, xdotool, imagemagick,
 # Mesa GL/Vulkan). Builds the release binary if needed (honours CARGO_TARGET_DIR).
 set -euo pipefail
@@ -102,6 +103,14 @@ import -window root "$OUT/1-typing.png"
 wait_metric final_image_ms 60
 sleep 1.5
 import -window root "$OUT/2-live.png"
+
+# ZIMAGE_XVFB_KEYS=N: N more single keys (a space at the end of the prompt),
+# each with the engine idle, printing the live image's latency after each.
+for k in $(seq 1 "${ZIMAGE_XVFB_KEYS:-0}"); do
+    xdotool key End space
+    sleep 2.5
+    echo "single key $k: final image $(metric final_image_ms) ms after the key, live $(metric live_status)"
+done
 
 # Refine with Base: wait for its image (the typing may have left several
 # live images in the history, as many as finished before the next key).

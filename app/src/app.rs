@@ -1271,6 +1271,10 @@ impl eframe::App for StudioApp {
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         crate::ui::draw(self, ui);
+        // An edit made in this frame starts its live job now, not in the next
+        // frame's `logic`: on a software renderer the next frame can be a
+        // third of a second away (docs/app-latency.md).
+        self.schedule_live(ui.ctx());
         if let Some((start, cpu0)) = self.frame_start.take() {
             let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
             self.metrics.record_frame(start.elapsed(), cpu);
