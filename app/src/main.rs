@@ -54,9 +54,9 @@ fn main() -> ExitCode {
 /// user chose: one. They draw the window on machines without a GPU, in VMs
 /// and under Xvfb, and start one thread per core by default, which then
 /// compete with the engine for the same cores: under Xvfb on 2 cores a 4-step
-/// 128² demo image took 220–860 ms instead of ≈ 70 ms, so live previews were
-/// overtaken by the next key before they finished (docs/app-latency.md). One
-/// thread draws this UI in a few ms a frame. Hardware drivers ignore it.
+/// 128² demo image took 0.4–1.4 s instead of ≈ 0.09 s, so most live previews
+/// were overtaken by the next key (docs/app-latency.md). With one thread the
+/// frames come as often as with two. Hardware drivers ignore the variable.
 fn software_renderer_threads(user: Option<std::ffi::OsString>) -> Option<&'static str> {
     match user {
         Some(_) => None,
