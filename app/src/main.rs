@@ -55,8 +55,8 @@ fn main() -> ExitCode {
 /// and under Xvfb, and start one thread per core by default, which then
 /// compete with the engine for the same cores: under Xvfb on 2 cores a 4-step
 /// 128² demo image took 0.4–1.4 s instead of ≈ 0.09 s, so most live previews
-/// were overtaken by the next key (docs/app-latency.md). With one thread the
-/// frames come as often as with two. Hardware drivers ignore the variable.
+/// were overtaken by the next key (docs/app-latency.md). The price is a lower
+/// frame rate where the engine is not involved. Hardware drivers ignore it.
 fn software_renderer_threads(user: Option<std::ffi::OsString>) -> Option<&'static str> {
     match user {
         Some(_) => None,
