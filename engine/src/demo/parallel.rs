@@ -43,12 +43,12 @@ where
             .iter()
             .zip(&pools[1..])
             .map(|((part, len), pool)| {
-                let replica = replica::<M>(&inner);
+                let replica = trainable::<M>(inner.clone());
                 let one = &one;
                 s.spawn(move || pool.install(|| one(replica, part, *len)))
             })
             .collect();
-        let first = replica::<M>(&inner);
+        let first = trainable::<M>(inner.clone());
         let mut out = vec![pools[0].install(|| one(first, &parts[0].0, parts[0].1))];
         for h in handles {
             out.push(h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a training thread panicked"))));
@@ -90,18 +90,10 @@ fn replica_pools(n: usize) -> anyhow::Result<Vec<std::sync::Arc<rayon::ThreadPoo
     Ok(pools[..n].to_vec())
 }
 
-/// A copy of the model with fresh autodiff leaves for every parameter (same
-/// ids). `from_inner` alone keeps the `require_grad` flag the inner copy
-/// carries, which is not set for parameters loaded or built lazily.
-fn replica<M: AutodiffModule<Ad>>(inner: &M::InnerModule) -> M
-where
-    M::InnerModule: Clone,
-{
-    trainable::<M>(inner.clone())
-}
-
-/// An autodiff copy of `inner` whose parameters all take gradients (a model
-/// loaded from disk, or built lazily, does not carry the flag).
+/// An autodiff copy of `inner` with fresh leaves for every parameter (same
+/// ids), all taking gradients: `from_inner` alone keeps the `require_grad`
+/// flag the inner copy carries, which is not set for parameters loaded from
+/// disk or built lazily. Each replica is one.
 pub fn trainable<M: AutodiffModule<Ad>>(inner: M::InnerModule) -> M {
     M::from_inner(inner).map(&mut RequireGrad)
 }
