@@ -8,19 +8,8 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use zimage_engine::demo::eval::load_demo_pair;
 use zimage_engine::demo::judge::judge;
-use zimage_engine::demo::world::{render, Scene, Shape, Size, Split, WorldSampler};
+use zimage_engine::demo::world::{image_to_chw, render, Scene, Shape, Size, Split, WorldSampler};
 use zimage_engine::device::CpuBackend as B;
-
-fn chw(img: &zimage_engine::preview::RgbImage) -> Vec<f32> {
-    let n = (img.width * img.height) as usize;
-    let mut out = vec![0f32; 3 * n];
-    for p in 0..n {
-        for c in 0..3 {
-            out[c * n + p] = img.pixels[p * 3 + c] as f32 / 127.5 - 1.0;
-        }
-    }
-    out
-}
 
 fn main() -> anyhow::Result<()> {
     let device = Default::default();
@@ -52,7 +41,8 @@ fn main() -> anyhow::Result<()> {
         };
         let enc = |s: &Scene| -> anyhow::Result<Tensor<B, 4>> {
             let img = render(s, &pl);
-            let t = Tensor::<B, 4>::from_data(TensorData::new(chw(&img), [1, 3, 128, 128]), (&device, DType::F32));
+            let t =
+                Tensor::<B, 4>::from_data(TensorData::new(image_to_chw(&img), [1, 3, 128, 128]), (&device, DType::F32));
             let (mean, _) = vae.encode(t).ok_or_else(|| anyhow::anyhow!("no encoder"))?;
             Ok(vae.scale(mean))
         };
