@@ -6,6 +6,7 @@
 //! `cargo run --release --example x0_trajectory -- [MODEL_DIR] [GUIDANCE] [CAPTIONS]`
 //! (defaults: assets/demo, 4, 200). With `ONLY_FINAL=1` only the last step is
 //! decoded: the evaluation's result for these kinds, split by caption length.
+//! Fill ratios are averaged over the objects found, as `eval-demo` does.
 use anyhow::Context;
 use burn::tensor::{DType, Tensor, TensorData};
 use zimage_engine::demo::eval::{demo_request, load_demo_pair};
@@ -22,6 +23,8 @@ const EVAL_SEED: u64 = 1234;
 struct Tally {
     right: f64,
     seen: f64,
+    /// Objects of the watched colour the judge found, and their fill ratios' sum.
+    found: f64,
     fill: f64,
 }
 
@@ -56,7 +59,8 @@ fn main() -> anyhow::Result<()> {
         req.guidance = guidance;
         let cond = base.encode(&req)?;
         // The pipeline's own sampler, step by step (`ZImagePipeline::sample`).
-        let shape = [1, base.dit_config.in_channels, 16, 16];
+        let side = req.height as usize / base.vae_scale;
+        let shape = [1, base.dit_config.in_channels, side, side];
         let noise = TorchGenerator::manual_seed(req.seed).randn(shape.iter().product());
         let mut x = Tensor::<CpuBackend, 4>::from_data(TensorData::new(noise, shape), (&device, DType::F32));
         for (step, at_step) in along.iter_mut().enumerate() {
@@ -86,7 +90,10 @@ fn main() -> anyhow::Result<()> {
                     for tally in tallies {
                         tally.seen += 1.0;
                         tally.right += f64::from(u8::from(right));
-                        tally.fill += found.map_or(0.0, |d| f64::from(d.fill));
+                        if let Some(d) = found {
+                            tally.found += 1.0;
+                            tally.fill += f64::from(d.fill);
+                        }
                     }
                 }
             }
@@ -96,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!();
     let show = |t: &Tally| {
-        format!("{:5.1}% fill {:.3} (of {})", 100.0 * t.right / t.seen.max(1.0), t.fill / t.seen.max(1.0), t.seen)
+        format!("{:5.1}% fill {:.3} (of {})", 100.0 * t.right / t.seen.max(1.0), t.fill / t.found.max(1.0), t.seen)
     };
     println!("step  sigma | small squares right        | small circles right");
     for (step, t) in along.iter().enumerate().filter(|(_, t)| t[0].seen > 0.0) {
