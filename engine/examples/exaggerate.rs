@@ -6,15 +6,17 @@
 //!
 //! `cargo run --release --example exaggerate` (from the repository root).
 use burn::tensor::{DType, Tensor, TensorData};
-use zimage_engine::demo::eval::load_demo_pair;
+use zimage_engine::demo::eval::load_vae_dir;
 use zimage_engine::demo::judge::judge;
-use zimage_engine::demo::world::{image_to_chw, render, Scene, Shape, Size, Split, WorldSampler};
+use zimage_engine::demo::world::{image_to_chw, render, Scene, Shape, Size, Split, WorldSampler, IMAGE_SIDE};
 use zimage_engine::device::CpuBackend as B;
+use zimage_engine::pipeline::{tensor_to_vec, to_rgb8};
 
 fn main() -> anyhow::Result<()> {
     let device = Default::default();
-    let (base, _) = load_demo_pair(std::path::Path::new("assets/demo"), &device)?;
-    let (_, vae) = zimage_engine::demo::eval::load_vae_dir(std::path::Path::new("assets/demo/vae"), &device)?;
+    // The shipped VAE alone (encoder and decoder): nothing else is needed.
+    let (_, vae) = load_vae_dir(std::path::Path::new("assets/demo/vae"), &device)?;
+    let n = IMAGE_SIDE;
     // Any fixed seed: the scenes are only a sample of the training world.
     let mut world = WorldSampler::new(77);
     let ks = [0.0f32, 0.1, 0.2, 0.3, 0.5];
@@ -41,8 +43,7 @@ fn main() -> anyhow::Result<()> {
         };
         let enc = |s: &Scene| -> anyhow::Result<Tensor<B, 4>> {
             let img = render(s, &pl);
-            let t =
-                Tensor::<B, 4>::from_data(TensorData::new(image_to_chw(&img), [1, 3, 128, 128]), (&device, DType::F32));
+            let t = Tensor::<B, 4>::from_data(TensorData::new(image_to_chw(&img), [1, 3, n, n]), (&device, DType::F32));
             let (mean, _) = vae.encode(t).ok_or_else(|| anyhow::anyhow!("no encoder"))?;
             Ok(vae.scale(mean))
         };
@@ -50,10 +51,11 @@ fn main() -> anyhow::Result<()> {
         let za = enc(&alt)?;
         for (ki, &k) in ks.iter().enumerate() {
             let zk = z.clone() + (z.clone() - za.clone()) * k;
-            let img = base.decode(zk)?.remove(0);
+            let img = to_rgb8(&tensor_to_vec(vae.decode(vae.unscale(zk))), n, n);
             let v = judge(&img, &scene);
             for (o, ov) in scene.objects.iter().zip(&v.objects) {
-                let kind = (o.size == Size::Large) as usize * 3 + o.shape as usize;
+                let shape = Shape::ALL.iter().position(|&s| s == o.shape).unwrap_or(0);
+                let kind = usize::from(o.size == Size::Large) * Shape::ALL.len() + shape;
                 stats[ki][kind][1] += 1;
                 stats[ki][kind][0] += ov.all() as usize;
             }
