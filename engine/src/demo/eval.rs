@@ -91,6 +91,14 @@ impl ModelScore {
         self.object_ok as f64 / self.objects.max(1) as f64
     }
 
+    /// The binomial standard error of [`Self::object_accuracy`], in the same
+    /// units: what two evaluations on these captions may differ by from
+    /// chance alone (≈ 2.4 points at 80 % of 271 objects).
+    pub fn object_standard_error(&self) -> f64 {
+        let p = self.object_accuracy();
+        (p * (1.0 - p) / self.objects.max(1) as f64).sqrt()
+    }
+
     pub fn caption_accuracy(&self) -> f64 {
         self.caption_ok as f64 / self.images.max(1) as f64
     }
@@ -126,7 +134,8 @@ impl std::fmt::Display for EvalReport {
         row(f, "object position", pct(b.position_ok, b.objects), pct(t.position_ok, t.objects))?;
         row(f, "object size", pct(b.size_ok, b.objects), pct(t.size_ok, t.objects))?;
         row(f, "object shape", pct(b.shape_ok, b.objects), pct(t.shape_ok, t.objects))?;
-        row(f, "**objects fully right**", format!("**{}**", pct(b.object_ok, b.objects)), format!("**{}**", pct(t.object_ok, t.objects)))?;
+        let right = |s: &ModelScore| format!("**{}** ± {:.1}", pct(s.object_ok, s.objects), 100.0 * s.object_standard_error());
+        row(f, "**objects fully right** (± standard error)", right(b), right(t))?;
         row(f, "whole caption right", pct(b.caption_ok, b.images), pct(t.caption_ok, t.images))?;
         row(f, "time per image (128², CPU)", format!("{:.0} ms", b.seconds_per_image * 1e3), format!("{:.0} ms", t.seconds_per_image * 1e3))?;
         row(f, "DiT evaluations per image", b.evals_per_image.to_string(), t.evals_per_image.to_string())?;
@@ -347,5 +356,9 @@ mod tests {
         assert!(table.contains("| small square | 50.0% of 2, fill 0.90 |"), "{table}");
         assert!(table.contains("| large circle | 100.0% of 2, fill 0.95 |"), "{table}");
         assert!(table.contains("| small circle | 0.0% of 0 |"), "{table}");
+        // 3 of 4 right: sqrt(0.75 · 0.25 / 4).
+        assert!((score.object_standard_error() - 0.216_506).abs() < 1e-5, "{}", score.object_standard_error());
+        let report = EvalReport { base: score.clone(), turbo: score };
+        assert!(report.to_string().contains("| **objects fully right** (± standard error) | **75.0%** ± 21.7 |"), "{report}");
     }
 }
