@@ -599,7 +599,9 @@ fn io_cause(e: &io::Error, dir: &Path, writing: bool) -> String {
         K::ReadOnlyFilesystem => "read-only file system".into(),
         K::QuotaExceeded => "disk quota exceeded".into(),
         K::FileTooLarge => "file too large".into(),
-        K::NotFound if writing => format!("directory {} does not exist", dir.display()),
+        K::NotFound if writing && !dir.is_dir() => format!("directory {} does not exist", dir.display()),
+        // An existing folder that refuses new files this way (e.g. /proc).
+        K::NotFound if writing => format!("files cannot be created in {}", dir.display()),
         K::NotFound => "file not found".into(),
         K::NotADirectory => "a part of the path is not a directory".into(),
         K::IsADirectory => "it is a directory".into(),
@@ -1025,6 +1027,10 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with(&format!("cannot write {}: directory ", missing.display())), "{msg}");
         assert!(msg.ends_with("does not exist"), "{msg}");
+
+        // A folder that exists but where creating a file reports "not found".
+        let cause = io_cause(&io::Error::from(io::ErrorKind::NotFound), &dir.0, true);
+        assert_eq!(cause, format!("files cannot be created in {}", dir.0.display()));
 
         // Target is a directory.
         let err = save_png(&dir.0, &rgb(1, 1), 1, 1, &sample()).unwrap_err();
