@@ -443,6 +443,14 @@ pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f32)> {
 /// Opens the LoRA of a `--lora PATH[:STRENGTH]` argument.
 pub fn open_arg(arg: &str) -> Result<(LoraFile, f32)> {
     let (path, strength) = parse_lora_arg(arg)?;
+    if !path.exists() {
+        // `x.safetensors:abc` is a file with a mistyped strength, not a missing file.
+        if let Some((file, suffix)) = arg.rsplit_once(':') {
+            if Path::new(file).is_file() {
+                return Err(EngineError::invalid(format!("--lora {arg:?}: strength {suffix:?} is not a number")));
+            }
+        }
+    }
     Ok((LoraFile::open(&path)?, strength))
 }
 
@@ -698,6 +706,12 @@ mod tests {
         assert!(parse_lora_arg(":0.5").is_err());
         assert!(parse_lora_arg("x:inf").is_err());
         assert!(parse_lora_arg("").is_err());
+        // An existing file with a strength that is not a number says so.
+        let file = std::env::temp_dir().join(format!("zimage-lora-arg-{}.safetensors", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let err = open_arg(&format!("{}:abc", file.display())).err().map(|e| e.to_string()).unwrap_or_default();
+        let _ = std::fs::remove_file(&file);
+        assert!(err.ends_with("strength \"abc\" is not a number"), "{err}");
     }
 
     #[test]
