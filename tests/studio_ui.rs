@@ -165,7 +165,8 @@ fn typing_again_supersedes_the_running_job() {
 #[test]
 fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_switch() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
+    // 512² so that a 1280-point window shows it below its actual size (1:1 below).
+    write_test_settings(dir.path(), |s| (s.width, s.height) = (512, 512));
     let mut h = start_and_type(dir.path(), "a lighthouse");
     let turbo = h.state().current.clone().unwrap();
     // The cost is shown before the click: strength 0.6 of 10 steps = 6 steps.
@@ -183,6 +184,32 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
     assert_eq!(base.meta.parent.as_deref(), Some(turbo.as_str()));
     assert!(app.images.texture(&t).is_some() && app.images.texture(&b).is_some(), "both shown");
     h.get_by_label_contains("Left: Turbo #");
+
+    // The zoom readout counts actual pixels; 1:1 shows one image pixel per
+    // screen pixel when the fitted image is smaller than that, else is inert.
+    // A very wide window shows the fitted image above 1:1, the usual one below.
+    for width in [3200.0, 1280.0] {
+        h.set_size(egui::vec2(width, 800.0));
+        h.step();
+        h.step();
+        let fit = h.state().compare.fit_scale.expect("the compare view measured its fitted image");
+        h.get_by_label(&format!("zoom {:.0}%", fit * 100.0));
+        h.get_by_label("1:1").click();
+        h.step();
+        let zoom = h.state().compare.zoom;
+        if fit < 1.0 {
+            assert!((zoom * fit - 1.0).abs() < 1e-3, "1:1 gave zoom {zoom} at fit scale {fit}");
+            h.step();
+            h.get_by_label("zoom 100%");
+        } else {
+            assert_eq!(zoom, 1.0, "1:1 cannot shrink below the fitted size (fit scale {fit})");
+        }
+        assert_eq!(fit < 1.0, width < 2000.0, "fit scale {fit} in a {width}-point window");
+        h.get_by_label("Fit").click();
+        h.step();
+        assert_eq!(h.state().compare.zoom, 1.0);
+    }
+    h.set_size(egui::vec2(1280.0, 800.0));
 
     // Compare modes: m cycles, c swaps, the buttons pick one.
     assert_eq!(h.state().compare.mode, CompareMode::SideBySide);

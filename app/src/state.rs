@@ -231,7 +231,11 @@ pub struct CompareState {
     pub swapped: bool,
     /// Wipe split position, 0..1 from the left.
     pub split: f32,
+    /// Magnification over the fitted image (1 = fit; never below).
     pub zoom: f32,
+    /// Screen pixels per image pixel of the fitted image (zoom 1), from the
+    /// last frame drawn: what "1:1" and the zoom readout are measured against.
+    pub fit_scale: Option<f32>,
     /// Pan in image fractions.
     pub pan: egui::Vec2,
     /// Flicker: which image shows; toggled by time or the space key.
@@ -239,9 +243,26 @@ pub struct CompareState {
     pub flicker_auto: bool,
 }
 
+impl CompareState {
+    /// The zoom at which one image pixel fills one screen pixel, when that
+    /// is a magnification of the fitted image (a large image fitted into a
+    /// smaller pane); `None` when the fitted image already shows it larger.
+    pub fn actual_size_zoom(&self) -> Option<f32> {
+        self.fit_scale.filter(|&s| s > 0.0 && s < 1.0).map(|s| (1.0 / s).min(MAX_COMPARE_ZOOM))
+    }
+
+    /// Screen pixels per image pixel now, in percent (100 = actual size).
+    pub fn actual_size_percent(&self) -> Option<f32> {
+        self.fit_scale.map(|s| s * self.zoom * 100.0)
+    }
+}
+
+/// The largest compare zoom over the fitted image.
+pub const MAX_COMPARE_ZOOM: f32 = 16.0;
+
 impl Default for CompareState {
     fn default() -> Self {
-        Self { mode: CompareMode::SideBySide, swapped: false, split: 0.5, zoom: 1.0, pan: egui::Vec2::ZERO, flicker_second: false, flicker_auto: true }
+        Self { mode: CompareMode::SideBySide, swapped: false, split: 0.5, zoom: 1.0, fit_scale: None, pan: egui::Vec2::ZERO, flicker_second: false, flicker_auto: true }
     }
 }
 
@@ -292,6 +313,24 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compare_zoom_is_read_and_set_in_actual_pixels() {
+        let mut c = CompareState::default();
+        assert_eq!((c.actual_size_percent(), c.actual_size_zoom()), (None, None), "nothing drawn yet");
+        // A 1024² image fitted into a 512-pixel pane: half size; 1:1 is zoom 2.
+        c.fit_scale = Some(0.5);
+        assert_eq!(c.actual_size_percent(), Some(50.0));
+        assert_eq!(c.actual_size_zoom(), Some(2.0));
+        c.zoom = 3.0;
+        assert_eq!(c.actual_size_percent(), Some(150.0));
+        // A 128² image fitted into a 344-pixel pane is already above 1:1.
+        c.fit_scale = Some(2.6875);
+        assert_eq!(c.actual_size_zoom(), None);
+        // A huge image in a tiny pane: 1:1 stays within the zoom limit.
+        c.fit_scale = Some(0.01);
+        assert_eq!(c.actual_size_zoom(), Some(MAX_COMPARE_ZOOM));
+    }
 
     #[test]
     fn the_first_gpu_image_says_why_it_is_slow_until_its_first_step() {

@@ -8,7 +8,7 @@ use egui::{Color32, Pos2, Rect, Sense, Slider, Stroke};
 use zimage_engine::preview::RgbImage;
 
 use crate::app::{Action, StudioApp};
-use crate::state::{difference_heatmap, CompareMode};
+use crate::state::{difference_heatmap, CompareMode, MAX_COMPARE_ZOOM};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
     let Some((turbo, base)) = app.compare_pair.clone() else {
@@ -33,11 +33,23 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         if ui.button("Swap (C)").clicked() {
             app.compare.swapped = !app.compare.swapped;
         }
-        if ui.button("Reset zoom").clicked() {
+        if ui.button("Fit").on_hover_text("Show the whole image (zoom out, centre)").clicked() {
             app.compare.zoom = 1.0;
             app.compare.pan = egui::Vec2::ZERO;
         }
-        ui.weak(format!("zoom {:.0}%", app.compare.zoom * 100.0));
+        let actual = app.compare.actual_size_zoom();
+        let one_to_one = ui.add_enabled(actual.is_some(), egui::Button::new("1:1"));
+        let one_to_one = one_to_one
+            .on_hover_text("One image pixel per screen pixel")
+            .on_disabled_hover_text("The fitted image is already shown at or above its actual size");
+        if let (true, Some(z)) = (one_to_one.clicked(), actual) {
+            app.compare.zoom = z;
+        }
+        // As image viewers count it: 100% is one image pixel per screen pixel.
+        match app.compare.actual_size_percent() {
+            Some(p) => ui.weak(format!("zoom {p:.0}%")),
+            None => ui.weak("zoom: fit"),
+        };
     });
     ui.label(format!("Left: {left_label} · Right: {right_label}"));
     match app.compare.mode {
@@ -58,7 +70,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     if response.hovered() {
         let scroll = ui.input(|i| i.smooth_scroll_delta.y);
         if scroll != 0.0 {
-            app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, 16.0);
+            app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, MAX_COMPARE_ZOOM);
         }
     }
     if response.dragged() {
@@ -67,6 +79,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         let d = response.drag_delta();
         app.compare.pan -= egui::vec2(d.x / pane_w, d.y / avail.height()) / app.compare.zoom;
     }
+    let pane = if app.compare.mode == CompareMode::SideBySide { avail.split_left_right_at_fraction(0.5).0 } else { avail };
+    app.compare.fit_scale = Some(super::fit_rect(pane.shrink(4.0), size).width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
     let half = 0.5 / app.compare.zoom;
     app.compare.pan.x = app.compare.pan.x.clamp(-(0.5 - half), 0.5 - half);
     app.compare.pan.y = app.compare.pan.y.clamp(-(0.5 - half), 0.5 - half);
