@@ -73,13 +73,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, MAX_COMPARE_ZOOM);
         }
     }
-    if response.dragged() {
-        let panes = if app.compare.mode == CompareMode::SideBySide { 2.0 } else { 1.0 };
-        let pane_w = avail.width() / panes;
-        let d = response.drag_delta();
-        app.compare.pan -= egui::vec2(d.x / pane_w, d.y / avail.height()) / app.compare.zoom;
-    }
+    // One image's pane: half the area side by side, else all of it.
     let pane = if app.compare.mode == CompareMode::SideBySide { avail.split_left_right_at_fraction(0.5).0 } else { avail };
+    if response.dragged() {
+        let d = response.drag_delta();
+        app.compare.pan -= egui::vec2(d.x / pane.width(), d.y / avail.height()) / app.compare.zoom;
+    }
     app.compare.fit_scale = Some(super::fit_rect(pane.shrink(4.0), size).width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
     let half = 0.5 / app.compare.zoom;
     app.compare.pan.x = app.compare.pan.x.clamp(-(0.5 - half), 0.5 - half);
