@@ -57,6 +57,8 @@ fn generates_a_png_with_round_tripping_metadata() {
             "64",
             "-H",
             "48",
+            "--variety",
+            "0.5",
             "-o",
             out_path.to_str().unwrap(),
         ],
@@ -69,6 +71,7 @@ fn generates_a_png_with_round_tripping_metadata() {
     assert_eq!(meta.negative_prompt, "blurry");
     assert_eq!((meta.seed, meta.steps, meta.width, meta.height), (42, 8, 64, 48));
     assert_eq!(meta.model_kind, "turbo");
+    assert_eq!(meta.variety, 0.5);
     let img = image::open(&out_path).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (64, 48));
 
@@ -82,6 +85,7 @@ fn generates_a_png_with_round_tripping_metadata() {
     req.seed = 42;
     req.width = 64;
     req.height = 48;
+    req.variety = 0.5;
     let lib = pipe.generate(&req, false, &mut |_| true).unwrap();
     assert_eq!(lib.images[0].pixels, img.into_raw());
 }
@@ -154,6 +158,8 @@ fn bad_numbers() {
     expect_failure(&["--steps", "0"], "steps must be between");
     expect_failure(&["--guidance", "-1"], "guidance must be between");
     expect_failure(&["--guidance", "nan"], "guidance");
+    expect_failure(&["--variety", "5"], "variety must be between 0 and 4");
+    expect_failure(&["--variety=-0.5"], "variety must be between 0 and 4");
     expect_failure(&["--init", "missing.png"], "missing.png");
     let init = fixtures().join("init.png");
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "0"], "strength");

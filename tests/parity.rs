@@ -190,6 +190,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         height: case["height"].as_u64().unwrap() as u32,
         init: case["init_image"].as_str().map(init_image),
         strength: case["strength"].as_f64().unwrap_or(0.6) as f32,
+        variety: 0.0,
     }
 }
 

@@ -263,6 +263,54 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     assert_eq!(h.state().history.entries.len(), 1);
 }
 
+/// Alt+↑ / Alt+↓ in the prompt box walk the prompts the user settled on
+/// (acted on with F5, or left unedited under a finished live image), and
+/// they survive a restart.
+#[test]
+fn alt_arrows_recall_settled_prompts_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let press = |h: &mut Harness<'static, StudioApp>, modifiers: Modifiers, key: Key| {
+        h.key_press_modifiers(modifiers, key);
+        h.step();
+    };
+    let replace_prompt = |h: &mut Harness<'static, StudioApp>, text: &str| {
+        press(h, Modifiers::COMMAND, Key::A);
+        type_text(h, text);
+        assert_eq!(h.state().prompt, text);
+    };
+    {
+        let mut h = start_and_type(dir.path(), "a red fox");
+        press(&mut h, Modifiers::NONE, Key::F5);
+        replace_prompt(&mut h, "a blue heron");
+        press(&mut h, Modifiers::NONE, Key::F5);
+        // Typed through, never settled: not kept.
+        replace_prompt(&mut h, "a green ki");
+        replace_prompt(&mut h, "a green kite");
+        wait_until(&mut h, "the live image", |a| live_done(a) && a.prompt_history.prompts().len() == 3);
+        assert_eq!(h.state().prompt_history.prompts(), ["a red fox", "a blue heron", "a green kite"]);
+
+        press(&mut h, Modifiers::ALT, Key::ArrowUp);
+        assert_eq!(h.state().prompt, "a blue heron", "the newest equals the box, so it is skipped");
+        press(&mut h, Modifiers::ALT, Key::ArrowUp);
+        assert_eq!(h.state().prompt, "a red fox");
+        assert!(matches!(h.state().live_status, LiveStatus::Stale | LiveStatus::Rendering { .. }), "a recalled prompt renders live");
+        press(&mut h, Modifiers::ALT, Key::ArrowDown);
+        press(&mut h, Modifiers::ALT, Key::ArrowDown);
+        assert_eq!(h.state().prompt, "a green kite", "back to the text the walk began with");
+        let file = dir.path().join("prompts.json");
+        wait_until(&mut h, "the prompt history on disk", |_| {
+            std::fs::read_to_string(&file).is_ok_and(|t| t.contains("a green kite"))
+        });
+    }
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    assert_eq!(h.state().prompt_history.prompts(), ["a red fox", "a blue heron", "a green kite"]);
+    assert_eq!(h.state().prompt, "a green kite", "the newest image's prompt is restored");
+    press(&mut h, Modifiers::ALT, Key::ArrowUp);
+    assert_eq!(h.state().prompt, "a blue heron");
+}
+
 #[test]
 fn restarting_restores_the_history() {
     let dir = tempfile::tempdir().unwrap();
@@ -333,6 +381,7 @@ fn dropping_a_png_restores_its_parameters() {
         width: 96,
         height: 64,
         model_kind: "turbo".into(),
+        variety: 0.4,
         ..Default::default()
     };
     metadata::save_png(&png, &vec![128u8; 96 * 64 * 3], 96, 64, &meta).unwrap();
@@ -349,9 +398,14 @@ fn dropping_a_png_restores_its_parameters() {
         (app.settings.seed, app.settings.width, app.settings.height, app.settings.turbo_steps),
         (1234, 96, 64, 6)
     );
+    assert_eq!(app.settings.turbo_variety, 0.4);
     h.get_by_label_contains("restored the parameters of from-elsewhere.png");
-    // The restored parameters render live.
+    // The restored parameters render live, variety included, and the new
+    // image records them.
     wait_until(&mut h, "the restored image", live_done);
+    let app = h.state();
+    let live = &app.history.get(app.current.as_ref().unwrap()).unwrap().meta;
+    assert_eq!((live.prompt.as_str(), live.seed, live.variety), ("a blue heron", 1234, 0.4));
 
     h.input_mut().dropped_files.push(Arc::new(TestDrop(junk)));
     h.step();

@@ -17,6 +17,7 @@ use crate::engine_bridge::{
 };
 use crate::history::History;
 use crate::images::Images;
+use crate::prompts::{self, PromptHistory};
 use crate::save;
 use crate::settings::{default_output_dir, Paths, Settings};
 use crate::state::{self, CompareState, LiveStatus, Mark, RefineMode, View};
@@ -152,6 +153,11 @@ pub struct StudioApp {
     pub settings: Settings,
     pub paths: Paths,
     pub history: History,
+    /// The prompts settled on, for Alt+↑ / Alt+↓ (see `prompts`).
+    pub prompt_history: PromptHistory,
+    /// The prompt of the live image on screen and when it arrived: recorded
+    /// once it stays unedited for `prompts::SETTLE`.
+    live_shown: Option<(String, Instant)>,
     pub engine: EngineHandle,
     pub model_config: ModelConfig,
     /// Whether the CLI overrides the saved models for this run.
@@ -238,6 +244,7 @@ impl StudioApp {
         let (mut history, w2) = History::load(&options.paths);
         let ctx3 = ctx.clone();
         history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
+        let (prompt_history, w3) = PromptHistory::load(&prompts::prompts_file(&options.paths.data_dir));
         let cli_override = options.turbo.is_some() || options.base.is_some();
         let model_config = effective_models(&settings, &options);
         let settings_form = [
@@ -249,6 +256,8 @@ impl StudioApp {
             prompt: String::new(),
             paths: options.paths,
             history,
+            prompt_history,
+            live_shown: None,
             engine,
             model_config: model_config.clone(),
             cli_override,
@@ -268,7 +277,7 @@ impl StudioApp {
             compare_pair: None,
             variations: Vec::new(),
             var_cursor: 0,
-            message: w1.or(w2).map(|text| Message { text, error: true }),
+            message: w1.or(w2).or(w3).map(|text| Message { text, error: true }),
             show_help: false,
             show_settings: false,
             settings_form,
@@ -333,6 +342,7 @@ impl StudioApp {
         }
         self.poll_background(ctx);
         self.schedule_live(ctx);
+        self.settle_prompt(ctx);
         self.handle_dropped_files(ctx);
         self.autosave_settings(ctx);
         self.write_metrics();
@@ -457,6 +467,45 @@ impl StudioApp {
         }
     }
 
+    /// Records the live image's prompt once it has stayed unedited for
+    /// `prompts::SETTLE` (the prompts typed through on the way are not kept).
+    fn settle_prompt(&mut self, ctx: &egui::Context) {
+        let Some((prompt, at)) = &self.live_shown else { return };
+        if *prompt != self.prompt {
+            self.live_shown = None;
+        } else if at.elapsed() >= prompts::SETTLE {
+            self.live_shown = None;
+            self.record_prompt();
+        } else {
+            ctx.request_repaint_after(prompts::SETTLE - at.elapsed());
+        }
+    }
+
+    /// Adds the prompt box's text to the prompt history, written on the disk thread.
+    pub fn record_prompt(&mut self) {
+        if !self.prompt_history.record(&self.prompt) {
+            return;
+        }
+        let dir = self.paths.data_dir.clone();
+        let path = prompts::prompts_file(&dir);
+        let bytes = self.prompt_history.to_json();
+        let write = move || {
+            let written = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| metadata::write_file_atomic(&path, &bytes).map_err(|e| e.to_string()));
+            match written {
+                Ok(()) => IoResult::Done,
+                Err(e) => IoResult::Error(format!("could not save the prompt history: {e}")),
+            }
+        };
+        match self.history.io() {
+            Some(io) => io.run(Box::new(write)),
+            None => {
+                let _ = write();
+            }
+        }
+    }
+
     fn schedule_live(&mut self, ctx: &egui::Context) {
         let Some(at) = self.dirty_at else { return };
         if !self.settings.live {
@@ -513,6 +562,7 @@ impl StudioApp {
             ModelSlot::Turbo => {
                 r.steps = s.turbo_steps;
                 r.guidance = s.turbo_guidance;
+                r.variety = s.turbo_variety;
             }
             ModelSlot::Base => {
                 r.steps = s.base_steps;
@@ -674,6 +724,7 @@ impl StudioApp {
                     if let Some(at) = job.edit_at {
                         self.metrics.final_image = Some(at.elapsed());
                     }
+                    self.live_shown = job.request.prompts.first().map(|p| (p.clone(), Instant::now()));
                 }
                 self.current = Some(hid.clone());
                 self.selected = Some(hid);
@@ -726,6 +777,7 @@ impl StudioApp {
             app: APP_NAME.into(),
             created: metadata::utc_timestamp_now(),
             loras,
+            variety: r.variety,
         }
     }
 
@@ -791,6 +843,7 @@ impl StudioApp {
                 }
             }
             Action::Generate => {
+                self.record_prompt();
                 self.settings.seed = self.settings.seed_mode.next(self.settings.seed);
                 self.dirty_at = None;
                 if self.prompt.trim().is_empty() {
@@ -804,6 +857,7 @@ impl StudioApp {
                 self.apply(ctx, Action::Edited);
             }
             Action::Refine => {
+                self.record_prompt();
                 // Refining ends typing: frees the single-letter keys (c, m, k…) for the views.
                 leave_text_field(ctx);
                 self.refine_selected();
@@ -825,11 +879,18 @@ impl StudioApp {
                 }
             }
             Action::Variations => {
+                self.record_prompt();
                 leave_text_field(ctx);
                 self.start_variations();
             }
-            Action::Save => self.save_selected(),
-            Action::SaveAs => self.save_as(),
+            Action::Save => {
+                self.record_prompt();
+                self.save_selected();
+            }
+            Action::SaveAs => {
+                self.record_prompt();
+                self.save_as();
+            }
             Action::Select(id) => {
                 self.selected = Some(id.clone());
                 self.current = Some(id);
@@ -970,6 +1031,9 @@ impl StudioApp {
             };
             r.init = Some((*img).clone());
             r.strength = state::snap_strength(self.settings.refine_strength, r.steps).0;
+        } else {
+            // Same seed, same conditioning: the Turbo image's variety too.
+            r.variety = m.variety;
         }
         let id = self.engine.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r.clone() });
         self.jobs.insert(
@@ -1051,6 +1115,7 @@ impl StudioApp {
                 ModelSlot::Turbo => {
                     s.turbo_steps = m.steps as usize;
                     s.turbo_guidance = m.guidance;
+                    s.turbo_variety = m.variety;
                 }
                 ModelSlot::Base => {
                     s.base_steps = m.steps as usize;

@@ -33,6 +33,9 @@ pub struct Settings {
     pub steps_chosen: bool,
     pub turbo_steps: usize,
     pub turbo_guidance: f32,
+    /// Turbo's variety (noise on the prompt's features in the first steps,
+    /// so that seeds differ more); 0 = off.
+    pub turbo_variety: f32,
     pub base_steps: usize,
     pub base_guidance: f32,
     pub negative_prompt: String,
@@ -76,6 +79,7 @@ impl Default for Settings {
             steps_chosen: false,
             turbo_steps: 8,
             turbo_guidance: 0.0,
+            turbo_variety: 0.0,
             base_steps: 50,
             base_guidance: 4.0,
             negative_prompt: String::new(),

@@ -29,6 +29,7 @@ pub mod rng;
 pub mod scheduler;
 pub mod text;
 pub mod vae;
+pub mod variety;
 pub mod weights;
 
 pub use error::{EngineError, Result};

@@ -59,6 +59,8 @@ pub struct GenerationMetadata {
     pub created: String,
     /// LoRAs applied to the DiT, in order.
     pub loras: Vec<LoraRef>,
+    /// Noise on the prompt's features in the first steps (`variety`); 0 = off.
+    pub variety: f32,
 }
 
 /// A LoRA used for an image: A1111 writes it as `<lora:name:strength>` in
@@ -126,8 +128,10 @@ pub enum MetadataError {
 ///   `simple`, ModelSamplingAuraFlow `shift`).
 /// * `Model` is the file or repository name without directories or
 ///   extension (as A1111 does), so no local paths leak into shared images.
-/// * `Denoising strength` only for img2img; `CFG normalization` only when
-///   non-zero and `CFG truncation` only when not 1 (their "off" values).
+/// * `Denoising strength` only for img2img; `CFG normalization` and
+///   `Variety` only when non-zero and `CFG truncation` only when not 1 (their
+///   "off" values). Tools that do not know `Variety` skip it, as A1111 skips
+///   unknown keys.
 /// * Values containing `,`, `:` or a line break are JSON-quoted, as A1111 does.
 pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
     let mut fields: Vec<(&str, String)> = vec![
@@ -150,6 +154,9 @@ pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
     }
     if meta.cfg_truncation != 1.0 {
         fields.push(("CFG truncation", fmt_num(meta.cfg_truncation as f64)));
+    }
+    if meta.variety != 0.0 {
+        fields.push(("Variety", fmt_num(meta.variety as f64)));
     }
     fields.push(("Shift", fmt_num(meta.scheduler_shift as f64)));
     let hashes: Vec<String> =
@@ -182,7 +189,7 @@ pub fn a1111_parameters(meta: &GenerationMetadata) -> String {
 /// Best-effort reading of A1111/Forge infotext (as written by
 /// [`a1111_parameters`] or by other tools): prompt, negative prompt, steps,
 /// CFG scale (stored as `guidance = CFG - 1`), seed, size, model, denoising
-/// strength, shift, CFG normalization/truncation and version (into `app`).
+/// strength, shift, CFG normalization/truncation, variety and version (into `app`).
 /// Unknown keys and unreadable values are skipped; fields not present keep
 /// their defaults (`cfg_truncation` defaults to 1). Fails only for empty text.
 pub fn parse_a1111_parameters(text: &str) -> Result<GenerationMetadata, MetadataError> {
@@ -267,6 +274,11 @@ pub fn parse_a1111_parameters(text: &str) -> Result<GenerationMetadata, Metadata
             "CFG truncation" => {
                 if let Ok(s) = v.parse() {
                     meta.cfg_truncation = s;
+                }
+            }
+            "Variety" => {
+                if let Ok(s) = v.parse() {
+                    meta.variety = s;
                 }
             }
             "Version" => meta.app = v.to_string(),
@@ -659,6 +671,7 @@ mod tests {
             app: "Z-Image Studio 0.1.0".into(),
             created: "2025-11-26T02:11:00Z".into(),
             loras: vec![LoraRef { name: "水彩".into(), strength: -0.25, hash: Some("0123456789ab".into()) }],
+            variety: 0.35,
         }
     }
 
@@ -791,13 +804,14 @@ mod tests {
             strength: Some(0.6),
             scheduler_shift: 6.0,
             app: "Z-Image Studio 0.1.0, dev: build".into(),
+            variety: 0.3,
             ..meta
         };
         assert_eq!(
             a1111_parameters(&img2img),
             "a cat in a hat\nSteps: 28, Sampler: Euler, Schedule type: Simple, CFG scale: 5, \
              Seed: 42, Size: 1024x768, Model: Z-Image, Denoising strength: 0.6, \
-             CFG normalization: 0.5, CFG truncation: 0.9, Shift: 6, \
+             CFG normalization: 0.5, CFG truncation: 0.9, Variety: 0.3, Shift: 6, \
              Version: \"Z-Image Studio 0.1.0, dev: build\""
         );
     }

@@ -10,6 +10,9 @@
 //!     x = x + (σ_{i+1} − σ_i)·(−u)
 //! image = round(clamp(VAE(x/0.3611 + 0.1159)/2 + 0.5, 0, 1)·255)
 //! ```
+//!
+//! With a `variety` above 0 (not in the reference), the first quarter of the
+//! steps see `cap` with seeded noise added ([`crate::variety`]).
 
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ use crate::rng::TorchGenerator;
 use crate::scheduler::Schedule;
 use crate::text::TextEncoder;
 use crate::vae::Vae;
+use crate::variety;
 
 /// Largest image side we accept: far above what the models were trained
 /// for, and still inside the DiT's position table.
@@ -93,6 +97,9 @@ pub struct GenerateRequest {
     /// img2img source (resized to width×height if needed) and strength in (0, 1].
     pub init: Option<RgbImage>,
     pub strength: f32,
+    /// Noise on the prompt's features for the first quarter of the steps, as
+    /// a multiple of each token's spread; 0 = off (see [`crate::variety`]).
+    pub variety: f32,
 }
 
 /// Checks an image size: each side positive, a multiple of `pixel_multiple`
@@ -131,6 +138,7 @@ impl GenerateRequest {
             height: 1024,
             init: None,
             strength: 0.6,
+            variety: 0.0,
         }
     }
 
@@ -152,6 +160,9 @@ impl GenerateRequest {
         }
         if !self.cfg_truncation.is_finite() || self.cfg_truncation < 0.0 {
             return bad("cfg truncation must be between 0 and 1".into());
+        }
+        if !self.variety.is_finite() || !(0.0..=variety::MAX_VARIETY).contains(&self.variety) {
+            return bad(format!("variety must be between 0 and {}, not {}", variety::MAX_VARIETY, self.variety));
         }
         if self.init.is_some() {
             if !(self.strength > 0.0 && self.strength <= 1.0) {
@@ -358,7 +369,15 @@ impl<B: Backend> ZImagePipeline<B> {
         };
 
         let total = req.steps - start;
+        // Variety: the first steps, where the composition is decided, see
+        // perturbed prompt features; the rest the clean ones.
+        let varied = variety::vary(&cond.positive, req.variety, req.seed);
+        let varied_until = start + variety::varied_steps(total);
         for i in start..req.steps {
+            let positive = match &varied {
+                Some(v) if i < varied_until => v,
+                _ => &cond.positive,
+            };
             let t = Tensor::<B, 1>::from_data(
                 TensorData::new(vec![schedule.model_time(i); b], [b]),
                 (&self.device, DType::F32),
@@ -368,7 +387,7 @@ impl<B: Backend> ZImagePipeline<B> {
                 if cond.negative.len() != b {
                     return Err(EngineError::invalid("CFG needs negative conditioning"));
                 }
-                let captions: Vec<Tensor<B, 2>> = cond.positive.iter().chain(&cond.negative).cloned().collect();
+                let captions: Vec<Tensor<B, 2>> = positive.iter().chain(&cond.negative).cloned().collect();
                 let out = self.dit.forward(
                     &self.dit_config,
                     Tensor::cat(vec![x.clone(), x.clone()], 0),
@@ -389,7 +408,7 @@ impl<B: Backend> ZImagePipeline<B> {
                     pred
                 }
             } else {
-                self.dit.forward(&self.dit_config, x.clone(), t, &cond.positive)?.cast(DType::F32)
+                self.dit.forward(&self.dit_config, x.clone(), t, positive)?.cast(DType::F32)
             };
 
             let previews = if want_previews {

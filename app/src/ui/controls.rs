@@ -7,6 +7,10 @@ use crate::state::{self, AspectPreset, RefineMode, SeedMode};
 
 pub const PROMPT_ID: &str = "prompt";
 
+const VARIETY_HELP: &str = "Turbo draws nearly the same picture for every seed. Variety adds noise to the prompt's \
+    features in the first steps, so that seeds (and the variations grid) differ more; 0 = off. \
+    Higher values follow the prompt less. Saved in the PNG.";
+
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let mut edited = false;
 
@@ -24,7 +28,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         prompt.request_focus();
         app.focus_prompt = false;
     }
-    edited |= prompt.changed();
+    if prompt.changed() {
+        app.prompt_history.edited();
+        edited = true;
+    }
 
     ui.horizontal(|ui| {
         if ui.checkbox(&mut app.settings.live, "Live").on_hover_text("Regenerate with Turbo as you type").changed() {
@@ -115,6 +122,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         ui.end_row();
         let l = ui.label("Turbo guidance");
         edited |= ui.add(Slider::new(&mut app.settings.turbo_guidance, 0.0..=10.0).step_by(0.5)).labelled_by(l.id).changed();
+        ui.end_row();
+        let l = ui.label("Variety").on_hover_text(VARIETY_HELP);
+        edited |= ui.add(Slider::new(&mut app.settings.turbo_variety, 0.0..=2.0).step_by(0.05)).labelled_by(l.id).on_hover_text(VARIETY_HELP).changed();
         ui.end_row();
         let l = ui.label("Base steps");
         app.settings.steps_chosen |= ui.add(Slider::new(&mut app.settings.base_steps, 1..=100)).labelled_by(l.id).changed();

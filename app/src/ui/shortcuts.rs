@@ -10,6 +10,7 @@ use crate::state::{Mark, View};
 /// (keys, what) for the help overlay.
 pub const SHORTCUTS: &[(&str, &str)] = &[
     ("type", "live Turbo preview (prompt box has focus at start)"),
+    ("Alt+↑ / Alt+↓", "earlier / later prompts (in the prompt box; kept across restarts)"),
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
     ("Ctrl+Enter", "refine the selected Turbo image with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
@@ -82,6 +83,7 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
             }
         });
     }
+    recall_prompt(app, ctx, actions);
     if ctx.egui_wants_keyboard_input() {
         return;
     }
@@ -112,6 +114,30 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
             },
         }
     }
+}
+
+/// Alt+↑ / Alt+↓ in the prompt box: earlier / later prompts (`prompts`),
+/// handled before the box is drawn so that it does not move its cursor too.
+fn recall_prompt(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
+    let Some(id) = app.prompt_id.filter(|id| ctx.memory(|m| m.has_focus(*id))) else { return };
+    let (older, newer) =
+        ctx.input_mut(|i| (i.consume_key(Modifiers::ALT, Key::ArrowUp), i.consume_key(Modifiers::ALT, Key::ArrowDown)));
+    let recalled = if older {
+        app.prompt_history.older(&app.prompt)
+    } else if newer {
+        app.prompt_history.newer()
+    } else {
+        None
+    };
+    let Some(prompt) = recalled else { return };
+    app.prompt = prompt;
+    // Typing goes on at the end of the recalled prompt.
+    if let Some(mut state) = egui::text_edit::TextEditState::load(ctx, id) {
+        let end = egui::text::CCursor::new(app.prompt.chars().count());
+        state.cursor.set_char_range(Some(egui::text::CCursorRange::one(end)));
+        state.store(ctx, id);
+    }
+    actions.push(Action::Edited);
 }
 
 fn compare_key(app: &mut StudioApp, key: Key) {

@@ -292,6 +292,10 @@ struct GenerateArgs {
     /// img2img strength in (0, 1]: how much of the schedule to run.
     #[arg(long, default_value_t = 0.6)]
     strength: f32,
+    /// More different images across seeds: noise on the prompt's features for the first quarter
+    /// of the steps, as a multiple of each token's spread (0 = off, at most 4).
+    #[arg(long, default_value_t = 0.0)]
+    variety: f32,
     /// Output PNG (default: zimage-<seed>.png in the current folder, never overwriting).
     #[arg(long, short = 'o')]
     out: Option<PathBuf>,
@@ -721,6 +725,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     req.width = args.width.unwrap_or(files.default_size);
     req.height = args.height.unwrap_or(files.default_size);
     req.strength = args.strength;
+    req.variety = args.variety;
     req.init = init;
     req.validate(pipe.pixel_multiple())?;
     // On the CPU the working memory is host memory, and running out of it
@@ -777,6 +782,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
                 hash: lora::short_hash(&file.path).ok(),
             })
             .collect(),
+        variety: req.variety,
     };
     let path = args.out.clone().unwrap_or_else(|| fresh_output_path(seed));
     metadata::save_png(&path, &image.pixels, image.width, image.height, &meta)?;
