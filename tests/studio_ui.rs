@@ -16,7 +16,7 @@ use zimage_engine::memory::MemoryPlan;
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_studio::engine_bridge::{ModelSlot, ModelState};
 use zimage_studio::settings::{Paths, Settings};
-use zimage_studio::state::{CompareMode, LiveStatus, Mark, View};
+use zimage_studio::state::{CompareMode, LiveDraft, LiveStatus, Mark, View};
 use zimage_studio::{StudioApp, StudioOptions};
 
 fn fixture(name: &str) -> String {
@@ -261,6 +261,40 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     assert!(!msg.text.contains('\n'));
     h.get_by_label_contains("save failed");
     assert_eq!(h.state().history.entries.len(), 1);
+}
+
+/// With drafts on, typing renders at half size; once typing stops the draft
+/// is finished at full size by img2img from it (same seed, lineage kept),
+/// which becomes the live image. F5 renders at full size directly.
+#[test]
+fn live_drafts_render_at_half_size_and_finish_at_full_size() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        s.width = 128;
+        s.height = 128;
+        s.live_draft = LiveDraft::Always;
+    });
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    let full_size_shown =
+        |a: &StudioApp| live_done(a) && a.current.as_ref().and_then(|c| a.history.get(c)).is_some_and(|e| e.meta.width == 128);
+    wait_until(&mut h, "the full-size image", full_size_shown);
+    let app = h.state();
+    let full = app.history.get(app.current.as_ref().unwrap()).unwrap();
+    let draft = app.history.get(full.parent.as_ref().expect("the full-size image names its draft")).unwrap();
+    assert_eq!((draft.meta.width, draft.meta.height, draft.meta.strength), (64, 64, None));
+    assert_eq!((full.meta.prompt.as_str(), full.meta.seed), ("a red fox", draft.meta.seed));
+    let expected = zimage_studio::state::snap_strength(zimage_studio::state::UPGRADE_STRENGTH, full.meta.steps as usize).0;
+    assert_eq!(full.meta.strength, Some(expected));
+    assert_eq!(full.meta.init_image.as_deref(), Some(draft.file.as_str()), "the PNG names its source");
+    assert_eq!(app.live_stage(), None);
+
+    let before = app.history.entries.len();
+    h.key_press(Key::F5);
+    wait_until(&mut h, "the F5 image", |a| a.history.entries.len() == before + 1 && live_done(a));
+    let newest = h.state().history.entries.last().unwrap().meta.clone();
+    assert_eq!((newest.width, newest.strength), (128, None), "F5 renders at full size from noise");
 }
 
 /// Alt+↑ / Alt+↓ in the prompt box walk the prompts the user settled on

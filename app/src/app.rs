@@ -10,6 +10,7 @@ use zimage_engine::metadata::{self, GenerationMetadata, LoraRef};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::PullOptions;
+use zimage_engine::scheduler::Schedule;
 
 use crate::engine_bridge::{
     BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
@@ -47,6 +48,8 @@ pub struct PendingJob {
     pub edit_at: Option<Instant>,
     pub progress: (usize, usize),
     pub saw_preview: bool,
+    /// A live job rendered at draft size, to be finished at full size.
+    pub draft: bool,
 }
 
 /// One cell of the variations grid.
@@ -170,6 +173,9 @@ pub struct StudioApp {
     pub dirty_at: Option<Instant>,
     pub live_job: Option<JobId>,
     pub live_ema: Option<Duration>,
+    /// Recent live time per megapixel-step, drafts and upgrades included:
+    /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
+    pub live_rate: Option<f64>,
     pub per_step: HashMap<ModelSlot, Duration>,
     pub jobs: HashMap<JobId, PendingJob>,
     /// Shown in the Live view: the latest finished image (history id).
@@ -267,6 +273,7 @@ impl StudioApp {
             dirty_at: None,
             live_job: None,
             live_ema: None,
+            live_rate: None,
             per_step: HashMap::new(),
             jobs: HashMap::new(),
             current: None,
@@ -521,17 +528,63 @@ impl StudioApp {
         if self.prompt.trim().is_empty() {
             return;
         }
-        self.submit_live(Some(at));
+        self.submit_live(Some(at), true);
     }
 
-    fn submit_live(&mut self, edit_at: Option<Instant>) {
-        let request = match self.request_for(ModelSlot::Turbo) {
+    /// Starts a live Turbo job from the controls; at draft size when
+    /// `may_draft` (typing, not an explicit Generate) and the settings and
+    /// the recent full-size time ask for it.
+    fn submit_live(&mut self, edit_at: Option<Instant>, may_draft: bool) {
+        let mut request = match self.request_for(ModelSlot::Turbo) {
             Ok(r) => r,
             Err(e) => {
                 self.live_status = LiveStatus::Error(e);
                 return;
             }
         };
+        let draft = may_draft
+            .then(|| {
+                let full = self.live_rate.map(|r| state::predicted_time(r, request.width, request.height, request.steps));
+                state::draft_size(self.settings.live_draft, request.width, request.height, full)
+            })
+            .flatten();
+        if let Some((w, h)) = draft {
+            (request.width, request.height) = (w, h);
+        }
+        self.submit_live_request(request, None, edit_at, draft.is_some());
+    }
+
+    /// Finishes the draft `draft_id` at full size: Turbo img2img from it
+    /// (upscaled by the engine) at [`state::UPGRADE_STRENGTH`], same seed.
+    fn submit_upgrade(&mut self, draft_id: String) {
+        let Ok(mut request) = self.request_for(ModelSlot::Turbo) else { return };
+        let Some(draft) = self.images.rgb(&draft_id) else { return };
+        request.init = Some((*draft).clone());
+        request.strength = state::snap_strength(state::UPGRADE_STRENGTH, request.steps).0;
+        self.submit_live_request(request, Some(draft_id), None, false);
+    }
+
+    /// What the running live job is, when it is part of a draft: shown
+    /// beside the live status.
+    pub fn live_stage(&self) -> Option<&'static str> {
+        let job = self.jobs.get(&self.live_job?)?;
+        if job.draft {
+            Some("half-size draft while you type")
+        } else if job.request.init.is_some() {
+            Some("full size, from the draft")
+        } else {
+            None
+        }
+    }
+
+    /// Whether `id` is a live draft whose full-size image is being rendered.
+    pub fn upgrading(&self, id: &str) -> bool {
+        self.live_job
+            .and_then(|j| self.jobs.get(&j))
+            .is_some_and(|job| job.request.init.is_some() && job.parent.as_deref() == Some(id))
+    }
+
+        fn submit_live_request(&mut self, request: GenerateRequest, parent: Option<String>, edit_at: Option<Instant>, draft: bool) {
         let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
         self.jobs.insert(
             id,
@@ -539,10 +592,11 @@ impl StudioApp {
                 kind: JobKind::Live,
                 slot: ModelSlot::Turbo,
                 request,
-                parent: None,
+                parent,
                 edit_at,
                 progress: (0, 0),
                 saw_preview: false,
+                draft,
             },
         );
         self.live_job = Some(id);
@@ -715,6 +769,11 @@ impl StudioApp {
         match job.kind {
             JobKind::Live => {
                 self.live_ema = Some(state::ema(self.live_ema, elapsed));
+                let r = &job.request;
+                let steps_run = r.steps - r.init.as_ref().map_or(0, |_| Schedule::img2img_start(r.steps, r.strength));
+                let rate = state::live_rate(elapsed, r.width, r.height, steps_run);
+                self.live_rate = Some(self.live_rate.map_or(rate, |prev| 0.7 * prev + 0.3 * rate));
+                let mut upgrade = false;
                 if self.live_job == Some(id) {
                     self.live_job = None;
                     self.live_preview = false;
@@ -725,9 +784,14 @@ impl StudioApp {
                         self.metrics.final_image = Some(at.elapsed());
                     }
                     self.live_shown = job.request.prompts.first().map(|p| (p.clone(), Instant::now()));
+                    // Typing stopped on a draft: finish it at full size.
+                    upgrade = job.draft && self.dirty_at.is_none();
                 }
                 self.current = Some(hid.clone());
-                self.selected = Some(hid);
+                self.selected = Some(hid.clone());
+                if upgrade {
+                    self.submit_upgrade(hid);
+                }
             }
             JobKind::Refine => {
                 if self.refine_job == Some(id) {
@@ -849,7 +913,7 @@ impl StudioApp {
                 if self.prompt.trim().is_empty() {
                     self.error("type a prompt first");
                 } else {
-                    self.submit_live(Some(Instant::now()));
+                    self.submit_live(Some(Instant::now()), false);
                 }
             }
             Action::NewSeed => {
@@ -1015,6 +1079,9 @@ impl StudioApp {
     }
 
     fn queue_refine(&mut self, src: &str) -> Result<(), String> {
+        if self.upgrading(src) {
+            return Err("this is the half-size draft; its full-size image is rendering: refine that one when it is done".into());
+        }
         let entry = self.history.get(src).ok_or("that image is no longer in the history")?.clone();
         let m = &entry.meta;
         let mut r = GenerateRequest::new(m.prompt.clone(), ModelKind::Base);
@@ -1046,6 +1113,7 @@ impl StudioApp {
                 edit_at: None,
                 progress: (0, 0),
                 saw_preview: false,
+                draft: false,
             },
         );
         self.refine_job = Some(id);
@@ -1082,6 +1150,7 @@ impl StudioApp {
                     edit_at: None,
                     progress: (0, 0),
                     saw_preview: false,
+                    draft: false,
                 },
             );
             self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use zimage_engine::memory::MemoryPlan;
 
-use crate::state::{AspectPreset, RefineMode, SeedMode};
+use crate::state::{AspectPreset, LiveDraft, RefineMode, SeedMode};
 
 /// Everything the user chose that should survive a restart. `#[serde(default)]`
 /// so that files written by older versions still load.
@@ -20,6 +20,8 @@ pub struct Settings {
     /// Default save folder; `None` = the user's Pictures folder (or a fallback).
     pub output_dir: Option<PathBuf>,
     pub live: bool,
+    /// Live drafts at half size while typing (see `state::draft_size`).
+    pub live_draft: LiveDraft,
     pub seed: u64,
     pub seed_mode: SeedMode,
     pub aspect: AspectPreset,
@@ -70,6 +72,7 @@ impl Default for Settings {
             base_model: None,
             output_dir: None,
             live: true,
+            live_draft: LiveDraft::Auto,
             seed: 42,
             seed_mode: SeedMode::Fixed,
             aspect: AspectPreset::Square,

@@ -298,6 +298,63 @@ pub fn difference_heatmap(a: &[u8], b: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// Live drafts: while the user types, render at half the side when a
+/// full-size live image is slow, and finish at full size once typing stops
+/// (img2img from the draft, so the composition the user stopped on stays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveDraft {
+    /// Draft when a full-size live image would take longer than [`DRAFT_WHEN_SLOWER_THAN`].
+    Auto,
+    Always,
+    Off,
+}
+
+impl LiveDraft {
+    pub const ALL: [LiveDraft; 3] = [LiveDraft::Auto, LiveDraft::Always, LiveDraft::Off];
+    pub fn label(self) -> &'static str {
+        match self {
+            LiveDraft::Auto => "auto",
+            LiveDraft::Always => "always",
+            LiveDraft::Off => "off",
+        }
+    }
+}
+
+/// Auto drafts once a full-size live image takes longer than this: below it,
+/// typing already feels live (docs/app-latency.md).
+pub const DRAFT_WHEN_SLOWER_THAN: Duration = Duration::from_secs(1);
+
+/// Strength of the full-size pass over an upscaled draft: enough steps to
+/// draw the detail the draft's resolution lacks, few enough to keep its
+/// composition (the "hires fix" of A1111 and ComfyUI, which uses 0.5–0.7).
+pub const UPGRADE_STRENGTH: f32 = 0.6;
+
+/// Seconds per megapixel-step of a live image that took `elapsed` (the
+/// DiT's cost grows with both; fixed costs such as the prompt's encoding are
+/// spread in, which is close enough for a one-second threshold).
+pub fn live_rate(elapsed: Duration, width: u32, height: u32, steps_run: usize) -> f64 {
+    elapsed.as_secs_f64() / (width as f64 * height as f64 / 1e6 * steps_run.max(1) as f64)
+}
+
+/// A live image's expected time at `rate` (see [`live_rate`]).
+pub fn predicted_time(rate: f64, width: u32, height: u32, steps: usize) -> Duration {
+    Duration::from_secs_f64((rate * width as f64 * height as f64 / 1e6 * steps as f64).clamp(0.0, 1e6))
+}
+
+/// The size to render while typing, or `None` for the full size: half of
+/// each side, rounded down to a multiple of 16, when `mode` asks for a draft
+/// and neither half side would be under 64 pixels. `full_live` is the
+/// predicted time of a full-size live image (unknown until the first image).
+pub fn draft_size(mode: LiveDraft, width: u32, height: u32, full_live: Option<Duration>) -> Option<(u32, u32)> {
+    let wanted = match mode {
+        LiveDraft::Off => false,
+        LiveDraft::Always => true,
+        LiveDraft::Auto => full_live.is_some_and(|d| d > DRAFT_WHEN_SLOWER_THAN),
+    };
+    let (w, h) = (width / 2 / 16 * 16, height / 2 / 16 * 16);
+    (wanted && w >= 64 && h >= 64).then_some((w, h))
+}
+
 /// What to say while the first image on a GPU shows no step yet: burn's
 /// GPU backends compile every kernel at its first use (23–32 s on an H200 in
 /// docs/performance.md), once per launch of the app.
@@ -313,6 +370,26 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drafts_are_half_size_only_when_asked_for_or_slow() {
+        let slow = Some(Duration::from_millis(1500));
+        let fast = Some(Duration::from_millis(300));
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, slow), Some((512, 512)));
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, fast), None);
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, None), None, "the first image shows the full-size cost");
+        assert_eq!(draft_size(LiveDraft::Off, 1024, 1024, slow), None);
+        assert_eq!(draft_size(LiveDraft::Always, 1344, 768, None), Some((672, 384)));
+        assert_eq!(draft_size(LiveDraft::Always, 1360, 752, None), Some((672, 368)), "multiples of 16");
+        assert_eq!(draft_size(LiveDraft::Always, 128, 128, None), Some((64, 64)));
+        assert_eq!(draft_size(LiveDraft::Always, 1024, 112, None), None, "a 56-pixel side is too small to draft");
+        // A draft's time predicts the full size's: 4x the pixels.
+        let rate = live_rate(Duration::from_millis(400), 512, 512, 8);
+        let full = predicted_time(rate, 1024, 1024, 8);
+        assert!((full.as_secs_f64() - 1.6).abs() < 1e-9, "{full:?}");
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, Some(full)), Some((512, 512)));
+        assert_eq!(draft_size(LiveDraft::Auto, 512, 512, Some(predicted_time(rate, 512, 512, 8))), None);
+    }
 
     #[test]
     fn compare_zoom_is_read_and_set_in_actual_pixels() {

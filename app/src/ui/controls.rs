@@ -3,9 +3,13 @@
 use egui::{DragValue, Slider, TextEdit};
 
 use crate::app::{Action, StudioApp};
-use crate::state::{self, AspectPreset, RefineMode, SeedMode};
+use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
 
 pub const PROMPT_ID: &str = "prompt";
+
+const DRAFT_HELP: &str = "While you type, render at half the size (3–4x faster) and finish at full size when you \
+    stop, from the draft, so the picture you stopped on stays. auto: only when a full-size live image takes over a \
+    second. F5 always renders at full size.";
 
 const VARIETY_HELP: &str = "Turbo draws nearly the same picture for every seed. Variety adds noise to the prompt's \
     features in the first steps, so that seeds (and the variations grid) differ more; 0 = off. \
@@ -37,6 +41,18 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         if ui.checkbox(&mut app.settings.live, "Live").on_hover_text("Regenerate with Turbo as you type").changed() {
             edited = true;
         }
+        let draft = ui.label("Draft").on_hover_text(DRAFT_HELP);
+        egui::ComboBox::from_id_salt("live_draft")
+            .width(64.0)
+            .selected_text(app.settings.live_draft.label())
+            .show_ui(ui, |ui| {
+                for d in LiveDraft::ALL {
+                    ui.selectable_value(&mut app.settings.live_draft, d, d.label());
+                }
+            })
+            .response
+            .labelled_by(draft.id)
+            .on_hover_text(DRAFT_HELP);
         if ui.button("Generate (F5)").clicked() {
             actions.push(Action::Generate);
         }

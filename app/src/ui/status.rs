@@ -14,6 +14,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             _ => ui.visuals().text_color(),
         };
         ui.colored_label(color, format!("Live: {}", app.live_status.text()));
+        if let Some(stage) = app.live_stage() {
+            ui.weak(format!("· {stage}"));
+        }
         if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
             ui.weak(format!("· {hint}"));
         }
