@@ -443,7 +443,23 @@ fn dropping_a_png_restores_its_parameters() {
 
     h.input_mut().dropped_files.push(Arc::new(TestDrop(junk)));
     h.step();
-    h.get_by_label_contains("junk.png: not a PNG file");
+    h.get_by_label_contains("junk.png: not a PNG or JPEG file");
+
+    // A JPEG an editor exported from one of our PNGs keeps its XMP packet.
+    let edited = GenerationMetadata { prompt: "a grey wagtail".into(), seed: 99, ..meta };
+    let packet = zimage_engine::xmp::packet(&metadata::a1111_parameters(&edited), "", "", "");
+    let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
+    app1.extend_from_slice(packet.as_bytes());
+    let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
+    jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    jpeg.extend_from_slice(&app1);
+    jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
+    let jpg = dir.path().join("edited.jpg");
+    std::fs::write(&jpg, jpeg).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(jpg)));
+    h.step();
+    h.get_by_label_contains("restored the parameters of edited.jpg");
+    assert_eq!((h.state().prompt.as_str(), h.state().settings.seed), ("a grey wagtail", 99));
 }
 
 /// `zimage-studio IMAGE.png` (the desktop file's "Open with") restores the

@@ -1234,7 +1234,7 @@ impl StudioApp {
 
     /// Restores the parameters stored in a PNG (dropped or opened).
     fn restore_png(&mut self, ctx: &egui::Context, name: &str, bytes: Result<Vec<u8>, String>) {
-        match bytes.and_then(|b| metadata::read_png_metadata(&b).map_err(|e| e.to_string())) {
+        match bytes.and_then(|b| metadata::read_image_metadata(&b).map_err(|e| e.to_string())) {
             Ok(meta) => {
                 self.restore_meta(&meta, None);
                 self.info(format!("restored the parameters of {name}"));

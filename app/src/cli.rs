@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--device auto|cpu|cuda|wgpu] [--data-dir DIR] [IMAGE.png ...]
 
-  IMAGE.png     restore the parameters stored in a PNG (as dropping it on the window does)
+  IMAGE.png     restore the parameters stored in a PNG (as dropping it on the window does),
+                or in a JPEG an image editor exported from one (its XMP)
   --turbo M     Turbo model for this run (folder, .safetensors file or built-in name)
   --base M      Base model for this run; neither changes the saved settings
   --device D    where the models run for this run (default: the saved setting, else auto:
@@ -19,7 +20,7 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
     /// `auto`, `cpu`, `cuda` or `wgpu` (checked).
     pub device: Option<String>,
-    /// PNG files whose parameters to restore.
+    /// PNG (or JPEG) files whose parameters to restore.
     pub open: Vec<PathBuf>,
     pub help: bool,
 }
@@ -43,11 +44,17 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                 out.device = Some(d);
             }
             "-h" | "--help" => out.help = true,
-            other if !other.starts_with('-') && other.to_ascii_lowercase().ends_with(".png") => out.open.push(PathBuf::from(&a)),
+            other if !other.starts_with('-') && is_image_name(other) => out.open.push(PathBuf::from(&a)),
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
     Ok(out)
+}
+
+/// Whether a file name looks like an image the app can restore parameters from.
+fn is_image_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [".png", ".jpg", ".jpeg"].iter().any(|ext| lower.ends_with(ext))
 }
 
 /// `auto` → None, else the device kind; a one-line error for anything else.
@@ -77,6 +84,7 @@ mod tests {
         assert_eq!(p(&["--device", "cuda"]).unwrap().device.as_deref(), Some("cuda"));
         assert_eq!(parse_device("auto"), Ok(None));
         assert_eq!(p(&["/x/final.PNG"]).unwrap().open, vec![PathBuf::from("/x/final.PNG")]);
+        assert_eq!(p(&["edited.jpg", "b.JPEG"]).unwrap().open, vec![PathBuf::from("edited.jpg"), PathBuf::from("b.JPEG")]);
         assert!(p(&["notes.txt"]).unwrap_err().contains("unknown argument"));
     }
 

@@ -31,6 +31,7 @@ pub mod text;
 pub mod vae;
 pub mod variety;
 pub mod weights;
+pub mod xmp;
 
 pub use error::{EngineError, Result};
 pub use pipeline::{GenerateRequest, Generated, ModelKind, ZImagePipeline};

@@ -87,11 +87,15 @@ pub enum MetadataError {
     Encode(String),
     #[error("not a PNG file")]
     NotPng,
+    #[error("not a PNG or JPEG file")]
+    NotAnImage,
+    #[error("the JPEG has no generation metadata (no XMP packet with Z-Image Studio's or A1111's parameters)")]
+    NoJpegMetadata,
     #[error("the PNG file is truncated")]
     Truncated,
     #[error("the PNG file is damaged: {0}")]
     Corrupt(String),
-    #[error("the PNG has no generation metadata (no 'zimage' or 'parameters' text)")]
+    #[error("the PNG has no generation metadata (no 'zimage' or 'parameters' text, no XMP)")]
     NoMetadata,
     #[error("the generation metadata is not valid: {0}")]
     InvalidMetadata(String),
@@ -419,7 +423,8 @@ fn model_display_name(model: &str) -> String {
 // ---------------------------------------------------------------------------
 
 /// Encodes an RGB8 image (`rgb` is row-major, `width * height * 3` bytes) as
-/// PNG with the `parameters` and `zimage` iTXt chunks (uncompressed UTF-8).
+/// PNG with the `parameters` and `zimage` iTXt chunks (uncompressed UTF-8),
+/// and both again in an XMP packet, which image editors keep ([`crate::xmp`]).
 pub fn encode_png(rgb: &[u8], width: u32, height: u32, meta: &GenerationMetadata) -> Result<Vec<u8>, MetadataError> {
     const MAX_SIDE: u32 = i32::MAX as u32;
     if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
@@ -434,6 +439,7 @@ pub fn encode_png(rgb: &[u8], width: u32, height: u32, meta: &GenerationMetadata
     }
     let json = serde_json::to_string(meta).map_err(|e| MetadataError::Encode(format!("metadata to JSON: {e}")))?;
     let params = a1111_parameters(meta);
+    let xmp = crate::xmp::packet(&params, &json, &meta.app, &meta.created);
 
     let mut out = Vec::with_capacity(expected / 2 + params.len() + json.len() + 256);
     {
@@ -442,6 +448,7 @@ pub fn encode_png(rgb: &[u8], width: u32, height: u32, meta: &GenerationMetadata
         enc.set_depth(png::BitDepth::Eight);
         enc.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), params).map_err(|e| MetadataError::Encode(e.to_string()))?;
         enc.add_itxt_chunk(ZIMAGE_KEYWORD.to_string(), json).map_err(|e| MetadataError::Encode(e.to_string()))?;
+        enc.add_itxt_chunk(crate::xmp::PNG_KEYWORD.to_string(), xmp).map_err(|e| MetadataError::Encode(e.to_string()))?;
         let mut writer = enc.write_header().map_err(|e| MetadataError::Encode(e.to_string()))?;
         writer.write_image_data(rgb).map_err(|e| MetadataError::Encode(e.to_string()))?;
         writer.finish().map_err(|e| MetadataError::Encode(e.to_string()))?;
@@ -504,7 +511,8 @@ fn decode_error(e: png::DecodingError) -> MetadataError {
 
 /// Generation metadata of a PNG given as bytes: the `zimage` JSON chunk if
 /// present and valid, otherwise the `parameters` text (iTXt, tEXt or zTXt,
-/// as A1111, Forge and others write it) via [`parse_a1111_parameters`].
+/// as A1111, Forge and others write it) via [`parse_a1111_parameters`],
+/// otherwise the same two in the XMP packet (all an editor may have kept).
 pub fn read_png_metadata(bytes: &[u8]) -> Result<GenerationMetadata, MetadataError> {
     let chunks = png_text_chunks(bytes)?;
     let mut json_error = None;
@@ -517,10 +525,36 @@ pub fn read_png_metadata(bytes: &[u8]) -> Result<GenerationMetadata, MetadataErr
     if let Some((_, text)) = chunks.iter().find(|(k, _)| k == PARAMETERS_KEYWORD) {
         return parse_a1111_parameters(text);
     }
+    if let Some(meta) = chunks.iter().find(|(k, _)| k == crate::xmp::PNG_KEYWORD).and_then(|(_, x)| from_xmp(x)) {
+        return Ok(meta);
+    }
     match json_error {
         Some(e) => Err(MetadataError::InvalidMetadata(one_line(&format!("'zimage' JSON: {e}")))),
         None => Err(MetadataError::NoMetadata),
     }
+}
+
+/// Generation metadata from an XMP packet: our JSON, else a description
+/// that is an A1111 infotext (one with a parameter line, not any caption).
+fn from_xmp(xmp: &str) -> Option<GenerationMetadata> {
+    let texts = crate::xmp::read_packet(xmp);
+    if let Some(meta) = texts.json.and_then(|j| serde_json::from_str(&j).ok()) {
+        return Some(meta);
+    }
+    texts.description.filter(|d| d.contains("Steps: ")).and_then(|d| parse_a1111_parameters(&d).ok())
+}
+
+/// Generation metadata of a PNG ([`read_png_metadata`]) or of a JPEG, whose
+/// XMP packet an editor may have carried over from our PNG.
+pub fn read_image_metadata(bytes: &[u8]) -> Result<GenerationMetadata, MetadataError> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        let xmp = crate::xmp::jpeg_packet(bytes).ok_or(MetadataError::NoJpegMetadata)?;
+        return from_xmp(&xmp).ok_or(MetadataError::NoJpegMetadata);
+    }
+    read_png_metadata(bytes).map_err(|e| match e {
+        MetadataError::NotPng => MetadataError::NotAnImage,
+        e => e,
+    })
 }
 
 /// [`read_png_metadata`] of the file at `path`.
@@ -746,7 +780,7 @@ mod tests {
         let png = encode_png(&rgb(4, 3), 4, 3, &meta).unwrap();
         let all = chunks(&png);
         let types: Vec<&[u8]> = all.iter().map(|(t, _)| &t[..]).collect();
-        assert_eq!(types, [&b"IHDR"[..], b"iTXt", b"iTXt", b"IDAT", b"IEND"]);
+        assert_eq!(types, [&b"IHDR"[..], b"iTXt", b"iTXt", b"iTXt", b"IDAT", b"IEND"]);
         let mut seen = Vec::new();
         for (ty, data) in &all {
             if ty != b"iTXt" {
@@ -768,6 +802,65 @@ mod tests {
         let back: GenerationMetadata = serde_json::from_str(&seen[1].1).unwrap();
         assert_eq!(back, meta);
         assert!(seen[1].1.contains("一只戴着帽子的猫"), "JSON keeps UTF-8 unescaped");
+        assert_eq!(seen[2].0, "XML:com.adobe.xmp");
+        let xmp = crate::xmp::read_packet(&seen[2].1);
+        assert_eq!((xmp.description.as_deref(), xmp.json.as_deref()), (Some(seen[0].1.as_str()), Some(seen[1].1.as_str())));
+    }
+
+    /// The PNG without the chunks whose keyword `drop` refuses, as an
+    /// editor that keeps only XMP writes it (the other chunks byte for byte).
+    fn without_text_chunks(png: &[u8], drop: impl Fn(&str) -> bool) -> Vec<u8> {
+        let mut out = png[..8].to_vec();
+        let mut at = 8;
+        while at < png.len() {
+            let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+            let chunk = &png[at..at + 12 + len];
+            let data = &chunk[8..8 + len];
+            let keyword = data.iter().position(|&b| b == 0).map(|k| String::from_utf8_lossy(&data[..k]).into_owned());
+            if !(&chunk[4..8] == b"iTXt" && keyword.as_deref().is_some_and(&drop)) {
+                out.extend_from_slice(chunk);
+            }
+            at += 12 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn metadata_survives_an_editor_that_keeps_only_the_xmp() {
+        let meta = sample();
+        let png = encode_png(&rgb(4, 3), 4, 3, &meta).unwrap();
+        let only_xmp = without_text_chunks(&png, |k| k != "XML:com.adobe.xmp");
+        assert!(only_xmp.len() < png.len());
+        assert_eq!(png_text_chunks(&only_xmp).unwrap().len(), 1);
+        assert_eq!(read_png_metadata(&only_xmp).unwrap(), meta);
+        assert_eq!(read_image_metadata(&only_xmp).unwrap(), meta);
+        // An XMP description that is not an infotext is not taken for one.
+        let none = without_text_chunks(&png, |_| true);
+        assert!(matches!(read_png_metadata(&none), Err(MetadataError::NoMetadata)));
+
+        // A JPEG exported by the editor carries the packet in APP1.
+        let packet = png_text_chunks(&png).unwrap().into_iter().find(|(k, _)| k == "XML:com.adobe.xmp").unwrap().1;
+        let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
+        app1.extend_from_slice(packet.as_bytes());
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        jpeg.extend_from_slice(&app1);
+        jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
+        assert_eq!(read_image_metadata(&jpeg).unwrap(), meta);
+        // Only the infotext kept (another tool's packet): read as A1111 text.
+        let infotext = crate::xmp::packet(&a1111_parameters(&meta), "not json", "", "");
+        let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
+        app1.extend_from_slice(infotext.as_bytes());
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        jpeg.extend_from_slice(&app1);
+        let back = read_image_metadata(&jpeg).unwrap();
+        assert_eq!((back.prompt, back.seed, back.steps), (meta.prompt.clone(), meta.seed, meta.steps));
+
+        let err = |b: &[u8]| read_image_metadata(b).unwrap_err().to_string();
+        assert_eq!(err(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2]), "the JPEG has no generation metadata (no XMP packet with Z-Image Studio's or A1111's parameters)");
+        assert_eq!(err(b"GIF89a......"), "not a PNG or JPEG file");
+        assert_eq!(err(&png[..20]), "the PNG file is truncated");
     }
 
     #[test]

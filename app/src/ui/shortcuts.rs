@@ -10,7 +10,7 @@ use crate::state::{Mark, View};
 /// (keys, what) for the help overlay.
 pub const SHORTCUTS: &[(&str, &str)] = &[
     ("type", "live Turbo preview (prompt box has focus at start)"),
-    ("Alt+↑ / Alt+↓", "earlier / later prompts (in the prompt box; kept across restarts)"),
+    ("Alt+↑ / Alt+↓", "earlier / later prompts (in the prompt box)"),
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
     ("Ctrl+Enter", "refine the selected Turbo image with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
