@@ -14,7 +14,7 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use zimage_engine::memory::MemoryPlan;
 use zimage_engine::metadata::{self, GenerationMetadata};
-use zimage_studio::engine_bridge::{ModelSlot, ModelState};
+use zimage_studio::engine_bridge::{JobKind, ModelSlot, ModelState};
 use zimage_studio::settings::{Paths, Settings};
 use zimage_studio::state::{CompareMode, LiveDraft, LiveStatus, Mark, View};
 use zimage_studio::{StudioApp, StudioOptions};
@@ -162,6 +162,28 @@ fn typing_again_supersedes_the_running_job() {
     assert_eq!(meta.seed, seed, "the seed stays fixed while typing");
 }
 
+/// A long Base refine, and the one queued behind it, stop on Cancel: no
+/// Base image appears and the app is ready for the next refine.
+#[test]
+fn base_refines_can_be_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        s.base_steps = 1000;
+        s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
+    });
+    let mut h = start_and_type(dir.path(), "a slow harbour");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    wait_until(&mut h, "two refines", |a| a.jobs.values().filter(|j| j.kind == JobKind::Refine).count() == 2);
+    h.get_by_label("Cancel 2").click();
+    wait_until(&mut h, "the refines to stop", |a| a.refine_job.is_none() && !a.jobs.values().any(|j| j.kind == JobKind::Refine));
+    let app = h.state();
+    assert!(app.history.entries.iter().all(|e| e.slot == ModelSlot::Turbo), "no Base image after the cancel");
+    h.get_by_label_contains("cancelled 2 Base refines");
+    assert!(h.query_by_label("Cancel").is_none(), "nothing left to cancel");
+}
+
 #[test]
 fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_switch() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,6 +206,8 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
     assert_eq!(base.meta.parent.as_deref(), Some(turbo.as_str()));
     assert!(app.images.texture(&t).is_some() && app.images.texture(&b).is_some(), "both shown");
     h.get_by_label_contains("Left: Turbo #");
+    // Which knobs differ between the two, under the pair.
+    h.get_by_label_contains("img2img strength none → 0.6");
 
     // The zoom readout counts actual pixels; 1:1 shows one image pixel per
     // screen pixel when the fitted image is smaller than that, else is inert.

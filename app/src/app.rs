@@ -149,6 +149,8 @@ pub enum Action {
     ShowView(View),
     CompareWith(String),
     Cancel(JobId),
+    /// Stops the running Base refine and drops the queued ones.
+    CancelRefines,
     NewSeed,
 }
 
@@ -1064,6 +1066,17 @@ impl StudioApp {
                 }
             }
             Action::Cancel(id) => self.engine.cancel(id),
+            Action::CancelRefines => {
+                let refines: Vec<JobId> =
+                    self.jobs.iter().filter(|(_, j)| j.kind == JobKind::Refine).map(|(id, _)| *id).collect();
+                for id in &refines {
+                    self.engine.cancel(*id);
+                }
+                if !refines.is_empty() {
+                    let n = refines.len();
+                    self.info(format!("cancelled {n} Base refine{}", if n == 1 { "" } else { "s" }));
+                }
+            }
         }
     }
 

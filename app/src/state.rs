@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use zimage_engine::metadata::GenerationMetadata;
 use zimage_engine::scheduler::Schedule;
 
 /// How the seed changes when the user asks for a new image (Generate,
@@ -298,6 +299,47 @@ pub fn difference_heatmap(a: &[u8], b: &[u8]) -> Vec<u8> {
         .collect()
 }
 
+/// What differs between the parameters of two images (left → right), one
+/// short phrase each, for the line under the compare view: when two images
+/// differ, which knob did it.
+pub fn parameter_differences(a: &GenerationMetadata, b: &GenerationMetadata) -> Vec<String> {
+    fn num(x: f32) -> String {
+        let s = format!("{x:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+    let mut out = Vec::new();
+    let mut changed = |name: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{name} {x} → {y}"));
+        }
+    };
+    changed("model", a.model.clone(), b.model.clone());
+    changed("seed", a.seed.to_string(), b.seed.to_string());
+    changed("steps", a.steps.to_string(), b.steps.to_string());
+    changed("guidance", num(a.guidance), num(b.guidance));
+    changed("size", format!("{}×{}", a.width, a.height), format!("{}×{}", b.width, b.height));
+    let strength = |m: &GenerationMetadata| m.strength.map_or("none".to_string(), num);
+    changed("img2img strength", strength(a), strength(b));
+    changed("variety", num(a.variety), num(b.variety));
+    changed("shift", num(a.scheduler_shift), num(b.scheduler_shift));
+    let loras = |m: &GenerationMetadata| {
+        if m.loras.is_empty() {
+            "none".to_string()
+        } else {
+            m.loras.iter().map(|l| format!("{}:{}", l.name, num(l.strength))).collect::<Vec<_>>().join(", ")
+        }
+    };
+    changed("LoRAs", loras(a), loras(b));
+    if a.prompt != b.prompt {
+        out.push("prompt".into());
+    }
+    // The negative prompt only acts with guidance.
+    if a.negative_prompt != b.negative_prompt && (a.guidance > 0.0 || b.guidance > 0.0) {
+        out.push("negative prompt".into());
+    }
+    out
+}
+
 /// Live drafts: while the user types, render at half the side when a
 /// full-size live image is slow, and finish at full size once typing stops
 /// (img2img from the draft, so the composition the user stopped on stays).
@@ -370,6 +412,54 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_differences_name_each_knob_that_changed() {
+        let turbo = GenerationMetadata {
+            prompt: "a lighthouse".into(),
+            seed: 42,
+            steps: 8,
+            guidance: 0.0,
+            width: 1024,
+            height: 1024,
+            model: "Z-Image-Turbo".into(),
+            scheduler_shift: 3.0,
+            negative_prompt: "blurry".into(),
+            ..Default::default()
+        };
+        assert!(parameter_differences(&turbo, &turbo).is_empty());
+        let base = GenerationMetadata {
+            steps: 50,
+            guidance: 4.0,
+            model: "Z-Image".into(),
+            scheduler_shift: 6.0,
+            strength: Some(0.6),
+            ..turbo.clone()
+        };
+        assert_eq!(
+            parameter_differences(&turbo, &base),
+            [
+                "model Z-Image-Turbo → Z-Image",
+                "steps 8 → 50",
+                "guidance 0 → 4",
+                "img2img strength none → 0.6",
+                "shift 3 → 6"
+            ]
+        );
+        let other = GenerationMetadata {
+            seed: 43,
+            variety: 0.25,
+            prompt: "a lighthouse at night".into(),
+            negative_prompt: String::new(),
+            loras: vec![zimage_engine::metadata::LoraRef { name: "ink".into(), strength: 0.8, hash: None }],
+            ..turbo.clone()
+        };
+        assert_eq!(
+            parameter_differences(&turbo, &other),
+            ["seed 42 → 43", "variety 0 → 0.25", "LoRAs none → ink:0.8", "prompt"],
+            "the negative prompt does not count without guidance"
+        );
+    }
 
     #[test]
     fn drafts_are_half_size_only_when_asked_for_or_slow() {

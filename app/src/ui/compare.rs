@@ -52,6 +52,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         };
     });
     ui.label(format!("Left: {left_label} · Right: {right_label}"));
+    if let (Some(l), Some(r)) = (app.history.get(&left), app.history.get(&right)) {
+        let diffs = crate::state::parameter_differences(&l.meta, &r.meta);
+        ui.weak(if diffs.is_empty() { "Same parameters".to_string() } else { format!("Differs: {}", diffs.join(" · ")) });
+    }
     match app.compare.mode {
         CompareMode::Wipe => {
             let l = ui.label("Split");

@@ -3,6 +3,7 @@
 use egui::{DragValue, Slider, TextEdit};
 
 use crate::app::{Action, StudioApp};
+use crate::engine_bridge::JobKind;
 use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
 
 pub const PROMPT_ID: &str = "prompt";
@@ -194,6 +195,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             if let Some(job) = app.jobs.get(&id) {
                 let (done, total) = job.progress;
                 ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(format!("Base {done}/{total}")).desired_width(110.0));
+            }
+            let refines = app.jobs.values().filter(|j| j.kind == JobKind::Refine).count();
+            let label = if refines > 1 { format!("Cancel {refines}") } else { "Cancel".to_string() };
+            if ui.button(label).on_hover_text("Stop the Base refine at its next step, and drop the queued ones").clicked() {
+                actions.push(Action::CancelRefines);
             }
         }
     });
