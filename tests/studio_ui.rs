@@ -551,6 +551,28 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     assert_eq!(parents, vec![s0, s0 + 2], "the kept and the starred one, in order");
 }
 
+/// A long grid stops on "Stop": the unfinished cells are cancelled and
+/// leave the grid, the finished ones stay.
+#[test]
+fn a_running_variations_grid_can_be_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        s.live = false;
+        s.turbo_steps = 1000;
+        s.variations = 4;
+    });
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a slow teapot");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    h.get_by_label("Stop (4 left)").click();
+    wait_until(&mut h, "the grid to stop", |a| a.variations.iter().all(|c| c.id.is_some()) && a.engine.queued() == 0);
+    let app = h.state();
+    assert!(app.variations.len() < 4, "{} cells left", app.variations.len());
+    assert!(h.query_by_label_contains("left)").is_none(), "nothing left to stop");
+}
+
 #[test]
 fn help_overlay_and_model_status() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,16 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         return;
     }
     let kept = app.variations.iter().filter(|c| c.id.as_ref().and_then(|id| app.history.get(id)).is_some_and(|e| e.mark.is_kept())).count();
+    let running: Vec<_> = app.variations.iter().filter(|c| c.id.is_none() && c.error.is_none()).map(|c| c.job).collect();
     ui.horizontal(|ui| {
-        ui.label(format!("{} variations · {kept} kept · arrows move, K keep, X reject, S star, Enter open", app.variations.len()));
+        let done = app.variations.len() - running.len();
+        let progress = if running.is_empty() { String::new() } else { format!(" · {done} done") };
+        ui.label(format!("{} variations{progress} · {kept} kept · arrows move, K keep, X reject, S star, Enter open", app.variations.len()));
+        if !running.is_empty()
+            && ui.button(format!("Stop ({} left)", running.len())).on_hover_text("Cancel the variations not finished yet; the finished ones stay").clicked()
+        {
+            actions.extend(running.iter().map(|job| Action::Cancel(*job)));
+        }
         if ui.add_enabled(kept > 0, egui::Button::new(format!("Refine {kept} kept with Base"))).clicked() {
             actions.push(Action::RefineKept);
         }
