@@ -586,7 +586,13 @@ impl StudioApp {
             .is_some_and(|job| job.request.init.is_some() && job.parent.as_deref() == Some(id))
     }
 
-        fn submit_live_request(&mut self, request: GenerateRequest, parent: Option<String>, edit_at: Option<Instant>, draft: bool) {
+    fn submit_live_request(
+        &mut self,
+        request: GenerateRequest,
+        parent: Option<String>,
+        edit_at: Option<Instant>,
+        draft: bool,
+    ) {
         let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
         self.jobs.insert(
             id,
@@ -1245,7 +1251,8 @@ impl StudioApp {
         }
     }
 
-    /// Restores the parameters stored in a PNG (dropped or opened).
+    /// Restores the parameters stored in a PNG, or in the XMP of a JPEG an
+    /// editor exported from one (dropped or opened).
     fn restore_png(&mut self, ctx: &egui::Context, name: &str, bytes: Result<Vec<u8>, String>) {
         match bytes.and_then(|b| metadata::read_image_metadata(&b).map_err(|e| e.to_string())) {
             Ok(meta) => {
