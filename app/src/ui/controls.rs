@@ -38,7 +38,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         edited = true;
     }
 
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         if ui.checkbox(&mut app.settings.live, "Live").on_hover_text("Regenerate with Turbo as you type").changed() {
             edited = true;
         }
