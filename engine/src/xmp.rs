@@ -271,6 +271,25 @@ mod tests {
     }
 
     #[test]
+    fn never_panics_on_scrambled_packets() {
+        // Concatenations of the pieces the reader looks for, in random order.
+        let pieces = [
+            "<", ">", "/", "&", ";", "&#x", "&#", "\"", "'", "=", " ", "一", "zimage:json", "z:json",
+            "xmlns:z=\"https://zimage.studio/ns/xmp/1.0/\"", "xmlns:dc='http://purl.org/dc/elements/1.1/'",
+            "dc:description", "rdf:li", ":li", "</", "<z:json>", "</z:json>", "<dc:description>", "xmlns:",
+        ];
+        let mut g = crate::rng::TorchGenerator::manual_seed(11);
+        for _ in 0..20_000 {
+            let n = (g.random() % 24) as usize;
+            let text: String = (0..n).map(|_| pieces[(g.random() as usize) % pieces.len()]).collect();
+            let _ = read_packet(&text);
+            let mut jpeg = vec![0xFF, 0xD8];
+            jpeg.extend((0..n).map(|_| [0xFF, 0xE1, 0x00, 0x01, 0x02, 0xDA][(g.random() as usize) % 6]));
+            let _ = jpeg_packet(&jpeg);
+        }
+    }
+
+    #[test]
     fn finds_the_packet_in_a_jpeg() {
         let p = packet("a kite", "{}", "", "");
         let mut app1 = JPEG_XMP_HEADER.to_vec();
