@@ -144,7 +144,7 @@ mod tests {
         type B = crate::device::CpuBackend;
         let device = Default::default();
         let caption = Tensor::<B, 2>::from_data(TensorData::new(features(3, 8), [3, 8]), &device);
-        assert!(vary(&[caption.clone()], 0.0, 7).is_none());
+        assert!(vary(std::slice::from_ref(&caption), 0.0, 7).is_none());
         let varied = vary(&[caption.clone(), caption.clone()], 0.5, 7).expect("varied");
         assert_eq!(varied.len(), 2);
         assert_eq!(varied[0].dims(), [3, 8]);

@@ -69,7 +69,8 @@ fn variety_changes_the_image_reproducibly_and_keeps_the_prompt() {
     let verdict = judge(&b, &scene);
     assert!(verdict.whole_caption(), "variety 1, {prompt:?}, seed {seed}: {verdict:?}");
     let absurd = zimage_engine::GenerateRequest { variety: f32::NAN, ..plain };
-    let err = pipe.generate(&absurd, false, &mut |_| true).err().expect("NaN variety must be refused").to_string();
+    let Err(err) = pipe.generate(&absurd, false, &mut |_| true) else { panic!("NaN variety must be refused") };
+    let err = err.to_string();
     assert!(err.contains("variety must be between 0 and 4"), "{err}");
 }
 
