@@ -486,6 +486,46 @@ fn dropping_a_png_restores_its_parameters() {
     assert_eq!((h.state().prompt.as_str(), h.state().settings.seed), ("a grey wagtail", 99));
 }
 
+/// An image without generation metadata (a sketch) becomes the start image:
+/// the size takes its aspect, Turbo renders img2img from it and the PNG names
+/// it; Remove goes back to noise.
+#[test]
+fn dropping_a_sketch_makes_it_the_start_image() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let sketch = dir.path().join("sketch.png");
+    image::RgbImage::from_fn(96, 48, |x, y| image::Rgb([(x * 2) as u8, (y * 5) as u8, 90])).save(&sketch).unwrap();
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live image", live_done);
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(sketch)));
+    h.step();
+    assert_eq!(h.state().start_image.as_ref().map(|s| s.name.as_str()), Some("sketch.png"));
+    assert_eq!((h.state().settings.width, h.state().settings.height), (64, 32), "the sketch's aspect");
+    h.get_by_label_contains("Turbo starts from sketch.png");
+    let from_sketch = |a: &StudioApp| {
+        live_done(a) && a.current.as_ref().and_then(|c| a.history.get(c)).is_some_and(|e| e.meta.init_image.as_deref() == Some("sketch.png"))
+    };
+    wait_until(&mut h, "an image from the sketch", from_sketch);
+    let meta = h.state().history.get(h.state().current.as_ref().unwrap()).unwrap().meta.clone();
+    let expected = zimage_studio::state::snap_strength(0.7, meta.steps as usize).0;
+    assert_eq!((meta.width, meta.height, meta.strength), (64, 32, Some(expected)));
+
+    h.get_by_label("Remove").click();
+    h.step();
+    assert!(h.state().start_image.is_none());
+    let n = h.state().history.entries.len();
+    wait_until(&mut h, "an image from noise", |a| a.history.entries.len() > n && live_done(a));
+    let meta = h.state().history.entries.last().unwrap().meta.clone();
+    assert_eq!((meta.strength, meta.init_image), (None, None));
+    // A result can be the next start.
+    let selected = h.state().selected.clone().unwrap();
+    h.get_by_label("start from the selected image").click();
+    h.step();
+    assert_eq!(h.state().start_image.as_ref().map(|s| s.name.clone()), Some(format!("#{selected}")));
+}
+
 /// `zimage-studio IMAGE.png` (the desktop file's "Open with") restores the
 /// PNG's parameters like a drop.
 #[test]

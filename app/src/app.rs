@@ -50,6 +50,16 @@ pub struct PendingJob {
     pub saw_preview: bool,
     /// A live job rendered at draft size, to be finished at full size.
     pub draft: bool,
+    /// The start image's name, when the job starts from one (for the PNG).
+    pub start: Option<String>,
+}
+
+/// An image the Turbo jobs start from (img2img), e.g. a sketch dropped on
+/// the window; kept for the session.
+#[derive(Clone)]
+pub struct StartImage {
+    pub name: String,
+    pub image: Arc<RgbImage>,
 }
 
 /// One cell of the variations grid.
@@ -151,6 +161,9 @@ pub enum Action {
     Cancel(JobId),
     /// Stops the running Base refine and drops the queued ones.
     CancelRefines,
+    /// Start the Turbo jobs from the selected image.
+    StartFromSelected,
+    ClearStartImage,
     NewSeed,
 }
 
@@ -163,6 +176,8 @@ pub struct StudioApp {
     /// The prompt of the live image on screen and when it arrived: recorded
     /// once it stays unedited for `prompts::SETTLE`.
     live_shown: Option<(String, Instant)>,
+    /// Live, Generate and the variations start from this image (img2img).
+    pub start_image: Option<StartImage>,
     pub engine: EngineHandle,
     pub model_config: ModelConfig,
     /// Whether the CLI overrides the saved models for this run.
@@ -266,6 +281,7 @@ impl StudioApp {
             history,
             prompt_history,
             live_shown: None,
+            start_image: None,
             engine,
             model_config: model_config.clone(),
             cli_override,
@@ -593,6 +609,8 @@ impl StudioApp {
         edit_at: Option<Instant>,
         draft: bool,
     ) {
+        // An upgrade starts from its draft (the parent), others from the start image if any.
+        let start = request.init.as_ref().filter(|_| parent.is_none()).and(self.start_image.as_ref()).map(|s| s.name.clone());
         let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
         self.jobs.insert(
             id,
@@ -605,6 +623,7 @@ impl StudioApp {
                 progress: (0, 0),
                 saw_preview: false,
                 draft,
+                start,
             },
         );
         self.live_job = Some(id);
@@ -625,6 +644,10 @@ impl StudioApp {
                 r.steps = s.turbo_steps;
                 r.guidance = s.turbo_guidance;
                 r.variety = s.turbo_variety;
+                if let Some(start) = &self.start_image {
+                    r.init = Some((*start.image).clone());
+                    r.strength = state::snap_strength(s.start_strength, r.steps).0;
+                }
             }
             ModelSlot::Base => {
                 r.steps = s.base_steps;
@@ -843,7 +866,8 @@ impl StudioApp {
                 .as_ref()
                 .filter(|_| r.init.is_some())
                 .and_then(|p| self.history.get(p))
-                .map(|e| e.file.clone()),
+                .map(|e| e.file.clone())
+                .or_else(|| job.start.clone()),
             strength: r.init.as_ref().map(|_| r.strength),
             parent: job.parent.clone(),
             app: APP_NAME.into(),
@@ -1072,6 +1096,19 @@ impl StudioApp {
                 }
             }
             Action::Cancel(id) => self.engine.cancel(id),
+            Action::StartFromSelected => match self.selected.clone() {
+                Some(id) => match self.image_of(&id) {
+                    Ok(img) => self.set_start_image(format!("#{id}"), img),
+                    Err(e) => self.error(format!("cannot start from #{id}: {}", save::one_line_error(&e))),
+                },
+                None => self.error("no image selected to start from"),
+            },
+            Action::ClearStartImage => {
+                if self.start_image.take().is_some() {
+                    self.info("Turbo starts from noise again");
+                    self.apply(ctx, Action::Edited);
+                }
+            }
             Action::CancelRefines => {
                 let refines: Vec<JobId> =
                     self.jobs.iter().filter(|(_, j)| j.kind == JobKind::Refine).map(|(id, _)| *id).collect();
@@ -1133,6 +1170,7 @@ impl StudioApp {
                 progress: (0, 0),
                 saw_preview: false,
                 draft: false,
+                start: None,
             },
         );
         self.refine_job = Some(id);
@@ -1170,6 +1208,7 @@ impl StudioApp {
                     progress: (0, 0),
                     saw_preview: false,
                     draft: false,
+                    start: r.init.as_ref().and(self.start_image.as_ref()).map(|st| st.name.clone()),
                 },
             );
             self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });
@@ -1253,15 +1292,46 @@ impl StudioApp {
 
     /// Restores the parameters stored in a PNG, or in the XMP of a JPEG an
     /// editor exported from one (dropped or opened).
+    /// An image without generation metadata (a sketch, a photo) becomes the
+    /// start image instead.
     fn restore_png(&mut self, ctx: &egui::Context, name: &str, bytes: Result<Vec<u8>, String>) {
-        match bytes.and_then(|b| metadata::read_image_metadata(&b).map_err(|e| e.to_string())) {
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return self.error(format!("{name}: {e}")),
+        };
+        match metadata::read_image_metadata(&bytes) {
             Ok(meta) => {
                 self.restore_meta(&meta, None);
                 self.info(format!("restored the parameters of {name}"));
                 self.apply(ctx, Action::Edited);
             }
-            Err(e) => self.error(format!("{name}: {e}")),
+            Err(e) => match image::load_from_memory(&bytes) {
+                Ok(img) => {
+                    let rgb = img.to_rgb8();
+                    let (width, height) = rgb.dimensions();
+                    // The file's name, not the whole path a command line gives.
+                    let short = std::path::Path::new(name).file_name().map(|n| n.to_string_lossy().into_owned());
+                    let image = Arc::new(RgbImage { width, height, pixels: rgb.into_raw() });
+                    self.set_start_image(short.unwrap_or_else(|| name.to_string()), image);
+                    self.apply(ctx, Action::Edited);
+                }
+                Err(_) => self.error(format!("{name}: {e}")),
+            },
         }
+    }
+
+    /// Makes `image` the start of the Turbo jobs, with the size set to its
+    /// aspect (the current long side, multiples of 16).
+    pub fn set_start_image(&mut self, name: String, image: Arc<RgbImage>) {
+        let long = self.settings.width.max(self.settings.height);
+        if let Some((w, h)) = state::fit_aspect(image.width, image.height, long) {
+            (self.settings.width, self.settings.height) = (w, h);
+            self.settings.aspect = state::AspectPreset::Custom;
+            self.settings.size_chosen = true;
+        }
+        let strength = state::snap_strength(self.settings.start_strength, self.settings.turbo_steps).0;
+        self.info(format!("Turbo starts from {name} (img2img at strength {strength:.2}; Remove in the controls undoes it)"));
+        self.start_image = Some(StartImage { name, image });
     }
 
     /// History ids of the variations marked kept or starred, in grid order.

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 pub const USAGE: &str = "usage: zimage-studio [--turbo PATH|demo-turbo] [--base PATH|demo-base] [--device auto|cpu|cuda|wgpu] [--data-dir DIR] [IMAGE.png ...]
 
   IMAGE.png     restore the parameters stored in a PNG (as dropping it on the window does),
-                or in a JPEG an image editor exported from one (its XMP)
+                or in a JPEG an image editor exported from one (its XMP); an image without
+                them (a sketch, a photo) becomes the start image Turbo draws from
   --turbo M     Turbo model for this run (folder, .safetensors file or built-in name)
   --base M      Base model for this run; neither changes the saved settings
   --device D    where the models run for this run (default: the saved setting, else auto:

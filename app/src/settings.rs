@@ -43,6 +43,8 @@ pub struct Settings {
     pub negative_prompt: String,
     pub refine_mode: RefineMode,
     pub refine_strength: f32,
+    /// Turbo img2img strength over a start image (see `StudioApp::start_image`).
+    pub start_strength: f32,
     pub variations: usize,
     /// Where the models run: `auto`, `cpu`, `cuda` or `wgpu`.
     pub device: String,
@@ -88,6 +90,7 @@ impl Default for Settings {
             negative_prompt: String::new(),
             refine_mode: RefineMode::Img2Img,
             refine_strength: 0.6,
+            start_strength: 0.7,
             variations: 8,
             device: "auto".into(),
             memory_plan: MemoryPlan::Auto,

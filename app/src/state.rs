@@ -84,6 +84,18 @@ impl AspectPreset {
     }
 }
 
+/// A size with the aspect of a `width`×`height` image and `long_side` as
+/// its longer side, both multiples of 16 (a start image's size); `None` for
+/// an empty image.
+pub fn fit_aspect(width: u32, height: u32, long_side: u32) -> Option<(u32, u32)> {
+    if width == 0 || height == 0 {
+        return None;
+    }
+    let long = snap16(long_side);
+    let short = snap16((long as f64 * width.min(height) as f64 / width.max(height) as f64).round() as u32);
+    Some(if width >= height { (long, short) } else { (short, long) })
+}
+
 /// Nearest multiple of 16, at least 16.
 pub fn snap16(v: u32) -> u32 {
     (((v as f64) / 16.0).round() as u32).max(1) * 16
@@ -412,6 +424,15 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_images_set_a_size_of_their_aspect() {
+        assert_eq!(fit_aspect(1600, 1200, 1024), Some((1024, 768)));
+        assert_eq!(fit_aspect(600, 1000, 1024), Some((608, 1024)));
+        assert_eq!(fit_aspect(40, 40, 128), Some((128, 128)));
+        assert_eq!(fit_aspect(4000, 10, 512), Some((512, 16)), "never below 16");
+        assert_eq!(fit_aspect(0, 10, 512), None);
+    }
 
     #[test]
     fn parameter_differences_name_each_knob_that_changed() {

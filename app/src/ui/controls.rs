@@ -63,6 +63,31 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             }
         }
     });
+    match app.start_image.as_ref().map(|s| s.name.clone()) {
+        Some(name) => {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(format!("Start: {name}")).on_hover_text("Turbo (live, Generate, variations) starts from this image by img2img");
+                let l = ui.label("strength");
+                let steps = app.settings.turbo_steps.max(1);
+                let r = ui.add(Slider::new(&mut app.settings.start_strength, 0.0..=1.0).step_by(1.0 / steps as f64).fixed_decimals(2)).labelled_by(l.id);
+                if r.changed() {
+                    app.settings.start_strength = state::snap_strength(app.settings.start_strength, steps).0;
+                    edited = true;
+                }
+                if ui.small_button("Remove").on_hover_text("Start from noise again").clicked() {
+                    actions.push(Action::ClearStartImage);
+                }
+            });
+        }
+        None => {
+            ui.horizontal_wrapped(|ui| {
+                ui.weak("Drop a sketch or photo to start from it, or");
+                if ui.add_enabled(app.selected.is_some(), egui::Button::new("start from the selected image").small()).clicked() {
+                    actions.push(Action::StartFromSelected);
+                }
+            });
+        }
+    }
 
     ui.separator();
     egui::Grid::new("gen_controls").num_columns(2).spacing([8.0, 6.0]).show(ui, |ui| {
