@@ -524,6 +524,13 @@ fn dropping_a_sketch_makes_it_the_start_image() {
     h.get_by_label("start from the selected image").click();
     h.step();
     assert_eq!(h.state().start_image.as_ref().map(|s| s.name.clone()), Some(format!("#{selected}")));
+    // A picture larger than anything generated is kept at the largest side.
+    let wide = dir.path().join("panorama.png");
+    image::RgbImage::from_pixel(5000, 100, image::Rgb([10, 20, 30])).save(&wide).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(wide)));
+    h.step();
+    let start = h.state().start_image.clone().unwrap();
+    assert_eq!((start.name.as_str(), start.image.width, start.image.height), ("panorama.png", 4096, 82));
 }
 
 /// `zimage-studio IMAGE.png` (the desktop file's "Open with") restores the

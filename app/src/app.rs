@@ -1307,6 +1307,15 @@ impl StudioApp {
             }
             Err(e) => match image::load_from_memory(&bytes) {
                 Ok(img) => {
+                    // A photo may be far larger than any image we generate: keep
+                    // a copy no larger than the largest side, not every job a
+                    // full-size copy of it.
+                    let max = zimage_engine::pipeline::MAX_SIDE;
+                    let img = if img.width().max(img.height()) > max {
+                        img.resize(max, max, image::imageops::FilterType::Triangle)
+                    } else {
+                        img
+                    };
                     let rgb = img.to_rgb8();
                     let (width, height) = rgb.dimensions();
                     // The file's name, not the whole path a command line gives.
@@ -1315,7 +1324,13 @@ impl StudioApp {
                     self.set_start_image(short.unwrap_or_else(|| name.to_string()), image);
                     self.apply(ctx, Action::Edited);
                 }
-                Err(_) => self.error(format!("{name}: {e}")),
+                Err(decode) => match e {
+                    // A readable file without metadata that is no usable picture either.
+                    metadata::MetadataError::NoMetadata | metadata::MetadataError::NoJpegMetadata => {
+                        self.error(format!("{name}: cannot start from it: {}", decode.to_string().replace('\n', " ")))
+                    }
+                    e => self.error(format!("{name}: {e}")),
+                },
             },
         }
     }
