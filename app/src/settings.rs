@@ -148,17 +148,25 @@ pub fn default_output_dir(settings: &Settings, paths: &Paths) -> PathBuf {
 }
 
 impl Settings {
-    /// Loads the settings; a missing file gives the defaults, a damaged one
-    /// gives the defaults plus a one-line warning (never a crash).
+    /// Loads the settings; a missing file gives the defaults. A value this
+    /// version cannot read keeps its default, the others are kept, and a
+    /// one-line warning names it; a file that is not JSON at all gives the
+    /// defaults and is kept aside (never overwritten by the next save).
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.settings_file();
         match std::fs::read_to_string(&file) {
             Ok(text) => match Self::from_json(&text) {
-                Ok(s) => (s, None),
-                Err(e) => (
-                    Self::default(),
-                    Some(format!("settings file {} is damaged ({e}); using defaults", file.display())),
+                Ok((s, skipped)) if skipped.is_empty() => (s, None),
+                Ok((s, skipped)) => (
+                    s,
+                    Some(format!("settings: could not read {} in {}; using the default", skipped.join(", "), file.display())),
                 ),
+                Err(e) => {
+                    let aside = file.with_extension("json.damaged");
+                    let kept = std::fs::rename(&file, &aside).is_ok();
+                    let note = if kept { format!("; kept it as {}", aside.display()) } else { String::new() };
+                    (Self::default(), Some(format!("settings file {} is damaged ({e}); using defaults{note}", file.display())))
+                }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), None),
             Err(e) => (Self::default(), Some(format!("cannot read {}: {e}; using defaults", file.display()))),
@@ -167,7 +175,9 @@ impl Settings {
 
     /// Parses a settings file, migrating older fields: the boolean
     /// `one_dit_at_a_time` became `memory_plan` (true → one DiT at a time).
-    fn from_json(text: &str) -> serde_json::Result<Self> {
+    /// Fields whose value cannot be read (a newer version's choice, a hand
+    /// edit) keep their defaults and are returned by name.
+    fn from_json(text: &str) -> serde_json::Result<(Self, Vec<String>)> {
         let mut value: serde_json::Value = serde_json::from_str(text)?;
         if let Some(map) = value.as_object_mut() {
             if let Some(old) = map.remove("one_dit_at_a_time") {
@@ -176,7 +186,28 @@ impl Settings {
                 }
             }
         }
-        serde_json::from_value(value)
+        if let Ok(s) = serde_json::from_value(value.clone()) {
+            return Ok((s, Vec::new()));
+        }
+        let serde_json::Value::Object(fields) = value else {
+            return serde_json::from_value(value).map(|s| (s, Vec::new()));
+        };
+        // Field by field over the defaults: each value is kept if the
+        // settings still read with it.
+        let mut merged = serde_json::to_value(Settings::default())?;
+        let mut skipped = Vec::new();
+        for (key, v) in fields {
+            let mut candidate = merged.clone();
+            if let Some(map) = candidate.as_object_mut() {
+                map.insert(key.clone(), v);
+            }
+            if serde_json::from_value::<Settings>(candidate.clone()).is_ok() {
+                merged = candidate;
+            } else {
+                skipped.push(key);
+            }
+        }
+        serde_json::from_value(merged).map(|s| (s, skipped))
     }
 
     pub fn save(&self, paths: &Paths) -> Result<()> {
@@ -206,6 +237,15 @@ mod tests {
         let (back, warn) = Settings::load(&paths);
         assert_eq!(back, Settings::default());
         assert!(warn.unwrap().contains("damaged"));
+        assert!(!paths.settings_file().exists(), "the damaged file is kept aside, not overwritten by the next save");
+        assert_eq!(std::fs::read_to_string(paths.settings_file().with_extension("json.damaged")).unwrap(), "{ not json");
+        // One value this version cannot read costs that value only.
+        std::fs::write(paths.settings_file(), r#"{"width": 640, "live_draft": "sometimes", "seed": "x", "live": false}"#)
+            .unwrap();
+        let (back, warn) = Settings::load(&paths);
+        assert_eq!((back.width, back.live, back.live_draft, back.seed), (640, false, Settings::default().live_draft, 42));
+        let warn = warn.unwrap();
+        assert!(warn.contains("live_draft") && warn.contains("seed") && !warn.contains("width"), "{warn}");
         // Older files with fewer fields still load.
         std::fs::write(paths.settings_file(), r#"{"width": 320}"#).unwrap();
         assert_eq!(Settings::load(&paths).0.width, 320);
