@@ -48,9 +48,22 @@ pub struct History {
 /// Unmarked live results beyond this many are pruned (typing makes many).
 const MAX_UNMARKED_LIVE: usize = 100;
 
+/// A history file's readable entries, its `next_id` and how many entries
+/// could not be read; `None` when it is not a history file at all.
+fn readable_entries(text: &str) -> Option<(u64, Vec<HistoryEntry>, usize)> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let entries = value.get("entries")?.as_array()?;
+    let next_id = value.get("next_id").and_then(|v| v.as_u64()).unwrap_or(1);
+    let readable: Vec<HistoryEntry> =
+        entries.iter().filter_map(|e| serde_json::from_value(e.clone()).ok()).collect();
+    let unread = entries.len() - readable.len();
+    Some((next_id, readable, unread))
+}
+
 impl History {
     /// Loads the history; a damaged file gives an empty history plus a warning,
-    /// and the damaged file is kept aside (never overwritten silently).
+    /// and the damaged file is kept aside (never overwritten silently); entries
+    /// that cannot be read cost only themselves.
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.history_file();
         let empty = Self { paths: paths.clone(), next_id: 1, entries: Vec::new(), io: None };
@@ -59,17 +72,31 @@ impl History {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty, None),
             Err(e) => return (empty, Some(format!("cannot read the history {}: {e}", file.display()))),
         };
-        match serde_json::from_str::<HistoryFile>(&text) {
+        let (e, (next_id, entries, unread)) = match serde_json::from_str::<HistoryFile>(&text) {
             Ok(h) => {
                 let next_id = h.next_id.max(h.entries.len() as u64 + 1);
-                (Self { paths: paths.clone(), next_id, entries: h.entries, io: None }, None)
+                return (Self { paths: paths.clone(), next_id, entries: h.entries, io: None }, None);
             }
-            Err(e) => {
-                let aside = file.with_extension("json.damaged");
-                let _ = std::fs::rename(&file, &aside);
-                (empty, Some(format!("the history file was damaged ({e}); kept it as {}", aside.display())))
-            }
-        }
+            Err(e) => match readable_entries(&text) {
+                Some(readable) => (e, readable),
+                None => {
+                    let aside = file.with_extension("json.damaged");
+                    let _ = std::fs::rename(&file, &aside);
+                    return (empty, Some(format!("the history file was damaged ({e}); kept it as {}", aside.display())));
+                }
+            },
+        };
+        // Entries this version cannot read (a newer version's, a hand edit):
+        // show the others, and keep a copy of the whole file.
+        let copy = file.with_extension("json.unread");
+        let _ = std::fs::write(&copy, &text);
+        let warning = format!(
+            "{unread} history entr{} could not be read ({e}); the others are shown, the whole file is kept as {}",
+            if unread == 1 { "y" } else { "ies" },
+            copy.display()
+        );
+        let next_id = next_id.max(entries.len() as u64 + 1);
+        (Self { paths: paths.clone(), next_id, entries, io: None }, Some(warning))
     }
 
     pub fn set_io(&mut self, io: BackgroundIo) {
@@ -231,6 +258,27 @@ mod tests {
         assert!(h.entries.is_empty());
         assert!(warn.unwrap().contains("damaged"));
         assert!(dir.path().join("history.json.damaged").is_file());
+    }
+
+    #[test]
+    fn unreadable_entries_cost_only_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let (mut h, _) = History::load(&paths);
+        let (a, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
+        let (b, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
+        let text = std::fs::read_to_string(paths.history_file()).unwrap();
+        // A newer version's kind of job in the first entry.
+        let edited = text.replacen("\"Live\"", "\"Sketch\"", 1);
+        assert_ne!(edited, text);
+        std::fs::write(paths.history_file(), &edited).unwrap();
+        let (back, warn) = History::load(&paths);
+        assert_eq!(back.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [b.clone()]);
+        assert!(back.get(&a).is_none());
+        let warn = warn.unwrap();
+        assert!(warn.starts_with("1 history entry could not be read"), "{warn}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("history.json.unread")).unwrap(), edited);
+        assert!(back.next_id > 2, "new ids never reuse the unread ones");
     }
 
     #[test]
