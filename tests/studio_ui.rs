@@ -596,6 +596,21 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
         .map(|e| app.history.get(e.parent.as_ref().unwrap()).unwrap().meta.seed)
         .collect();
     assert_eq!(parents, vec![s0, s0 + 2], "the kept and the starred one, in order");
+
+    // The compare view steps through the refined pairs.
+    wait_until(&mut h, "the compare view", |a| a.view == View::Compare);
+    let pairs = h.state().refine_pairs();
+    assert_eq!(pairs.len(), 2);
+    assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]), "the last refine is shown");
+    h.get_by_label("pair 2 of 2");
+    h.key_press(Key::ArrowLeft);
+    h.step();
+    h.step();
+    assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[0]));
+    h.get_by_label("pair 1 of 2");
+    h.get_by_label("Next").click();
+    h.step();
+    assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]));
 }
 
 /// A long grid stops on "Stop": the unfinished cells are cancelled and

@@ -582,6 +582,26 @@ impl StudioApp {
         self.submit_live_request(request, Some(draft_id), None, false);
     }
 
+    /// Every (Turbo, Base) pair in the history, oldest first: a Base refine
+    /// and the image it was refined from (both still in the history).
+    pub fn refine_pairs(&self) -> Vec<(String, String)> {
+        self.history
+            .entries
+            .iter()
+            .filter(|e| e.slot == ModelSlot::Base)
+            .filter_map(|e| e.parent.as_ref().filter(|p| self.history.get(p).is_some()).map(|p| (p.clone(), e.id.clone())))
+            .collect()
+    }
+
+    /// Shows the refine pair `delta` places before (−) or after (+) the one
+    /// compared now, stopping at the ends: reviewing a batch of refines.
+    pub fn step_compare_pair(&mut self, delta: isize) {
+        let pairs = self.refine_pairs();
+        let Some(at) = self.compare_pair.as_ref().and_then(|p| pairs.iter().position(|q| q == p)) else { return };
+        let to = (at as isize + delta).clamp(0, pairs.len() as isize - 1) as usize;
+        self.compare_pair = Some(pairs[to].clone());
+    }
+
     /// What the running live job is, when it is part of a draft: shown
     /// beside the live status.
     pub fn live_stage(&self) -> Option<&'static str> {

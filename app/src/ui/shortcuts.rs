@@ -23,6 +23,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("K / X / S", "keep / reject / star the variation"),
     ("Enter", "open the variation in the Live view"),
     ("C", "compare: swap sides"),
+    ("← / →", "compare: previous / next refine pair"),
     ("M", "compare: next mode (side by side, wipe, flicker, difference)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "compare: zoom / pan both images together"),
@@ -143,6 +144,8 @@ fn recall_prompt(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Act
 fn compare_key(app: &mut StudioApp, key: Key) {
     match key {
         Key::C => app.compare.swapped = !app.compare.swapped,
+        Key::ArrowLeft => app.step_compare_pair(-1),
+        Key::ArrowRight => app.step_compare_pair(1),
         Key::M => app.compare.mode = app.compare.mode.next(),
         Key::Space => {
             app.compare.flicker_auto = false;
