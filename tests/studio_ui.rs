@@ -472,11 +472,8 @@ fn dropping_a_png_restores_its_parameters() {
     // A JPEG an editor exported from one of our PNGs keeps its XMP packet.
     let edited = GenerationMetadata { prompt: "a grey wagtail".into(), seed: 99, ..meta };
     let packet = zimage_engine::xmp::packet(&metadata::a1111_parameters(&edited), "", "", "");
-    let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
-    app1.extend_from_slice(packet.as_bytes());
-    let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
-    jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-    jpeg.extend_from_slice(&app1);
+    let mut jpeg = vec![0xFF, 0xD8];
+    jpeg.extend(zimage_engine::xmp::jpeg_app1_segment(&packet).unwrap());
     jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
     let jpg = dir.path().join("edited.jpg");
     std::fs::write(&jpg, jpeg).unwrap();

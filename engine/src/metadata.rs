@@ -840,21 +840,11 @@ mod tests {
 
         // A JPEG exported by the editor carries the packet in APP1.
         let packet = png_text_chunks(&png).unwrap().into_iter().find(|(k, _)| k == "XML:com.adobe.xmp").unwrap().1;
-        let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
-        app1.extend_from_slice(packet.as_bytes());
-        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
-        jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-        jpeg.extend_from_slice(&app1);
-        jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
-        assert_eq!(read_image_metadata(&jpeg).unwrap(), meta);
+        let jpeg_with = |packet: &str| [&[0xFF, 0xD8][..], &crate::xmp::jpeg_app1_segment(packet).unwrap()].concat();
+        assert_eq!(read_image_metadata(&jpeg_with(&packet)).unwrap(), meta);
         // Only the infotext kept (another tool's packet): read as A1111 text.
         let infotext = crate::xmp::packet(&a1111_parameters(&meta), "not json", "", "");
-        let mut app1 = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
-        app1.extend_from_slice(infotext.as_bytes());
-        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
-        jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-        jpeg.extend_from_slice(&app1);
-        let back = read_image_metadata(&jpeg).unwrap();
+        let back = read_image_metadata(&jpeg_with(&infotext)).unwrap();
         assert_eq!((back.prompt, back.seed, back.steps), (meta.prompt.clone(), meta.seed, meta.steps));
 
         let err = |b: &[u8]| read_image_metadata(b).unwrap_err().to_string();

@@ -77,6 +77,18 @@ pub fn read_packet(xmp: &str) -> XmpTexts {
     XmpTexts { json, description }
 }
 
+/// The JPEG APP1 segment (marker, length, header, packet) that carries
+/// `packet`, to be placed among a JPEG's header segments; `None` when the
+/// packet does not fit one segment (64 KiB).
+pub fn jpeg_app1_segment(packet: &str) -> Option<Vec<u8>> {
+    let len = u16::try_from(2 + JPEG_XMP_HEADER.len() + packet.len()).ok()?;
+    let mut segment = vec![0xFF, 0xE1];
+    segment.extend_from_slice(&len.to_be_bytes());
+    segment.extend_from_slice(JPEG_XMP_HEADER);
+    segment.extend_from_slice(packet.as_bytes());
+    Some(segment)
+}
+
 /// The XMP packet of a JPEG (its APP1 segment), if it has one.
 pub fn jpeg_packet(bytes: &[u8]) -> Option<String> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
@@ -292,13 +304,10 @@ mod tests {
     #[test]
     fn finds_the_packet_in_a_jpeg() {
         let p = packet("a kite", "{}", "", "");
-        let mut app1 = JPEG_XMP_HEADER.to_vec();
-        app1.extend_from_slice(p.as_bytes());
         let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, b'J', b'F'];
-        jpeg.extend_from_slice(&[0xFF, 0xE1]);
-        jpeg.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-        jpeg.extend_from_slice(&app1);
+        jpeg.extend(jpeg_app1_segment(&p).unwrap());
         jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0xFF, 0xD9]);
+        assert!(jpeg_app1_segment(&"x".repeat(70_000)).is_none(), "one segment holds 64 KiB");
         assert_eq!(jpeg_packet(&jpeg).as_deref(), Some(p.as_str()));
         assert_eq!(jpeg_packet(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2]), None, "no XMP before the image data");
         assert_eq!(jpeg_packet(&jpeg[..30]), None, "truncated");
