@@ -168,6 +168,8 @@ fn typing_again_supersedes_the_running_job() {
 fn base_refines_can_be_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |s| {
+        // Seconds per refine on the tiny models, so that both stages can be seen.
+        (s.width, s.height) = (256, 256);
         s.base_steps = 1000;
         s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
     });
@@ -176,6 +178,13 @@ fn base_refines_can_be_cancelled() {
     h.step();
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     wait_until(&mut h, "two refines", |a| a.jobs.values().filter(|j| j.kind == JobKind::Refine).count() == 2);
+    // Typing meanwhile (back in the prompt box, which refining left): the
+    // status says why the live image waits.
+    h.state_mut().focus_prompt = true;
+    h.step();
+    type_text(&mut h, "!");
+    wait_until(&mut h, "the live job to wait", |a| a.live_waiting().is_some());
+    h.get_by_label_contains("live waits for the running Base refine");
     h.get_by_label("Cancel 2").click();
     wait_until(&mut h, "the refines to stop", |a| a.refine_job.is_none() && !a.jobs.values().any(|j| j.kind == JobKind::Refine));
     let app = h.state();

@@ -615,6 +615,19 @@ impl StudioApp {
         }
     }
 
+    /// Why the live image has not started, when a Base refine or a variation
+    /// is running: the engine runs one job at a time, and a started job runs
+    /// to its end (live jobs only go before the queued ones).
+    pub fn live_waiting(&self) -> Option<String> {
+        let live = self.jobs.get(&self.live_job?)?;
+        if live.progress.0 > 0 || matches!(self.live_status, LiveStatus::Rendering { .. }) {
+            return None;
+        }
+        let running = self.jobs.values().find(|j| j.kind != JobKind::Live && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
+        let what = if running.kind == JobKind::Refine { "Base refine" } else { "variation" };
+        Some(format!("live waits for the running {what} ({}/{}; Cancel stops it)", running.progress.0, running.progress.1))
+    }
+
     /// Whether `id` is a live draft whose full-size image is being rendered.
     pub fn upgrading(&self, id: &str) -> bool {
         self.live_job

@@ -17,6 +17,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         if let Some(stage) = app.live_stage() {
             ui.weak(format!("· {stage}"));
         }
+        if let Some(waiting) = app.live_waiting() {
+            ui.colored_label(ui.visuals().warn_fg_color, format!("· {waiting}"));
+        }
         if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
             ui.weak(format!("· {hint}"));
         }
