@@ -78,9 +78,7 @@ impl AspectPreset {
     /// side, both rounded to multiples of 16.
     pub fn size(self, long_side: u32) -> Option<(u32, u32)> {
         let (a, b) = self.ratio()?;
-        let long = snap16(long_side);
-        let short = snap16((long as f64 * a.min(b) as f64 / a.max(b) as f64).round() as u32);
-        Some(if a >= b { (long, short) } else { (short, long) })
+        fit_aspect(a, b, long_side)
     }
 }
 
