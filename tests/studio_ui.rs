@@ -178,6 +178,8 @@ fn base_refines_can_be_cancelled() {
     h.step();
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     wait_until(&mut h, "two refines", |a| a.jobs.values().filter(|j| j.kind == JobKind::Refine).count() == 2);
+    // The first one running (a live job sent before it starts would go first).
+    wait_until(&mut h, "a refine to run", |a| a.jobs.values().any(|j| j.kind == JobKind::Refine && j.progress.0 > 0));
     // Typing meanwhile (back in the prompt box, which refining left): the
     // status says why the live image waits.
     h.state_mut().focus_prompt = true;
