@@ -11,7 +11,7 @@ use burn::tensor::{DType, Tensor};
 use support::*;
 use zimage_engine::dit::ZImageDit;
 use zimage_engine::loader::{load_pipeline, ModelFiles, ModelOverrides};
-use zimage_engine::pipeline::{GenerateRequest, ZImagePipeline};
+use zimage_engine::pipeline::{GenerateRequest, Generation, StepControl, StepProgress, ZImagePipeline};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::rng::TorchGenerator;
 use zimage_engine::scheduler::Schedule;
@@ -319,4 +319,81 @@ fn cancel_stops_at_the_step_boundary_and_previews_have_latent_size() {
     });
     assert!(matches!(result, Err(zimage_engine::EngineError::Cancelled)), "{:?}", result.err());
     assert_eq!(seen, 3, "no step runs after the cancel");
+}
+
+/// Runs `req` pausing after each step in `pause_after` (steps done) and
+/// resuming the paused run; returns the latents and the images.
+fn generate_pausing(pipe: &ZImagePipeline<B>, req: &GenerateRequest, pause_after: &[usize]) -> (Vec<f32>, Vec<RgbImage>) {
+    let cond = pipe.encode(req).unwrap();
+    let mut resume = None;
+    let mut pauses = 0;
+    loop {
+        let mut on_step = |p: &StepProgress| {
+            if pause_after.contains(&p.done) && p.done > pauses_done(pauses, pause_after) {
+                StepControl::Pause
+            } else {
+                StepControl::Continue
+            }
+        };
+        match pipe.generate_from(req, &cond, resume.take(), false, &mut on_step).unwrap() {
+            Generation::Finished(g) => {
+                assert_eq!(pauses, pause_after.len(), "paused at every requested step");
+                return (g.latents, g.images);
+            }
+            Generation::Paused(run) => {
+                pauses += 1;
+                resume = Some(run);
+            }
+        }
+    }
+}
+
+/// The step of the last pause taken (0 before any): a resumed run does not
+/// pause again at the step it paused at.
+fn pauses_done(pauses: usize, pause_after: &[usize]) -> usize {
+    if pauses == 0 {
+        0
+    } else {
+        pause_after[pauses - 1]
+    }
+}
+
+/// A run paused at step boundaries and resumed gives bit for bit the latents
+/// and image of one that never paused: txt2img, CFG with img2img, variety.
+#[test]
+fn a_paused_run_resumes_to_the_same_image() {
+    let r = reference();
+    for (name, variety, pause_after) in
+        [("turbo", 0.0, vec![1]), ("base_img2img", 0.0, vec![1, 2]), ("turbo", 2.0, vec![1, 3])]
+    {
+        let case = r.json["pipelines"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+        let pipe = load(case["model"].as_str().unwrap());
+        let mut req = request(case);
+        req.variety = variety;
+        let whole = pipe.generate(&req, false, &mut |_| true).unwrap();
+        let (latents, images) = generate_pausing(&pipe, &req, &pause_after);
+        assert_eq!(latents, whole.latents, "{name} (variety {variety}): latents after pausing at {pause_after:?}");
+        assert_eq!(images, whole.images, "{name}");
+    }
+}
+
+/// A paused run is refused for another request (seed, steps or size).
+#[test]
+fn a_paused_run_is_refused_for_another_request() {
+    let pipe = load("tiny-turbo");
+    let mut req = GenerateRequest::new("a photo of a cat", pipe.kind);
+    (req.width, req.height) = (64, 48);
+    let cond = pipe.encode(&req).unwrap();
+    let mut pause = |_: &StepProgress| StepControl::Pause;
+    let changes: [fn(&mut GenerateRequest); 3] = [|r| r.seed += 1, |r| r.steps += 1, |r| r.width = 48];
+    for change in changes {
+        let Generation::Paused(run) = pipe.generate_from(&req, &cond, None, false, &mut pause).unwrap() else {
+            panic!("the run should pause");
+        };
+        let mut other = req.clone();
+        change(&mut other);
+        let result = pipe.generate_from(&other, &cond, Some(run), false, &mut |_| StepControl::Continue);
+        let err = result.err().expect("refused").to_string();
+        assert!(err.contains("paused run belongs to another request"), "{err}");
+    }
 }

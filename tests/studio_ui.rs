@@ -164,35 +164,74 @@ fn typing_again_supersedes_the_running_job() {
 
 /// A long Base refine, and the one queued behind it, stop on Cancel: no
 /// Base image appears and the app is ready for the next refine.
-#[test]
-fn base_refines_can_be_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| {
-        // Seconds per refine on the tiny models, so that both stages can be seen.
+/// Starts two slow same-seed Base refines of "a slow harbour" and waits
+/// until the first runs; `plan` is the memory plan.
+fn start_two_slow_refines(dir: &Path, plan: MemoryPlan, turbo_steps: usize) -> Harness<'static, StudioApp> {
+    write_test_settings(dir, |s| {
+        // Seconds per refine on the tiny models, so that every stage can be seen.
         (s.width, s.height) = (256, 256);
         s.base_steps = 1000;
+        s.turbo_steps = turbo_steps;
         s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
+        s.memory_plan = plan;
+        // One live job per edit (no half-size draft first).
+        s.live_draft = LiveDraft::Off;
     });
-    let mut h = start_and_type(dir.path(), "a slow harbour");
+    let mut h = start_and_type(dir, "a slow harbour");
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     h.step();
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     wait_until(&mut h, "two refines", |a| a.jobs.values().filter(|j| j.kind == JobKind::Refine).count() == 2);
     // The first one running (a live job sent before it starts would go first).
     wait_until(&mut h, "a refine to run", |a| a.jobs.values().any(|j| j.kind == JobKind::Refine && j.progress.0 > 0));
-    // Typing meanwhile (back in the prompt box, which refining left): the
-    // status says why the live image waits.
+    // Back in the prompt box, which refining left.
     h.state_mut().focus_prompt = true;
     h.step();
-    type_text(&mut h, "!");
-    wait_until(&mut h, "the live job to wait", |a| a.live_waiting().is_some());
-    h.get_by_label_contains("live waits for the running Base refine");
+    h
+}
+
+/// Cancel stops the running refine and drops the queued one; nothing of
+/// them reaches the history.
+fn cancel_both_refines(h: &mut Harness<'static, StudioApp>) {
     h.get_by_label("Cancel 2").click();
-    wait_until(&mut h, "the refines to stop", |a| a.refine_job.is_none() && !a.jobs.values().any(|j| j.kind == JobKind::Refine));
+    wait_until(h, "the refines to stop", |a| a.refine_job.is_none() && !a.jobs.values().any(|j| j.kind == JobKind::Refine));
     let app = h.state();
     assert!(app.history.entries.iter().all(|e| e.slot == ModelSlot::Turbo), "no Base image after the cancel");
     h.get_by_label_contains("cancelled 2 Base refines");
     assert!(h.query_by_label("Cancel").is_none(), "nothing left to cancel");
+}
+
+/// Typing while a Base refine runs pauses it at its next step: the live
+/// image renders, then the refine goes on; Cancel stops both refines.
+#[test]
+fn base_refines_pause_for_the_live_image_and_can_be_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow live image too, so that the pause lasts long enough to be seen.
+    let mut h = start_two_slow_refines(dir.path(), MemoryPlan::Auto, 300);
+    type_text(&mut h, "!");
+    wait_until(&mut h, "the refine to pause", |a| a.paused_job().is_some());
+    h.get_by_label_contains("Base refine paused at");
+    let paused_at = h.state().jobs.values().find(|j| j.paused).map(|j| j.progress.0).unwrap();
+    assert!(h.state().live_waiting().is_none(), "the live image does not wait");
+    wait_until(&mut h, "the live image", |a| a.history.entries.iter().any(|e| e.meta.prompt == "a slow harbour!"));
+    wait_until(&mut h, "the refine to go on", |a| {
+        a.jobs.values().any(|j| j.kind == JobKind::Refine && !j.paused && j.progress.0 > paused_at)
+    });
+    assert!(h.state().paused_job().is_none());
+    cancel_both_refines(&mut h);
+}
+
+/// Under one DiT at a time a Base refine is not paused for Turbo (that
+/// would swap both models twice): the status says why the live image waits.
+#[test]
+fn under_one_dit_at_a_time_the_live_image_waits_for_the_refine() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_two_slow_refines(dir.path(), MemoryPlan::OneDitAtATime, 8);
+    type_text(&mut h, "!");
+    wait_until(&mut h, "the live job to wait", |a| a.live_waiting().is_some());
+    h.get_by_label_contains("live waits for the running Base refine");
+    assert!(h.state().paused_job().is_none());
+    cancel_both_refines(&mut h);
 }
 
 #[test]

@@ -48,6 +48,8 @@ pub struct PendingJob {
     pub edit_at: Option<Instant>,
     pub progress: (usize, usize),
     pub saw_preview: bool,
+    /// Paused at a step boundary for a live image; resumes where it stopped.
+    pub paused: bool,
     /// A live job rendered at draft size, to be finished at full size.
     pub draft: bool,
     /// The start image's name, when the job starts from one (for the PNG).
@@ -616,16 +618,28 @@ impl StudioApp {
     }
 
     /// Why the live image has not started, when a Base refine or a variation
-    /// is running: the engine runs one job at a time, and a started job runs
-    /// to its end (live jobs only go before the queued ones).
+    /// is running: the engine runs one job at a time. A running job pauses
+    /// for a live one at its next step, unless that would load a model (one
+    /// DiT at a time): then the live image waits for its end.
     pub fn live_waiting(&self) -> Option<String> {
         let live = self.jobs.get(&self.live_job?)?;
         if live.progress.0 > 0 || matches!(self.live_status, LiveStatus::Rendering { .. }) {
             return None;
         }
-        let running = self.jobs.values().find(|j| j.kind != JobKind::Live && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
+        let running = self
+            .jobs
+            .values()
+            .find(|j| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
         let what = if running.kind == JobKind::Refine { "Base refine" } else { "variation" };
         Some(format!("live waits for the running {what} ({}/{}; Cancel stops it)", running.progress.0, running.progress.1))
+    }
+
+    /// The refine or variation paused while a live image renders, said in
+    /// the status bar so that a stopped progress bar does not look stuck.
+    pub fn paused_job(&self) -> Option<String> {
+        let job = self.jobs.values().find(|j| j.paused)?;
+        let what = if job.kind == JobKind::Refine { "Base refine" } else { "variation" };
+        Some(format!("{what} paused at {}/{} for the live image; it goes on next", job.progress.0, job.progress.1))
     }
 
     /// Whether `id` is a live draft whose full-size image is being rendered.
@@ -655,6 +669,7 @@ impl StudioApp {
                 edit_at,
                 progress: (0, 0),
                 saw_preview: false,
+                paused: false,
                 draft,
                 start,
             },
@@ -694,10 +709,16 @@ impl StudioApp {
     fn on_event(&mut self, ctx: &egui::Context, ev: Event) {
         match ev {
             Event::Started { id } => {
-                if let Some(job) = self.jobs.get(&id) {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.paused = false;
                     if job.kind == JobKind::Live && self.live_job == Some(id) {
                         self.live_status = LiveStatus::Rendering { done: 0, total: job.request.steps };
                     }
+                }
+            }
+            Event::Paused { id } => {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.paused = true;
                 }
             }
             Event::Progress { id, done, total, preview } => self.on_progress(ctx, id, done, total, preview),
@@ -1202,6 +1223,7 @@ impl StudioApp {
                 edit_at: None,
                 progress: (0, 0),
                 saw_preview: false,
+                paused: false,
                 draft: false,
                 start: None,
             },
@@ -1240,6 +1262,7 @@ impl StudioApp {
                     edit_at: None,
                     progress: (0, 0),
                     saw_preview: false,
+                    paused: false,
                     draft: false,
                     start: r.init.as_ref().and(self.start_image.as_ref()).map(|st| st.name.clone()),
                 },

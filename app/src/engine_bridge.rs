@@ -8,6 +8,9 @@
 //! * variation and refine jobs are queued in order and never dropped (they
 //!   even survive an engine restart: the handle re-submits them);
 //! * live jobs run before queued jobs, because the user is waiting on them;
+//!   a running refine or variation pauses at its next step boundary for a
+//!   live job that can run without loading or parking a model, and resumes
+//!   afterwards where it stopped, to the same image;
 //! * prompt encodings are cached per text encoder (its files) and prompt,
 //!   64 at most, so re-renders, seeds, variations and the Base refine of a
 //!   prompt never re-run the encoder, and Turbo and Base share one encoder
@@ -40,7 +43,9 @@ use zimage_engine::loader::{self, LoadStage, ModelFiles, ModelOverrides, ModelPl
 use zimage_engine::lora::{self, AppliedLoras, LoraFile};
 use zimage_engine::memory::{self, MemoryPlan, PlanSizes, ResolvedPlan};
 use zimage_engine::metadata::LoraRef;
-use zimage_engine::pipeline::{Conditioning, GenerateRequest, ModelKind, ZImagePipeline};
+use zimage_engine::pipeline::{
+    Conditioning, GenerateRequest, Generation, ModelKind, PausedRun, StepControl, StepProgress, ZImagePipeline,
+};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::{PullOptions, PullProgress};
 use zimage_engine::scheduler::Schedule;
@@ -161,7 +166,13 @@ pub enum Command {
 
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The job started, or resumed after [`Event::Paused`].
     Started {
+        id: JobId,
+    },
+    /// A refine or variation stopped at a step boundary so that a live image
+    /// can render; it resumes where it stopped (with `Started`).
+    Paused {
         id: JobId,
     },
     /// After each sampler step; `preview` is the x0 estimate at latent resolution.
@@ -533,6 +544,8 @@ impl<B: Backend> Models<B> {
 struct Queue {
     live: Option<(JobId, JobSpec)>,
     jobs: VecDeque<(JobId, JobSpec)>,
+    /// The job paused for a live one (its state is the worker's `paused`).
+    paused: Option<JobId>,
     cancel_running: bool,
     superseded: bool,
     shutdown: bool,
@@ -560,6 +573,8 @@ struct Worker<B: Backend> {
     /// Each model's checked files: sizes, configs (known before loading).
     plans: HashMap<ModelSlot, ModelPlan>,
     encoders: Vec<Encoder<B>>,
+    /// The refine or variation paused for a live job, resumed before the queue.
+    paused: Option<(JobId, JobSpec, JobRun<B>)>,
     /// Which of `encoders` each model uses.
     encoder_of: HashMap<ModelSlot, usize>,
     /// The plan in force and why.
@@ -592,6 +607,7 @@ impl<B: Backend> Worker<B> {
             files: HashMap::new(),
             plans: HashMap::new(),
             encoders: Vec::new(),
+            paused: None,
             encoder_of: HashMap::new(),
             plan: ResolvedPlan { plan: MemoryPlan::KeepAll, reason: String::new() },
             sizes: PlanSizes::default(),
@@ -606,7 +622,10 @@ impl<B: Backend> Worker<B> {
 
     fn run(&mut self) {
         loop {
-            let idle = self.queue.live.is_none() && self.queue.jobs.is_empty() && self.queue.load.is_none();
+            let idle = self.queue.live.is_none()
+                && self.paused.is_none()
+                && self.queue.jobs.is_empty()
+                && self.queue.load.is_none();
             if idle {
                 match self.rx.recv_timeout(Duration::from_secs(3600)) {
                     Ok(cmd) => handle(&mut self.queue, &self.out, cmd, None),
@@ -624,9 +643,22 @@ impl<B: Backend> Worker<B> {
                 self.load(config);
                 continue;
             }
-            let next = self.queue.live.take().or_else(|| self.queue.jobs.pop_front());
-            if let Some((id, spec)) = next {
-                self.run_job(id, spec);
+            // A paused job cancelled while it waited is gone from the queue.
+            if self.paused.as_ref().is_some_and(|(id, ..)| self.queue.paused != Some(*id)) {
+                self.paused = None;
+            }
+            let next = match self.queue.live.take() {
+                Some((id, spec)) => Some((id, spec, None)),
+                None => match self.paused.take() {
+                    Some((id, spec, run)) => {
+                        self.queue.paused = None;
+                        Some((id, spec, Some(run)))
+                    }
+                    None => self.queue.jobs.pop_front().map(|(id, spec)| (id, spec, None)),
+                },
+            };
+            if let Some((id, spec, run)) = next {
+                self.run_job(id, spec, run);
             }
             if self.queue.shutdown {
                 return;
@@ -634,7 +666,8 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    fn run_job(&mut self, id: JobId, spec: JobSpec) {
+    /// Runs a job from its start, or from where it paused (`run`).
+    fn run_job(&mut self, id: JobId, spec: JobSpec, run: Option<JobRun<B>>) {
         self.queue.cancel_running = false;
         self.queue.superseded = false;
         if self.models.get(spec.slot).is_none() && !self.parked.contains_key(&spec.slot) {
@@ -652,7 +685,7 @@ impl<B: Backend> Worker<B> {
             if panic_now {
                 panic!("injected engine fault");
             }
-            self.job(id, &spec)
+            self.job(id, &spec, run)
         }));
         match result {
             Ok(Ok(())) => self.report_memory(),
@@ -682,19 +715,28 @@ impl<B: Backend> Worker<B> {
     }
 
     /// One job: check it, encode its prompts (through the cache), make its
-    /// DiT resident, sample.
-    fn job(&mut self, id: JobId, spec: &JobSpec) -> Result<(), JobEnd> {
+    /// DiT resident, sample; or, for a paused job, make its DiT resident and
+    /// go on sampling.
+    fn job(&mut self, id: JobId, spec: &JobSpec, run: Option<JobRun<B>>) -> Result<(), JobEnd> {
         let start = Instant::now();
         let req = &spec.request;
-        let plan = self.plans.get(&spec.slot).ok_or_else(|| JobEnd::Error("the model's files are unknown".into()))?;
-        let pixel_multiple = (plan.vae_config.scale() * plan.dit_config.patch_size) as u32;
-        req.validate(pixel_multiple).map_err(engine_err)?;
-        // Running out of host memory aborts the process (no error to catch):
-        // refuse sizes that cannot fit before allocating anything.
-        if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| self.on_host) {
-            zimage_engine::pipeline::check_working_memory(req, plan.working_memory_bytes(req), available).map_err(engine_err)?;
-        }
-        let (cond, cached) = self.conditioning(spec.slot, req)?;
+        let run = match run {
+            Some(run) => run,
+            None => {
+                let plan =
+                    self.plans.get(&spec.slot).ok_or_else(|| JobEnd::Error("the model's files are unknown".into()))?;
+                let pixel_multiple = (plan.vae_config.scale() * plan.dit_config.patch_size) as u32;
+                req.validate(pixel_multiple).map_err(engine_err)?;
+                // Running out of host memory aborts the process (no error to catch):
+                // refuse sizes that cannot fit before allocating anything.
+                if let Some(available) = zimage_engine::device::host_available_memory().filter(|_| self.on_host) {
+                    let need = plan.working_memory_bytes(req);
+                    zimage_engine::pipeline::check_working_memory(req, need, available).map_err(engine_err)?;
+                }
+                let (cond, cached) = self.conditioning(spec.slot, req)?;
+                JobRun { cond, cached, paused: None, elapsed: Duration::ZERO, sampling: Duration::ZERO }
+            }
+        };
         let running = (id, spec.kind);
         // Commands that arrived while encoding may already supersede this job.
         if drain(&self.rx, &mut self.queue, &self.out, Some(running)) || self.queue.cancel_running || self.queue.shutdown {
@@ -718,7 +760,25 @@ impl<B: Backend> Worker<B> {
             .get(spec.slot)
             .ok_or_else(|| JobEnd::Error(format!("the {} model could not be reloaded", spec.slot.label())))?;
         let loras = self.loras.get(&spec.slot).map(|(_, refs)| refs.clone()).unwrap_or_default();
-        run_pipeline(pipe, &cond, cached, start, spec, id, loras, &mut self.queue, &self.out, &self.rx)
+        // A live job that arrives while this one runs pauses it when the live
+        // job can run at once: its DiT and text encoder resident, so pausing
+        // costs no model load (under one DiT at a time a Base refine is not
+        // paused for Turbo, which would swap both DiTs twice).
+        let ready = |s: &ModelSlot| {
+            self.models.get(*s).is_some()
+                && self.encoder_of.get(s).is_some_and(|&i| self.encoders[i].text.is_some())
+        };
+        let pausable_for: Vec<ModelSlot> = match spec.kind {
+            JobKind::Live => Vec::new(),
+            JobKind::Refine | JobKind::Variation => [ModelSlot::Turbo, ModelSlot::Base].into_iter().filter(ready).collect(),
+        };
+        let ctx = JobContext { id, spec, start, loras, pausable_for };
+        if let Some(run) = run_pipeline(pipe, run, ctx, &mut self.queue, &self.out, &self.rx)? {
+            self.paused = Some((id, spec.clone(), run));
+            self.queue.paused = Some(id);
+            self.out.emit(Event::Paused { id });
+        }
+        Ok(())
     }
 
     /// The caption features of a request from the cache, encoding what is
@@ -922,6 +982,12 @@ impl<B: Backend> Worker<B> {
     }
 
     fn load(&mut self, config: ModelConfig) {
+        // A paused job would go on with other weights (a LoRA, a model):
+        // it starts again from its first step.
+        if let Some((id, spec, _)) = self.paused.take() {
+            self.queue.paused = None;
+            self.queue.jobs.push_front((id, spec));
+        }
         // Same models, everything they name already loaded: at most the LoRAs
         // or the memory plan change.
         let present = |slot: ModelSlot| self.models.get(slot).is_some() || self.parked.contains_key(&slot);
@@ -1188,44 +1254,82 @@ fn engine_err(e: EngineError) -> JobEnd {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A job's conditioning and how far it got: a new job has no paused run and
+/// no time spent yet.
+struct JobRun<B: Backend> {
+    cond: Conditioning<B>,
+    /// Every prompt came from the cache.
+    cached: bool,
+    paused: Option<PausedRun<B>>,
+    /// Time spent on the job before this stretch (without the pauses), and
+    /// in its sampler.
+    elapsed: Duration,
+    sampling: Duration,
+}
+
+/// What [`run_pipeline`] needs to know about the job besides its state.
+struct JobContext<'a> {
+    id: JobId,
+    spec: &'a JobSpec,
+    /// When this stretch of the job started.
+    start: Instant,
+    loras: Vec<LoraRef>,
+    /// The models whose live jobs pause this one.
+    pausable_for: Vec<ModelSlot>,
+}
+
+/// Samples (from the start or on from a pause) and reports the image; a
+/// job paused for a live one comes back to be resumed later.
 fn run_pipeline<B: Backend>(
     pipe: &ZImagePipeline<B>,
-    cond: &Conditioning<B>,
-    cached: bool,
-    start: Instant,
-    spec: &JobSpec,
-    id: JobId,
-    loras: Vec<LoraRef>,
+    mut run: JobRun<B>,
+    ctx: JobContext,
     queue: &mut Queue,
     out: &Emitter,
     rx: &Receiver<Command>,
-) -> Result<(), JobEnd> {
+) -> Result<Option<JobRun<B>>, JobEnd> {
+    let JobContext { id, spec, start, loras, pausable_for } = ctx;
     let req = &spec.request;
     let running = (id, spec.kind);
     let sample_start = Instant::now();
     let mut steps = 0usize;
-    let mut on_step = |p: &zimage_engine::pipeline::StepProgress| -> bool {
+    let mut on_step = |p: &StepProgress| -> StepControl {
         steps = p.done;
         out.emit(Event::Progress { id, done: p.done, total: p.total, preview: p.previews.first().cloned() });
         let disconnected = drain(rx, queue, out, Some(running));
-        !(disconnected || queue.cancel_running || queue.shutdown)
+        if disconnected || queue.cancel_running || queue.shutdown {
+            return StepControl::Cancel;
+        }
+        let live_can_run = queue.live.as_ref().is_some_and(|(_, live)| pausable_for.contains(&live.slot));
+        if live_can_run && p.done < p.total {
+            StepControl::Pause
+        } else {
+            StepControl::Continue
+        }
     };
-    let generated = pipe.generate_with(req, cond, true, &mut on_step).map_err(engine_err)?;
-    let per_step = sample_start.elapsed() / steps.max(1) as u32;
+    let generated = match pipe.generate_from(req, &run.cond, run.paused.take(), true, &mut on_step).map_err(engine_err)? {
+        Generation::Finished(generated) => generated,
+        Generation::Paused(paused) => {
+            run.paused = Some(paused);
+            run.elapsed += start.elapsed();
+            run.sampling += sample_start.elapsed();
+            return Ok(Some(run));
+        }
+    };
+    let per_step = (run.sampling + sample_start.elapsed()) / steps.max(1) as u32;
     let image =
         generated.images.into_iter().next().ok_or_else(|| JobEnd::Error("the engine returned no image".into()))?;
     out.emit(Event::Finished {
         id,
         image,
-        elapsed: start.elapsed(),
+        elapsed: run.elapsed + start.elapsed(),
         per_step,
-        conditioning_cached: cached,
+        conditioning_cached: run.cached,
         model: pipe.name.clone(),
         shift: pipe.shift,
         loras,
     });
-    Ok(())
+    Ok(None)
 }
 
 /// Takes all waiting commands. Returns true when the UI side is gone.
@@ -1263,6 +1367,9 @@ fn handle(queue: &mut Queue, out: &Emitter, cmd: Command, running: Option<(JobId
                 queue.cancel_running = true;
             } else if matches!(&queue.live, Some((l, _)) if *l == id) {
                 queue.live = None;
+                out.emit(Event::Cancelled { id, superseded: false });
+            } else if queue.paused == Some(id) {
+                queue.paused = None;
                 out.emit(Event::Cancelled { id, superseded: false });
             } else if let Some(pos) = queue.jobs.iter().position(|(j, _)| *j == id) {
                 queue.jobs.remove(pos);
@@ -1936,5 +2043,102 @@ mod tests {
             evs.iter().any(|e| matches!(e, Event::Failed { message, .. } if message.contains("multiple of 16"))),
             "{evs:?}"
         );
+    }
+
+    /// The image of a finished job, or a panic naming the events.
+    fn image_of(evs: &[Event], id: JobId) -> Vec<u8> {
+        evs.iter()
+            .find_map(|e| match e {
+                Event::Finished { id: i, image, .. } if *i == id => Some(image.pixels.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("job {id} did not finish: {evs:?}"))
+    }
+
+    /// The steps job `id` reported, in order.
+    fn steps_of(evs: &[Event], id: JobId) -> Vec<usize> {
+        evs.iter().filter_map(|e| if let Event::Progress { id: i, done, .. } = e { (*i == id).then_some(*done) } else { None }).collect()
+    }
+
+    fn position(evs: &[Event], what: &str, pred: impl Fn(&Event) -> bool) -> usize {
+        evs.iter().position(pred).unwrap_or_else(|| panic!("no {what}: {evs:?}"))
+    }
+
+    /// A slow Base refine: still running when the test sends a live job.
+    fn slow_refine() -> JobSpec {
+        let mut r = request("a lighthouse", ModelKind::Base);
+        r.steps = 300;
+        (r.width, r.height) = (128, 128);
+        JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r }
+    }
+
+    /// Submits `spec`, waits until it has run a step, sends a live job and
+    /// returns the events so far with both ids.
+    fn refine_then_live(h: &mut EngineHandle, spec: JobSpec, live_steps: usize) -> (Vec<Event>, JobId, JobId) {
+        let r = h.submit(spec);
+        let evs = collect(h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == r)));
+        let mut live = request("a cat", ModelKind::Turbo);
+        live.steps = live_steps;
+        let l = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: live });
+        (evs, r, l)
+    }
+
+    #[test]
+    fn a_running_refine_pauses_for_a_live_job_and_resumes_to_the_same_image() {
+        let (mut h, _) = engine();
+        let alone = h.submit(slow_refine());
+        let evs = collect(&mut h, |e| finished(e, alone));
+        let reference = image_of(&evs, alone);
+        assert!(!evs.iter().any(|e| matches!(e, Event::Paused { .. })), "nothing to pause for");
+
+        let (mut evs, r, l) = refine_then_live(&mut h, slow_refine(), 8);
+        evs.extend(collect(&mut h, |e| finished(e, r)));
+        let paused = position(&evs, "pause", |e| matches!(e, Event::Paused { id } if *id == r));
+        let live_started = position(&evs, "live start", |e| matches!(e, Event::Started { id } if *id == l));
+        let live_done = position(&evs, "live image", |e| matches!(e, Event::Finished { id, .. } if *id == l));
+        let starts: Vec<usize> = (0..evs.len()).filter(|&i| matches!(evs[i], Event::Started { id } if id == r)).collect();
+        assert_eq!(starts.len(), 2, "started, then resumed once: {evs:?}");
+        assert!(paused < live_started && live_done < starts[1], "the live image ran inside the pause: {evs:?}");
+        assert_eq!(steps_of(&evs, r), (1..=300).collect::<Vec<_>>(), "every step once, none run again");
+        assert_eq!(image_of(&evs, r), reference, "the paused refine gives the image it gives without pausing");
+
+        // A model change while paused (here the same models: a LoRA change
+        // looks the same to the engine) starts the refine again from its first
+        // step, and the image is still right.
+        // (A long live job: the change arrives while the refine is paused.)
+        let (mut evs, r, _) = refine_then_live(&mut h, slow_refine(), 300);
+        evs.extend(collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Paused { id } if *id == r))));
+        h.load_models(h.config.clone());
+        evs.extend(collect(&mut h, |e| finished(e, r)));
+        let steps = steps_of(&evs, r);
+        let restart = steps.windows(2).position(|w| w[1] <= w[0]).expect("the refine started again") + 1;
+        assert_eq!(steps[restart..], (1..=300).collect::<Vec<_>>(), "{steps:?}");
+        assert_eq!(image_of(&evs, r), reference);
+    }
+
+    #[test]
+    fn a_paused_refine_can_be_cancelled() {
+        let (mut h, _) = engine();
+        // A long live job, so that the refine is still paused when it is cancelled.
+        let (mut evs, r, l) = refine_then_live(&mut h, slow_refine(), 300);
+        evs.extend(collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Paused { id } if *id == r))));
+        h.cancel(r);
+        evs.extend(collect(&mut h, |e| finished(e, r) && finished(e, l)));
+        let paused = position(&evs, "pause", |e| matches!(e, Event::Paused { id } if *id == r));
+        assert!(evs.iter().any(|e| matches!(e, Event::Cancelled { id, superseded: false } if *id == r)), "{evs:?}");
+        assert!(!evs[paused..].iter().any(|e| matches!(e, Event::Started { id } if *id == r)), "not resumed: {evs:?}");
+        assert_eq!(h.queued(), 0);
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id, .. } if *id == l)));
+    }
+
+    #[test]
+    fn one_dit_at_a_time_does_not_pause_a_base_refine_for_turbo() {
+        let (mut h, _) = engine_with(MemoryPlan::OneDitAtATime);
+        let (mut evs, r, l) = refine_then_live(&mut h, slow_refine(), 8);
+        evs.extend(collect(&mut h, |e| finished(e, r) && finished(e, l)));
+        assert!(!evs.iter().any(|e| matches!(e, Event::Paused { .. })), "pausing would swap both DiTs twice: {evs:?}");
+        let refine_done = position(&evs, "refine image", |e| matches!(e, Event::Finished { id, .. } if *id == r));
+        let live_started = position(&evs, "live start", |e| matches!(e, Event::Started { id } if *id == l));
+        assert!(refine_done < live_started, "{evs:?}");
     }
 }

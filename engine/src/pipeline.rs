@@ -11,6 +11,9 @@
 //! image = round(clamp(VAE(x/0.3611 + 0.1159)/2 + 0.5, 0, 1)·255)
 //! ```
 //!
+//! The loop can pause at a step boundary and resume later with the same
+//! result ([`PausedRun`]): the app pauses a Base refine to render a live image.
+//!
 //! With a `variety` above 0 (not in the reference), the first quarter of the
 //! steps see `cap` with seeded noise added ([`crate::variety`]).
 
@@ -187,7 +190,8 @@ impl GenerateRequest {
     }
 }
 
-/// Reported after every step; return `false` from the callback to cancel.
+/// Reported after every step; return `false` from the callback to cancel
+/// (or, with [`ZImagePipeline::sample_from`], a [`StepControl`]).
 #[derive(Debug, Clone)]
 pub struct StepProgress {
     /// Steps done so far (1-based) and the number that will run.
@@ -195,6 +199,43 @@ pub struct StepProgress {
     pub total: usize,
     /// x0 estimates as RGB at latent resolution, one per image, when asked for.
     pub previews: Vec<RgbImage>,
+}
+
+/// What the step callback of [`ZImagePipeline::sample_from`] wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepControl {
+    Continue,
+    /// Stop now with [`EngineError::Cancelled`].
+    Cancel,
+    /// Stop at this step boundary and hand back a [`PausedRun`] to resume.
+    Pause,
+}
+
+/// A sampling run stopped at a step boundary. The noise, the init image's
+/// encoding and the generator are used only before the first step, so the
+/// latents and the next step's index are all the loop needs: resuming gives
+/// bit for bit the latents of a run that never paused.
+pub struct PausedRun<B: Backend> {
+    /// Latents after the steps run so far `[B, 16, h, w]` (f32).
+    latents: Tensor<B, 4>,
+    /// Index into the schedule of the next step to run.
+    next_step: usize,
+    /// The request it belongs to, checked on resume.
+    seed: u64,
+    steps: usize,
+}
+
+/// How [`ZImagePipeline::sample_from`] ended.
+pub enum Sampled<B: Backend> {
+    /// Final latents `[B, 16, h, w]` (f32).
+    Finished(Tensor<B, 4>),
+    Paused(PausedRun<B>),
+}
+
+/// How [`ZImagePipeline::generate_from`] ended.
+pub enum Generation<B: Backend> {
+    Finished(Generated),
+    Paused(PausedRun<B>),
 }
 
 /// Result of a run.
@@ -329,12 +370,32 @@ impl<B: Backend> ZImagePipeline<B> {
         want_previews: bool,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Generated> {
+        match self.generate_from(req, cond, None, want_previews, &mut cancel_only(on_step))? {
+            Generation::Finished(generated) => Ok(generated),
+            // The callback above never pauses.
+            Generation::Paused(_) => Err(EngineError::Cancelled),
+        }
+    }
+
+    /// [`generate_with`](Self::generate_with) that can pause at a step
+    /// boundary and resume from a [`PausedRun`] of the same request.
+    pub fn generate_from(
+        &self,
+        req: &GenerateRequest,
+        cond: &Conditioning<B>,
+        resume: Option<PausedRun<B>>,
+        want_previews: bool,
+        on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
+    ) -> Result<Generation<B>> {
         req.validate(self.pixel_multiple())?;
-        let latents = self.sample(req, cond, want_previews, on_step)?;
+        let latents = match self.sample_from(req, cond, resume, want_previews, on_step)? {
+            Sampled::Finished(latents) => latents,
+            Sampled::Paused(run) => return Ok(Generation::Paused(run)),
+        };
         let images = self.decode(latents.clone())?;
         let latent_shape = latents.dims();
         let latents = tensor_to_vec(latents);
-        Ok(Generated { latents, latent_shape, images })
+        Ok(Generation::Finished(Generated { latents, latent_shape, images }))
     }
 
     /// The denoising loop; returns final model-space latents `[B, 16, h, w]` (f32).
@@ -345,6 +406,23 @@ impl<B: Backend> ZImagePipeline<B> {
         want_previews: bool,
         on_step: &mut dyn FnMut(&StepProgress) -> bool,
     ) -> Result<Tensor<B, 4>> {
+        match self.sample_from(req, cond, None, want_previews, &mut cancel_only(on_step))? {
+            Sampled::Finished(latents) => Ok(latents),
+            Sampled::Paused(_) => Err(EngineError::Cancelled),
+        }
+    }
+
+    /// The denoising loop from the start (`resume: None`) or from where a
+    /// paused run of the same request stopped; the callback may cancel or
+    /// pause after any step.
+    pub fn sample_from(
+        &self,
+        req: &GenerateRequest,
+        cond: &Conditioning<B>,
+        resume: Option<PausedRun<B>>,
+        want_previews: bool,
+        on_step: &mut dyn FnMut(&StepProgress) -> StepControl,
+    ) -> Result<Sampled<B>> {
         let b = req.prompts.len();
         if cond.positive.len() != b {
             return Err(EngineError::invalid("conditioning does not match the prompts"));
@@ -353,18 +431,36 @@ impl<B: Backend> ZImagePipeline<B> {
         let channels = self.dit_config.in_channels;
         let shape = [b, channels, h, w];
         let schedule = Schedule::new(req.steps, self.shift);
-        let mut generator = TorchGenerator::manual_seed(req.seed);
+        let start = match req.init {
+            None => 0,
+            Some(_) => Schedule::img2img_start(req.steps, req.strength),
+        };
 
-        // Starting point: pure noise, or the init image noised to σ_start.
-        let (start, mut x) = match &req.init {
-            None => (0, self.randn(&mut generator, shape)),
-            Some(init) => {
-                let start = Schedule::img2img_start(req.steps, req.strength);
-                let z0 = self.encode_image(init, req.width, req.height, &mut generator)?;
-                let z0 = if b > 1 { z0.repeat_dim(0, b) } else { z0 };
-                let noise = self.randn(&mut generator, shape);
-                let sigma = schedule.sigmas[start];
-                (start, noise * sigma + z0 * (1.0 - sigma))
+        let (first, mut x) = match resume {
+            Some(run) => {
+                let fits = run.seed == req.seed
+                    && run.steps == req.steps
+                    && run.latents.dims() == shape
+                    && (start..=req.steps).contains(&run.next_step);
+                if !fits {
+                    return Err(EngineError::invalid("the paused run belongs to another request"));
+                }
+                (run.next_step, run.latents)
+            }
+            // Starting point: pure noise, or the init image noised to σ_start.
+            None => {
+                let mut generator = TorchGenerator::manual_seed(req.seed);
+                let x = match &req.init {
+                    None => self.randn(&mut generator, shape),
+                    Some(init) => {
+                        let z0 = self.encode_image(init, req.width, req.height, &mut generator)?;
+                        let z0 = if b > 1 { z0.repeat_dim(0, b) } else { z0 };
+                        let noise = self.randn(&mut generator, shape);
+                        let sigma = schedule.sigmas[start];
+                        noise * sigma + z0 * (1.0 - sigma)
+                    }
+                };
+                (start, x)
             }
         };
 
@@ -373,7 +469,7 @@ impl<B: Backend> ZImagePipeline<B> {
         // perturbed prompt features; the rest the clean ones.
         let varied = variety::vary(&cond.positive, req.variety, req.seed);
         let varied_until = start + variety::varied_steps(total);
-        for i in start..req.steps {
+        for i in first..req.steps {
             let positive = match &varied {
                 Some(v) if i < varied_until => v,
                 _ => &cond.positive,
@@ -419,11 +515,16 @@ impl<B: Backend> ZImagePipeline<B> {
                 Vec::new()
             };
             x = x + u.neg() * schedule.dt(i);
-            if !on_step(&StepProgress { done: i - start + 1, total, previews }) {
-                return Err(EngineError::Cancelled);
+            match on_step(&StepProgress { done: i - start + 1, total, previews }) {
+                StepControl::Continue => {}
+                StepControl::Cancel => return Err(EngineError::Cancelled),
+                StepControl::Pause => {
+                    let (seed, steps) = (req.seed, req.steps);
+                    return Ok(Sampled::Paused(PausedRun { latents: x, next_step: i + 1, seed, steps }));
+                }
             }
         }
-        Ok(x)
+        Ok(Sampled::Finished(x))
     }
 
     fn randn(&self, generator: &mut TorchGenerator, shape: [usize; 4]) -> Tensor<B, 4> {
@@ -474,6 +575,13 @@ impl<B: Backend> ZImagePipeline<B> {
         let data = tensor_to_vec(image);
         Ok((0..b).map(|i| to_rgb8(&data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w)).collect())
     }
+}
+
+/// A step callback that only continues or cancels, as one that may also pause.
+fn cancel_only<'a>(
+    on_step: &'a mut dyn FnMut(&StepProgress) -> bool,
+) -> impl FnMut(&StepProgress) -> StepControl + 'a {
+    |p| if on_step(p) { StepControl::Continue } else { StepControl::Cancel }
 }
 
 /// [`ZImagePipeline::working_memory_bytes`] from the DiT config, the VAE's

@@ -219,7 +219,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         if let Some(id) = app.refine_job {
             if let Some(job) = app.jobs.get(&id) {
                 let (done, total) = job.progress;
-                ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(format!("Base {done}/{total}")).desired_width(110.0));
+                let text = if job.paused { format!("Base {done}/{total} paused") } else { format!("Base {done}/{total}") };
+                let bar = ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(text).desired_width(110.0));
+                if job.paused {
+                    bar.on_hover_text("Paused while the live image renders; it goes on from this step, to the same image");
+                }
             }
             let refines = app.jobs.values().filter(|j| j.kind == JobKind::Refine).count();
             let label = if refines > 1 { format!("Cancel {refines}") } else { "Cancel".to_string() };

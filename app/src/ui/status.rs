@@ -20,6 +20,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         if let Some(waiting) = app.live_waiting() {
             ui.colored_label(ui.visuals().warn_fg_color, format!("· {waiting}"));
         }
+        if let Some(paused) = app.paused_job() {
+            ui.weak(format!("· {paused}"));
+        }
         if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
             ui.weak(format!("· {hint}"));
         }

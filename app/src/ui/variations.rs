@@ -73,7 +73,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         let status = match (&c.id, &c.error) {
             (_, Some(e)) => format!("seed {} · {e}", c.seed),
             (Some(_), _) => format!("seed {} {badge}", c.seed),
-            (None, _) => format!("seed {} · {}/{}", c.seed, c.progress.0, c.progress.1),
+            (None, _) => {
+                let paused = if app.jobs.get(&c.job).is_some_and(|j| j.paused) { " paused" } else { "" };
+                format!("seed {} · {}/{}{paused}", c.seed, c.progress.0, c.progress.1)
+            }
         };
         painter.text(rect.left_bottom() + egui::vec2(4.0, -4.0), egui::Align2::LEFT_BOTTOM, status, egui::FontId::proportional(12.0), Color32::WHITE);
         if response.clicked() {
