@@ -631,7 +631,18 @@ impl StudioApp {
             .values()
             .find(|j| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
         let what = if running.kind == JobKind::Refine { "Base refine" } else { "variation" };
-        Some(format!("live waits for the running {what} ({}/{}; Cancel stops it)", running.progress.0, running.progress.1))
+        let (done, total) = running.progress;
+        // The engine pauses it when the live job's model and text encoder are resident.
+        let label = live.slot.label();
+        let pauses = self
+            .memory
+            .as_ref()
+            .is_some_and(|m| m.released.is_empty() && !m.parked.iter().any(|p| p.starts_with(label)));
+        Some(if pauses {
+            format!("live starts after this {what} step ({done}/{total}); the {what} then pauses")
+        } else {
+            format!("live waits for the running {what} ({done}/{total}; Cancel stops it)")
+        })
     }
 
     /// The refine or variation paused while a live image renders, said in
