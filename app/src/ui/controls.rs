@@ -219,7 +219,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         if let Some(id) = app.refine_job {
             if let Some(job) = app.jobs.get(&id) {
                 let (done, total) = job.progress;
-                let text = if job.paused { format!("Base {done}/{total} paused") } else { format!("Base {done}/{total}") };
+                let text = if job.paused { format!("{done}/{total} paused") } else { format!("Base {done}/{total}") };
                 let bar = ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(text).desired_width(110.0));
                 if job.paused {
                     bar.on_hover_text("Paused while the live image renders; it goes on from this step, to the same image");
