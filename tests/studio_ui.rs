@@ -658,6 +658,48 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     h.get_by_label("Next").click();
     h.step();
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]));
+
+    // All pairs at once (N-up), one zoom: a click picks a pair, Ctrl+S saves
+    // every Base image shown, a double click opens a pair side by side.
+    h.get_by_label("All pairs").click();
+    h.step();
+    h.step();
+    h.get_by_label_contains("Pairs 1–2 of 2: Turbo above Base");
+    let cells = h.state().compare.pair_cells.clone();
+    assert_eq!(cells.len(), 2, "{cells:?}");
+    assert!(cells[0].width() > 100.0 && cells[0].height() > 200.0, "{cells:?}");
+    click_at(&mut h, cells[0].center(), false);
+    assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[0]), "the clicked pair is picked");
+    assert_eq!(h.state().compare.mode, CompareMode::AllPairs);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    h.step();
+    let saved = std::fs::read_dir(dir.path().join("saved")).unwrap().count();
+    assert_eq!(saved, 2, "both Base images saved");
+    h.get_by_label_contains("saved 2 images");
+    click_at(&mut h, cells[1].center(), true);
+    assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]));
+    assert_eq!(h.state().compare.mode, CompareMode::SideBySide, "a double click opens the pair");
+}
+
+/// A primary click (or double click) at `pos`, as the pointer would make it.
+fn click_at(h: &mut Harness<'static, StudioApp>, pos: egui::Pos2, double: bool) {
+    h.event(egui::Event::PointerMoved(pos));
+    h.step();
+    // The clock stands still meanwhile: the harness's frames (1/4 s) are
+    // further apart than a double click's clicks may be. It starts a second
+    // after the last frame, so that an earlier click does not make this one
+    // part of a triple click.
+    let now = h.ctx.input(|i| i.time) + 1.0;
+    h.input_mut().time = Some(now);
+    let button = egui::PointerButton::Primary;
+    for _ in 0..if double { 2 } else { 1 } {
+        for pressed in [true, false] {
+            h.event(egui::Event::PointerButton { pos, button, pressed, modifiers: Modifiers::NONE });
+            h.step();
+        }
+    }
+    h.input_mut().time = None;
+    h.step();
 }
 
 /// A long grid stops on "Stop": the unfinished cells are cancelled and

@@ -595,6 +595,21 @@ impl StudioApp {
             .collect()
     }
 
+    /// The pairs "All pairs" shows: the page of refine pairs that holds the
+    /// compared pair, with the index of its first pair and the number of
+    /// pairs; just the compared pair when it is not a refine pair.
+    pub fn shown_pairs(&self) -> (Vec<(String, String)>, usize, usize) {
+        let Some(current) = self.compare_pair.clone() else { return (Vec::new(), 0, 0) };
+        let pairs = self.refine_pairs();
+        match pairs.iter().position(|p| *p == current) {
+            Some(at) => {
+                let page = state::pair_page(pairs.len(), at, state::PAIRS_PER_PAGE);
+                (pairs[page.clone()].to_vec(), page.start, pairs.len())
+            }
+            None => (vec![current], 0, 1),
+        }
+    }
+
     /// Shows the refine pair `delta` places before (−) or after (+) the one
     /// compared now, stopping at the ends: reviewing a batch of refines.
     pub fn step_compare_pair(&mut self, delta: isize) {
@@ -1433,6 +1448,11 @@ impl StudioApp {
             if !kept.is_empty() {
                 return kept;
             }
+        }
+        if self.view == View::Compare && self.compare.mode == state::CompareMode::AllPairs {
+            // The second image of every pair shown (Base, unless swapped).
+            let (pairs, ..) = self.shown_pairs();
+            return pairs.into_iter().map(|(t, b)| if self.compare.swapped { t } else { b }).collect();
         }
         let sel = match self.view {
             View::Compare => {

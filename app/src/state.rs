@@ -216,16 +216,21 @@ pub enum CompareMode {
     Wipe,
     Flicker,
     Difference,
+    /// Every refine pair of a page at once, Turbo above Base (N-up), with
+    /// one zoom and pan: reviewing a batch of refines together.
+    AllPairs,
 }
 
 impl CompareMode {
-    pub const ALL: [CompareMode; 4] = [CompareMode::SideBySide, CompareMode::Wipe, CompareMode::Flicker, CompareMode::Difference];
+    pub const ALL: [CompareMode; 5] =
+        [CompareMode::SideBySide, CompareMode::Wipe, CompareMode::Flicker, CompareMode::Difference, CompareMode::AllPairs];
     pub fn label(self) -> &'static str {
         match self {
             CompareMode::SideBySide => "Side by side",
             CompareMode::Wipe => "Wipe",
             CompareMode::Flicker => "Flicker",
             CompareMode::Difference => "Difference",
+            CompareMode::AllPairs => "All pairs",
         }
     }
     pub fn next(self) -> Self {
@@ -252,6 +257,8 @@ pub struct CompareState {
     /// Flicker: which image shows; toggled by time or the space key.
     pub flicker_second: bool,
     pub flicker_auto: bool,
+    /// "All pairs": each shown pair's cell on screen, from the last frame drawn.
+    pub pair_cells: Vec<egui::Rect>,
 }
 
 impl CompareState {
@@ -273,8 +280,52 @@ pub const MAX_COMPARE_ZOOM: f32 = 16.0;
 
 impl Default for CompareState {
     fn default() -> Self {
-        Self { mode: CompareMode::SideBySide, swapped: false, split: 0.5, zoom: 1.0, fit_scale: None, pan: egui::Vec2::ZERO, flicker_second: false, flicker_auto: true }
+        Self {
+            mode: CompareMode::SideBySide,
+            swapped: false,
+            split: 0.5,
+            zoom: 1.0,
+            fit_scale: None,
+            pan: egui::Vec2::ZERO,
+            flicker_second: false,
+            flicker_auto: true,
+            pair_cells: Vec::new(),
+        }
     }
+}
+
+/// Refine pairs per page of "All pairs": the five kept images of a typical
+/// batch, refined, fit on one page.
+pub const PAIRS_PER_PAGE: usize = 8;
+
+/// The page of at most `per_page` consecutive pairs (of `n`) that holds pair
+/// `at`: pages start at multiples of `per_page`, so stepping through the
+/// pairs turns whole pages.
+pub fn pair_page(n: usize, at: usize, per_page: usize) -> std::ops::Range<usize> {
+    let per_page = per_page.max(1);
+    if n == 0 {
+        return 0..0;
+    }
+    let start = at.min(n - 1) / per_page * per_page;
+    start..(start + per_page).min(n)
+}
+
+/// Columns for `n` pairs, each a cell with one image above the other, in a
+/// `width`×`height` area, images of `aspect` (width / height): the count
+/// that shows the images largest (the fewest columns on a tie).
+pub fn pair_grid_columns(n: usize, width: f32, height: f32, aspect: f32) -> usize {
+    let image_width = |cols: usize| {
+        let rows = n.div_ceil(cols);
+        let (cell_w, image_h) = (width / cols as f32, height / (2 * rows) as f32);
+        cell_w.min(image_h * aspect)
+    };
+    let mut best = 1;
+    for cols in 2..=n.max(1) {
+        if image_width(cols) > image_width(best) {
+            best = cols;
+        }
+    }
+    best
 }
 
 /// Triage mark of a variation / history item.
@@ -587,9 +638,35 @@ mod tests {
     #[test]
     fn compare_modes_cycle_through_all() {
         let mut m = CompareMode::SideBySide;
-        for _ in 0..4 {
+        let mut seen = vec![m];
+        for _ in 0..CompareMode::ALL.len() {
             m = m.next();
+            seen.push(m);
         }
         assert_eq!(m, CompareMode::SideBySide);
+        assert!(CompareMode::ALL.iter().all(|x| seen.contains(x)));
+    }
+
+    #[test]
+    fn pair_pages_hold_the_current_pair_and_turn_whole() {
+        assert_eq!(pair_page(0, 0, 8), 0..0);
+        assert_eq!(pair_page(5, 3, 8), 0..5, "a batch of five on one page");
+        assert_eq!(pair_page(20, 7, 8), 0..8);
+        assert_eq!(pair_page(20, 8, 8), 8..16);
+        assert_eq!(pair_page(20, 19, 8), 16..20, "the last page is short");
+        assert_eq!(pair_page(20, 99, 8), 16..20, "past the end: the last page");
+        assert_eq!(pair_page(3, 2, 0), 2..3, "at least one per page");
+    }
+
+    #[test]
+    fn pair_grid_uses_the_columns_that_show_the_images_largest() {
+        // Square images, wide area: five pairs side by side (each cell tall and thin enough).
+        assert_eq!(pair_grid_columns(5, 1500.0, 600.0, 1.0), 5);
+        assert_eq!(pair_grid_columns(1, 300.0, 900.0, 1.0), 1);
+        // Eight square pairs in 1000×800: 4 columns × 2 rows give 200-wide images (8 columns: 125; 2: 100).
+        assert_eq!(pair_grid_columns(8, 1000.0, 800.0, 1.0), 4);
+        // Wide images (2:1) favour fewer columns than square ones in the same area.
+        assert!(pair_grid_columns(8, 1000.0, 800.0, 2.0) <= pair_grid_columns(8, 1000.0, 800.0, 1.0));
+        assert_eq!(pair_grid_columns(0, 100.0, 100.0, 1.0), 1);
     }
 }

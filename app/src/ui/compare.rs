@@ -1,5 +1,6 @@
 //! Compare view: Turbo and Base side by side, wipe, flicker or difference,
-//! with one zoom/pan shared by both images.
+//! or every refine pair of a page at once (Turbo above Base), with one
+//! zoom/pan shared by all the images.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use egui::{Color32, Pos2, Rect, Sense, Slider, Stroke};
 use zimage_engine::preview::RgbImage;
 
 use crate::app::{Action, StudioApp};
-use crate::state::{difference_heatmap, CompareMode, MAX_COMPARE_ZOOM};
+use crate::state::{difference_heatmap, pair_grid_columns, CompareMode, MAX_COMPARE_ZOOM};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
     let Some((turbo, base)) = app.compare_pair.clone() else {
@@ -25,7 +26,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     };
     let (left_label, right_label) = (label(&left), label(&right));
 
-    ui.horizontal(|ui| {
+    // Wraps in a narrow window: a row wider than the panel would widen the
+    // whole view under the side panels.
+    ui.horizontal_wrapped(|ui| {
         for m in CompareMode::ALL {
             ui.selectable_value(&mut app.compare.mode, m, m.label());
         }
@@ -64,7 +67,22 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             }
         });
     }
-    ui.label(format!("Left: {left_label} · Right: {right_label}"));
+    let all_pairs = app.compare.mode == CompareMode::AllPairs;
+    let (shown, first, total) = if all_pairs { app.shown_pairs() } else { (Vec::new(), 0, 0) };
+    if all_pairs {
+        for (t, b) in &shown {
+            app.request_image(ui.ctx(), t);
+            app.request_image(ui.ctx(), b);
+        }
+        let (above, below) = if app.compare.swapped { ("Base", "Turbo") } else { ("Turbo", "Base") };
+        ui.label(format!(
+            "Pairs {}–{} of {total}: {above} above {below}; click a pair to pick it, double-click to open it; Ctrl+S saves the {below} images",
+            first + 1,
+            first + shown.len()
+        ));
+    } else {
+        ui.label(format!("Left: {left_label} · Right: {right_label}"));
+    }
     if let (Some(l), Some(r)) = (app.history.get(&left), app.history.get(&right)) {
         let diffs = crate::state::parameter_differences(&l.meta, &r.meta);
         ui.weak(if diffs.is_empty() { "Same parameters".to_string() } else { format!("Differs: {}", diffs.join(" · ")) });
@@ -90,13 +108,33 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, MAX_COMPARE_ZOOM);
         }
     }
-    // One image's pane: half the area side by side, else all of it.
-    let pane = if app.compare.mode == CompareMode::SideBySide { avail.split_left_right_at_fraction(0.5).0 } else { avail };
+    // All pairs: a grid of cells, each a pair one image above the other.
+    let cells: Vec<Rect> = if all_pairs {
+        let cols = pair_grid_columns(shown.len(), avail.width(), avail.height(), size.x / size.y.max(1.0));
+        let rows = shown.len().div_ceil(cols).max(1);
+        let cell = egui::vec2(avail.width() / cols as f32, avail.height() / rows as f32);
+        (0..shown.len())
+            .map(|k| Rect::from_min_size(avail.min + egui::vec2((k % cols) as f32 * cell.x, (k / cols) as f32 * cell.y), cell))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    app.compare.pair_cells = cells.clone();
+    // One image's pane: half the area side by side, half a cell for all
+    // pairs, else all of it.
+    let pane = match app.compare.mode {
+        CompareMode::SideBySide => avail.split_left_right_at_fraction(0.5).0,
+        CompareMode::AllPairs => cells.first().map_or(avail, |c| {
+            super::fit_rect(c.shrink(4.0), egui::vec2(size.x, 2.0 * size.y)).split_top_bottom_at_fraction(0.5).0
+        }),
+        _ => avail,
+    };
     if response.dragged() {
         let d = response.drag_delta();
-        app.compare.pan -= egui::vec2(d.x / pane.width(), d.y / avail.height()) / app.compare.zoom;
+        app.compare.pan -= egui::vec2(d.x / pane.width(), d.y / pane.height()) / app.compare.zoom;
     }
-    app.compare.fit_scale = Some(super::fit_rect(pane.shrink(4.0), size).width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
+    let fitted = if all_pairs { pane } else { super::fit_rect(pane.shrink(4.0), size) };
+    app.compare.fit_scale = Some(fitted.width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
     let half = 0.5 / app.compare.zoom;
     app.compare.pan.x = app.compare.pan.x.clamp(-(0.5 - half), 0.5 - half);
     app.compare.pan.y = app.compare.pan.y.clamp(-(0.5 - half), 0.5 - half);
@@ -166,6 +204,34 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                     caption(rect, "difference ×4 (black = same, red, yellow, white = more different)");
                 }
                 None => caption(rect, "the two images differ in size; no difference map"),
+            }
+        }
+        CompareMode::AllPairs => {
+            let current = app.compare_pair.clone();
+            for (cell, pair) in cells.iter().zip(&shown) {
+                // The two images touch, centred in the cell.
+                let both = super::fit_rect(cell.shrink(4.0), egui::vec2(size.x, 2.0 * size.y));
+                let (top, bottom) = both.split_top_bottom_at_fraction(0.5);
+                let (above, below) = if app.compare.swapped { (&pair.1, &pair.0) } else { (&pair.0, &pair.1) };
+                for (rect, id) in [(top, above), (bottom, below)] {
+                    if let Some(t) = tex(id) {
+                        painter.image(t, rect, uv, Color32::WHITE);
+                    }
+                    caption(rect, &format!("#{id}"));
+                }
+                if current.as_ref() == Some(pair) {
+                    let stroke = Stroke::new(2.0, ui.visuals().selection.stroke.color);
+                    painter.rect_stroke(both.expand(2.0), 2.0, stroke, egui::StrokeKind::Outside);
+                }
+            }
+            // Click picks a pair (its parameters in the line above); a
+            // double click opens it side by side.
+            let hit = response.interact_pointer_pos().and_then(|p| cells.iter().position(|c| c.contains(p)));
+            if let (Some(k), true) = (hit, response.clicked() || response.double_clicked()) {
+                app.compare_pair = Some(shown[k].clone());
+                if response.double_clicked() {
+                    app.compare.mode = CompareMode::SideBySide;
+                }
             }
         }
     }

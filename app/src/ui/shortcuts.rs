@@ -24,7 +24,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Enter", "open the variation in the Live view"),
     ("C", "compare: swap sides"),
     ("← / →", "compare: previous / next refine pair"),
-    ("M", "compare: next mode (side by side, wipe, flicker, difference)"),
+    ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "compare: zoom / pan both images together"),
     ("Esc", "leave the prompt box / close overlays"),
