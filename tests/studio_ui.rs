@@ -438,8 +438,18 @@ fn restarting_restores_the_history() {
     assert_eq!(app.history.get(&id).unwrap().meta, meta);
     let base = app.history.entries.iter().find(|e| e.slot == ModelSlot::Base).unwrap();
     assert_eq!(base.parent.as_deref(), Some(id.as_str()), "lineage survives the restart");
+    let base_id = base.id.clone();
     assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
     h.get_by_label_contains("#000002 Base");
+    // The compare view opens on the latest refine pair.
+    assert!(h.state().compare_pair.is_none());
+    h.get_by_label("Compare (3)").click();
+    h.step();
+    assert_eq!(h.state().compare_pair, Some((id.clone(), base_id)));
+    h.step();
+    h.get_by_label_contains("Left: Turbo #000001");
+    h.get_by_label("Live (1)").click();
+    h.step();
     // Clicking an entry restores its parameters.
     h.state_mut().prompt.clear();
     h.get_by_label_contains("#000001 Turbo").click();

@@ -1166,7 +1166,13 @@ impl StudioApp {
                 self.persist_settings();
                 self.focus_prompt = true;
             }
-            Action::ShowView(v) => self.view = v,
+            Action::ShowView(v) => {
+                if v == View::Compare && self.compare_pair.is_none() {
+                    // After a restart: the latest refine in the history.
+                    self.compare_pair = self.refine_pairs().pop();
+                }
+                self.view = v;
+            }
             Action::CompareWith(id) => {
                 if let Some(e) = self.history.get(&id) {
                     if let Some(parent) = e.parent.clone() {
