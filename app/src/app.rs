@@ -621,12 +621,12 @@ impl StudioApp {
 
     /// What the running live job is, when it is part of a draft: shown
     /// beside the live status.
-    pub fn live_stage(&self) -> Option<&'static str> {
+    pub fn live_stage(&self) -> Option<String> {
         let job = self.jobs.get(&self.live_job?)?;
         if job.draft {
-            Some("half-size draft while you type")
+            Some(format!("{}×{} draft while you type", job.request.width, job.request.height))
         } else if job.request.init.is_some() {
-            Some("full size, from the draft")
+            Some("full size, from the draft".into())
         } else {
             None
         }
@@ -1222,7 +1222,7 @@ impl StudioApp {
 
     fn queue_refine(&mut self, src: &str) -> Result<(), String> {
         if self.upgrading(src) {
-            return Err("this is the half-size draft; its full-size image is rendering: refine that one when it is done".into());
+            return Err("this is the draft; its full-size image is rendering: refine that one when it is done".into());
         }
         let entry = self.history.get(src).ok_or("that image is no longer in the history")?.clone();
         let m = &entry.meta;

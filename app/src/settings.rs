@@ -20,7 +20,7 @@ pub struct Settings {
     /// Default save folder; `None` = the user's Pictures folder (or a fallback).
     pub output_dir: Option<PathBuf>,
     pub live: bool,
-    /// Live drafts at half size while typing (see `state::draft_size`).
+    /// Live drafts at half size (or less) while typing (see `state::draft_size`).
     pub live_draft: LiveDraft,
     pub seed: u64,
     pub seed_mode: SeedMode,

@@ -401,9 +401,10 @@ pub fn parameter_differences(a: &GenerationMetadata, b: &GenerationMetadata) -> 
     out
 }
 
-/// Live drafts: while the user types, render at half the side when a
-/// full-size live image is slow, and finish at full size once typing stops
-/// (img2img from the draft, so the composition the user stopped on stays).
+/// Live drafts: while the user types, render at half the side (less when
+/// even that is slow) when a full-size live image is slow, and finish at full
+/// size once typing stops (img2img from the draft, so the composition the
+/// user stopped on stays).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LiveDraft {
     /// Draft when a full-size live image would take longer than [`DRAFT_WHEN_SLOWER_THAN`].
@@ -444,18 +445,32 @@ pub fn predicted_time(rate: f64, width: u32, height: u32, steps: usize) -> Durat
     Duration::from_secs_f64((rate * width as f64 * height as f64 / 1e6 * steps as f64).clamp(0.0, 1e6))
 }
 
-/// The size to render while typing, or `None` for the full size: half of
-/// each side, rounded down to a multiple of 16, when `mode` asks for a draft
-/// and neither half side would be under 64 pixels. `full_live` is the
-/// predicted time of a full-size live image (unknown until the first image).
+/// The smallest draft scale (of each side): a quarter side is 1/16 of the
+/// pixels, where the upgrade's img2img still finds the composition.
+pub const SMALLEST_DRAFT_SCALE: f64 = 0.25;
+
+/// The size to render while typing, or `None` for the full size, when `mode`
+/// asks for a draft. `full_live` is the predicted time of a full-size live
+/// image (unknown until the first image). The draft is half of each side, or
+/// less (down to a quarter) when half would still take over
+/// [`DRAFT_WHEN_SLOWER_THAN`] (the time goes with the pixels: e.g. real
+/// models on a CPU or a small GPU at 1024²); sides are multiples of 16 and
+/// at least 64, else no draft.
 pub fn draft_size(mode: LiveDraft, width: u32, height: u32, full_live: Option<Duration>) -> Option<(u32, u32)> {
     let wanted = match mode {
         LiveDraft::Off => false,
         LiveDraft::Always => true,
         LiveDraft::Auto => full_live.is_some_and(|d| d > DRAFT_WHEN_SLOWER_THAN),
     };
-    let (w, h) = (width / 2 / 16 * 16, height / 2 / 16 * 16);
-    (wanted && w >= 64 && h >= 64).then_some((w, h))
+    let (half_w, half_h) = (width / 2 / 16 * 16, height / 2 / 16 * 16);
+    if !wanted || half_w < 64 || half_h < 64 {
+        return None;
+    }
+    // The scale whose predicted time is the threshold, within [¼, ½].
+    let target = DRAFT_WHEN_SLOWER_THAN.as_secs_f64();
+    let scale = full_live.map_or(0.5, |d| (target / d.as_secs_f64().max(1e-9)).sqrt()).clamp(SMALLEST_DRAFT_SCALE, 0.5);
+    let side = |full: u32, half: u32| ((full as f64 * scale) as u32 / 16 * 16).clamp(64, half);
+    Some((side(width, half_w), side(height, half_h)))
 }
 
 /// What to say while the first image on a GPU shows no step yet: burn's
@@ -549,6 +564,27 @@ mod tests {
         assert!((full.as_secs_f64() - 1.6).abs() < 1e-9, "{full:?}");
         assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, Some(full)), Some((512, 512)));
         assert_eq!(draft_size(LiveDraft::Auto, 512, 512, Some(predicted_time(rate, 512, 512, 8))), None);
+    }
+
+    #[test]
+    fn drafts_are_smaller_when_half_size_would_still_be_slow() {
+        let secs = |s: f64| Some(Duration::from_secs_f64(s));
+        // Half the side is a quarter of the time: half is enough up to 4 s.
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(4.0)), Some((512, 512)));
+        // 9 s: a third of the side (341 → 336) is about 1 s.
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(9.0)), Some((336, 336)));
+        // 16 s and above: a quarter, the smallest.
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(16.0)), Some((256, 256)));
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(600.0)), Some((256, 256)));
+        // The aspect is kept, and no side goes under 64.
+        assert_eq!(draft_size(LiveDraft::Auto, 1344, 768, secs(16.0)), Some((336, 192)));
+        assert_eq!(draft_size(LiveDraft::Auto, 1024, 160, secs(100.0)), Some((256, 64)));
+        // "Always" at a fast size drafts at half, as before.
+        assert_eq!(draft_size(LiveDraft::Always, 1024, 1024, secs(0.2)), Some((512, 512)));
+        // The predicted draft time is about the threshold or less.
+        let rate = live_rate(Duration::from_secs(9), 1024, 1024, 8);
+        let (w, h) = draft_size(LiveDraft::Auto, 1024, 1024, secs(9.0)).unwrap();
+        assert!(predicted_time(rate, w, h, 8) <= DRAFT_WHEN_SLOWER_THAN, "{:?}", predicted_time(rate, w, h, 8));
     }
 
     #[test]

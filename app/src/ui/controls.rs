@@ -8,9 +8,9 @@ use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
 
 pub const PROMPT_ID: &str = "prompt";
 
-const DRAFT_HELP: &str = "While you type, render at half the size (3–4x faster) and finish at full size when you \
-    stop, from the draft, so the picture you stopped on stays. auto: only when a full-size live image takes over a \
-    second. F5 always renders at full size.";
+const DRAFT_HELP: &str = "While you type, render at half the size (3–4x faster; down to a quarter when even half \
+    would take over a second) and finish at full size when you stop, from the draft, so the picture you stopped on \
+    stays. auto: only when a full-size live image takes over a second. F5 always renders at full size.";
 
 const VARIETY_HELP: &str = "Turbo draws nearly the same picture for every seed. Variety adds noise to the prompt's \
     features in the first steps, so that seeds (and the variations grid) differ more; 0 = off. \
