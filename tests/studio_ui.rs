@@ -656,6 +656,20 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
 
     // The compare view steps through the refined pairs.
     wait_until(&mut h, "the compare view", |a| a.view == View::Compare);
+    // The history lists only the Base images, or only the kept ones, on demand.
+    h.get_by_label("Base").click();
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains(" Base · ").count(), 2);
+    assert_eq!(h.query_all_by_label_contains(" Turbo · ").count(), 0, "Turbo entries hidden");
+    h.get_by_label("2 of 5");
+    h.get_by_label("Kept").click();
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains(" Turbo · ").count(), 2, "the kept and the starred variation");
+    assert_eq!(h.query_all_by_label_contains("[kept]").count() + h.query_all_by_label_contains("[star]").count(), 2);
+    h.get_by_label("All").click();
+    h.step();
     let pairs = h.state().refine_pairs();
     assert_eq!(pairs.len(), 2);
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]), "the last refine is shown");

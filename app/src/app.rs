@@ -201,6 +201,8 @@ pub struct StudioApp {
     pub current: Option<String>,
     /// Selected image (history id): what Save and Refine act on.
     pub selected: Option<String>,
+    /// Which entries the history panel lists.
+    pub history_filter: state::HistoryFilter,
     pub live_preview: bool,
     pub refine_job: Option<JobId>,
     pub compare: CompareState,
@@ -298,6 +300,7 @@ impl StudioApp {
             jobs: HashMap::new(),
             current: None,
             selected: None,
+            history_filter: state::HistoryFilter::All,
             live_preview: false,
             refine_job: None,
             compare: CompareState::default(),

@@ -328,6 +328,35 @@ pub fn pair_grid_columns(n: usize, width: f32, height: f32, aspect: f32) -> usiz
     best
 }
 
+/// Which history entries the history panel lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistoryFilter {
+    #[default]
+    All,
+    /// The Base images: the refined finals.
+    Base,
+    /// Kept or starred (the picked set of a triage).
+    Kept,
+}
+
+impl HistoryFilter {
+    pub const ALL: [HistoryFilter; 3] = [HistoryFilter::All, HistoryFilter::Base, HistoryFilter::Kept];
+    pub fn label(self) -> &'static str {
+        match self {
+            HistoryFilter::All => "All",
+            HistoryFilter::Base => "Base",
+            HistoryFilter::Kept => "Kept",
+        }
+    }
+    pub fn shows(self, base: bool, mark: Mark) -> bool {
+        match self {
+            HistoryFilter::All => true,
+            HistoryFilter::Base => base,
+            HistoryFilter::Kept => mark.is_kept(),
+        }
+    }
+}
+
 /// Triage mark of a variation / history item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Mark {
@@ -681,6 +710,15 @@ mod tests {
         }
         assert_eq!(m, CompareMode::SideBySide);
         assert!(CompareMode::ALL.iter().all(|x| seen.contains(x)));
+    }
+
+    #[test]
+    fn history_filters_pick_the_base_images_or_the_kept_ones() {
+        assert!(HistoryFilter::All.shows(false, Mark::Rejected));
+        assert!(HistoryFilter::Base.shows(true, Mark::None));
+        assert!(!HistoryFilter::Base.shows(false, Mark::Starred));
+        assert!(HistoryFilter::Kept.shows(false, Mark::Kept) && HistoryFilter::Kept.shows(true, Mark::Starred));
+        assert!(!HistoryFilter::Kept.shows(false, Mark::None) && !HistoryFilter::Kept.shows(true, Mark::Rejected));
     }
 
     #[test]

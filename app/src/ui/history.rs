@@ -1,21 +1,43 @@
-//! Right panel: every result, newest first, with lineage. Click restores
-//! the parameters; double-click a Base image to compare it with its parent.
+//! Right panel: every result, newest first, with lineage, or only the Base
+//! images or the kept ones. Click restores the parameters; double-click a
+//! Base image to compare it with its parent.
 
 use egui::{Color32, Sense};
 
 use crate::app::{Action, StudioApp};
-use crate::state::Mark;
+use crate::engine_bridge::ModelSlot;
+use crate::state::{HistoryFilter, Mark};
 
 const THUMB: f32 = 56.0;
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+    let filter = app.history_filter;
+    let ids: Vec<String> = app
+        .history
+        .entries
+        .iter()
+        .rev()
+        .filter(|e| filter.shows(e.slot == ModelSlot::Base, e.mark))
+        .map(|e| e.id.clone())
+        .collect();
     ui.horizontal(|ui| {
         ui.strong("History");
-        ui.weak(format!("{} images", app.history.entries.len()));
+        let total = app.history.entries.len();
+        ui.weak(if filter == HistoryFilter::All { format!("{total} images") } else { format!("{} of {total}", ids.len()) });
+    });
+    ui.horizontal(|ui| {
+        for f in HistoryFilter::ALL {
+            ui.selectable_value(&mut app.history_filter, f, f.label());
+        }
     });
     ui.weak("click: restore · double-click Base: compare");
     ui.separator();
-    let ids: Vec<String> = app.history.entries.iter().rev().map(|e| e.id.clone()).collect();
+    if ids.is_empty() && filter != HistoryFilter::All {
+        ui.weak(match filter {
+            HistoryFilter::Base => "No Base image yet: refine a Turbo image (Ctrl+Enter).",
+            _ => "Nothing kept yet: K keeps a variation, S stars it.",
+        });
+    }
     egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
         for id in &ids[range] {
             let Some(e) = app.history.get(id).cloned() else { continue };
