@@ -668,6 +668,21 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     h.step();
     assert_eq!(h.query_all_by_label_contains(" Turbo · ").count(), 2, "the kept and the starred variation");
     assert_eq!(h.query_all_by_label_contains("[kept]").count() + h.query_all_by_label_contains("[star]").count(), 2);
+    // Any entry joins the kept set from its context menu: here a Base final.
+    h.get_by_label("All").click();
+    h.step();
+    h.step();
+    h.query_all_by_label_contains(" Base · ").next().expect("a Base entry").click_secondary();
+    h.step();
+    h.step();
+    h.step();
+    h.get_by_label("Star").click();
+    h.step();
+    h.get_by_label("Kept").click();
+    h.step();
+    h.step();
+    assert_eq!(h.query_all_by_label_contains(" Base · ").count(), 1, "the starred Base image is in the kept set");
+    assert_eq!(h.query_all_by_label_contains("[star]").count(), 2);
     h.get_by_label("All").click();
     h.step();
     let pairs = h.state().refine_pairs();

@@ -30,7 +30,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             ui.selectable_value(&mut app.history_filter, f, f.label());
         }
     });
-    ui.weak("click: restore · double-click Base: compare");
+    ui.weak("click: restore · double-click Base: compare · right-click: keep, star");
     ui.separator();
     if ids.is_empty() && filter != HistoryFilter::All {
         ui.weak(match filter {
@@ -79,6 +79,16 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             } else if r.clicked() {
                 actions.push(Action::Restore(id.clone()));
             }
+            // Any image can join the kept set (a live one, a Base final).
+            r.context_menu(|ui| {
+                for (mark, label) in [(Mark::Kept, "Keep"), (Mark::Starred, "Star"), (Mark::Rejected, "Reject")] {
+                    let label = if e.mark == mark { format!("Un-{}", label.to_lowercase()) } else { label.to_string() };
+                    if ui.button(label).clicked() {
+                        actions.push(Action::Mark(id.clone(), mark));
+                        ui.close();
+                    }
+                }
+            });
         }
     });
 }
