@@ -221,6 +221,29 @@ fn base_refines_pause_for_the_live_image_and_can_be_cancelled() {
     cancel_both_refines(&mut h);
 }
 
+/// Each queued refine can be dropped alone from the refine queue; the others go on.
+#[test]
+fn one_refine_of_several_can_be_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_two_slow_refines(dir.path(), MemoryPlan::Auto, 8);
+    let ids: Vec<_> = {
+        let mut v: Vec<_> = h.state().jobs.iter().filter(|(_, j)| j.kind == JobKind::Refine).map(|(id, _)| *id).collect();
+        v.sort();
+        v
+    };
+    h.get_by_label("Refine queue (2)").click();
+    h.step();
+    h.get_by_label_contains("· queued");
+    // Drop the queued one (the second line); the running one goes on.
+    h.get_all_by_label("drop").nth(1).expect("a drop button per refine").click();
+    wait_until(&mut h, "the drop", |a| !a.jobs.contains_key(&ids[1]));
+    assert!(h.state().jobs.contains_key(&ids[0]), "the running refine is untouched");
+    assert!(h.query_by_label_contains("Refine queue").is_none(), "one refine left: no queue list");
+    wait_until(&mut h, "the first refine's image", |a| !a.jobs.values().any(|j| j.kind == JobKind::Refine));
+    let bases = h.state().history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count();
+    assert_eq!(bases, 1, "the dropped refine made no image");
+}
+
 /// Under one DiT at a time a Base refine is not paused for Turbo (that
 /// would swap both models twice): the status says why the live image waits.
 #[test]

@@ -3,7 +3,7 @@
 use egui::{DragValue, Slider, TextEdit};
 
 use crate::app::{Action, StudioApp};
-use crate::engine_bridge::JobKind;
+use crate::engine_bridge::{JobId, JobKind};
 use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
 
 pub const PROMPT_ID: &str = "prompt";
@@ -232,6 +232,34 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             }
         }
     });
+    // Several refines (e.g. "Refine kept with Base"): each can be dropped alone.
+    let mut refines: Vec<(JobId, String)> = app
+        .jobs
+        .iter()
+        .filter(|(_, j)| j.kind == JobKind::Refine)
+        .map(|(id, j)| {
+            let from = j.parent.as_deref().map_or(String::new(), |p| format!(" of #{p}"));
+            let at = match j.progress {
+                _ if j.paused => format!("paused at {}/{}", j.progress.0, j.progress.1),
+                (0, _) => "queued".to_string(),
+                (done, total) => format!("{done}/{total}"),
+            };
+            (*id, format!("Base{from} · {at}"))
+        })
+        .collect();
+    refines.sort();
+    if refines.len() > 1 {
+        egui::CollapsingHeader::new(format!("Refine queue ({})", refines.len())).show(ui, |ui| {
+            for (id, line) in refines {
+                ui.horizontal(|ui| {
+                    ui.label(line);
+                    if ui.small_button("drop").on_hover_text("Cancel this refine only").clicked() {
+                        actions.push(Action::Cancel(id));
+                    }
+                });
+            }
+        });
+    }
     let queued = app.engine.queued();
     if queued > 1 {
         ui.weak(format!("{queued} jobs queued"));
