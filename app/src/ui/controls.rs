@@ -217,9 +217,15 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             actions.push(Action::Refine);
         }
         if let Some(id) = app.refine_job {
-            if let Some(job) = app.jobs.get(&id) {
+            // The refine that has started (the earliest), else the newest one, queued.
+            let started = app.jobs.iter().filter(|(_, j)| j.kind == JobKind::Refine && j.progress.1 > 0).min_by_key(|(job_id, _)| **job_id);
+            if let Some(job) = started.map(|(_, j)| j).or_else(|| app.jobs.get(&id)) {
                 let (done, total) = job.progress;
-                let text = if job.paused { format!("{done}/{total} paused") } else { format!("Base {done}/{total}") };
+                let text = match total {
+                    0 => "Base queued".to_string(),
+                    _ if job.paused => format!("{done}/{total} paused"),
+                    _ => format!("Base {done}/{total}"),
+                };
                 let bar = ui.add(egui::ProgressBar::new(if total > 0 { done as f32 / total as f32 } else { 0.0 }).text(text).desired_width(110.0));
                 if job.paused {
                     bar.on_hover_text("Paused while the live image renders; it goes on from this step, to the same image");

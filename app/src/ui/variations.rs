@@ -20,7 +20,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     }
     let kept = app.variations.iter().filter(|c| c.id.as_ref().and_then(|id| app.history.get(id)).is_some_and(|e| e.mark.is_kept())).count();
     let running: Vec<_> = app.variations.iter().filter(|c| c.id.is_none() && c.error.is_none()).map(|c| c.job).collect();
-    ui.horizontal(|ui| {
+    // Wraps in a narrow window: a wider row would widen the view under the history panel.
+    ui.horizontal_wrapped(|ui| {
         let done = app.variations.len() - running.len();
         let progress = if running.is_empty() { String::new() } else { format!(" · {done} done") };
         ui.label(format!("{} variations{progress} · {kept} kept · arrows move, K keep, X reject, S star, Enter open", app.variations.len()));
