@@ -118,6 +118,39 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     h.get_by_label_contains("Live: done in");
 }
 
+/// Ctrl+C outside the prompt copies the image in view; "Copy parameters"
+/// copies its A1111 text; inside the prompt Ctrl+C stays a text copy.
+#[test]
+fn the_image_and_its_parameters_go_to_the_clipboard() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    let copied = |h: &Harness<'static, StudioApp>| -> Vec<egui::OutputCommand> { h.output().platform_output.commands.clone() };
+    // In the prompt box: no image copy.
+    h.event(egui::Event::Copy);
+    h.step();
+    assert!(!copied(&h).iter().any(|c| matches!(c, egui::OutputCommand::CopyImage(_))));
+    h.key_press(Key::Escape);
+    h.step();
+    h.event(egui::Event::Copy);
+    h.step();
+    let image = copied(&h).into_iter().find_map(|c| if let egui::OutputCommand::CopyImage(i) = c { Some(i) } else { None });
+    let image = image.expect("the image was copied");
+    assert_eq!(image.size, [64, 64]);
+    let id = h.state().current.clone().unwrap();
+    let pixels = h.state().images.rgb(&id).unwrap().pixels.clone();
+    assert_eq!(image.pixels[0].to_array()[..3], pixels[..3], "the image's own pixels");
+    h.step();
+    h.get_by_label_contains("copied #");
+    h.get_by_label("Copy parameters").click();
+    h.step();
+    let text = copied(&h).into_iter().find_map(|c| if let egui::OutputCommand::CopyText(t) = c { Some(t) } else { None });
+    let text = text.expect("the parameters were copied");
+    assert!(text.starts_with("a red fox\n") && text.contains("Steps: ") && text.contains("Seed: "), "{text}");
+    let meta = metadata::parse_a1111_parameters(&text).expect("other tools read it back");
+    assert_eq!(meta.prompt, "a red fox");
+}
+
 /// A key starts its live job in the frame that handled it, not in the next
 /// one: on a software renderer (Xvfb, no GPU) frames come ~0.3 s apart, and
 /// waiting for the next one doubled the time from a key to its image
@@ -463,6 +496,7 @@ fn restarting_restores_the_history() {
     assert_eq!(base.parent.as_deref(), Some(id.as_str()), "lineage survives the restart");
     let base_id = base.id.clone();
     assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
+    assert_eq!(app.selected, app.history.entries.last().map(|e| e.id.clone()), "and it is selected");
     h.get_by_label_contains("#000002 Base");
     // The compare view opens on the latest refine pair.
     assert!(h.state().compare_pair.is_none());

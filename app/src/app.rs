@@ -134,6 +134,10 @@ pub enum Action {
     RefineKept,
     Save,
     SaveAs,
+    /// The image in view (selected, the grid's cursor, compare's second) to
+    /// the clipboard, and its parameters as A1111 text.
+    CopyImage,
+    CopyParameters,
     Select(String),
     Restore(String),
     Mark(String, Mark),
@@ -347,6 +351,8 @@ impl StudioApp {
         // Start where the user left off: the newest history item and its prompt.
         if let Some(last) = app.history.entries.last().map(|e| e.id.clone()) {
             app.restore(&last);
+            // Shown and selected: Ctrl+S, Ctrl+C and refine act on it.
+            app.selected = Some(last.clone());
             app.current = Some(last);
         }
         app.engine.load_models(model_config);
@@ -1070,6 +1076,8 @@ impl StudioApp {
                 self.record_prompt();
                 self.save_as();
             }
+            Action::CopyImage => self.copy_image(ctx),
+            Action::CopyParameters => self.copy_parameters(ctx),
             Action::Select(id) => {
                 self.selected = Some(id.clone());
                 self.current = Some(id);
@@ -1449,8 +1457,41 @@ impl StudioApp {
             .collect()
     }
 
+    /// The one image in view: the grid's cursor cell, the compared pair's
+    /// second image (Base unless swapped), else the selected image.
+    pub fn image_in_view(&self) -> Option<String> {
+        let in_view = match self.view {
+            View::Compare => {
+                self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() })
+            }
+            View::Variations => self.variations.get(self.var_cursor).and_then(|c| c.id.clone()),
+            View::Live => None,
+        };
+        in_view.or_else(|| self.selected.clone())
+    }
+
+    fn copy_image(&mut self, ctx: &egui::Context) {
+        let Some(id) = self.image_in_view() else { return self.error("nothing to copy yet") };
+        match self.image_of(&id) {
+            Ok(img) => {
+                let size = [img.width as usize, img.height as usize];
+                ctx.copy_image(egui::ColorImage::from_rgb(size, &img.pixels));
+                self.info(format!("copied #{id} ({}×{}) to the clipboard", img.width, img.height));
+            }
+            Err(e) => self.error(format!("cannot copy #{id}: {}", save::one_line_error(&e))),
+        }
+    }
+
+    fn copy_parameters(&mut self, ctx: &egui::Context) {
+        let Some(e) = self.image_in_view().and_then(|id| self.history.get(&id).cloned()) else {
+            return self.error("nothing to copy yet");
+        };
+        ctx.copy_text(zimage_engine::metadata::a1111_parameters(&e.meta));
+        self.info(format!("copied the parameters of #{} to the clipboard (A1111 text, as in the PNG)", e.id));
+    }
+
     /// What Ctrl+S saves: all kept variations when the grid is shown and has
-    /// any, else the selected image.
+    /// any, every Base image of "All pairs", else the image in view.
     pub fn save_targets(&self) -> Vec<String> {
         if self.view == View::Variations {
             let kept = self.kept_variations();
@@ -1463,14 +1504,7 @@ impl StudioApp {
             let (pairs, ..) = self.shown_pairs();
             return pairs.into_iter().map(|(t, b)| if self.compare.swapped { t } else { b }).collect();
         }
-        let sel = match self.view {
-            View::Compare => {
-                self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() })
-            }
-            View::Variations => self.variations.get(self.var_cursor).and_then(|c| c.id.clone()),
-            View::Live => None,
-        };
-        sel.or_else(|| self.selected.clone()).into_iter().collect()
+        self.image_in_view().into_iter().collect()
     }
 
     fn image_of(&self, id: &str) -> anyhow::Result<Arc<RgbImage>> {

@@ -285,12 +285,18 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     }
 
     ui.separator();
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         if ui.button("Save (Ctrl+S)").clicked() {
             actions.push(Action::Save);
         }
         if ui.button("Save as…").clicked() {
             actions.push(Action::SaveAs);
+        }
+        if ui.button("Copy image").on_hover_text("The image in view to the clipboard (Ctrl+C outside the prompt)").clicked() {
+            actions.push(Action::CopyImage);
+        }
+        if ui.button("Copy parameters").on_hover_text("Its prompt and settings as A1111 text, as stored in the PNG").clicked() {
+            actions.push(Action::CopyParameters);
         }
     });
     ui.weak(format!("to {}", app.output_dir().display()));

@@ -17,6 +17,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+Shift+Enter", "refine all kept variations with Base"),
     ("Ctrl+S", "save the selected image (all kept ones in the grid)"),
     ("Ctrl+Shift+S", "save as…"),
+    ("Ctrl+C", "copy the image in view (outside the prompt box)"),
     ("Ctrl+,", "settings (models, save folder)"),
     ("1 / 2 / 3", "Live / Variations / Compare view"),
     ("arrows", "move in the variations grid"),
@@ -87,6 +88,10 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
     recall_prompt(app, ctx, actions);
     if ctx.egui_wants_keyboard_input() {
         return;
+    }
+    // Ctrl+C arrives as a Copy event; in a text field it copies the text.
+    if ctx.input(|i| i.events.iter().any(|e| matches!(e, egui::Event::Copy))) {
+        actions.push(Action::CopyImage);
     }
     // Walk the key presses in order: several can arrive in one frame (fast
     // typists, xdotool), and "K, Right, X" must mark two different cells.
