@@ -264,7 +264,7 @@ fn one_refine_of_several_can_be_dropped() {
         v.sort();
         v
     };
-    h.get_by_label("Refine queue (2)").click();
+    h.get_by_label_contains("Refine queue (2)").click();
     h.step();
     h.get_by_label_contains("· queued");
     // Drop the queued one (the second line); the running one goes on.

@@ -1003,6 +1003,19 @@ impl StudioApp {
     }
 
     /// Base steps the refine will run and what it will cost.
+    /// The time the pending refines still need, from the measured time per
+    /// Base step; `None` before the first Base image.
+    pub fn refines_left(&self) -> Option<Duration> {
+        let per_step = *self.per_step.get(&ModelSlot::Base)?;
+        let steps: usize = self
+            .jobs
+            .values()
+            .filter(|j| j.kind == JobKind::Refine)
+            .map(|j| state::steps_left(&j.request, j.progress.0))
+            .sum();
+        Some(per_step * steps as u32)
+    }
+
     pub fn refine_cost(&self) -> (usize, String) {
         let steps = self.settings.base_steps;
         let run = match self.settings.refine_mode {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zimage_engine::metadata::GenerationMetadata;
+use zimage_engine::pipeline::GenerateRequest;
 use zimage_engine::scheduler::Schedule;
 
 /// How the seed changes when the user asks for a new image (Generate,
@@ -326,6 +327,13 @@ pub fn pair_grid_columns(n: usize, width: f32, height: f32, aspect: f32) -> usiz
         }
     }
     best
+}
+
+/// Sampler steps a job still has to run after `done`: an img2img job runs
+/// only the steps after its strength's start.
+pub fn steps_left(request: &GenerateRequest, done: usize) -> usize {
+    let start = request.init.as_ref().map_or(0, |_| Schedule::img2img_start(request.steps, request.strength));
+    (request.steps - start.min(request.steps)).saturating_sub(done)
 }
 
 /// Which history entries the history panel lists.
@@ -710,6 +718,19 @@ mod tests {
         }
         assert_eq!(m, CompareMode::SideBySide);
         assert!(CompareMode::ALL.iter().all(|x| seen.contains(x)));
+    }
+
+    #[test]
+    fn steps_left_count_only_what_the_sampler_runs() {
+        let mut r = GenerateRequest::new("x", zimage_engine::pipeline::ModelKind::Base);
+        r.steps = 50;
+        assert_eq!(steps_left(&r, 0), 50);
+        assert_eq!(steps_left(&r, 20), 30);
+        assert_eq!(steps_left(&r, 99), 0);
+        r.init = Some(zimage_engine::preview::RgbImage { width: 16, height: 16, pixels: vec![0; 16 * 16 * 3] });
+        r.strength = 0.6;
+        assert_eq!(steps_left(&r, 0), 30, "strength 0.6 of 50 steps runs 30");
+        assert_eq!(steps_left(&r, 10), 20);
     }
 
     #[test]

@@ -255,7 +255,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         .collect();
     refines.sort();
     if refines.len() > 1 {
-        egui::CollapsingHeader::new(format!("Refine queue ({})", refines.len())).show(ui, |ui| {
+        let left = app.refines_left().map_or(String::new(), |d| format!(" · about {} left", state::human_duration(d)));
+        let header = egui::CollapsingHeader::new(format!("Refine queue ({}){left}", refines.len()));
+        // The id stays while the label counts down, so the list stays open.
+        header.id_salt("refine queue").show(ui, |ui| {
             for (id, line) in refines {
                 ui.horizontal(|ui| {
                     ui.label(line);
