@@ -118,6 +118,49 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     h.get_by_label_contains("Live: done in");
 }
 
+/// In the Live view, outside the prompt box, ↑ / ↓ step through the history
+/// (each image shown with its parameters restored) and K marks the image shown.
+#[test]
+fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    for more in [" in snow", " at night"] {
+        type_text(&mut h, more);
+        wait_until(&mut h, "the live image", |a| live_done(a) && a.history.entries.last().is_some_and(|e| e.meta.prompt.ends_with(more)));
+    }
+    let ids: Vec<String> = h.state().history.entries.iter().rev().map(|e| e.id.clone()).collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    h.key_press(Key::Escape);
+    h.step();
+    let prompt_of = |h: &Harness<'static, StudioApp>, id: &str| h.state().history.get(id).unwrap().meta.prompt.clone();
+    h.key_press(Key::ArrowDown);
+    h.step();
+    assert_eq!(h.state().current.as_deref(), Some(ids[1].as_str()), "one older");
+    assert_eq!(h.state().prompt, prompt_of(&h, &ids[1]), "its parameters restored");
+    assert_eq!(h.state().live_job, None, "scrubbing renders nothing");
+    // Two presses in one frame move two entries.
+    h.key_press(Key::ArrowDown);
+    h.key_press(Key::ArrowDown);
+    h.step();
+    assert_eq!(h.state().current.as_deref(), Some(ids[3.min(ids.len() - 1)].as_str()));
+    for _ in 0..ids.len() {
+        h.key_press(Key::ArrowUp);
+    }
+    h.step();
+    assert_eq!(h.state().current.as_deref(), Some(ids[0].as_str()), "back to the newest, and no further");
+    h.key_press(Key::ArrowDown);
+    h.key_press(Key::K);
+    h.step();
+    assert_eq!(h.state().history.get(&ids[1]).unwrap().mark, Mark::Kept, "K keeps the image shown");
+    // With the Kept filter, the arrows step through the kept images only.
+    h.get_by_label("Kept").click();
+    h.step();
+    h.key_press(Key::ArrowUp);
+    h.step();
+    assert_eq!(h.state().current.as_deref(), Some(ids[1].as_str()));
+}
+
 /// Ctrl+C outside the prompt copies the image in view; "Copy parameters"
 /// copies its A1111 text; inside the prompt Ctrl+C stays a text copy.
 #[test]

@@ -253,6 +253,8 @@ pub struct StudioApp {
     loading: HashSet<String>,
     pub metrics: Metrics,
     pub focus_prompt: bool,
+    /// The history panel scrolls to the selected entry (moved by the keyboard).
+    pub reveal_selected: bool,
     /// The prompt box's widget id (known after the first frame).
     pub prompt_id: Option<egui::Id>,
     /// Give the prompt its focus back when the open overlay closes.
@@ -340,6 +342,7 @@ impl StudioApp {
             loading: HashSet::new(),
             metrics: Metrics::default(),
             focus_prompt: true,
+            reveal_selected: false,
             prompt_id: None,
             refocus_after_overlay: false,
             frame_start: None,
@@ -1468,6 +1471,13 @@ impl StudioApp {
             .filter_map(|c| c.id.clone())
             .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
             .collect()
+    }
+
+    /// The history entries the history panel lists, newest first (its filter applied).
+    pub fn listed_history(&self) -> Vec<String> {
+        let filter = self.history_filter;
+        let shown = |e: &&crate::history::HistoryEntry| filter.shows(e.slot == ModelSlot::Base, e.mark);
+        self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
     }
 
     /// The one image in view: the grid's cursor cell, the compared pair's

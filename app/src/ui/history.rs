@@ -5,21 +5,13 @@
 use egui::{Color32, Sense};
 
 use crate::app::{Action, StudioApp};
-use crate::engine_bridge::ModelSlot;
 use crate::state::{HistoryFilter, Mark};
 
 const THUMB: f32 = 56.0;
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let filter = app.history_filter;
-    let ids: Vec<String> = app
-        .history
-        .entries
-        .iter()
-        .rev()
-        .filter(|e| filter.shows(e.slot == ModelSlot::Base, e.mark))
-        .map(|e| e.id.clone())
-        .collect();
+    let ids = app.listed_history();
     ui.horizontal(|ui| {
         ui.strong("History");
         let total = app.history.entries.len();
@@ -38,7 +30,14 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             _ => "Nothing kept yet: K keeps a variation, S stars it.",
         });
     }
-    egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
+    let mut scroll = egui::ScrollArea::vertical().auto_shrink([false, false]);
+    if std::mem::take(&mut app.reveal_selected) {
+        // Rows are drawn only when visible: scroll by row, two rows above it.
+        let at = app.selected.as_ref().and_then(|s| ids.iter().position(|i| i == s)).unwrap_or(0);
+        let row = THUMB + 6.0 + ui.spacing().item_spacing.y;
+        scroll = scroll.vertical_scroll_offset((at as f32 - 2.0).max(0.0) * row);
+    }
+    scroll.show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
         for id in &ids[range] {
             let Some(e) = app.history.get(id).cloned() else { continue };
             app.request_image(ui.ctx(), id);

@@ -21,7 +21,8 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+,", "settings (models, save folder)"),
     ("1 / 2 / 3", "Live / Variations / Compare view"),
     ("arrows", "move in the variations grid"),
-    ("K / X / S", "keep / reject / star the variation"),
+    ("↑ / ↓", "Live view: the newer / older image of the history, with its parameters"),
+    ("K / X / S", "keep / reject / star the variation (in Live: the image shown)"),
     ("Enter", "open the variation in the Live view"),
     ("C", "compare: swap sides"),
     ("← / →", "compare: previous / next refine pair"),
@@ -116,9 +117,44 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
             _ => match app.view {
                 View::Compare => compare_key(app, key),
                 View::Variations => variations_key(app, key, actions),
-                View::Live => {}
+                View::Live => live_key(app, key, actions),
             },
         }
+    }
+}
+
+/// Live view, outside the prompt box: ↑ / ↓ step to the newer / older image
+/// of the history as listed (scrubbing back through the live images, each
+/// shown with its parameters restored); K / X / S keep, reject or star the
+/// image shown.
+fn live_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
+    match key {
+        Key::ArrowUp | Key::ArrowDown => {
+            let listed = app.listed_history();
+            let at = app.selected.as_ref().and_then(|s| listed.iter().position(|i| i == s));
+            let to = match (at, key) {
+                (None, _) => 0,
+                (Some(i), Key::ArrowUp) => i.saturating_sub(1),
+                (Some(i), _) => (i + 1).min(listed.len().saturating_sub(1)),
+            };
+            if let Some(id) = listed.get(to) {
+                // Set now too: several presses can arrive in one frame.
+                app.selected = Some(id.clone());
+                app.reveal_selected = true;
+                actions.push(Action::Restore(id.clone()));
+            }
+        }
+        Key::K | Key::X | Key::S => {
+            if let Some(id) = app.selected.clone() {
+                let mark = match key {
+                    Key::K => Mark::Kept,
+                    Key::X => Mark::Rejected,
+                    _ => Mark::Starred,
+                };
+                actions.push(Action::Mark(id, mark));
+            }
+        }
+        _ => {}
     }
 }
 
