@@ -159,6 +159,11 @@ fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
     h.key_press(Key::ArrowUp);
     h.step();
     assert_eq!(h.state().current.as_deref(), Some(ids[1].as_str()));
+    // Without a grid, "Refine kept" refines the kept images of the history.
+    h.get_by_label("Refine 1 kept with Base").click();
+    wait_until(&mut h, "the Base refine", |a| a.history.entries.iter().any(|e| e.parent.as_deref() == Some(ids[1].as_str())));
+    h.step();
+    assert!(h.query_by_label("Refine 1 kept with Base").is_none(), "refined: nothing left to refine");
 }
 
 /// Ctrl+C outside the prompt copies the image in view; "Copy parameters"

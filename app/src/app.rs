@@ -1064,9 +1064,13 @@ impl StudioApp {
                 self.refine_selected();
             }
             Action::RefineKept => {
-                let kept = self.kept_variations();
+                // The grid's kept cells, else the kept Turbo images of the history.
+                let mut kept = self.kept_variations();
                 if kept.is_empty() {
-                    self.error("no kept variations: press K (keep) or S (star) on some first");
+                    kept = self.kept_unrefined();
+                }
+                if kept.is_empty() {
+                    self.error("nothing kept to refine: K keeps a variation or the image shown, S stars it");
                 }
                 let n = kept.len();
                 for id in kept {
@@ -1470,6 +1474,18 @@ impl StudioApp {
             .iter()
             .filter_map(|c| c.id.clone())
             .filter(|id| self.history.get(id).is_some_and(|e| e.mark.is_kept()))
+            .collect()
+    }
+
+    /// Turbo images of the history marked kept or starred that have no Base
+    /// refine yet, oldest first: what "Refine kept" refines without a grid.
+    pub fn kept_unrefined(&self) -> Vec<String> {
+        let refined: HashSet<&str> = self.history.entries.iter().filter_map(|e| e.parent.as_deref()).collect();
+        self.history
+            .entries
+            .iter()
+            .filter(|e| e.slot == ModelSlot::Turbo && e.mark.is_kept() && !refined.contains(e.id.as_str()))
+            .map(|e| e.id.clone())
             .collect()
     }
 

@@ -24,6 +24,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     });
     ui.weak("click: restore · double-click Base: compare · right-click: keep, star");
     ui.separator();
+    if filter == HistoryFilter::Kept {
+        let n = app.kept_unrefined().len();
+        if n > 0 && ui.button(format!("Refine {n} kept with Base")).on_hover_text("The kept Turbo images not refined yet (Ctrl+Shift+Enter)").clicked() {
+            actions.push(Action::RefineKept);
+        }
+    }
     if ids.is_empty() && filter != HistoryFilter::All {
         ui.weak(match filter {
             HistoryFilter::Base => "No Base image yet: refine a Turbo image (Ctrl+Enter).",

@@ -14,7 +14,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
     ("Ctrl+Enter", "refine the selected Turbo image with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
-    ("Ctrl+Shift+Enter", "refine all kept variations with Base"),
+    ("Ctrl+Shift+Enter", "refine all kept variations (no grid: kept history images) with Base"),
     ("Ctrl+S", "save the selected image (all kept ones in the grid)"),
     ("Ctrl+Shift+S", "save as…"),
     ("Ctrl+C", "copy the image in view (outside the prompt box)"),
