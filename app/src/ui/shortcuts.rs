@@ -15,7 +15,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+Enter", "refine the selected Turbo image with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
     ("Ctrl+Shift+Enter", "refine all kept variations (no grid: kept history images) with Base"),
-    ("Ctrl+S", "save the selected image (all kept ones in the grid)"),
+    ("Ctrl+S", "save the image in view (the grid: all kept; All pairs: every Base)"),
     ("Ctrl+Shift+S", "save as…"),
     ("Ctrl+C", "copy the image in view (outside the prompt box)"),
     ("Ctrl+,", "settings (models, save folder)"),
