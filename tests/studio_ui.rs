@@ -114,6 +114,11 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     assert_eq!((entry.meta.width, entry.meta.height), (64, 64));
     assert_eq!(entry.slot, ModelSlot::Turbo);
     assert!(app.images.texture(&entry.id).is_some(), "the image is on screen");
+    // The history panel shows a thumbnail of it, not the image itself.
+    let thumb = format!("thumb:{}", entry.id);
+    h.step();
+    let size = h.state().images.texture(&thumb).map(|t| t.size()).expect("a thumbnail in the history panel");
+    assert_eq!(size, [64, 64], "64² is under the thumbnail size: kept as is");
     // The status line says so, with the time per image.
     h.get_by_label_contains("Live: done in");
 }
@@ -359,6 +364,8 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
     assert!((base.meta.strength.unwrap() - 0.6).abs() < 1e-6, "{:?}", base.meta.strength);
     assert_eq!(base.meta.parent.as_deref(), Some(turbo.as_str()));
     assert!(app.images.texture(&t).is_some() && app.images.texture(&b).is_some(), "both shown");
+    let thumb = app.images.texture(&format!("thumb:{b}")).map(|t| t.size());
+    assert_eq!(thumb, Some([112, 112]), "the history panel shows a 512² image as a 112² thumbnail");
     h.get_by_label_contains("Left: Turbo #");
     // Which knobs differ between the two, under the pair.
     h.get_by_label_contains("img2img strength none → 0.6");

@@ -365,6 +365,7 @@ impl StudioApp {
     /// Runs before drawing each frame: engine events, live scheduling, drops.
     pub fn logic(&mut self, ctx: &egui::Context) {
         self.frame_start = Some((Instant::now(), thread_cpu_time()));
+        self.images.begin_frame();
         for ev in self.engine.poll() {
             self.on_event(ctx, ev);
         }
@@ -971,7 +972,10 @@ impl StudioApp {
 
     /// Makes a history image available in [`Images`]: decoded on the disk
     /// thread, shown from the next frames on.
+    /// Shows history image `id` in this frame: kept in memory, or loaded
+    /// from disk (in the background) when it is not.
     pub fn request_image(&mut self, ctx: &egui::Context, id: &str) {
+        self.images.touch(id);
         if self.images.contains(id) || self.loading.contains(id) {
             return;
         }
@@ -981,6 +985,28 @@ impl StudioApp {
         } else if let Ok(img) = self.history.load_image(&entry) {
             self.images.put(ctx, id, Arc::new(img));
         }
+    }
+
+    /// The key of history image `id`'s thumbnail, shown in this frame: made
+    /// from the image when it is in memory, else loaded and scaled down in
+    /// the background. The history panel shows these, not the images.
+    pub fn request_thumbnail(&mut self, ctx: &egui::Context, id: &str) -> String {
+        let key = format!("thumb:{id}");
+        self.images.touch(&key);
+        if self.images.contains(&key) || self.loading.contains(&key) {
+            return key;
+        }
+        if let Some(full) = self.images.rgb(id) {
+            self.images.put(ctx, &key, Arc::new(crate::images::thumbnail(&full, crate::images::THUMB_SIDE)));
+            return key;
+        }
+        let Some(entry) = self.history.get(id).cloned() else { return key };
+        if self.history.load_thumbnail_in_background(&entry, key.clone(), crate::images::THUMB_SIDE) {
+            self.loading.insert(key.clone());
+        } else if let Ok(img) = self.history.load_image(&entry) {
+            self.images.put(ctx, &key, Arc::new(crate::images::thumbnail(&img, crate::images::THUMB_SIDE)));
+        }
+        key
     }
 
     pub fn info(&mut self, text: impl Into<String>) {

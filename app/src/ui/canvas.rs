@@ -18,6 +18,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     } else {
         app.current.clone()
     };
+    match key.as_deref() {
+        // A history image: reloaded from disk if it left memory.
+        Some(k) if app.history.get(k).is_some() => app.request_image(ui.ctx(), k),
+        Some(k) => app.images.touch(k),
+        None => {}
+    }
     let tex = key.as_deref().and_then(|k| app.images.texture(k)).map(|t| (t.id(), t.size_vec2()));
     let previewing = app.live_preview || refining.is_some();
     let size = tex.map(|(_, s)| s).filter(|_| !previewing).unwrap_or(egui::vec2(w, h));

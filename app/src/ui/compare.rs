@@ -189,6 +189,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         }
         CompareMode::Difference => {
             let key = format!("diff:{turbo}:{base}");
+            app.images.touch(&key);
             if !app.images.contains(&key) {
                 if let (Some(a), Some(b)) = (app.images.rgb(&turbo), app.images.rgb(&base)) {
                     if (a.width, a.height) == (b.width, b.height) {

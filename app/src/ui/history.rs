@@ -46,12 +46,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     scroll.show_rows(ui, THUMB + 6.0, ids.len(), |ui, range| {
         for id in &ids[range] {
             let Some(e) = app.history.get(id).cloned() else { continue };
-            app.request_image(ui.ctx(), id);
+            let thumb = app.request_thumbnail(ui.ctx(), id);
             let selected = app.selected.as_deref() == Some(id.as_str());
             let r = ui
                 .horizontal(|ui| {
                     let (rect, _) = ui.allocate_exact_size(egui::vec2(THUMB, THUMB), Sense::hover());
-                    match app.images.texture(id) {
+                    match app.images.texture(&thumb) {
                         Some(t) => {
                             ui.painter().image(t.id(), rect, egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)), Color32::WHITE);
                         }

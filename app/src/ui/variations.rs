@@ -45,6 +45,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         let slot = Rect::from_min_size(min, cell).shrink(4.0);
         let response = ui.interact(slot, ui.scope_id().with(("var", c.job)), Sense::click());
         let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job));
+        match &c.id {
+            Some(id) => app.request_image(ui.ctx(), id),
+            None => app.images.touch(&key),
+        }
         let rect = super::fit_rect(slot.shrink(2.0), egui::vec2(w, h));
         let painter = ui.painter_at(slot);
         match app.images.texture(&key) {
