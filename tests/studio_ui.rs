@@ -123,6 +123,21 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     h.get_by_label_contains("Live: done in");
 }
 
+/// Under the prompt: its length in tokens, and a warning past the 512 the model reads.
+#[test]
+fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    h.get_by_label_contains(" / 512 tokens");
+    assert!(h.query_by_label_contains("the end of the prompt is cut").is_none());
+    type_text(&mut h, &" in deep snow".repeat(200));
+    wait_until(&mut h, "the long prompt's image", |a| live_done(a) && a.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == a.prompt));
+    let (_, tokens) = h.state().prompt_tokens.clone().unwrap();
+    assert!(tokens > 512, "{tokens}");
+    h.get_by_label_contains(&format!("{tokens} tokens: the model reads the first 512; the end of the prompt is cut"));
+}
+
 /// In the Live view, outside the prompt box, ↑ / ↓ step through the history
 /// (each image shown with its parameters restored) and K marks the image shown.
 #[test]

@@ -207,6 +207,8 @@ pub struct StudioApp {
     pub selected: Option<String>,
     /// Which entries the history panel lists.
     pub history_filter: state::HistoryFilter,
+    /// A prompt and its length in tokens, as the engine counted it.
+    pub prompt_tokens: Option<(String, usize)>,
     pub live_preview: bool,
     pub refine_job: Option<JobId>,
     pub compare: CompareState,
@@ -307,6 +309,7 @@ impl StudioApp {
             current: None,
             selected: None,
             history_filter: state::HistoryFilter::All,
+            prompt_tokens: None,
             live_preview: false,
             refine_job: None,
             compare: CompareState::default(),
@@ -753,6 +756,11 @@ impl StudioApp {
                     if job.kind == JobKind::Live && self.live_job == Some(id) {
                         self.live_status = LiveStatus::Rendering { done: 0, total: job.request.steps };
                     }
+                }
+            }
+            Event::PromptTokens { id, tokens } => {
+                if let Some(prompt) = self.jobs.get(&id).and_then(|j| j.request.prompts.first()) {
+                    self.prompt_tokens = Some((prompt.clone(), tokens));
                 }
             }
             Event::Paused { id } => {

@@ -49,7 +49,7 @@ use zimage_engine::pipeline::{
 use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::{PullOptions, PullProgress};
 use zimage_engine::scheduler::Schedule;
-use zimage_engine::text::TextEncoder;
+use zimage_engine::text::{PromptTokenizer, TextEncoder};
 use zimage_engine::EngineError;
 
 pub type JobId = u64;
@@ -174,6 +174,12 @@ pub enum Event {
     /// can render; it resumes where it stopped (with `Started`).
     Paused {
         id: JobId,
+    },
+    /// How many tokens the job's prompt is, chat template included (the
+    /// model reads the first 512), sent before its first step.
+    PromptTokens {
+        id: JobId,
+        tokens: usize,
     },
     /// After each sampler step; `preview` is the x0 estimate at latent resolution.
     Progress {
@@ -508,6 +514,9 @@ struct Encoder<B: Backend> {
     key: String,
     /// `None` while released (the lowest memory plan).
     text: Option<Arc<TextEncoder<B>>>,
+    /// The encoder's tokenizer, kept when the encoder is released: it counts
+    /// every prompt's tokens (the model reads the first 512).
+    tokenizer: Option<PromptTokenizer>,
     params: u64,
 }
 
@@ -734,6 +743,9 @@ impl<B: Backend> Worker<B> {
                     zimage_engine::pipeline::check_working_memory(req, need, available).map_err(engine_err)?;
                 }
                 let (cond, cached) = self.conditioning(spec.slot, req)?;
+                if let Some(tokens) = req.prompts.first().and_then(|p| self.prompt_tokens(spec.slot, p)) {
+                    self.out.emit(Event::PromptTokens { id, tokens });
+                }
                 JobRun { cond, cached, paused: None, elapsed: Duration::ZERO, sampling: Duration::ZERO }
             }
         };
@@ -826,6 +838,16 @@ impl<B: Backend> Worker<B> {
             Vec::new()
         };
         Ok((Conditioning { positive: features, negative }, all_cached))
+    }
+
+    /// The tokens `prompt` costs with the chat template (before the 512-token
+    /// cut), from the tokenizer of `slot`'s text encoder once it was loaded.
+    fn prompt_tokens(&mut self, slot: ModelSlot, prompt: &str) -> Option<usize> {
+        let encoder = &mut self.encoders[*self.encoder_of.get(&slot)?];
+        if encoder.tokenizer.is_none() {
+            encoder.tokenizer = encoder.text.as_ref().map(|t| t.tokenizer.clone());
+        }
+        encoder.tokenizer.as_ref()?.count(prompt).ok()
     }
 
     /// Loads a released text encoder; under the lowest plan every DiT is
@@ -1072,6 +1094,7 @@ impl<B: Backend> Worker<B> {
                     key: text_files_key(&files),
                     files: files.clone(),
                     text: None,
+                    tokenizer: None,
                     params: plan.text_encoder_params,
                 });
                 self.encoders.len() - 1

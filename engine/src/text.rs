@@ -35,6 +35,7 @@ fn check_length(prompt: &str) -> Result<()> {
 }
 
 /// The model's tokenizer (`tokenizer/tokenizer.json`).
+#[derive(Clone)]
 pub struct PromptTokenizer {
     inner: tokenizers::Tokenizer,
 }

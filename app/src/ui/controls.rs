@@ -37,6 +37,18 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         app.prompt_history.edited();
         edited = true;
     }
+    // The prompt's length in tokens, once the engine counted this text.
+    if let Some(tokens) = app.prompt_tokens.as_ref().filter(|(p, _)| *p == app.prompt).map(|(_, n)| *n) {
+        let max = zimage_engine::text::MAX_TOKENS;
+        if tokens > max {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("{tokens} tokens: the model reads the first {max}; the end of the prompt is cut"),
+            );
+        } else {
+            ui.weak(format!("{tokens} / {max} tokens")).on_hover_text("With the chat template; the model reads at most 512");
+        }
+    }
 
     ui.horizontal_wrapped(|ui| {
         if ui.checkbox(&mut app.settings.live, "Live").on_hover_text("Regenerate with Turbo as you type").changed() {
