@@ -841,11 +841,15 @@ impl<B: Backend> Worker<B> {
     }
 
     /// The tokens `prompt` costs with the chat template (before the 512-token
-    /// cut), from the tokenizer of `slot`'s text encoder once it was loaded.
+    /// cut), from the tokenizer of `slot`'s text encoder (read from its file
+    /// while the encoder is released).
     fn prompt_tokens(&mut self, slot: ModelSlot, prompt: &str) -> Option<usize> {
         let encoder = &mut self.encoders[*self.encoder_of.get(&slot)?];
         if encoder.tokenizer.is_none() {
-            encoder.tokenizer = encoder.text.as_ref().map(|t| t.tokenizer.clone());
+            encoder.tokenizer = match &encoder.text {
+                Some(text) => Some(text.tokenizer.clone()),
+                None => PromptTokenizer::from_file(&encoder.files.tokenizer).ok(),
+            };
         }
         encoder.tokenizer.as_ref()?.count(prompt).ok()
     }
@@ -1960,6 +1964,29 @@ mod tests {
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
         let m = evs.iter().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None });
         (h, m.expect("memory report"))
+    }
+
+    #[test]
+    fn every_job_reports_its_prompt_length_in_tokens_in_every_plan() {
+        for plan in [MemoryPlan::KeepAll, MemoryPlan::Lowest] {
+            let (mut h, _) = engine_with(plan);
+            let short = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a cat", ModelKind::Turbo) });
+            let long = h.submit(JobSpec {
+                kind: JobKind::Refine,
+                slot: ModelSlot::Base,
+                request: request(&"a cat on a mat ".repeat(100), ModelKind::Base),
+            });
+            let evs = collect(&mut h, |e| finished(e, short) && finished(e, long));
+            let tokens = |id: JobId| {
+                evs.iter().find_map(|e| match e {
+                    Event::PromptTokens { id: i, tokens } if *i == id => Some(*tokens),
+                    _ => None,
+                })
+            };
+            let (short, long) = (tokens(short).expect("counted"), tokens(long).expect("counted"));
+            assert!(short > 2 && short < 40, "{plan:?}: {short}");
+            assert!(long > 512, "{plan:?}: {long} (past the 512 the model reads)");
+        }
     }
 
     #[test]
