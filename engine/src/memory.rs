@@ -46,10 +46,16 @@ impl MemoryPlan {
     pub fn explanation(self) -> &'static str {
         match self {
             MemoryPlan::Auto => "picks one of the plans below from the device's memory and the models' sizes",
-            MemoryPlan::KeepAll => "Turbo, Base, text encoder and VAE all resident: fastest, needs the most memory",
-            MemoryPlan::OneDitAtATime => "the idle DiT is dropped and reloaded when a job needs it",
+            MemoryPlan::KeepAll => {
+                "Turbo, Base, text encoder and VAE all resident: fastest (a live image pauses a running Base refine), \
+                 needs the most memory"
+            }
+            MemoryPlan::OneDitAtATime => {
+                "the idle DiT is dropped and reloaded when a job needs it (a live image waits for a running Base refine)"
+            }
             MemoryPlan::Lowest => {
-                "one DiT; the text encoder is loaded only to encode a new prompt, then dropped (repeated prompts come from a cache)"
+                "one DiT; the text encoder is loaded only to encode a new prompt, then dropped (repeated prompts come from a \
+                 cache; a live image waits for a running refine)"
             }
         }
     }
