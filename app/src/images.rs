@@ -103,13 +103,10 @@ impl Images {
             }
         }
         self.bytes += bytes_of(&img);
-        match self.rgb.insert(key.to_string(), img) {
-            Some(previous) => {
-                self.bytes -= bytes_of(&previous);
-                // Used again: evicted last.
-                self.order.retain(|k| k != key);
-            }
-            None => {}
+        if let Some(previous) = self.rgb.insert(key.to_string(), img) {
+            self.bytes -= bytes_of(&previous);
+            // Used again: evicted last.
+            self.order.retain(|k| k != key);
         }
         self.order.push_back(key.to_string());
         while self.order.len() > CAPACITY || self.bytes > self.budget {
