@@ -60,17 +60,19 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                         }
                     }
                     ui.vertical(|ui| {
+                        // First, so that a narrow panel's "…" never hides it.
                         let mark = match e.mark {
-                            Mark::Kept => " [kept]",
-                            Mark::Starred => " [star]",
-                            Mark::Rejected => " [rejected]",
+                            Mark::Kept => "[kept] ",
+                            Mark::Starred => "[star] ",
+                            Mark::Rejected => "[rejected] ",
                             Mark::None => "",
                         };
-                        ui.label(format!("#{} {} · {}{mark}", e.id, e.slot.label(), e.meta.seed));
-                        let prompt: String = e.meta.prompt.chars().take(40).collect();
-                        ui.weak(prompt);
+                        // One line each, cut with "…": every row is the thumbnail's
+                        // height, as the list's row-by-row scrolling assumes.
+                        ui.add(egui::Label::new(format!("{mark}#{} {} · {}", e.id, e.slot.label(), e.meta.seed)).truncate());
+                        ui.add(egui::Label::new(egui::RichText::new(&e.meta.prompt).weak()).truncate());
                         if let Some(p) = &e.parent {
-                            ui.weak(format!("refined from #{p}"));
+                            ui.add(egui::Label::new(egui::RichText::new(format!("refined from #{p}")).weak()).truncate());
                         }
                     });
                 })
