@@ -1071,7 +1071,7 @@ fn settings_show_the_memory_plan_in_force_and_change_it() {
     h.get_by_role_and_label(Role::ComboBox, "Memory plan").click();
     h.step();
     h.step();
-    h.get_by_label_contains("Lowest memory: ").click();
+    h.get_by_label("Lowest memory").click();
     h.step();
     wait_until(&mut h, "the lowest plan", |a| a.memory.as_ref().is_some_and(|m| m.plan == MemoryPlan::Lowest));
     assert_eq!(h.state().settings.memory_plan, MemoryPlan::Lowest);

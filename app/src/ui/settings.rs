@@ -93,9 +93,11 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             let l = ui.label("Memory plan");
             let current = app.settings.memory_plan;
             egui::ComboBox::from_id_salt("memory_plan").selected_text(current.label()).show_ui(ui, |ui| {
+                // Names only: the explanations are longer than a window is wide
+                // (each on hover; the chosen one's is shown, wrapped, below).
                 for plan in MemoryPlan::ALL {
-                    let text = format!("{}: {}", plan.label(), plan.explanation());
-                    if ui.add(egui::Button::selectable(current == plan, text)).clicked() && current != plan {
+                    let item = ui.add(egui::Button::selectable(current == plan, plan.label())).on_hover_text(plan.explanation());
+                    if item.clicked() && current != plan {
                         app.settings.memory_plan = plan;
                         actions.push(Action::LorasChanged);
                     }
