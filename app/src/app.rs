@@ -138,6 +138,8 @@ pub enum Action {
     /// the clipboard, and its parameters as A1111 text.
     CopyImage,
     CopyParameters,
+    /// The save folder in the system's file manager.
+    OpenOutputFolder,
     Select(String),
     Restore(String),
     Mark(String, Mark),
@@ -1132,6 +1134,12 @@ impl StudioApp {
             }
             Action::CopyImage => self.copy_image(ctx),
             Action::CopyParameters => self.copy_parameters(ctx),
+            Action::OpenOutputFolder => {
+                let dir = self.output_dir();
+                if let Err(e) = save::open_folder(&dir) {
+                    self.error(format!("cannot open the save folder: {}", save::one_line_error(&e)));
+                }
+            }
             Action::Select(id) => {
                 self.selected = Some(id.clone());
                 self.current = Some(id);

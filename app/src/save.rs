@@ -33,6 +33,50 @@ pub fn save_to(path: &Path, image: &RgbImage, meta: &GenerationMetadata) -> Resu
     Ok(())
 }
 
+/// Opens `dir` (created if missing) in the system's file manager:
+/// `$ZIMAGE_OPEN_FOLDER` when set (a program given the folder), else
+/// `xdg-open` on Linux, `open` on macOS, `explorer` on Windows. Returns at
+/// once: on Linux the opener runs in the background of a shell that exits.
+pub fn open_folder(dir: &Path) -> Result<()> {
+    open_folder_with(dir, std::env::var_os("ZIMAGE_OPEN_FOLDER").map(PathBuf::from))
+}
+
+/// [`open_folder`] with the opener given (`None`: the platform's).
+pub fn open_folder_with(dir: &Path, opener: Option<PathBuf>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), plain_io(&e)))?;
+    let mut command = match (&opener, cfg!(target_os = "linux")) {
+        (Some(program), _) => {
+            let mut c = std::process::Command::new(program);
+            c.arg(dir);
+            c
+        }
+        (None, true) => {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", "command -v xdg-open >/dev/null || exit 127; xdg-open \"$1\" >/dev/null 2>&1 &", "sh"]).arg(dir);
+            c
+        }
+        (None, false) => {
+            let mut c = std::process::Command::new(if cfg!(target_os = "macos") { "open" } else { "explorer" });
+            c.arg(dir);
+            c
+        }
+    };
+    let name = opener.as_deref().map_or_else(|| "xdg-open".to_string(), |p| p.display().to_string());
+    let status = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| anyhow::anyhow!("could not run {name}: {}", plain_io(&e)))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // explorer.exe exits with 1 even when it opened the folder.
+        Some(1) if cfg!(windows) => Ok(()),
+        Some(127) => Err(anyhow::anyhow!("{name} is not installed; the folder is {}", dir.display())),
+        _ => Err(anyhow::anyhow!("{name} could not open {} ({status})", dir.display())),
+    }
+}
+
 fn plain_io(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::PermissionDenied => "permission denied".into(),
@@ -70,6 +114,21 @@ mod tests {
         assert_ne!(a, b);
         assert!(b.file_name().unwrap().to_string_lossy().ends_with("-2.png"));
         assert_eq!(metadata::read_png_metadata_file(&a).unwrap(), meta);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn open_folder_runs_the_opener_on_the_folder_and_says_when_it_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("new").join("outputs");
+        // `ls DIR` succeeds only for an existing folder: it was created and passed.
+        open_folder_with(&target, Some("ls".into())).unwrap();
+        assert!(target.is_dir(), "created first");
+        let err = open_folder_with(&target, Some("/no/such/opener".into())).unwrap_err();
+        let line = one_line_error(&err);
+        assert!(line.starts_with("could not run /no/such/opener:") && !line.contains('\n'), "{line}");
+        let line = one_line_error(&open_folder_with(&target, Some("false".into())).unwrap_err());
+        assert!(line.starts_with("false could not open") && line.contains("outputs"), "{line}");
     }
 
     #[test]

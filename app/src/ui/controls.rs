@@ -314,7 +314,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             actions.push(Action::CopyParameters);
         }
     });
-    ui.weak(format!("to {}", app.output_dir().display()));
+    ui.horizontal_wrapped(|ui| {
+        ui.weak(format!("to {}", app.output_dir().display()));
+        if ui.small_button("Open folder").on_hover_text("Show the save folder in the file manager").clicked() {
+            actions.push(Action::OpenOutputFolder);
+        }
+    });
 
     if edited {
         actions.push(Action::Edited);
