@@ -1,6 +1,6 @@
-//! How long a live image waits while a Base refine runs, with the refine
-//! paused for it (the default: both models resident) and without (one DiT at
-//! a time, where pausing would swap the models, and every plan before the
+//! How long a live image waits while a Base refine runs, in each memory
+//! plan: paused for it (both models resident), paused by swapping the models
+//! (one DiT at a time), or not (the lowest plan, and every plan before the
 //! pause existed); written up in docs/app-latency.md.
 //!
 //!   cargo run --release -p zimage-studio --example refine_pause -- [TURBO BASE] [SIZE] [BASE_STEPS]
@@ -46,7 +46,7 @@ fn main() {
     println!("models: {turbo}, {base}; {size}×{size}, same-seed Base refine of {base_steps} steps");
     println!("| memory plan | refine steps done at the key | key → live image on screen | refine, start to image (wall) |");
     println!("|---|---|---|---|");
-    for plan in [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime] {
+    for plan in [MemoryPlan::KeepAll, MemoryPlan::OneDitAtATime, MemoryPlan::Lowest] {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = Settings {
             width: size,

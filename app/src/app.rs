@@ -665,16 +665,18 @@ impl StudioApp {
             .find(|j| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
         let what = if running.kind == JobKind::Refine { "Base refine" } else { "variation" };
         let (done, total) = running.progress;
-        // The engine pauses it when the live job's model and text encoder are resident.
+        // The engine pauses it when the live job's model and text encoder are
+        // resident, or, the model parked (one DiT at a time), when swapping
+        // the models is quicker than the rest of the job.
         let label = live.slot.label();
-        let pauses = self
-            .memory
-            .as_ref()
-            .is_some_and(|m| m.released.is_empty() && !m.parked.iter().any(|p| p.starts_with(label)));
-        Some(if pauses {
-            format!("live starts after this {what} step ({done}/{total}); the {what} then pauses")
-        } else {
-            format!("live waits for the running {what} ({done}/{total}; Cancel stops it)")
+        let encoder = self.memory.as_ref().is_some_and(|m| m.released.is_empty());
+        let parked = self.memory.as_ref().is_some_and(|m| m.parked.iter().any(|p| p.starts_with(label)));
+        Some(match (encoder, parked) {
+            (true, false) => format!("live starts after this {what} step ({done}/{total}); the {what} then pauses"),
+            (true, true) => format!(
+                "live waits for the {what} ({done}/{total}) unless swapping the models is quicker; Cancel stops it"
+            ),
+            (false, _) => format!("live waits for the running {what} ({done}/{total}; Cancel stops it)"),
         })
     }
 

@@ -584,6 +584,9 @@ struct Worker<B: Backend> {
     encoders: Vec<Encoder<B>>,
     /// The refine or variation paused for a live job, resumed before the queue.
     paused: Option<(JobId, JobSpec, JobRun<B>)>,
+    /// How long reloading each parked DiT took, last time (what pausing a
+    /// job for another model's live image costs, twice, under one DiT at a time).
+    unpark_time: HashMap<ModelSlot, Duration>,
     /// Which of `encoders` each model uses.
     encoder_of: HashMap<ModelSlot, usize>,
     /// The plan in force and why.
@@ -617,6 +620,7 @@ impl<B: Backend> Worker<B> {
             plans: HashMap::new(),
             encoders: Vec::new(),
             paused: None,
+            unpark_time: HashMap::new(),
             encoder_of: HashMap::new(),
             plan: ResolvedPlan { plan: MemoryPlan::KeepAll, reason: String::new() },
             sizes: PlanSizes::default(),
@@ -774,17 +778,27 @@ impl<B: Backend> Worker<B> {
         let loras = self.loras.get(&spec.slot).map(|(_, refs)| refs.clone()).unwrap_or_default();
         // A live job that arrives while this one runs pauses it when the live
         // job can run at once: its DiT and text encoder resident, so pausing
-        // costs no model load (under one DiT at a time a Base refine is not
-        // paused for Turbo, which would swap both DiTs twice).
-        let ready = |s: &ModelSlot| {
-            self.models.get(*s).is_some()
-                && self.encoder_of.get(s).is_some_and(|&i| self.encoders[i].text.is_some())
-        };
-        let pausable_for: Vec<ModelSlot> = match spec.kind {
-            JobKind::Live => Vec::new(),
-            JobKind::Refine | JobKind::Variation => [ModelSlot::Turbo, ModelSlot::Base].into_iter().filter(ready).collect(),
-        };
-        let ctx = JobContext { id, spec, start, loras, pausable_for };
+        // costs no model load. Under one DiT at a time, the live job's DiT
+        // parked, pausing swaps the two DiTs and back: worth it only when the
+        // rest of this job takes longer (`swap_for`, from measured reloads).
+        let encoder_ready = |s: &ModelSlot| self.encoder_of.get(s).is_some_and(|&i| self.encoders[i].text.is_some());
+        let mut pausable_for = Vec::new();
+        let mut swap_for = Vec::new();
+        if spec.kind != JobKind::Live {
+            for s in [ModelSlot::Turbo, ModelSlot::Base] {
+                if self.models.get(s).is_some() && encoder_ready(&s) {
+                    pausable_for.push(s);
+                } else if self.parked.contains_key(&s) && encoder_ready(&s) && !self.plan.plan.releases_text_encoder() {
+                    // An unmeasured reload is taken to cost what the other one did.
+                    let known = |x: ModelSlot| self.unpark_time.get(&x).copied();
+                    let (theirs, ours) = (known(s).or(known(spec.slot)), known(spec.slot).or(known(s)));
+                    if let (Some(theirs), Some(ours)) = (theirs, ours) {
+                        swap_for.push((s, theirs + ours));
+                    }
+                }
+            }
+        }
+        let ctx = JobContext { id, spec, start, loras, pausable_for, swap_for };
         if let Some(run) = run_pipeline(pipe, run, ctx, &mut self.queue, &self.out, &self.rx)? {
             self.paused = Some((id, spec.clone(), run));
             self.queue.paused = Some(id);
@@ -1128,8 +1142,10 @@ impl<B: Backend> Worker<B> {
     fn unpark(&mut self, slot: ModelSlot) {
         let Some((files, comps)) = self.parked.remove(&slot) else { return };
         self.out.emit(Event::Model { slot, state: ModelState::Loading { stage: "diffusion transformer (parked)".into() } });
+        let start = Instant::now();
         match loader::load_pipeline_with::<B>(&files, &comps, &self.device, self.dtype, &mut |_, _, _| {}) {
             Ok(pipe) => {
+                self.unpark_time.insert(slot, start.elapsed());
                 let state = ModelState::Ready { name: pipe.name.clone(), default_size: pipe.default_size, default_steps: pipe.default_steps };
                 *self.models.slot_mut(slot) = Some(pipe);
                 self.set_state(slot, state);
@@ -1303,6 +1319,16 @@ struct JobContext<'a> {
     loras: Vec<LoraRef>,
     /// The models whose live jobs pause this one.
     pausable_for: Vec<ModelSlot>,
+    /// The models whose live jobs pause this one when the rest of it takes
+    /// longer than [`swap_is_worth_it`] allows, with the cost of the swap.
+    swap_for: Vec<(ModelSlot, Duration)>,
+}
+
+/// Pausing a job for a live image of the parked model reloads that model and
+/// later this job's: worth it when the job still needs over twice that long
+/// (the live image then waits at most a third of what it would otherwise).
+fn swap_is_worth_it(remaining: Duration, swap: Duration) -> bool {
+    remaining > swap * 2
 }
 
 /// Samples (from the start or on from a pause) and reports the image; a
@@ -1315,20 +1341,29 @@ fn run_pipeline<B: Backend>(
     out: &Emitter,
     rx: &Receiver<Command>,
 ) -> Result<Option<JobRun<B>>, JobEnd> {
-    let JobContext { id, spec, start, loras, pausable_for } = ctx;
+    let JobContext { id, spec, start, loras, pausable_for, swap_for } = ctx;
     let req = &spec.request;
     let running = (id, spec.kind);
     let sample_start = Instant::now();
     let mut steps = 0usize;
+    // Steps done before this stretch (a resumed job reports from where it paused).
+    let mut done_before: Option<usize> = None;
     let mut on_step = |p: &StepProgress| -> StepControl {
         steps = p.done;
+        let before = *done_before.get_or_insert(p.done.saturating_sub(1));
         out.emit(Event::Progress { id, done: p.done, total: p.total, preview: p.previews.first().cloned() });
         let disconnected = drain(rx, queue, out, Some(running));
         if disconnected || queue.cancel_running || queue.shutdown {
             return StepControl::Cancel;
         }
-        let live_can_run = queue.live.as_ref().is_some_and(|(_, live)| pausable_for.contains(&live.slot));
-        if live_can_run && p.done < p.total {
+        let Some(live) = queue.live.as_ref().map(|(_, live)| live.slot).filter(|_| p.done < p.total) else {
+            return StepControl::Continue;
+        };
+        // The time per step of this stretch, for the time the job still needs.
+        let per_step = sample_start.elapsed() / (p.done - before).max(1) as u32;
+        let remaining = per_step * (p.total - p.done) as u32;
+        let swap = swap_for.iter().find(|(s, _)| *s == live).map(|(_, cost)| *cost);
+        if pausable_for.contains(&live) || swap.is_some_and(|cost| swap_is_worth_it(remaining, cost)) {
             StepControl::Pause
         } else {
             StepControl::Continue
@@ -2182,13 +2217,41 @@ mod tests {
     }
 
     #[test]
-    fn one_dit_at_a_time_does_not_pause_a_base_refine_for_turbo() {
+    fn one_dit_at_a_time_swaps_the_models_to_pause_a_long_refine_and_its_image_is_unchanged() {
+        let (mut both, _) = engine();
+        let alone = both.submit(slow_refine());
+        let reference = image_of(&collect(&mut both, |e| finished(e, alone)), alone);
+
         let (mut h, _) = engine_with(MemoryPlan::OneDitAtATime);
         let (mut evs, r, l) = refine_then_live(&mut h, slow_refine(), 8);
         evs.extend(collect(&mut h, |e| finished(e, r) && finished(e, l)));
-        assert!(!evs.iter().any(|e| matches!(e, Event::Paused { .. })), "pausing would swap both DiTs twice: {evs:?}");
+        // The swap (ms on the tiny models) is far cheaper than the rest of the refine.
+        let paused = position(&evs, "pause", |e| matches!(e, Event::Paused { id } if *id == r));
+        let live_done = position(&evs, "live image", |e| matches!(e, Event::Finished { id, .. } if *id == l));
+        assert!(paused < live_done, "{evs:?}");
+        let reloads = |slot| evs.iter().filter(|e| matches!(e, Event::Model { slot: s, state: ModelState::Loading { .. } } if *s == slot)).count();
+        // Base for the refine, Turbo for the live image, Base again to resume.
+        assert_eq!((reloads(ModelSlot::Turbo), reloads(ModelSlot::Base)), (1, 2));
+        assert_eq!(steps_of(&evs, r), (1..=300).collect::<Vec<_>>(), "every step once");
+        assert_eq!(image_of(&evs, r), reference, "parked, reloaded and resumed: the same image");
+    }
+
+    #[test]
+    fn the_lowest_plan_never_pauses_a_refine() {
+        let (mut h, _) = engine_with(MemoryPlan::Lowest);
+        let (mut evs, r, l) = refine_then_live(&mut h, slow_refine(), 8);
+        evs.extend(collect(&mut h, |e| finished(e, r) && finished(e, l)));
+        assert!(!evs.iter().any(|e| matches!(e, Event::Paused { .. })), "the live prompt needs the text encoder: {evs:?}");
         let refine_done = position(&evs, "refine image", |e| matches!(e, Event::Finished { id, .. } if *id == r));
         let live_started = position(&evs, "live start", |e| matches!(e, Event::Started { id } if *id == l));
         assert!(refine_done < live_started, "{evs:?}");
+    }
+
+    #[test]
+    fn a_swap_is_worth_it_when_the_job_still_needs_over_twice_its_time() {
+        let ms = Duration::from_millis;
+        assert!(swap_is_worth_it(ms(40_000), ms(3_000)));
+        assert!(!swap_is_worth_it(ms(5_000), ms(3_000)));
+        assert!(!swap_is_worth_it(ms(6_000), ms(3_000)), "exactly twice: not worth it");
     }
 }

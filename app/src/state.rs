@@ -408,7 +408,7 @@ pub fn parameter_differences(a: &GenerationMetadata, b: &GenerationMetadata) -> 
     let mut out = Vec::new();
     let mut changed = |name: &str, x: String, y: String| {
         if x != y {
-            out.push(format!("{name} {x} → {y}"));
+            out.push(format!("{name} {x} -> {y}"));
         }
     };
     changed("model", a.model.clone(), b.model.clone());
@@ -561,11 +561,11 @@ mod tests {
         assert_eq!(
             parameter_differences(&turbo, &base),
             [
-                "model Z-Image-Turbo → Z-Image",
-                "steps 8 → 50",
-                "guidance 0 → 4",
-                "img2img strength none → 0.6",
-                "shift 3 → 6"
+                "model Z-Image-Turbo -> Z-Image",
+                "steps 8 -> 50",
+                "guidance 0 -> 4",
+                "img2img strength none -> 0.6",
+                "shift 3 -> 6"
             ]
         );
         let other = GenerationMetadata {
@@ -578,7 +578,7 @@ mod tests {
         };
         assert_eq!(
             parameter_differences(&turbo, &other),
-            ["seed 42 → 43", "variety 0 → 0.25", "LoRAs none → ink:0.8", "prompt"],
+            ["seed 42 -> 43", "variety 0 -> 0.25", "LoRAs none -> ink:0.8", "prompt"],
             "the negative prompt does not count without guidance"
         );
     }
@@ -608,7 +608,7 @@ mod tests {
         let secs = |s: f64| Some(Duration::from_secs_f64(s));
         // Half the side is a quarter of the time: half is enough up to 4 s.
         assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(4.0)), Some((512, 512)));
-        // 9 s: a third of the side (341 → 336) is about 1 s.
+        // 9 s: a third of the side (341 -> 336) is about 1 s.
         assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(9.0)), Some((336, 336)));
         // 16 s and above: a quarter, the smallest.
         assert_eq!(draft_size(LiveDraft::Auto, 1024, 1024, secs(16.0)), Some((256, 256)));

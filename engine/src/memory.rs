@@ -51,7 +51,8 @@ impl MemoryPlan {
                  needs the most memory"
             }
             MemoryPlan::OneDitAtATime => {
-                "the idle DiT is dropped and reloaded when a job needs it (a live image waits for a running Base refine)"
+                "the idle DiT is dropped and reloaded when a job needs it (a live image pauses a running Base refine when \
+                 swapping the models is quicker than waiting for it)"
             }
             MemoryPlan::Lowest => {
                 "one DiT; the text encoder is loaded only to encode a new prompt, then dropped (repeated prompts come from a \

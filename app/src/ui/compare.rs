@@ -58,11 +58,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     let at = pairs.iter().position(|p| *p == (turbo.clone(), base.clone()));
     if let (Some(at), true) = (at, pairs.len() > 1) {
         ui.horizontal(|ui| {
-            if ui.add_enabled(at > 0, egui::Button::new("Previous")).on_hover_text("The refine before this one (←)").clicked() {
+            if ui.add_enabled(at > 0, egui::Button::new("Previous")).on_hover_text("The refine before this one (Left arrow key)").clicked() {
                 app.step_compare_pair(-1);
             }
             ui.label(format!("pair {} of {}", at + 1, pairs.len()));
-            if ui.add_enabled(at + 1 < pairs.len(), egui::Button::new("Next")).on_hover_text("The refine after this one (→)").clicked() {
+            if ui.add_enabled(at + 1 < pairs.len(), egui::Button::new("Next")).on_hover_text("The refine after this one (Right arrow key)").clicked() {
                 app.step_compare_pair(1);
             }
         });

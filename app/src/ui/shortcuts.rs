@@ -10,7 +10,7 @@ use crate::state::{Mark, View};
 /// (keys, what) for the help overlay.
 pub const SHORTCUTS: &[(&str, &str)] = &[
     ("type", "live Turbo preview (prompt box has focus at start)"),
-    ("Alt+↑ / Alt+↓", "earlier / later prompts (in the prompt box)"),
+    ("Alt+Up / Alt+Down", "earlier / later prompts (in the prompt box)"),
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
     ("Ctrl+Enter", "refine the selected Turbo image with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
@@ -21,11 +21,11 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+,", "settings (models, save folder)"),
     ("1 / 2 / 3", "Live / Variations / Compare view"),
     ("arrows", "move in the variations grid"),
-    ("↑ / ↓", "Live view: the newer / older image of the history, with its parameters"),
+    ("Up / Down", "Live view: the newer / older image of the history, with its parameters"),
     ("K / X / S", "keep / reject / star the variation (in Live: the image shown)"),
     ("Enter", "open the variation in the Live view"),
     ("C", "compare: swap sides"),
-    ("← / →", "compare: previous / next refine pair"),
+    ("Left / Right", "compare: previous / next refine pair"),
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "compare: zoom / pan both images together"),
