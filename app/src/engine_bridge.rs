@@ -1320,7 +1320,8 @@ struct JobContext<'a> {
     /// The models whose live jobs pause this one.
     pausable_for: Vec<ModelSlot>,
     /// The models whose live jobs pause this one when the rest of it takes
-    /// longer than [`swap_is_worth_it`] allows, with the cost of the swap.
+    /// longer than [`swap_is_worth_it`] allows and this stretch has run as long
+    /// as the swap costs, with the cost of the swap.
     swap_for: Vec<(ModelSlot, Duration)>,
 }
 
@@ -1363,7 +1364,11 @@ fn run_pipeline<B: Backend>(
         let per_step = sample_start.elapsed() / (p.done - before).max(1) as u32;
         let remaining = per_step * (p.total - p.done) as u32;
         let swap = swap_for.iter().find(|(s, _)| *s == live).map(|(_, cost)| *cost);
-        if pausable_for.contains(&live) || swap.is_some_and(|cost| swap_is_worth_it(remaining, cost)) {
+        // And only once this stretch has run as long as a swap costs: typing
+        // in bursts would otherwise spend its pauses reloading models.
+        let ran = sample_start.elapsed();
+        let worth_swapping = swap.is_some_and(|cost| ran >= cost && swap_is_worth_it(remaining, cost));
+        if pausable_for.contains(&live) || worth_swapping {
             StepControl::Pause
         } else {
             StepControl::Continue
