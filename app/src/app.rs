@@ -10,7 +10,6 @@ use zimage_engine::metadata::{self, GenerationMetadata, LoraRef};
 use zimage_engine::pipeline::{GenerateRequest, ModelKind};
 use zimage_engine::preview::RgbImage;
 use zimage_engine::pull::PullOptions;
-use zimage_engine::scheduler::Schedule;
 
 use crate::engine_bridge::{
     BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
@@ -906,7 +905,7 @@ impl StudioApp {
             JobKind::Live => {
                 self.live_ema = Some(state::ema(self.live_ema, elapsed));
                 let r = &job.request;
-                let steps_run = r.steps - r.init.as_ref().map_or(0, |_| Schedule::img2img_start(r.steps, r.strength));
+                let steps_run = state::steps_left(r, 0);
                 let rate = state::live_rate(elapsed, r.width, r.height, steps_run);
                 self.live_rate = Some(self.live_rate.map_or(rate, |prev| 0.7 * prev + 0.3 * rate));
                 let mut upgrade = false;
