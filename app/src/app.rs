@@ -981,43 +981,40 @@ impl StudioApp {
         }
     }
 
-    /// Makes a history image available in [`Images`]: decoded on the disk
-    /// thread, shown from the next frames on.
-    /// Shows history image `id` in this frame: kept in memory, or loaded
-    /// from disk (in the background) when it is not.
+    /// Shows history image `id` in this frame: kept in [`Images`], or decoded
+    /// on the disk thread and shown from the next frames on.
     pub fn request_image(&mut self, ctx: &egui::Context, id: &str) {
-        self.images.touch(id);
-        if self.images.contains(id) || self.loading.contains(id) {
-            return;
-        }
-        let Some(entry) = self.history.get(id).cloned() else { return };
-        if self.history.load_image_in_background(&entry) {
-            self.loading.insert(id.to_string());
-        } else if let Ok(img) = self.history.load_image(&entry) {
-            self.images.put(ctx, id, Arc::new(img));
-        }
+        self.request(ctx, id, id.to_string(), None);
     }
 
     /// The key of history image `id`'s thumbnail, shown in this frame: made
-    /// from the image when it is in memory, else loaded and scaled down in
-    /// the background. The history panel shows these, not the images.
+    /// from the image when it is in memory, else loaded and scaled down on
+    /// the disk thread. The history panel shows these, not the images.
     pub fn request_thumbnail(&mut self, ctx: &egui::Context, id: &str) -> String {
         let key = format!("thumb:{id}");
+        self.request(ctx, id, key.clone(), Some(crate::images::THUMB_SIDE));
+        key
+    }
+
+    /// Keeps `key` (history image `id`, or its thumbnail of `thumb_side`
+    /// pixels) in memory for this frame, loading it when it is not there.
+    fn request(&mut self, ctx: &egui::Context, id: &str, key: String, thumb_side: Option<u32>) {
         self.images.touch(&key);
         if self.images.contains(&key) || self.loading.contains(&key) {
-            return key;
+            return;
         }
-        if let Some(full) = self.images.rgb(id) {
-            self.images.put(ctx, &key, Arc::new(crate::images::thumbnail(&full, crate::images::THUMB_SIDE)));
-            return key;
+        let shrink = |img: &RgbImage| thumb_side.map(|side| crate::images::thumbnail(img, side));
+        if let Some(small) = self.images.rgb(id).and_then(|full| shrink(&full)) {
+            self.images.put(ctx, &key, Arc::new(small));
+            return;
         }
-        let Some(entry) = self.history.get(id).cloned() else { return key };
-        if self.history.load_thumbnail_in_background(&entry, key.clone(), crate::images::THUMB_SIDE) {
-            self.loading.insert(key.clone());
+        let Some(entry) = self.history.get(id).cloned() else { return };
+        if self.history.load_in_background(&entry, key.clone(), thumb_side) {
+            self.loading.insert(key);
         } else if let Ok(img) = self.history.load_image(&entry) {
-            self.images.put(ctx, &key, Arc::new(crate::images::thumbnail(&img, crate::images::THUMB_SIDE)));
+            let img = shrink(&img).unwrap_or(img);
+            self.images.put(ctx, &key, Arc::new(img));
         }
-        key
     }
 
     pub fn info(&mut self, text: impl Into<String>) {

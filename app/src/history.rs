@@ -197,19 +197,10 @@ impl History {
         }))
     }
 
-    /// Decodes an entry's image on the disk thread; arrives as [`IoResult::Loaded`].
-    /// Returns false when there is no disk thread.
-    pub fn load_image_in_background(&self, entry: &HistoryEntry) -> bool {
-        self.load_in_background(entry, entry.id.clone(), None)
-    }
-
-    /// The same for its thumbnail (`thumb_side` pixels on the longer side),
-    /// arriving under `key`: scaled down on the disk thread.
-    pub fn load_thumbnail_in_background(&self, entry: &HistoryEntry, key: String, thumb_side: u32) -> bool {
-        self.load_in_background(entry, key, Some(thumb_side))
-    }
-
-    fn load_in_background(&self, entry: &HistoryEntry, key: String, thumb_side: Option<u32>) -> bool {
+    /// Decodes an entry's image on the disk thread, scaled down to
+    /// `thumb_side` pixels on its longer side when given; arrives as
+    /// [`IoResult::Loaded`] under `key`. Returns false when there is no disk thread.
+    pub fn load_in_background(&self, entry: &HistoryEntry, key: String, thumb_side: Option<u32>) -> bool {
         let Some(io) = &self.io else { return false };
         let path = self.image_path(entry);
         io.run(Box::new(move || match read_rgb(&path) {
