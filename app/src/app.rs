@@ -662,7 +662,7 @@ impl StudioApp {
             .jobs
             .values()
             .find(|j| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
-        let what = if running.kind == JobKind::Refine { "Base refine" } else { "variation" };
+        let what = background_job_name(running.kind);
         let (done, total) = running.progress;
         // The engine pauses it when the live job's model and text encoder are
         // resident, or, the model parked (one DiT at a time), when swapping
@@ -683,7 +683,7 @@ impl StudioApp {
     /// the status bar so that a stopped progress bar does not look stuck.
     pub fn paused_job(&self) -> Option<String> {
         let job = self.jobs.values().find(|j| j.paused)?;
-        let what = if job.kind == JobKind::Refine { "Base refine" } else { "variation" };
+        let what = background_job_name(job.kind);
         Some(format!("{what} paused at {}/{} for the live image; it goes on next", job.progress.0, job.progress.1))
     }
 
@@ -1702,6 +1702,15 @@ pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelCo
 
 /// rfd returns None both on cancel and when no dialog can be shown; tell the
 /// two apart up front (a portal needs a session bus; zenity is the fallback).
+/// What the status bar calls a refine or variation job.
+fn background_job_name(kind: JobKind) -> &'static str {
+    if kind == JobKind::Refine {
+        "Base refine"
+    } else {
+        "variation"
+    }
+}
+
 pub fn file_dialog_available() -> bool {
     if cfg!(not(target_os = "linux")) {
         return true;
