@@ -121,7 +121,10 @@ pub fn random_pipeline<B: Backend>(
 /// The bench text encoder with random weights.
 pub fn random_text_encoder<B: Backend>(model: &BenchModel, device: &B::Device, dtype: DType) -> Result<Arc<TextEncoder<B>>> {
     let mut src = RandomWeights::<B>::new(device, dtype);
-    Ok(Arc::new(TextEncoder { tokenizer: bench_tokenizer()?, model: Qwen3Encoder::build(&model.text, &mut src)? }))
+    let model = Qwen3Encoder::build(&model.text, &mut src)?;
+    // The f32 draws' pages: a checkpoint's weights have none.
+    B::memory_cleanup(device);
+    Ok(Arc::new(TextEncoder { tokenizer: bench_tokenizer()?, model }))
 }
 
 /// DiT and VAE with random weights, no text encoder (it samples from given
@@ -135,6 +138,7 @@ pub fn random_pipeline_without_text<B: Backend>(
     let mut src = RandomWeights::<B>::new(device, dtype);
     let vae = Vae::build(&model.vae, &mut src, false)?;
     let dit = ZImageDit::build(&model.dit, &mut src)?;
+    B::memory_cleanup(device);
     Ok(ZImagePipeline {
         name: format!("{} (random weights)", model.name),
         kind,

@@ -14,10 +14,10 @@
 //!
 //! Measured on an H100 (GPU run 6): a 512² DiT step 174 → 125 ms, a 1024²
 //! block 17.6 → 13.7 ms. On CUDA only the kernels whose results were
-//! checked right on that card run (`Op::verified_on_cuda`: RMSNorm,
-//! RoPE, the bf16 → f32 softmax); the SiLU gate and the softmax writing bf16
-//! were wrong there, though right on wgpu (the tests below): their outputs
-//! had CUDA's padded rows (fixed, see `imp::output`; to be confirmed on a card).
+//! checked right on a card run (`Op::verified_on_cuda`): since GPU run 9
+//! (H200, session 22) that is all of them; the SiLU gate and the softmax
+//! writing bf16 had been wrong on CUDA (runs 6–8) because their outputs had
+//! CUDA's padded rows (fixed in session 13, see `imp::output`).
 //!
 //! Every function returns `None` off CUDA/wgpu (and for shapes it does not
 //! take), and the caller runs the composed ops; `ZIMAGE_GPU_FUSED=0` turns
@@ -156,7 +156,7 @@ pub fn softmax<B: Backend, const D: usize>(scores: &Tensor<B, D>, scale: f64, dt
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     return imp::dispatch::<B, D>(
         vec![imp::prim(scores)],
-        imp::Op::Softmax { n: scores.dims()[D - 1], scale, input: scores.dtype(), dtype },
+        imp::Op::Softmax { n: scores.dims()[D - 1], scale, dtype },
     );
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     None
@@ -263,7 +263,7 @@ mod imp {
         /// Inputs: gate, up.
         SiluMul,
         /// Inputs: scores (in `input`), written in `dtype`.
-        Softmax { n: usize, scale: f64, input: DType, dtype: DType },
+        Softmax { n: usize, scale: f64, dtype: DType },
         /// Inputs: x `[B, C, H, W]`, centres `[B·groups]` (f32).
         GroupSums { groups: usize, squared: bool },
         /// Inputs: x `[B, C, H, W]`, scale and shift `[B·C, 1]` (f32); `plane` = H·W.
@@ -273,25 +273,25 @@ mod imp {
     impl Op {
         /// Whether the kernel's results were right on a CUDA card. GPU runs
         /// 6–8 (H100): RMSNorm and RoPE were (the tiny fixture's image within
-        /// 1 level of the CPU's in f32 with them on); the SiLU gate made that
-        /// image 140 levels off (in all three forms tried: elementwise
-        /// `g / (1 + e^−g)`, the overflow-free `g·σ(g)`, one cube per row),
-        /// though right on the full-size shapes; the softmax was right from
-        /// bf16 scores to f32 weights (1.2·10⁻⁶ off at `[30, 4224, 4224]`) and
-        /// wrong whenever it wrote bf16. All are right on wgpu (the tests
-        /// below). Session 13 found why, from cubecl's source: the outputs
-        /// were allocated in CUDA's padded-row layout (see [`output`]), which
-        /// predicts exactly those cases and no others; they are compact now.
-        /// Until a card confirms it, the two stay off on CUDA
-        /// (`ZIMAGE_GPU_FUSED_CUDA_ALL=1` turns them on: `bench/gpu_check.sh`
-        /// checks them, `bench/gpu.sh` uses them when the tiny image agrees).
+        /// 1 level of the CPU's in f32 with them on); the SiLU gate and the
+        /// softmax writing bf16 were not, though right on wgpu. Session 13
+        /// found why from cubecl's source: their outputs were allocated in
+        /// CUDA's padded-row layout (see [`output`]); they are compact now.
+        /// GPU run 9 (H200) confirmed the fix and the VAE's GroupNorm kernels:
+        /// the tiny image with every kernel on is within 1 level of the CPU's
+        /// in f32, and `bench-ops` finds each within 10⁻² of f32 at the
+        /// full-size shapes. A kernel added later starts as `false` here
+        /// until a card has checked it (`ZIMAGE_GPU_FUSED_CUDA_ALL=1`, used by
+        /// `bench/gpu_check.sh` and `bench/gpu.sh`, turns it on).
         #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
         pub fn verified_on_cuda(&self) -> bool {
             match self {
-                Op::RmsNorm { .. } | Op::Rope { .. } => true,
-                Op::Softmax { input, dtype, .. } => *input == DType::BF16 && *dtype == DType::F32,
-                // Written in session 13, with no card to check them on.
-                Op::SiluMul | Op::GroupSums { .. } | Op::PlaneAffine { .. } => false,
+                Op::RmsNorm { .. }
+                | Op::Rope { .. }
+                | Op::Softmax { .. }
+                | Op::SiluMul
+                | Op::GroupSums { .. }
+                | Op::PlaneAffine { .. } => true,
             }
         }
     }

@@ -146,27 +146,30 @@ pub fn matmul_to<B: Backend, const D: usize>(
 }
 
 /// Whether attention runs as [`composed_attention`] instead of the flash
-/// kernel on CUDA: `ZIMAGE_ATTENTION=composed` (an experiment for the next
-/// GPU run; off by default).
+/// kernel on CUDA: `ZIMAGE_ATTENTION=composed` (off by default until a card
+/// has checked the form below in a whole image).
 pub fn composed_attention_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ZIMAGE_ATTENTION").is_ok_and(|v| v == "composed"))
 }
 
 /// Attention as two batched matmuls through `kernel` around a softmax: the
-/// scores in the inputs' dtype (as PyTorch's math attention), the softmax
-/// ([`crate::cube_kernels::softmax`]) writing the inputs' dtype where that
-/// form is allowed on CUDA, else writing f32 (the form verified on the H100)
-/// then cast, or burn's where neither runs; a group of heads at a time (scores of at most 1 GiB in
-/// f32: the 1024² DiT's 30 heads at once would be 2.1 GB). Why: cubek's
-/// flash kernel reached 36–37 TFLOP/s on the H100 and H200, the TMA matmul
-/// 250–300. GPU runs 6–8 (H100): both matmuls right (q·kᵀ 2.8·10⁻³ off f32
-/// in bf16, 3.5·10⁻⁷ in f32; weights·v 2.7·10⁻³), the whole in 3.7–4.2 ms
-/// against flash's 7.6 but with a softmax writing bf16, which was wrong (its
-/// output rows were padded on CUDA, see `cube_kernels`; fixed since, not yet
-/// checked on a card); this form is still to be timed and checked on a card (`bench-ops`), and
-/// `bench/gpu.sh` runs it only where that finds it right and faster. Shapes
-/// as [`flash_attention`]; `None` off CUDA or where a matmul refuses.
+/// scores in f32 (the matmul accumulates in f32 and writes it), the softmax
+/// ([`crate::cube_kernels::softmax`]) from them to weights in the inputs'
+/// dtype, the second matmul; burn's softmax where that kernel does not run.
+/// A group of heads at a time (f32 scores of at most 1 GiB: the 1024² DiT's
+/// 30 heads at once would be 2.1 GB). Why: cubek's flash kernel reaches
+/// 36 TFLOP/s on Hopper, the TMA matmul 250–300.
+///
+/// GPU run 9 (H200) timed the form with bf16 scores at 3.6 ms against
+/// flash's 7.6 at `[1, 30, 4224, 128]` (a 1024² DiT step 323 against 442 ms),
+/// but 1.2·10⁻² off f32 against flash's 2.6·10⁻³: rounding the scores to
+/// bf16 before the exponential. Its pieces, checked on that card: q·kᵀ
+/// written in f32 3.0·10⁻⁷ off, the softmax from f32 scores to bf16 weights
+/// 2.9·10⁻³, weights·v 3.6·10⁻³; run 8 (H100) timed f32 scores at 3.8 ms.
+/// So the scores are f32 now; this form is still to be checked whole on a
+/// card (`bench/gpu.sh` does, with the tiny image too). Shapes as
+/// [`flash_attention`]; `None` off CUDA or where a matmul refuses.
 pub fn composed_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -185,14 +188,9 @@ pub fn composed_attention<B: Backend>(
     for start in (0..items).step_by(group) {
         let len = group.min(items - start);
         let part = |t: &Tensor<B, 3>| if len == items { t.clone() } else { t.clone().narrow(0, start, len) };
-        let scores = matmul(&part(&q3), &part(&k_t), kernel)?;
-        // Weights written in the inputs' dtype where that softmax runs on
-        // this backend, else in f32 and cast.
-        let weights = crate::cube_kernels::softmax(&scores, scale, dtype).unwrap_or_else(|| {
-            crate::cube_kernels::softmax(&scores, scale, DType::F32)
-                .unwrap_or_else(|| burn::tensor::activation::softmax(scores.clone().cast(DType::F32) * scale, 2))
-                .cast(dtype)
-        });
+        let scores = matmul_to(&part(&q3), &part(&k_t), kernel, DType::F32)?;
+        let weights = crate::cube_kernels::softmax(&scores, scale, dtype)
+            .unwrap_or_else(|| burn::tensor::activation::softmax(scores.clone() * scale, 2).cast(dtype));
         outs.push(matmul(&weights, &part(&v3), kernel)?);
     }
     Some(Tensor::cat(outs, 0).reshape([b, h, s_q, d_v]))
