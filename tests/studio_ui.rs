@@ -353,7 +353,10 @@ fn under_the_lowest_plan_the_live_image_waits_for_the_refine() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = start_two_slow_refines(dir.path(), MemoryPlan::Lowest, 8);
     type_text(&mut h, "!");
-    wait_until(&mut h, "the live job to wait", |a| a.live_waiting().is_some());
+    wait_until(&mut h, "the engine to say the live job waits", |a| {
+        a.live_waiting().is_some_and(|w| w.starts_with("live waits for the running Base refine"))
+    });
+    h.step();
     h.get_by_label_contains("live waits for the running Base refine");
     assert!(h.state().paused_job().is_none());
     cancel_both_refines(&mut h);

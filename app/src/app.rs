@@ -13,7 +13,7 @@ use zimage_engine::pull::PullOptions;
 
 use crate::engine_bridge::{
     BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
-    LoraState, ModelConfig, ModelSlot, ModelState, Task, Waker,
+    LiveWait, LoraState, ModelConfig, ModelSlot, ModelState, Task, Waker,
 };
 use crate::history::History;
 use crate::images::Images;
@@ -34,6 +34,14 @@ pub struct StudioOptions {
     pub device: Option<String>,
     /// PNGs to open: their stored parameters are restored.
     pub open: Vec<PathBuf>,
+}
+
+/// The live job `live` waits behind `behind` until `until` ([`Event::LiveWaits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveWaitState {
+    pub live: JobId,
+    pub behind: JobId,
+    pub until: LiveWait,
 }
 
 /// A job the UI is waiting for.
@@ -210,6 +218,8 @@ pub struct StudioApp {
     pub history_filter: state::HistoryFilter,
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
+    /// What the engine last said about a live job waiting behind another.
+    pub live_wait: Option<LiveWaitState>,
     pub live_preview: bool,
     pub refine_job: Option<JobId>,
     pub compare: CompareState,
@@ -311,6 +321,7 @@ impl StudioApp {
             selected: None,
             history_filter: state::HistoryFilter::All,
             prompt_tokens: None,
+            live_wait: None,
             live_preview: false,
             refine_job: None,
             compare: CompareState::default(),
@@ -651,31 +662,27 @@ impl StudioApp {
 
     /// Why the live image has not started, when a Base refine or a variation
     /// is running: the engine runs one job at a time. A running job pauses
-    /// for a live one at its next step, unless that would load a model (one
-    /// DiT at a time): then the live image waits for its end.
+    /// for a live one at its next step unless that would load models; the
+    /// engine then says how long the live image waits ([`Event::LiveWaits`]).
     pub fn live_waiting(&self) -> Option<String> {
-        let live = self.jobs.get(&self.live_job?)?;
+        let live_id = self.live_job?;
+        let live = self.jobs.get(&live_id)?;
         if live.progress.0 > 0 || matches!(self.live_status, LiveStatus::Rendering { .. }) {
             return None;
         }
-        let running = self
+        let (running_id, running) = self
             .jobs
-            .values()
-            .find(|j| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
+            .iter()
+            .find(|(_, j)| j.kind != JobKind::Live && !j.paused && j.progress.0 > 0 && j.progress.0 < j.progress.1)?;
         let what = background_job_name(running.kind);
         let (done, total) = running.progress;
-        // The engine pauses it when the live job's model and text encoder are
-        // resident, or, the model parked (one DiT at a time), when swapping
-        // the models is quicker than the rest of the job.
-        let label = live.slot.label();
-        let encoder = self.memory.as_ref().is_some_and(|m| m.released.is_empty());
-        let parked = self.memory.as_ref().is_some_and(|m| m.parked.iter().any(|p| p.starts_with(label)));
-        Some(match (encoder, parked) {
-            (true, false) => format!("live starts after this {what} step ({done}/{total}); the {what} then pauses"),
-            (true, true) => format!(
-                "live waits for the {what} ({done}/{total}) unless swapping the models is quicker; Cancel stops it"
+        let told = self.live_wait.filter(|w| w.live == live_id && w.behind == *running_id).map(|w| w.until);
+        Some(match told {
+            None => format!("live waits for this {what} step ({done}/{total})"),
+            Some(LiveWait::Swap) => format!(
+                "live waits for the {what} ({done}/{total}) until swapping the models is quicker; Cancel stops it"
             ),
-            (false, _) => format!("live waits for the running {what} ({done}/{total}; Cancel stops it)"),
+            Some(LiveWait::JobEnd) => format!("live waits for the running {what} ({done}/{total}; Cancel stops it)"),
         })
     }
 
@@ -766,6 +773,7 @@ impl StudioApp {
                     self.prompt_tokens = Some((prompt.clone(), tokens));
                 }
             }
+            Event::LiveWaits { id, behind, until } => self.live_wait = Some(LiveWaitState { live: id, behind, until }),
             Event::Paused { id } => {
                 if let Some(job) = self.jobs.get_mut(&id) {
                     job.paused = true;

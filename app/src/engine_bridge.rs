@@ -175,6 +175,14 @@ pub enum Event {
     Paused {
         id: JobId,
     },
+    /// The live job `id` waits behind the running job `behind`, which does
+    /// not pause for it at this step; sent once per reason at the step
+    /// where the engine decided.
+    LiveWaits {
+        id: JobId,
+        behind: JobId,
+        until: LiveWait,
+    },
     /// How many tokens the job's prompt is, chat template included (the
     /// model reads the first 512), sent before its first step.
     PromptTokens {
@@ -228,6 +236,17 @@ pub enum Event {
         name: String,
         problem: Option<String>,
     },
+}
+
+/// How long a live job waits behind a running refine or variation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveWait {
+    /// Until that job ends: pausing it would need the text encoder that the
+    /// lowest memory plan keeps out with the DiTs.
+    JobEnd,
+    /// Its DiT is parked (one DiT at a time): the job pauses at a later step
+    /// once swapping the two DiTs is quicker than the rest of it, else ends first.
+    Swap,
 }
 
 /// The engine's memory plan and use: the plan in force and why, which
@@ -1349,6 +1368,7 @@ fn run_pipeline<B: Backend>(
     let mut steps = 0usize;
     // Steps done before this stretch (a resumed job reports from where it paused).
     let mut done_before: Option<usize> = None;
+    let mut told_live: Option<(JobId, LiveWait)> = None;
     let mut on_step = |p: &StepProgress| -> StepControl {
         steps = p.done;
         let before = *done_before.get_or_insert(p.done.saturating_sub(1));
@@ -1357,7 +1377,8 @@ fn run_pipeline<B: Backend>(
         if disconnected || queue.cancel_running || queue.shutdown {
             return StepControl::Cancel;
         }
-        let Some(live) = queue.live.as_ref().map(|(_, live)| live.slot).filter(|_| p.done < p.total) else {
+        let Some((live_id, live)) = queue.live.as_ref().map(|(l, live)| (*l, live.slot)).filter(|_| p.done < p.total)
+        else {
             return StepControl::Continue;
         };
         // The time per step of this stretch, for the time the job still needs.
@@ -1369,10 +1390,15 @@ fn run_pipeline<B: Backend>(
         let ran = sample_start.elapsed();
         let worth_swapping = swap.is_some_and(|cost| ran >= cost && swap_is_worth_it(remaining, cost));
         if pausable_for.contains(&live) || worth_swapping {
-            StepControl::Pause
-        } else {
-            StepControl::Continue
+            return StepControl::Pause;
         }
+        // Said once per live job and reason, so the app need not guess the rule.
+        let until = if swap.is_some() { LiveWait::Swap } else { LiveWait::JobEnd };
+        if told_live != Some((live_id, until)) {
+            told_live = Some((live_id, until));
+            out.emit(Event::LiveWaits { id: live_id, behind: id, until });
+        }
+        StepControl::Continue
     };
     let generated = match pipe.generate_from(req, &run.cond, run.paused.take(), true, &mut on_step).map_err(engine_err)? {
         Generation::Finished(generated) => generated,
@@ -2188,6 +2214,7 @@ mod tests {
         let live_done = position(&evs, "live image", |e| matches!(e, Event::Finished { id, .. } if *id == l));
         let starts: Vec<usize> = (0..evs.len()).filter(|&i| matches!(evs[i], Event::Started { id } if id == r)).collect();
         assert_eq!(starts.len(), 2, "started, then resumed once: {evs:?}");
+        assert!(!evs.iter().any(|e| matches!(e, Event::LiveWaits { .. })), "paused at once: no wait to tell");
         assert!(paused < live_started && live_done < starts[1], "the live image ran inside the pause: {evs:?}");
         assert_eq!(steps_of(&evs, r), (1..=300).collect::<Vec<_>>(), "every step once, none run again");
         assert_eq!(image_of(&evs, r), reference, "the paused refine gives the image it gives without pausing");
@@ -2250,6 +2277,15 @@ mod tests {
         let refine_done = position(&evs, "refine image", |e| matches!(e, Event::Finished { id, .. } if *id == r));
         let live_started = position(&evs, "live start", |e| matches!(e, Event::Started { id } if *id == l));
         assert!(refine_done < live_started, "{evs:?}");
+        // The engine says so once, so that the app can tell the user why.
+        let told: Vec<_> = evs
+            .iter()
+            .filter_map(|e| match e {
+                Event::LiveWaits { id, behind, until } => Some((*id, *behind, *until)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, [(l, r, LiveWait::JobEnd)], "{evs:?}");
     }
 
     #[test]
