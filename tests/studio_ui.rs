@@ -15,6 +15,7 @@ use egui_kittest::Harness;
 use zimage_engine::memory::MemoryPlan;
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_studio::engine_bridge::{JobKind, ModelSlot, ModelState};
+use zimage_studio::fonts::Fallback;
 use zimage_studio::settings::{Paths, Settings};
 use zimage_studio::state::{CompareMode, LiveDraft, LiveStatus, Mark, View};
 use zimage_studio::{StudioApp, StudioOptions};
@@ -1037,23 +1038,38 @@ fn settings_find_models_and_manage_loras() {
     assert!(!h.state().settings.turbo_loras[0].enabled, "kept in the list, unticked");
 }
 
-/// Chinese prompts are drawn with a system CJK font (egui's own fonts have
-/// none); `scripts/setup.sh` installs one, so on a set-up machine this
-/// checks real glyphs.
+/// Chinese prompts are drawn with a system CJK font, and arrows and other
+/// symbols with a wide-coverage one (egui's own fonts have neither);
+/// `scripts/setup.sh` installs both, so on a set-up machine this checks real
+/// glyphs.
 #[test]
-fn chinese_prompts_have_glyphs_when_a_cjk_font_is_installed() {
+fn chinese_prompts_and_symbols_have_glyphs_when_fallback_fonts_are_installed() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
     let mut h = harness(dir.path());
-    let Some(font) = zimage_studio::fonts::find_cjk_font() else {
-        eprintln!("no CJK font on this machine (scripts/setup.sh installs fonts-wqy-microhei); nothing to check");
-        return;
-    };
-    wait_until(&mut h, "the CJK font", |a| a.cjk_font.is_some());
-    assert_eq!(h.state().cjk_font.as_deref(), Some(font.as_path()));
-    h.step();
     let id = egui::FontId::proportional(14.0);
-    assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "一只猫在屋顶上")), "CJK glyphs after installing {}", font.display());
+    let expected: Vec<_> = [
+        (Fallback::Symbols, zimage_studio::fonts::find_symbol_font(), "→ ← ↑ ↓ ≈ ∞ αβγ שלום"),
+        (Fallback::Cjk, zimage_studio::fonts::find_cjk_font(), "一只猫在屋顶上"),
+    ]
+    .into_iter()
+    .filter_map(|(kind, path, text)| match path {
+        Some(path) => Some((kind, path, text)),
+        None => {
+            eprintln!("no {kind:?} font on this machine (scripts/setup.sh installs one); not checked");
+            None
+        }
+    })
+    .collect();
+    if expected.is_empty() {
+        return;
+    }
+    wait_until(&mut h, "the fallback fonts", |a| a.fallback_fonts.len() == expected.len());
+    h.step();
+    for (kind, path, text) in &expected {
+        assert!(h.state().fallback_fonts.contains(&(*kind, path.clone())), "{kind:?}: {}", path.display());
+        assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, text)), "{kind:?} glyphs for {text:?} after installing {}", path.display());
+    }
     assert!(h.ctx.fonts_mut(|f| f.has_glyphs(&id, "a cat")), "Latin text keeps its fonts");
 }
 

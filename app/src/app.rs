@@ -15,6 +15,7 @@ use crate::engine_bridge::{
     BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
     LiveWait, LoraState, ModelConfig, ModelSlot, ModelState, Task, Waker,
 };
+use crate::fonts::{Fallback, FoundFonts};
 use crate::history::History;
 use crate::images::Images;
 use crate::prompts::{self, PromptHistory};
@@ -248,8 +249,8 @@ pub struct StudioApp {
     pub lora_state: HashMap<ModelSlot, LoraState>,
     /// The "Add LoRA" path fields.
     pub lora_form: HashMap<ModelSlot, String>,
-    /// Reading a CJK font for the prompt box (see `fonts`).
-    font_task: Option<Task<Option<(PathBuf, Result<Vec<u8>, String>)>>>,
+    /// Reading the fallback fonts: symbols, CJK for the prompt box (see `fonts`).
+    font_task: Option<Task<FoundFonts>>,
     /// PNGs from the command line, restored on the first frame.
     open_files: Vec<PathBuf>,
     /// The engine's last memory report.
@@ -258,8 +259,8 @@ pub struct StudioApp {
     pub device_name: Option<String>,
     /// On a GPU, until its first image is finished: kernels still compile.
     pub gpu_kernels_cold: bool,
-    /// The CJK font in use, once installed.
-    pub cjk_font: Option<PathBuf>,
+    /// The fallback fonts in use, once installed, in their order.
+    pub fallback_fonts: Vec<(Fallback, PathBuf)>,
     pub waker: Waker,
     pub images: Images,
     /// History images being decoded on the disk thread.
@@ -341,13 +342,8 @@ impl StudioApp {
             pull_options: None,
             lora_state: HashMap::new(),
             lora_form: HashMap::new(),
-            font_task: Some(Task::spawn("zimage-fonts", waker.clone(), || {
-                crate::fonts::find_cjk_font().map(|p| {
-                    let bytes = crate::fonts::read(&p);
-                    (p, bytes)
-                })
-            })),
-            cjk_font: None,
+            font_task: Some(Task::spawn("zimage-fonts", waker.clone(), crate::fonts::find_and_read)),
+            fallback_fonts: Vec::new(),
             device_name: None,
             gpu_kernels_cold: false,
             memory: None,
@@ -405,15 +401,19 @@ impl StudioApp {
 
     /// Model scan results and download progress.
     fn poll_background(&mut self, ctx: &egui::Context) {
-        if let Some(found) = self.font_task.as_ref().and_then(Task::poll) {
+        if let Some((found, missing)) = self.font_task.as_ref().and_then(Task::poll) {
             self.font_task = None;
-            match found {
-                Some((path, Ok(bytes))) => {
-                    crate::fonts::install(ctx, &path, bytes);
-                    self.cjk_font = Some(path);
+            for (kind, path, bytes) in found {
+                match bytes {
+                    Ok(bytes) => {
+                        crate::fonts::install(ctx, &path, bytes);
+                        self.fallback_fonts.push((kind, path));
+                    }
+                    Err(e) => eprintln!("zimage-studio: {e}; {}", kind.without()),
                 }
-                Some((_, Err(e))) => eprintln!("zimage-studio: {e}; Chinese text shows as boxes"),
-                None => eprintln!("zimage-studio: no CJK font found (e.g. install fonts-noto-cjk); Chinese text shows as boxes"),
+            }
+            for kind in missing {
+                eprintln!("zimage-studio: no font found: {}", kind.without());
             }
         }
         if let Some(found) = self.scan.as_ref().and_then(Task::poll) {
