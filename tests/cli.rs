@@ -194,6 +194,32 @@ fn bad_paths_and_devices() {
     );
 }
 
+/// A model whose weights cannot fit in the host memory there is (here a
+/// limit of 1 MB for the tiny model's 2.8 MB in f32) is refused before
+/// loading, in one line: on a real machine running out gets the process killed.
+#[test]
+fn a_model_too_large_for_the_memory_is_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model();
+    let run = |limit: &str| {
+        Command::new(env!("CARGO_BIN_EXE_zimage"))
+            .args(["generate", "--model", &m, "-p", "a cat", "-W", "64", "-H", "64", "--seed", "1", "-q"])
+            .env("ZIMAGE_MEMORY_LIMIT_GB", limit)
+            .current_dir(tmp.path())
+            .output()
+            .expect("run zimage")
+    };
+    let out = run("0.001");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs about 2.8 MB for its weights (f32 on the CPU, all parts at once)"), "{stderr}");
+    assert!(stderr.contains("but 1.0 MB is host memory available"), "{stderr}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written");
+    // Under a limit it fits, it runs.
+    assert!(run("1").status.success());
+}
+
 #[test]
 fn unwritable_output_folder() {
     let tmp = tempfile::tempdir().unwrap();

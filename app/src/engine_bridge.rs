@@ -1092,6 +1092,22 @@ impl<B: Backend> Worker<B> {
         }
         self.sizes = self.plan_sizes();
         self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
+        // A model that cannot fit even one large part at a time would get the
+        // process killed (host) or fail mid-load (GPU): refused in one line.
+        let dtype = if self.dtype == DType::F32 { "f32" } else { "bf16" };
+        usable.retain(|&slot| {
+            let dit = if slot == ModelSlot::Turbo { self.sizes.turbo_dit } else { self.sizes.base_dit };
+            let need = self.sizes.least_weights(dit);
+            let model = format!("the {} model", slot.label());
+            let how = format!("{dtype}, one large part at a time");
+            match memory::check_weights_fit(&model, &how, need, self.budget.0, &self.budget.1) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.set_state(slot, ModelState::Failed(one_line(&e.to_string())));
+                    false
+                }
+            }
+        });
         // 2. Load what the plan keeps resident.
         let mut shared: Option<(ModelFiles, SharedComponents<B>)> = None;
         for slot in usable {
@@ -2266,6 +2282,32 @@ mod tests {
         assert_eq!((reloads(ModelSlot::Turbo), reloads(ModelSlot::Base)), (1, 2));
         assert_eq!(steps_of(&evs, r), (1..=300).collect::<Vec<_>>(), "every step once");
         assert_eq!(image_of(&evs, r), reference, "parked, reloaded and resumed: the same image");
+    }
+
+    /// A model that cannot fit in the memory there is, even one large part
+    /// at a time, fails to load in one line instead of getting the process
+    /// killed (here a worker whose budget is 1 MB, below the tiny models' f32 weights).
+    #[test]
+    fn a_model_too_large_for_the_memory_fails_to_load_in_one_line() {
+        let (_cmd_tx, cmd_rx) = mpsc::channel();
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let mut worker = Worker::<CpuBackend>::new(cmd_rx, Emitter { tx: ev_tx, waker: Arc::new(|| {}) }, DeviceKind::Cpu);
+        worker.budget = (Some(1_000_000), "host memory available".into());
+        worker.load(ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")), ..Default::default() });
+        let failed: Vec<_> = ev_rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Model { slot, state: ModelState::Failed(m) } => Some((slot, m)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        for (slot, message) in &failed {
+            assert!(message.starts_with(&format!("the {} model needs about", slot.label())), "{message}");
+            assert!(message.contains("(f32, one large part at a time) but 1.0 MB is host memory available"), "{message}");
+            assert!(!message.contains('\n'));
+        }
+        assert!(worker.models.get(ModelSlot::Turbo).is_none() && worker.models.get(ModelSlot::Base).is_none());
     }
 
     #[test]

@@ -151,10 +151,39 @@ impl DeviceKind {
 }
 
 /// Host memory the system can still give this process without swapping
-/// (`MemAvailable` of /proc/meminfo); `None` where that is not known.
+/// (`MemAvailable` of /proc/meminfo), at most [`memory_limit`]; `None` where
+/// neither is known.
 pub fn host_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_available(&text)
+    let measured = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_mem_available(&text));
+    at_most_the_limit(measured)
+}
+
+/// `ZIMAGE_MEMORY_LIMIT_GB`: the most memory the engine plans with (host
+/// memory on the CPU, GPU memory on CUDA), e.g. to leave room for other
+/// programs. The memory plans, the size checks and the weights check count
+/// against it. A value that is not a number of GB is ignored, with a warning.
+pub fn memory_limit() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let text = std::env::var("ZIMAGE_MEMORY_LIMIT_GB").ok()?;
+        let parsed = parse_limit_gb(&text);
+        if parsed.is_none() {
+            eprintln!("warning: ZIMAGE_MEMORY_LIMIT_GB={text:?} is not a number of GB; ignored");
+        }
+        parsed
+    })
+}
+
+fn parse_limit_gb(text: &str) -> Option<u64> {
+    let gb: f64 = text.trim().parse().ok()?;
+    (gb.is_finite() && gb >= 0.0).then(|| (gb * 1e9) as u64)
+}
+
+fn at_most_the_limit(measured: Option<u64>) -> Option<u64> {
+    match (measured, memory_limit()) {
+        (Some(m), Some(limit)) => Some(m.min(limit)),
+        (m, limit) => m.or(limit),
+    }
 }
 
 /// Free and total memory of the first CUDA GPU in bytes, from the driver
@@ -213,7 +242,9 @@ pub fn memory_budget(kind: DeviceKind) -> (Option<u64>, String) {
         DeviceKind::Cpu => (host_available_memory(), "host memory available".into()),
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => match cuda_memory() {
-            Some((free, total)) => (Some(free), format!("free on the GPU (of {:.1} GB)", total as f64 / 1e9)),
+            Some((free, total)) => {
+                (at_most_the_limit(Some(free)), format!("free on the GPU (of {:.1} GB)", total as f64 / 1e9))
+            }
             None => (None, "the CUDA driver".into()),
         },
         #[allow(unreachable_patterns)]
@@ -293,6 +324,15 @@ mod tests {
     #[test]
     fn the_cpu_has_no_device_memory_to_report() {
         assert_eq!(super::device_memory::<super::CpuBackend>(&Default::default()), None);
+    }
+
+    #[test]
+    fn memory_limits_parse_as_gigabytes() {
+        assert_eq!(super::parse_limit_gb("8"), Some(8_000_000_000));
+        assert_eq!(super::parse_limit_gb(" 0.5 "), Some(500_000_000));
+        assert_eq!(super::parse_limit_gb("8GB"), None);
+        assert_eq!(super::parse_limit_gb("-1"), None);
+        assert_eq!(super::parse_limit_gb("inf"), None);
     }
 
     /// Lavapipe here (`cargo test --release -p zimage-engine --features wgpu --lib device`).

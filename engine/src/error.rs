@@ -53,6 +53,12 @@ pub enum EngineError {
     #[error("{what} needs about {:.1} GB of working memory but only {:.1} GB is free; choose a smaller size or fewer images, or close other programs", *need as f64 / 1e9, *available as f64 / 1e9)]
     InsufficientMemory { what: String, need: u64, available: u64 },
 
+    /// A model whose weights cannot fit in the memory there is, even one
+    /// large part at a time: refused before loading, because running out of
+    /// host memory gets the process killed.
+    #[error("{model} needs about {} for its weights ({how}) but {} is {where_}; use a GPU with more memory, close other programs, or the built-in demo model", crate::memory::gigabytes(*need), crate::memory::gigabytes(*available))]
+    WeightsTooLarge { model: String, how: String, need: u64, available: u64, where_: String },
+
     #[error("cancelled")]
     Cancelled,
 }

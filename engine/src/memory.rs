@@ -108,6 +108,30 @@ impl PlanSizes {
     }
 }
 
+impl PlanSizes {
+    /// The least a model with `dit` bytes of DiT holds at once, in the
+    /// lowest plan: its DiT or the text encoder, whichever is larger, and the VAE.
+    pub fn least_weights(&self, dit: u64) -> u64 {
+        dit.max(self.text_encoder) + self.vae
+    }
+}
+
+/// Refuses a model when `need` bytes of its weights cannot fit in `budget`
+/// (`None`: unknown, allowed), named `where_` ("host memory available", as
+/// [`crate::device::memory_budget`] says). `how` says what `need` counts.
+pub fn check_weights_fit(model: &str, how: &str, need: u64, budget: Option<u64>, where_: &str) -> crate::Result<()> {
+    match budget {
+        Some(available) if need > available => Err(crate::EngineError::WeightsTooLarge {
+            model: model.to_string(),
+            how: how.to_string(),
+            need,
+            available,
+            where_: where_.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A plan to run with (never `Auto`) and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedPlan {
@@ -137,8 +161,13 @@ pub fn resolve(requested: MemoryPlan, budget: Option<u64>, device: &str, sizes: 
     ResolvedPlan { plan, reason: format!("Auto ({} {device}): {}", gigabytes(budget), plan.short()) }
 }
 
-fn gigabytes(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
+/// "24.6 GB"; below 0.1 GB in MB ("3.2 MB"), so small sizes do not read as zero.
+pub fn gigabytes(bytes: u64) -> String {
+    if bytes < 100_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} GB", bytes as f64 / 1e9)
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +224,31 @@ mod tests {
         // The tiny demo models fit anywhere.
         let demo = PlanSizes { turbo_dit: 40_000_000, base_dit: 40_000_000, text_encoder: 20_000_000, vae: 5_000_000, working: 50_000_000 };
         assert_eq!(auto(GB, &demo), MemoryPlan::KeepAll);
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_one_part_at_a_time_is_refused_in_one_line() {
+        let s = real();
+        // bf16 on a GPU: the DiT is the largest part.
+        assert_eq!(s.least_weights(s.turbo_dit), 12_480_000_000);
+        assert!(check_weights_fit("the Turbo model", "bf16", s.least_weights(s.turbo_dit), Some(16 * GB), "free").is_ok());
+        assert!(check_weights_fit("the Turbo model", "bf16", s.least_weights(s.turbo_dit), None, "wgpu").is_ok(), "unknown: allowed");
+        // f32 on a 24 GB host: 24.6 GB of DiT alone.
+        let f32_sizes = PlanSizes { turbo_dit: 2 * s.turbo_dit, text_encoder: 2 * s.text_encoder, vae: 2 * s.vae, ..s };
+        let need = f32_sizes.least_weights(f32_sizes.turbo_dit);
+        let e = check_weights_fit("the Turbo model", "f32 on the CPU", need, Some(22_100_000_000), "host memory available")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "the Turbo model needs about 25.0 GB for its weights (f32 on the CPU) but 22.1 GB is host memory available; \
+             use a GPU with more memory, close other programs, or the built-in demo model"
+        );
+        assert!(!e.contains('\n'));
+        // A text encoder larger than the DiT decides.
+        let big_text = PlanSizes { text_encoder: 20 * GB, ..s };
+        assert_eq!(big_text.least_weights(s.turbo_dit), 20 * GB + s.vae);
+        assert_eq!(gigabytes(3_200_000), "3.2 MB");
     }
 
     #[test]

@@ -645,6 +645,15 @@ fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
 
 /// Loads a model with a progress bar over its bytes.
 fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet: bool) -> Result<ZImagePipeline<B>> {
+    // Running out of host memory gets the process killed: on the CPU, refuse
+    // weights that cannot fit before loading any (the files' headers say).
+    if on_cpu::<B>() {
+        let plan = loader::plan_model::<B>(files, device)?;
+        let need = (plan.dit_params + plan.text_encoder_params + plan.vae_params) * dtype.size() as u64;
+        let how = format!("{} on the CPU, all parts at once", if dtype == DType::BF16 { "bf16" } else { "f32" });
+        let available = zimage_engine::device::host_available_memory();
+        zimage_engine::memory::check_weights_fit(&files.name, &how, need, available, "host memory available")?;
+    }
     let total: u64 = [&files.dit, &files.text_encoder, &files.vae]
         .iter()
         .flat_map(|c| c.files.iter())
