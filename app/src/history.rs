@@ -21,13 +21,27 @@ pub struct HistoryEntry {
     pub slot: ModelSlot,
     pub job: JobKind,
     pub meta: GenerationMetadata,
-    /// The Turbo image a Base image was refined from (its history id).
+    /// The image this one was made from (its history id): the Turbo image
+    /// of a Base refine, or the live draft a full-size Turbo image finished.
     pub parent: Option<String>,
     #[serde(default)]
     pub mark: Mark,
     pub elapsed_ms: u64,
     /// File name inside the images folder.
     pub file: String,
+}
+
+impl HistoryEntry {
+    /// Where it came from, in words: "refined from #000012" for a Base
+    /// refine, "full size of draft #000011" for a live image finished from
+    /// its draft; `None` for an image made from the prompt alone.
+    pub fn lineage(&self) -> Option<String> {
+        let parent = self.parent.as_ref()?;
+        Some(match self.slot {
+            ModelSlot::Base => format!("refined from #{parent}"),
+            ModelSlot::Turbo => format!("full size of draft #{parent}"),
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -249,11 +263,24 @@ mod tests {
         assert!(warn.is_none());
         assert_eq!(h2.entries.len(), 2);
         assert_eq!(h2.get(&b).unwrap().parent.as_deref(), Some(t.as_str()));
+        assert_eq!(h2.get(&b).unwrap().lineage(), Some(format!("refined from #{t}")));
+        assert_eq!(h2.get(&t).unwrap().lineage(), None, "made from the prompt alone");
         assert_eq!(h2.get(&t).unwrap().mark, Mark::Starred);
         assert_eq!(h2.load_image(h2.get(&b).unwrap()).unwrap(), img());
         // The PNG carries the parameters too.
         let m = metadata::read_png_metadata_file(&h2.image_path(h2.get(&t).unwrap())).unwrap();
         assert_eq!(m.prompt, "fox");
+    }
+
+    /// A live image finished at full size from its draft is not a refine.
+    #[test]
+    fn a_full_size_live_image_names_its_draft() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut h, _) = History::load(&Paths::at(dir.path()));
+        let meta = GenerationMetadata::default();
+        let (draft, _) = h.add(ModelSlot::Turbo, JobKind::Live, meta.clone(), None, 1, Arc::new(img()));
+        let (full, _) = h.add(ModelSlot::Turbo, JobKind::Live, meta, Some(draft.clone()), 1, Arc::new(img()));
+        assert_eq!(h.get(&full).unwrap().lineage(), Some(format!("full size of draft #{draft}")));
     }
 
     #[test]
