@@ -176,7 +176,7 @@ pub fn memory_limit() -> Option<u64> {
 
 fn parse_limit_gb(text: &str) -> Option<u64> {
     let gb: f64 = text.trim().parse().ok()?;
-    (gb.is_finite() && gb >= 0.0).then(|| (gb * 1e9) as u64)
+    (gb.is_finite() && gb >= 0.0).then_some((gb * 1e9) as u64)
 }
 
 fn at_most_the_limit(measured: Option<u64>) -> Option<u64> {
