@@ -363,6 +363,34 @@ fn under_the_lowest_plan_the_live_image_waits_for_the_refine() {
     cancel_both_refines(&mut h);
 }
 
+/// With one DiT at a time, Base is parked while Turbo draws: the refine's
+/// cost says Base must be loaded first, and once a reload was measured, how long it takes.
+#[test]
+fn the_refine_cost_includes_loading_a_parked_base() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.memory_plan = MemoryPlan::OneDitAtATime);
+    let mut h = start_and_type(dir.path(), "a lighthouse");
+    let base_parked = |a: &StudioApp| a.memory.as_ref().is_some_and(|m| m.parked.iter().any(|p| p == "Base DiT"));
+    wait_until(&mut h, "Base parked", base_parked);
+    h.get_by_label_contains("6 Base steps, about");
+    h.get_by_label_contains(", + loading Base (parked)");
+    // A refine reloads Base (measured) and parks Turbo; the next live image parks Base again.
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    wait_until(&mut h, "the Base refine", |a| a.compare_pair.is_some());
+    // Back in the prompt box, which refining left.
+    h.state_mut().view = View::Live;
+    h.state_mut().focus_prompt = true;
+    h.step();
+    type_text(&mut h, "!");
+    wait_until(&mut h, "the next live image", |a| {
+        a.history.entries.iter().any(|e| e.meta.prompt == "a lighthouse!") && base_parked(a)
+    });
+    h.step();
+    h.get_by_label_contains(" to load Base");
+    let m = h.state().memory.clone().unwrap();
+    assert!(m.reload_times.iter().any(|(s, _)| *s == ModelSlot::Base), "{:?}", m.reload_times);
+}
+
 #[test]
 fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_switch() {
     let dir = tempfile::tempdir().unwrap();

@@ -1074,7 +1074,13 @@ impl StudioApp {
             .get(&ModelSlot::Base)
             .copied()
             .or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
-        (run, state::refine_estimate(run, per_step))
+        let load = match &self.memory {
+            Some(m) if m.parked.iter().any(|p| p.starts_with(ModelSlot::Base.label())) => state::BaseLoad::Parked(
+                m.reload_times.iter().find(|(s, _)| *s == ModelSlot::Base).map(|(_, d)| *d),
+            ),
+            _ => state::BaseLoad::Resident,
+        };
+        (run, state::refine_estimate(run, per_step, load))
     }
 
     pub fn apply(&mut self, ctx: &egui::Context, action: Action) {

@@ -260,6 +260,9 @@ pub struct MemoryReport {
     pub parked: Vec<String>,
     /// Text encoders not in memory (loaded only to encode a new prompt).
     pub released: Vec<String>,
+    /// How long reloading each parked model's DiT took, the last time it was
+    /// reloaded (what a refine adds when Base is parked).
+    pub reload_times: Vec<(ModelSlot, Duration)>,
     /// Resident memory of the whole process (host RAM), where known.
     pub process_bytes: Option<u64>,
     /// On a GPU, its memory as the allocator sees it: bytes in tensors and
@@ -957,6 +960,10 @@ impl<B: Backend> Worker<B> {
             resident,
             parked,
             released,
+            reload_times: [ModelSlot::Turbo, ModelSlot::Base]
+                .into_iter()
+                .filter_map(|s| self.unpark_time.get(&s).map(|d| (s, *d)))
+                .collect(),
             process_bytes: zimage_engine::device::process_resident_memory(),
             device_memory: zimage_engine::device::device_memory::<B>(&self.device),
             plan: self.plan.plan,

@@ -142,11 +142,28 @@ pub fn snap_strength(strength: f32, steps: usize) -> (f32, usize) {
     (s, n - Schedule::img2img_start(n, s))
 }
 
-/// Expected cost of a refine, shown before the click.
-pub fn refine_estimate(steps_run: usize, per_step: Option<Duration>) -> String {
-    match per_step {
+/// What a refine needs before its first step besides the steps themselves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseLoad {
+    /// Base's DiT is in memory.
+    Resident,
+    /// Parked by the memory plan: reloaded first, in about the time its last
+    /// reload took (`None` before the first).
+    Parked(Option<Duration>),
+}
+
+/// Expected cost of a refine, shown before the click: its steps, and the
+/// reload of Base when the memory plan parked it (the switch cost users ask
+/// to see before they wait for it).
+pub fn refine_estimate(steps_run: usize, per_step: Option<Duration>, load: BaseLoad) -> String {
+    let steps = match per_step {
         Some(d) => format!("{steps_run} Base steps, about {}", human_duration(d * steps_run as u32)),
         None => format!("{steps_run} Base steps (time unknown until the first Base run)"),
+    };
+    match load {
+        BaseLoad::Resident => steps,
+        BaseLoad::Parked(Some(d)) => format!("{steps}, + about {} to load Base", human_duration(d)),
+        BaseLoad::Parked(None) => format!("{steps}, + loading Base (parked)"),
     }
 }
 
@@ -526,6 +543,21 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refine_estimate_adds_the_reload_of_a_parked_base() {
+        let step = Some(Duration::from_millis(300));
+        assert_eq!(refine_estimate(6, step, BaseLoad::Resident), "6 Base steps, about 1.8 s");
+        assert_eq!(
+            refine_estimate(6, step, BaseLoad::Parked(Some(Duration::from_millis(3100)))),
+            "6 Base steps, about 1.8 s, + about 3.1 s to load Base"
+        );
+        assert_eq!(refine_estimate(6, step, BaseLoad::Parked(None)), "6 Base steps, about 1.8 s, + loading Base (parked)");
+        assert_eq!(
+            refine_estimate(6, None, BaseLoad::Resident),
+            "6 Base steps (time unknown until the first Base run)"
+        );
+    }
 
     #[test]
     fn start_images_set_a_size_of_their_aspect() {
