@@ -263,6 +263,9 @@ pub struct MemoryReport {
     /// How long reloading each parked model's DiT took, the last time it was
     /// reloaded (what a refine adds when Base is parked).
     pub reload_times: Vec<(ModelSlot, Duration)>,
+    /// Parked DiTs whose files were read ahead into the page cache at start,
+    /// so that their first load reads memory, not the disk.
+    pub read_ahead: Vec<String>,
     /// Resident memory of the whole process (host RAM), where known.
     pub process_bytes: Option<u64>,
     /// On a GPU, its memory as the allocator sees it: bytes in tensors and
@@ -606,6 +609,8 @@ struct Worker<B: Backend> {
     encoders: Vec<Encoder<B>>,
     /// The refine or variation paused for a live job, resumed before the queue.
     paused: Option<(JobId, JobSpec, JobRun<B>)>,
+    /// Parked-from-the-start DiTs whose files were read ahead (see `load`).
+    read_ahead: Vec<ModelSlot>,
     /// How long reloading each parked DiT took, last time (what pausing a
     /// job for another model's live image costs, twice, under one DiT at a time).
     unpark_time: HashMap<ModelSlot, Duration>,
@@ -643,6 +648,7 @@ impl<B: Backend> Worker<B> {
             encoders: Vec::new(),
             paused: None,
             unpark_time: HashMap::new(),
+            read_ahead: Vec::new(),
             encoder_of: HashMap::new(),
             plan: ResolvedPlan { plan: MemoryPlan::KeepAll, reason: String::new() },
             sizes: PlanSizes::default(),
@@ -964,6 +970,7 @@ impl<B: Backend> Worker<B> {
                 .into_iter()
                 .filter_map(|s| self.unpark_time.get(&s).map(|d| (s, *d)))
                 .collect(),
+            read_ahead: self.read_ahead.iter().map(|s| format!("{} DiT", s.label())).collect(),
             process_bytes: zimage_engine::device::process_resident_memory(),
             device_memory: zimage_engine::device::device_memory::<B>(&self.device),
             plan: self.plan.plan,
@@ -1140,7 +1147,31 @@ impl<B: Backend> Worker<B> {
                 Err(e) => self.set_state(slot, ModelState::Failed(one_line(&e.to_string()))),
             }
         }
+        self.read_ahead_parked();
         self.report_memory();
+    }
+
+    /// A DiT parked from the start has never been read: its first load (the
+    /// first refine, 12 GB for the real Base) would come from the disk. Its
+    /// files are read ahead into the page cache, in the background, when the
+    /// host has the memory to keep them (page cache is given back under
+    /// pressure, so this only spends disk time the user is not waiting for).
+    fn read_ahead_parked(&mut self) {
+        self.read_ahead.clear();
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            let Some((files, _)) = self.parked.get(&slot) else { continue };
+            let paths = files.dit.files.clone();
+            let bytes: u64 = paths.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+            if zimage_engine::device::host_available_memory().is_some_and(|free| free > bytes * 2) {
+                // Seconds of reading for the real models: off the engine thread.
+                let spawned = std::thread::Builder::new().name("zimage-read-ahead".into()).spawn(move || {
+                    zimage_engine::weights::read_ahead(&paths);
+                });
+                if spawned.is_ok() {
+                    self.read_ahead.push(slot);
+                }
+            }
+        }
     }
 
     /// Locates and checks `slot`'s files and finds (or adds) its text encoder.
@@ -1183,6 +1214,8 @@ impl<B: Backend> Worker<B> {
     /// cache when recently used) and re-applies its LoRAs.
     fn unpark(&mut self, slot: ModelSlot) {
         let Some((files, comps)) = self.parked.remove(&slot) else { return };
+        // Loaded now: what was read ahead has served.
+        self.read_ahead.retain(|s| *s != slot);
         self.out.emit(Event::Model { slot, state: ModelState::Loading { stage: "diffusion transformer (parked)".into() } });
         let start = Instant::now();
         match loader::load_pipeline_with::<B>(&files, &comps, &self.device, self.dtype, &mut |_, _, _| {}) {
@@ -2315,6 +2348,16 @@ mod tests {
             assert!(!message.contains('\n'));
         }
         assert!(worker.models.get(ModelSlot::Turbo).is_none() && worker.models.get(ModelSlot::Base).is_none());
+    }
+
+    /// A DiT parked from the start has its files read ahead; a resident one needs none.
+    #[test]
+    fn a_dit_parked_from_the_start_is_read_ahead() {
+        let (_, one) = engine_with(MemoryPlan::OneDitAtATime);
+        assert_eq!(one.parked, ["Base DiT"]);
+        assert_eq!(one.read_ahead, ["Base DiT"]);
+        let (_, all) = engine_with(MemoryPlan::KeepAll);
+        assert!(all.parked.is_empty() && all.read_ahead.is_empty(), "{all:?}");
     }
 
     #[test]

@@ -116,6 +116,9 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             ui.label(format!("Resident weights on {device}: {} ({})", models::human_bytes(m.weights_total()), parts.join(", ")));
             if !m.parked.is_empty() {
                 ui.weak(format!("Parked (reloaded when a job needs it): {}", m.parked.join(", ")));
+                if !m.read_ahead.is_empty() {
+                    ui.weak(format!("Read ahead into memory at start, for a quick first load: {}", m.read_ahead.join(", ")));
+                }
             }
             if !m.released.is_empty() {
                 ui.weak(format!("Released (loaded to encode a new prompt): {}", m.released.join(", ")));
