@@ -1108,7 +1108,7 @@ impl<B: Backend> Worker<B> {
         self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
         // A model that cannot fit even one large part at a time would get the
         // process killed (host) or fail mid-load (GPU): refused in one line.
-        let dtype = if self.dtype == DType::F32 { "f32" } else { "bf16" };
+        let dtype = zimage_engine::device::dtype_name(self.dtype);
         usable.retain(|&slot| {
             let dit = if slot == ModelSlot::Turbo { self.sizes.turbo_dit } else { self.sizes.base_dit };
             let need = self.sizes.least_weights(dit);

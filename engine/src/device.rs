@@ -102,6 +102,15 @@ pub enum DeviceKind {
     Wgpu,
 }
 
+/// A compute dtype as messages name it: "f32", "bf16", "f16".
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
 impl DeviceKind {
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {

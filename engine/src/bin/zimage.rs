@@ -650,7 +650,7 @@ fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet:
     if on_cpu::<B>() {
         let plan = loader::plan_model::<B>(files, device)?;
         let need = (plan.dit_params + plan.text_encoder_params + plan.vae_params) * dtype.size() as u64;
-        let how = format!("{} on the CPU, all parts at once", if dtype == DType::BF16 { "bf16" } else { "f32" });
+        let how = format!("{} on the CPU, all parts at once", zimage_engine::device::dtype_name(dtype));
         let available = zimage_engine::device::host_available_memory();
         zimage_engine::memory::check_weights_fit(&files.name, &how, need, available, "host memory available")?;
     }
