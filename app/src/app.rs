@@ -680,7 +680,7 @@ impl StudioApp {
         Some(match told {
             None => format!("live waits for this {what} step ({done}/{total})"),
             Some(LiveWait::Swap) => format!(
-                "live waits for the {what} ({done}/{total}) until swapping the models is quicker; Cancel stops it"
+                "live waits for the {what} ({done}/{total}), or for a swap of the models once that is quicker; Cancel stops it"
             ),
             Some(LiveWait::JobEnd) => format!("live waits for the running {what} ({done}/{total}; Cancel stops it)"),
         })
