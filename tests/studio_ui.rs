@@ -370,7 +370,7 @@ fn the_refine_cost_includes_loading_a_parked_base() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |s| s.memory_plan = MemoryPlan::OneDitAtATime);
     let mut h = start_and_type(dir.path(), "a lighthouse");
-    let base_parked = |a: &StudioApp| a.memory.as_ref().is_some_and(|m| m.parked.iter().any(|p| p == "Base DiT"));
+    let base_parked = |a: &StudioApp| a.memory.as_ref().is_some_and(|m| m.dit_parked(ModelSlot::Base));
     wait_until(&mut h, "Base parked", base_parked);
     h.get_by_label_contains("6 Base steps, about");
     h.get_by_label_contains(", + loading Base (parked)");

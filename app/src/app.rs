@@ -1075,7 +1075,7 @@ impl StudioApp {
             .copied()
             .or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
         let load = match &self.memory {
-            Some(m) if m.parked.iter().any(|p| p.starts_with(ModelSlot::Base.label())) => state::BaseLoad::Parked(
+            Some(m) if m.dit_parked(ModelSlot::Base) => state::BaseLoad::Parked(
                 m.reload_times.iter().find(|(s, _)| *s == ModelSlot::Base).map(|(_, d)| *d),
             ),
             _ => state::BaseLoad::Resident,

@@ -288,6 +288,16 @@ impl MemoryReport {
     pub fn weights_total(&self) -> u64 {
         self.resident.iter().map(|(_, b)| b).sum()
     }
+
+    /// The name [`MemoryReport::parked`] and `read_ahead` give `slot`'s DiT.
+    pub fn dit_name(slot: ModelSlot) -> String {
+        format!("{} DiT", slot.label())
+    }
+
+    /// Whether `slot`'s DiT is parked.
+    pub fn dit_parked(&self, slot: ModelSlot) -> bool {
+        self.parked.contains(&Self::dit_name(slot))
+    }
 }
 
 /// What the UI holds: send commands, poll events. Never blocks.
@@ -960,7 +970,7 @@ impl<B: Backend> Worker<B> {
         let parked = [ModelSlot::Turbo, ModelSlot::Base]
             .into_iter()
             .filter(|s| self.parked.contains_key(s))
-            .map(|s| format!("{} DiT", s.label()))
+            .map(MemoryReport::dit_name)
             .collect();
         self.out.emit(Event::Memory(MemoryReport {
             resident,
@@ -970,7 +980,7 @@ impl<B: Backend> Worker<B> {
                 .into_iter()
                 .filter_map(|s| self.unpark_time.get(&s).map(|d| (s, *d)))
                 .collect(),
-            read_ahead: self.read_ahead.iter().map(|s| format!("{} DiT", s.label())).collect(),
+            read_ahead: self.read_ahead.iter().copied().map(MemoryReport::dit_name).collect(),
             process_bytes: zimage_engine::device::process_resident_memory(),
             device_memory: zimage_engine::device::device_memory::<B>(&self.device),
             plan: self.plan.plan,
