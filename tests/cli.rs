@@ -218,6 +218,20 @@ fn a_model_too_large_for_the_memory_is_refused_before_loading() {
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written");
     // Under a limit it fits, it runs.
     assert!(run("1").status.success());
+    // The bench's full-size preset on the CPU (40.5 GB in f32), counted without allocating it.
+    let out = Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args(["bench", "--config", "full", "--device", "cpu", "-W", "64", "-H", "64", "--steps", "1"])
+        .env("ZIMAGE_MEMORY_LIMIT_GB", "1")
+        .current_dir(tmp.path())
+        .output()
+        .expect("run zimage");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the full preset needs about 40.5 GB for its weights (f32 on the CPU, all parts at once)"),
+        "{stderr}"
+    );
 }
 
 #[test]

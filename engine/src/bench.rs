@@ -118,6 +118,21 @@ pub fn random_pipeline<B: Backend>(
     Ok(pipe)
 }
 
+/// Parameters of `model` as the bench loads it: (text encoder, DiT, VAE
+/// decoder), counted from the shapes its modules ask for, without allocating them.
+pub fn preset_params<B: Backend>(model: &BenchModel, device: &B::Device) -> Result<(u64, u64, u64)> {
+    let count = |plan: crate::weights::ShapePlan<B>| -> u64 {
+        plan.requested.iter().map(|(_, shape)| shape.iter().product::<usize>() as u64).sum()
+    };
+    let mut text = crate::weights::ShapePlan::<B>::new(device);
+    Qwen3Encoder::build(&model.text, &mut text)?;
+    let mut dit = crate::weights::ShapePlan::<B>::new(device);
+    ZImageDit::build(&model.dit, &mut dit)?;
+    let mut vae = crate::weights::ShapePlan::<B>::new(device);
+    Vae::build(&model.vae, &mut vae, false)?;
+    Ok((count(text), count(dit), count(vae)))
+}
+
 /// The bench text encoder with random weights.
 pub fn random_text_encoder<B: Backend>(model: &BenchModel, device: &B::Device, dtype: DType) -> Result<Arc<TextEncoder<B>>> {
     let mut src = RandomWeights::<B>::new(device, dtype);
@@ -481,6 +496,17 @@ pub fn fit_prompt(tokenizer: &PromptTokenizer, tokens: usize) -> Result<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The full preset is the real architecture: 6.15 B DiT and 4.0 B text
+    /// encoder parameters (spec §8.10), counted without allocating them.
+    #[test]
+    fn preset_params_count_without_allocating() {
+        let device = Default::default();
+        let (text, dit, vae) = preset_params::<crate::device::CpuBackend>(&preset("full").unwrap(), &device).unwrap();
+        assert!((6.1e9..6.2e9).contains(&(dit as f64)), "{dit}");
+        assert!((3.9e9..4.1e9).contains(&(text as f64)), "{text}");
+        assert!((4.9e7..5.0e7).contains(&(vae as f64)), "the decoder alone: {vae}");
+    }
     use crate::device::CpuBackend;
 
     #[test]

@@ -530,6 +530,26 @@ fn bench<B: Backend>(args: BenchArgs, device: B::Device, dtype: DType) -> Result
         _ => None,
     };
     let kind = files.as_ref().map(|f| ModelKind::from_shift(f.shift)).unwrap_or(kind);
+    if on_cpu::<B>() {
+        // What is held at once: the text encoder, then the DiT and VAE when
+        // it is released first; all three otherwise.
+        let (name, (text, dit, vae)) = match (&files, &preset) {
+            (Some(files), _) => {
+                let plan = loader::plan_model::<B>(files, &device)?;
+                (files.name.clone(), (plan.text_encoder_params, plan.dit_params, plan.vae_params))
+            }
+            (None, Some(preset)) => {
+                (format!("the {} preset", preset.name), bench::preset_params::<B>(preset, &device)?)
+            }
+            _ => unreachable!("a model or a preset was chosen above"),
+        };
+        let (params, parts) = if args.release_text_encoder {
+            (text.max(dit + vae), "one large part at a time")
+        } else {
+            (text + dit + vae, "all parts at once")
+        };
+        check_weights_fit_on_cpu::<B>(&name, params, dtype, parts)?;
+    }
     let mut req = bench::request(kind, args.width, args.height, args.steps, args.guidance, args.tokens);
     let none: LoadProgress<'_> = &mut |_, _, _| {};
     // The lowest memory plan: the text encoder is loaded, used and released
@@ -644,15 +664,25 @@ fn bar(quiet: bool, len: u64, template: &str) -> ProgressBar {
 }
 
 /// Loads a model with a progress bar over its bytes.
-fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet: bool) -> Result<ZImagePipeline<B>> {
-    // Running out of host memory gets the process killed: on the CPU, refuse
-    // weights that cannot fit before loading any (the files' headers say).
+/// Running out of host memory gets the process killed: on the CPU, refuse
+/// `params` weights that cannot fit before loading any. `parts`: what is
+/// held at once, for the message.
+fn check_weights_fit_on_cpu<B: Backend>(model: &str, params: u64, dtype: DType, parts: &str) -> Result<()> {
     if on_cpu::<B>() {
-        let plan = loader::plan_model::<B>(files, device)?;
-        let need = (plan.dit_params + plan.text_encoder_params + plan.vae_params) * dtype.size() as u64;
-        let how = format!("{} on the CPU, all parts at once", zimage_engine::device::dtype_name(dtype));
+        let need = params * dtype.size() as u64;
+        let how = format!("{} on the CPU, {parts}", zimage_engine::device::dtype_name(dtype));
         let available = zimage_engine::device::host_available_memory();
-        zimage_engine::memory::check_weights_fit(&files.name, &how, need, available, "host memory available")?;
+        zimage_engine::memory::check_weights_fit(model, &how, need, available, "host memory available")?;
+    }
+    Ok(())
+}
+
+fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet: bool) -> Result<ZImagePipeline<B>> {
+    if on_cpu::<B>() {
+        // The files' headers say, without reading a weight.
+        let plan = loader::plan_model::<B>(files, device)?;
+        let params = plan.dit_params + plan.text_encoder_params + plan.vae_params;
+        check_weights_fit_on_cpu::<B>(&files.name, params, dtype, "all parts at once")?;
     }
     let total: u64 = [&files.dit, &files.text_encoder, &files.vae]
         .iter()
