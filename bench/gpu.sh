@@ -43,6 +43,21 @@ Z=bench/bin/zimage-cuda
 PWD_REPO=$PWD
 export ZIMAGE_KERNEL_NOTES=1  # which shapes the hand-picked CUDA kernels refuse
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+# libcublas for ZIMAGE_MATMUL=cublas (engine/src/cublas.rs): a CUDA toolkit's,
+# else the one PyTorch's wheels bring (nvidia/cu13/lib or nvidia/cublas/lib).
+if [ -z "${ZIMAGE_CUBLAS_LIB:-}" ]; then
+  ZIMAGE_CUBLAS_LIB=$(python3 - <<'PY' 2>/dev/null
+import glob, os, sys
+found = []
+for root in ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu"] + [os.path.join(p, "nvidia", "*", "lib") for p in sys.path if p]:
+    found += [f for f in glob.glob(os.path.join(root, "libcublas.so*")) if "Lt" not in os.path.basename(f)]
+print(sorted(found, key=len)[0] if found else "")
+PY
+)
+fi
+if [ -n "$ZIMAGE_CUBLAS_LIB" ]; then
+  export ZIMAGE_CUBLAS_LIB LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$ZIMAGE_CUBLAS_LIB")"
+fi
 # The log goes straight to $FINAL so that a run cut off by a time limit still
 # returns everything it printed.
 LOG="$FINAL/log.txt"
@@ -54,6 +69,7 @@ fi
 
 [ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
+log "libcublas: ${ZIMAGE_CUBLAS_LIB:-not found (the cublas matmul is then not timed)}"
 
 # The tiny fixture's image: device, dtype, output file (TIMEOUT: seconds, 60).
 tiny() {
@@ -127,6 +143,24 @@ if [ "$d" = 0 ]; then
   log "kernel cache on for the runs below"
 fi
 
+# cuBLAS for the matmuls (session 23, first time on a card): the tiny image
+# in bf16 with it, alone and with the composed attention, against the CPU's
+# and the default kernel's. Where it is further off than the default kernel
+# by more than a few levels, the runs below keep cubek's kernels whatever
+# bench-ops times.
+log "cuBLAS matmuls: the tiny image in bf16 with ZIMAGE_MATMUL=cublas"
+ZIMAGE_MATMUL=cublas tiny cuda bf16 "$OUT/parity-cuda-bf16-cublas.png"
+read -r d m <<< "$(img_diff "$OUT/parity-cpu-bf16.png" "$OUT/parity-cuda-bf16-cublas.png")"
+echo "cublas, bf16: max |cuda - cpu| = $d, mean $m (default kernel: see parity bf16 above)" | tee -a "$LOG"
+read -r d_default _ <<< "$(img_diff "$OUT/parity-cpu-bf16.png" "$OUT/parity-cuda-bf16.png")"
+ZIMAGE_MATMUL=cublas ZIMAGE_ATTENTION=composed tiny cuda bf16 "$OUT/parity-cuda-bf16-cublas-composed.png"
+read -r dc mc <<< "$(img_diff "$OUT/parity-cpu-bf16.png" "$OUT/parity-cuda-bf16-cublas-composed.png")"
+echo "cublas + composed attention, bf16: max |cuda - cpu| = $dc, mean $mc" | tee -a "$LOG"
+if ! { [[ "$d" =~ ^[0-9]+$ ]] && [[ "$d_default" =~ ^[0-9]+$ ]] && [ "$d" -le $(( d_default + 4 )) ]; }; then
+  if [ -z "${ZIMAGE_MATMUL:-}" ]; then export ZIMAGE_MATMUL=specialized-tma-mma; fi
+  log "cuBLAS not used for the runs below (its tiny image is off, or it did not run)"
+fi
+
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
 log "ops at full-size shapes (bf16)"
@@ -196,6 +230,14 @@ if time_left "VAE whole vs bands"; then
   SUB=bench-vae TIMEOUT=60 run_ours vae1024_whole --config full -W 1024 -H 1024 --runs 1 --tensor-mib 0
   SUB=bench-vae TIMEOUT=60 run_ours vae1024_bands --config full -W 1024 -H 1024 --runs 1
 fi
+if time_left "the other matmul kernel"; then
+  # cuBLAS against cubek's TMA kernel, whichever the runs above did not use.
+  saved_matmul="${ZIMAGE_MATMUL:-}"
+  if [ "$saved_matmul" = cublas ]; then export ZIMAGE_MATMUL=specialized-tma-mma; else export ZIMAGE_MATMUL=cublas; fi
+  log "A/B: matmul kernel $ZIMAGE_MATMUL (Turbo 1024²)"
+  run_ours turbo1024_other_matmul --config full --kind turbo -W 1024 -H 1024 --runs 1
+  if [ -n "$saved_matmul" ]; then export ZIMAGE_MATMUL="$saved_matmul"; else unset ZIMAGE_MATMUL; fi
+fi
 if time_left "the other attention"; then
   log "A/B: the other attention (Turbo 1024²)"
   saved_attention="${ZIMAGE_ATTENTION:-}"
@@ -220,8 +262,8 @@ def load(p):
         return None
 print("| case | ours end-to-end ms | diffusers ms | ratio | ours DiT step ms | diffusers step ms | ours text ms | ours VAE ms | ours peak MiB (nvidia-smi) | diffusers peak MiB (allocated) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_attention", "turbo512", "turbo512_unfused", "base1024"):
-    b_name = name.replace('_te_released', '').replace('_other_attention', '').replace('_unfused', '')
+for name in ("turbo1024", "turbo1024_te_released", "turbo1024_other_matmul", "turbo1024_other_attention", "turbo512", "turbo512_unfused", "base1024"):
+    b_name = name.replace('_te_released', '').replace('_other_matmul', '').replace('_other_attention', '').replace('_unfused', '')
     a, b = load(f"{out}/{name}.json"), load(f"{out}/torch_{b_name}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     f = lambda r, k: f"{r[k]:.1f}" if r else "failed"

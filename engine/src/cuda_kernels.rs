@@ -86,8 +86,10 @@ pub fn conv2d<B: Backend>(
 
 /// The matmul kernels [`matmul`] can run: cubek's tiled strategies as burn's
 /// autotune lists them (`cmma`: CUDA's wmma tiles, `mma`: PTX mma;
-/// `tma`: Hopper's bulk tensor copies).
+/// `tma`: Hopper's bulk tensor copies), and `cublas`, NVIDIA's library where
+/// it loads ([`crate::cublas`]).
 pub const MATMUL_KERNELS: &[&str] = &[
+    "cublas",
     "simple-cmma",
     "simple-mma",
     "simple-multirow-cmma",
@@ -408,6 +410,11 @@ mod imp {
         }
         if !matches!(out_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return None;
+        }
+        if kernel == "cublas" {
+            static REFUSED_CUBLAS: Refusals = Refusals::new();
+            let key = format!("cublas {ld:?} × {rd:?} → {out_dtype:?}");
+            return guarded("cuBLAS matmul", &REFUSED_CUBLAS, key, || crate::cublas::gemm(&l, &r, out_dtype)).map(back);
         }
         let strategy = strategy(kernel)?;
         let mut out_dims = ld;

@@ -181,7 +181,9 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
             let diff = rel_diff(&got, &f32_attention(&q, &k, &v_view, None));
             out.push(OpTiming { op: "attention, flash, strided v (check only)".into(), shape: shape.clone(), ms: 0.0, tflop_per_s: None, rel_diff: Some(diff) });
         }
-        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| **k == "specialized-tma-mma") {
+        // With the TMA matmul and with cuBLAS: the runs use the form whose
+        // matmul kernel is also the best one for the linear layers.
+        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| matches!(**k, "specialized-tma-mma" | "cublas")) {
             if let Some(got) = cuda_kernels::composed_attention(&q, &k, &v, kernel) {
                 let diff = rel_diff(&got, &reference);
                 let op = format!("attention, composed ({kernel} matmuls, fused softmax)");
@@ -198,19 +200,25 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
                         out.push(OpTiming { op: format!("{op} (check only)"), shape: format!("[1, {s}, {head_dim}]"), ms: 0.0, tflop_per_s: None, rel_diff: Some(rel_diff(&got, reference)) });
                     }
                 };
-                check("composed piece: q·kᵀ, f32 out", cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, DType::F32), &scores32);
-                check("composed piece: q·kᵀ, bf16 out", cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, dtype), &scores32);
-                let scale = 1.0 / (head_dim as f64).sqrt();
-                check("composed piece: softmax bf16 → f32", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, DType::F32), &weights32);
-                check("composed piece: softmax f32 → f32", crate::cube_kernels::softmax(&scores32, scale, DType::F32), &weights32);
-                check("composed piece: softmax f32 → bf16", crate::cube_kernels::softmax(&scores32, scale, dtype), &weights32);
-                check("composed piece: softmax bf16 → bf16", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, dtype), &weights32);
+                check(&format!("composed piece ({kernel}): q·kᵀ, f32 out"), cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, DType::F32), &scores32);
+                check(&format!("composed piece ({kernel}): q·kᵀ, bf16 out"), cuda_kernels::matmul_to(&q1, &k1.clone().swap_dims(1, 2), kernel, dtype), &scores32);
+                if *kernel != "cublas" {
+                    // The softmax is the same whichever matmul runs around it.
+                    let scale = 1.0 / (head_dim as f64).sqrt();
+                    check("composed piece: softmax bf16 → f32", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, DType::F32), &weights32);
+                    check("composed piece: softmax f32 → f32", crate::cube_kernels::softmax(&scores32, scale, DType::F32), &weights32);
+                    check("composed piece: softmax f32 → bf16", crate::cube_kernels::softmax(&scores32, scale, dtype), &weights32);
+                    check("composed piece: softmax bf16 → bf16", crate::cube_kernels::softmax(&scores32.clone().cast(dtype), scale, dtype), &weights32);
+                }
                 let w16 = weights32.clone().cast(dtype);
-                check("composed piece: weights·v", cuda_kernels::matmul_to(&w16, &v1, kernel, dtype), &weights32.clone().matmul(c3(&v1)));
+                check(&format!("composed piece ({kernel}): weights·v"), cuda_kernels::matmul_to(&w16, &v1, kernel, dtype), &weights32.clone().matmul(c3(&v1)));
             }
         }
         let timing = |prefix: &str| out.iter().find(|r| r.op.starts_with(prefix) && r.rel_diff.is_some_and(|d| d < 2e-2)).map(|r| r.ms);
-        let best_attention = match (timing(&format!("attention, flash {planes} planes")), timing("attention, composed")) {
+        // The kernel the runs will use: ZIMAGE_MATMUL's when set, else this bench's best.
+        let runtime_matmul = std::env::var_os("ZIMAGE_MATMUL").and(cuda_kernels::matmul_kernel().map(String::from)).or(best_matmul.clone());
+        let composed = format!("attention, composed ({} matmuls", runtime_matmul.as_deref().unwrap_or("specialized-tma-mma"));
+        let best_attention = match (timing(&format!("attention, flash {planes} planes")), timing(&composed)) {
             (Some(flash), Some(composed)) if composed < flash => Some("composed".to_string()),
             (Some(_), _) => Some("flash".to_string()),
             (None, Some(_)) => Some("composed".to_string()),

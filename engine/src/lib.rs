@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cube_kernels;
+pub mod cublas;
 pub mod cuda_kernels;
 pub mod demo;
 pub mod device;
