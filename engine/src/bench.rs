@@ -196,6 +196,8 @@ pub struct BenchReport {
     /// pools keep, which nvidia-smi cannot tell apart.
     pub device_memory: Vec<StageMemory>,
     pub runs: usize,
+    /// The hand-picked CUDA kernels the run used (`cuda_kernels::describe`); `None` off CUDA.
+    pub kernels: Option<String>,
 }
 
 /// GPU memory after one stage, MiB.
@@ -320,6 +322,7 @@ pub fn run<B: Backend>(
         peak_host_mib: peak_host_mib(),
         device_memory: memory,
         runs: runs.max(1),
+        kernels: crate::cuda_kernels::describe::<B>(&device),
     })
 }
 
@@ -437,6 +440,9 @@ pub fn table(r: &BenchReport) -> String {
     let mut s = String::new();
     s += &format!("model        {}\n", r.model);
     s += &format!("device       {}\n", r.device);
+    if let Some(kernels) = &r.kernels {
+        s += &format!("kernels      {kernels}\n");
+    }
     s += &format!(
         "image        {}×{}, {} steps, guidance {}, {} prompt tokens\n",
         r.width, r.height, r.steps, r.guidance, r.prompt_tokens

@@ -147,6 +147,17 @@ pub fn matmul_to<B: Backend, const D: usize>(
     None
 }
 
+/// Which of these kernels the runs on `device` use, in one line (for `zimage
+/// bench`'s report: a benchmark's numbers mean little without it), or `None`
+/// off CUDA. Says whether cuBLAS loaded when it is the matmul kernel.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn describe<B: Backend>(device: &B::Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    return imp::describe::<B>(device);
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
 /// Whether attention runs as [`composed_attention`] instead of the flash
 /// kernel on CUDA: `ZIMAGE_ATTENTION=composed` (off by default until a card
 /// has checked the form below in a whole image).
@@ -286,6 +297,23 @@ mod imp {
         const fn new() -> Self {
             Self { off: AtomicBool::new(false), keys: Mutex::new(BTreeSet::new()) }
         }
+    }
+
+    pub fn describe<B: Backend>(device: &B::Device) -> Option<String> {
+        let probe = float(&Tensor::<B, 1>::zeros([1], device))?;
+        if !enabled() {
+            return Some("burn's default kernels (ZIMAGE_CUDA_KERNELS=burn)".into());
+        }
+        let matmul = match matmul_kernel() {
+            Some("cublas") => match crate::cublas::available(probe.device.index) {
+                Ok(()) => "cublas (loaded)".to_string(),
+                Err(why) => format!("cublas not usable, burn's default instead: {why}"),
+            },
+            Some(kernel) => kernel.to_string(),
+            None => "burn's default".to_string(),
+        };
+        let attention = if composed_attention_on() { "composed".to_string() } else { format!("flash, {} planes", flash_planes()) };
+        Some(format!("matmul {matmul}; attention {attention} (half precision only; f32 runs burn's ops)"))
     }
 
     /// Only half-precision tensors: in f32 the tensor-core kernels would

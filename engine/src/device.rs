@@ -48,7 +48,7 @@ pub fn keep_compiled_kernels() {
     #[cfg(feature = "cuda")]
     if std::env::var("ZIMAGE_KERNEL_CACHE").map_or(true, |v| v != "0") {
         use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
-        let gpu = cudarc::driver::CudaContext::new(0).ok().and_then(|ctx| {
+        let gpu = cuda_context().and_then(|ctx| {
             let (major, minor) = ctx.compute_capability().ok()?;
             Some(format!("{} sm{major}{minor}", ctx.name().ok()?))
         });
@@ -195,12 +195,26 @@ fn at_most_the_limit(measured: Option<u64>) -> Option<u64> {
     }
 }
 
+/// The first CUDA GPU's primary context, or `None` when the driver library
+/// is missing (a CUDA build on a machine without NVIDIA's driver: cudarc
+/// panics on its first call then, and every command, `--device cpu` too,
+/// failed at start-up) or no GPU answers.
+#[cfg(feature = "cuda")]
+fn cuda_context() -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only tries to load the library; nothing is called through it.
+    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+        return None;
+    }
+    cudarc::driver::CudaContext::new(0).ok()
+}
+
 /// Free and total memory of the first CUDA GPU in bytes, from the driver
 /// (`cuMemGetInfo` on its primary context, the one burn-cuda uses); `None`
 /// when no GPU answers.
 #[cfg(feature = "cuda")]
 pub fn cuda_memory() -> Option<(u64, u64)> {
-    let ctx = cudarc::driver::CudaContext::new(0).ok()?;
+    let ctx = cuda_context()?;
     let (free, total) = ctx.mem_get_info().ok()?;
     Some((free as u64, total as u64))
 }
@@ -297,6 +311,19 @@ fn probe<B: burn::tensor::backend::Backend>(what: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// Run in a `cuda` build on a machine without NVIDIA's driver (as this
+    /// project's CI machines are): start-up and the memory plan must carry on.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_cuda_build_without_the_driver_starts_and_plans_without_a_gpu() {
+        super::keep_compiled_kernels();
+        // SAFETY: only tries to load the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            assert_eq!(super::cuda_memory(), None);
+            assert_eq!(super::memory_budget(super::DeviceKind::Cuda).0, None);
+        }
+    }
+
     #[test]
     fn mem_available_is_read_in_bytes() {
         let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   12345678 kB\n";
