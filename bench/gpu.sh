@@ -161,6 +161,16 @@ if ! { [[ "$d" =~ ^[0-9]+$ ]] && [[ "$d_default" =~ ^[0-9]+$ ]] && [ "$d" -le $(
   log "cuBLAS not used for the runs below (its tiny image is off, or it did not run)"
 fi
 
+# The VAE's convolutions as GEMMs (ZIMAGE_CONV=gemm, session 23, first time on
+# a card; its columns kernel runs only with the unconfirmed kernels allowed):
+# the tiny image in bf16 against the default (implicit-GEMM) one's.
+log "convolutions as GEMMs: the tiny image in bf16 with ZIMAGE_CONV=gemm"
+ZIMAGE_GPU_FUSED_CUDA_ALL=1 ZIMAGE_CONV=gemm tiny cuda bf16 "$OUT/parity-cuda-bf16-conv-gemm.png"
+read -r d_conv m <<< "$(img_diff "$OUT/parity-cpu-bf16.png" "$OUT/parity-cuda-bf16-conv-gemm.png")"
+echo "conv as GEMMs, bf16: max |cuda - cpu| = $d_conv, mean $m (default: see parity bf16 above)" | tee -a "$LOG"
+conv_ok=0
+if [[ "$d_conv" =~ ^[0-9]+$ ]] && [[ "$d_default" =~ ^[0-9]+$ ]] && [ "$d_conv" -le $(( d_default + 4 )) ]; then conv_ok=1; fi
+
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
 log "ops at full-size shapes (bf16)"
@@ -176,6 +186,11 @@ if [ -z "${ZIMAGE_ATTENTION:-}" ] && grep -q "^best attention: composed" "$OUT/o
   export ZIMAGE_ATTENTION=composed
 fi
 log "attention for the runs below: ${ZIMAGE_ATTENTION:-flash}"
+# Convolutions as GEMMs where bench-ops timed them faster and the tiny image was right.
+if [ -z "${ZIMAGE_CONV:-}" ] && [ "$conv_ok" = 1 ] && [ -n "${ZIMAGE_GPU_FUSED_CUDA_ALL:-}" ] && grep -q "^best conv: gemm" "$OUT/ops.md"; then
+  export ZIMAGE_CONV=gemm
+fi
+log "convolutions for the runs below: ${ZIMAGE_CONV:-implicit GEMM}"
 
 run_ours() { # name, args...   MEMLOG=1: cubecl also logs every memory page it creates; SUB: the subcommand (bench); TIMEOUT: seconds (150)
   local name=$1; shift
@@ -229,6 +244,9 @@ if time_left "VAE whole vs bands"; then
   log "ours: VAE decode 1024², whole tensors vs row bands"
   SUB=bench-vae TIMEOUT=60 run_ours vae1024_whole --config full -W 1024 -H 1024 --runs 1 --tensor-mib 0
   SUB=bench-vae TIMEOUT=60 run_ours vae1024_bands --config full -W 1024 -H 1024 --runs 1
+  # The other convolution form (as GEMMs, or the implicit-GEMM kernel), bands.
+  if [ "${ZIMAGE_CONV:-}" = gemm ]; then other_conv=implicit; else other_conv=gemm; fi
+  ZIMAGE_GPU_FUSED_CUDA_ALL=1 ZIMAGE_CONV=$other_conv SUB=bench-vae TIMEOUT=60 run_ours vae1024_conv_$other_conv --config full -W 1024 -H 1024 --runs 1
 fi
 if time_left "the other matmul kernel"; then
   # cuBLAS against cubek's TMA kernel, whichever the runs above did not use.
@@ -282,7 +300,7 @@ for name in ("turbo1024", "turbo1024_te_released", "turbo512", "base1024"):
 print()
 print("| VAE 1024² | decode ms | first decode ms | peak MiB (nvidia-smi) | MiB in tensors / reserved, after the first decode |")
 print("|---|---|---|---|---|")
-for name in ("vae1024_whole", "vae1024_bands"):
+for name in ("vae1024_whole", "vae1024_bands", "vae1024_conv_gemm", "vae1024_conv_implicit"):
     a = load(f"{out}/{name}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     mem = (a or {}).get("device_memory", [])

@@ -40,7 +40,7 @@ pub fn enabled() -> bool {
 }
 
 /// Whether the kernel `name` (`rms_norm`, `rope`, `silu_mul`, `softmax`,
-/// `group_norm` for both of the VAE's) is
+/// `group_norm` for both of the VAE's, `im2col`) is
 /// used: [`enabled`], and not listed in `ZIMAGE_GPU_FUSED_OFF` (comma-separated,
 /// to find which one a wrong result comes from).
 fn kernel_on(name: &str) -> bool {
@@ -207,6 +207,23 @@ pub fn plane_affine<B: Backend>(x: &Tensor<B, 4>, scale: &Tensor<B, 2>, shift: &
     None
 }
 
+/// The 3×3 neighbourhoods (padding 1) of output rows `row0 .. row0 + rows`
+/// of `x` `[1, C, H, W]`, one column per pixel: `[C·9, rows·W]`, row `c·9 +
+/// ky·3 + kx` holding `x[c, y + ky − 1, x + kx − 1]` (0 outside), the order of
+/// a `[C_out, C, 3, 3]` weight flattened to `[C_out, C·9]`. The first half of
+/// a convolution as one GEMM ([`crate::cuda_kernels::conv3x3_as_gemm`]).
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn im2col3x3<B: Backend>(x: &Tensor<B, 4>, row0: usize, rows: usize) -> Option<Tensor<B, 2>> {
+    let [b, c, h, w] = x.dims();
+    if !kernel_on("im2col") || b != 1 || rows == 0 || row0 + rows > h || c * 9 * rows * w > u32::MAX as usize {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return imp::dispatch::<B, 2>(vec![imp::prim(x)], imp::Op::Im2col3x3 { row0, rows });
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    None
+}
+
 /// The distance between consecutive rows (last-dimension runs) of a
 /// tensor whose rows are each contiguous and follow one another at a
 /// fixed pitch (≥ the row length), as a compact tensor's or a padded
@@ -268,6 +285,8 @@ mod imp {
         GroupSums { groups: usize, squared: bool },
         /// Inputs: x `[B, C, H, W]`, scale and shift `[B·C, 1]` (f32); `plane` = H·W.
         PlaneAffine { plane: usize, silu: bool },
+        /// Inputs: x `[1, C, H, W]`; output rows `row0 .. row0 + rows`.
+        Im2col3x3 { row0: usize, rows: usize },
     }
 
     impl Op {
@@ -292,6 +311,8 @@ mod imp {
                 | Op::SiluMul
                 | Op::GroupSums { .. }
                 | Op::PlaneAffine { .. } => true,
+                // Session 23, checked on wgpu only so far.
+                Op::Im2col3x3 { .. } => false,
             }
         }
     }
@@ -501,6 +522,26 @@ mod imp {
                     numel as u32,
                     plane as u32,
                     silu,
+                    dtype.into(),
+                );
+                Some(out)
+            }
+            Op::Im2col3x3 { row0, rows } => {
+                let (c, h, w) = (shape[1], shape[2], shape[3]);
+                let total = c * 9 * rows * w;
+                let out = output(&x, burn::tensor::Shape::new([c * 9, rows * w]), dtype);
+                let (count, dim) = per_unit(&client, total);
+                im2col3x3_kernel::launch::<R>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    total as u32,
+                    h as u32,
+                    w as u32,
+                    row0 as u32,
+                    rows as u32,
                     dtype.into(),
                 );
                 Some(out)
@@ -721,6 +762,38 @@ mod imp {
         out[i] = E::cast_from(y);
     }
 
+    /// One unit per element of `out` `[C·9, rows·W]` (see [`super::im2col3x3`]),
+    /// consecutive units along a row of pixels, so that reads and writes coalesce.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn im2col3x3_kernel<E: Float>(
+        x: &Tensor<E>,
+        out: &mut Tensor<E>,
+        total: u32,
+        h: u32,
+        w: u32,
+        row0: u32,
+        rows: u32,
+        #[define(E)] _dtype: StorageType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= total as usize {
+            terminate!();
+        }
+        let (h, w) = (h as usize, w as usize);
+        let pixels = rows as usize * w;
+        let (pixel, k) = (i % pixels, i / pixels);
+        let (c, ky, kx) = (k / 9, (k % 9) / 3, k % 3);
+        // One past the source row and column (padding 1): unsigned all the way.
+        let y1 = row0 as usize + pixel / w + ky;
+        let x1 = pixel % w + kx;
+        let mut v = E::cast_from(0.0f32);
+        if y1 >= 1 && y1 <= h && x1 >= 1 && x1 <= w {
+            v = x[(c * h + y1 - 1) * w + x1 - 1];
+        }
+        out[i] = v;
+    }
+
     /// One cube per row of `n`: `out = softmax(scores · scale)`, the rows of
     /// `scores` `pitch` apart (see [`row_pitch`]), those of `out` compact.
     #[cube(launch)]
@@ -805,6 +878,52 @@ mod tests {
         assert!(residual_rms_norm(&x, &x, &w, 1e-6, None).is_none());
         assert!(silu_mul(&x, &x).is_none());
         assert!(softmax(&x, 1.0, DType::F32).is_none());
+        let image = random::<B, 4>([1, 2, 4, 4], &device);
+        assert!(im2col3x3(&image, 0, 4).is_none());
+        assert!(crate::cuda_kernels::conv3x3_as_gemm(&image, &random::<B, 4>([3, 2, 3, 3], &device), None, 1 << 20).is_none());
+    }
+
+    /// The convolution as GEMMs (the neighbourhood columns, then a matmul)
+    /// against burn's conv2d on wgpu (f32): odd sizes, channels that change,
+    /// pieces of one row, of several rows (the last partial) and whole, a
+    /// batch of two, and a strided input; 1×1 as one matmul.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn convolutions_as_gemms_match_burns_conv_on_wgpu() {
+        use burn::tensor::module::conv2d;
+        use burn::tensor::ops::ConvOptions;
+        type B = crate::device::WgpuBackend;
+        let device = Default::default();
+        let close = |a: Tensor<B, 4>, b: Tensor<B, 4>, what: &str| {
+            assert_eq!(a.dims(), b.dims(), "{what}");
+            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
+            let scale: f32 = b.abs().max().into_scalar();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max diff {diff} (scale {scale})");
+        };
+        for ([b, c, h, w], c_out) in [([1, 3, 5, 7], 4), ([2, 8, 9, 33], 5), ([1, 1, 1, 1], 2)] {
+            let x = random::<B, 4>([b, c, h, w], &device);
+            let weight = random::<B, 4>([c_out, c, 3, 3], &device);
+            let bias = random::<B, 1>([c_out], &device);
+            let expected = conv2d(x.clone(), weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            let row_bytes = c * 9 * w * 4;
+            for chunk in [1, row_bytes, 2 * row_bytes, usize::MAX / 2] {
+                let got = crate::cuda_kernels::conv3x3_as_gemm(&x, &weight, Some(&bias), chunk).expect("runs on wgpu");
+                close(got, expected.clone(), &format!("3×3 {:?}, chunks of {chunk} bytes", [b, c, h, w]));
+            }
+            let no_bias = conv2d(x.clone(), weight.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+            close(crate::cuda_kernels::conv3x3_as_gemm(&x, &weight, None, 1 << 20).unwrap(), no_bias, "no bias");
+            let weight1 = random::<B, 4>([c_out, c, 1, 1], &device);
+            let expected1 = conv2d(x.clone(), weight1.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1));
+            close(crate::cuda_kernels::conv1x1_as_gemm(&x, &weight1, Some(&bias)), expected1, "1×1");
+        }
+        // A strided input (channels and rows swapped in memory) is read as its values.
+        let x = random::<B, 4>([1, 6, 4, 5], &device).swap_dims(1, 2);
+        let weight = random::<B, 4>([3, 4, 3, 3], &device);
+        let expected = conv2d(x.clone(), weight.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+        close(crate::cuda_kernels::conv3x3_as_gemm(&x, &weight, None, 1 << 20).unwrap(), expected, "strided input");
+        // Declined where it cannot apply: a weight that is not 3×3, channels that differ.
+        assert!(crate::cuda_kernels::conv3x3_as_gemm(&x, &random::<B, 4>([3, 4, 1, 1], &device), None, 1 << 20).is_none());
+        assert!(crate::cuda_kernels::conv3x3_as_gemm(&x, &random::<B, 4>([3, 5, 3, 3], &device), None, 1 << 20).is_none());
     }
 
     /// Each kernel against the composed formula on the wgpu backend (f32;

@@ -84,6 +84,80 @@ pub fn conv2d<B: Backend>(
     None
 }
 
+/// Whether `conv2d` on CUDA runs as GEMMs ([`conv3x3_as_gemm`], 1×1 as one
+/// matmul) through the matmul kernel instead of cubek's implicit-GEMM
+/// convolution: `ZIMAGE_CONV=gemm` (opt-in until a card has checked it).
+/// Why: the implicit-GEMM kernel runs the VAE's 3×3 convolutions at 64–72
+/// TFLOP/s on an H200 (GPU run 9), the TMA matmul the same FLOPs at 250–290.
+pub fn conv_as_gemm_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ZIMAGE_CONV").is_ok_and(|v| v == "gemm"))
+}
+
+/// The largest piece of neighbourhood columns [`conv3x3_as_gemm`] makes at
+/// once: the columns are 9 times the input rows they cover.
+pub const IM2COL_CHUNK_BYTES: usize = 128 << 20;
+
+/// A 3×3 convolution with stride 1 and padding 1 as GEMMs: the input's
+/// neighbourhoods as columns ([`crate::cube_kernels::im2col3x3`], a band of
+/// rows at a time, at most `chunk_bytes` of columns), each times the weight
+/// flattened to `[C_out, C_in·9]` through [`matmul_kernel`] (burn's matmul
+/// where that does not run), then the bias. `x` `[B, C_in, H, W]`, `weight`
+/// `[C_out, C_in, 3, 3]`, `bias` `[C_out]` → `[B, C_out, H, W]`; `None` where
+/// the columns kernel does not run (off CUDA and wgpu).
+pub fn conv3x3_as_gemm<B: Backend>(
+    x: &Tensor<B, 4>,
+    weight: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 1>>,
+    chunk_bytes: usize,
+) -> Option<Tensor<B, 4>> {
+    let [b, c, h, w] = x.dims();
+    let [c_out, c_in, kh, kw] = weight.dims();
+    if c_in != c || kh != 3 || kw != 3 || b * c * h * w == 0 || weight.dtype() != x.dtype() {
+        return None;
+    }
+    let weights = weight.clone().reshape([c_out, c * 9]);
+    let rows_per_chunk = (chunk_bytes / (c * 9 * w * x.dtype().size()).max(1)).clamp(1, h);
+    let mut items = Vec::with_capacity(b);
+    for item in 0..b {
+        let x_item = if b == 1 { x.clone() } else { x.clone().narrow(0, item, 1) };
+        let mut parts = Vec::with_capacity(h.div_ceil(rows_per_chunk));
+        for row0 in (0..h).step_by(rows_per_chunk) {
+            let columns = crate::cube_kernels::im2col3x3(&x_item, row0, rows_per_chunk.min(h - row0))?;
+            parts.push(gemm(&weights, columns));
+        }
+        let y = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 1) };
+        items.push(y.reshape([1, c_out, h, w]));
+    }
+    let y = if b == 1 { items.remove(0) } else { Tensor::cat(items, 0) };
+    Some(match bias {
+        Some(bias) => y + bias.clone().reshape([1, c_out, 1, 1]),
+        None => y,
+    })
+}
+
+/// A 1×1 convolution (stride 1, no padding) as one matmul per item:
+/// `weight` `[C_out, C_in, 1, 1]` flattened times `x` `[B, C_in, H, W]` as `[C_in, H·W]`.
+pub fn conv1x1_as_gemm<B: Backend>(x: &Tensor<B, 4>, weight: &Tensor<B, 4>, bias: Option<&Tensor<B, 1>>) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    let c_out = weight.dims()[0];
+    let weights = weight.clone().reshape([c_out, c]);
+    let items: Vec<_> = (0..b).map(|i| gemm(&weights, x.clone().narrow(0, i, 1).reshape([c, h * w])).reshape([1, c_out, h, w])).collect();
+    let y = Tensor::cat(items, 0);
+    match bias {
+        Some(bias) => y + bias.clone().reshape([1, c_out, 1, 1]),
+        None => y,
+    }
+}
+
+/// `lhs · rhs` through [`matmul_kernel`], or burn's matmul where it does not run.
+fn gemm<B: Backend>(lhs: &Tensor<B, 2>, rhs: Tensor<B, 2>) -> Tensor<B, 2> {
+    match matmul_kernel().and_then(|k| matmul(lhs, &rhs, k)) {
+        Some(y) => y,
+        None => lhs.clone().matmul(rhs),
+    }
+}
+
 /// The matmul kernels [`matmul`] can run: cubek's tiled strategies as burn's
 /// autotune lists them (`cmma`: CUDA's wmma tiles, `mma`: PTX mma;
 /// `tma`: Hopper's bulk tensor copies), and `cublas`, NVIDIA's library where
@@ -313,7 +387,8 @@ mod imp {
             None => "burn's default".to_string(),
         };
         let attention = if composed_attention_on() { "composed".to_string() } else { format!("flash, {} planes", flash_planes()) };
-        Some(format!("matmul {matmul}; attention {attention} (half precision only; f32 runs burn's ops)"))
+        let conv = if conv_as_gemm_on() { "as GEMMs" } else { "implicit GEMM" };
+        Some(format!("matmul {matmul}; attention {attention}; conv {conv} (half precision only; f32 runs burn's ops)"))
     }
 
     /// Only half-precision tensors: in f32 the tensor-core kernels would
@@ -376,6 +451,17 @@ mod imp {
             return None;
         }
         let key = format!("x {:?} weight {:?} {options:?}", x.dims(), weight.dims());
+        if conv_as_gemm_on() && options.stride == [1, 1] && options.dilation == [1, 1] && options.groups == 1 {
+            match (weight.dims(), options.padding) {
+                ([_, _, 3, 3], [1, 1]) => {
+                    if let Some(y) = super::conv3x3_as_gemm(x, weight, bias, super::IM2COL_CHUNK_BYTES) {
+                        return Some(y);
+                    }
+                }
+                ([_, _, 1, 1], [0, 0]) => return Some(super::conv1x1_as_gemm(x, weight, bias)),
+                _ => {}
+            }
+        }
         let bias = match bias {
             Some(b) => Some(float(b)?),
             None => None,

@@ -73,6 +73,10 @@ pub struct OpReport {
     /// the flash kernel (both within bf16 rounding of f32), else `flash`;
     /// `None` off CUDA.
     pub best_attention: Option<String>,
+    /// `gemm` when the VAE's 3×3 convolutions as GEMMs (`ZIMAGE_CONV=gemm`)
+    /// beat the implicit-GEMM kernel at every shape timed (both within bf16
+    /// rounding of f32), else `implicit-gemm`; `None` off CUDA.
+    pub best_conv: Option<String>,
 }
 
 /// Sections of [`run`] that `only` can name.
@@ -240,6 +244,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         None
     };
 
+    let mut best_conv = None;
     if want("vae") {
         // The VAE decoder's 3×3 convolutions (padding 1).
         for (c, side) in shapes.convs {
@@ -255,12 +260,30 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
             out.push(timed::<B, _, 4>(device, reps, "conv 3×3, burn default", &shape, Some(flop), Some(rel_diff(&default, &reference)), || {
                 conv2d(x.clone(), w.clone(), Some(b.clone()), opts.clone())
             })?);
-            if let Some(got) = cuda_kernels::conv2d(&x, &w, Some(&b), opts.clone()) {
-                let diff = rel_diff(&got, &reference);
-                out.push(timed::<B, _, 4>(device, reps, "conv 3×3, implicit GEMM", &shape, Some(flop), Some(diff), || {
-                    cuda_kernels::conv2d(&x, &w, Some(&b), opts.clone()).unwrap_or_else(|| x.clone())
-                })?);
+            if !cuda_kernels::conv_as_gemm_on() {
+                if let Some(got) = cuda_kernels::conv2d(&x, &w, Some(&b), opts.clone()) {
+                    let diff = rel_diff(&got, &reference);
+                    out.push(timed::<B, _, 4>(device, reps, "conv 3×3, implicit GEMM", &shape, Some(flop), Some(diff), || {
+                        cuda_kernels::conv2d(&x, &w, Some(&b), opts.clone()).unwrap_or_else(|| x.clone())
+                    })?);
+                }
             }
+            // As GEMMs: the neighbourhood columns, then the matmul kernel the
+            // runs use (on CUDA in half precision only, as the runs would).
+            let on_cuda_half = cuda_kernels::describe::<B>(device).is_some() && matches!(dtype, DType::BF16 | DType::F16);
+            let gemm = || cuda_kernels::conv3x3_as_gemm(&x, &w, Some(&b), cuda_kernels::IM2COL_CHUNK_BYTES);
+            if let (true, Some(got)) = (on_cuda_half, gemm()) {
+                let diff = rel_diff(&got, &reference);
+                let op = format!("conv 3×3, as GEMMs ({})", cuda_kernels::matmul_kernel().unwrap_or("burn's matmul"));
+                out.push(timed::<B, _, 4>(device, reps, &op, &shape, Some(flop), Some(diff), || gemm().unwrap_or_else(|| x.clone()))?);
+            }
+        }
+        let timing = |prefix: &str| out.iter().filter(|r| r.op.starts_with(prefix) && r.rel_diff.is_some_and(|d| d < 2e-2)).map(|r| r.ms).collect::<Vec<_>>();
+        let (implicit, as_gemm) = (timing("conv 3×3, implicit GEMM"), timing("conv 3×3, as GEMMs"));
+        if as_gemm.len() == shapes.convs.len() && (implicit.len() < as_gemm.len() || as_gemm.iter().sum::<f64>() < implicit.iter().sum::<f64>()) {
+            best_conv = Some("gemm".into());
+        } else if implicit.len() == shapes.convs.len() {
+            best_conv = Some("implicit-gemm".into());
         }
 
         // The rest of the VAE decoder at its largest level: GroupNorm + SiLU (the
@@ -379,7 +402,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         let b = normal(vec![s, d], 1.0).reshape([s, d]);
         out.push(timed::<B, _, 2>(device, reps, "elementwise add", &format!("[{s}, {d}]"), None, None, || a.clone() + b.clone())?);
     }
-    Ok(OpReport { ops: out, best_matmul, best_attention })
+    Ok(OpReport { ops: out, best_matmul, best_attention, best_conv })
 }
 
 /// `[2, 1, S, S]`: nothing hidden for the first item, keys from `len` on for the second.
@@ -441,6 +464,9 @@ pub fn table(report: &OpReport) -> String {
     if let Some(best) = &report.best_attention {
         s += &format!("best attention: {best}\n");
     }
+    if let Some(best) = &report.best_conv {
+        s += &format!("best conv: {best}\n");
+    }
     s
 }
 
@@ -467,6 +493,7 @@ mod tests {
         // Off CUDA only burn's kernels run, here in f32: the same as the reference.
         assert_eq!(report.best_matmul, None);
         assert_eq!(report.best_attention, None);
+        assert_eq!(report.best_conv, None);
         assert!(rows.iter().filter_map(|r| r.rel_diff).all(|d| d < 1e-5), "{rows:?}");
         let timed = rows.iter().filter(|r| !r.op.ends_with("(check only)"));
         assert!(timed.clone().count() >= 10);
