@@ -23,6 +23,17 @@
 //! `bench/gpu.sh` (the tiny image with `ZIMAGE_MATMUL=cublas`, and `zimage
 //! bench-ops`, which times and checks every matmul kernel at full size).
 
+/// The smallest product (multiply-adds, `M·N·K` times the batch) that goes
+/// to cuBLAS: `ZIMAGE_CUBLAS_MIN_MACS`, default 2³⁴ ≈ 17 G, about 0.14 ms at
+/// cubek's 250 TFLOP/s. Why: each cuBLAS GEMM drains cubecl's stream, and the
+/// GPU then idles while the host queues the next kernels, about the cost of
+/// one small op; a 1024² DiT linear layer (62–166 G) repays that many times
+/// over, a 512² one (17–44 G) barely. Not yet measured on a card.
+pub fn min_macs() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| std::env::var("ZIMAGE_CUBLAS_MIN_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 34))
+}
+
 /// One operand as cuBLAS reads it: a column-major matrix in memory, used
 /// transposed or not, `ld` elements between its columns and `batch_stride`
 /// elements between the matrices of a batch.

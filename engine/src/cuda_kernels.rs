@@ -525,6 +525,10 @@ mod imp {
         if !matches!(out_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return None;
         }
+        let macs = ld[..D - 1].iter().product::<usize>() * ld[D - 1] * rd[D - 1];
+        // Small products stay on cubek's kernel: a cuBLAS GEMM costs two host
+        // waits, which only large ones repay (see crate::cublas).
+        let kernel = if kernel == "cublas" && macs < crate::cublas::min_macs() { "specialized-tma-mma" } else { kernel };
         if kernel == "cublas" {
             static REFUSED_CUBLAS: Refusals = Refusals::new();
             let key = format!("cublas {ld:?} × {rd:?} → {out_dtype:?}");
