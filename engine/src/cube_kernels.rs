@@ -883,6 +883,15 @@ mod tests {
         assert!(crate::cuda_kernels::conv3x3_as_gemm(&image, &random::<B, 4>([3, 2, 3, 3], &device), None, 1 << 20).is_none());
     }
 
+    /// `a` equals `b` within f32 rounding of kernels that sum in another order.
+    #[cfg(feature = "wgpu")]
+    fn assert_close<const D: usize>(a: Tensor<crate::device::WgpuBackend, D>, b: Tensor<crate::device::WgpuBackend, D>, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let diff: f32 = (a - b.clone()).abs().max().into_scalar();
+        let scale: f32 = b.abs().max().into_scalar();
+        assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max diff {diff} (scale {scale})");
+    }
+
     /// The convolution as GEMMs (the neighbourhood columns, then a matmul)
     /// against burn's conv2d on wgpu (f32): odd sizes, channels that change,
     /// pieces of one row, of several rows (the last partial) and whole, a
@@ -894,12 +903,7 @@ mod tests {
         use burn::tensor::ops::ConvOptions;
         type B = crate::device::WgpuBackend;
         let device = Default::default();
-        let close = |a: Tensor<B, 4>, b: Tensor<B, 4>, what: &str| {
-            assert_eq!(a.dims(), b.dims(), "{what}");
-            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
-            let scale: f32 = b.abs().max().into_scalar();
-            assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max diff {diff} (scale {scale})");
-        };
+        let close = assert_close::<4>;
         for ([b, c, h, w], c_out) in [([1, 3, 5, 7], 4), ([2, 8, 9, 33], 5), ([1, 1, 1, 1], 2)] {
             let x = random::<B, 4>([b, c, h, w], &device);
             let weight = random::<B, 4>([c_out, c, 3, 3], &device);
@@ -936,11 +940,7 @@ mod tests {
         use burn::tensor::activation::{silu, softmax as softmax_composed};
         type B = crate::device::WgpuBackend;
         let device = Default::default();
-        let close = |a: Tensor<B, 3>, b: Tensor<B, 3>, what: &str| {
-            let diff: f32 = (a - b.clone()).abs().max().into_scalar();
-            let scale: f32 = b.abs().max().into_scalar();
-            assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max diff {diff} (scale {scale})");
-        };
+        let close = assert_close::<3>;
         for (b, s, n) in [(2, 7, 600), (1, 33, 96), (2, 3, 5)] {
             let x = random::<B, 3>([b, s, n], &device);
             let y = random::<B, 3>([b, s, n], &device);
