@@ -225,7 +225,11 @@ mod imp {
         let last = out_dims.len() - 1;
         out_dims[last] = rs[last];
         let client = lhs.client.clone();
-        let out = burn_cubecl::ops::numeric::empty_device_dtype(client.clone(), lhs.device.clone(), burn::tensor::Shape::from(out_dims), out_dtype);
+        // Compact rows, as `ldc = N` writes them: `empty_device_dtype` would
+        // give CUDA's optimized layout, whose rows are padded to up to 512
+        // bytes (see `cube_kernels`' `output`).
+        let shape = burn::tensor::Shape::from(out_dims);
+        let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client.clone(), lhs.device.clone(), shape, out_dtype);
         let resource = |t: &CudaFloat| client.get_resource(t.handle.clone()).map_err(|e| format!("a device pointer: {e:?}"));
         let (l, r, o) = (resource(lhs)?, resource(rhs)?, resource(&out)?);
         // Everything cubecl queued before has run: the inputs' kernels, and
