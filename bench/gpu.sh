@@ -303,6 +303,8 @@ print()
 print("| VAE 1024² | decode ms | first decode ms | peak MiB (nvidia-smi) | MiB in tensors / reserved, after the first decode |")
 print("|---|---|---|---|---|")
 for name in ("vae1024_whole", "vae1024_bands", "vae1024_conv_gemm", "vae1024_conv_implicit"):
+    if not os.path.exists(f"{out}/{name}.peak_mib"):
+        continue  # not run in this call
     a = load(f"{out}/{name}.json")
     peak = open(f"{out}/{name}.peak_mib").read().strip() if os.path.exists(f"{out}/{name}.peak_mib") else "?"
     mem = (a or {}).get("device_memory", [])
