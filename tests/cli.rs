@@ -292,6 +292,8 @@ fn bench_reports_stages_with_and_without_the_text_encoder_resident() {
         assert!(r["prompt_tokens"].as_u64().unwrap() > 5, "{r}");
         // GPU memory by stage is a GPU's to report: on the CPU the list is there, empty.
         assert_eq!(r["device_memory"].as_array().map(Vec::len), Some(0), "{r}");
+        // So are the CUDA kernels it ran: the field is there, null.
+        assert!(r.get("kernels").is_some_and(|k| k.is_null()), "{r}");
     }
 }
 
