@@ -6,6 +6,7 @@
 # wrong image comes from), then `bench-ops --only attention` (the flash
 # kernel, the composed attention and its pieces, each against f32), and the
 # whole model with the composed attention where that was right and faster.
+# Also the tiny image in bf16 with cuBLAS and with the convolutions as GEMMs.
 # Needs bench/bin/zimage-cuda(.gz) as bench/gpu.sh; writes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ mkdir -p "$FINAL"
 Z=bench/bin/zimage-cuda
 [ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+source bench/find_cublas.sh
 LOG="$FINAL/check.txt"
 gen() { # device, dtype, output
   timeout 60 "$Z" generate --device "$1" --dtype "$2" --model tests/fixtures/tiny-turbo -p "a photo of a cat" \
@@ -28,15 +30,22 @@ for dt in f32 bf16; do
     ( export "${v#*:}"; gen cuda $dt "$FINAL/cuda-$dt-${v%%:*}.png" )
   done
 done
+# Session 23's paths, half precision only: cuBLAS for every product, the
+# convolutions as GEMMs (their columns kernel is not yet verified on CUDA).
+half_variants="cublas:ZIMAGE_MATMUL=cublas,ZIMAGE_CUBLAS_MIN_MACS=0 conv-gemm:ZIMAGE_CONV=gemm,ZIMAGE_GPU_FUSED_CUDA_ALL=1"
+for v in $half_variants; do
+  ( IFS=, && for kv in ${v#*:}; do export "$kv"; done; gen cuda bf16 "$FINAL/cuda-bf16-${v%%:*}.png" )
+done
+echo "libcublas: ${ZIMAGE_CUBLAS_LIB:-not found}" | tee -a "$LOG"
 # A kernel that fails to compile panics on cubecl's server thread: say so.
-echo "generate stderr: $(grep -c -i -E "panic|error" "$FINAL/generate-stderr.txt" 2>/dev/null || echo 0) lines with panic/error (generate-stderr.txt)" | tee -a "$LOG"
+echo "generate stderr: $(grep -c -i -E "panic|error" "$FINAL/generate-stderr.txt" 2>/dev/null) lines with panic/error (generate-stderr.txt)" | tee -a "$LOG"
 python3 - "$FINAL" $variants <<'PY' | tee -a "$LOG"
 import sys, numpy as np
 from PIL import Image
 out, names = sys.argv[1], [v.split(":")[0] for v in sys.argv[2:]]
 for dt in ("f32", "bf16"):
     a = np.asarray(Image.open(f"{out}/cpu-{dt}.png")).astype(int)
-    for name in names if dt == "f32" else ["on"]:
+    for name in names if dt == "f32" else ["on", "cublas", "conv-gemm"]:
         try:
             b = np.asarray(Image.open(f"{out}/cuda-{dt}-{name}.png")).astype(int)
             print(f"{dt} {name:18} max |cuda - cpu| {np.abs(a - b).max():3} mean {np.abs(a - b).mean():.3f}")
@@ -50,8 +59,9 @@ for dt in f32 bf16; do
   timeout 90 "$Z" bench-vae --device cuda --dtype $dt --config full -W 512 -H 512 --tensor-mib 16 --runs 1 --check 2>&1 \
     | grep -E "decode|bands vs whole|GPU memory" | tee -a "$LOG"
 done
-# With the kernels not yet verified on CUDA on too, so that their pieces are checked.
-ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 150 "$Z" bench-ops --device cuda --shapes full --reps 3 --only attention 2>&1 | grep -v "^note" | tee -a "$LOG"
+# With the kernels not yet verified on CUDA on too, so that their pieces are checked
+# (with cuBLAS's composed attention where libcublas loads, at every size).
+ZIMAGE_CUBLAS_MIN_MACS=0 ZIMAGE_GPU_FUSED_CUDA_ALL=1 timeout 150 "$Z" bench-ops --device cuda --shapes full --reps 3 --only attention 2>&1 | grep -v "^note" | tee -a "$LOG"
 # The whole model with the composed attention where bench-ops found it right and faster.
 if grep -q "^best attention: composed" "$LOG"; then
   export ZIMAGE_ATTENTION=composed ZIMAGE_GPU_FUSED_CUDA_ALL=1
