@@ -161,8 +161,7 @@ if [[ "$d_conv" =~ ^[0-9]+$ ]] && [[ "$d_default" =~ ^[0-9]+$ ]] && [ "$d_conv" 
 # First the ops one by one: which kernel costs what, and the hand-picked CUDA
 # kernels (flash attention, implicit-GEMM conv) checked against burn's own.
 log "ops at full-size shapes (bf16)"
-# (ZIMAGE_CUBLAS_MIN_MACS=0: the rows named cublas are cuBLAS's at every size, one head's pieces too.)
-ZIMAGE_CUBLAS_MIN_MACS=0 timeout 240 "$Z" bench-ops --device cuda --shapes full --reps 5 --json "$OUT/ops.json" 2>&1 | tee -a "$LOG" "$OUT/ops.md"
+timeout 240 "$Z" bench-ops --device cuda --shapes full --reps 5 --json "$OUT/ops.json" 2>&1 | tee -a "$LOG" "$OUT/ops.md"
 if [ -z "${ZIMAGE_MATMUL:-}" ]; then
   best=$(sed -n 's/^best matmul kernel: //p' "$OUT/ops.md" | tail -1)
   [ -n "$best" ] && export ZIMAGE_MATMUL="$best"

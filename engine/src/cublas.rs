@@ -31,7 +31,19 @@
 /// over, a 512² one (17–44 G) barely. Not yet measured on a card.
 pub fn min_macs() -> usize {
     static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| std::env::var("ZIMAGE_CUBLAS_MIN_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 34))
+    match MIN_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        usize::MAX => *MIN.get_or_init(|| std::env::var("ZIMAGE_CUBLAS_MIN_MACS").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 34)),
+        set => set,
+    }
+}
+
+/// Set by [`set_min_macs`]; `usize::MAX`: as `ZIMAGE_CUBLAS_MIN_MACS` says.
+static MIN_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Overrides [`min_macs`] for this process: `zimage bench-ops` times cuBLAS
+/// itself at every size in its rows named `cublas`.
+pub fn set_min_macs(macs: usize) {
+    MIN_OVERRIDE.store(macs, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// One operand as cuBLAS reads it: a column-major matrix in memory, used

@@ -232,6 +232,16 @@ pub fn describe<B: Backend>(device: &B::Device) -> Option<String> {
     None
 }
 
+/// Whether cuBLAS loads and opens for `device` (a CUDA device); `false`
+/// elsewhere. `zimage bench-ops` times it only then.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn cublas_loaded<B: Backend>(device: &B::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return imp::cublas_loaded::<B>(device);
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// Whether attention runs as [`composed_attention`] instead of the flash
 /// kernel on CUDA: `ZIMAGE_ATTENTION=composed` (off by default until a card
 /// has checked the form below in a whole image).
@@ -373,6 +383,14 @@ mod imp {
         }
     }
 
+    /// cubek's kernel for what cuBLAS does not take (small products, refused
+    /// layouts, no library): the engine's default.
+    const CUBLAS_FALLBACK: &str = "specialized-tma-mma";
+
+    pub fn cublas_loaded<B: Backend>(device: &B::Device) -> bool {
+        float(&Tensor::<B, 1>::zeros([1], device)).is_some_and(|probe| crate::cublas::available(probe.device.index).is_ok())
+    }
+
     pub fn describe<B: Backend>(device: &B::Device) -> Option<String> {
         let probe = float(&Tensor::<B, 1>::zeros([1], device))?;
         if !enabled() {
@@ -381,7 +399,7 @@ mod imp {
         let matmul = match matmul_kernel() {
             Some("cublas") => match crate::cublas::available(probe.device.index) {
                 Ok(()) => "cublas (loaded)".to_string(),
-                Err(why) => format!("cublas not usable, burn's default instead: {why}"),
+                Err(why) => format!("{CUBLAS_FALLBACK} (cublas not usable: {why})"),
             },
             Some(kernel) => kernel.to_string(),
             None => "burn's default".to_string(),
@@ -525,15 +543,22 @@ mod imp {
         if !matches!(out_dtype, DType::F32 | DType::BF16 | DType::F16) {
             return None;
         }
-        let macs = ld[..D - 1].iter().product::<usize>() * ld[D - 1] * rd[D - 1];
-        // Small products stay on cubek's kernel: a cuBLAS GEMM costs two host
-        // waits, which only large ones repay (see crate::cublas).
-        let kernel = if kernel == "cublas" && macs < crate::cublas::min_macs() { "specialized-tma-mma" } else { kernel };
-        if kernel == "cublas" {
-            static REFUSED_CUBLAS: Refusals = Refusals::new();
-            let key = format!("cublas {ld:?} × {rd:?} → {out_dtype:?}");
-            return guarded("cuBLAS matmul", &REFUSED_CUBLAS, key, || crate::cublas::gemm(&l, &r, out_dtype)).map(back);
-        }
+        let kernel = if kernel == "cublas" {
+            // Small products stay on cubek's kernel: a cuBLAS GEMM costs two
+            // host waits, which only large ones repay (see crate::cublas); so
+            // do those cuBLAS refuses, or all when it does not load.
+            let macs = ld[..D - 1].iter().product::<usize>() * ld[D - 1] * rd[D - 1];
+            if macs >= crate::cublas::min_macs() {
+                static REFUSED_CUBLAS: Refusals = Refusals::new();
+                let key = format!("cublas {ld:?} × {rd:?} → {out_dtype:?}");
+                if let Some(out) = guarded("cuBLAS matmul", &REFUSED_CUBLAS, key, || crate::cublas::gemm(&l, &r, out_dtype)) {
+                    return Some(back(out));
+                }
+            }
+            CUBLAS_FALLBACK
+        } else {
+            kernel
+        };
         let strategy = strategy(kernel)?;
         let mut out_dims = ld;
         out_dims[D - 1] = rd[D - 1];

@@ -89,6 +89,10 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         return Err(EngineError::InvalidRequest(format!("unknown section {section:?}; use one of {SECTIONS:?}")));
     }
     let want = |section: &str| only.is_none_or(|o| o == section);
+    // Rows named cublas are cuBLAS's at every size (the runs send it only large
+    // products), and only where it loads (else the matmul runs cubek's kernel).
+    crate::cublas::set_min_macs(0);
+    let cublas = cuda_kernels::cublas_loaded::<B>(device);
     let mut out = Vec::new();
     let OpShapes { tokens: s, dim: d, heads: h, ffn: f, .. } = shapes;
     let head_dim = d / h;
@@ -116,7 +120,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         out.push(timed::<B, _, 2>(device, reps, &format!("{name}, burn default"), &shape, Some(flop), Some(rel_diff(&default, &reference)), || {
             x.clone().matmul(weight.clone())
         })?);
-        for kernel in cuda_kernels::MATMUL_KERNELS {
+        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| **k != "cublas" || cublas) {
             let Some(got) = cuda_kernels::matmul(&x, &weight, kernel) else { continue };
             let diff = rel_diff(&got, &reference);
             let row = timed::<B, _, 2>(device, reps, &format!("{name}, {kernel}"), &shape, Some(flop), Some(diff), || {
@@ -187,7 +191,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
         }
         // With the TMA matmul and with cuBLAS: the runs use the form whose
         // matmul kernel is also the best one for the linear layers.
-        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| matches!(**k, "specialized-tma-mma" | "cublas")) {
+        for kernel in cuda_kernels::MATMUL_KERNELS.iter().filter(|k| **k == "specialized-tma-mma" || (**k == "cublas" && cublas)) {
             if let Some(got) = cuda_kernels::composed_attention(&q, &k, &v, kernel) {
                 let diff = rel_diff(&got, &reference);
                 let op = format!("attention, composed ({kernel} matmuls, fused softmax)");
