@@ -405,7 +405,12 @@ mod imp {
             None => "burn's default".to_string(),
         };
         let attention = if composed_attention_on() { "composed".to_string() } else { format!("flash, {} planes", flash_planes()) };
-        let conv = if conv_as_gemm_on() { "as GEMMs" } else { "implicit GEMM" };
+        let conv = match (conv_as_gemm_on(), std::env::var_os("ZIMAGE_GPU_FUSED_CUDA_ALL").is_some()) {
+            (true, true) => "as GEMMs",
+            // Its columns kernel is not yet verified on CUDA (cube_kernels' Op::verified_on_cuda).
+            (true, false) => "implicit GEMM (ZIMAGE_CONV=gemm also needs ZIMAGE_GPU_FUSED_CUDA_ALL=1 until a card checks it)",
+            _ => "implicit GEMM",
+        };
         Some(format!("matmul {matmul}; attention {attention}; conv {conv} (half precision only; f32 runs burn's ops)"))
     }
 
