@@ -56,6 +56,7 @@ fi
 [ -x "$Z" ] || { [ -f "$Z.gz" ] && gunzip -c "$Z.gz" > "$Z" && chmod +x "$Z"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" "$LOG"
 log "libcublas: ${ZIMAGE_CUBLAS_LIB:-not found (the cublas matmul is then not timed)}"
+timeout 60 "$Z" devices 2>&1 | tee -a "$LOG"
 
 # The tiny fixture's image: device, dtype, output file (TIMEOUT: seconds, 60).
 tiny() {

@@ -37,6 +37,7 @@ for v in $half_variants; do
   ( IFS=, && for kv in ${v#*:}; do export "$kv"; done; gen cuda bf16 "$FINAL/cuda-bf16-${v%%:*}.png" )
 done
 echo "libcublas: ${ZIMAGE_CUBLAS_LIB:-not found}" | tee -a "$LOG"
+timeout 60 "$Z" devices 2>&1 | tee -a "$LOG"
 # A kernel that fails to compile panics on cubecl's server thread: say so.
 echo "generate stderr: $(grep -c -i -E "panic|error" "$FINAL/generate-stderr.txt" 2>/dev/null) lines with panic/error (generate-stderr.txt)" | tee -a "$LOG"
 python3 - "$FINAL" $variants <<'PY' | tee -a "$LOG"

@@ -320,3 +320,28 @@ fn bench_vae_reports_whole_and_banded_decodes() {
         assert!(stderr.contains(says), "{size}: {stderr}");
     }
 }
+
+/// `zimage devices` says what each device is here: the CPU always usable,
+/// and (in this default build) CUDA and wgpu not built in, with the feature
+/// to rebuild with; `--json` gives the same as data.
+#[test]
+fn devices_lists_each_device_and_why_it_cannot_be_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = zimage(&["devices"], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("cpu") && lines[0].contains("threads") && lines[0].contains("available"), "{text}");
+    if !cfg!(feature = "cuda") {
+        assert!(lines[1].starts_with("cuda") && lines[1].contains("--features cuda"), "{text}");
+    }
+    let out = zimage(&["devices", "--json"], tmp.path());
+    let devices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = devices.as_array().unwrap().iter().map(|d| d["device"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu", "cuda", "wgpu"]);
+    assert_eq!(devices[0]["usable"], true);
+    if !cfg!(feature = "wgpu") {
+        assert_eq!(devices[2]["usable"], false);
+    }
+}

@@ -276,6 +276,75 @@ pub fn memory_budget(kind: DeviceKind) -> (Option<u64>, String) {
     }
 }
 
+/// One line of `zimage devices`: a device kind and what this machine and
+/// build can do with it, in words.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceLine {
+    /// `cpu`, `cuda` or `wgpu`, as `--device` takes it.
+    pub device: &'static str,
+    /// Whether `--device` with it would run.
+    pub usable: bool,
+    /// What it is, or why it cannot be used, in one line.
+    pub status: String,
+}
+
+/// What each device is on this machine, for `zimage devices`: the first
+/// thing to read when an image is slower than expected or `--device auto`
+/// chose the CPU. Probes the GPUs (a tiny op each, a few seconds at most).
+pub fn describe_devices() -> Vec<DeviceLine> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let memory = host_available_memory().map_or("memory available unknown".to_string(), |b| format!("{} available", crate::memory::gigabytes(b)));
+    let cpu = DeviceLine { device: "cpu", usable: true, status: format!("{threads} threads, {memory}; runs f32") };
+    let not_built = |device: &'static str| DeviceLine {
+        device,
+        usable: false,
+        status: format!("not in this build (rebuild with `--features {device}`)"),
+    };
+    #[cfg(feature = "cuda")]
+    let cuda = describe_cuda();
+    #[cfg(not(feature = "cuda"))]
+    let cuda = not_built("cuda");
+    #[cfg(feature = "wgpu")]
+    let wgpu = match DeviceKind::Wgpu.ensure_available() {
+        Ok(()) => DeviceLine { device: "wgpu", usable: true, status: "a Vulkan/Metal GPU answers (the first adapter); runs f32".into() },
+        Err(e) => DeviceLine { device: "wgpu", usable: false, status: e.to_string() },
+    };
+    #[cfg(not(feature = "wgpu"))]
+    let wgpu = not_built("wgpu");
+    vec![cpu, cuda, wgpu]
+}
+
+#[cfg(feature = "cuda")]
+fn describe_cuda() -> DeviceLine {
+    let unusable = |status: String| DeviceLine { device: "cuda", usable: false, status };
+    // SAFETY: only tries to load the library; nothing is called through it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return unusable("no NVIDIA driver (libcuda was not found)".into());
+    }
+    let Some(ctx) = cuda_context() else {
+        return unusable("the NVIDIA driver is there but no GPU answers".into());
+    };
+    let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
+    let arch = ctx.compute_capability().map(|(major, minor)| format!(", sm{major}{minor}")).unwrap_or_default();
+    let memory = match ctx.mem_get_info() {
+        Ok((free, total)) => format!(", {} free of {}", crate::memory::gigabytes(free as u64), crate::memory::gigabytes(total as u64)),
+        Err(_) => String::new(),
+    };
+    if let Err(e) = DeviceKind::Cuda.ensure_available() {
+        return unusable(format!("{name}{arch}{memory}: {e}"));
+    }
+    let cache = if std::env::var("ZIMAGE_KERNEL_CACHE").is_ok_and(|v| v == "0") { "off (ZIMAGE_KERNEL_CACHE=0)" } else { "on" };
+    let cublas = match crate::cublas::available(0) {
+        Ok(()) => "loads".to_string(),
+        Err(why) => format!("not available ({why})"),
+    };
+    DeviceLine {
+        device: "cuda",
+        usable: true,
+        status: format!("{name}{arch}{memory}; runs bf16; compiled-kernel cache {cache}; cuBLAS {cublas}"),
+    }
+}
+
 /// Resident memory of this process (`/proc/self/statm`); `None` where unknown.
 pub fn process_resident_memory() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

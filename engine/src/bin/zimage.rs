@@ -153,6 +153,13 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Show what each device (cpu, cuda, wgpu) is on this machine and in this
+    /// build: the GPU, its free memory, whether it answers, and why not.
+    Devices {
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the Z-Image models found on this machine (Hugging Face cache,
     /// ComfyUI folders, and the given paths), with size, dtype and completeness.
     Models {
@@ -438,6 +445,17 @@ fn run(cli: Cli) -> Result<()> {
             opts.samples_png = samples;
             opts.quiet = quiet;
             println!("{}", zimage_engine::demo::eval_demo(&opts)?);
+            Ok(())
+        }
+        Command::Devices { json } => {
+            let lines = zimage_engine::device::describe_devices();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                for line in &lines {
+                    println!("{:5} {}", line.device, line.status);
+                }
+            }
             Ok(())
         }
         Command::Models { paths, json } => {
