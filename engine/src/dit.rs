@@ -106,7 +106,7 @@ impl ZImageDitConfig {
                 }
             }
         };
-        let patch = json.get("all_patch_size").and_then(|v| v.as_array()).map(|a| a.clone()).unwrap_or_default();
+        let patch = json.get("all_patch_size").and_then(|v| v.as_array()).cloned().unwrap_or_default();
         let patch_size = patch.first().and_then(|v| v.as_u64()).unwrap_or(2) as usize;
         let f_patch = json
             .get("all_f_patch_size")
@@ -135,7 +135,7 @@ impl ZImageDitConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.n_heads == 0 || self.dim % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!("dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
         }
         if self.axes_dims.iter().sum::<usize>() != self.head_dim() {

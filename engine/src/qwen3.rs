@@ -72,7 +72,7 @@ impl Qwen3Config {
         if cfg.num_hidden_layers < 2 {
             return Err("num_hidden_layers must be at least 2 (Z-Image uses the second-to-last layer)".into());
         }
-        if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        if cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
             return Err("num_attention_heads must be a multiple of num_key_value_heads".into());
         }
         Ok(cfg)

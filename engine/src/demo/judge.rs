@@ -136,7 +136,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
         }
     }
     let mut objects: Vec<Detected> = best.into_iter().flatten().collect();
-    objects.sort_by(|a, b| b.area.cmp(&a.area));
+    objects.sort_by_key(|o| std::cmp::Reverse(o.area));
     Analysis { background, objects }
 }
 

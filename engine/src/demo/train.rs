@@ -245,7 +245,7 @@ pub fn encode_batch<B: Backend>(enc: &Qwen3Encoder<B>, ids: &[Vec<u32>]) -> Vec<
     let l = ids.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let hidden = enc.embed_tokens.dims()[1];
     let device = enc.embed_tokens.device();
-    let flat: Vec<i64> = ids.iter().flat_map(|s| s.iter().map(|&i| i as i64).chain(std::iter::repeat(0).take(l - s.len()))).collect();
+    let flat: Vec<i64> = ids.iter().flat_map(|s| s.iter().map(|&i| i as i64).chain(std::iter::repeat_n(0, l - s.len()))).collect();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
     let mut x = enc.embed_tokens.val().select(0, idx).reshape([b, l, hidden]);
     let rope = RotateHalfRope::new(l, enc.head_dim, enc.rope_theta, &device);

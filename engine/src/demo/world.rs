@@ -304,7 +304,7 @@ impl Scene {
     /// one caption in eight, chosen by a hash of the caption text, so the
     /// split is fixed whatever the seed).
     pub fn is_held_out(&self) -> bool {
-        fnv1a(self.caption().as_bytes()) % 8 == 0
+        fnv1a(self.caption().as_bytes()).is_multiple_of(8)
     }
 }
 
