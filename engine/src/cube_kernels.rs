@@ -207,6 +207,16 @@ pub fn plane_affine<B: Backend>(x: &Tensor<B, 4>, scale: &Tensor<B, 2>, shift: &
     None
 }
 
+/// Whether `x` lives where these kernels run (a CUDA or wgpu tensor) and
+/// they are on: what the GEMM convolution's 1×1 case asks before it runs.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+pub fn runs_on<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return kernel_on("im2col") && imp::on_gpu(&imp::prim(x));
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    false
+}
+
 /// The 3×3 neighbourhoods (padding 1) of output rows `row0 .. row0 + rows`
 /// of `x` `[1, C, H, W]`, one column per pixel: `[C·9, rows·W]`, row `c·9 +
 /// ky·3 + kx` holding `x[c, y + ky − 1, x + kx − 1]` (0 outside), the order of
@@ -315,6 +325,21 @@ mod imp {
                 Op::Im2col3x3 { .. } => false,
             }
         }
+    }
+
+    /// Whether `p` is a CUDA or wgpu tensor.
+    pub fn on_gpu<P: Clone + 'static>(p: &P) -> bool {
+        let any: &dyn Any = p;
+        #[cfg(feature = "cuda")]
+        if any.is::<CubeTensor<cubecl::cuda::CudaRuntime>>() {
+            return true;
+        }
+        #[cfg(feature = "wgpu")]
+        if any.is::<CubeTensor<cubecl::wgpu::WgpuRuntime>>() {
+            return true;
+        }
+        let _ = any;
+        false
     }
 
     pub fn prim<B: Backend, const D: usize>(t: &BurnTensor<B, D>) -> B::FloatTensorPrimitive {

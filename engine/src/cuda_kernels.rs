@@ -65,9 +65,10 @@ pub fn flash_attention<B: Backend>(
     None
 }
 
-/// `conv2d` through the implicit-GEMM kernel (tensor cores). `x`: `[B, C_in,
-/// H, W]`, `weight`: `[C_out, C_in, kh, kw]`, `bias`: `[C_out]`; returns
-/// `[B, C_out, H', W']`, or `None` off CUDA or where the kernel refuses.
+/// `conv2d` through the implicit-GEMM kernel (tensor cores) on CUDA, or as
+/// GEMMs (on CUDA with `ZIMAGE_CONV=gemm`, on wgpu by default). `x`: `[B, C_in, H, W]`,
+/// `weight`: `[C_out, C_in, kh, kw]`, `bias`: `[C_out]`; returns `[B, C_out,
+/// H', W']`, or `None` on the CPU and where the kernels refuse.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn conv2d<B: Backend>(
     x: &Tensor<B, 4>,
@@ -79,8 +80,20 @@ pub fn conv2d<B: Backend>(
         return None;
     }
     #[cfg(feature = "cuda")]
-    return imp::conv2d(x, weight, bias, options);
-    #[cfg(not(feature = "cuda"))]
+    if imp::on_cuda(x) {
+        return imp::conv2d(x, weight, bias, options);
+    }
+    // Elsewhere (wgpu, where burn runs its direct convolution without
+    // autotune) the GEMM form unless `ZIMAGE_CONV` names another; `None` on
+    // the CPU, where the columns kernel does not run.
+    let gemm_here = conv_setting().is_none_or(|v| v == "gemm");
+    if gemm_here && options.stride == [1, 1] && options.dilation == [1, 1] && options.groups == 1 {
+        return match (weight.dims(), options.padding) {
+            ([_, _, 3, 3], [1, 1]) => conv3x3_as_gemm(x, weight, bias, IM2COL_CHUNK_BYTES),
+            ([_, _, 1, 1], [0, 0]) if crate::cube_kernels::runs_on(x) => Some(conv1x1_as_gemm(x, weight, bias)),
+            _ => None,
+        };
+    }
     None
 }
 
@@ -89,9 +102,17 @@ pub fn conv2d<B: Backend>(
 /// convolution: `ZIMAGE_CONV=gemm` (opt-in until a card has checked it).
 /// Why: the implicit-GEMM kernel runs the VAE's 3×3 convolutions at 64–72
 /// TFLOP/s on an H200 (GPU run 9), the TMA matmul the same FLOPs at 250–290.
+/// On wgpu the GEMM form is the default (`ZIMAGE_CONV=direct` keeps burn's
+/// direct kernel): see [`conv2d`].
 pub fn conv_as_gemm_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ZIMAGE_CONV").is_ok_and(|v| v == "gemm"))
+    conv_setting() == Some("gemm")
+}
+
+/// `ZIMAGE_CONV`, read once: `gemm`, or another word for the device's own
+/// kernel (`implicit`, `direct`); `None` when unset.
+fn conv_setting() -> Option<&'static str> {
+    static SETTING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SETTING.get_or_init(|| std::env::var("ZIMAGE_CONV").ok().filter(|v| !v.is_empty())).as_deref()
 }
 
 /// The largest piece of neighbourhood columns [`conv3x3_as_gemm`] makes at
@@ -381,6 +402,11 @@ mod imp {
         const fn new() -> Self {
             Self { off: AtomicBool::new(false), keys: Mutex::new(BTreeSet::new()) }
         }
+    }
+
+    /// Whether `t` is a CUDA tensor.
+    pub fn on_cuda<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+        float(t).is_some()
     }
 
     /// cubek's kernel for what cuBLAS does not take (small products, refused
