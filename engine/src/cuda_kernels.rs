@@ -86,15 +86,24 @@ pub fn conv2d<B: Backend>(
     // Elsewhere (wgpu, where burn runs its direct convolution without
     // autotune) the GEMM form unless `ZIMAGE_CONV` names another; `None` on
     // the CPU, where the columns kernel does not run.
-    let gemm_here = conv_setting().is_none_or(|v| v == "gemm");
-    if gemm_here && options.stride == [1, 1] && options.dilation == [1, 1] && options.groups == 1 {
-        return match (weight.dims(), options.padding) {
-            ([_, _, 3, 3], [1, 1]) => conv3x3_as_gemm(x, weight, bias, IM2COL_CHUNK_BYTES),
-            ([_, _, 1, 1], [0, 0]) if crate::cube_kernels::runs_on(x) => Some(conv1x1_as_gemm(x, weight, bias)),
-            _ => None,
-        };
+    if conv_setting().is_none_or(|v| v == "gemm") {
+        return conv_as_gemm(x, weight, bias, &options);
     }
     None
+}
+
+/// [`conv3x3_as_gemm`] or [`conv1x1_as_gemm`] for the convolutions they
+/// take (stride 1, no dilation or groups; 3×3 with padding 1, 1×1 without),
+/// where the GPU kernels run; `None` for any other.
+fn conv_as_gemm<B: Backend>(x: &Tensor<B, 4>, weight: &Tensor<B, 4>, bias: Option<&Tensor<B, 1>>, options: &ConvOptions<2>) -> Option<Tensor<B, 4>> {
+    if options.stride != [1, 1] || options.dilation != [1, 1] || options.groups != 1 {
+        return None;
+    }
+    match (weight.dims(), options.padding) {
+        ([_, _, 3, 3], [1, 1]) => conv3x3_as_gemm(x, weight, bias, IM2COL_CHUNK_BYTES),
+        ([_, _, 1, 1], [0, 0]) if crate::cube_kernels::runs_on(x) => Some(conv1x1_as_gemm(x, weight, bias)),
+        _ => None,
+    }
 }
 
 /// Whether `conv2d` on CUDA runs as GEMMs ([`conv3x3_as_gemm`], 1×1 as one
@@ -500,15 +509,9 @@ mod imp {
             return None;
         }
         let key = format!("x {:?} weight {:?} {options:?}", x.dims(), weight.dims());
-        if conv_as_gemm_on() && options.stride == [1, 1] && options.dilation == [1, 1] && options.groups == 1 {
-            match (weight.dims(), options.padding) {
-                ([_, _, 3, 3], [1, 1]) => {
-                    if let Some(y) = super::conv3x3_as_gemm(x, weight, bias, super::IM2COL_CHUNK_BYTES) {
-                        return Some(y);
-                    }
-                }
-                ([_, _, 1, 1], [0, 0]) => return Some(super::conv1x1_as_gemm(x, weight, bias)),
-                _ => {}
+        if conv_as_gemm_on() {
+            if let Some(y) = super::conv_as_gemm(x, weight, bias, &options) {
+                return Some(y);
             }
         }
         let bias = match bias {

@@ -201,12 +201,18 @@ fn at_most_the_limit(measured: Option<u64>) -> Option<u64> {
 /// failed at start-up) or no GPU answers.
 #[cfg(feature = "cuda")]
 fn cuda_context() -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: only tries to load the library; nothing is called through it.
-    if !*PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+    if !cuda_driver_present() {
         return None;
     }
     cudarc::driver::CudaContext::new(0).ok()
+}
+
+/// Whether NVIDIA's driver library (libcuda) loads, checked once.
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only tries to load the library; nothing is called through it.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
 }
 
 /// Free and total memory of the first CUDA GPU in bytes, from the driver
@@ -317,8 +323,7 @@ pub fn describe_devices() -> Vec<DeviceLine> {
 #[cfg(feature = "cuda")]
 fn describe_cuda() -> DeviceLine {
     let unusable = |status: String| DeviceLine { device: "cuda", usable: false, status };
-    // SAFETY: only tries to load the library; nothing is called through it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !cuda_driver_present() {
         return unusable("no NVIDIA driver (libcuda was not found)".into());
     }
     let Some(ctx) = cuda_context() else {
@@ -386,8 +391,7 @@ mod tests {
     #[test]
     fn a_cuda_build_without_the_driver_starts_and_plans_without_a_gpu() {
         super::keep_compiled_kernels();
-        // SAFETY: only tries to load the library.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !super::cuda_driver_present() {
             assert_eq!(super::cuda_memory(), None);
             assert_eq!(super::memory_budget(super::DeviceKind::Cuda).0, None);
         }
