@@ -250,6 +250,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
 
     let mut best_conv = None;
     if want("vae") {
+        let on_cuda = cuda_kernels::describe::<B>(device).is_some();
         // The VAE decoder's 3×3 convolutions (padding 1).
         for (c, side) in shapes.convs {
             let x = normal(vec![1, c, side, side], 1.0).reshape([1, c, side, side]);
@@ -264,7 +265,7 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
             out.push(timed::<B, _, 4>(device, reps, "conv 3×3, burn default", &shape, Some(flop), Some(rel_diff(&default, &reference)), || {
                 conv2d(x.clone(), w.clone(), Some(b.clone()), opts.clone())
             })?);
-            if !cuda_kernels::conv_as_gemm_on() {
+            if on_cuda && !cuda_kernels::conv_as_gemm_on() {
                 if let Some(got) = cuda_kernels::conv2d(&x, &w, Some(&b), opts.clone()) {
                     let diff = rel_diff(&got, &reference);
                     out.push(timed::<B, _, 4>(device, reps, "conv 3×3, implicit GEMM", &shape, Some(flop), Some(diff), || {
@@ -273,21 +274,27 @@ pub fn run<B: Backend>(device: &B::Device, dtype: DType, shapes: OpShapes, reps:
                 }
             }
             // As GEMMs: the neighbourhood columns, then the matmul kernel the
-            // runs use (on CUDA in half precision only, as the runs would).
-            let on_cuda_half = cuda_kernels::describe::<B>(device).is_some() && matches!(dtype, DType::BF16 | DType::F16);
+            // runs use (on CUDA in half precision only, as the runs would; on
+            // wgpu burn's matmul, the default there).
+            let runs_here = !on_cuda || matches!(dtype, DType::BF16 | DType::F16);
             let gemm = || cuda_kernels::conv3x3_as_gemm(&x, &w, Some(&b), cuda_kernels::IM2COL_CHUNK_BYTES);
-            if let (true, Some(got)) = (on_cuda_half, gemm()) {
+            if let (true, Some(got)) = (runs_here, gemm()) {
                 let diff = rel_diff(&got, &reference);
-                let op = format!("conv 3×3, as GEMMs ({})", cuda_kernels::matmul_kernel().unwrap_or("burn's matmul"));
+                let matmul = if on_cuda { cuda_kernels::matmul_kernel().unwrap_or("burn's matmul") } else { "burn's matmul" };
+                let op = format!("conv 3×3, as GEMMs ({matmul})");
                 out.push(timed::<B, _, 4>(device, reps, &op, &shape, Some(flop), Some(diff), || gemm().unwrap_or_else(|| x.clone()))?);
             }
         }
-        let timing = |prefix: &str| out.iter().filter(|r| r.op.starts_with(prefix) && r.rel_diff.is_some_and(|d| d < 2e-2)).map(|r| r.ms).collect::<Vec<_>>();
-        let (implicit, as_gemm) = (timing("conv 3×3, implicit GEMM"), timing("conv 3×3, as GEMMs"));
-        if as_gemm.len() == shapes.convs.len() && (implicit.len() < as_gemm.len() || as_gemm.iter().sum::<f64>() < implicit.iter().sum::<f64>()) {
-            best_conv = Some("gemm".into());
-        } else if implicit.len() == shapes.convs.len() {
-            best_conv = Some("implicit-gemm".into());
+        // Only CUDA has the choice (wgpu runs the GEMM form).
+        if on_cuda {
+            let timing = |prefix: &str| out.iter().filter(|r| r.op.starts_with(prefix) && r.rel_diff.is_some_and(|d| d < 2e-2)).map(|r| r.ms).collect::<Vec<_>>();
+            let (implicit, as_gemm) = (timing("conv 3×3, implicit GEMM"), timing("conv 3×3, as GEMMs"));
+            let n = shapes.convs.len();
+            if as_gemm.len() == n && (implicit.len() < n || as_gemm.iter().sum::<f64>() < implicit.iter().sum::<f64>()) {
+                best_conv = Some("gemm".into());
+            } else if implicit.len() == n {
+                best_conv = Some("implicit-gemm".into());
+            }
         }
 
         // The rest of the VAE decoder at its largest level: GroupNorm + SiLU (the
