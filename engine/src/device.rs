@@ -46,7 +46,7 @@ pub fn tune_allocator() {
 /// `cuda` feature or a GPU.
 pub fn keep_compiled_kernels() {
     #[cfg(feature = "cuda")]
-    if std::env::var("ZIMAGE_KERNEL_CACHE").map_or(true, |v| v != "0") {
+    if kernel_cache_on() {
         use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
         let gpu = cuda_context().and_then(|ctx| {
             let (major, minor) = ctx.compute_capability().ok()?;
@@ -65,6 +65,12 @@ pub fn keep_compiled_kernels() {
         }
         CubeClRuntimeConfig::set(config);
     }
+}
+
+/// Whether the compiled-kernel cache is wanted: unless `ZIMAGE_KERNEL_CACHE=0`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_cache_on() -> bool {
+    std::env::var("ZIMAGE_KERNEL_CACHE").map_or(true, |v| v != "0")
 }
 
 /// The folder for the compiled kernels of `exe` on `gpu` under `base`:
@@ -338,7 +344,7 @@ fn describe_cuda() -> DeviceLine {
     if let Err(e) = DeviceKind::Cuda.ensure_available() {
         return unusable(format!("{name}{arch}{memory}: {e}"));
     }
-    let cache = if std::env::var("ZIMAGE_KERNEL_CACHE").is_ok_and(|v| v == "0") { "off (ZIMAGE_KERNEL_CACHE=0)" } else { "on" };
+    let cache = if kernel_cache_on() { "on" } else { "off (ZIMAGE_KERNEL_CACHE=0)" };
     let cublas = match crate::cublas::available(0) {
         Ok(()) => "loads".to_string(),
         Err(why) => format!("not available ({why})"),
