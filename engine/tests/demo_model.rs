@@ -130,6 +130,34 @@ fn base_from_runs_the_decoder_phase_only_once() {
     assert!(ModelFiles::locate(&dir.path().join("c").join("turbo"), &ModelOverrides::default()).is_ok());
 }
 
+/// `--vae-from`: the VAE of a trained folder is used as it is: its scaling
+/// (whatever the seed), its weights and config byte for byte, and the decoder
+/// phase runs only if that VAE has not had it.
+#[test]
+fn vae_from_takes_the_folder_vae_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |out: &str, vae_from: Option<&str>, seed: u64| {
+        let mut opts = TrainDemoOptions::new(dir.path().join(out));
+        opts.scale = 1e-4;
+        opts.quiet = true;
+        opts.seed = seed;
+        opts.vae_from = vae_from.map(|b| dir.path().join(b));
+        let report = train_demo(&opts).expect("train");
+        report.phases.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>()
+    };
+    let read = |out: &str, file: &str| std::fs::read(dir.path().join(out).join(file)).expect(file);
+    let phases = run("a", None, 0);
+    assert!(phases.iter().any(|p| p.contains("decoder")), "{phases:?}");
+    // Another seed draws other training scenes, whose statistics would give
+    // another scaling: the taken VAE's must stay.
+    let phases = run("b", Some("a"), 1);
+    assert!(!phases.iter().any(|p| p.contains("decoder")) && phases.iter().any(|p| p.contains("Turbo")), "{phases:?}");
+    for file in ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"] {
+        assert_eq!(read("b", file), read("a", file), "{file}");
+    }
+    assert!(ModelFiles::locate(&dir.path().join("b").join("turbo"), &ModelOverrides::default()).is_ok());
+}
+
 /// `--continue-base`: one more Base cycle on a trained folder. It starts from
 /// that folder's Base, keeps the folder's VAE byte for byte (its decoder
 /// phase included, which therefore does not run again), runs its own number

@@ -69,7 +69,7 @@ enum Command {
         /// alone can be judged with `eval-demo --vae-round-trip`.
         #[arg(long, default_value = "turbo", value_parser = ["vae", "base", "turbo"])]
         stop_after: String,
-        /// Take the VAE from this trained demo folder instead of training one.
+        /// Take the VAE from this trained demo folder instead of training one, as it is (its scaling, and its full-size decoder phase if it had it).
         #[arg(long)]
         vae_from: Option<PathBuf>,
         /// Take text encoder, VAE and Base from this trained demo folder and run

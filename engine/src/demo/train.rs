@@ -312,12 +312,14 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
         };
         phases.push(("VAE".to_string(), t0.elapsed().as_secs_f64()));
 
-        // Encode the DiT's training set; latent statistics set the VAE scaling.
+        // Encode the DiT's training set; the latent statistics of a new VAE set
+        // its scaling.
         let t0 = Instant::now();
-        let (vae, data) = encode_dataset(vae, vae_cfg.scale(), &recipe, seed, &tok, &device, opts.quiet)?;
-        match &opts.continue_base {
-            // As it is: the encoder (hence the latents and their statistics) is
-            // the same, and its decoder may have had its phase already.
+        let taken = opts.continue_base.as_ref().or(opts.vae_from.as_ref());
+        let (vae, data) = encode_dataset(vae, vae_cfg.scale(), taken.is_none(), &recipe, seed, &tok, &device, opts.quiet)?;
+        match taken {
+            // As it is: the DiT trains on its own scaling, and its decoder may
+            // have had its phase already (which therefore does not run again).
             Some(src) => copy_dir(&src.join("vae"), &out.join("vae"))?,
             None => {
                 write_vae(&out.join("vae"), &vae_cfg, &vae, &device)?;
@@ -354,8 +356,8 @@ pub fn train_demo(opts: &TrainDemoOptions) -> anyhow::Result<TrainReport> {
         }
     }
 
-    // 4. The decoder at full size (encoder frozen), unless a `--base-from`
-    // VAE has had it already.
+    // 4. The decoder at full size (encoder frozen), unless a VAE taken from a
+    // trained folder has had it already.
     let vae_json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("vae").join("config.json"))?)?;
     if vae_json.get(DECODER_STEPS_KEY).is_none() {
         let t0 = Instant::now();
@@ -659,9 +661,15 @@ fn object_coverage(img: &crate::preview::RgbImage, background: [u8; 3], scale: u
     out
 }
 
+/// Encodes the DiT's training scenes into model-space latents. With
+/// `fit_scaling`, the VAE's shift and scaling are first set from these
+/// latents' statistics (a new VAE); otherwise its own stay (a trained one,
+/// whose config other DiTs already rely on).
+#[allow(clippy::too_many_arguments)]
 fn encode_dataset(
     mut vae: Vae<Inner>,
     vae_scale: usize,
+    fit_scaling: bool,
     r: &Recipe,
     seed: u64,
     tok: &PromptTokenizer,
@@ -693,13 +701,15 @@ fn encode_dataset(
     }
     pb.finish();
     // Model-space latents (z − shift)·scale with unit variance, as Flux's.
-    let count = raw.len() as f64;
-    let mean = raw.iter().map(|&v| v as f64).sum::<f64>() / count;
-    let var = raw.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
-    let scale = 1.0 / var.sqrt().max(1e-6);
-    // Stored as the config stores them; the loader reads them back rounded the same way.
-    vae.shift_factor = (mean * 1e4).round() / 1e4;
-    vae.scaling_factor = (scale * 1e4).round() / 1e4;
+    if fit_scaling {
+        let count = raw.len() as f64;
+        let mean = raw.iter().map(|&v| v as f64).sum::<f64>() / count;
+        let var = raw.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
+        let scale = 1.0 / var.sqrt().max(1e-6);
+        // Stored as the config stores them; the loader reads them back rounded the same way.
+        vae.shift_factor = (mean * 1e4).round() / 1e4;
+        vae.scaling_factor = (scale * 1e4).round() / 1e4;
+    }
     let latents: Vec<f32> = raw.iter().map(|&v| ((v as f64 - vae.shift_factor) * vae.scaling_factor) as f32).collect();
     let per_item = shape.iter().product();
     anyhow::ensure!(coverage.len() == ids.len() * shape[1] * shape[2], "object coverage does not match the latent grid");
