@@ -6,7 +6,7 @@ use burn::tensor::DType;
 use zimage_engine::demo::eval::{demo_request, generate_one};
 use zimage_engine::demo::judge::judge;
 use zimage_engine::demo::world::Scene;
-use zimage_engine::demo::{train_demo, Phase, TrainDemoOptions};
+use zimage_engine::demo::{train_demo, Phase, TrainDemoOptions, TrainReport};
 use zimage_engine::device::CpuBackend;
 use zimage_engine::loader::{load_pipeline, locate_model, resolve_model, ModelFiles, ModelOverrides};
 use zimage_engine::ModelKind;
@@ -17,6 +17,20 @@ const PROMPT: (&str, u64) = ("a large red circle in the center on a blue backgro
 fn shipped(name: &str) -> zimage_engine::ZImagePipeline<CpuBackend> {
     let files = locate_model(name, &ModelOverrides::default()).unwrap_or_else(|e| panic!("{name} must be shipped in assets/demo: {e}"));
     load_pipeline::<CpuBackend>(&files, &Default::default(), DType::F32, &mut |_, _, _| {}).expect("load")
+}
+
+/// `train_demo` at a tiny scale into `<dir>/<out>`, quietly, with the
+/// options `set` changes; returns its report.
+fn tiny_run(dir: &std::path::Path, out: &str, set: impl FnOnce(&mut TrainDemoOptions)) -> TrainReport {
+    let mut opts = TrainDemoOptions::new(dir.join(out));
+    opts.scale = 1e-4;
+    opts.quiet = true;
+    set(&mut opts);
+    train_demo(&opts).expect("train")
+}
+
+fn phase_names(report: &TrainReport) -> Vec<String> {
+    report.phases.iter().map(|(name, _)| name.clone()).collect()
 }
 
 /// A built-in model is named by its built-in name (shown in the app, written
@@ -77,17 +91,13 @@ fn variety_changes_the_image_reproducibly_and_keeps_the_prompt() {
 #[test]
 fn training_recipe_runs_end_to_end_at_tiny_scale() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut opts = TrainDemoOptions::new(dir.path().join("demo"));
-    opts.scale = 1e-4;
-    opts.quiet = true;
-    opts.plot = Some(dir.path().join("loss.png"));
-    let report = train_demo(&opts).expect("train");
+    let report = tiny_run(dir.path(), "demo", |o| o.plot = Some(dir.path().join("loss.png")));
     assert!(report.final_losses.iter().all(|l| l.is_finite()));
     assert!(dir.path().join("loss.png").is_file());
     // Both models load back through the regular loader and sample.
     let device = Default::default();
     for (sub, base) in [("base", true), ("turbo", false)] {
-        let files = ModelFiles::locate(&opts.out.join(sub), &ModelOverrides::default()).expect("locate");
+        let files = ModelFiles::locate(&dir.path().join("demo").join(sub), &ModelOverrides::default()).expect("locate");
         let pipe = load_pipeline::<CpuBackend>(&files, &device, DType::F32, &mut |_, _, _| {}).expect("load");
         assert_eq!(pipe.kind == ModelKind::Base, base);
         let (img, _) = generate_one(&pipe, &demo_request("a small red circle on the left on a white background", 0, base)).expect("generate");
@@ -102,13 +112,10 @@ fn training_recipe_runs_end_to_end_at_tiny_scale() {
 fn base_from_runs_the_decoder_phase_only_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = |out: &str, base_from: Option<&str>, stop_after| {
-        let mut opts = TrainDemoOptions::new(dir.path().join(out));
-        opts.scale = 1e-4;
-        opts.quiet = true;
-        opts.stop_after = stop_after;
-        opts.base_from = base_from.map(|b| dir.path().join(b));
-        let report = train_demo(&opts).expect("train");
-        report.phases.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>()
+        phase_names(&tiny_run(dir.path(), out, |o| {
+            o.stop_after = stop_after;
+            o.base_from = base_from.map(|b| dir.path().join(b));
+        }))
     };
     let decoder_steps = |out: &str| {
         let json: serde_json::Value =
@@ -137,13 +144,10 @@ fn base_from_runs_the_decoder_phase_only_once() {
 fn vae_from_takes_the_folder_vae_as_it_is() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = |out: &str, vae_from: Option<&str>, seed: u64| {
-        let mut opts = TrainDemoOptions::new(dir.path().join(out));
-        opts.scale = 1e-4;
-        opts.quiet = true;
-        opts.seed = seed;
-        opts.vae_from = vae_from.map(|b| dir.path().join(b));
-        let report = train_demo(&opts).expect("train");
-        report.phases.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>()
+        phase_names(&tiny_run(dir.path(), out, |o| {
+            o.seed = seed;
+            o.vae_from = vae_from.map(|b| dir.path().join(b));
+        }))
     };
     let read = |out: &str, file: &str| std::fs::read(dir.path().join(out).join(file)).expect(file);
     let phases = run("a", None, 0);
@@ -165,19 +169,16 @@ fn vae_from_takes_the_folder_vae_as_it_is() {
 #[test]
 fn continue_base_trains_the_second_cycle_from_a_trained_folder() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let run = |out: &str, base_from: Option<&str>, continue_base: Option<&str>| {
-        let mut opts = TrainDemoOptions::new(dir.path().join(out));
-        opts.scale = 1e-4;
-        opts.quiet = true;
-        opts.base_from = base_from.map(|b| dir.path().join(b));
-        opts.continue_base = continue_base.map(|b| dir.path().join(b));
-        opts.continue_steps = 30_000; // 3 steps at this scale
-        train_demo(&opts).expect("train")
+    let run = |out: &str, continue_base: Option<&str>| {
+        tiny_run(dir.path(), out, |o| {
+            o.continue_base = continue_base.map(|b| dir.path().join(b));
+            o.continue_steps = 30_000; // 3 steps at this scale
+        })
     };
     let read = |out: &str, file: &str| std::fs::read(dir.path().join(out).join(file)).expect(file);
-    let first = run("a", None, None);
-    let again = run("b", None, Some("a"));
-    let names: Vec<&str> = again.phases.iter().map(|(n, _)| n.as_str()).collect();
+    let first = run("a", None);
+    let again = run("b", Some("a"));
+    let names = phase_names(&again);
     assert!(!names.iter().any(|p| p.contains("decoder")) && names.iter().any(|p| p.contains("Turbo")), "{names:?}");
     let vae = "vae/diffusion_pytorch_model.safetensors";
     assert_eq!(read("b", vae), read("a", vae), "the VAE is the trained folder's");
