@@ -986,6 +986,8 @@ fn first_run_welcome_starts_the_demo_and_is_remembered() {
     h.step();
     assert!(!h.state().show_welcome);
     wait_until(&mut h, "the demo models", models_ready);
+    h.step();
+    assert!(h.query_by_label_contains("loading").is_none(), "nothing says a loaded model is loading");
     assert_eq!(h.state().settings.turbo_model.as_deref(), Some("demo-turbo"));
     assert_eq!(h.state().settings.base_model.as_deref(), Some("demo-base"));
     assert_eq!((h.state().settings.turbo_steps, h.state().settings.base_steps), (4, 30), "the demo models' own step counts");

@@ -1182,12 +1182,11 @@ impl StudioApp {
                 self.settings.output_dir = opt(output).map(PathBuf::from);
                 self.cli_override = false;
                 self.reload_models();
-                self.info("settings saved; loading models");
+                // No "loading" note here: the top bar's model chips show each
+                // load's stage live, and a note would outlast the load.
+                self.info("settings saved");
             }
-            Action::UseModel { slot, model } => {
-                self.use_model(slot, model);
-                self.info(format!("loading the {} model", slot.label()));
-            }
+            Action::UseModel { slot, model } => self.use_model(slot, model),
             Action::ScanModels => {
                 if self.scan.is_none() {
                     let extra: Vec<PathBuf> = [&self.settings.turbo_model, &self.settings.base_model]
