@@ -599,6 +599,8 @@ fn restarting_restores_the_history() {
     assert_eq!(base.parent.as_deref(), Some(id.as_str()), "lineage survives the restart");
     let base_id = base.id.clone();
     assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
+    assert_eq!((app.settings.width, app.settings.height), (meta.width, meta.height));
+    assert_eq!(app.settings.aspect, zimage_studio::state::AspectPreset::Square, "a square size reads 1:1, not custom");
     assert_eq!(app.selected, app.history.entries.last().map(|e| e.id.clone()), "and it is selected");
     h.get_by_label_contains("#000002 Base");
     // The compare view opens on the latest refine pair.
@@ -903,6 +905,35 @@ fn click_at(h: &mut Harness<'static, StudioApp>, pos: egui::Pos2, double: bool) 
 
 /// A long grid stops on "Stop": the unfinished cells are cancelled and
 /// leave the grid, the finished ones stay.
+/// The grid's keyboard cursor is drawn (it once was, but clipped away to its
+/// four corner pixels): moving it right paints a frame in the selection colour
+/// around the next cell. Rendered with wgpu, as the window draws it.
+#[test]
+fn the_variations_cursor_is_framed_on_screen() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live = false);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a teapot");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    wait_until(&mut h, "3 variations", |a| a.variations.len() == 3 && a.variations.iter().all(|c| c.id.is_some()));
+    h.key_press(Key::Escape);
+    h.step();
+    h.step();
+    let frame = h.ctx.global_style().visuals.selection.stroke.color;
+    let is_frame = |p: &[u8]| p.iter().zip(frame.to_array()).take(3).all(|(a, b)| a.abs_diff(b) <= 8);
+    let before = h.render().expect("the harness renders with wgpu");
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.step();
+    assert_eq!(h.state().var_cursor, 1);
+    let after = h.render().expect("the harness renders with wgpu");
+    let framed = after.chunks(4).zip(before.chunks(4)).filter(|(a, b)| is_frame(a) && !is_frame(b)).count();
+    // A 2-px frame around a cell of a 3-wide grid is well over 1,000 pixels.
+    assert!(framed > 400, "only {framed} pixels took the cursor's colour");
+}
+
 #[test]
 fn a_running_variations_grid_can_be_stopped() {
     let dir = tempfile::tempdir().unwrap();

@@ -1404,7 +1404,7 @@ impl StudioApp {
         if state::size_problem(m.width, m.height).is_none() {
             s.width = m.width;
             s.height = m.height;
-            s.aspect = state::AspectPreset::Custom;
+            s.aspect = state::AspectPreset::of(m.width, m.height);
             s.size_chosen = true;
         }
         let slot = slot.unwrap_or(if m.model_kind == "base" { ModelSlot::Base } else { ModelSlot::Turbo });
@@ -1513,7 +1513,7 @@ impl StudioApp {
         let long = self.settings.width.max(self.settings.height);
         if let Some((w, h)) = state::fit_aspect(image.width, image.height, long) {
             (self.settings.width, self.settings.height) = (w, h);
-            self.settings.aspect = state::AspectPreset::Custom;
+            self.settings.aspect = state::AspectPreset::of(w, h);
             self.settings.size_chosen = true;
         }
         let strength = state::snap_strength(self.settings.start_strength, self.settings.turbo_steps).0;

@@ -81,6 +81,13 @@ impl AspectPreset {
         let (a, b) = self.ratio()?;
         fit_aspect(a, b, long_side)
     }
+
+    /// The preset that gives exactly `width`×`height` at its longer side,
+    /// else `Custom` (a restored 1024×1024 image reads "1:1", not "custom").
+    pub fn of(width: u32, height: u32) -> AspectPreset {
+        let long = width.max(height);
+        Self::ALL.into_iter().find(|p| p.size(long) == Some((width, height))).unwrap_or(AspectPreset::Custom)
+    }
 }
 
 /// A size with the aspect of a `width`×`height` image and `long_side` as
@@ -716,6 +723,14 @@ mod tests {
         assert_eq!(AspectPreset::Wide16x9.size(1024), Some((1024, 576)));
         assert_eq!(AspectPreset::Portrait3x4.size(1024), Some((768, 1024)));
         assert_eq!(AspectPreset::Custom.size(1024), None);
+        for p in AspectPreset::ALL.into_iter().filter(|p| *p != AspectPreset::Custom) {
+            for long in [128, 512, 1024, 1360] {
+                let (w, h) = p.size(long).unwrap();
+                assert_eq!(AspectPreset::of(w, h), p, "{w}x{h}");
+            }
+        }
+        assert_eq!(AspectPreset::of(1024, 1008), AspectPreset::Custom);
+        assert_eq!(AspectPreset::of(0, 0), AspectPreset::Custom);
         for p in AspectPreset::ALL {
             if let Some((w, h)) = p.size(1000) {
                 assert!(size_problem(w, h).is_none(), "{p:?} {w}x{h}");

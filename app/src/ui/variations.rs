@@ -73,7 +73,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             painter.rect_stroke(rect, 2.0, Stroke::new(3.0, stroke_color), StrokeKind::Inside);
         }
         if i == app.var_cursor {
-            painter.rect_stroke(slot, 2.0, Stroke::new(2.0, ui.visuals().selection.stroke.color), StrokeKind::Outside);
+            // Inside: the painter clips to `slot`, and an outside frame would be clipped away.
+            painter.rect_stroke(slot, 2.0, Stroke::new(2.0, ui.visuals().selection.stroke.color), StrokeKind::Inside);
         }
         let status = match (&c.id, &c.error) {
             (_, Some(e)) => format!("seed {} · {e}", c.seed),
