@@ -17,7 +17,7 @@ use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_studio::engine_bridge::{JobKind, ModelSlot, ModelState};
 use zimage_studio::fonts::Fallback;
 use zimage_studio::settings::{Paths, Settings};
-use zimage_studio::state::{CompareMode, LiveDraft, LiveStatus, Mark, View};
+use zimage_studio::state::{AspectPreset, CompareMode, LiveDraft, LiveStatus, Mark, View};
 use zimage_studio::{StudioApp, StudioOptions};
 
 fn fixture(name: &str) -> String {
@@ -600,7 +600,7 @@ fn restarting_restores_the_history() {
     let base_id = base.id.clone();
     assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
     assert_eq!((app.settings.width, app.settings.height), (meta.width, meta.height));
-    assert_eq!(app.settings.aspect, zimage_studio::state::AspectPreset::Square, "a square size reads 1:1, not custom");
+    assert_eq!(app.settings.aspect, AspectPreset::Square, "a square size reads 1:1, not custom");
     assert_eq!(app.selected, app.history.entries.last().map(|e| e.id.clone()), "and it is selected");
     h.get_by_label_contains("#000002 Base");
     // The compare view opens on the latest refine pair.
@@ -774,17 +774,32 @@ fn opening_a_png_from_the_command_line_restores_its_parameters() {
     h.get_by_label_contains("restored the parameters of");
 }
 
+/// Starts the app with live rendering off (the test settings, then `edit`),
+/// types `prompt` and asks for a variations grid (Ctrl+G).
+fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Harness<'static, StudioApp> {
+    write_test_settings(dir, |s| {
+        s.live = false;
+        edit(s);
+    });
+    let mut h = harness(dir);
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, prompt);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    h
+}
+
+/// Every cell of the grid (3 with the test settings) has its image.
+fn grid_done(app: &StudioApp) -> bool {
+    app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
+}
+
 #[test]
 fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| s.live = false);
-    let mut h = harness(dir.path());
-    wait_until(&mut h, "models to load", models_ready);
-    type_text(&mut h, "a teapot");
-    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
-    h.step();
+    let mut h = start_grid(dir.path(), "a teapot", |_| {});
     assert_eq!(h.state().view, View::Variations);
-    wait_until(&mut h, "3 variations", |a| a.variations.len() == 3 && a.variations.iter().all(|c| c.id.is_some()));
+    wait_until(&mut h, "3 variations", grid_done);
     let seeds: Vec<u64> = h.state().variations.iter().map(|c| c.seed).collect();
     let s0 = h.state().settings.seed;
     assert_eq!(seeds, vec![s0, s0 + 1, s0 + 2]);
@@ -903,21 +918,14 @@ fn click_at(h: &mut Harness<'static, StudioApp>, pos: egui::Pos2, double: bool) 
     h.step();
 }
 
-/// A long grid stops on "Stop": the unfinished cells are cancelled and
-/// leave the grid, the finished ones stay.
 /// The grid's keyboard cursor is drawn (it once was, but clipped away to its
 /// four corner pixels): moving it right paints a frame in the selection colour
 /// around the next cell. Rendered with wgpu, as the window draws it.
 #[test]
 fn the_variations_cursor_is_framed_on_screen() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| s.live = false);
-    let mut h = harness(dir.path());
-    wait_until(&mut h, "models to load", models_ready);
-    type_text(&mut h, "a teapot");
-    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
-    h.step();
-    wait_until(&mut h, "3 variations", |a| a.variations.len() == 3 && a.variations.iter().all(|c| c.id.is_some()));
+    let mut h = start_grid(dir.path(), "a teapot", |_| {});
+    wait_until(&mut h, "3 variations", grid_done);
     h.key_press(Key::Escape);
     h.step();
     h.step();
@@ -934,19 +942,15 @@ fn the_variations_cursor_is_framed_on_screen() {
     assert!(framed > 400, "only {framed} pixels took the cursor's colour");
 }
 
+/// A long grid stops on "Stop": the unfinished cells are cancelled and
+/// leave the grid, the finished ones stay.
 #[test]
 fn a_running_variations_grid_can_be_stopped() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| {
-        s.live = false;
+    let mut h = start_grid(dir.path(), "a slow teapot", |s| {
         s.turbo_steps = 1000;
         s.variations = 4;
     });
-    let mut h = harness(dir.path());
-    wait_until(&mut h, "models to load", models_ready);
-    type_text(&mut h, "a slow teapot");
-    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
-    h.step();
     h.get_by_label("Stop (4 left)").click();
     wait_until(&mut h, "the grid to stop", |a| a.variations.iter().all(|c| c.id.is_some()) && a.engine.queued() == 0);
     let app = h.state();
