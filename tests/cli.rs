@@ -144,6 +144,7 @@ fn bad_sizes() {
     expect_failure(&["-W", "60"], "not a multiple of 16");
     expect_failure(&["-H", "0"], "must be positive");
     expect_failure(&["-W", "100000"], "larger than the maximum");
+    expect_failure(&["-W", "99999"], "larger than the maximum");
 }
 
 #[test]

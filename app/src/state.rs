@@ -113,11 +113,11 @@ pub fn size_problem(width: u32, height: u32) -> Option<String> {
         if v < 16 {
             return Some(format!("{name} must be at least 16"));
         }
-        if v % 16 != 0 {
-            return Some(format!("{name} {v} is not a multiple of 16 (try {})", snap16(v)));
-        }
         if v > zimage_engine::pipeline::MAX_SIDE {
             return Some(format!("{name} {v} is larger than {}", zimage_engine::pipeline::MAX_SIDE));
+        }
+        if v % 16 != 0 {
+            return Some(format!("{name} {v} is not a multiple of 16 (try {})", snap16(v)));
         }
     }
     None
@@ -738,6 +738,7 @@ mod tests {
         }
         assert!(size_problem(100, 64).unwrap().contains("try 96"));
         assert!(size_problem(8, 64).is_some());
+        assert!(size_problem(64, 99_999).unwrap().contains("larger than"), "no rounding offered for an absurd size");
     }
 
     #[test]

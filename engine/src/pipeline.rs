@@ -113,14 +113,15 @@ pub fn validate_sides(width: u32, height: u32, pixel_multiple: u32) -> Result<()
         if v == 0 {
             return bad(format!("{name} must be positive"));
         }
+        // The bound first: an absurd size is told so, not offered a rounding.
+        if v > MAX_SIDE {
+            return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
+        }
         if v % pixel_multiple != 0 {
             return bad(format!(
                 "{name} {v} is not a multiple of {pixel_multiple} (try {})",
                 (v / pixel_multiple).max(1) * pixel_multiple
             ));
-        }
-        if v > MAX_SIDE {
-            return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
         }
     }
     Ok(())
