@@ -1034,6 +1034,21 @@ fn first_run_welcome_starts_the_demo_and_is_remembered() {
     assert!(!h.state().show_welcome, "shown once");
 }
 
+/// Models named on the command line need no welcome; a later plain first
+/// start still shows it.
+#[test]
+fn models_on_the_command_line_skip_the_welcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness_with(dir.path(), Some("demo-turbo".into()), None);
+    h.step();
+    assert!(!h.state().show_welcome);
+    assert!(h.query_by_label("Welcome to Z-Image Studio").is_none());
+    drop(h);
+    let mut h = harness_with(dir.path(), None, None);
+    h.step();
+    assert!(h.state().show_welcome, "no choice was saved: the plain start welcomes");
+}
+
 /// "Download Z-Image-Turbo" fetches the model from the hub (a local one
 /// here, serving the tiny fixture in the hub's layout) with progress into
 /// the HF cache, then uses it.

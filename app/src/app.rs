@@ -333,7 +333,9 @@ impl StudioApp {
             show_help: false,
             show_settings: false,
             settings_form,
-            show_welcome: !settings.welcome_done,
+            // Models named on the command line are a choice already made; the
+            // welcome waits for a plain start (welcome_done stays as it is).
+            show_welcome: !settings.welcome_done && !cli_override,
             welcome_folder: String::new(),
             found_models: None,
             scan: None,
