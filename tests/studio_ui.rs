@@ -920,9 +920,10 @@ fn click_at(h: &mut Harness<'static, StudioApp>, pos: egui::Pos2, double: bool) 
 
 /// The grid's keyboard cursor is drawn (it once was, but clipped away to its
 /// four corner pixels): moving it right paints a frame in the selection colour
-/// around the next cell. Rendered with wgpu, as the window draws it.
+/// around the next cell (rendered with wgpu, as the window draws it); Enter
+/// opens that cell with its parameters.
 #[test]
-fn the_variations_cursor_is_framed_on_screen() {
+fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = start_grid(dir.path(), "a teapot", |_| {});
     wait_until(&mut h, "3 variations", grid_done);
@@ -940,6 +941,14 @@ fn the_variations_cursor_is_framed_on_screen() {
     let framed = after.chunks(4).zip(before.chunks(4)).filter(|(a, b)| is_frame(a) && !is_frame(b)).count();
     // A 2-px frame around a cell of a 3-wide grid is well over 1,000 pixels.
     assert!(framed > 400, "only {framed} pixels took the cursor's colour");
+    // Enter opens the cell in the Live view with its seed, so that editing
+    // the prompt goes on from the picked variation.
+    let picked = h.state().variations[1].clone();
+    h.key_press(Key::Enter);
+    h.step();
+    assert_eq!(h.state().view, View::Live);
+    assert_eq!(h.state().current, picked.id);
+    assert_eq!(h.state().settings.seed, picked.seed);
 }
 
 /// A long grid stops on "Stop": the unfinished cells are cancelled and

@@ -148,7 +148,7 @@ pub enum Action {
     CopyParameters,
     /// The save folder in the system's file manager.
     OpenOutputFolder,
-    Select(String),
+    /// Shows a history image in the Live view with its parameters restored.
     Restore(String),
     Mark(String, Mark),
     ApplyModels {
@@ -1153,11 +1153,6 @@ impl StudioApp {
                 if let Err(e) = save::open_folder(&dir) {
                     self.error(format!("cannot open the save folder: {}", save::one_line_error(&e)));
                 }
-            }
-            Action::Select(id) => {
-                self.selected = Some(id.clone());
-                self.current = Some(id);
-                self.view = View::Live;
             }
             Action::Restore(id) => {
                 self.restore(&id);

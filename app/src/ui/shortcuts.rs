@@ -23,7 +23,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("arrows", "move in the variations grid"),
     ("Up / Down", "Live view: the newer / older image of the history, with its parameters"),
     ("K / X / S", "keep / reject / star the variation (in Live: the image shown)"),
-    ("Enter", "open the variation in the Live view"),
+    ("Enter", "open the variation in the Live view, its seed restored"),
     ("C", "compare: swap sides"),
     ("Left / Right", "compare: previous / next refine pair"),
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
@@ -215,7 +215,7 @@ fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
         Key::K => actions.push(Action::Mark(id, Mark::Kept)),
         Key::X => actions.push(Action::Mark(id, Mark::Rejected)),
         Key::S => actions.push(Action::Mark(id, Mark::Starred)),
-        Key::Enter => actions.push(Action::Select(id)),
+        Key::Enter => actions.push(Action::Restore(id)),
         _ => {}
     }
 }

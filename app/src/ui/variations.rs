@@ -90,7 +90,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
         if response.double_clicked() {
             if let Some(id) = &c.id {
-                actions.push(Action::Select(id.clone()));
+                actions.push(Action::Restore(id.clone()));
             }
         }
     }
