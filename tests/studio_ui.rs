@@ -141,6 +141,32 @@ fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {
 
 /// In the Live view, outside the prompt box, ↑ / ↓ step through the history
 /// (each image shown with its parameters restored) and K marks the image shown.
+/// Typing a size into the Size fields picks the aspect preset it matches
+/// (768×1024 reads "3:4"), and "custom" for one that matches none.
+#[test]
+fn typed_sizes_show_their_aspect_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live = false);
+    let mut h = harness(dir.path());
+    h.step();
+    // Spin buttons in order: seed, width, height, …
+    let type_size = |h: &mut Harness<'static, StudioApp>, field: usize, value: &str| {
+        h.get_all_by_role(Role::SpinButton).nth(field).expect("the width and height fields").click();
+        h.step();
+        h.key_press_modifiers(Modifiers::COMMAND, Key::A);
+        h.event(egui::Event::Text(value.into()));
+        h.key_press(Key::Enter);
+        h.step();
+        h.step();
+    };
+    type_size(&mut h, 1, "768");
+    type_size(&mut h, 2, "1024");
+    assert_eq!((h.state().settings.width, h.state().settings.height), (768, 1024));
+    assert_eq!(h.state().settings.aspect, AspectPreset::Portrait3x4);
+    type_size(&mut h, 1, "800");
+    assert_eq!(h.state().settings.aspect, AspectPreset::Custom);
+}
+
 #[test]
 fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
     let dir = tempfile::tempdir().unwrap();
