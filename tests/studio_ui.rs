@@ -139,8 +139,6 @@ fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {
     h.get_by_label_contains(&format!("{tokens} tokens: the model reads the first 512; the end of the prompt is cut"));
 }
 
-/// In the Live view, outside the prompt box, ↑ / ↓ step through the history
-/// (each image shown with its parameters restored) and K marks the image shown.
 /// Typing a size into the Size fields picks the aspect preset it matches
 /// (768×1024 reads "3:4"), and "custom" for one that matches none.
 #[test]
@@ -167,6 +165,8 @@ fn typed_sizes_show_their_aspect_preset() {
     assert_eq!(h.state().settings.aspect, AspectPreset::Custom);
 }
 
+/// In the Live view, outside the prompt box, ↑ / ↓ step through the history
+/// (each image shown with its parameters restored) and K marks the image shown.
 #[test]
 fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
     let dir = tempfile::tempdir().unwrap();

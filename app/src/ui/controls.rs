@@ -150,16 +150,16 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         ui.horizontal(|ui| {
             let w = ui.add(DragValue::new(&mut app.settings.width).range(16..=4096).speed(16.0).suffix(" w")).labelled_by(size_label.id);
             let h = ui.add(DragValue::new(&mut app.settings.height).range(16..=4096).speed(16.0).suffix(" h")).labelled_by(size_label.id);
-            if w.changed() || h.changed() {
-                app.settings.aspect = AspectPreset::of(app.settings.width, app.settings.height);
-                app.settings.size_chosen = true;
-                edited = true;
-            }
             // Snap when the user lets go, so typing "10" on the way to "1024" works.
-            if (w.lost_focus() || w.drag_stopped() || h.lost_focus() || h.drag_stopped()) && state::size_problem(app.settings.width, app.settings.height).is_some() {
+            let snap = (w.lost_focus() || w.drag_stopped() || h.lost_focus() || h.drag_stopped())
+                && state::size_problem(app.settings.width, app.settings.height).is_some();
+            if snap {
                 app.settings.width = state::snap16(app.settings.width);
                 app.settings.height = state::snap16(app.settings.height);
+            }
+            if w.changed() || h.changed() || snap {
                 app.settings.aspect = AspectPreset::of(app.settings.width, app.settings.height);
+                app.settings.size_chosen = true;
                 edited = true;
             }
         });
