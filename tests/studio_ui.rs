@@ -503,6 +503,8 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     let app = h.state();
     let entry = app.history.get(app.selected.as_ref().unwrap()).unwrap();
     assert_eq!(meta, entry.meta);
+    let name = saved[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(name, format!("zimage-turbo-{}-ein-fuchs-über-schnee-½-mond.png", meta.seed), "named by the prompt's words");
     assert_eq!(meta.prompt, "ein Fuchs über Schnee, ½ Mond");
     let chunks = metadata::png_text_chunks(&std::fs::read(&saved[0]).unwrap()).unwrap();
     assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("Steps: 8")), "A1111 parameters chunk");

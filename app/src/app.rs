@@ -1642,7 +1642,8 @@ impl StudioApp {
             ));
         }
         let meta = self.history.get(&id).map(|e| e.meta.clone()).unwrap_or_default();
-        let name = format!("zimage-{}-{}.png", meta.model_kind, meta.seed);
+        let suggested = save::unique_name(&self.output_dir(), &meta.model_kind, meta.seed, &meta.prompt);
+        let name = suggested.file_name().map_or_else(|| "zimage.png".into(), |n| n.to_string_lossy().into_owned());
         let picked = rfd::FileDialog::new()
             .set_title("Save image as")
             .add_filter("PNG image", &["png"])

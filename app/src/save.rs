@@ -7,9 +7,12 @@ use anyhow::{Context, Result};
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::preview::RgbImage;
 
-/// A file name that does not exist yet in `dir`: `zimage-<kind>-<seed>[-n].png`.
-pub fn unique_name(dir: &Path, kind: &str, seed: u64) -> PathBuf {
-    let base = format!("zimage-{kind}-{seed}");
+/// A file name that does not exist yet in `dir`:
+/// `zimage-<kind>-<seed>[-<prompt words>][-n].png`. The prompt's first words
+/// tell five finals of one seed apart in a file manager.
+pub fn unique_name(dir: &Path, kind: &str, seed: u64, prompt: &str) -> PathBuf {
+    let words = prompt_slug(prompt);
+    let base = if words.is_empty() { format!("zimage-{kind}-{seed}") } else { format!("zimage-{kind}-{seed}-{words}") };
     let mut path = dir.join(format!("{base}.png"));
     let mut n = 2;
     while path.exists() {
@@ -19,10 +22,41 @@ pub fn unique_name(dir: &Path, kind: &str, seed: u64) -> PathBuf {
     path
 }
 
+/// Longest prompt part of a file name, in characters: long enough for a
+/// subject, short enough to stay far below every file system's name limit
+/// (255 bytes; a CJK character takes 3).
+const SLUG_CHARS: usize = 48;
+
+/// The prompt's first words, lower-case, joined by `-`: letters and digits of
+/// any script are kept, everything else (punctuation, path separators,
+/// characters Windows forbids) separates words. Cut at a word boundary.
+pub fn prompt_slug(prompt: &str) -> String {
+    let mut slug = String::new();
+    let mut chars = 0;
+    for word in prompt.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        let word = word.to_lowercase();
+        let len = word.chars().count();
+        let sep = usize::from(!slug.is_empty());
+        if chars + sep + len > SLUG_CHARS {
+            if slug.is_empty() {
+                // One very long word: its start is still better than nothing.
+                slug = word.chars().take(SLUG_CHARS).collect();
+            }
+            break;
+        }
+        if sep == 1 {
+            slug.push('-');
+        }
+        slug.push_str(&word);
+        chars += sep + len;
+    }
+    slug
+}
+
 /// Saves into `dir` (created if missing) under a fresh name; returns the path.
 pub fn save_into(dir: &Path, image: &RgbImage, meta: &GenerationMetadata) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), plain_io(&e)))?;
-    let path = unique_name(dir, &meta.model_kind, meta.seed);
+    let path = unique_name(dir, &meta.model_kind, meta.seed, &meta.prompt);
     save_to(&path, image, meta)?;
     Ok(path)
 }
@@ -112,8 +146,26 @@ mod tests {
         let a = save_into(&dir.path().join("out"), &img(), &meta).unwrap();
         let b = save_into(&dir.path().join("out"), &img(), &meta).unwrap();
         assert_ne!(a, b);
-        assert!(b.file_name().unwrap().to_string_lossy().ends_with("-2.png"));
+        assert_eq!(a.file_name().unwrap(), "zimage-turbo-5-ein-fuchs.png");
+        assert_eq!(b.file_name().unwrap(), "zimage-turbo-5-ein-fuchs-2.png");
         assert_eq!(metadata::read_png_metadata_file(&a).unwrap(), meta);
+    }
+
+    #[test]
+    fn file_names_carry_the_prompts_first_words() {
+        assert_eq!(prompt_slug("A fox, in the snow: 35mm/f1.4!"), "a-fox-in-the-snow-35mm-f1-4");
+        assert_eq!(prompt_slug("雪の中の狐"), "雪の中の狐");
+        assert_eq!(prompt_slug("  ...  "), "");
+        assert_eq!(prompt_slug("../../etc\\passwd"), "etc-passwd");
+        let long = prompt_slug("a very detailed concept painting of an ancient overgrown temple at dawn");
+        assert_eq!(long, "a-very-detailed-concept-painting-of-an-ancient");
+        assert!(long.chars().count() <= SLUG_CHARS);
+        let one_word = prompt_slug(&"x".repeat(300));
+        assert_eq!(one_word.len(), SLUG_CHARS);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(unique_name(dir.path(), "base", 7, "").file_name().unwrap(), "zimage-base-7.png");
+        let cjk = unique_name(dir.path(), "base", 7, &"狐".repeat(200));
+        assert!(cjk.file_name().unwrap().len() < 255, "{}", cjk.display());
     }
 
     #[cfg(unix)]
