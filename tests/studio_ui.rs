@@ -979,6 +979,25 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     assert_eq!(h.state().settings.seed, picked.seed);
 }
 
+/// The empty Variations view says what a grid is and has its own button, so
+/// that the grid can be started from where it is shown.
+#[test]
+fn the_empty_variations_view_starts_a_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live = false);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a teapot");
+    h.state_mut().view = View::Variations;
+    h.step();
+    h.get_by_label_contains("No variations yet: 3 Turbo images");
+    let buttons: Vec<_> = h.query_all_by_label("Generate grid (Ctrl+G)").collect();
+    assert_eq!(buttons.len(), 2, "the controls' button and the empty view's");
+    buttons[1].click();
+    wait_until(&mut h, "3 variations", grid_done);
+    assert!(h.query_by_label_contains("No variations yet").is_none());
+}
+
 /// A long grid stops on "Stop": the unfinished cells are cancelled and
 /// leave the grid, the finished ones stay.
 #[test]

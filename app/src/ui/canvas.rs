@@ -55,10 +55,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     };
     if !caption.is_empty() {
         let pos = egui::pos2(rect.left() + 6.0, rect.bottom() - 6.0);
-        let galley = painter.layout_no_wrap(caption, egui::FontId::proportional(13.0), Color32::WHITE);
-        let bg = Rect::from_min_size(pos - egui::vec2(3.0, galley.size().y + 3.0), galley.size() + egui::vec2(6.0, 6.0));
-        painter.rect_filled(bg, 3.0, Color32::from_black_alpha(160));
-        painter.galley(pos - egui::vec2(0.0, galley.size().y), galley, Color32::WHITE);
+        super::caption_on_image(&painter, caption, pos, egui::Align2::LEFT_BOTTOM, 13.0);
     }
     // A refined image: double-click opens it beside its Turbo parent.
     if response.double_clicked() {

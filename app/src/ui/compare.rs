@@ -143,12 +143,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
 
     let painter = ui.painter_at(avail);
     let tex = |id: &str| app.images.texture(id).map(|t| t.id());
-    let text_color = Color32::WHITE;
     let caption = |rect: Rect, text: &str| {
-        let galley = painter.layout_no_wrap(text.to_string(), egui::FontId::proportional(13.0), text_color);
-        let pos = rect.left_top() + egui::vec2(6.0, 6.0);
-        painter.rect_filled(Rect::from_min_size(pos - egui::vec2(3.0, 3.0), galley.size() + egui::vec2(6.0, 6.0)), 3.0, Color32::from_black_alpha(160));
-        painter.galley(pos, galley, text_color);
+        super::caption_on_image(&painter, text.to_string(), rect.left_top() + egui::vec2(6.0, 6.0), egui::Align2::LEFT_TOP, 13.0);
     };
     match app.compare.mode {
         CompareMode::SideBySide => {

@@ -77,3 +77,48 @@ pub fn fit_rect(avail: Rect, size: Vec2) -> Rect {
     let scale = (avail.width() / size.x).min(avail.height() / size.y);
     Rect::from_center_size(avail.center(), size * scale)
 }
+
+/// White text on a dark plate, so a caption over an image stays readable on
+/// any image (a white background included); `anchor` places the plate's text
+/// relative to `pos` as `Align2` does.
+pub fn caption_on_image(painter: &egui::Painter, text: String, pos: egui::Pos2, anchor: egui::Align2, size: f32) {
+    let galley = painter.layout_no_wrap(text, egui::FontId::proportional(size), egui::Color32::WHITE);
+    let at = anchor.anchor_size(pos, galley.size()).min;
+    painter.rect_filled(Rect::from_min_size(at, galley.size()).expand(3.0), 3.0, egui::Color32::from_black_alpha(160));
+    painter.galley(at, galley, egui::Color32::WHITE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caption's text lies on its dark plate, wherever it is anchored
+    /// (the variations grid's seed labels were once white on white images).
+    #[test]
+    fn captions_sit_on_a_dark_plate() {
+        let ctx = egui::Context::default();
+        for anchor in [egui::Align2::LEFT_BOTTOM, egui::Align2::LEFT_TOP] {
+            let pos = egui::pos2(100.0, 100.0);
+            let out = ctx.run_ui(Default::default(), |ui| {
+                caption_on_image(ui.painter(), "seed 42 kept".into(), pos, anchor, 12.0);
+            });
+            let shapes: Vec<_> = out.shapes.iter().map(|s| &s.shape).collect();
+            let plate = shapes.iter().find_map(|s| match s {
+                egui::Shape::Rect(r) if r.fill == egui::Color32::from_black_alpha(160) => Some(r.rect),
+                _ => None,
+            });
+            let text = shapes.iter().find_map(|s| match s {
+                egui::Shape::Text(t) => Some(t.visual_bounding_rect()),
+                _ => None,
+            });
+            let (plate, text) = (plate.expect("a plate"), text.expect("the text"));
+            assert!(plate.expand(0.5).contains_rect(text), "{anchor:?}: text {text:?} outside the plate {plate:?}");
+            let plate_index = shapes.iter().position(|s| matches!(s, egui::Shape::Rect(_))).unwrap();
+            let text_index = shapes.iter().position(|s| matches!(s, egui::Shape::Text(_))).unwrap();
+            assert!(plate_index < text_index, "the plate is painted first");
+            // Anchored at `pos`: the text's corner on that side is there.
+            let corner = if anchor == egui::Align2::LEFT_BOTTOM { text.left_bottom() } else { text.left_top() };
+            assert!(corner.distance(pos) < 4.0, "{anchor:?}: {corner:?} far from {pos:?}");
+        }
+    }
+}

@@ -13,8 +13,12 @@ pub fn columns(n: usize) -> usize {
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     if app.variations.is_empty() {
-        ui.centered_and_justified(|ui| {
-            ui.label("No variations yet: type a prompt and press Ctrl+G (or \"Generate grid\").");
+        ui.vertical_centered(|ui| {
+            ui.add_space(ui.available_height() / 3.0);
+            ui.label(format!("No variations yet: {} Turbo images of the prompt at seed, seed+1, …, to triage.", app.settings.variations));
+            if ui.button("Generate grid (Ctrl+G)").clicked() {
+                actions.push(Action::Variations);
+            }
         });
         return;
     }
@@ -84,7 +88,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                 format!("seed {} · {}/{}{paused}", c.seed, c.progress.0, c.progress.1)
             }
         };
-        painter.text(rect.left_bottom() + egui::vec2(4.0, -4.0), egui::Align2::LEFT_BOTTOM, status, egui::FontId::proportional(12.0), Color32::WHITE);
+        super::caption_on_image(&painter, status, rect.left_bottom() + egui::vec2(5.0, -5.0), egui::Align2::LEFT_BOTTOM, 12.0);
         if response.clicked() {
             app.var_cursor = i;
         }
