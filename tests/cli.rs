@@ -142,7 +142,8 @@ fn img2img_from_the_command_line() {
 #[test]
 fn bad_sizes() {
     expect_failure(&["-W", "60"], "not a multiple of 16");
-    expect_failure(&["-H", "0"], "must be positive");
+    expect_failure(&["-H", "0"], "height must be at least 16");
+    expect_failure(&["-W", "8"], "width must be at least 16");
     expect_failure(&["-W", "100000"], "larger than the maximum");
     expect_failure(&["-W", "99999"], "larger than the maximum");
 }

@@ -102,25 +102,19 @@ pub fn fit_aspect(width: u32, height: u32, long_side: u32) -> Option<(u32, u32)>
     Some(if width >= height { (long, short) } else { (short, long) })
 }
 
-/// Nearest multiple of 16, at least 16.
+/// Image sides are multiples of this for every Z-Image model: the VAE's ×8
+/// times the DiT's 2×2 patches.
+pub const SIDE_MULTIPLE: u32 = 16;
+
+/// Nearest valid multiple of 16.
 pub fn snap16(v: u32) -> u32 {
-    (((v as f64) / 16.0).round() as u32).max(1) * 16
+    zimage_engine::pipeline::nearest_multiple(v, SIDE_MULTIPLE)
 }
 
-/// One line saying what is wrong with a size, or None if it can be generated.
+/// One line saying what is wrong with a size, or None if it can be
+/// generated: the engine's own check, so the two never disagree.
 pub fn size_problem(width: u32, height: u32) -> Option<String> {
-    for (name, v) in [("width", width), ("height", height)] {
-        if v < 16 {
-            return Some(format!("{name} must be at least 16"));
-        }
-        if v > zimage_engine::pipeline::MAX_SIDE {
-            return Some(format!("{name} {v} is larger than {}", zimage_engine::pipeline::MAX_SIDE));
-        }
-        if v % 16 != 0 {
-            return Some(format!("{name} {v} is not a multiple of 16 (try {})", snap16(v)));
-        }
-    }
-    None
+    zimage_engine::pipeline::validate_sides(width, height, SIDE_MULTIPLE).err().map(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,26 +105,33 @@ pub struct GenerateRequest {
     pub variety: f32,
 }
 
-/// Checks an image size: each side positive, a multiple of `pixel_multiple`
-/// and at most [`MAX_SIDE`]; one line saying what is wrong.
+/// Checks an image size: each side at least `pixel_multiple`, at most
+/// [`MAX_SIDE`] and a multiple of `pixel_multiple`; one line saying what is
+/// wrong (the app shows the same line under its Size fields).
 pub fn validate_sides(width: u32, height: u32, pixel_multiple: u32) -> Result<()> {
     let bad = |m: String| Err(EngineError::invalid(m));
+    let pm = pixel_multiple.max(1);
     for (name, v) in [("width", width), ("height", height)] {
-        if v == 0 {
-            return bad(format!("{name} must be positive"));
+        if v < pm {
+            return bad(format!("{name} must be at least {pm}"));
         }
         // The bound first: an absurd size is told so, not offered a rounding.
         if v > MAX_SIDE {
             return bad(format!("{name} {v} is larger than the maximum of {MAX_SIDE}"));
         }
-        if v % pixel_multiple != 0 {
-            return bad(format!(
-                "{name} {v} is not a multiple of {pixel_multiple} (try {})",
-                (v / pixel_multiple).max(1) * pixel_multiple
-            ));
+        if v % pm != 0 {
+            return bad(format!("{name} {v} is not a multiple of {pm} (try {})", nearest_multiple(v, pm)));
         }
     }
     Ok(())
+}
+
+/// The multiple of `pm` nearest to `v` that is a valid side (at least `pm`,
+/// at most [`MAX_SIDE`]).
+pub fn nearest_multiple(v: u32, pm: u32) -> u32 {
+    let pm = pm.max(1);
+    let nearest = ((v as f64 / pm as f64).round() as u32).max(1) * pm;
+    nearest.min(MAX_SIDE / pm * pm)
 }
 
 impl GenerateRequest {
@@ -628,4 +635,28 @@ fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
 pub fn tensor_to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     let t = if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
     t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(w: u32, h: u32) -> String {
+        validate_sides(w, h, 16).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn sides_are_checked_bound_first_with_the_nearest_valid_size_offered() {
+        assert_eq!(problem(1024, 768), "");
+        assert_eq!(problem(0, 64), "width must be at least 16");
+        assert_eq!(problem(64, 15), "height must be at least 16");
+        assert_eq!(problem(99_999, 64), "width 99999 is larger than the maximum of 4096");
+        assert_eq!(problem(100, 64), "width 100 is not a multiple of 16 (try 96)");
+        assert_eq!(problem(1000, 64), "width 1000 is not a multiple of 16 (try 1008)");
+        assert_eq!(problem(16, 4095), "height 4095 is not a multiple of 16 (try 4096)");
+        assert_eq!(nearest_multiple(20, 16), 16);
+        assert_eq!(nearest_multiple(24, 16), 32);
+        assert_eq!(nearest_multiple(1, 16), 16);
+        assert_eq!(nearest_multiple(5000, 16), 4096, "never past the maximum");
+    }
 }
