@@ -168,6 +168,19 @@ fn bad_numbers() {
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "1.5"], "strength");
 }
 
+/// An output that cannot be written fails before the model is even opened,
+/// so a long generation is never thrown away at its end.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_unwritable_output_fails_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    // /proc takes no new files, whoever runs the test (root included).
+    let out = zimage(&["generate", "--model", "/no/such/model", "-p", "a cat", "-o", "/proc/zimage-test.png"], tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim(), "error: cannot write /proc/zimage-test.png: files cannot be created in /proc", "{stderr}");
+}
+
 #[test]
 fn bad_paths_and_devices() {
     expect_failure(&["--model", "/no/such/model"], "no such file or folder");

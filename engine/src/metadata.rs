@@ -594,30 +594,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<(), MetadataError> {
     let fail = |cause: String| MetadataError::Write { path: path.to_path_buf(), cause };
-    let name = path.file_name().ok_or_else(|| fail("the path does not name a file".into()))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if path.is_dir() {
-        return Err(fail("a directory with that name exists".into()));
-    }
-
-    // Create a fresh temporary file next to the target.
-    let mut attempt = 0;
-    let (tmp_path, mut file) = loop {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-        let tmp_path = dir.join(tmp_name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp_path) {
-            Ok(f) => break (tmp_path, f),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
-            Err(e) => return Err(fail(io_cause(&e, &dir, true))),
-        }
-    };
-
+    let (dir, tmp_path, mut file) = create_temp_beside(path)?;
     let result = (|| {
         fill(&mut file)?;
         file.sync_all()?;
@@ -634,6 +611,42 @@ fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Whether a file could be written at `path` (a temporary file is created
+/// beside it and removed again), checked before a long job whose result
+/// would otherwise be lost at the end; the error is the one a write gives.
+pub fn check_writable(path: &Path) -> Result<(), MetadataError> {
+    let (_, tmp_path, file) = create_temp_beside(path)?;
+    drop(file);
+    let _ = fs::remove_file(&tmp_path);
+    Ok(())
+}
+
+/// A fresh `.{name}.tmp-{pid}-{n}` file next to `path`, with its directory.
+fn create_temp_beside(path: &Path) -> Result<(PathBuf, PathBuf, File), MetadataError> {
+    let fail = |cause: String| MetadataError::Write { path: path.to_path_buf(), cause };
+    let name = path.file_name().ok_or_else(|| fail("the path does not name a file".into()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if path.is_dir() {
+        return Err(fail("a directory with that name exists".into()));
+    }
+    let mut attempt = 0;
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp_path = dir.join(tmp_name);
+        match OpenOptions::new().write(true).create_new(true).open(&tmp_path) {
+            Ok(f) => return Ok((dir, tmp_path, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) => return Err(fail(io_cause(&e, &dir, true))),
+        }
+    }
 }
 
 /// Plain-words cause of an I/O error; `dir` is the directory involved.
@@ -1133,6 +1146,14 @@ mod tests {
         let err = save_png(&dir.0, &rgb(1, 1), 1, 1, &sample()).unwrap_err();
         assert!(err.to_string().contains("a directory with that name exists"), "{err}");
         assert_eq!(dir.names(), ["keep.png"]);
+
+        // The check made before a long job: the same errors, and no file left.
+        check_writable(&dir.0.join("new.png")).unwrap();
+        check_writable(&path).unwrap();
+        assert_eq!(dir.names(), ["keep.png"]);
+        assert_eq!(fs::read(&path).unwrap(), b"previous image", "an existing file is not touched");
+        assert_eq!(check_writable(&missing).unwrap_err().to_string(), save_png(&missing, &rgb(1, 1), 1, 1, &sample()).unwrap_err().to_string());
+        assert!(check_writable(&dir.0).unwrap_err().to_string().contains("a directory with that name exists"));
     }
 
     /// Read-only directory. Root ignores permission bits, so when the chmod'ed

@@ -758,6 +758,8 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
             }
         }
     }
+    // An unwritable folder fails now, not after the image was made.
+    metadata::check_writable(&args.out.clone().unwrap_or_else(|| PathBuf::from("zimage.png")))?;
     let init = args.init.as_deref().map(read_init).transpose()?;
     let files = args.model.files()?;
     let loras = args.loras.iter().map(|a| lora::open_arg(a)).collect::<Result<Vec<_>, _>>()?;
