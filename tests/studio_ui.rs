@@ -979,6 +979,30 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     assert_eq!(h.state().settings.seed, picked.seed);
 }
 
+/// The prompt box has focus while one types, where a digit is text: Ctrl+1 /
+/// 2 / 3 change the view from there, and the prompt keeps its text and focus
+/// (a plain 3 pressed to compare used to re-render a prompt ending in "3").
+#[test]
+fn ctrl_digits_change_the_view_from_the_prompt_box() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live = false);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a teapot");
+    let prompt_focused = |h: &Harness<'static, StudioApp>| {
+        let id = h.state().prompt_id.expect("the prompt box was drawn");
+        h.ctx.memory(|m| m.has_focus(id))
+    };
+    assert!(prompt_focused(&h));
+    for (key, view) in [(Key::Num3, View::Compare), (Key::Num2, View::Variations), (Key::Num1, View::Live)] {
+        h.key_press_modifiers(Modifiers::COMMAND, key);
+        h.step();
+        assert_eq!(h.state().view, view, "{key:?}");
+    }
+    assert_eq!(h.state().prompt, "a teapot");
+    assert!(prompt_focused(&h));
+}
+
 /// The empty Variations view says what a grid is and has its own button, so
 /// that the grid can be started from where it is shown.
 #[test]

@@ -52,7 +52,9 @@ fn top_bar(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         for (view, label) in
             [(View::Live, "Live (1)"), (View::Variations, "Variations (2)"), (View::Compare, "Compare (3)")]
         {
-            if ui.selectable_label(app.view == view, label).clicked() {
+            let key = &label[label.len() - 2..label.len() - 1];
+            let hint = format!("Ctrl+{key} (or {key} outside the prompt box)");
+            if ui.selectable_label(app.view == view, label).on_hover_text(hint).clicked() {
                 actions.push(Action::ShowView(view));
             }
         }

@@ -19,7 +19,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+Shift+S", "save as…"),
     ("Ctrl+C", "copy the image in view (outside the prompt box)"),
     ("Ctrl+,", "settings (models, save folder)"),
-    ("1 / 2 / 3", "Live / Variations / Compare view"),
+    ("Ctrl+1 / 2 / 3", "Live / Variations / Compare view (1 / 2 / 3 outside the prompt box)"),
     ("arrows", "move in the variations grid"),
     ("Up / Down", "Live view: the newer / older image of the history, with its parameters"),
     ("K / X / S", "keep / reject / star the variation (in Live: the image shown)"),
@@ -71,6 +71,13 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
         }
         if i.consume_key(Modifiers::NONE, Key::F1) {
             app.show_help = !app.show_help;
+        }
+        // The prompt box has focus most of the time, where a plain digit is
+        // text: Ctrl+1/2/3 change the view from anywhere.
+        for (key, view) in [(Key::Num1, View::Live), (Key::Num2, View::Variations), (Key::Num3, View::Compare)] {
+            if i.consume_key(Modifiers::COMMAND, key) {
+                actions.push(Action::ShowView(view));
+            }
         }
     });
     if app.show_help || app.show_settings {
