@@ -802,9 +802,9 @@ fn opening_a_png_from_the_command_line_restores_its_parameters() {
     h.get_by_label_contains("restored the parameters of");
 }
 
-/// Starts the app with live rendering off (the test settings, then `edit`),
-/// types `prompt` and asks for a variations grid (Ctrl+G).
-fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Harness<'static, StudioApp> {
+/// Starts the app with live previews off, waits for the models and types
+/// `prompt` into the prompt box (which keeps its focus).
+fn typed_without_live(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Harness<'static, StudioApp> {
     write_test_settings(dir, |s| {
         s.live = false;
         edit(s);
@@ -812,6 +812,13 @@ fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Har
     let mut h = harness(dir);
     wait_until(&mut h, "models to load", models_ready);
     type_text(&mut h, prompt);
+    h
+}
+
+/// Starts the app with live rendering off (the test settings, then `edit`),
+/// types `prompt` and asks for a variations grid (Ctrl+G).
+fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Harness<'static, StudioApp> {
+    let mut h = typed_without_live(dir, prompt, edit);
     h.key_press_modifiers(Modifiers::COMMAND, Key::G);
     h.step();
     h
@@ -985,10 +992,7 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
 #[test]
 fn ctrl_digits_change_the_view_from_the_prompt_box() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| s.live = false);
-    let mut h = harness(dir.path());
-    wait_until(&mut h, "models to load", models_ready);
-    type_text(&mut h, "a teapot");
+    let mut h = typed_without_live(dir.path(), "a teapot", |_| {});
     let prompt_focused = |h: &Harness<'static, StudioApp>| {
         let id = h.state().prompt_id.expect("the prompt box was drawn");
         h.ctx.memory(|m| m.has_focus(id))
@@ -1008,10 +1012,7 @@ fn ctrl_digits_change_the_view_from_the_prompt_box() {
 #[test]
 fn the_empty_variations_view_starts_a_grid() {
     let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |s| s.live = false);
-    let mut h = harness(dir.path());
-    wait_until(&mut h, "models to load", models_ready);
-    type_text(&mut h, "a teapot");
+    let mut h = typed_without_live(dir.path(), "a teapot", |_| {});
     h.state_mut().view = View::Variations;
     h.step();
     h.get_by_label_contains("No variations yet: 3 Turbo images");
