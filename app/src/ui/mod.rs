@@ -49,12 +49,9 @@ fn top_bar(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
         ui.heading("Z-Image Studio");
         ui.separator();
-        for (view, label) in
-            [(View::Live, "Live (1)"), (View::Variations, "Variations (2)"), (View::Compare, "Compare (3)")]
-        {
-            let key = &label[label.len() - 2..label.len() - 1];
+        for (view, name, key) in [(View::Live, "Live", 1), (View::Variations, "Variations", 2), (View::Compare, "Compare", 3)] {
             let hint = format!("Ctrl+{key} (or {key} outside the prompt box)");
-            if ui.selectable_label(app.view == view, label).on_hover_text(hint).clicked() {
+            if ui.selectable_label(app.view == view, format!("{name} ({key})")).on_hover_text(hint).clicked() {
                 actions.push(Action::ShowView(view));
             }
         }
