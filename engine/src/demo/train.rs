@@ -507,6 +507,20 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
     Ok((vae.valid(), losses))
 }
 
+/// One decoder-only fine-tuning run of [`polish_decoder`].
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderPolish {
+    pub steps: usize,
+    /// Renders per step.
+    pub batch: usize,
+    /// Peak learning rate (warm-up, then cosine).
+    pub lr: f64,
+    /// Extra weight of the pixels along outlines (see `edge_weights`).
+    pub edge_weight: f32,
+    /// Seeds the renders (and the backend's random draws).
+    pub seed: u64,
+}
+
 /// Fine-tunes the decoder of a trained VAE at 128² with its encoder frozen,
 /// by the edge-weighted L2 of [`train_vae`] on fresh renders (posterior
 /// mean). The VAE phase spends most of its steps on smaller renders, where
@@ -514,16 +528,8 @@ fn train_vae(r: &Recipe, seed: u64, device: &Device<Inner>, quiet: bool) -> anyh
 /// the full size (83.8 % of objects after run 8's 250 steps, 89.1 % after
 /// 300 more, 91.0 % after 600). The encoder, the latent space and its
 /// statistics stay as they are, so DiTs trained on them stay valid.
-pub fn polish_decoder(
-    vae: Vae<Inner>,
-    steps: usize,
-    batch: usize,
-    lr: f64,
-    edge_weight: f32,
-    seed: u64,
-    device: &Device<Inner>,
-    quiet: bool,
-) -> anyhow::Result<(Vae<Inner>, Vec<f32>)> {
+pub fn polish_decoder(vae: Vae<Inner>, run: &DecoderPolish, device: &Device<Inner>, quiet: bool) -> anyhow::Result<(Vae<Inner>, Vec<f32>)> {
+    let DecoderPolish { steps, batch, lr, edge_weight, seed } = *run;
     Inner::seed(device, seed);
     let mut opt = AdamW::new(0.0, Some(1.0));
     let mut vae_ad = Vae::<Ad>::from_inner(vae);
@@ -594,7 +600,7 @@ pub fn polish_demo_decoder(dir: &Path, steps: usize, seed: u64, quiet: bool) -> 
     let vae_dir = dir.join("vae");
     let (cfg, vae) = super::eval::load_vae_dir(&vae_dir, &device)?;
     let old: serde_json::Value = serde_json::from_slice(&std::fs::read(vae_dir.join("config.json"))?)?;
-    let (vae, losses) = polish_decoder(vae, steps, 6, 1e-3, 8.0, seed, &device, quiet)?;
+    let (vae, losses) = polish_decoder(vae, &DecoderPolish { steps, batch: 6, lr: 1e-3, edge_weight: 8.0, seed }, &device, quiet)?;
     write_vae(&vae_dir, &cfg, &vae, &device)?;
     let path = vae_dir.join("config.json");
     let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
@@ -1270,7 +1276,8 @@ mod tests {
             None => panic!("built with its encoder"),
         };
         let before = params(&vae);
-        let (after, losses) = polish_decoder(vae, 2, 2, 1e-2, 8.0, 3, &device, true).unwrap();
+        let run = DecoderPolish { steps: 2, batch: 2, lr: 1e-2, edge_weight: 8.0, seed: 3 };
+        let (after, losses) = polish_decoder(vae, &run, &device, true).unwrap();
         assert_eq!(losses.len(), 2);
         assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
         let after = params(&after);
