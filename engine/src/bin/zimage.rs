@@ -752,13 +752,8 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
         if out.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
             bail!("output {} must end in .png", out.display());
         }
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                bail!("output folder {} does not exist", dir.display());
-            }
-        }
     }
-    // An unwritable folder fails now, not after the image was made.
+    // A missing or unwritable folder fails now, not after the image was made.
     metadata::check_writable(&args.out.clone().unwrap_or_else(|| PathBuf::from("zimage.png")))?;
     let init = args.init.as_deref().map(read_init).transpose()?;
     let files = args.model.files()?;
