@@ -250,6 +250,54 @@ fn the_image_and_its_parameters_go_to_the_clipboard() {
 /// one: on a software renderer (Xvfb, no GPU) frames come ~0.3 s apart, and
 /// waiting for the next one doubled the time from a key to its image
 /// (docs/app-latency.md).
+/// Scrolls `delta` points over `at` (a fraction of the rect) and lets the
+/// smoothed scroll run out.
+fn scroll_over(h: &mut Harness<'static, StudioApp>, rect: egui::Rect, at: egui::Vec2, delta: f32) {
+    h.event(egui::Event::PointerMoved(rect.min + at * rect.size()));
+    h.step();
+    h.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Point,
+        delta: egui::vec2(0.0, delta),
+        phase: egui::TouchPhase::Move,
+        source: egui::MouseWheelSource::Wheel,
+        modifiers: Modifiers::NONE,
+    });
+    for _ in 0..60 {
+        h.step();
+    }
+}
+
+/// The image point under the pointer at `at` (a fraction of the drawn rect).
+fn image_point(view: &zimage_studio::state::ZoomView, at: egui::Vec2) -> egui::Pos2 {
+    view.uv().min + at * view.uv().size()
+}
+
+/// Scrolling over the Live image zooms about the pointer; the zoom stays
+/// while the prompt changes (a detail watched as you type); Fit resets it.
+#[test]
+fn the_live_image_zooms_about_the_pointer_and_keeps_its_zoom_while_typing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    let rect = h.state().live_view.drawn.expect("the live image was drawn");
+    assert_eq!(h.state().live_view.zoom, 1.0);
+    assert!(h.query_by_label("Fit").is_none(), "no zoom bar at fit");
+    let at = egui::vec2(0.25, 0.7);
+    scroll_over(&mut h, rect, at, 400.0);
+    let view = h.state().live_view;
+    assert!(view.zoom > 1.5, "zoomed in: {view:?}");
+    assert!((image_point(&view, at) - egui::pos2(0.25, 0.7)).length() < 0.01, "the point under the pointer stays: {view:?}");
+    h.get_by_label_contains("zoom ");
+
+    type_text(&mut h, " at dusk");
+    wait_until(&mut h, "the new live image", |a| live_done(a) && a.history.get(a.current.as_ref().unwrap()).is_some_and(|e| e.meta.prompt.ends_with("dusk")));
+    assert_eq!(h.state().live_view.zoom, view.zoom, "the zoom outlives the image");
+    assert_eq!(h.state().live_view.pan, view.pan);
+    h.get_by_label("Fit").click();
+    h.step();
+    assert_eq!((h.state().live_view.zoom, h.state().live_view.pan), (1.0, egui::Vec2::ZERO));
+}
+
 #[test]
 fn an_edit_submits_its_live_job_in_the_same_frame() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,11 +499,11 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
         h.set_size(egui::vec2(width, 800.0));
         h.step();
         h.step();
-        let fit = h.state().compare.fit_scale.expect("the compare view measured its fitted image");
+        let fit = h.state().compare.view.fit_scale.expect("the compare view measured its fitted image");
         h.get_by_label(&format!("zoom {:.0}%", fit * 100.0));
         h.get_by_label("1:1").click();
         h.step();
-        let zoom = h.state().compare.zoom;
+        let zoom = h.state().compare.view.zoom;
         if fit < 1.0 {
             assert!((zoom * fit - 1.0).abs() < 1e-3, "1:1 gave zoom {zoom} at fit scale {fit}");
             h.step();
@@ -466,9 +514,22 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
         assert_eq!(fit < 1.0, width < 2000.0, "fit scale {fit} in a {width}-point window");
         h.get_by_label("Fit").click();
         h.step();
-        assert_eq!(h.state().compare.zoom, 1.0);
+        assert_eq!(h.state().compare.view.zoom, 1.0);
     }
     h.set_size(egui::vec2(1280.0, 800.0));
+    h.step();
+    // Scrolling over the right image zooms both about the image point under
+    // the pointer (it once zoomed about the centre, so the detail pointed at
+    // slid away).
+    let left = h.state().compare.view.drawn.expect("the left image was drawn");
+    let right = left.translate(egui::vec2(left.width() + 8.0, 0.0));
+    let at = egui::vec2(0.8, 0.2);
+    scroll_over(&mut h, right, at, 300.0);
+    let view = h.state().compare.view;
+    assert!(view.zoom > 1.5, "{view:?}");
+    assert!((image_point(&view, at) - egui::pos2(0.8, 0.2)).length() < 0.01, "{view:?}");
+    h.get_by_label("Fit").click();
+    h.step();
 
     // Compare modes: m cycles, c swaps, the buttons pick one.
     assert_eq!(h.state().compare.mode, CompareMode::SideBySide);
@@ -1060,6 +1121,43 @@ fn help_overlay_and_model_status() {
         "the live error",
         |a| matches!(&a.live_status, LiveStatus::Error(m) if m.contains("/no/such/model")),
     );
+}
+
+/// The settings window's "Use built-in demo models" loads the demo pair at
+/// once (it once only filled the fields, and a broken Turbo stayed broken
+/// until Apply); Enter in a path field applies it; an edit not applied yet
+/// is said.
+#[test]
+fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.turbo_model = Some("/no/such/model".into()));
+    let mut h = harness_sized(dir.path(), None, Some(fixture("tiny-base")), egui::vec2(1280.0, 1600.0));
+    wait_until(&mut h, "the model status", |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Failed(_))));
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+    h.step();
+    h.get_by_label("Use built-in demo models").click();
+    h.step();
+    wait_until(&mut h, "the demo pair", |a| {
+        [(ModelSlot::Turbo, "demo-turbo"), (ModelSlot::Base, "demo-base")]
+            .iter()
+            .all(|(s, n)| matches!(a.models.get(s), Some(ModelState::Ready { name, .. }) if name == n))
+    });
+    let (saved, _) = Settings::load(&Paths::at(dir.path()));
+    assert_eq!((saved.turbo_model.as_deref(), saved.base_model.as_deref()), (Some("demo-turbo"), Some("demo-base")));
+    assert!(h.query_by_label_contains("edited: Enter or Apply").is_none(), "nothing left unapplied");
+
+    // A typed path: said to be unapplied, then applied by Enter.
+    h.get_by_role_and_label(Role::TextInput, "Turbo model").focus();
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::A);
+    type_text(&mut h, &fixture("tiny-turbo"));
+    h.get_by_label_contains("edited: Enter or Apply");
+    assert_eq!(Settings::load(&Paths::at(dir.path())).0.turbo_model.as_deref(), Some("demo-turbo"), "not applied while typing");
+    h.key_press(Key::Enter);
+    h.step();
+    wait_until(&mut h, "the typed Turbo", |a| a.settings.turbo_model.as_deref() == Some(fixture("tiny-turbo").as_str()) && models_ready(a));
+    assert_eq!(Settings::load(&Paths::at(dir.path())).0.turbo_model, Some(fixture("tiny-turbo")));
+    assert!(h.query_by_label_contains("edited: Enter or Apply").is_none());
 }
 
 /// Until the user picks a size, the size follows the Turbo model's natural

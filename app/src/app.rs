@@ -21,7 +21,7 @@ use crate::images::Images;
 use crate::prompts::{self, PromptHistory};
 use crate::save;
 use crate::settings::{default_output_dir, Paths, Settings};
-use crate::state::{self, CompareState, LiveStatus, Mark, RefineMode, View};
+use crate::state::{self, CompareState, LiveStatus, Mark, RefineMode, View, ZoomView};
 
 pub const APP_NAME: &str = concat!("Z-Image Studio ", env!("CARGO_PKG_VERSION"));
 
@@ -222,6 +222,9 @@ pub struct StudioApp {
     /// What the engine last said about a live job waiting behind another.
     pub live_wait: Option<LiveWaitState>,
     pub live_preview: bool,
+    /// The Live view's zoom and pan, kept from image to image: zoomed on a
+    /// detail, you watch it change as you type.
+    pub live_view: ZoomView,
     pub refine_job: Option<JobId>,
     pub compare: CompareState,
     /// (Turbo id, Base id) shown in the Compare view.
@@ -294,11 +297,7 @@ impl StudioApp {
         let (prompt_history, w3) = PromptHistory::load(&prompts::prompts_file(&options.paths.data_dir));
         let cli_override = options.turbo.is_some() || options.base.is_some();
         let model_config = effective_models(&settings, &options);
-        let settings_form = [
-            settings.turbo_model.clone().unwrap_or_default(),
-            settings.base_model.clone().unwrap_or_default(),
-            settings.output_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        ];
+        let settings_form = settings_form_of(&settings);
         let mut app = Self {
             prompt: String::new(),
             paths: options.paths,
@@ -324,6 +323,7 @@ impl StudioApp {
             prompt_tokens: None,
             live_wait: None,
             live_preview: false,
+            live_view: ZoomView::default(),
             refine_job: None,
             compare: CompareState::default(),
             compare_pair: None,
@@ -454,6 +454,13 @@ impl StudioApp {
     }
 
     /// Makes `model` the model of `slot`, saved in the settings, and loads it.
+    /// Whether the settings window's path fields differ from the saved
+    /// settings (typed or browsed but not applied yet).
+    pub fn settings_form_edited(&self) -> bool {
+        let saved = settings_form_of(&self.settings);
+        self.settings_form.iter().zip(&saved).any(|(form, saved)| form.trim() != saved)
+    }
+
     fn use_model(&mut self, slot: ModelSlot, model: String) {
         match slot {
             ModelSlot::Turbo => {
@@ -1683,6 +1690,15 @@ impl StudioApp {
 }
 
 /// Takes keyboard focus away from the prompt (or any text field).
+/// The settings window's path fields (Turbo, Base, save folder) as saved.
+fn settings_form_of(settings: &Settings) -> [String; 3] {
+    [
+        settings.turbo_model.clone().unwrap_or_default(),
+        settings.base_model.clone().unwrap_or_default(),
+        settings.output_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+    ]
+}
+
 fn leave_text_field(ctx: &egui::Context) {
     ctx.memory_mut(|m| {
         if let Some(id) = m.focused() {

@@ -258,6 +258,86 @@ impl CompareMode {
     }
 }
 
+/// Zoom and pan over an image drawn fitted into its pane: the Compare view
+/// shares one between its images; the Live view keeps its own while you type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZoomView {
+    /// Magnification over the fitted image (1 = fit; never below).
+    pub zoom: f32,
+    /// The visible region's centre, from the image's centre, in image fractions.
+    pub pan: egui::Vec2,
+    /// Screen pixels per image pixel of the fitted image (zoom 1), from the
+    /// last frame drawn: what "1:1" and the zoom readout are measured against.
+    pub fit_scale: Option<f32>,
+    /// Where the (first) image was drawn in the last frame.
+    pub drawn: Option<egui::Rect>,
+}
+
+impl Default for ZoomView {
+    fn default() -> Self {
+        Self { zoom: 1.0, pan: egui::Vec2::ZERO, fit_scale: None, drawn: None }
+    }
+}
+
+impl ZoomView {
+    /// The zoom at which one image pixel fills one screen pixel, when that
+    /// is a magnification of the fitted image (a large image fitted into a
+    /// smaller pane); `None` when the fitted image already shows it larger.
+    pub fn actual_size_zoom(&self) -> Option<f32> {
+        self.fit_scale.filter(|&s| s > 0.0 && s < 1.0).map(|s| (1.0 / s).min(MAX_ZOOM))
+    }
+
+    /// Screen pixels per image pixel now, in percent (100 = actual size).
+    pub fn actual_size_percent(&self) -> Option<f32> {
+        self.fit_scale.map(|s| s * self.zoom * 100.0)
+    }
+
+    /// Back to the whole image.
+    pub fn fit(&mut self) {
+        self.zoom = 1.0;
+        self.pan = egui::Vec2::ZERO;
+    }
+
+    /// The visible part of the image in texture coordinates (0..1 each way).
+    pub fn uv(&self) -> egui::Rect {
+        let half = 0.5 / self.zoom;
+        let c = egui::pos2(0.5, 0.5) + self.pan;
+        egui::Rect::from_min_max(egui::pos2(c.x - half, c.y - half), egui::pos2(c.x + half, c.y + half))
+    }
+
+    /// Zooms by `factor` about a point of the drawn image (`at`: its fraction
+    /// of the drawn rect, 0..1 each way), which stays under the pointer, as
+    /// image viewers zoom; then keeps the view inside the image.
+    pub fn zoom_about(&mut self, factor: f32, at: egui::Vec2) {
+        let before = self.uv();
+        let point = before.min + at * before.size();
+        self.zoom = (self.zoom * factor).clamp(1.0, MAX_ZOOM);
+        let half = 0.5 / self.zoom;
+        let centre = point + egui::vec2(half, half) - at * (2.0 * half);
+        self.pan = centre - egui::pos2(0.5, 0.5);
+        self.keep_inside();
+    }
+
+    /// Pans by a drag of `delta` screen points over a drawn image `drawn`
+    /// points large: the image follows the pointer.
+    pub fn drag(&mut self, delta: egui::Vec2, drawn: egui::Vec2) {
+        if drawn.x > 0.0 && drawn.y > 0.0 {
+            self.pan -= egui::vec2(delta.x / drawn.x, delta.y / drawn.y) / self.zoom;
+        }
+        self.keep_inside();
+    }
+
+    /// No region outside the image is ever shown.
+    pub fn keep_inside(&mut self) {
+        let room = 0.5 - 0.5 / self.zoom;
+        self.pan.x = self.pan.x.clamp(-room, room);
+        self.pan.y = self.pan.y.clamp(-room, room);
+    }
+}
+
+/// The largest zoom over the fitted image.
+pub const MAX_ZOOM: f32 = 16.0;
+
 /// Compare view state; zoom and pan are shared by both images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompareState {
@@ -266,13 +346,8 @@ pub struct CompareState {
     pub swapped: bool,
     /// Wipe split position, 0..1 from the left.
     pub split: f32,
-    /// Magnification over the fitted image (1 = fit; never below).
-    pub zoom: f32,
-    /// Screen pixels per image pixel of the fitted image (zoom 1), from the
-    /// last frame drawn: what "1:1" and the zoom readout are measured against.
-    pub fit_scale: Option<f32>,
-    /// Pan in image fractions.
-    pub pan: egui::Vec2,
+    /// One zoom and pan for every image shown.
+    pub view: ZoomView,
     /// Flicker: which image shows; toggled by time or the space key.
     pub flicker_second: bool,
     pub flicker_auto: bool,
@@ -280,32 +355,13 @@ pub struct CompareState {
     pub pair_cells: Vec<egui::Rect>,
 }
 
-impl CompareState {
-    /// The zoom at which one image pixel fills one screen pixel, when that
-    /// is a magnification of the fitted image (a large image fitted into a
-    /// smaller pane); `None` when the fitted image already shows it larger.
-    pub fn actual_size_zoom(&self) -> Option<f32> {
-        self.fit_scale.filter(|&s| s > 0.0 && s < 1.0).map(|s| (1.0 / s).min(MAX_COMPARE_ZOOM))
-    }
-
-    /// Screen pixels per image pixel now, in percent (100 = actual size).
-    pub fn actual_size_percent(&self) -> Option<f32> {
-        self.fit_scale.map(|s| s * self.zoom * 100.0)
-    }
-}
-
-/// The largest compare zoom over the fitted image.
-pub const MAX_COMPARE_ZOOM: f32 = 16.0;
-
 impl Default for CompareState {
     fn default() -> Self {
         Self {
             mode: CompareMode::SideBySide,
             swapped: false,
             split: 0.5,
-            zoom: 1.0,
-            fit_scale: None,
-            pan: egui::Vec2::ZERO,
+            view: ZoomView::default(),
             flicker_second: false,
             flicker_auto: true,
             pair_cells: Vec::new(),
@@ -659,8 +715,8 @@ mod tests {
     }
 
     #[test]
-    fn compare_zoom_is_read_and_set_in_actual_pixels() {
-        let mut c = CompareState::default();
+    fn zoom_is_read_and_set_in_actual_pixels() {
+        let mut c = ZoomView::default();
         assert_eq!((c.actual_size_percent(), c.actual_size_zoom()), (None, None), "nothing drawn yet");
         // A 1024² image fitted into a 512-pixel pane: half size; 1:1 is zoom 2.
         c.fit_scale = Some(0.5);
@@ -673,7 +729,46 @@ mod tests {
         assert_eq!(c.actual_size_zoom(), None);
         // A huge image in a tiny pane: 1:1 stays within the zoom limit.
         c.fit_scale = Some(0.01);
-        assert_eq!(c.actual_size_zoom(), Some(MAX_COMPARE_ZOOM));
+        assert_eq!(c.actual_size_zoom(), Some(MAX_ZOOM));
+    }
+
+    /// Zooming keeps the image point under the pointer where it is, never
+    /// shows anything outside the image, and a drag moves the image with the
+    /// pointer.
+    #[test]
+    fn zoom_follows_the_pointer_and_stays_inside_the_image() {
+        let point_at = |v: &ZoomView, at: egui::Vec2| v.uv().min + at * v.uv().size();
+        let mut v = ZoomView::default();
+        assert_eq!(v.uv(), egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)));
+        // Zoom 2 about the top-left quarter point: that point stays put.
+        let at = egui::vec2(0.25, 0.25);
+        v.zoom_about(2.0, at);
+        assert_eq!(v.zoom, 2.0);
+        assert!((point_at(&v, at) - egui::pos2(0.25, 0.25)).length() < 1e-6, "{:?}", v.uv());
+        // Again, about another point of the new view.
+        let at = egui::vec2(0.8, 0.4);
+        let before = point_at(&v, at);
+        v.zoom_about(1.5, at);
+        assert!((point_at(&v, at) - before).length() < 1e-6, "{:?}", v.uv());
+        // About a corner: the view is held inside the image (0..1).
+        let mut corner = ZoomView::default();
+        corner.zoom_about(4.0, egui::vec2(0.0, 0.0));
+        assert_eq!(corner.uv().min, egui::pos2(0.0, 0.0));
+        corner.zoom_about(0.1, egui::vec2(1.0, 1.0));
+        assert_eq!((corner.zoom, corner.pan), (1.0, egui::Vec2::ZERO), "never below fit");
+        // Past the limit: clamped.
+        corner.zoom_about(1000.0, egui::vec2(0.5, 0.5));
+        assert_eq!(corner.zoom, MAX_ZOOM);
+        // A drag of half the drawn width at zoom 2 moves the view a quarter
+        // of the image, the other way.
+        let mut d = ZoomView { zoom: 2.0, ..ZoomView::default() };
+        d.drag(egui::vec2(100.0, 0.0), egui::vec2(200.0, 200.0));
+        assert!((d.pan.x + 0.25).abs() < 1e-6 && d.pan.y == 0.0, "{:?}", d.pan);
+        d.drag(egui::vec2(1000.0, -1000.0), egui::vec2(200.0, 200.0));
+        assert_eq!(d.uv().min.x, 0.0);
+        assert_eq!(d.uv().max.y, 1.0);
+        d.fit();
+        assert_eq!(d, ZoomView::default());
     }
 
     #[test]

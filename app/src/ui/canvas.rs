@@ -28,11 +28,15 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let previewing = app.live_preview || refining.is_some();
     let size = tex.map(|(_, s)| s).filter(|_| !previewing).unwrap_or(egui::vec2(w, h));
     let rect = super::fit_rect(avail.shrink(8.0), size);
-    let response = ui.allocate_rect(avail, Sense::click());
+    let response = ui.allocate_rect(avail, Sense::click_and_drag());
     let painter = ui.painter_at(avail);
     match tex {
         Some((id, _)) => {
-            painter.image(id, rect, Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)), Color32::WHITE);
+            // Zoom and pan in image fractions: the same detail stays in view
+            // through previews (latent size), drafts (half size) and the image.
+            super::zoom_input(ui, &response, &mut app.live_view, &[rect]);
+            app.live_view.fit_scale = Some(rect.width() / w.max(1.0) * ui.ctx().pixels_per_point());
+            painter.image(id, rect, app.live_view.uv(), Color32::WHITE);
         }
         None => {
             painter.rect_filled(rect, 4.0, ui.visuals().extreme_bg_color);
@@ -56,6 +60,15 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     if !caption.is_empty() {
         let pos = egui::pos2(rect.left() + 6.0, rect.bottom() - 6.0);
         super::caption_on_image(&painter, caption, pos, egui::Align2::LEFT_BOTTOM, 13.0);
+    }
+    // Zoomed in: the zoom and a way back, over the image's top right corner.
+    if tex.is_some() && app.live_view.zoom > 1.0 {
+        let bar = Rect::from_min_max(egui::pos2(rect.left() + 6.0, rect.top() + 6.0), egui::pos2(rect.right() - 6.0, rect.top() + 30.0));
+        ui.scope_builder(egui::UiBuilder::new().max_rect(bar).layout(egui::Layout::right_to_left(egui::Align::Center)), |ui| {
+            egui::Frame::new().fill(Color32::from_black_alpha(160)).corner_radius(3.0).inner_margin(3.0).show(ui, |ui| {
+                ui.horizontal(|ui| super::zoom_buttons(ui, &mut app.live_view));
+            });
+        });
     }
     // A refined image: double-click opens it beside its Turbo parent.
     if response.double_clicked() {

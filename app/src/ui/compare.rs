@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use egui::{Color32, Pos2, Rect, Sense, Slider, Stroke};
+use egui::{Color32, Rect, Sense, Slider, Stroke};
 use zimage_engine::preview::RgbImage;
 
 use crate::app::{Action, StudioApp};
-use crate::state::{difference_heatmap, pair_grid_columns, CompareMode, MAX_COMPARE_ZOOM};
+use crate::state::{difference_heatmap, pair_grid_columns, CompareMode};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
     let Some((turbo, base)) = app.compare_pair.clone() else {
@@ -36,23 +36,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         if ui.button("Swap (C)").clicked() {
             app.compare.swapped = !app.compare.swapped;
         }
-        if ui.button("Fit").on_hover_text("Show the whole image (zoom out, centre)").clicked() {
-            app.compare.zoom = 1.0;
-            app.compare.pan = egui::Vec2::ZERO;
-        }
-        let actual = app.compare.actual_size_zoom();
-        let one_to_one = ui.add_enabled(actual.is_some(), egui::Button::new("1:1"));
-        let one_to_one = one_to_one
-            .on_hover_text("One image pixel per screen pixel")
-            .on_disabled_hover_text("The fitted image is already shown at or above its actual size");
-        if let (true, Some(z)) = (one_to_one.clicked(), actual) {
-            app.compare.zoom = z;
-        }
-        // As image viewers count it: 100% is one image pixel per screen pixel.
-        match app.compare.actual_size_percent() {
-            Some(p) => ui.weak(format!("zoom {p:.0}%")),
-            None => ui.weak("zoom: fit"),
-        };
+        super::zoom_buttons(ui, &mut app.compare.view);
     });
     let pairs = app.refine_pairs();
     let at = pairs.iter().position(|p| *p == (turbo.clone(), base.clone()));
@@ -101,13 +85,6 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     let avail = ui.available_rect_before_wrap();
     let response = ui.allocate_rect(avail, Sense::click_and_drag());
     let size = app.images.texture(&left).map(|t| t.size_vec2()).unwrap_or(egui::vec2(1.0, 1.0));
-    // Shared zoom/pan: scrolling over either image zooms both, dragging pans both.
-    if response.hovered() {
-        let scroll = ui.input(|i| i.smooth_scroll_delta.y);
-        if scroll != 0.0 {
-            app.compare.zoom = (app.compare.zoom * (1.0 + scroll * 0.002)).clamp(1.0, MAX_COMPARE_ZOOM);
-        }
-    }
     // All pairs: a grid of cells, each a pair one image above the other.
     let cells: Vec<Rect> = if all_pairs {
         let cols = pair_grid_columns(shown.len(), avail.width(), avail.height(), size.x / size.y.max(1.0));
@@ -120,26 +97,24 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         Vec::new()
     };
     app.compare.pair_cells = cells.clone();
-    // One image's pane: half the area side by side, half a cell for all
-    // pairs, else all of it.
-    let pane = match app.compare.mode {
-        CompareMode::SideBySide => avail.split_left_right_at_fraction(0.5).0,
-        CompareMode::AllPairs => cells.first().map_or(avail, |c| {
-            super::fit_rect(c.shrink(4.0), egui::vec2(size.x, 2.0 * size.y)).split_top_bottom_at_fraction(0.5).0
-        }),
-        _ => avail,
+    // Where each image is drawn: side by side two halves, all pairs two per
+    // cell (touching, centred), else one rect that both share.
+    let pair_in = |cell: &Rect| super::fit_rect(cell.shrink(4.0), egui::vec2(size.x, 2.0 * size.y)).split_top_bottom_at_fraction(0.5);
+    let drawn: Vec<Rect> = match app.compare.mode {
+        CompareMode::SideBySide => {
+            let (l, r) = avail.split_left_right_at_fraction(0.5);
+            vec![super::fit_rect(l.shrink(4.0), size), super::fit_rect(r.shrink(4.0), size)]
+        }
+        CompareMode::AllPairs => cells.iter().flat_map(|c| <[Rect; 2]>::from(pair_in(c))).collect(),
+        _ => vec![super::fit_rect(avail.shrink(4.0), size)],
     };
-    if response.dragged() {
-        let d = response.drag_delta();
-        app.compare.pan -= egui::vec2(d.x / pane.width(), d.y / pane.height()) / app.compare.zoom;
+    // Shared zoom/pan: scrolling over any image zooms them all about the
+    // same image point, dragging pans them all.
+    super::zoom_input(ui, &response, &mut app.compare.view, &drawn);
+    if let Some(first) = drawn.first() {
+        app.compare.view.fit_scale = Some(first.width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
     }
-    let fitted = if all_pairs { pane } else { super::fit_rect(pane.shrink(4.0), size) };
-    app.compare.fit_scale = Some(fitted.width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
-    let half = 0.5 / app.compare.zoom;
-    app.compare.pan.x = app.compare.pan.x.clamp(-(0.5 - half), 0.5 - half);
-    app.compare.pan.y = app.compare.pan.y.clamp(-(0.5 - half), 0.5 - half);
-    let c = egui::pos2(0.5, 0.5) + app.compare.pan;
-    let uv = Rect::from_min_max(Pos2::new(c.x - half, c.y - half), Pos2::new(c.x + half, c.y + half));
+    let uv = app.compare.view.uv();
 
     let painter = ui.painter_at(avail);
     let tex = |id: &str| app.images.texture(id).map(|t| t.id());
@@ -148,9 +123,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     };
     match app.compare.mode {
         CompareMode::SideBySide => {
-            let (l, r) = avail.split_left_right_at_fraction(0.5);
-            let (lr, rr) = (super::fit_rect(l.shrink(4.0), size), super::fit_rect(r.shrink(4.0), size));
-            for (rect, id, text) in [(lr, &left, &left_label), (rr, &right, &right_label)] {
+            for (rect, id, text) in [(drawn[0], &left, &left_label), (drawn[1], &right, &right_label)] {
                 if let Some(t) = tex(id) {
                     painter.image(t, rect, uv, Color32::WHITE);
                 }
@@ -158,7 +131,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             }
         }
         CompareMode::Wipe => {
-            let rect = super::fit_rect(avail.shrink(4.0), size);
+            let rect = drawn[0];
             let x = rect.left() + rect.width() * app.compare.split;
             if let Some(t) = tex(&left) {
                 painter.image(t, rect, uv, Color32::WHITE);
@@ -176,7 +149,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                 app.compare.flicker_second = (t / 0.6) as u64 % 2 == 1;
                 ui.ctx().request_repaint_after(Duration::from_millis(100));
             }
-            let rect = super::fit_rect(avail.shrink(4.0), size);
+            let rect = drawn[0];
             let (id, text) = if app.compare.flicker_second { (&right, &right_label) } else { (&left, &left_label) };
             if let Some(t) = tex(id) {
                 painter.image(t, rect, uv, Color32::WHITE);
@@ -194,7 +167,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                     }
                 }
             }
-            let rect = super::fit_rect(avail.shrink(4.0), size);
+            let rect = drawn[0];
             match app.images.texture(&key).map(|t| t.id()) {
                 Some(t) => {
                     painter.image(t, rect, uv, Color32::WHITE);
@@ -206,9 +179,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         CompareMode::AllPairs => {
             let current = app.compare_pair.clone();
             for (cell, pair) in cells.iter().zip(&shown) {
-                // The two images touch, centred in the cell.
-                let both = super::fit_rect(cell.shrink(4.0), egui::vec2(size.x, 2.0 * size.y));
-                let (top, bottom) = both.split_top_bottom_at_fraction(0.5);
+                let (top, bottom) = pair_in(cell);
                 let (above, below) = if app.compare.swapped { (&pair.1, &pair.0) } else { (&pair.0, &pair.1) };
                 for (rect, id) in [(top, above), (bottom, below)] {
                     if let Some(t) = tex(id) {
@@ -218,7 +189,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                 }
                 if current.as_ref() == Some(pair) {
                     let stroke = Stroke::new(2.0, ui.visuals().selection.stroke.color);
-                    painter.rect_stroke(both.expand(2.0), 2.0, stroke, egui::StrokeKind::Outside);
+                    painter.rect_stroke(top.union(bottom).expand(2.0), 2.0, stroke, egui::StrokeKind::Outside);
                 }
             }
             // Click picks a pair (its parameters in the line above); a

@@ -16,7 +16,7 @@ pub mod welcome;
 use egui::{Rect, Vec2};
 
 use crate::app::{Action, StudioApp};
-use crate::state::View;
+use crate::state::{View, ZoomView};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
     let ctx = ui.ctx().clone();
@@ -75,6 +75,48 @@ pub fn fit_rect(avail: Rect, size: Vec2) -> Rect {
     }
     let scale = (avail.width() / size.x).min(avail.height() / size.y);
     Rect::from_center_size(avail.center(), size * scale)
+}
+
+/// Fit, 1:1 and the zoom readout of a zoomable image.
+pub fn zoom_buttons(ui: &mut egui::Ui, view: &mut ZoomView) {
+    if ui.button("Fit").on_hover_text("Show the whole image (zoom out, centre)").clicked() {
+        view.fit();
+    }
+    let actual = view.actual_size_zoom();
+    let one_to_one = ui.add_enabled(actual.is_some(), egui::Button::new("1:1"));
+    let one_to_one = one_to_one
+        .on_hover_text("One image pixel per screen pixel")
+        .on_disabled_hover_text("The fitted image is already shown at or above its actual size");
+    if let (true, Some(z)) = (one_to_one.clicked(), actual) {
+        view.zoom = z;
+        view.keep_inside();
+    }
+    // As image viewers count it: 100% is one image pixel per screen pixel.
+    match view.actual_size_percent() {
+        Some(p) => ui.weak(format!("zoom {p:.0}%")),
+        None => ui.weak("zoom: fit"),
+    };
+}
+
+/// Scrolling (or a pinch) over one of the `drawn` image rects zooms about
+/// the image point under the pointer; dragging pans. Every drawn rect shows
+/// the same part of its image, so one view serves them all.
+pub fn zoom_input(ui: &egui::Ui, response: &egui::Response, view: &mut ZoomView, drawn: &[Rect]) {
+    view.drawn = drawn.first().copied();
+    if response.hovered() {
+        let (scroll, pinch) = ui.input(|i| (i.smooth_scroll_delta.y, i.zoom_delta()));
+        let factor = (1.0 + scroll * 0.002) * pinch;
+        if factor != 1.0 {
+            let pointer = response.hover_pos();
+            let under = pointer.and_then(|p| drawn.iter().find(|r| r.contains(p)).map(|r| (p - r.min) / r.size()));
+            view.zoom_about(factor, under.unwrap_or(Vec2::splat(0.5)));
+        }
+    }
+    if response.dragged() {
+        if let Some(first) = drawn.first() {
+            view.drag(response.drag_delta(), first.size());
+        }
+    }
 }
 
 /// White text on a dark plate, so a caption over an image stays readable on

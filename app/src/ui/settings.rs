@@ -26,12 +26,16 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             ui.horizontal(|ui| {
                 let l = ui.add_sized([90.0, 20.0], egui::Label::new(*name));
                 let width = (ui.available_width() - 80.0).max(120.0);
-                ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(width).hint_text(match slot {
+                let field = ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(width).hint_text(match slot {
                     Some(ModelSlot::Turbo) => "demo-turbo or /path/to/Z-Image-Turbo",
                     Some(ModelSlot::Base) => "demo-base or /path/to/Z-Image",
                     None => "default: your Pictures folder",
                 }))
                 .labelled_by(l.id);
+                // Enter in a path field applies, as in any form.
+                if field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                    apply_form(app, actions);
+                }
                 if ui.button("Browse…").clicked() {
                     if !file_dialog_available() {
                         app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
@@ -56,12 +60,16 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
         ui.weak(format!("Images are saved to {}", app.output_dir().display()));
         ui.horizontal(|ui| {
             if ui.button("Apply").clicked() {
-                let [t, b, o] = app.settings_form.clone();
-                actions.push(Action::ApplyModels { turbo: t, base: b, output: o });
+                apply_form(app, actions);
             }
-            if ui.button("Use built-in demo models").clicked() {
+            // A button named "Use" acts at once, like "Use as Turbo" below.
+            if ui.button("Use built-in demo models").on_hover_text("Load the built-in demo pair now").clicked() {
                 app.settings_form[0] = "demo-turbo".into();
                 app.settings_form[1] = "demo-base".into();
+                apply_form(app, actions);
+            }
+            if app.settings_form_edited() {
+                ui.colored_label(ui.visuals().warn_fg_color, "edited: Enter or Apply uses it");
             }
         });
         ui.separator();
@@ -151,4 +159,10 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
     if !open {
         app.show_settings = false;
     }
+}
+
+/// Applies the model and save-folder fields as they are typed.
+fn apply_form(app: &StudioApp, actions: &mut Vec<Action>) {
+    let [turbo, base, output] = app.settings_form.clone();
+    actions.push(Action::ApplyModels { turbo, base, output });
 }

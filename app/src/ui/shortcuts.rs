@@ -28,7 +28,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Left / Right", "compare: previous / next refine pair"),
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
-    ("scroll / drag", "compare: zoom / pan both images together"),
+    ("scroll / drag", "zoom about the pointer / pan (Live: the image; compare: both images together)"),
     ("Esc", "leave the prompt box / close overlays"),
     ("F1 or ?", "this help"),
 ];
