@@ -77,6 +77,32 @@ pub fn fit_rect(avail: Rect, size: Vec2) -> Rect {
     Rect::from_center_size(avail.center(), size * scale)
 }
 
+/// "Browse…" for a model: a diffusers folder or a single .safetensors file
+/// (ComfyUI's layout), starting where `current` points; the path picked.
+pub fn browse_model(app: &mut StudioApp, ui: &mut egui::Ui, current: &str) -> Option<String> {
+    let mut picked = None;
+    ui.menu_button("Browse…", |ui| {
+        let folder = ui.button("Folder (diffusers layout)…").clicked();
+        let file = ui.button("File (.safetensors, ComfyUI)…").clicked();
+        if !(folder || file) {
+            return;
+        }
+        ui.close();
+        if !crate::app::file_dialog_available() {
+            app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
+            return;
+        }
+        let mut dialog = rfd::FileDialog::new();
+        let current = std::path::Path::new(current.trim());
+        if let Some(dir) = [Some(current), current.parent()].into_iter().flatten().find(|d| d.is_dir()) {
+            dialog = dialog.set_directory(dir);
+        }
+        let path = if folder { dialog.pick_folder() } else { dialog.add_filter("safetensors", &["safetensors"]).pick_file() };
+        picked = path.map(|p| p.display().to_string());
+    });
+    picked
+}
+
 /// Fit, 1:1 and the zoom readout of a zoomable image.
 pub fn zoom_buttons(ui: &mut egui::Ui, view: &mut ZoomView) {
     if ui.button("Fit").on_hover_text("Show the whole image (zoom out, centre)").clicked() {

@@ -36,7 +36,12 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 if field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
                     apply_form(app, actions);
                 }
-                if ui.button("Browse…").clicked() {
+                if slot.is_some() {
+                    let current = app.settings_form[i].clone();
+                    if let Some(p) = super::browse_model(app, ui, &current) {
+                        app.settings_form[i] = p;
+                    }
+                } else if ui.button("Browse…").clicked() {
                     if !file_dialog_available() {
                         app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
                     } else if let Some(p) = rfd::FileDialog::new().pick_folder() {

@@ -1,7 +1,7 @@
 //! First-run welcome: what the two models are, and four ways to start. No
 //! network access happens unless the user clicks "Download".
 
-use crate::app::{file_dialog_available, Action, StudioApp};
+use crate::app::{Action, StudioApp};
 use crate::engine_bridge::ModelSlot;
 use crate::ui::models;
 
@@ -40,12 +40,9 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             ui.horizontal(|ui| {
                 let l = ui.label("Model folder or file");
                 ui.add(egui::TextEdit::singleline(&mut app.welcome_folder).desired_width(300.0).hint_text("/path/to/Z-Image-Turbo")).labelled_by(l.id);
-                if ui.button("Browse…").clicked() {
-                    if !file_dialog_available() {
-                        app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
-                    } else if let Some(p) = rfd::FileDialog::new().pick_folder() {
-                        app.welcome_folder = p.display().to_string();
-                    }
+                let current = app.welcome_folder.clone();
+                if let Some(p) = super::browse_model(app, ui, &current) {
+                    app.welcome_folder = p;
                 }
                 let path = app.welcome_folder.trim().to_string();
                 if ui.add_enabled(!path.is_empty(), egui::Button::new("Use as Turbo")).clicked() {
