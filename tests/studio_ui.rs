@@ -465,6 +465,47 @@ fn the_refine_cost_includes_loading_a_parked_base() {
     assert!(m.reload_times.iter().any(|(s, _)| *s == ModelSlot::Base), "{:?}", m.reload_times);
 }
 
+/// Refine, save and copy act on the image on screen. After a refine the
+/// selection moves to the Base result while the Live view still shows the
+/// Turbo image (Ctrl+S there once saved the Base image); and refining a
+/// compared pair again once started from the newest Turbo image instead of
+/// the pair's.
+#[test]
+fn refine_save_and_copy_act_on_the_image_on_screen() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a lighthouse");
+    let first = h.state().current.clone().unwrap();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    wait_until(&mut h, "the refine", |a| a.view == View::Compare && a.compare_pair.is_some());
+    let base = h.state().compare_pair.clone().unwrap().1;
+    assert_eq!(h.state().compare_pair, Some((first.clone(), base.clone())));
+    assert_eq!(h.state().save_targets(), vec![base.clone()], "Compare: the Base image");
+    assert_eq!(h.state().refine_source(), Some(first.clone()), "Compare: the pair's Turbo image");
+
+    // The Live view shows its own image, not the refine's result.
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num1);
+    h.step();
+    assert_eq!(h.state().view, View::Live);
+    assert_eq!(h.state().current.as_ref(), Some(&first));
+    assert_eq!(h.state().save_targets(), vec![first.clone()], "Live: the image shown");
+    assert_eq!(h.state().image_in_view(), Some(first.clone()));
+
+    // A newer Turbo image; back in Compare, the pair's Turbo image is still
+    // the one a refine starts from.
+    h.state_mut().focus_prompt = true;
+    h.step();
+    type_text(&mut h, " at dusk");
+    wait_until(&mut h, "the newer live image", |a| live_done(a) && a.current.as_ref() != Some(&first));
+    let newer = h.state().current.clone().unwrap();
+    assert_eq!(h.state().refine_source(), Some(newer), "Live: the image shown");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num3);
+    h.step();
+    assert_eq!(h.state().view, View::Compare);
+    assert_eq!(h.state().refine_source(), Some(first.clone()));
+    h.get_by_label_contains(&format!("from #{first}: "));
+}
+
 #[test]
 fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_switch() {
     let dir = tempfile::tempdir().unwrap();
@@ -1111,7 +1152,7 @@ fn help_overlay_and_model_status() {
     h.key_press(Key::F1);
     h.step();
     h.get_by_label("Keyboard shortcuts");
-    h.get_by_label_contains("refine the selected Turbo image with Base");
+    h.get_by_label_contains("refine the Turbo image in view with Base");
     h.key_press(Key::Escape);
     h.step();
     assert!(!h.state().show_help);

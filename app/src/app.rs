@@ -1042,17 +1042,21 @@ impl StudioApp {
         self.message = Some(Message { text: text.into(), error: true });
     }
 
-    /// The image Refine starts from: the grid cursor (Variations view), else the
-    /// selected Turbo image, else the newest one.
+    /// The image Refine starts from: the Turbo image in view (the grid's
+    /// cursor cell, the compared pair's, the Live view's), else the newest.
     pub fn refine_source(&self) -> Option<String> {
-        let turbo = |id: &String| self.history.get(id).is_some_and(|e| e.slot == ModelSlot::Turbo);
-        // In the grid, the cell under the cursor is the chosen one.
-        let cursor = (self.view == View::Variations)
-            .then(|| self.variations.get(self.var_cursor).and_then(|c| c.id.clone()))
-            .flatten();
-        cursor
-            .filter(turbo)
-            .or_else(|| self.selected.clone().filter(turbo))
+        // A Base image stands for the Turbo image it was refined from, so
+        // refining the pair in view again (another strength, say) starts
+        // from the same Turbo image, not from the newest one.
+        let turbo_of = |id: String| {
+            let e = self.history.get(&id)?;
+            match e.slot {
+                ModelSlot::Turbo => Some(id),
+                ModelSlot::Base => e.parent.clone().filter(|p| self.history.get(p).is_some_and(|p| p.slot == ModelSlot::Turbo)),
+            }
+        };
+        self.image_in_view()
+            .and_then(turbo_of)
             .or_else(|| self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone()))
     }
 
@@ -1554,14 +1558,17 @@ impl StudioApp {
     }
 
     /// The one image in view: the grid's cursor cell, the compared pair's
-    /// second image (Base unless swapped), else the selected image.
+    /// second image (Base unless swapped), the Live view's image, else the
+    /// selected one. Save, copy and refine act on it: what you see.
     pub fn image_in_view(&self) -> Option<String> {
         let in_view = match self.view {
             View::Compare => {
                 self.compare_pair.as_ref().map(|(a, b)| if self.compare.swapped { a.clone() } else { b.clone() })
             }
             View::Variations => self.variations.get(self.var_cursor).and_then(|c| c.id.clone()),
-            View::Live => None,
+            // The selection moves on to a refine's result, while the Live
+            // view goes on showing its own image.
+            View::Live => self.current.clone(),
         };
         in_view.or_else(|| self.selected.clone())
     }

@@ -12,7 +12,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("type", "live Turbo preview (prompt box has focus at start)"),
     ("Alt+Up / Alt+Down", "earlier / later prompts (in the prompt box)"),
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
-    ("Ctrl+Enter", "refine the selected Turbo image with Base"),
+    ("Ctrl+Enter", "refine the Turbo image in view with Base"),
     ("Ctrl+G", "generate N variations (seed, seed+1, …)"),
     ("Ctrl+Shift+Enter", "refine all kept variations (no grid: kept history images) with Base"),
     ("Ctrl+S", "save the image in view (the grid: all kept; All pairs: every Base)"),
