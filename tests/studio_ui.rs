@@ -490,6 +490,13 @@ fn refine_save_and_copy_act_on_the_image_on_screen() {
     assert_eq!(h.state().current.as_ref(), Some(&first));
     assert_eq!(h.state().save_targets(), vec![first.clone()], "Live: the image shown");
     assert_eq!(h.state().image_in_view(), Some(first.clone()));
+    // K keeps the image shown (it once marked the selected Base image).
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press(Key::K);
+    h.step();
+    let mark = |h: &Harness<'static, StudioApp>, id: &str| h.state().history.get(id).unwrap().mark;
+    assert_eq!((mark(&h, &first), mark(&h, &base)), (Mark::Kept, Mark::None));
 
     // A newer Turbo image; back in Compare, the pair's Turbo image is still
     // the one a refine starts from.

@@ -138,7 +138,7 @@ fn live_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
     match key {
         Key::ArrowUp | Key::ArrowDown => {
             let listed = app.listed_history();
-            let at = app.selected.as_ref().and_then(|s| listed.iter().position(|i| i == s));
+            let at = app.image_in_view().and_then(|s| listed.iter().position(|i| *i == s));
             let to = match (at, key) {
                 (None, _) => 0,
                 (Some(i), Key::ArrowUp) => i.saturating_sub(1),
@@ -147,12 +147,13 @@ fn live_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
             if let Some(id) = listed.get(to) {
                 // Set now too: several presses can arrive in one frame.
                 app.selected = Some(id.clone());
+                app.current = Some(id.clone());
                 app.reveal_selected = true;
                 actions.push(Action::Restore(id.clone()));
             }
         }
         Key::K | Key::X | Key::S => {
-            if let Some(id) = app.selected.clone() {
+            if let Some(id) = app.image_in_view() {
                 let mark = match key {
                     Key::K => Mark::Kept,
                     Key::X => Mark::Rejected,
