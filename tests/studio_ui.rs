@@ -1208,6 +1208,32 @@ fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
     assert!(h.query_by_label_contains("edited: Enter or Apply").is_none());
 }
 
+/// Ctrl+H (or the top bar's History toggle) hides the history panel, which
+/// gives the image the room in a small window; the choice is kept.
+#[test]
+fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 800.0));
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live image", live_done);
+    let with_panel = h.state().live_view.drawn.expect("the live image").width();
+    h.get_by_label_contains("click: restore");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::H);
+    h.step();
+    h.step();
+    assert!(h.query_by_label_contains("click: restore").is_none(), "the panel is gone");
+    let without = h.state().live_view.drawn.unwrap().width();
+    assert!(without > with_panel + 100.0, "the image has the room: {with_panel} -> {without}");
+    assert_eq!(h.state().prompt, "a red fox", "Ctrl+H typed nothing into the prompt box");
+    h.state_mut().persist_settings();
+    assert!(!Settings::load(&Paths::at(dir.path())).0.show_history);
+    h.get_by_label("History").click();
+    h.step();
+    h.get_by_label_contains("click: restore");
+}
+
 /// Until the user picks a size, the size follows the Turbo model's natural
 /// size (the VAE config's `sample_size`: 1024 in the tiny fixtures' config,
 /// 128 for the built-in demo); a chosen size is kept.

@@ -56,6 +56,9 @@ pub struct Settings {
     /// LoRAs per model, applied in order.
     pub turbo_loras: Vec<LoraSetting>,
     pub base_loras: Vec<LoraSetting>,
+    /// The history panel is shown (Ctrl+H hides it: room for the image in
+    /// a small window).
+    pub show_history: bool,
 }
 
 /// One LoRA in a model's list.
@@ -97,6 +100,7 @@ impl Default for Settings {
             welcome_done: false,
             turbo_loras: Vec::new(),
             base_loras: Vec::new(),
+            show_history: true,
         }
     }
 }

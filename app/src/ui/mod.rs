@@ -27,11 +27,13 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
     egui::Panel::left("controls").resizable(true).default_size(330.0).min_size(260.0).show(ui, |ui| {
         egui::ScrollArea::vertical().show(ui, |ui| controls::draw(app, ui, &mut actions));
     });
-    egui::Panel::right("history")
-        .resizable(true)
-        .default_size(230.0)
-        .min_size(160.0)
-        .show(ui, |ui| history::draw(app, ui, &mut actions));
+    if app.settings.show_history {
+        egui::Panel::right("history")
+            .resizable(true)
+            .default_size(230.0)
+            .min_size(160.0)
+            .show(ui, |ui| history::draw(app, ui, &mut actions));
+    }
     egui::CentralPanel::default().show(ui, |ui| match app.view {
         View::Live => canvas::draw(app, ui, &mut actions),
         View::Variations => variations::draw(app, ui, &mut actions),
@@ -47,16 +49,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
 
 fn top_bar(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
-        ui.heading("Z-Image Studio");
-        ui.separator();
-        for (view, name, key) in [(View::Live, "Live", 1), (View::Variations, "Variations", 2), (View::Compare, "Compare", 3)] {
-            let hint = format!("Ctrl+{key} (or {key} outside the prompt box)");
-            if ui.selectable_label(app.view == view, format!("{name} ({key})")).on_hover_text(hint).clicked() {
-                actions.push(Action::ShowView(view));
-            }
-        }
-        ui.separator();
-        status::model_chips(app, ui);
+        // The buttons on the right first, so that in a narrow window the
+        // model names are cut short instead of running under them.
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
             if ui.button("Help (F1)").clicked() {
                 app.show_help = !app.show_help;
@@ -64,6 +58,19 @@ fn top_bar(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             if ui.button("Settings").clicked() {
                 app.show_settings = !app.show_settings;
             }
+            ui.toggle_value(&mut app.settings.show_history, "History").on_hover_text("Show or hide the history panel (Ctrl+H)");
+            ui.with_layout(egui::Layout::left_to_right(egui::Align::Center), |ui| {
+                ui.heading("Z-Image Studio");
+                ui.separator();
+                for (view, name, key) in [(View::Live, "Live", 1), (View::Variations, "Variations", 2), (View::Compare, "Compare", 3)] {
+                    let hint = format!("Ctrl+{key} (or {key} outside the prompt box)");
+                    if ui.selectable_label(app.view == view, format!("{name} ({key})")).on_hover_text(hint).clicked() {
+                        actions.push(Action::ShowView(view));
+                    }
+                }
+                ui.separator();
+                status::model_chips(app, ui);
+            });
         });
     });
 }

@@ -19,6 +19,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("Ctrl+Shift+S", "save as…"),
     ("Ctrl+C", "copy the image in view (outside the prompt box)"),
     ("Ctrl+,", "settings (models, save folder)"),
+    ("Ctrl+H", "show / hide the history panel"),
     ("Ctrl+1 / 2 / 3", "Live / Variations / Compare view (1 / 2 / 3 outside the prompt box)"),
     ("arrows", "move in the variations grid"),
     ("Up / Down", "Live view: the newer / older image of the history, with its parameters"),
@@ -65,6 +66,9 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
         }
         if i.consume_key(Modifiers::COMMAND, Key::Comma) {
             app.show_settings = !app.show_settings;
+        }
+        if i.consume_key(Modifiers::COMMAND, Key::H) {
+            app.settings.show_history = !app.settings.show_history;
         }
         if i.consume_key(Modifiers::NONE, Key::F5) {
             actions.push(Action::Generate);

@@ -70,6 +70,7 @@ pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
             }
             None => (format!("{}: starting…", slot.label()), ui.visuals().weak_text_color()),
         };
-        ui.colored_label(color, text);
+        // Cut short with "…" when the bar is too narrow; the whole on hover.
+        ui.add(egui::Label::new(egui::RichText::new(&text).color(color)).truncate()).on_hover_text(text);
     }
 }
