@@ -1095,6 +1095,41 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     assert_eq!(h.state().settings.seed, picked.seed);
 }
 
+/// Many variations in a small pane keep judgeable thumbnails and scroll;
+/// the arrow keys move by the columns shown and scroll to the cursor (50
+/// variations once shrank to 44-point thumbnails, half hidden by their labels).
+#[test]
+fn a_large_grid_scrolls_and_the_cursor_stays_in_view() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.variations = 12);
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 600.0));
+    wait_until(&mut h, "models to load", models_ready);
+    h.state_mut().settings.live = false;
+    type_text(&mut h, "a teapot");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    wait_until(&mut h, "12 variations", grid_done);
+    let cols = h.state().var_columns;
+    assert!((1..4).contains(&cols), "{cols} columns in a 340-point pane");
+    h.key_press(Key::Escape);
+    h.step();
+    let frame = h.ctx.global_style().visuals.selection.stroke.color;
+    let framed = |h: &mut Harness<'static, StudioApp>| {
+        let image = h.render().expect("the harness renders with wgpu");
+        image.chunks(4).filter(|p| p.iter().zip(frame.to_array()).take(3).all(|(a, b)| a.abs_diff(b) <= 8)).count()
+    };
+    assert!(framed(&mut h) > 400, "the first cell is framed");
+    for _ in 0..20 {
+        h.key_press(Key::ArrowDown);
+        h.step();
+    }
+    assert_eq!(h.state().var_cursor, (11 / cols) * cols, "down the first column to the last row");
+    for _ in 0..30 {
+        h.step();
+    }
+    let seen = framed(&mut h);
+    assert!(seen > 400, "the cursor's cell was scrolled into view: {seen} framed pixels");
+}
+
 /// The prompt box has focus while one types, where a digit is text: Ctrl+1 /
 /// 2 / 3 change the view from there, and the prompt keeps its text and focus
 /// (a plain 3 pressed to compare used to re-render a prompt ending in "3").

@@ -231,6 +231,10 @@ pub struct StudioApp {
     pub compare_pair: Option<(String, String)>,
     pub variations: Vec<VariationCell>,
     pub var_cursor: usize,
+    /// The variations grid's columns as last drawn (the arrow keys move by them).
+    pub var_columns: usize,
+    /// Scroll the grid to the cursor's cell in the next frame.
+    pub var_reveal: bool,
     pub message: Option<Message>,
     pub show_help: bool,
     pub show_settings: bool,
@@ -329,6 +333,8 @@ impl StudioApp {
             compare_pair: None,
             variations: Vec::new(),
             var_cursor: 0,
+            var_columns: 1,
+            var_reveal: false,
             message: w1.or(w2).or(w3).map(|text| Message { text, error: true }),
             show_help: false,
             show_settings: false,

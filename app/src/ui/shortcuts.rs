@@ -213,8 +213,9 @@ fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
     if n == 0 {
         return;
     }
-    let cols = crate::ui::variations::columns(n);
+    let cols = app.var_columns.max(1);
     let c = &mut app.var_cursor;
+    let before = *c;
     match key {
         Key::ArrowRight => *c = (*c + 1).min(n - 1),
         Key::ArrowLeft => *c = c.saturating_sub(1),
@@ -222,6 +223,8 @@ fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
         Key::ArrowUp if *c >= cols => *c -= cols,
         _ => {}
     }
+    // A cursor moved off screen scrolls the grid to it.
+    app.var_reveal |= *c != before;
     let Some(id) = app.variations.get(app.var_cursor).and_then(|c| c.id.clone()) else { return };
     match key {
         Key::K => actions.push(Action::Mark(id, Mark::Kept)),

@@ -4,12 +4,7 @@
 use egui::{Color32, Rect, Sense, Stroke, StrokeKind};
 
 use crate::app::{Action, StudioApp};
-use crate::state::Mark;
-
-/// Grid columns for `n` cells (roughly square).
-pub fn columns(n: usize) -> usize {
-    (n as f64).sqrt().ceil().max(1.0) as usize
-}
+use crate::state::{variation_grid, Mark};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     if app.variations.is_empty() {
@@ -39,14 +34,27 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
     });
     let n = app.variations.len();
-    let cols = columns(n);
-    let rows = n.div_ceil(cols);
-    let avail = ui.available_rect_before_wrap();
-    let cell = egui::vec2(avail.width() / cols as f32, avail.height() / rows as f32);
+    let (w, h) = (app.settings.width as f32, app.settings.height as f32);
+    let pane = ui.available_rect_before_wrap();
+    let (cols, cell) = variation_grid(n, pane.width(), pane.height(), w / h.max(1.0));
+    // The arrow keys move by the columns shown.
+    app.var_columns = cols;
+    egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| {
+        let (grid, _) = ui.allocate_exact_size(egui::vec2(pane.width(), n.div_ceil(cols) as f32 * cell.y), Sense::hover());
+        draw_cells(app, ui, actions, grid, cols, cell);
+    });
+}
+
+/// The cells of the grid laid out in `grid`: `cols` columns of `cell`.
+fn draw_cells(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>, grid: Rect, cols: usize, cell: egui::Vec2) {
     let (w, h) = (app.settings.width as f32, app.settings.height as f32);
     for (i, c) in app.variations.clone().iter().enumerate() {
-        let min = avail.min + egui::vec2((i % cols) as f32 * cell.x, (i / cols) as f32 * cell.y);
+        let min = grid.min + egui::vec2((i % cols) as f32 * cell.x, (i / cols) as f32 * cell.y);
         let slot = Rect::from_min_size(min, cell).shrink(4.0);
+        if i == app.var_cursor && app.var_reveal {
+            ui.scroll_to_rect(slot, None);
+            app.var_reveal = false;
+        }
         let response = ui.interact(slot, ui.scope_id().with(("var", c.job)), Sense::click());
         let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job));
         match &c.id {
