@@ -1,0 +1,709 @@
+//! The application: state, engine events, actions. Drawing lives in `ui/`.
+//! This file holds the state and the frame's logic; `events` (engine news),
+//! `live` (typing), `actions` (what panels ask for) and `export` (save,
+//! copy) hold the rest of [`StudioApp`]'s methods.
+
+mod actions;
+mod events;
+mod export;
+mod live;
+
+pub use actions::Action;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zimage_engine::discovery::FoundModel;
+use zimage_engine::metadata::{self, GenerationMetadata, LoraRef};
+use zimage_engine::pipeline::{GenerateRequest, ModelKind};
+use zimage_engine::preview::RgbImage;
+use zimage_engine::pull::PullOptions;
+
+use crate::engine_bridge::{
+    BackgroundIo, Download, DownloadEvent, EngineHandle, Event, IoResult, JobId, JobKind, JobSpec, LoraChoice,
+    LiveWait, LoraState, ModelConfig, ModelSlot, ModelState, Task, Waker,
+};
+use crate::fonts::{Fallback, FoundFonts};
+use crate::history::History;
+use crate::images::Images;
+use crate::prompts::{self, PromptHistory};
+use crate::save;
+use crate::settings::{default_output_dir, Paths, Settings};
+use crate::state::{self, CompareState, LiveStatus, Mark, RefineMode, View, ZoomView};
+
+pub const APP_NAME: &str = concat!("Z-Image Studio ", env!("CARGO_PKG_VERSION"));
+
+/// How the app is started: data folder and one-run model overrides (CLI).
+#[derive(Debug, Clone)]
+pub struct StudioOptions {
+    pub paths: Paths,
+    pub turbo: Option<String>,
+    pub base: Option<String>,
+    /// Device for this run (`auto`, `cpu`, `cuda`, `wgpu`); `None` = the saved setting.
+    pub device: Option<String>,
+    /// PNGs to open: their stored parameters are restored.
+    pub open: Vec<PathBuf>,
+}
+
+/// The live job `live` waits behind `behind` until `until` ([`Event::LiveWaits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveWaitState {
+    pub live: JobId,
+    pub behind: JobId,
+    pub until: LiveWait,
+}
+
+/// A job the UI is waiting for.
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub kind: JobKind,
+    pub slot: ModelSlot,
+    pub request: GenerateRequest,
+    pub parent: Option<String>,
+    /// When the edit that caused a live job happened (latency metrics).
+    pub edit_at: Option<Instant>,
+    pub progress: (usize, usize),
+    pub saw_preview: bool,
+    /// Paused at a step boundary for a live image; resumes where it stopped.
+    pub paused: bool,
+    /// A live job rendered at draft size, to be finished at full size.
+    pub draft: bool,
+    /// The start image's name, when the job starts from one (for the PNG).
+    pub start: Option<String>,
+}
+
+/// An image the Turbo jobs start from (img2img), e.g. a sketch dropped on
+/// the window; kept for the session.
+#[derive(Clone)]
+pub struct StartImage {
+    pub name: String,
+    pub image: Arc<RgbImage>,
+}
+
+/// One cell of the variations grid.
+#[derive(Debug, Clone)]
+pub struct VariationCell {
+    pub job: JobId,
+    pub seed: u64,
+    /// History id once finished.
+    pub id: Option<String>,
+    pub progress: (usize, usize),
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub text: String,
+    pub error: bool,
+}
+
+/// Latency and frame-time measurements (docs/app-latency.md).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    pub first_preview: Option<Duration>,
+    pub final_image: Option<Duration>,
+    pub frame_times: VecDeque<Duration>,
+    /// CPU time the UI thread itself spent per frame (Linux); frame_times minus
+    /// this is time the thread waited for a core (the engine uses them all).
+    pub frame_cpu_times: VecDeque<Duration>,
+    /// Live jobs replaced by a newer one before they finished.
+    pub superseded: u64,
+}
+
+impl Metrics {
+    pub fn record_frame(&mut self, wall: Duration, cpu: Option<Duration>) {
+        if self.frame_times.len() >= 600 {
+            self.frame_times.pop_front();
+        }
+        self.frame_times.push_back(wall);
+        if let Some(cpu) = cpu {
+            if self.frame_cpu_times.len() >= 600 {
+                self.frame_cpu_times.pop_front();
+            }
+            self.frame_cpu_times.push_back(cpu);
+        }
+    }
+}
+
+/// CPU time consumed by the calling thread so far (Linux only).
+pub fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: ts is a valid, writable timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+        }
+    }
+    None
+}
+
+pub struct StudioApp {
+    pub settings: Settings,
+    pub paths: Paths,
+    pub history: History,
+    /// The prompts settled on, for Alt+↑ / Alt+↓ (see `prompts`).
+    pub prompt_history: PromptHistory,
+    /// The prompt of the live image on screen and when it arrived: recorded
+    /// once it stays unedited for `prompts::SETTLE`.
+    live_shown: Option<(String, Instant)>,
+    /// Live, Generate and the variations start from this image (img2img).
+    pub start_image: Option<StartImage>,
+    pub engine: EngineHandle,
+    pub model_config: ModelConfig,
+    /// Whether the CLI overrides the saved models for this run.
+    pub cli_override: bool,
+    pub models: HashMap<ModelSlot, ModelState>,
+    pub prompt: String,
+    pub view: View,
+    pub live_status: LiveStatus,
+    /// Set when the prompt/settings changed; a live job starts after the quiet period.
+    pub dirty_at: Option<Instant>,
+    pub live_job: Option<JobId>,
+    pub live_ema: Option<Duration>,
+    /// Recent live time per megapixel-step, drafts and upgrades included:
+    /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
+    pub live_rate: Option<f64>,
+    pub per_step: HashMap<ModelSlot, Duration>,
+    pub jobs: HashMap<JobId, PendingJob>,
+    /// Shown in the Live view: the latest finished image (history id).
+    pub current: Option<String>,
+    /// Selected image (history id): what Save and Refine act on.
+    pub selected: Option<String>,
+    /// Which entries the history panel lists.
+    pub history_filter: state::HistoryFilter,
+    /// A prompt and its length in tokens, as the engine counted it.
+    pub prompt_tokens: Option<(String, usize)>,
+    /// What the engine last said about a live job waiting behind another.
+    pub live_wait: Option<LiveWaitState>,
+    pub live_preview: bool,
+    /// The Live view's zoom and pan, kept from image to image: zoomed on a
+    /// detail, you watch it change as you type.
+    pub live_view: ZoomView,
+    pub refine_job: Option<JobId>,
+    pub compare: CompareState,
+    /// (Turbo id, Base id) shown in the Compare view.
+    pub compare_pair: Option<(String, String)>,
+    pub variations: Vec<VariationCell>,
+    pub var_cursor: usize,
+    /// The variations grid's columns as last drawn (the arrow keys move by them).
+    pub var_columns: usize,
+    /// Scroll the grid to the cursor's cell in the next frame.
+    pub var_reveal: bool,
+    pub message: Option<Message>,
+    pub show_help: bool,
+    pub show_settings: bool,
+    pub settings_form: [String; 3],
+    /// First-run welcome screen.
+    pub show_welcome: bool,
+    /// The welcome's "point at a folder" field.
+    pub welcome_folder: String,
+    /// Models found on this computer (None until a scan finished).
+    pub found_models: Option<Vec<FoundModel>>,
+    scan: Option<Task<Vec<FoundModel>>>,
+    pub download: Option<Download>,
+    /// One line about the last download (done, failed, cancelled).
+    pub download_note: Option<String>,
+    /// Where downloads come from; `None` = the hub the environment names
+    /// (`HF_ENDPOINT`, `HF_HOME`…). Tests point it at a local hub.
+    pub pull_options: Option<PullOptions>,
+    /// What the engine applied per model after the last LoRA change.
+    pub lora_state: HashMap<ModelSlot, LoraState>,
+    /// The "Add LoRA" path fields.
+    pub lora_form: HashMap<ModelSlot, String>,
+    /// Reading the fallback fonts: symbols, CJK for the prompt box (see `fonts`).
+    font_task: Option<Task<FoundFonts>>,
+    /// PNGs from the command line, restored on the first frame.
+    open_files: Vec<PathBuf>,
+    /// The engine's last memory report.
+    pub memory: Option<crate::engine_bridge::MemoryReport>,
+    /// Where the engine runs ("CPU", "CUDA"…), once it said so.
+    pub device_name: Option<String>,
+    /// On a GPU, until its first image is finished: kernels still compile.
+    pub gpu_kernels_cold: bool,
+    /// The fallback fonts in use, once installed, in their order.
+    pub fallback_fonts: Vec<(Fallback, PathBuf)>,
+    pub waker: Waker,
+    pub images: Images,
+    /// History images being decoded on the disk thread.
+    loading: HashSet<String>,
+    pub metrics: Metrics,
+    pub focus_prompt: bool,
+    /// The history panel scrolls to the selected entry (moved by the keyboard).
+    pub reveal_selected: bool,
+    /// The prompt box's widget id (known after the first frame).
+    pub prompt_id: Option<egui::Id>,
+    /// Give the prompt its focus back when the open overlay closes.
+    pub refocus_after_overlay: bool,
+    pub frame_start: Option<(Instant, Option<Duration>)>,
+    /// Last settings written to disk, and when they started to differ.
+    saved_settings: Settings,
+    settings_changed_at: Option<Instant>,
+    /// `$ZIMAGE_STUDIO_METRICS`: where to write [`Metrics`] as JSON (Xvfb runs).
+    metrics_file: Option<(PathBuf, Instant)>,
+}
+
+impl StudioApp {
+    pub fn new(ctx: &egui::Context, options: StudioOptions) -> Self {
+        let ctx2 = ctx.clone();
+        let waker: Waker = Arc::new(move || ctx2.request_repaint());
+        let (settings, w1) = Settings::load(&options.paths);
+        let device = crate::cli::parse_device(options.device.as_deref().unwrap_or(&settings.device)).unwrap_or(None);
+        let engine = EngineHandle::spawn_on(device, waker.clone());
+        let (mut history, w2) = History::load(&options.paths);
+        let ctx3 = ctx.clone();
+        history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
+        let (prompt_history, w3) = PromptHistory::load(&prompts::prompts_file(&options.paths.data_dir));
+        let cli_override = options.turbo.is_some() || options.base.is_some();
+        let model_config = effective_models(&settings, &options);
+        let settings_form = settings_form_of(&settings);
+        let mut app = Self {
+            prompt: String::new(),
+            paths: options.paths,
+            history,
+            prompt_history,
+            live_shown: None,
+            start_image: None,
+            engine,
+            model_config: model_config.clone(),
+            cli_override,
+            models: HashMap::new(),
+            view: View::Live,
+            live_status: LiveStatus::Idle,
+            dirty_at: None,
+            live_job: None,
+            live_ema: None,
+            live_rate: None,
+            per_step: HashMap::new(),
+            jobs: HashMap::new(),
+            current: None,
+            selected: None,
+            history_filter: state::HistoryFilter::All,
+            prompt_tokens: None,
+            live_wait: None,
+            live_preview: false,
+            live_view: ZoomView::default(),
+            refine_job: None,
+            compare: CompareState::default(),
+            compare_pair: None,
+            variations: Vec::new(),
+            var_cursor: 0,
+            var_columns: 1,
+            var_reveal: false,
+            message: w1.or(w2).or(w3).map(|text| Message { text, error: true }),
+            show_help: false,
+            show_settings: false,
+            settings_form,
+            // Models named on the command line are a choice already made; the
+            // welcome waits for a plain start (welcome_done stays as it is).
+            show_welcome: !settings.welcome_done && !cli_override,
+            welcome_folder: String::new(),
+            found_models: None,
+            scan: None,
+            download: None,
+            download_note: None,
+            pull_options: None,
+            lora_state: HashMap::new(),
+            lora_form: HashMap::new(),
+            font_task: Some(Task::spawn("zimage-fonts", waker.clone(), crate::fonts::find_and_read)),
+            fallback_fonts: Vec::new(),
+            device_name: None,
+            gpu_kernels_cold: false,
+            memory: None,
+            open_files: options.open.clone(),
+            waker,
+            images: Images::default(),
+            loading: HashSet::new(),
+            metrics: Metrics::default(),
+            focus_prompt: true,
+            reveal_selected: false,
+            prompt_id: None,
+            refocus_after_overlay: false,
+            frame_start: None,
+            saved_settings: settings.clone(),
+            settings_changed_at: None,
+            metrics_file: std::env::var_os("ZIMAGE_STUDIO_METRICS").map(|p| (PathBuf::from(p), Instant::now())),
+            settings,
+        };
+        // Start where the user left off: the newest history item and its prompt.
+        if let Some(last) = app.history.entries.last().map(|e| e.id.clone()) {
+            app.restore(&last);
+            // Shown and selected: Ctrl+S, Ctrl+C and refine act on it.
+            app.selected = Some(last.clone());
+            app.current = Some(last);
+        }
+        app.engine.load_models(model_config);
+        app
+    }
+
+    /// Runs before drawing each frame: engine events, live scheduling, drops.
+    pub fn logic(&mut self, ctx: &egui::Context) {
+        self.frame_start = Some((Instant::now(), thread_cpu_time()));
+        self.images.begin_frame();
+        for ev in self.engine.poll() {
+            self.on_event(ctx, ev);
+        }
+        let io = self.history.io().map(|io| io.poll()).unwrap_or_default();
+        for r in io {
+            match r {
+                IoResult::Loaded { key, image } => {
+                    self.loading.remove(&key);
+                    self.images.put(ctx, &key, Arc::new(image));
+                }
+                IoResult::Error(e) => self.error(format!("history folder: {e}")),
+                IoResult::Done => {}
+            }
+        }
+        self.poll_background(ctx);
+        self.schedule_live(ctx);
+        self.settle_prompt(ctx);
+        self.handle_dropped_files(ctx);
+        self.autosave_settings(ctx);
+        self.write_metrics();
+    }
+
+    /// Model scan results and download progress.
+    fn poll_background(&mut self, ctx: &egui::Context) {
+        if let Some((found, missing)) = self.font_task.as_ref().and_then(Task::poll) {
+            self.font_task = None;
+            for (kind, path, bytes) in found {
+                match bytes {
+                    Ok(bytes) => {
+                        crate::fonts::install(ctx, &path, bytes);
+                        self.fallback_fonts.push((kind, path));
+                    }
+                    Err(e) => eprintln!("zimage-studio: {e}; {}", kind.without()),
+                }
+            }
+            for kind in missing {
+                eprintln!("zimage-studio: no font found: {}", kind.without());
+            }
+        }
+        if let Some(found) = self.scan.as_ref().and_then(Task::poll) {
+            self.found_models = Some(found);
+            self.scan = None;
+        }
+        let events = self.download.as_mut().map(Download::poll).unwrap_or_default();
+        for ev in events {
+            let model = self.download.as_ref().map(|d| d.model.clone()).unwrap_or_default();
+            match ev {
+                DownloadEvent::Progress(_) => {}
+                DownloadEvent::Done(path) => {
+                    self.download = None;
+                    self.download_note = Some(format!("Z-Image {model} downloaded to {}", path.display()));
+                    let slot = if model == "base" { ModelSlot::Base } else { ModelSlot::Turbo };
+                    self.use_model(slot, path.display().to_string());
+                    self.info(format!("download complete; loading {}", slot.label()));
+                }
+                DownloadEvent::Failed(e) => {
+                    self.download = None;
+                    self.download_note = Some(format!("download failed: {e} (start it again to resume)"));
+                    self.error(format!("download failed: {e}"));
+                }
+                DownloadEvent::Cancelled => {
+                    self.download = None;
+                    self.download_note =
+                        Some("download cancelled; what was downloaded is kept and the next start resumes".into());
+                }
+            }
+        }
+    }
+
+    /// Whether a model scan is running.
+    pub fn scanning(&self) -> bool {
+        self.scan.is_some()
+    }
+
+    /// Makes `model` the model of `slot`, saved in the settings, and loads it.
+    /// Whether the settings window's path fields differ from the saved
+    /// settings (typed or browsed but not applied yet).
+    pub fn settings_form_edited(&self) -> bool {
+        let saved = settings_form_of(&self.settings);
+        self.settings_form.iter().zip(&saved).any(|(form, saved)| form.trim() != saved)
+    }
+
+    fn use_model(&mut self, slot: ModelSlot, model: String) {
+        match slot {
+            ModelSlot::Turbo => {
+                self.settings.turbo_model = Some(model.clone());
+                self.settings_form[0] = model;
+            }
+            ModelSlot::Base => {
+                self.settings.base_model = Some(model.clone());
+                self.settings_form[1] = model;
+            }
+        }
+        self.cli_override = false;
+        self.reload_models();
+    }
+
+    /// Applies the saved model and LoRA settings and persists them.
+    fn reload_models(&mut self) {
+        self.model_config =
+            effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None, open: Vec::new() });
+        self.engine.load_models(self.model_config.clone());
+        self.persist_settings();
+    }
+
+    fn write_metrics(&mut self) {
+        let Some((path, last)) = &mut self.metrics_file else { return };
+        if last.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        *last = Instant::now();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let mut frames: Vec<f64> = self.metrics.frame_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        frames.sort_by(f64::total_cmp);
+        let pct = |p: f64| frames.get(((frames.len() as f64 - 1.0) * p).round() as usize).copied();
+        let mut cpu: Vec<f64> = self.metrics.frame_cpu_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        cpu.sort_by(f64::total_cmp);
+        let mut live: Vec<u64> = self.history.entries.iter().filter(|e| e.job == JobKind::Live).map(|e| e.elapsed_ms).collect();
+        live.sort_unstable();
+        let json = serde_json::json!({
+            "frame_cpu_ms_max": cpu.last(),
+            "first_preview_ms": ms(self.metrics.first_preview),
+            "final_image_ms": ms(self.metrics.final_image),
+            "frames": frames.len(),
+            "frame_ms_p50": pct(0.5),
+            "frame_ms_p95": pct(0.95),
+            "frame_ms_max": frames.last(),
+            "history": self.history.entries.len(),
+            // How live the preview was: images finished (not overtaken by the
+            // next key) and their median engine time.
+            "live_images": live.len(),
+            "live_ms_median": live.get(live.len() / 2),
+            "live_status": self.live_status.text(),
+        });
+        let _ = metadata::write_file_atomic(path, json.to_string().as_bytes());
+    }
+
+    /// Settings are written one second after the last change (not on every
+    /// slider tick, and not only on exit: a killed app would lose them).
+    fn autosave_settings(&mut self, ctx: &egui::Context) {
+        if self.settings == self.saved_settings {
+            self.settings_changed_at = None;
+            return;
+        }
+        let since = *self.settings_changed_at.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_secs(1) {
+            self.persist_settings();
+        } else {
+            ctx.request_repaint_after(Duration::from_secs(1));
+        }
+    }
+
+    /// Every (Turbo, Base) pair in the history, oldest first: a Base refine
+    /// and the image it was refined from (both still in the history).
+    pub fn refine_pairs(&self) -> Vec<(String, String)> {
+        self.history
+            .entries
+            .iter()
+            .filter(|e| e.slot == ModelSlot::Base)
+            .filter_map(|e| e.parent.as_ref().filter(|p| self.history.get(p).is_some()).map(|p| (p.clone(), e.id.clone())))
+            .collect()
+    }
+
+    /// The pairs "All pairs" shows: the page of refine pairs that holds the
+    /// compared pair, with the index of its first pair and the number of
+    /// pairs; just the compared pair when it is not a refine pair.
+    pub fn shown_pairs(&self) -> (Vec<(String, String)>, usize, usize) {
+        let Some(current) = self.compare_pair.clone() else { return (Vec::new(), 0, 0) };
+        let pairs = self.refine_pairs();
+        match pairs.iter().position(|p| *p == current) {
+            Some(at) => {
+                let page = state::pair_page(pairs.len(), at, state::PAIRS_PER_PAGE);
+                (pairs[page.clone()].to_vec(), page.start, pairs.len())
+            }
+            None => (vec![current], 0, 1),
+        }
+    }
+
+    /// Shows the refine pair `delta` places before (−) or after (+) the one
+    /// compared now, stopping at the ends: reviewing a batch of refines.
+    pub fn step_compare_pair(&mut self, delta: isize) {
+        let pairs = self.refine_pairs();
+        let Some(at) = self.compare_pair.as_ref().and_then(|p| pairs.iter().position(|q| q == p)) else { return };
+        let to = (at as isize + delta).clamp(0, pairs.len() as isize - 1) as usize;
+        self.compare_pair = Some(pairs[to].clone());
+    }
+
+    /// Shows history image `id` in this frame: kept in [`Images`], or decoded
+    /// on the disk thread and shown from the next frames on.
+    pub fn request_image(&mut self, ctx: &egui::Context, id: &str) {
+        self.request(ctx, id, id.to_string(), None);
+    }
+
+    /// The key of history image `id`'s thumbnail, shown in this frame: made
+    /// from the image when it is in memory, else loaded and scaled down on
+    /// the disk thread. The history panel shows these, not the images.
+    pub fn request_thumbnail(&mut self, ctx: &egui::Context, id: &str) -> String {
+        let key = format!("thumb:{id}");
+        self.request(ctx, id, key.clone(), Some(crate::images::THUMB_SIDE));
+        key
+    }
+
+    /// Keeps `key` (history image `id`, or its thumbnail of `thumb_side`
+    /// pixels) in memory for this frame, loading it when it is not there.
+    fn request(&mut self, ctx: &egui::Context, id: &str, key: String, thumb_side: Option<u32>) {
+        self.images.touch(&key);
+        if self.images.contains(&key) || self.loading.contains(&key) {
+            return;
+        }
+        let shrink = |img: &RgbImage| thumb_side.map(|side| crate::images::thumbnail(img, side));
+        if let Some(small) = self.images.rgb(id).and_then(|full| shrink(&full)) {
+            self.images.put(ctx, &key, Arc::new(small));
+            return;
+        }
+        let Some(entry) = self.history.get(id).cloned() else { return };
+        if self.history.load_in_background(&entry, key.clone(), thumb_side) {
+            self.loading.insert(key);
+        } else if let Ok(img) = self.history.load_image(&entry) {
+            let img = shrink(&img).unwrap_or(img);
+            self.images.put(ctx, &key, Arc::new(img));
+        }
+    }
+
+    pub fn info(&mut self, text: impl Into<String>) {
+        self.message = Some(Message { text: text.into(), error: false });
+    }
+
+    pub fn error(&mut self, text: impl Into<String>) {
+        self.message = Some(Message { text: text.into(), error: true });
+    }
+
+    /// The history entries the history panel lists, newest first (its filter applied).
+    pub fn listed_history(&self) -> Vec<String> {
+        let filter = self.history_filter;
+        let shown = |e: &&crate::history::HistoryEntry| filter.shows(e.slot == ModelSlot::Base, e.mark);
+        self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
+    }
+
+    pub fn persist_settings(&mut self) {
+        self.saved_settings = self.settings.clone();
+        self.settings_changed_at = None;
+        if let Err(e) = self.settings.save(&self.paths) {
+            self.error(format!("could not save the settings: {}", save::one_line_error(&e)));
+        }
+    }
+
+    /// A one-line summary of why nothing can be generated, if so.
+    pub fn model_problem(&self) -> Option<String> {
+        match self.models.get(&ModelSlot::Turbo) {
+            None => Some("starting the engine…".into()),
+            Some(ModelState::NotConfigured) => Some("no Turbo model configured and the built-in demo model is not installed: open Settings (Ctrl+,) and choose a model folder".into()),
+            Some(ModelState::Failed(m)) => Some(format!("Turbo model unusable: {m}")),
+            Some(ModelState::Loading { stage }) => Some(format!("loading the Turbo model ({stage})…")),
+            Some(ModelState::Ready { .. }) => None,
+        }
+    }
+}
+
+/// Takes keyboard focus away from the prompt (or any text field).
+/// The settings window's path fields (Turbo, Base, save folder) as saved.
+fn settings_form_of(settings: &Settings) -> [String; 3] {
+    [
+        settings.turbo_model.clone().unwrap_or_default(),
+        settings.base_model.clone().unwrap_or_default(),
+        settings.output_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+    ]
+}
+
+fn leave_text_field(ctx: &egui::Context) {
+    ctx.memory_mut(|m| {
+        if let Some(id) = m.focused() {
+            m.surrender_focus(id);
+        }
+    });
+}
+
+/// Models for this run: CLI overrides, else saved settings, else the built-in
+/// demo models when they are installed.
+pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelConfig {
+    let pick = |cli: &Option<String>, saved: &Option<String>, demo: &str| {
+        cli.clone()
+            .or_else(|| saved.clone())
+            .or_else(|| zimage_engine::loader::resolve_model(demo).ok().map(|_| demo.to_string()))
+    };
+    let loras = |list: &[crate::settings::LoraSetting]| {
+        list.iter().filter(|l| l.enabled).map(|l| LoraChoice { path: l.path.clone(), strength: l.strength }).collect()
+    };
+    ModelConfig {
+        turbo: pick(&options.turbo, &settings.turbo_model, "demo-turbo"),
+        base: pick(&options.base, &settings.base_model, "demo-base"),
+        turbo_loras: loras(&settings.turbo_loras),
+        base_loras: loras(&settings.base_loras),
+        memory_plan: settings.memory_plan,
+    }
+}
+
+/// rfd returns None both on cancel and when no dialog can be shown; tell the
+/// two apart up front (a portal needs a session bus; zenity is the fallback).
+/// What the status bar calls a refine or variation job.
+fn background_job_name(kind: JobKind) -> &'static str {
+    if kind == JobKind::Refine {
+        "Base refine"
+    } else {
+        "variation"
+    }
+}
+
+pub fn file_dialog_available() -> bool {
+    if cfg!(not(target_os = "linux")) {
+        return true;
+    }
+    let bus = std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|v| !v.is_empty());
+    let zenity =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
+    bus || zenity
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        StudioApp::logic(self, ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        crate::ui::draw(self, ui);
+        // An edit made in this frame starts its live job now, not in the next
+        // frame's `logic`: on a software renderer the next frame can be a
+        // third of a second away (docs/app-latency.md).
+        self.schedule_live(ui.ctx());
+        if let Some((start, cpu0)) = self.frame_start.take() {
+            let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
+            self.metrics.record_frame(start.elapsed(), cpu);
+        }
+    }
+
+    fn on_exit(&mut self) {
+        self.persist_settings();
+        let _ = self.history.save();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_models_override_saved_ones_for_this_run_only() {
+        let saved = Settings {
+            turbo_model: Some("/saved/turbo".into()),
+            base_model: Some("/saved/base".into()),
+            ..Settings::default()
+        };
+        let paths = Paths::at("/tmp/unused");
+        let cli = StudioOptions { paths: paths.clone(), turbo: Some("/cli/turbo".into()), base: None, device: None, open: Vec::new() };
+        let m = effective_models(&saved, &cli);
+        assert_eq!(m.turbo.as_deref(), Some("/cli/turbo"));
+        assert_eq!(m.base.as_deref(), Some("/saved/base"));
+        assert_eq!(saved.turbo_model.as_deref(), Some("/saved/turbo"), "settings untouched");
+        let none = StudioOptions { paths, turbo: None, base: None, device: None, open: Vec::new() };
+        assert_eq!(effective_models(&saved, &none).turbo.as_deref(), Some("/saved/turbo"));
+        // Nothing configured: the built-in demo model if installed, else nothing.
+        let demo = effective_models(&Settings::default(), &none).turbo;
+        assert_eq!(demo.is_some(), zimage_engine::loader::resolve_model("demo-turbo").is_ok());
+    }
+}
