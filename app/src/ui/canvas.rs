@@ -59,7 +59,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     };
     if !caption.is_empty() {
         let pos = egui::pos2(rect.left() + 6.0, rect.bottom() - 6.0);
-        super::caption_on_image(&painter, caption, pos, egui::Align2::LEFT_BOTTOM, 13.0);
+        super::caption_on_image(&painter, caption, pos, egui::Align2::LEFT_BOTTOM, 13.0, rect.width() - 12.0);
     }
     // Zoomed in: the zoom and a way back, over the image's top right corner.
     if tex.is_some() && app.live_view.zoom > 1.0 {

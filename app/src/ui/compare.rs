@@ -119,7 +119,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     let painter = ui.painter_at(avail);
     let tex = |id: &str| app.images.texture(id).map(|t| t.id());
     let caption = |rect: Rect, text: &str| {
-        super::caption_on_image(&painter, text.to_string(), rect.left_top() + egui::vec2(6.0, 6.0), egui::Align2::LEFT_TOP, 13.0);
+        super::caption_on_image(&painter, text.to_string(), rect.left_top() + egui::vec2(6.0, 6.0), egui::Align2::LEFT_TOP, 13.0, rect.width() - 12.0);
     };
     match app.compare.mode {
         CompareMode::SideBySide => {

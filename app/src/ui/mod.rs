@@ -154,9 +154,12 @@ pub fn zoom_input(ui: &egui::Ui, response: &egui::Response, view: &mut ZoomView,
 
 /// White text on a dark plate, so a caption over an image stays readable on
 /// any image (a white background included); `anchor` places the plate's text
-/// relative to `pos` as `Align2` does.
-pub fn caption_on_image(painter: &egui::Painter, text: String, pos: egui::Pos2, anchor: egui::Align2, size: f32) {
-    let galley = painter.layout_no_wrap(text, egui::FontId::proportional(size), egui::Color32::WHITE);
+/// relative to `pos` as `Align2` does. One line, cut with "…" at `max_width`
+/// (the image's width: a caption must not run off a small image).
+pub fn caption_on_image(painter: &egui::Painter, text: String, pos: egui::Pos2, anchor: egui::Align2, size: f32, max_width: f32) {
+    let mut job = egui::text::LayoutJob::single_section(text, egui::TextFormat::simple(egui::FontId::proportional(size), egui::Color32::WHITE));
+    job.wrap = egui::text::TextWrapping::truncate_at_width(max_width.max(size));
+    let galley = painter.layout_job(job);
     let at = anchor.anchor_size(pos, galley.size()).min;
     painter.rect_filled(Rect::from_min_size(at, galley.size()).expand(3.0), 3.0, egui::Color32::from_black_alpha(160));
     painter.galley(at, galley, egui::Color32::WHITE);
@@ -174,7 +177,7 @@ mod tests {
         for anchor in [egui::Align2::LEFT_BOTTOM, egui::Align2::LEFT_TOP] {
             let pos = egui::pos2(100.0, 100.0);
             let out = ctx.run_ui(Default::default(), |ui| {
-                caption_on_image(ui.painter(), "seed 42 kept".into(), pos, anchor, 12.0);
+                caption_on_image(ui.painter(), "seed 42 kept".into(), pos, anchor, 12.0, 200.0);
             });
             let shapes: Vec<_> = out.shapes.iter().map(|s| &s.shape).collect();
             let plate = shapes.iter().find_map(|s| match s {
@@ -194,5 +197,24 @@ mod tests {
             let corner = if anchor == egui::Align2::LEFT_BOTTOM { text.left_bottom() } else { text.left_top() };
             assert!(corner.distance(pos) < 4.0, "{anchor:?}: {corner:?} far from {pos:?}");
         }
+    }
+
+    /// A caption longer than its image is cut to the image's width.
+    #[test]
+    fn a_long_caption_is_cut_to_the_width_it_is_given() {
+        let ctx = egui::Context::default();
+        let long = "#000032 · Turbo · seed 42 · 1024×1024 · full size of draft #000031".to_string();
+        let out = ctx.run_ui(Default::default(), |ui| {
+            caption_on_image(ui.painter(), long.clone(), egui::pos2(10.0, 100.0), egui::Align2::LEFT_BOTTOM, 13.0, 120.0);
+        });
+        let text = out.shapes.iter().find_map(|s| match &s.shape {
+            egui::Shape::Text(t) => Some(t.galley.clone()),
+            _ => None,
+        });
+        let galley = text.expect("the text");
+        assert!(galley.size().x <= 120.5, "{}", galley.size().x);
+        assert_eq!(galley.rows.len(), 1);
+        let shown: String = galley.rows[0].glyphs.iter().map(|g| g.chr).collect();
+        assert!(shown.ends_with('…') && shown.len() < long.len(), "{shown:?}");
     }
 }

@@ -96,7 +96,7 @@ fn draw_cells(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>,
                 format!("seed {} · {}/{}{paused}", c.seed, c.progress.0, c.progress.1)
             }
         };
-        super::caption_on_image(&painter, status, rect.left_bottom() + egui::vec2(5.0, -5.0), egui::Align2::LEFT_BOTTOM, 12.0);
+        super::caption_on_image(&painter, status, rect.left_bottom() + egui::vec2(5.0, -5.0), egui::Align2::LEFT_BOTTOM, 12.0, rect.width() - 10.0);
         if response.clicked() {
             app.var_cursor = i;
         }
