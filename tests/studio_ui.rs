@@ -1130,6 +1130,60 @@ fn a_large_grid_scrolls_and_the_cursor_stays_in_view() {
     assert!(seen > 400, "the cursor's cell was scrolled into view: {seen} framed pixels");
 }
 
+/// "Clean up…" asks first, then removes the rejected images and the
+/// unmarked Turbo images nothing was made from, files included (50-image
+/// grids every day once grew the history without end); "Delete" removes one.
+#[test]
+fn the_history_is_cleaned_up_after_a_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_grid(dir.path(), "a teapot", |_| {});
+    wait_until(&mut h, "3 variations", grid_done);
+    h.key_press(Key::Escape);
+    h.step();
+    for k in [Key::K, Key::ArrowRight, Key::X] {
+        h.key_press(k);
+        h.step();
+    }
+    let cells: Vec<String> = h.state().variations.iter().map(|c| c.id.clone().unwrap()).collect();
+    let files = |dir: &Path| std::fs::read_dir(dir.join("images")).map(|d| d.count()).unwrap_or(0);
+    wait_until(&mut h, "the files", |_| files(dir.path()) == 3);
+    h.get_by_label("Clean up…").click();
+    // The click's frame, then the dialog's sizing frame.
+    for _ in 0..3 {
+        h.step();
+    }
+    // The rejected cell (on screen, under the cursor) and the unmarked one.
+    h.get_by_label_contains("Remove 2 images");
+    assert_eq!(h.state().history.entries.len(), 3, "nothing removed before the confirmation");
+    h.get_by_label("Remove 2").click();
+    h.step();
+    h.step();
+    assert!(h.state().cleanup.is_none());
+    let left: Vec<String> = h.state().history.entries.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(left, [cells[0].clone()], "the kept one stays");
+    assert_eq!(h.state().variations.len(), 1, "the grid lets the removed cells go");
+    h.get_by_label_contains("removed 2 images from the history");
+    wait_until(&mut h, "the files deleted", |_| files(dir.path()) == 1);
+    // Cancel removes nothing; "Delete" on one image removes it.
+    h.get_by_label("Clean up…").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label_contains("Nothing to remove");
+    h.get_by_label("Close").click();
+    h.step();
+    assert!(h.state().cleanup.is_none());
+    let ctx = h.ctx.clone();
+    h.state_mut().apply(&ctx, zimage_studio::app::Action::RemoveImages(vec![cells[0].clone()]));
+    h.step();
+    assert!(h.state().history.entries.is_empty());
+    wait_until(&mut h, "the last file deleted", |_| files(dir.path()) == 0);
+    // The index on disk agrees.
+    drop(h);
+    let (back, _) = zimage_studio::history::History::load(&Paths::at(dir.path()));
+    assert!(back.entries.is_empty());
+}
+
 /// The prompt box has focus while one types, where a digit is text: Ctrl+1 /
 /// 2 / 3 change the view from there, and the prompt keeps its text and focus
 /// (a plain 3 pressed to compare used to re-render a prompt ending in "3").

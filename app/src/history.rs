@@ -2,6 +2,7 @@
 //! folder: `history.json` plus one PNG per image (with the same metadata the
 //! CLI writes, so an image restores its parameters even without the JSON).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -178,20 +179,52 @@ impl History {
     }
 
     fn prune(&mut self) {
-        let live_unmarked: Vec<usize> = self
+        let live_unmarked: Vec<String> = self
             .entries
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.job == JobKind::Live && e.mark == Mark::None && !self.entries.iter().any(|c| c.parent.as_deref() == Some(&e.id)))
-            .map(|(i, _)| i)
+            .filter(|e| e.job == JobKind::Live && e.mark == Mark::None && !self.is_parent(&e.id))
+            .map(|e| e.id.clone())
             .collect();
-        if live_unmarked.len() <= MAX_UNMARKED_LIVE {
-            return;
+        if live_unmarked.len() > MAX_UNMARKED_LIVE {
+            let oldest = &live_unmarked[..live_unmarked.len() - MAX_UNMARKED_LIVE];
+            self.forget(&oldest.iter().cloned().collect());
         }
-        let drop: Vec<usize> = live_unmarked[..live_unmarked.len() - MAX_UNMARKED_LIVE].to_vec();
-        for &i in drop.iter().rev() {
-            let e = self.entries.remove(i);
-            // Through the disk queue, after the (possibly still pending) write.
+    }
+
+    /// Whether an image was made from this one (a Base refine, a live
+    /// image finished from its draft).
+    fn is_parent(&self, id: &str) -> bool {
+        self.entries.iter().any(|c| c.parent.as_deref() == Some(id))
+    }
+
+    /// What "Clean up" removes: every rejected image, and the Turbo images
+    /// left unmarked that nothing was made from and that are not `shown`;
+    /// kept and starred images, the other Base images and the Turbo images
+    /// they were refined from stay. Oldest first.
+    pub fn cleanup_candidates(&self, shown: &[&str]) -> Vec<String> {
+        let unmarked_turbo = |e: &HistoryEntry| {
+            e.mark == Mark::None && e.slot == ModelSlot::Turbo && !shown.contains(&e.id.as_str()) && !self.is_parent(&e.id)
+        };
+        self.entries.iter().filter(|e| e.mark == Mark::Rejected || unmarked_turbo(e)).map(|e| e.id.clone()).collect()
+    }
+
+    /// The bytes the images of `ids` take on disk.
+    pub fn disk_bytes(&self, ids: &[String]) -> u64 {
+        ids.iter().filter_map(|id| self.get(id)).filter_map(|e| std::fs::metadata(self.image_path(e)).ok()).map(|m| m.len()).sum()
+    }
+
+    /// Removes entries and their image files, then writes the index.
+    pub fn remove(&mut self, ids: &HashSet<String>) -> Result<()> {
+        self.forget(ids);
+        self.save()
+    }
+
+    /// Drops entries from the index and deletes their files (through the
+    /// disk queue, after any write of them still pending).
+    fn forget(&mut self, ids: &HashSet<String>) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries).into_iter().partition(|e| ids.contains(&e.id));
+        self.entries = kept;
+        for e in gone {
             let path = self.paths.images_dir().join(&e.file);
             let _ = self.run_io(Box::new(move || {
                 let _ = std::fs::remove_file(path);
@@ -328,6 +361,45 @@ mod tests {
         assert!(h.get(&first).is_some());
         let pngs = std::fs::read_dir(dir.path().join("images")).unwrap().count();
         assert_eq!(pngs, MAX_UNMARKED_LIVE + 1, "pruned entries' files are deleted");
+    }
+
+    /// Clean up removes rejected images and unmarked Turbo images nothing
+    /// was made from, with their files; what was kept, starred, refined or
+    /// is on screen stays, after a restart too.
+    #[test]
+    fn clean_up_removes_the_rejected_and_unmarked_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let (mut h, _) = History::load(&paths);
+        let mut add = |slot, job, parent: Option<&String>, mark| {
+            let (id, r) = h.add(slot, job, GenerationMetadata::default(), parent.cloned(), 1, Arc::new(img()));
+            r.unwrap();
+            h.get_mut(&id).unwrap().mark = mark;
+            id
+        };
+        let plain = add(ModelSlot::Turbo, JobKind::Variation, None, Mark::None);
+        let rejected = add(ModelSlot::Turbo, JobKind::Variation, None, Mark::Rejected);
+        let kept = add(ModelSlot::Turbo, JobKind::Variation, None, Mark::Kept);
+        let starred = add(ModelSlot::Turbo, JobKind::Live, None, Mark::Starred);
+        let refined = add(ModelSlot::Turbo, JobKind::Live, None, Mark::None);
+        let base = add(ModelSlot::Base, JobKind::Refine, Some(&refined), Mark::None);
+        let rejected_base = add(ModelSlot::Base, JobKind::Refine, Some(&kept), Mark::Rejected);
+        let on_screen = add(ModelSlot::Turbo, JobKind::Live, None, Mark::None);
+        // Rejected and on screen: rejected wins.
+        let gone = h.cleanup_candidates(&[on_screen.as_str(), rejected.as_str()]);
+        assert_eq!(gone, [plain.clone(), rejected.clone(), rejected_base.clone()]);
+        let bytes = h.disk_bytes(&gone);
+        assert!(bytes > 0 && bytes == h.disk_bytes(&[plain.clone()]) * 3, "{bytes}");
+        h.remove(&gone.iter().cloned().collect()).unwrap();
+        let left = |h: &History| h.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        let expected = [kept, starred, refined, base, on_screen];
+        assert_eq!(left(&h), expected);
+        let files = std::fs::read_dir(dir.path().join("images")).unwrap().count();
+        assert_eq!(files, expected.len(), "the removed images' files are deleted");
+        let (back, warn) = History::load(&paths);
+        assert!(warn.is_none());
+        assert_eq!(left(&back), expected);
+        assert!(back.cleanup_candidates(&[]).len() == 1, "only the image that was on screen");
     }
 
     #[test]

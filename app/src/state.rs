@@ -168,6 +168,19 @@ pub fn refine_estimate(steps_run: usize, per_step: Option<Duration>, load: BaseL
     }
 }
 
+pub fn gigabytes(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// GB from 1 GB up, MB below (the demo model is a few MB).
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        gigabytes(bytes)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
+}
+
 pub fn human_duration(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s < 1.0 {

@@ -23,6 +23,11 @@ pub enum Action {
     /// Shows a history image in the Live view with its parameters restored.
     Restore(String),
     Mark(String, Mark),
+    /// Asks to clean up the history: what would go, and its size, to confirm.
+    PlanCleanup,
+    /// Removes these history images and their files (a confirmed clean up,
+    /// or "Delete" on one image).
+    RemoveImages(Vec<String>),
     ApplyModels {
         turbo: String,
         base: String,
@@ -141,6 +146,27 @@ impl StudioApp {
                 }
                 if let Err(e) = self.history.save() {
                     self.error(format!("could not save the history: {}", save::one_line_error(&e)));
+                }
+            }
+            Action::PlanCleanup => {
+                let shown: Vec<String> = [self.current.clone(), self.image_in_view()].into_iter().flatten().collect();
+                let shown: Vec<&str> = shown.iter().map(String::as_str).collect();
+                let ids = self.history.cleanup_candidates(&shown);
+                let bytes = self.history.disk_bytes(&ids);
+                self.cleanup = Some(Cleanup { ids, bytes });
+            }
+            Action::RemoveImages(ids) => {
+                self.cleanup = None;
+                let ids: HashSet<String> = ids.into_iter().collect();
+                let bytes = self.history.disk_bytes(&ids.iter().cloned().collect::<Vec<_>>());
+                let result = self.history.remove(&ids);
+                self.forget_images(&ids);
+                match result {
+                    Ok(()) => {
+                        let n = ids.len();
+                        self.info(format!("removed {n} image{} from the history ({})", if n == 1 { "" } else { "s" }, state::human_bytes(bytes)));
+                    }
+                    Err(e) => self.error(format!("could not save the history: {}", save::one_line_error(&e))),
                 }
             }
             Action::ApplyModels { turbo, base, output } => {
@@ -562,5 +588,25 @@ impl StudioApp {
             .filter(|e| e.slot == ModelSlot::Turbo && e.mark.is_kept() && !refined.contains(e.id.as_str()))
             .map(|e| e.id.clone())
             .collect()
+    }
+
+    /// Nothing on screen or in a grid points at removed images any more.
+    fn forget_images(&mut self, ids: &HashSet<String>) {
+        let gone = |id: &Option<String>| id.as_ref().is_some_and(|i| ids.contains(i));
+        if gone(&self.current) {
+            self.current = None;
+        }
+        if gone(&self.selected) {
+            self.selected = None;
+        }
+        if self.compare_pair.as_ref().is_some_and(|(t, b)| ids.contains(t) || ids.contains(b)) {
+            self.compare_pair = None;
+        }
+        self.variations.retain(|c| !gone(&c.id));
+        self.var_cursor = self.var_cursor.min(self.variations.len().saturating_sub(1));
+        for id in ids {
+            self.images.remove(id);
+            self.images.remove(&format!("thumb:{id}"));
+        }
     }
 }

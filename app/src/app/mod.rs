@@ -141,6 +141,15 @@ pub fn thread_cpu_time() -> Option<Duration> {
     None
 }
 
+/// A clean up of the history waiting for its confirmation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cleanup {
+    /// The images it removes, oldest first.
+    pub ids: Vec<String>,
+    /// What they take on disk.
+    pub bytes: u64,
+}
+
 pub struct StudioApp {
     pub settings: Settings,
     pub paths: Paths,
@@ -187,6 +196,8 @@ pub struct StudioApp {
     pub compare: CompareState,
     /// (Turbo id, Base id) shown in the Compare view.
     pub compare_pair: Option<(String, String)>,
+    /// The history clean up being confirmed.
+    pub cleanup: Option<Cleanup>,
     pub variations: Vec<VariationCell>,
     pub var_cursor: usize,
     /// The variations grid's columns as last drawn (the arrow keys move by them).
@@ -289,6 +300,7 @@ impl StudioApp {
             refine_job: None,
             compare: CompareState::default(),
             compare_pair: None,
+            cleanup: None,
             variations: Vec::new(),
             var_cursor: 0,
             var_columns: 1,

@@ -16,6 +16,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         ui.strong("History");
         let total = app.history.entries.len();
         ui.weak(if filter == HistoryFilter::All { format!("{total} images") } else { format!("{} of {total}", ids.len()) });
+        let hint = "Remove the rejected images and the unmarked Turbo images nothing was made from (asks first)";
+        if ui.small_button("Clean up…").on_hover_text(hint).clicked() {
+            actions.push(Action::PlanCleanup);
+        }
     });
     ui.horizontal(|ui| {
         for f in HistoryFilter::ALL {
@@ -95,7 +99,46 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                         ui.close();
                     }
                 }
+                ui.separator();
+                if ui.button("Delete").on_hover_text("Remove it from the history and delete its file").clicked() {
+                    actions.push(Action::RemoveImages(vec![id.clone()]));
+                    ui.close();
+                }
             });
         }
     });
+}
+
+/// The clean up's confirmation: what goes, how much, what stays.
+pub fn cleanup_dialog(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
+    let Some(plan) = app.cleanup.clone() else { return };
+    let modal = egui::Modal::new(egui::Id::unique("zimage-history-cleanup")).show(ctx, |ui| {
+        ui.set_width(380.0);
+        ui.heading("Clean up the history");
+        if plan.ids.is_empty() {
+            ui.label("Nothing to remove: no rejected images, and every unmarked Turbo image was refined from or is on screen.");
+            if ui.button("Close").clicked() {
+                app.cleanup = None;
+            }
+            return;
+        }
+        let n = plan.ids.len();
+        ui.label(format!(
+            "Remove {n} image{} ({}): the rejected ones and the unmarked Turbo images nothing was made from. Their files are deleted.",
+            if n == 1 { "" } else { "s" },
+            crate::state::human_bytes(plan.bytes)
+        ));
+        ui.weak("Kept and starred images, the other Base images, the Turbo images they were refined from and the image on screen stay. Images you saved elsewhere are not touched.");
+        ui.horizontal(|ui| {
+            if ui.button(format!("Remove {n}")).clicked() {
+                actions.push(Action::RemoveImages(plan.ids.clone()));
+            }
+            if ui.button("Cancel").clicked() {
+                app.cleanup = None;
+            }
+        });
+    });
+    if modal.should_close() {
+        app.cleanup = None;
+    }
 }

@@ -39,6 +39,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
         View::Variations => variations::draw(app, ui, &mut actions),
         View::Compare => compare::draw(app, ui, &mut actions),
     });
+    history::cleanup_dialog(app, &ctx, &mut actions);
     settings::draw(app, &ctx, &mut actions);
     welcome::draw(app, &ctx, &mut actions);
     help::draw(app, &ctx);

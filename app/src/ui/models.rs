@@ -9,19 +9,7 @@ use zimage_engine::pull::approximate_download_bytes;
 use crate::app::{file_dialog_available, Action, StudioApp};
 use crate::engine_bridge::ModelSlot;
 use crate::settings::LoraSetting;
-
-pub fn gigabytes(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
-}
-
-/// GB from 1 GB up, MB below (the demo model is a few MB).
-pub fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1_000_000_000 {
-        gigabytes(bytes)
-    } else {
-        format!("{:.1} MB", bytes as f64 / 1e6)
-    }
-}
+use crate::state::{gigabytes, human_bytes};
 
 /// The models found in the Hugging Face cache, ComfyUI folders and the
 /// configured paths, each with a button to use it.

@@ -4,6 +4,7 @@
 
 use crate::app::{file_dialog_available, Action, StudioApp};
 use crate::engine_bridge::{ModelSlot, ModelState};
+use crate::state::human_bytes;
 use crate::ui::models;
 use zimage_engine::memory::MemoryPlan;
 
@@ -122,11 +123,11 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
         ui.weak(app.settings.memory_plan.explanation());
         if let Some(m) = &app.memory {
             if !m.plan_reason.is_empty() {
-                ui.label(format!("In force: {} (estimated peak {})", m.plan_reason, models::human_bytes(m.estimated_peak)));
+                ui.label(format!("In force: {} (estimated peak {})", m.plan_reason, human_bytes(m.estimated_peak)));
             }
-            let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", models::human_bytes(*b))).collect();
+            let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", human_bytes(*b))).collect();
             let device = app.device_name.as_deref().unwrap_or("the device");
-            ui.label(format!("Resident weights on {device}: {} ({})", models::human_bytes(m.weights_total()), parts.join(", ")));
+            ui.label(format!("Resident weights on {device}: {} ({})", human_bytes(m.weights_total()), parts.join(", ")));
             if !m.parked.is_empty() {
                 ui.weak(format!("Parked (reloaded when a job needs it): {}", m.parked.join(", ")));
                 if !m.read_ahead.is_empty() {
@@ -137,14 +138,14 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 ui.weak(format!("Released (loaded to encode a new prompt): {}", m.released.join(", ")));
             }
             if let Some(p) = m.process_bytes {
-                ui.weak(format!("This process holds {} of RAM.", models::human_bytes(p)));
+                ui.weak(format!("This process holds {} of RAM.", human_bytes(p)));
             }
             if let Some(d) = m.device_memory {
                 // The pools keep freed pages for reuse, so the driver's "used" can be far above the tensors'.
                 ui.weak(format!(
                     "On {device}: {} in tensors, {} held by the memory pools.",
-                    models::human_bytes(d.in_use),
-                    models::human_bytes(d.reserved)
+                    human_bytes(d.in_use),
+                    human_bytes(d.reserved)
                 ));
             }
         }
