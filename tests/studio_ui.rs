@@ -1323,6 +1323,32 @@ fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
     h.get_by_label_contains("click: restore");
 }
 
+/// A note ("saved …") leaves the status bar by itself; an error stays until
+/// dismissed; a long message is cut short, its whole text on hover.
+#[test]
+fn notes_fade_and_errors_stay_in_the_status_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(700.0, 500.0));
+    h.step();
+    let long = format!("saved {}", "/a/very/long/folder/name".repeat(20));
+    h.state_mut().info(long.clone());
+    h.step();
+    assert!(h.query_by_label(&long).is_some(), "shown (cut short on screen, whole for screen readers)");
+    let ago = zimage_studio::app::NOTE_SHOWN + Duration::from_secs(1);
+    h.state_mut().message.as_mut().unwrap().since = Instant::now() - ago;
+    h.step();
+    assert!(h.state().message.is_none(), "the note went");
+    h.state_mut().error("cannot write /x: disk full");
+    h.state_mut().message.as_mut().unwrap().since = Instant::now() - ago;
+    h.step();
+    h.step();
+    h.get_by_label("cannot write /x: disk full");
+    h.get_by_label("x").click();
+    h.step();
+    assert!(h.state().message.is_none(), "dismissed");
+}
+
 /// Until the user picks a size, the size follows the Turbo model's natural
 /// size (the VAE config's `sample_size`: 1024 in the tiny fixtures' config,
 /// 128 for the built-in demo); a chosen size is kept.

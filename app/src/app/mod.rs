@@ -97,7 +97,13 @@ pub struct VariationCell {
 pub struct Message {
     pub text: String,
     pub error: bool,
+    /// When it was said: a note goes after [`NOTE_SHOWN`]; an error stays
+    /// until dismissed.
+    pub since: Instant,
 }
+
+/// How long a note (not an error) stays in the status bar.
+pub const NOTE_SHOWN: Duration = Duration::from_secs(10);
 
 /// Latency and frame-time measurements (docs/app-latency.md).
 #[derive(Debug, Default, Clone)]
@@ -305,7 +311,7 @@ impl StudioApp {
             var_cursor: 0,
             var_columns: 1,
             var_reveal: false,
-            message: w1.or(w2).or(w3).map(|text| Message { text, error: true }),
+            message: w1.or(w2).or(w3).map(|text| Message { text, error: true, since: Instant::now() }),
             show_help: false,
             show_settings: false,
             settings_form,
@@ -374,7 +380,17 @@ impl StudioApp {
         self.settle_prompt(ctx);
         self.handle_dropped_files(ctx);
         self.autosave_settings(ctx);
+        self.expire_note(ctx);
         self.write_metrics();
+    }
+
+    /// A note leaves the status bar by itself; an error waits to be read.
+    fn expire_note(&mut self, ctx: &egui::Context) {
+        let Some(msg) = self.message.as_ref().filter(|m| !m.error) else { return };
+        match NOTE_SHOWN.checked_sub(msg.since.elapsed()) {
+            Some(left) if !left.is_zero() => ctx.request_repaint_after(left),
+            _ => self.message = None,
+        }
     }
 
     /// Model scan results and download progress.
@@ -579,11 +595,11 @@ impl StudioApp {
     }
 
     pub fn info(&mut self, text: impl Into<String>) {
-        self.message = Some(Message { text: text.into(), error: false });
+        self.message = Some(Message { text: text.into(), error: false, since: Instant::now() });
     }
 
     pub fn error(&mut self, text: impl Into<String>) {
-        self.message = Some(Message { text: text.into(), error: true });
+        self.message = Some(Message { text: text.into(), error: true, since: Instant::now() });
     }
 
     /// The history entries the history panel lists, newest first (its filter applied).

@@ -7,37 +7,12 @@ use crate::state::{human_duration, LiveStatus};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
-        let color = match app.live_status {
-            LiveStatus::Stale => ui.visuals().warn_fg_color,
-            LiveStatus::Error(_) => ui.visuals().error_fg_color,
-            LiveStatus::Rendering { .. } => ui.visuals().selection.stroke.color,
-            _ => ui.visuals().text_color(),
-        };
-        ui.colored_label(color, format!("Live: {}", app.live_status.text()));
-        if let Some(stage) = app.live_stage() {
-            ui.weak(format!("· {stage}"));
-        }
-        if let Some(waiting) = app.live_waiting() {
-            ui.colored_label(ui.visuals().warn_fg_color, format!("· {waiting}"));
-        }
-        if let Some(paused) = app.paused_job() {
-            ui.weak(format!("· {paused}"));
-        }
-        if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
-            ui.weak(format!("· {hint}"));
-        }
-        if let Some(d) = app.live_ema {
-            ui.weak(format!("· ~{} per image", human_duration(d)));
-        }
-        if let Some(msg) = app.message.clone() {
-            ui.separator();
-            let color = if msg.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
-            ui.colored_label(color, &msg.text);
-            if ui.small_button("x").on_hover_text("Dismiss").clicked() {
-                app.message = None;
-            }
-        }
+        // The right side first, so that a long message is cut short before
+        // it instead of running under it.
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            if let Some(d) = app.metrics.frame_times.back() {
+                ui.weak(format!("frame {:.1} ms", d.as_secs_f64() * 1000.0));
+            }
             if let Some(d) = &app.download {
                 let frac =
                     d.progress.as_ref().filter(|p| p.total > 0).map(|p| p.done as f32 / p.total as f32).unwrap_or(0.0);
@@ -45,11 +20,44 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                     .on_hover_text("Model download (Settings shows the details)");
                 ui.weak(format!("downloading {}", d.model));
             }
-            if let Some(d) = app.metrics.frame_times.back() {
-                ui.weak(format!("frame {:.1} ms", d.as_secs_f64() * 1000.0));
-            }
+            ui.with_layout(egui::Layout::left_to_right(egui::Align::Center), |ui| left_side(app, ui));
         });
     });
+}
+
+/// The live state, then the last message.
+fn left_side(app: &mut StudioApp, ui: &mut egui::Ui) {
+    let color = match app.live_status {
+        LiveStatus::Stale => ui.visuals().warn_fg_color,
+        LiveStatus::Error(_) => ui.visuals().error_fg_color,
+        LiveStatus::Rendering { .. } => ui.visuals().selection.stroke.color,
+        _ => ui.visuals().text_color(),
+    };
+    ui.colored_label(color, format!("Live: {}", app.live_status.text()));
+    if let Some(stage) = app.live_stage() {
+        ui.weak(format!("· {stage}"));
+    }
+    if let Some(waiting) = app.live_waiting() {
+        ui.colored_label(ui.visuals().warn_fg_color, format!("· {waiting}"));
+    }
+    if let Some(paused) = app.paused_job() {
+        ui.weak(format!("· {paused}"));
+    }
+    if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
+        ui.weak(format!("· {hint}"));
+    }
+    if let Some(d) = app.live_ema {
+        ui.weak(format!("· ~{} per image", human_duration(d)));
+    }
+    if let Some(msg) = app.message.clone() {
+        ui.separator();
+        if ui.small_button("x").on_hover_text("Dismiss").clicked() {
+            app.message = None;
+        }
+        let color = if msg.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+        // One line, cut with "…"; the whole text on hover.
+        ui.add(egui::Label::new(egui::RichText::new(&msg.text).color(color)).truncate()).on_hover_text(&msg.text);
+    }
 }
 
 pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
