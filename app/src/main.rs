@@ -33,11 +33,15 @@ fn main() -> ExitCode {
             }
         },
     };
+    // The window's size and place are kept with the rest of the app's data,
+    // so a `--data-dir` run (tests, a second profile) has its own.
+    let window_state = paths.data_dir.join("app.ron");
     let options = StudioOptions { paths, turbo: args.turbo, base: args.base, device: args.device, open: args.open };
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default().with_title("Z-Image Studio").with_app_id("zimage-studio").with_inner_size([1280.0, 800.0]).with_min_inner_size([800.0, 500.0]).with_drag_and_drop(true)
             .with_icon(window_icon()),
         renderer: eframe::Renderer::Wgpu,
+        persistence_path: Some(window_state),
         ..Default::default()
     };
     let result = eframe::run_native("Z-Image Studio", native, Box::new(move |cc| Ok(Box::new(StudioApp::new(&cc.egui_ctx, options)))));
