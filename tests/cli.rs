@@ -166,6 +166,24 @@ fn bad_numbers() {
     let init = fixtures().join("init.png");
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "0"], "strength");
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "1.5"], "strength");
+    // Said, not ignored: a strength means img2img.
+    expect_failure(&["--strength", "0.5"], "--strength is for img2img: give the start image with --init");
+}
+
+/// A negative prompt that the guidance leaves unused (Turbo's default of 0)
+/// is warned about, and the image is still made.
+#[test]
+fn an_unused_negative_prompt_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model();
+    let base = ["generate", "--model", &m, "-p", "a cat", "-W", "64", "-H", "64", "--seed", "1", "--negative", "blurry", "-q"];
+    let out = zimage(&[&base[..], &["-o", "a.png"]].concat(), tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: the negative prompt is used only with guidance above 0"), "{stderr}");
+    let out = zimage(&[&base[..], &["--guidance", "2", "-o", "b.png"]].concat(), tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("negative prompt is used only"), "{stderr}");
 }
 
 /// An output that cannot be written fails before the model is even opened,

@@ -296,9 +296,9 @@ struct GenerateArgs {
     /// Start from this image (img2img).
     #[arg(long)]
     init: Option<PathBuf>,
-    /// img2img strength in (0, 1]: how much of the schedule to run.
-    #[arg(long, default_value_t = 0.6)]
-    strength: f32,
+    /// img2img strength in (0, 1]: how much of the schedule to run (with --init; default 0.6).
+    #[arg(long)]
+    strength: Option<f32>,
     /// More different images across seeds: noise on the prompt's features for the first quarter
     /// of the steps, as a multiple of each token's spread (0 = off, at most 4).
     #[arg(long, default_value_t = 0.0)]
@@ -755,6 +755,10 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     }
     // A missing or unwritable folder fails now, not after the image was made.
     metadata::check_writable(&args.out.clone().unwrap_or_else(|| PathBuf::from("zimage.png")))?;
+    // Said rather than ignored: without a start image there is nothing to be strong on.
+    if args.strength.is_some() && args.init.is_none() {
+        bail!("--strength is for img2img: give the start image with --init IMAGE too");
+    }
     let init = args.init.as_deref().map(read_init).transpose()?;
     let files = args.model.files()?;
     let loras = args.loras.iter().map(|a| lora::open_arg(a)).collect::<Result<Vec<_>, _>>()?;
@@ -778,7 +782,9 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     req.cfg_truncation = args.cfg_truncation;
     req.width = args.width.unwrap_or(files.default_size);
     req.height = args.height.unwrap_or(files.default_size);
-    req.strength = args.strength;
+    if let Some(strength) = args.strength {
+        req.strength = strength;
+    }
     req.variety = args.variety;
     req.init = init;
     req.validate(pipe.pixel_multiple())?;
@@ -790,6 +796,9 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
         }
     }
 
+    if req.guidance == 0.0 && !args.negative.trim().is_empty() {
+        eprintln!("warning: the negative prompt is used only with guidance above 0 (this model's default is 0); --guidance sets it");
+    }
     let tokens = pipe.text_encoder()?.tokenizer.count(&args.prompt)?;
     if tokens > MAX_TOKENS {
         eprintln!("warning: the prompt is {tokens} tokens; only the first {MAX_TOKENS} (template included) are used");
