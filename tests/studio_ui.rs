@@ -296,6 +296,21 @@ fn the_live_image_zooms_about_the_pointer_and_keeps_its_zoom_while_typing() {
     h.get_by_label("Fit").click();
     h.step();
     assert_eq!((h.state().live_view.zoom, h.state().live_view.pan), (1.0, egui::Vec2::ZERO));
+    // The keyboard, outside the prompt box: + zooms, - zooms out, 0 fits.
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press(Key::Plus);
+    h.step();
+    h.key_press(Key::Plus);
+    h.step();
+    assert!((h.state().live_view.zoom - 1.5625).abs() < 1e-4, "{:?}", h.state().live_view);
+    h.key_press(Key::Minus);
+    h.step();
+    assert!((h.state().live_view.zoom - 1.25).abs() < 1e-4);
+    h.key_press(Key::Num0);
+    h.step();
+    assert_eq!(h.state().live_view.zoom, 1.0);
+    assert!(h.state().prompt.ends_with("at dusk"), "nothing typed into the prompt: {:?}", h.state().prompt);
 }
 
 #[test]

@@ -30,6 +30,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "zoom about the pointer / pan (Live: the image; compare: both images together)"),
+    ("+ / - / 0", "zoom in / out / fit (Live and compare, outside the prompt box)"),
     ("Esc", "leave the prompt box / close overlays"),
     ("F1 or ?", "this help"),
 ];
@@ -125,6 +126,15 @@ fn handle_keys(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Actio
             Key::Num1 => actions.push(Action::ShowView(View::Live)),
             Key::Num2 => actions.push(Action::ShowView(View::Variations)),
             Key::Num3 => actions.push(Action::ShowView(View::Compare)),
+            // + / - / 0 zoom the image in view about its centre, or fit it.
+            Key::Plus | Key::Equals | Key::Minus | Key::Num0 if app.view != View::Variations => {
+                let view = if app.view == View::Live { &mut app.live_view } else { &mut app.compare.view };
+                match key {
+                    Key::Num0 => view.fit(),
+                    Key::Minus => view.zoom_about(1.0 / 1.25, egui::Vec2::splat(0.5)),
+                    _ => view.zoom_about(1.25, egui::Vec2::splat(0.5)),
+                }
+            }
             _ => match app.view {
                 View::Compare => compare_key(app, key),
                 View::Variations => variations_key(app, key, actions),
