@@ -1364,6 +1364,28 @@ fn notes_fade_and_errors_stay_in_the_status_bar() {
     assert!(h.state().message.is_none(), "dismissed");
 }
 
+/// With the built-in demo (whose prompt hint is a caption it understands),
+/// words it never learnt are named (a "cat" came out as coloured noise,
+/// which looked like a broken app); a real model gets neither.
+#[test]
+fn the_demo_model_says_which_words_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_with(dir.path(), Some("demo-turbo".into()), Some("demo-base".into()));
+    h.step();
+    type_text(&mut h, "a large red cat on a sofa");
+    h.get_by_label("The demo model knows only coloured shapes; it cannot read: cat, sofa");
+    h.state_mut().prompt = "a large red circle in the center on a blue background".into();
+    h.step();
+    assert!(h.query_by_label_contains("it cannot read").is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    type_text(&mut h, "a cat on a sofa");
+    assert!(h.query_by_label_contains("it cannot read").is_none(), "not for a real model");
+}
+
 /// Until the user picks a size, the size follows the Turbo model's natural
 /// size (the VAE config's `sample_size`: 1024 in the tiny fixtures' config,
 /// 128 for the built-in demo); a chosen size is kept.

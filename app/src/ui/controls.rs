@@ -5,6 +5,7 @@ use egui::{DragValue, Slider, TextEdit};
 use crate::app::{Action, StudioApp};
 use crate::engine_bridge::{JobId, JobKind};
 use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
+use zimage_engine::demo::tokenizer::{unknown_words, EXAMPLE_PROMPT};
 
 pub const PROMPT_ID: &str = "prompt";
 
@@ -20,12 +21,15 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let mut edited = false;
 
     let label = ui.label("Prompt");
+    // The built-in demo reads only its little grammar: its hint is an example.
+    let demo = app.model_config.turbo.as_deref() == Some("demo-turbo");
+    let hint = if demo { format!("e.g. {EXAMPLE_PROMPT}") } else { "Describe the image… it renders as you type".into() };
     let prompt = ui.add(
         TextEdit::multiline(&mut app.prompt)
             .id_salt(PROMPT_ID)
             .desired_rows(4)
             .desired_width(f32::INFINITY)
-            .hint_text("Describe the image… it renders as you type"),
+            .hint_text(hint),
     );
     let prompt = prompt.labelled_by(label.id);
     app.prompt_id = Some(prompt.id);
@@ -47,6 +51,21 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             );
         } else {
             ui.weak(format!("{tokens} / {max} tokens")).on_hover_text("With the chat template; the model reads at most 512");
+        }
+    }
+    // Words the demo never learnt come out as noise: say so, not a "broken" image.
+    if demo {
+        let unknown = unknown_words(&app.prompt);
+        if !unknown.is_empty() {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("The demo model knows only coloured shapes; it cannot read: {}", unknown.join(", ")),
+            )
+            .on_hover_text(format!(
+                "It was trained on captions such as \"{EXAMPLE_PROMPT}\": small or large; red, green, blue, yellow, purple, \
+                 orange, white or black; circle, square or triangle; at the top left … at the bottom right. \
+                 Configure the real Z-Image models in Settings for any prompt."
+            ));
         }
     }
 

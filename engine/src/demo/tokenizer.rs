@@ -25,6 +25,25 @@ pub fn vocabulary() -> Vec<String> {
     v
 }
 
+/// A caption in the demo's grammar, to show what it understands.
+pub const EXAMPLE_PROMPT: &str = "a large red circle in the center and a small yellow square at the top left on a blue background";
+
+/// The words of `prompt` the demo's tokenizer does not know (they become
+/// `<unk>`, which the demo was never trained on), each once, in order. Words
+/// are split as the tokenizer splits them (runs of letters, digits and `_`),
+/// lower-cased.
+pub fn unknown_words(prompt: &str) -> Vec<String> {
+    let vocab = vocabulary();
+    let mut unknown: Vec<String> = Vec::new();
+    for word in prompt.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()) {
+        let word = word.to_lowercase();
+        if !vocab.contains(&word) && !unknown.contains(&word) {
+            unknown.push(word);
+        }
+    }
+    unknown
+}
+
 /// The `tokenizer.json` document.
 pub fn tokenizer_json() -> Value {
     let vocab = vocabulary();
@@ -67,6 +86,18 @@ pub fn tokenizer_config_json() -> Value {
 
 #[cfg(test)]
 mod tests {
+
+    /// The words the demo cannot read are found as its tokenizer splits
+    /// them; its own example reads entirely.
+    #[test]
+    fn unknown_words_are_the_ones_the_demo_reads_as_unk() {
+        assert!(unknown_words(EXAMPLE_PROMPT).is_empty());
+        assert!(unknown_words("A Large RED circle, at the top.").is_empty());
+        assert_eq!(unknown_words("a cat on a sofa, a CAT!"), ["cat", "sofa"]);
+        assert_eq!(unknown_words("一只猫 a red_circle"), ["一只猫", "red_circle"]);
+        assert!(unknown_words("").is_empty());
+    }
+
     use super::*;
     use crate::text::PromptTokenizer;
 
