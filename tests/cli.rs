@@ -170,6 +170,19 @@ fn bad_numbers() {
     expect_failure(&["--strength", "0.5"], "--strength is for img2img: give the start image with --init");
 }
 
+/// The built-in demo names the words it cannot read (it draws noise for them).
+#[test]
+fn the_demo_model_names_the_words_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |prompt: &str, out: &str| zimage(&["generate", "--model", "demo-turbo", "-p", prompt, "--seed", "1", "-q", "-o", out], tmp.path());
+    let out = run("a cat on a sofa", "a.png");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: the demo model knows only coloured shapes; it cannot read: cat, sofa"), "{stderr}");
+    let out = run("a large red circle in the center on a blue background", "b.png");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
 /// A negative prompt that the guidance leaves unused (Turbo's default of 0)
 /// is warned about, and the image is still made.
 #[test]

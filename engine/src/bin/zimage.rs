@@ -796,6 +796,12 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
         }
     }
 
+    if loader::BUILTIN_MODELS.contains(&files.name.as_str()) {
+        let unknown = zimage_engine::demo::tokenizer::unknown_words(&args.prompt);
+        if !unknown.is_empty() {
+            eprintln!("warning: the demo model knows only coloured shapes; it cannot read: {}", unknown.join(", "));
+        }
+    }
     if req.guidance == 0.0 && !args.negative.trim().is_empty() {
         eprintln!("warning: the negative prompt is used only with guidance above 0 (this model's default is 0); --guidance sets it");
     }
