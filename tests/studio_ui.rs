@@ -682,6 +682,35 @@ fn live_drafts_render_at_half_size_and_finish_at_full_size() {
     assert_eq!((newest.width, newest.strength), (128, None), "F5 renders at full size from noise");
 }
 
+/// The live speed is kept per model and device: after a start, the first
+/// live image already drafts where a full-size one was slow before (a real
+/// model on a CPU once rendered its first image at full size, for minutes).
+#[test]
+fn the_first_live_image_after_a_start_drafts_where_the_model_was_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| (s.width, s.height) = (128, 128));
+    let key = format!("{}|CPU", fixture("tiny-turbo"));
+    let mut h = start_and_type(dir.path(), "a red fox");
+    let measured = h.state().settings.live_speeds.get(&key).copied().expect("the speed is kept");
+    assert!(measured > 0.0 && Some(measured) == h.state().live_rate, "{measured}");
+    h.state_mut().persist_settings();
+    drop(h);
+
+    // The same model recorded as slow (as on a slower machine): 100 s per
+    // megapixel-step puts a 128² image at seconds, so typing drafts at once.
+    let paths = Paths::at(dir.path());
+    let (mut saved, _) = Settings::load(&paths);
+    saved.live_speeds.insert(key.clone(), 100.0);
+    saved.save(&paths).unwrap();
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    assert_eq!(h.state().live_rate, Some(100.0), "remembered");
+    type_text(&mut h, "a red kite");
+    wait_until(&mut h, "the live job", |a| a.live_job.is_some());
+    let job = h.state().jobs.get(&h.state().live_job.unwrap()).unwrap().clone();
+    assert!(job.draft && job.request.width < 128, "the first image is a draft: {}×{}", job.request.width, job.request.height);
+}
+
 /// Alt+↑ / Alt+↓ in the prompt box walk the prompts the user settled on
 /// (acted on with F5, or left unedited under a finished live image), and
 /// they survive a restart.

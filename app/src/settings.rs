@@ -59,6 +59,11 @@ pub struct Settings {
     /// The history panel is shown (Ctrl+H hides it: room for the image in
     /// a small window).
     pub show_history: bool,
+    /// Live speed last measured per Turbo model and device (`model|device`),
+    /// in seconds per megapixel-step: the first live image after a start
+    /// already drafts where a full-size one would be slow (a real model on a
+    /// CPU takes minutes), instead of waiting for one to be timed.
+    pub live_speeds: std::collections::BTreeMap<String, f64>,
 }
 
 /// One LoRA in a model's list.
@@ -101,6 +106,7 @@ impl Default for Settings {
             turbo_loras: Vec::new(),
             base_loras: Vec::new(),
             show_history: true,
+            live_speeds: Default::default(),
         }
     }
 }

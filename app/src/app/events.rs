@@ -72,6 +72,8 @@ impl StudioApp {
                     }
                 }
                 if let (ModelSlot::Turbo, ModelState::Ready { default_size, .. }) = (slot, &state) {
+                    // Another model (or device) runs at its own speed.
+                    self.live_rate = self.remembered_live_rate();
                     if !self.settings.size_chosen {
                         if let Some((w, h)) = self.settings.aspect.size(*default_size) {
                             (self.settings.width, self.settings.height) = (w, h);
@@ -95,6 +97,7 @@ impl StudioApp {
                 }
                 self.gpu_kernels_cold = name != "CPU";
                 self.device_name = Some(name);
+                self.live_rate = self.remembered_live_rate();
             }
             Event::EngineRestarted { reason } => {
                 self.error(format!("the engine crashed ({reason}) and was restarted; your history is safe"));
@@ -162,6 +165,7 @@ impl StudioApp {
                 let steps_run = state::steps_left(r, 0);
                 let rate = state::live_rate(elapsed, r.width, r.height, steps_run);
                 self.live_rate = Some(self.live_rate.map_or(rate, |prev| 0.7 * prev + 0.3 * rate));
+                self.remember_live_rate();
                 let mut upgrade = false;
                 if self.live_job == Some(id) {
                     self.live_job = None;
@@ -232,6 +236,26 @@ impl StudioApp {
             created: metadata::utc_timestamp_now(),
             loras,
             variety: r.variety,
+        }
+    }
+
+    /// Which model on which device a live speed belongs to.
+    fn live_speed_key(&self) -> Option<String> {
+        Some(format!("{}|{}", self.model_config.turbo.as_ref()?, self.device_name.as_ref()?))
+    }
+
+    /// The live speed measured in an earlier session for this model and device.
+    fn remembered_live_rate(&self) -> Option<f64> {
+        self.settings.live_speeds.get(&self.live_speed_key()?).copied()
+    }
+
+    /// Keeps the live speed for the next start; rewritten only when it moved
+    /// by a tenth (the settings file is not rewritten for every image).
+    fn remember_live_rate(&mut self) {
+        let (Some(key), Some(rate)) = (self.live_speed_key(), self.live_rate) else { return };
+        let stored = self.settings.live_speeds.get(&key).copied();
+        if stored.is_none_or(|s| (rate / s - 1.0).abs() > 0.1) {
+            self.settings.live_speeds.insert(key, rate);
         }
     }
 }
