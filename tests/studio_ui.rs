@@ -705,6 +705,9 @@ fn the_first_live_image_after_a_start_drafts_where_the_model_was_slow() {
     let mut h = harness(dir.path());
     wait_until(&mut h, "models to load", models_ready);
     assert_eq!(h.state().live_rate, Some(100.0), "remembered");
+    // The refine's cost is estimated from it too, before any image of this session.
+    let (_, cost) = h.state().refine_cost();
+    assert!(!cost.contains("unknown"), "{cost}");
     type_text(&mut h, "a red kite");
     wait_until(&mut h, "the live job", |a| a.live_job.is_some());
     let job = h.state().jobs.get(&h.state().live_job.unwrap()).unwrap().clone();

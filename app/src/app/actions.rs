@@ -326,12 +326,16 @@ impl StudioApp {
             RefineMode::SameSeed => steps,
         };
         let cfg_factor = if self.settings.base_guidance > 0.0 { 2 } else { 1 };
-        // Before the first Base run, estimate from Turbo (same DiT; CFG doubles the work).
+        // Before the first Base run, estimate from Turbo (same DiT; CFG
+        // doubles the work): this session's steps, else its remembered speed.
+        let (w, h) = (self.settings.width, self.settings.height);
         let per_step = self
             .per_step
             .get(&ModelSlot::Base)
             .copied()
-            .or_else(|| self.per_step.get(&ModelSlot::Turbo).map(|d| *d * cfg_factor));
+            .or_else(|| self.per_step.get(&ModelSlot::Turbo).copied())
+            .or_else(|| self.live_rate.map(|r| state::predicted_time(r, w, h, 1)))
+            .map(|d| if self.per_step.contains_key(&ModelSlot::Base) { d } else { d * cfg_factor });
         let load = match &self.memory {
             Some(m) if m.dit_parked(ModelSlot::Base) => state::BaseLoad::Parked(
                 m.reload_times.iter().find(|(s, _)| *s == ModelSlot::Base).map(|(_, d)| *d),
