@@ -56,7 +56,7 @@ pub enum EngineError {
     /// A model whose weights cannot fit in the memory there is, even one
     /// large part at a time: refused before loading, because running out of
     /// host memory gets the process killed.
-    #[error("{model} needs about {} for its weights ({how}) but {} is {where_}; use a GPU with more memory, close other programs, or the built-in demo model", crate::memory::gigabytes(*need), crate::memory::gigabytes(*available))]
+    #[error("{model} needs about {} for its weights ({how}) but {} is {where_}; use a GPU with more memory{}", crate::memory::gigabytes(*need), crate::memory::gigabytes(*available), if crate::loader::BUILTIN_MODELS.contains(&model.as_str()) { " or close other programs" } else { ", close other programs, or the built-in demo model" })]
     WeightsTooLarge { model: String, how: String, need: u64, available: u64, where_: String },
 
     #[error("cancelled")]

@@ -245,6 +245,9 @@ mod tests {
              use a GPU with more memory, close other programs, or the built-in demo model"
         );
         assert!(!e.contains('\n'));
+        // The demo itself is not offered as the way out for the demo.
+        let e = check_weights_fit("demo-turbo", "f32 on the CPU", need, Some(1_000), "host memory available").unwrap_err().to_string();
+        assert!(e.ends_with("use a GPU with more memory or close other programs"), "{e}");
         // A text encoder larger than the DiT decides.
         let big_text = PlanSizes { text_encoder: 20 * GB, ..s };
         assert_eq!(big_text.least_weights(s.turbo_dit), 20 * GB + s.vae);
