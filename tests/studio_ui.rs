@@ -714,6 +714,24 @@ fn the_first_live_image_after_a_start_drafts_where_the_model_was_slow() {
     assert!(job.draft && job.request.width < 128, "the first image is a draft: {}×{}", job.request.width, job.request.height);
 }
 
+/// The first image on a GPU compiles its kernels (half a minute): its time
+/// is not taken as the model's speed, neither now nor for the next start.
+#[test]
+fn the_first_gpu_image_is_not_taken_as_the_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    h.state_mut().gpu_kernels_cold = true;
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the first image", live_done);
+    assert_eq!((h.state().live_rate, h.state().live_ema), (None, None));
+    assert!(h.state().settings.live_speeds.is_empty() && h.state().per_step.is_empty());
+    type_text(&mut h, " at dusk");
+    wait_until(&mut h, "the second image", |a| live_done(a) && a.live_rate.is_some());
+    assert_eq!(h.state().settings.live_speeds.len(), 1);
+}
+
 /// Alt+↑ / Alt+↓ in the prompt box walk the prompts the user settled on
 /// (acted on with F5, or left unedited under a finished live image), and
 /// they survive a restart.

@@ -147,9 +147,13 @@ impl StudioApp {
         made_by: (String, f32, Vec<LoraRef>),
     ) {
         let Some(job) = self.jobs.remove(&id) else { return };
-        self.gpu_kernels_cold = false;
-        let prev = self.per_step.get(&job.slot).copied();
-        self.per_step.insert(job.slot, state::ema(prev, per_step));
+        // The first image on a GPU compiles its kernels (half a minute): its
+        // time says nothing about the speed of the next ones.
+        let compiled_kernels = std::mem::replace(&mut self.gpu_kernels_cold, false);
+        if !compiled_kernels {
+            let prev = self.per_step.get(&job.slot).copied();
+            self.per_step.insert(job.slot, state::ema(prev, per_step));
+        }
         let meta = self.metadata_for(&job, made_by);
         let image = Arc::new(image);
         let (hid, written) =
@@ -160,12 +164,14 @@ impl StudioApp {
         self.images.put(ctx, &hid, image);
         match job.kind {
             JobKind::Live => {
-                self.live_ema = Some(state::ema(self.live_ema, elapsed));
-                let r = &job.request;
-                let steps_run = state::steps_left(r, 0);
-                let rate = state::live_rate(elapsed, r.width, r.height, steps_run);
-                self.live_rate = Some(self.live_rate.map_or(rate, |prev| 0.7 * prev + 0.3 * rate));
-                self.remember_live_rate();
+                if !compiled_kernels {
+                    self.live_ema = Some(state::ema(self.live_ema, elapsed));
+                    let r = &job.request;
+                    let steps_run = state::steps_left(r, 0);
+                    let rate = state::live_rate(elapsed, r.width, r.height, steps_run);
+                    self.live_rate = Some(self.live_rate.map_or(rate, |prev| 0.7 * prev + 0.3 * rate));
+                    self.remember_live_rate();
+                }
                 let mut upgrade = false;
                 if self.live_job == Some(id) {
                     self.live_job = None;
