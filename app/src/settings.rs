@@ -111,6 +111,19 @@ impl Default for Settings {
     }
 }
 
+/// A path as typed into a field: trimmed, and `~` at its start read as the
+/// home folder, as a shell would (a GUI field gets no shell to do it).
+pub fn typed_path(text: &str) -> String {
+    let text = text.trim();
+    let home = || directories::BaseDirs::new().map(|d| d.home_dir().display().to_string());
+    match text.strip_prefix('~') {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') || rest.starts_with(std::path::MAIN_SEPARATOR) => {
+            home().map_or_else(|| text.to_string(), |h| format!("{h}{rest}"))
+        }
+        _ => text.to_string(),
+    }
+}
+
 /// Where the app keeps its files. Tests point `data_dir` at a temp folder.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -231,6 +244,19 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
+
+    /// `~` in a typed path is the home folder; anything else is kept.
+    #[test]
+    fn a_typed_tilde_is_the_home_folder() {
+        let home = directories::BaseDirs::new().unwrap().home_dir().display().to_string();
+        assert_eq!(typed_path("  ~/models/Z-Image-Turbo "), format!("{home}/models/Z-Image-Turbo"));
+        assert_eq!(typed_path("~"), home);
+        assert_eq!(typed_path("~other/x"), "~other/x", "another user's home is left to the loader's error");
+        assert_eq!(typed_path("/abs/path"), "/abs/path");
+        assert_eq!(typed_path("demo-turbo"), "demo-turbo");
+        assert_eq!(typed_path("  "), "");
+    }
+
     use super::*;
 
     #[test]

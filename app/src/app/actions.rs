@@ -170,7 +170,7 @@ impl StudioApp {
                 }
             }
             Action::ApplyModels { turbo, base, output } => {
-                let opt = |s: String| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+                let opt = |s: String| Some(crate::settings::typed_path(&s)).filter(|s| !s.is_empty());
                 self.settings.turbo_model = opt(turbo);
                 self.settings.base_model = opt(base);
                 self.settings.output_dir = opt(output).map(PathBuf::from);
@@ -180,7 +180,7 @@ impl StudioApp {
                 // load's stage live, and a note would outlast the load.
                 self.info("settings saved");
             }
-            Action::UseModel { slot, model } => self.use_model(slot, model),
+            Action::UseModel { slot, model } => self.use_model(slot, crate::settings::typed_path(&model)),
             Action::ScanModels => {
                 if self.scan.is_none() {
                     let extra: Vec<PathBuf> = [&self.settings.turbo_model, &self.settings.base_model]

@@ -450,7 +450,7 @@ impl StudioApp {
     /// settings (typed or browsed but not applied yet).
     pub fn settings_form_edited(&self) -> bool {
         let saved = settings_form_of(&self.settings);
-        self.settings_form.iter().zip(&saved).any(|(form, saved)| form.trim() != saved)
+        self.settings_form.iter().zip(&saved).any(|(form, saved)| crate::settings::typed_path(form) != *saved)
     }
 
     fn use_model(&mut self, slot: ModelSlot, model: String) {

@@ -130,7 +130,7 @@ pub fn loras(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>, 
         ui.add(egui::TextEdit::singleline(&mut form).desired_width(260.0).hint_text("/path/to/lora.safetensors"))
             .labelled_by(l.id);
         if ui.button("Add").clicked() && !form.trim().is_empty() {
-            let path = PathBuf::from(form.trim());
+            let path = PathBuf::from(crate::settings::typed_path(&form));
             form.clear();
             list_mut(app, slot).push(LoraSetting { path, strength: 1.0, enabled: true });
             changed = true;
