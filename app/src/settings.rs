@@ -111,10 +111,20 @@ impl Default for Settings {
     }
 }
 
-/// A path as typed into a field: trimmed, and `~` at its start read as the
-/// home folder, as a shell would (a GUI field gets no shell to do it).
+/// A path as typed or pasted into a field: trimmed, without the quotes a
+/// copied path may carry, a `file://` URI (as file managers copy) read as
+/// its path, and `~` at its start read as the home folder, as a shell would
+/// (a GUI field gets no shell to do it).
 pub fn typed_path(text: &str) -> String {
-    let text = text.trim();
+    let mut text = text.trim();
+    for q in ['"', '\''] {
+        if text.len() >= 2 && text.starts_with(q) && text.ends_with(q) {
+            text = &text[1..text.len() - 1];
+        }
+    }
+    if let Some(path) = text.strip_prefix("file://") {
+        return percent_decoded(path);
+    }
     let home = || directories::BaseDirs::new().map(|d| d.home_dir().display().to_string());
     match text.strip_prefix('~') {
         Some(rest) if rest.is_empty() || rest.starts_with('/') || rest.starts_with(std::path::MAIN_SEPARATOR) => {
@@ -122,6 +132,28 @@ pub fn typed_path(text: &str) -> String {
         }
         _ => text.to_string(),
     }
+}
+
+/// `%XX` escapes (a URI's spaces and non-ASCII letters) decoded; a broken
+/// escape is kept as it is.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where the app keeps its files. Tests point `data_dir` at a temp folder.
@@ -255,6 +287,11 @@ mod tests {
         assert_eq!(typed_path("/abs/path"), "/abs/path");
         assert_eq!(typed_path("demo-turbo"), "demo-turbo");
         assert_eq!(typed_path("  "), "");
+        // Pasted: quoted, or a file manager's URI.
+        assert_eq!(typed_path("'/my models/Z-Image'"), "/my models/Z-Image");
+        assert_eq!(typed_path("\"~/m\""), format!("{home}/m"));
+        assert_eq!(typed_path("file:///my%20models/Z-Image%C3%A9"), "/my models/Z-Imageé");
+        assert_eq!(typed_path("file:///odd%zz"), "/odd%zz");
     }
 
     use super::*;
