@@ -851,6 +851,26 @@ impl egui::DroppedFile for TestDrop {
     }
 }
 
+/// A dropped folder, model or LoRA file is not read as an image (a 12 GB
+/// checkpoint was read whole on the UI thread): one line says where it goes.
+#[test]
+fn dropping_a_model_file_or_a_folder_says_where_they_go() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness(dir.path());
+    h.step();
+    let lora = PathBuf::from(fixture("lora")).join("tiny_turbo_lora.safetensors");
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(lora)));
+    h.step();
+    let msg = h.state().message.clone().expect("a message");
+    assert!(msg.error && msg.text.contains("a model or LoRA file, not an image"), "{}", msg.text);
+    assert!(h.state().start_image.is_none());
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(PathBuf::from(fixture("tiny-turbo")))));
+    h.step();
+    let msg = h.state().message.clone().unwrap();
+    assert!(msg.text.starts_with("tiny-turbo: a folder, not an image"), "{}", msg.text);
+}
+
 #[test]
 fn dropping_a_png_restores_its_parameters() {
     let dir = tempfile::tempdir().unwrap();

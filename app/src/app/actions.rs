@@ -500,6 +500,10 @@ impl StudioApp {
             let path = f.path().to_path_buf();
             let name =
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dropped file".into());
+            if let Some(problem) = not_an_image_to_read(&path) {
+                self.error(format!("{name}: {problem}"));
+                continue;
+            }
             let bytes = if path.as_os_str().is_empty() {
                 f.bytes().map_err(|e| e.to_string())
             } else {
@@ -510,7 +514,10 @@ impl StudioApp {
         // PNGs given on the command line (the desktop file's "Open with").
         for path in std::mem::take(&mut self.open_files) {
             let name = path.display().to_string();
-            self.restore_png(ctx, &name, std::fs::read(&path).map_err(|e| e.to_string()));
+            match not_an_image_to_read(&path) {
+                Some(problem) => self.error(format!("{name}: {problem}")),
+                None => self.restore_png(ctx, &name, std::fs::read(&path).map_err(|e| e.to_string())),
+            }
         }
     }
 
@@ -612,5 +619,31 @@ impl StudioApp {
             self.images.remove(id);
             self.images.remove(&format!("thumb:{id}"));
         }
+    }
+}
+
+/// The largest file read as a dropped image: a 4096² PNG is under 50 MB.
+const MAX_DROPPED_IMAGE_BYTES: u64 = 256 << 20;
+
+/// Why a dropped (or opened) path is not read as an image, before reading
+/// it on the UI thread: a folder, a model or LoRA file (gigabytes, which
+/// read whole would freeze the window), anything too large for a picture.
+fn not_an_image_to_read(path: &std::path::Path) -> Option<String> {
+    if path.as_os_str().is_empty() {
+        return None; // dropped as bytes (no file on disk): small by nature
+    }
+    let settings_hint = "choose it in Settings (Ctrl+,) as the Turbo or Base model";
+    if path.is_dir() {
+        return Some(format!("a folder, not an image; to use a model folder, {settings_hint}"));
+    }
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    if ["safetensors", "gguf", "ckpt", "pt", "pth", "bin"].contains(&ext.as_str()) {
+        return Some(format!("a model or LoRA file, not an image: {settings_hint}, or add it there as a LoRA"));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_DROPPED_IMAGE_BYTES => {
+            Some(format!("{} is too large for an image to start from", crate::state::human_bytes(m.len())))
+        }
+        _ => None,
     }
 }
