@@ -884,16 +884,22 @@ impl<B: Backend> Worker<B> {
         let index = self.encoder_of[&slot];
         let reuse = matches!(shared, Some((f, _)) if same_shared_files(f, &files));
         let out = &self.out;
+        // Each stage's bytes in the compute dtype, as the loader counts them.
+        let plan = self.plans.get(&slot);
+        let dtype_bytes = self.dtype.size() as u64;
+        let total = |stage: LoadStage| {
+            plan.map_or(0, |p| match stage {
+                LoadStage::TextEncoder => p.text_encoder_params,
+                LoadStage::Dit => p.dit_params,
+                LoadStage::Vae => p.vae_params,
+            }) * dtype_bytes
+        };
         let mut last = None;
-        let mut progress = |stage: LoadStage, _n: usize, _bytes: u64| {
-            if last != Some(stage) {
-                last = Some(stage);
-                let stage = match stage {
-                    LoadStage::TextEncoder => "text encoder",
-                    LoadStage::Dit => "diffusion transformer",
-                    LoadStage::Vae => "VAE",
-                };
-                out.emit(Event::Model { slot, state: ModelState::Loading { stage: stage.into() } });
+        let mut progress = |stage: LoadStage, _n: usize, bytes: u64| {
+            let (text, step) = loading_stage(stage, bytes, total(stage));
+            if last != Some((stage, step)) {
+                last = Some((stage, step));
+                out.emit(Event::Model { slot, state: ModelState::Loading { stage: text } });
             }
         };
         let with_text = !self.plan.plan.releases_text_encoder() && self.encoders[index].text.is_none();
@@ -938,6 +944,27 @@ fn canon(p: &Path) -> PathBuf {
 
 fn canon_all(v: &[PathBuf]) -> Vec<PathBuf> {
     v.iter().map(|p| canon(p)).collect()
+}
+
+/// Components smaller than this load too fast for a percentage to help.
+const LOAD_PERCENT_FROM_BYTES: u64 = 64 << 20;
+
+/// What a model's loading stage says, and which 5 % step it is at (a new
+/// step is worth an event; the bytes of every tensor are not): "diffusion
+/// transformer 45%" while a large component streams in, its name alone for a
+/// small one or an unknown size.
+fn loading_stage(stage: LoadStage, bytes: u64, total: u64) -> (String, u64) {
+    let name = match stage {
+        LoadStage::TextEncoder => "text encoder",
+        LoadStage::Dit => "diffusion transformer",
+        LoadStage::Vae => "VAE",
+    };
+    if total < LOAD_PERCENT_FROM_BYTES {
+        return (name.into(), 0);
+    }
+    let percent = (bytes.saturating_mul(100) / total).min(100);
+    let step = percent / 5;
+    (format!("{name} {}%", step * 5), step)
 }
 
 /// Whether two models use the same tokenizer and text-encoder files: the
@@ -1522,6 +1549,21 @@ mod tests {
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Memory(_))));
         let m = evs.iter().find_map(|e| if let Event::Memory(m) = e { Some(m.clone()) } else { None });
         (h, m.expect("memory report"))
+    }
+
+    #[test]
+    fn loading_says_how_far_a_large_component_is() {
+        let gb = 1u64 << 30;
+        assert_eq!(loading_stage(LoadStage::Dit, 0, 12 * gb), ("diffusion transformer 0%".to_string(), 0));
+        assert_eq!(loading_stage(LoadStage::Dit, 5_500 * (gb / 1000), 12 * gb).0, "diffusion transformer 45%");
+        assert_eq!(loading_stage(LoadStage::TextEncoder, 8 * gb, 8 * gb), ("text encoder 100%".to_string(), 20));
+        // Never past 100 %; small or unknown components by name only.
+        assert_eq!(loading_stage(LoadStage::Dit, 20 * gb, 12 * gb).0, "diffusion transformer 100%");
+        assert_eq!(loading_stage(LoadStage::Vae, 1 << 20, 2 << 20), ("VAE".to_string(), 0));
+        assert_eq!(loading_stage(LoadStage::Dit, 1 << 30, 0), ("diffusion transformer".to_string(), 0));
+        // One event per 5 % step: 21 for a whole component, however many tensors.
+        let steps: std::collections::BTreeSet<u64> = (0..=1000u64).map(|i| loading_stage(LoadStage::Dit, i * gb / 100, 10 * gb).1).collect();
+        assert_eq!(steps.len(), 21);
     }
 
     #[test]

@@ -696,17 +696,13 @@ fn check_weights_fit_on_cpu<B: Backend>(model: &str, params: u64, dtype: DType, 
 }
 
 fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet: bool) -> Result<ZImagePipeline<B>> {
-    if on_cpu::<B>() {
-        // The files' headers say, without reading a weight.
-        let plan = loader::plan_model::<B>(files, device)?;
-        let params = plan.dit_params + plan.text_encoder_params + plan.vae_params;
-        check_weights_fit_on_cpu::<B>(&files.name, params, dtype, "all parts at once")?;
-    }
-    let total: u64 = [&files.dit, &files.text_encoder, &files.vae]
-        .iter()
-        .flat_map(|c| c.files.iter())
-        .filter_map(|f| std::fs::metadata(f).ok().map(|m| m.len()))
-        .sum();
+    // The files' headers say, without reading a weight.
+    let plan = loader::plan_model::<B>(files, device)?;
+    let params = plan.dit_params + plan.text_encoder_params + plan.vae_params;
+    check_weights_fit_on_cpu::<B>(&files.name, params, dtype, "all parts at once")?;
+    // In the compute dtype, as the loader counts its bytes (not the files'
+    // sizes: bf16 files loaded as f32 on the CPU filled the bar half way in).
+    let total = params * dtype.size() as u64;
     let pb = bar(quiet, total, "loading {msg:12} [{bar:30}] {bytes}/{total_bytes}");
     let mut done_before = 0u64;
     let mut stage_bytes = 0u64;
