@@ -381,6 +381,35 @@ fn start_two_slow_refines(dir: &Path, plan: MemoryPlan, turbo_steps: usize) -> H
     h
 }
 
+/// A refine that finishes while the user is busy elsewhere (typing the next
+/// prompt, looking at another pair) does not take the view from them: it is
+/// announced, and Ctrl+3 shows it. Left alone, the view opens on it.
+#[test]
+fn a_refine_finishing_while_the_user_types_does_not_take_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = typed_without_live(dir.path(), "a slow harbour", |s| {
+        (s.width, s.height) = (256, 256);
+        s.base_steps = 300;
+        s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
+    });
+    h.key_press(Key::F5);
+    wait_until(&mut h, "the image", live_done);
+    let turbo = h.state().current.clone().unwrap();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    wait_until(&mut h, "the refine to run", |a| a.jobs.values().any(|j| j.kind == JobKind::Refine && j.progress.0 > 0));
+    // The next prompt, typed while Base works.
+    h.state_mut().focus_prompt = true;
+    h.step();
+    type_text(&mut h, " at night");
+    wait_until(&mut h, "the refine", |a| a.history.entries.iter().any(|e| e.slot == ModelSlot::Base));
+    h.step();
+    assert_eq!(h.state().view, View::Live, "the view stays where the user is");
+    let base = h.state().history.entries.iter().find(|e| e.slot == ModelSlot::Base).unwrap().id.clone();
+    assert_eq!(h.state().compare_pair, Some((turbo.clone(), base.clone())), "Ctrl+3 shows it");
+    h.get_by_label_contains(&format!("Base refine of #{turbo} done"));
+    assert!(h.state().prompt.ends_with("at night"), "nothing lost from the prompt");
+}
+
 /// Cancel stops the running refine and drops the queued one; nothing of
 /// them reaches the history.
 fn cancel_both_refines(h: &mut Harness<'static, StudioApp>) {

@@ -196,13 +196,30 @@ impl StudioApp {
                 if self.refine_job == Some(id) {
                     self.refine_job = None;
                 }
-                // The refined image opens beside its Turbo parent.
-                if let Some(parent) = job.parent {
-                    self.compare_pair = Some((parent, hid.clone()));
-                    self.view = View::Compare;
+                // The refined image opens beside its Turbo parent, unless the
+                // user went on to something else while it ran (typing, the
+                // previous pair of a batch): then it is only announced.
+                let busy = self.last_input.is_some_and(|t| t > job.submitted);
+                match job.parent {
+                    Some(parent) if !busy => {
+                        self.compare_pair = Some((parent, hid.clone()));
+                        self.view = View::Compare;
+                        self.selected = Some(hid);
+                        self.info(format!("Base refine done in {}", state::human_duration(elapsed)));
+                    }
+                    Some(parent) => {
+                        // Out of sight, the Compare view can wait on it; in
+                        // sight, the pair being looked at stays.
+                        let how = if self.view == View::Compare {
+                            "← / → step to it"
+                        } else {
+                            self.compare_pair = Some((parent.clone(), hid.clone()));
+                            "Ctrl+3 compares it"
+                        };
+                        self.info(format!("Base refine of #{parent} done in {}: {how}", state::human_duration(elapsed)));
+                    }
+                    None => self.info(format!("Base refine done in {}", state::human_duration(elapsed))),
                 }
-                self.selected = Some(hid);
-                self.info(format!("Base refine done in {}", state::human_duration(elapsed)));
             }
             JobKind::Variation => {
                 if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {

@@ -168,6 +168,7 @@ impl StudioApp {
                 edit_at,
                 progress: (0, 0),
                 saw_preview: false,
+                submitted: Instant::now(),
                 paused: false,
                 draft,
                 start,

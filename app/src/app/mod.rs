@@ -66,6 +66,9 @@ pub struct PendingJob {
     pub edit_at: Option<Instant>,
     pub progress: (usize, usize),
     pub saw_preview: bool,
+    /// When it was asked for: a refine that finishes after the user went on
+    /// to something else does not take the view from them.
+    pub submitted: Instant,
     /// Paused at a step boundary for a live image; resumes where it stopped.
     pub paused: bool,
     /// A live job rendered at draft size, to be finished at full size.
@@ -202,6 +205,8 @@ pub struct StudioApp {
     pub compare: CompareState,
     /// (Turbo id, Base id) shown in the Compare view.
     pub compare_pair: Option<(String, String)>,
+    /// The last key, click or scroll of the user (not of the app itself).
+    pub last_input: Option<Instant>,
     /// The history clean up being confirmed.
     pub cleanup: Option<Cleanup>,
     pub variations: Vec<VariationCell>,
@@ -306,6 +311,7 @@ impl StudioApp {
             refine_job: None,
             compare: CompareState::default(),
             compare_pair: None,
+            last_input: None,
             cleanup: None,
             variations: Vec::new(),
             var_cursor: 0,
@@ -360,6 +366,20 @@ impl StudioApp {
     /// Runs before drawing each frame: engine events, live scheduling, drops.
     pub fn logic(&mut self, ctx: &egui::Context) {
         self.frame_start = Some((Instant::now(), thread_cpu_time()));
+        let acted = ctx.input(|i| {
+            i.events.iter().any(|e| {
+                matches!(
+                    e,
+                    egui::Event::Key { pressed: true, .. }
+                        | egui::Event::Text(_)
+                        | egui::Event::PointerButton { pressed: true, .. }
+                        | egui::Event::MouseWheel { .. }
+                )
+            })
+        });
+        if acted {
+            self.last_input = Some(Instant::now());
+        }
         self.images.begin_frame();
         for ev in self.engine.poll() {
             self.on_event(ctx, ev);
