@@ -383,19 +383,7 @@ impl StudioApp {
         let id = self.engine.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: r.clone() });
         self.jobs.insert(
             id,
-            PendingJob {
-                kind: JobKind::Refine,
-                slot: ModelSlot::Base,
-                request: r,
-                parent: Some(src.to_string()),
-                edit_at: None,
-                progress: (0, 0),
-                saw_preview: false,
-                submitted: Instant::now(),
-                paused: false,
-                draft: false,
-                start: None,
-            },
+            PendingJob { parent: Some(src.to_string()), ..PendingJob::new(JobKind::Refine, ModelSlot::Base, r) },
         );
         self.refine_job = Some(id);
         Ok(())
@@ -424,17 +412,8 @@ impl StudioApp {
             self.jobs.insert(
                 job,
                 PendingJob {
-                    kind: JobKind::Variation,
-                    slot: ModelSlot::Turbo,
-                    request: r.clone(),
-                    parent: None,
-                    edit_at: None,
-                    progress: (0, 0),
-                    saw_preview: false,
-                    submitted: Instant::now(),
-                    paused: false,
-                    draft: false,
                     start: r.init.as_ref().and(self.start_image.as_ref()).map(|st| st.name.clone()),
+                    ..PendingJob::new(JobKind::Variation, ModelSlot::Turbo, r.clone())
                 },
             );
             self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });

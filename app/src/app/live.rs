@@ -160,19 +160,7 @@ impl StudioApp {
         let id = self.engine.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request.clone() });
         self.jobs.insert(
             id,
-            PendingJob {
-                kind: JobKind::Live,
-                slot: ModelSlot::Turbo,
-                request,
-                parent,
-                edit_at,
-                progress: (0, 0),
-                saw_preview: false,
-                submitted: Instant::now(),
-                paused: false,
-                draft,
-                start,
-            },
+            PendingJob { parent, edit_at, draft, start, ..PendingJob::new(JobKind::Live, ModelSlot::Turbo, request) },
         );
         self.live_job = Some(id);
     }

@@ -77,6 +77,25 @@ pub struct PendingJob {
     pub start: Option<String>,
 }
 
+impl PendingJob {
+    /// A job just submitted: nothing run yet, no lineage, no start image.
+    pub fn new(kind: JobKind, slot: ModelSlot, request: GenerateRequest) -> Self {
+        Self {
+            kind,
+            slot,
+            request,
+            parent: None,
+            edit_at: None,
+            progress: (0, 0),
+            saw_preview: false,
+            submitted: Instant::now(),
+            paused: false,
+            draft: false,
+            start: None,
+        }
+    }
+}
+
 /// An image the Turbo jobs start from (img2img), e.g. a sketch dropped on
 /// the window; kept for the session.
 #[derive(Clone)]
