@@ -743,6 +743,30 @@ fn the_first_live_image_after_a_start_drafts_where_the_model_was_slow() {
     assert!(job.draft && job.request.width < 128, "the first image is a draft: {}×{}", job.request.width, job.request.height);
 }
 
+/// A refine's cost follows its size and guidance: Base's speed is kept per
+/// megapixel and DiT pass (a CFG step is two), not as the time of the last
+/// refine's steps (a 512² refine once set the estimate of a 1024² one).
+#[test]
+fn the_refine_cost_follows_the_size_and_the_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        s.base_steps = 10;
+        s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
+    });
+    let mut h = harness(dir.path());
+    h.step();
+    // One second per megapixel per pass.
+    h.state_mut().pass_rate.insert(ModelSlot::Base, 1.0);
+    let mut cost = |h: &mut Harness<'static, StudioApp>, side: u32, guidance: f32| {
+        let s = &mut h.state_mut().settings;
+        (s.width, s.height, s.base_guidance) = (side, side, guidance);
+        h.state().refine_cost().1
+    };
+    assert_eq!(cost(&mut h, 1024, 0.0), "10 Base steps, about 10.5 s");
+    assert_eq!(cost(&mut h, 1024, 4.0), "10 Base steps, about 21.0 s");
+    assert_eq!(cost(&mut h, 512, 4.0), "10 Base steps, about 5.2 s");
+}
+
 /// The first image on a GPU compiles its kernels (half a minute): its time
 /// is not taken as the model's speed, neither now nor for the next start.
 #[test]
@@ -755,7 +779,7 @@ fn the_first_gpu_image_is_not_taken_as_the_speed() {
     type_text(&mut h, "a red fox");
     wait_until(&mut h, "the first image", live_done);
     assert_eq!((h.state().live_rate, h.state().live_ema), (None, None));
-    assert!(h.state().settings.live_speeds.is_empty() && h.state().per_step.is_empty());
+    assert!(h.state().settings.live_speeds.is_empty() && h.state().pass_rate.is_empty());
     type_text(&mut h, " at dusk");
     wait_until(&mut h, "the second image", |a| live_done(a) && a.live_rate.is_some());
     assert_eq!(h.state().settings.live_speeds.len(), 1);

@@ -588,6 +588,15 @@ pub fn live_rate(elapsed: Duration, width: u32, height: u32, steps_run: usize) -
     elapsed.as_secs_f64() / (width as f64 * height as f64 / 1e6 * steps_run.max(1) as f64)
 }
 
+/// DiT evaluations per sampler step: two with classifier-free guidance.
+pub fn dit_passes(guidance: f32) -> usize {
+    if guidance > 0.0 {
+        2
+    } else {
+        1
+    }
+}
+
 /// A live image's expected time at `rate` (see [`live_rate`]).
 pub fn predicted_time(rate: f64, width: u32, height: u32, steps: usize) -> Duration {
     Duration::from_secs_f64((rate * width as f64 * height as f64 / 1e6 * steps as f64).clamp(0.0, 1e6))

@@ -305,17 +305,15 @@ impl StudioApp {
             .or_else(|| self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone()))
     }
 
-    /// The time the pending refines still need, from the measured time per
-    /// Base step; `None` before the first Base image.
+    /// The time the pending refines still need, each at its size and
+    /// guidance, from Base's measured speed; `None` before the first Base image.
     pub fn refines_left(&self) -> Option<Duration> {
-        let per_step = *self.per_step.get(&ModelSlot::Base)?;
-        let steps: usize = self
-            .jobs
-            .values()
-            .filter(|j| j.kind == JobKind::Refine)
-            .map(|j| state::steps_left(&j.request, j.progress.0))
-            .sum();
-        Some(per_step * steps as u32)
+        let rate = *self.pass_rate.get(&ModelSlot::Base)?;
+        let left = self.jobs.values().filter(|j| j.kind == JobKind::Refine).map(|j| {
+            let r = &j.request;
+            state::predicted_time(rate, r.width, r.height, state::steps_left(r, j.progress.0) * state::dit_passes(r.guidance))
+        });
+        Some(left.sum())
     }
 
     /// Base steps the refine will run and what it will cost.
@@ -325,17 +323,11 @@ impl StudioApp {
             RefineMode::Img2Img => state::snap_strength(self.settings.refine_strength, steps).1,
             RefineMode::SameSeed => steps,
         };
-        let cfg_factor = if self.settings.base_guidance > 0.0 { 2 } else { 1 };
-        // Before the first Base run, estimate from Turbo (same DiT; CFG
-        // doubles the work): this session's steps, else its remembered speed.
-        let (w, h) = (self.settings.width, self.settings.height);
-        let per_step = self
-            .per_step
-            .get(&ModelSlot::Base)
-            .copied()
-            .or_else(|| self.per_step.get(&ModelSlot::Turbo).copied())
-            .or_else(|| self.live_rate.map(|r| state::predicted_time(r, w, h, 1)))
-            .map(|d| if self.per_step.contains_key(&ModelSlot::Base) { d } else { d * cfg_factor });
+        // Before the first Base run, from Turbo's speed (the same DiT): this
+        // session's, else the one remembered for the model.
+        let rate = [ModelSlot::Base, ModelSlot::Turbo].iter().find_map(|s| self.pass_rate.get(s).copied()).or(self.live_rate);
+        let passes = state::dit_passes(self.settings.base_guidance);
+        let per_step = rate.map(|r| state::predicted_time(r, self.settings.width, self.settings.height, passes));
         let load = match &self.memory {
             Some(m) if m.dit_parked(ModelSlot::Base) => state::BaseLoad::Parked(
                 m.reload_times.iter().find(|(s, _)| *s == ModelSlot::Base).map(|(_, d)| *d),

@@ -151,8 +151,10 @@ impl StudioApp {
         // time says nothing about the speed of the next ones.
         let compiled_kernels = std::mem::replace(&mut self.gpu_kernels_cold, false);
         if !compiled_kernels {
-            let prev = self.per_step.get(&job.slot).copied();
-            self.per_step.insert(job.slot, state::ema(prev, per_step));
+            let r = &job.request;
+            let rate = state::live_rate(per_step, r.width, r.height, state::dit_passes(r.guidance));
+            let prev = self.pass_rate.get(&job.slot).copied();
+            self.pass_rate.insert(job.slot, prev.map_or(rate, |p| 0.7 * p + 0.3 * rate));
         }
         let meta = self.metadata_for(&job, made_by);
         let image = Arc::new(image);

@@ -204,7 +204,9 @@ pub struct StudioApp {
     /// Recent live time per megapixel-step, drafts and upgrades included:
     /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
     pub live_rate: Option<f64>,
-    pub per_step: HashMap<ModelSlot, Duration>,
+    /// Seconds per megapixel per DiT pass each model last took (a CFG step
+    /// is two passes): the time of a refine at any size and guidance.
+    pub pass_rate: HashMap<ModelSlot, f64>,
     pub jobs: HashMap<JobId, PendingJob>,
     /// Shown in the Live view: the latest finished image (history id).
     pub current: Option<String>,
@@ -318,7 +320,7 @@ impl StudioApp {
             live_job: None,
             live_ema: None,
             live_rate: None,
-            per_step: HashMap::new(),
+            pass_rate: HashMap::new(),
             jobs: HashMap::new(),
             current: None,
             selected: None,
