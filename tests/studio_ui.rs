@@ -743,6 +743,33 @@ fn the_first_live_image_after_a_start_drafts_where_the_model_was_slow() {
     assert!(job.draft && job.request.width < 128, "the first image is a draft: {}×{}", job.request.width, job.request.height);
 }
 
+/// The history's search field lists the images whose prompt holds every
+/// word typed (or whose seed is one of them); typing there renders nothing.
+#[test]
+fn the_history_search_finds_images_by_prompt_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = typed_without_live(dir.path(), "a red fox", |_| {});
+    h.key_press(Key::F5);
+    wait_until(&mut h, "the fox", live_done);
+    h.state_mut().prompt = "a blue whale".into();
+    h.key_press(Key::F5);
+    wait_until(&mut h, "the whale", |a| a.history.entries.len() == 2 && live_done(a));
+    let jobs_before = h.state().history.entries.len();
+    h.get_by_role_and_label(Role::TextInput, "Search").focus();
+    h.step();
+    type_text(&mut h, "WHALE blue");
+    h.step();
+    let listed = h.state().listed_history();
+    assert_eq!(listed.len(), 1);
+    h.get_by_label("1 of 2");
+    assert_eq!(h.state().history.get(&listed[0]).unwrap().meta.prompt, "a blue whale");
+    type_text(&mut h, " zebra");
+    h.step();
+    h.get_by_label("No image's prompt holds all of these words.");
+    assert_eq!(h.state().prompt, "a blue whale", "the prompt box is untouched");
+    assert_eq!(h.state().history.entries.len(), jobs_before, "nothing rendered");
+}
+
 /// A refine's cost follows its size and guidance: Base's speed is kept per
 /// megapixel and DiT pass (a CFG step is two), not as the time of the last
 /// refine's steps (a 512² refine once set the estimate of a 1024² one).

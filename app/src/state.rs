@@ -588,6 +588,13 @@ pub fn live_rate(elapsed: Duration, width: u32, height: u32, steps_run: usize) -
     elapsed.as_secs_f64() / (width as f64 * height as f64 / 1e6 * steps_run.max(1) as f64)
 }
 
+/// Whether a history image is found by the search `words` (lower-cased):
+/// each is in its prompt, whatever the case, or is its seed.
+pub fn prompt_matches(prompt: &str, seed: u64, words: &[String]) -> bool {
+    let prompt = prompt.to_lowercase();
+    words.iter().all(|w| prompt.contains(w.as_str()) || w.parse::<u64>().is_ok_and(|s| s == seed))
+}
+
 /// DiT evaluations per sampler step: two with classifier-free guidance.
 pub fn dit_passes(guidance: f32) -> usize {
     if guidance > 0.0 {
@@ -758,6 +765,18 @@ mod tests {
         let rate = live_rate(Duration::from_secs(9), 1024, 1024, 8);
         let (w, h) = draft_size(LiveDraft::Auto, 1024, 1024, secs(9.0)).unwrap();
         assert!(predicted_time(rate, w, h, 8) <= DRAFT_WHEN_SLOWER_THAN, "{:?}", predicted_time(rate, w, h, 8));
+    }
+
+    #[test]
+    fn history_search_finds_every_word_in_the_prompt_or_the_seed() {
+        let words = |q: &str| q.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>();
+        let fox = "A red Fox in the snow";
+        assert!(prompt_matches(fox, 7, &words("")));
+        assert!(prompt_matches(fox, 7, &words("fox SNOW")));
+        assert!(!prompt_matches(fox, 7, &words("fox rain")));
+        assert!(prompt_matches(fox, 42, &words("fox 42")), "a seed");
+        assert!(!prompt_matches(fox, 43, &words("42")));
+        assert!(prompt_matches("一只猫在屋顶上", 1, &words("猫")));
     }
 
     #[test]

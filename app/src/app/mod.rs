@@ -214,6 +214,8 @@ pub struct StudioApp {
     pub selected: Option<String>,
     /// Which entries the history panel lists.
     pub history_filter: state::HistoryFilter,
+    /// Words the listed history images' prompts (or seeds) must hold.
+    pub history_search: String,
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
     /// What the engine last said about a live job waiting behind another.
@@ -325,6 +327,7 @@ impl StudioApp {
             current: None,
             selected: None,
             history_filter: state::HistoryFilter::All,
+            history_search: String::new(),
             prompt_tokens: None,
             live_wait: None,
             live_preview: false,
@@ -646,7 +649,10 @@ impl StudioApp {
     /// The history entries the history panel lists, newest first (its filter applied).
     pub fn listed_history(&self) -> Vec<String> {
         let filter = self.history_filter;
-        let shown = |e: &&crate::history::HistoryEntry| filter.shows(e.slot == ModelSlot::Base, e.mark);
+        let words: Vec<String> = self.history_search.split_whitespace().map(str::to_lowercase).collect();
+        let shown = |e: &&crate::history::HistoryEntry| {
+            filter.shows(e.slot == ModelSlot::Base, e.mark) && state::prompt_matches(&e.meta.prompt, e.meta.seed, &words)
+        };
         self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
     }
 

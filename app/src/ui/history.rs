@@ -15,7 +15,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal(|ui| {
         ui.strong("History");
         let total = app.history.entries.len();
-        ui.weak(if filter == HistoryFilter::All { format!("{total} images") } else { format!("{} of {total}", ids.len()) });
+        let everything = filter == HistoryFilter::All && app.history_search.trim().is_empty();
+        ui.weak(if everything { format!("{total} images") } else { format!("{} of {total}", ids.len()) });
         let hint = "Remove the rejected images and the unmarked Turbo images nothing was made from (asks first)";
         if ui.small_button("Clean up…").on_hover_text(hint).clicked() {
             actions.push(Action::PlanCleanup);
@@ -26,6 +27,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             ui.selectable_value(&mut app.history_filter, f, f.label());
         }
     });
+    ui.horizontal(|ui| {
+        let l = ui.label("Search");
+        let field = egui::TextEdit::singleline(&mut app.history_search).hint_text("words of the prompt, or a seed").desired_width(f32::INFINITY);
+        ui.add(field).labelled_by(l.id);
+    });
     ui.weak("click: restore · double-click Base: compare · right-click: keep, star");
     ui.separator();
     if filter == HistoryFilter::Kept {
@@ -34,7 +40,9 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
             actions.push(Action::RefineKept);
         }
     }
-    if ids.is_empty() && filter != HistoryFilter::All {
+    if ids.is_empty() && !app.history_search.trim().is_empty() {
+        ui.weak("No image's prompt holds all of these words.");
+    } else if ids.is_empty() && filter != HistoryFilter::All {
         ui.weak(match filter {
             HistoryFilter::Base => "No Base image yet: refine a Turbo image (Ctrl+Enter).",
             _ => "Nothing kept yet: K keeps a variation, S stars it.",
