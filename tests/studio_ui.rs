@@ -1293,6 +1293,24 @@ fn a_large_grid_scrolls_and_the_cursor_stays_in_view() {
     }
     let seen = framed(&mut h);
     assert!(seen > 400, "the cursor's cell was scrolled into view: {seen} framed pixels");
+    // - and + make the thumbnails smaller (more columns) or larger (fewer).
+    for _ in 0..3 {
+        h.key_press(Key::Minus);
+        h.step();
+    }
+    h.step();
+    assert!(h.state().var_columns > cols, "{} columns", h.state().var_columns);
+    for _ in 0..6 {
+        h.key_press(Key::Plus);
+        h.step();
+    }
+    h.step();
+    assert_eq!(h.state().var_columns, 1);
+    assert!(h.state().settings.grid_thumbnail > 200.0);
+    h.key_press(Key::Num0);
+    h.step();
+    h.step();
+    assert_eq!(h.state().var_columns, cols, "0: the default size");
 }
 
 /// "Clean up…" asks first, then removes the rejected images and the

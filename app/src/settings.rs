@@ -64,6 +64,9 @@ pub struct Settings {
     /// already drafts where a full-size one would be slow (a real model on a
     /// CPU takes minutes), instead of waiting for one to be timed.
     pub live_speeds: std::collections::BTreeMap<String, f64>,
+    /// The variations grid's smallest thumbnail side, in points (`+` / `-`
+    /// in the grid): larger for a closer look, smaller for more at once.
+    pub grid_thumbnail: f32,
 }
 
 /// One LoRA in a model's list.
@@ -107,6 +110,7 @@ impl Default for Settings {
             base_loras: Vec::new(),
             show_history: true,
             live_speeds: Default::default(),
+            grid_thumbnail: crate::state::MIN_VARIATION_SIDE,
         }
     }
 }

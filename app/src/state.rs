@@ -417,24 +417,28 @@ pub fn pair_grid_columns(n: usize, width: f32, height: f32, aspect: f32) -> usiz
 }
 
 /// The shortest image side (points) the variations grid shrinks its cells
-/// to before it scrolls instead: a thumbnail that can still be judged.
+/// to before it scrolls instead, by default: a thumbnail that can still be
+/// judged. `+` / `-` in the grid change it within [`VARIATION_SIDES`].
 pub const MIN_VARIATION_SIDE: f32 = 120.0;
+
+/// The range of the grid's smallest thumbnail side the user can pick.
+pub const VARIATION_SIDES: std::ops::RangeInclusive<f32> = 80.0..=640.0;
 
 /// The variations grid for `n` images of `aspect` (width / height) in a
 /// `width`×`height` pane: its columns and cell size. When every image can
-/// be at least [`MIN_VARIATION_SIDE`] on its shorter side, all cells fit,
-/// as large as they can be; beyond that (50 variations in a small window)
-/// the cells keep that size and the grid scrolls.
-pub fn variation_grid(n: usize, width: f32, height: f32, aspect: f32) -> (usize, egui::Vec2) {
+/// be at least `min_side` on its shorter side, all cells fit, as large as
+/// they can be; beyond that (50 variations in a small window) the cells
+/// keep that size and the grid scrolls.
+pub fn variation_grid(n: usize, width: f32, height: f32, aspect: f32, min_side: f32) -> (usize, egui::Vec2) {
     let n = n.max(1);
     let aspect = aspect.clamp(0.1, 10.0);
     let image_width = |cols: usize| (width / cols as f32).min(height / n.div_ceil(cols) as f32 * aspect);
     let best = (1..=n).fold(1, |best, cols| if image_width(cols) > image_width(best) { cols } else { best });
     let shorter_side = |image_w: f32| image_w.min(image_w / aspect);
-    if shorter_side(image_width(best)) >= MIN_VARIATION_SIDE {
+    if shorter_side(image_width(best)) >= min_side {
         return (best, egui::vec2(width / best as f32, height / n.div_ceil(best) as f32));
     }
-    let min_image_width = MIN_VARIATION_SIDE * aspect.max(1.0);
+    let min_image_width = min_side * aspect.max(1.0);
     let cols = ((width / (min_image_width + 8.0)).floor() as usize).clamp(1, n);
     let cell_width = width / cols as f32;
     (cols, egui::vec2(cell_width, cell_width / aspect))
@@ -783,22 +787,25 @@ mod tests {
     fn the_variations_grid_fits_what_it_can_and_scrolls_the_rest() {
         let rows = |n: usize, cols: usize| n.div_ceil(cols) as f32;
         // 8 square images in a 450×530 pane: 3 columns, all in view.
-        let (cols, cell) = variation_grid(8, 450.0, 530.0, 1.0);
+        let (cols, cell) = variation_grid(8, 450.0, 530.0, 1.0, MIN_VARIATION_SIDE);
         assert_eq!(cols, 3);
         assert!(rows(8, cols) * cell.y <= 530.0 + 1e-3 && cell.x.min(cell.y) >= MIN_VARIATION_SIDE, "{cell:?}");
         // 50 of them would be 56-point thumbnails there: 3 columns of
         // 150-point cells instead, 17 rows to scroll through.
-        let (cols, cell) = variation_grid(50, 450.0, 530.0, 1.0);
+        let (cols, cell) = variation_grid(50, 450.0, 530.0, 1.0, MIN_VARIATION_SIDE);
         assert_eq!((cols, cell), (3, egui::vec2(150.0, 150.0)));
         assert!(rows(50, cols) * cell.y > 530.0);
         // A wide window gives more columns; the cells keep the images' aspect.
-        let (cols, cell) = variation_grid(50, 1200.0, 700.0, 16.0 / 9.0);
+        let (cols, cell) = variation_grid(50, 1200.0, 700.0, 16.0 / 9.0, MIN_VARIATION_SIDE);
         assert!(cols >= 4 && (cell.x / cell.y - 16.0 / 9.0).abs() < 1e-3, "{cols} {cell:?}");
         assert!(cell.y >= MIN_VARIATION_SIDE);
         // One image takes the pane; a pane narrower than one cell still has a column.
-        assert_eq!(variation_grid(1, 400.0, 300.0, 1.0), (1, egui::vec2(400.0, 300.0)));
-        assert_eq!(variation_grid(20, 60.0, 60.0, 1.0).0, 1);
-        assert_eq!(variation_grid(0, 400.0, 300.0, 1.0).0, 1);
+        assert_eq!(variation_grid(1, 400.0, 300.0, 1.0, MIN_VARIATION_SIDE), (1, egui::vec2(400.0, 300.0)));
+        assert_eq!(variation_grid(20, 60.0, 60.0, 1.0, MIN_VARIATION_SIDE).0, 1);
+        assert_eq!(variation_grid(0, 400.0, 300.0, 1.0, MIN_VARIATION_SIDE).0, 1);
+        // Larger thumbnails asked for: fewer columns of larger cells.
+        let (cols, cell) = variation_grid(50, 1200.0, 700.0, 1.0, 300.0);
+        assert!(cols == 3 && cell.x >= 300.0, "{cols} {cell:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use egui::{Key, Modifiers};
 
 use crate::app::{Action, StudioApp};
-use crate::state::{Mark, View};
+use crate::state::{self, Mark, View};
 
 /// (keys, what) for the help overlay.
 pub const SHORTCUTS: &[(&str, &str)] = &[
@@ -30,7 +30,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "zoom about the pointer / pan (Live: the image; compare: both images together)"),
-    ("+ / - / 0", "zoom in / out / fit (Live and compare, outside the prompt box)"),
+    ("+ / - / 0", "zoom in / out / fit (Live and compare); larger / smaller / default thumbnails (variations grid)"),
     ("Esc", "leave the prompt box / close overlays"),
     ("F1 or ?", "this help"),
 ];
@@ -219,6 +219,14 @@ fn compare_key(app: &mut StudioApp, key: Key) {
 }
 
 fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
+    // + / - / 0: larger, smaller or the default thumbnails.
+    let side = &mut app.settings.grid_thumbnail;
+    match key {
+        Key::Plus | Key::Equals => *side = (*side * 1.25).min(*state::VARIATION_SIDES.end()),
+        Key::Minus => *side = (*side / 1.25).max(*state::VARIATION_SIDES.start()),
+        Key::Num0 => *side = state::MIN_VARIATION_SIDE,
+        _ => {}
+    }
     let n = app.variations.len();
     if n == 0 {
         return;

@@ -4,7 +4,7 @@
 use egui::{Color32, Rect, Sense, Stroke, StrokeKind};
 
 use crate::app::{Action, StudioApp};
-use crate::state::{variation_grid, Mark};
+use crate::state::{variation_grid, Mark, VARIATION_SIDES};
 
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     if app.variations.is_empty() {
@@ -23,7 +23,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     ui.horizontal_wrapped(|ui| {
         let done = app.variations.len() - running.len();
         let progress = if running.is_empty() { String::new() } else { format!(" · {done} done") };
-        ui.label(format!("{} variations{progress} · {kept} kept · arrows move, K keep, X reject, S star, Enter open", app.variations.len()));
+        ui.label(format!("{} variations{progress} · {kept} kept · arrows move, K keep, X reject, S star, Enter open, +/- size", app.variations.len()));
         if !running.is_empty()
             && ui.button(format!("Stop ({} left)", running.len())).on_hover_text("Cancel the variations not finished yet; the finished ones stay").clicked()
         {
@@ -36,7 +36,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let n = app.variations.len();
     let (w, h) = (app.settings.width as f32, app.settings.height as f32);
     let pane = ui.available_rect_before_wrap();
-    let (cols, cell) = variation_grid(n, pane.width(), pane.height(), w / h.max(1.0));
+    let side = app.settings.grid_thumbnail.clamp(*VARIATION_SIDES.start(), *VARIATION_SIDES.end());
+    let (cols, cell) = variation_grid(n, pane.width(), pane.height(), w / h.max(1.0), side);
     // The arrow keys move by the columns shown.
     app.var_columns = cols;
     egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| {
