@@ -85,6 +85,17 @@ pub fn fit_rect(avail: Rect, size: Vec2) -> Rect {
     Rect::from_center_size(avail.center(), size * scale)
 }
 
+/// A file dialog to open, or `None` with the reason said once in the status
+/// bar (`rfd` finds no dialog without a portal or zenity): type the path.
+pub fn file_dialog(app: &mut StudioApp) -> Option<rfd::FileDialog> {
+    if crate::app::file_dialog_available() {
+        Some(rfd::FileDialog::new())
+    } else {
+        app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
+        None
+    }
+}
+
 /// "Browse…" for a model: a diffusers folder or a single .safetensors file
 /// (ComfyUI's layout), starting where `current` points; the path picked.
 pub fn browse_model(app: &mut StudioApp, ui: &mut egui::Ui, current: &str) -> Option<String> {
@@ -96,11 +107,7 @@ pub fn browse_model(app: &mut StudioApp, ui: &mut egui::Ui, current: &str) -> Op
             return;
         }
         ui.close();
-        if !crate::app::file_dialog_available() {
-            app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
-            return;
-        }
-        let mut dialog = rfd::FileDialog::new();
+        let Some(mut dialog) = file_dialog(app) else { return };
         let current = std::path::Path::new(current.trim());
         if let Some(dir) = [Some(current), current.parent()].into_iter().flatten().find(|d| d.is_dir()) {
             dialog = dialog.set_directory(dir);

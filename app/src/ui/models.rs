@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use zimage_engine::pull::approximate_download_bytes;
 
-use crate::app::{file_dialog_available, Action, StudioApp};
+use crate::app::{Action, StudioApp};
 use crate::engine_bridge::ModelSlot;
 use crate::settings::LoraSetting;
 use crate::state::{gigabytes, human_bytes};
@@ -136,9 +136,7 @@ pub fn loras(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>, 
             changed = true;
         }
         if ui.button("Browse…").clicked() {
-            if !file_dialog_available() {
-                app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
-            } else if let Some(path) = rfd::FileDialog::new().add_filter("LoRA", &["safetensors"]).pick_file() {
+            if let Some(path) = super::file_dialog(app).and_then(|d| d.add_filter("LoRA", &["safetensors"]).pick_file()) {
                 list_mut(app, slot).push(LoraSetting { path, strength: 1.0, enabled: true });
                 changed = true;
             }

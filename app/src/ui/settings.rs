@@ -2,7 +2,7 @@
 //! the save folder, applied and persisted with "Apply"; the models found on
 //! this computer, downloads, and each model's LoRAs (applied at once).
 
-use crate::app::{file_dialog_available, Action, StudioApp};
+use crate::app::{Action, StudioApp};
 use crate::engine_bridge::{ModelSlot, ModelState};
 use crate::state::human_bytes;
 use crate::ui::models;
@@ -43,9 +43,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                         app.settings_form[i] = p;
                     }
                 } else if ui.button("Browse…").clicked() {
-                    if !file_dialog_available() {
-                        app.error("no file dialog on this system (needs xdg-desktop-portal or zenity): type the path instead");
-                    } else if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    if let Some(p) = super::file_dialog(app).and_then(|d| d.pick_folder()) {
                         app.settings_form[i] = p.display().to_string();
                     }
                 }
