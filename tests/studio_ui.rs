@@ -784,7 +784,7 @@ fn the_refine_cost_follows_the_size_and_the_guidance() {
     h.step();
     // One second per megapixel per pass.
     h.state_mut().pass_rate.insert(ModelSlot::Base, 1.0);
-    let mut cost = |h: &mut Harness<'static, StudioApp>, side: u32, guidance: f32| {
+    let cost = |h: &mut Harness<'static, StudioApp>, side: u32, guidance: f32| {
         let s = &mut h.state_mut().settings;
         (s.width, s.height, s.base_guidance) = (side, side, guidance);
         h.state().refine_cost().1

@@ -157,8 +157,8 @@ impl StudioApp {
             }
             Action::RemoveImages(ids) => {
                 self.cleanup = None;
+                let bytes = self.history.disk_bytes(&ids);
                 let ids: HashSet<String> = ids.into_iter().collect();
-                let bytes = self.history.disk_bytes(&ids.iter().cloned().collect::<Vec<_>>());
                 let result = self.history.remove(&ids);
                 self.forget_images(&ids);
                 match result {

@@ -34,9 +34,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         Some((id, _)) => {
             // Zoom and pan in image fractions: the same detail stays in view
             // through previews (latent size), drafts (half size) and the image.
-            super::zoom_input(ui, &response, &mut app.live_view, &[rect]);
             // Measured against the image's own pixels (a preview stands for the image it becomes).
-            app.live_view.fit_scale = Some(rect.width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
+            super::zoom_input(ui, &response, &mut app.live_view, &[rect], size);
             painter.image(id, rect, app.live_view.uv(), Color32::WHITE);
         }
         None => {

@@ -110,10 +110,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
     };
     // Shared zoom/pan: scrolling over any image zooms them all about the
     // same image point, dragging pans them all.
-    super::zoom_input(ui, &response, &mut app.compare.view, &drawn);
-    if let Some(first) = drawn.first() {
-        app.compare.view.fit_scale = Some(first.width() / size.x.max(1.0) * ui.ctx().pixels_per_point());
-    }
+    super::zoom_input(ui, &response, &mut app.compare.view, &drawn, size);
     let uv = app.compare.view.uv();
 
     let painter = ui.painter_at(avail);

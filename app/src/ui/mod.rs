@@ -141,9 +141,14 @@ pub fn zoom_buttons(ui: &mut egui::Ui, view: &mut ZoomView) {
 
 /// Scrolling (or a pinch) over one of the `drawn` image rects zooms about
 /// the image point under the pointer; dragging pans. Every drawn rect shows
-/// the same part of its image, so one view serves them all.
-pub fn zoom_input(ui: &egui::Ui, response: &egui::Response, view: &mut ZoomView, drawn: &[Rect]) {
+/// the same part of its image (`pixels` wide and high), so one view serves
+/// them all; the first one measures the fitted scale that 1:1 and the
+/// readout count from.
+pub fn zoom_input(ui: &egui::Ui, response: &egui::Response, view: &mut ZoomView, drawn: &[Rect], pixels: Vec2) {
     view.drawn = drawn.first().copied();
+    if let Some(first) = drawn.first() {
+        view.fit_scale = Some(first.width() / pixels.x.max(1.0) * ui.ctx().pixels_per_point());
+    }
     if response.hovered() {
         let (scroll, pinch) = ui.input(|i| (i.smooth_scroll_delta.y, i.zoom_delta()));
         let factor = (1.0 + scroll * 0.002) * pinch;
