@@ -33,7 +33,9 @@ pub const EXAMPLE_PROMPT: &str = "a large red circle in the center and a small y
 /// are split as the tokenizer splits them (runs of letters, digits and `_`),
 /// lower-cased.
 pub fn unknown_words(prompt: &str) -> Vec<String> {
-    let vocab = vocabulary();
+    // Built once: the app asks on every frame while the demo is in use.
+    static VOCAB: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    let vocab = VOCAB.get_or_init(|| vocabulary().into_iter().collect());
     let mut unknown: Vec<String> = Vec::new();
     for word in prompt.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()) {
         let word = word.to_lowercase();
