@@ -629,6 +629,15 @@ fn refine_produces_a_base_image_shown_beside_the_turbo_one_and_compare_modes_swi
     h.step();
     assert_eq!(h.state().compare.mode, CompareMode::Wipe);
     h.get_by_role_and_label(Role::Slider, "Split");
+    // The wipe line itself drags (a drag elsewhere pans and leaves it).
+    h.step();
+    let rect = h.state().compare.view.drawn.expect("the wipe image was drawn");
+    assert_eq!(h.state().compare.split, 0.5);
+    drag(&mut h, egui::pos2(rect.left() + 0.2 * rect.width(), rect.center().y), egui::vec2(40.0, 0.0));
+    assert_eq!(h.state().compare.split, 0.5, "a drag away from the line does not move it");
+    drag(&mut h, egui::pos2(rect.center().x + 3.0, rect.center().y - 50.0), egui::vec2(-0.3 * rect.width(), 20.0));
+    let split = h.state().compare.split;
+    assert!((split - 0.2).abs() < 0.02, "the line followed the pointer to a fifth of the image: {split}");
     h.key_press(Key::M);
     h.step();
     assert_eq!(h.state().compare.mode, CompareMode::Flicker);
@@ -1204,6 +1213,21 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     click_at(&mut h, cells[1].center(), true);
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]));
     assert_eq!(h.state().compare.mode, CompareMode::SideBySide, "a double click opens the pair");
+}
+
+/// A primary-button drag from `from` by `by`, in a few pointer moves.
+fn drag(h: &mut Harness<'static, StudioApp>, from: egui::Pos2, by: egui::Vec2) {
+    let button = egui::PointerButton::Primary;
+    h.event(egui::Event::PointerMoved(from));
+    h.step();
+    h.event(egui::Event::PointerButton { pos: from, button, pressed: true, modifiers: Modifiers::NONE });
+    h.step();
+    for k in 1..=4 {
+        h.event(egui::Event::PointerMoved(from + by * (k as f32 / 4.0)));
+        h.step();
+    }
+    h.event(egui::Event::PointerButton { pos: from + by, button, pressed: false, modifiers: Modifiers::NONE });
+    h.step();
 }
 
 /// A primary click (or double click) at `pos`, as the pointer would make it.

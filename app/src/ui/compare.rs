@@ -11,6 +11,9 @@ use zimage_engine::preview::RgbImage;
 use crate::app::{Action, StudioApp};
 use crate::state::{difference_heatmap, pair_grid_columns, CompareMode};
 
+/// Half the width, in points, of the strip along the wipe line that drags it.
+const WIPE_GRIP: f32 = 10.0;
+
 pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) {
     let Some((turbo, base)) = app.compare_pair.clone() else {
         ui.centered_and_justified(|ui| {
@@ -108,6 +111,19 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
         CompareMode::AllPairs => cells.iter().flat_map(|c| <[Rect; 2]>::from(pair_in(c))).collect(),
         _ => vec![super::fit_rect(avail.shrink(4.0), size)],
     };
+    // Wipe: the split line itself can be dragged (as in imgsli), not only the
+    // slider above. Registered after the image's own response, so a drag that
+    // starts on the line moves it; one anywhere else pans.
+    if app.compare.mode == CompareMode::Wipe {
+        let rect = drawn[0];
+        let x = rect.left() + rect.width() * app.compare.split;
+        let grip = Rect::from_x_y_ranges(x - WIPE_GRIP..=x + WIPE_GRIP, rect.y_range()).intersect(avail);
+        let handle =
+            ui.interact(grip, ui.scope_id().with("wipe split"), Sense::drag()).on_hover_cursor(egui::CursorIcon::ResizeHorizontal);
+        if let Some(p) = handle.interact_pointer_pos().filter(|_| handle.dragged()) {
+            app.compare.split = ((p.x - rect.left()) / rect.width().max(1.0)).clamp(0.0, 1.0);
+        }
+    }
     // Shared zoom/pan: scrolling over any image zooms them all about the
     // same image point, dragging pans them all.
     super::zoom_input(ui, &response, &mut app.compare.view, &drawn, size);
@@ -138,6 +154,15 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
                 painter.with_clip_rect(clip.intersect(avail)).image(t, rect, uv, Color32::WHITE);
             }
             painter.line_segment([egui::pos2(x, rect.top()), egui::pos2(x, rect.bottom())], Stroke::new(2.0, Color32::WHITE));
+            // A grip in the middle says the line can be dragged.
+            let mid = egui::pos2(x, rect.center().y.clamp(avail.top() + 12.0, avail.bottom() - 12.0));
+            painter.circle(mid, 12.0, Color32::from_black_alpha(160), Stroke::new(2.0, Color32::WHITE));
+            for dir in [-1.0, 1.0] {
+                let tip = mid + egui::vec2(dir * 8.0, 0.0);
+                let back = mid + egui::vec2(dir * 3.0, 0.0);
+                let arrow = vec![tip, back + egui::vec2(0.0, -4.0), back + egui::vec2(0.0, 4.0)];
+                painter.add(egui::Shape::convex_polygon(arrow, Color32::WHITE, Stroke::NONE));
+            }
             caption(rect, &format!("{left_label}  |  {right_label}"));
         }
         CompareMode::Flicker => {
