@@ -14,7 +14,10 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
     }
     let mut open = true;
     egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(600.0)
-        .min_width(600.0).max_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
+        .min_width(600.0).max_height(ctx.content_rect().height() - 80.0)
+        // As tall as the window allows: its sections scroll, and a short
+        // default hid most of them below the first screen.
+        .default_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
       egui::ScrollArea::vertical().auto_shrink([false, true]).show(ui, |ui| {
         ui.label("Models: a diffusers folder, a single .safetensors file, or a built-in name (demo-turbo, demo-base).");
         if app.cli_override {
