@@ -1696,6 +1696,23 @@ fn settings_find_models_and_manage_loras() {
     wait_until(&mut h, "the LoRA", |a| a.lora_state.get(&ModelSlot::Turbo).is_some_and(|s| s.applied.len() == 1));
     assert_eq!(h.state().settings.turbo_loras.len(), 1);
     h.get_by_label("tiny_turbo_lora");
+    // A misspelt path (Enter adds too) or the same file again is refused in
+    // one line, and the typed text stays to be corrected.
+    h.get_by_role_and_label(Role::TextInput, "Add Turbo LoRA").focus();
+    h.step();
+    let misspelt = format!("{}x", lora.display());
+    type_text(&mut h, &misspelt);
+    h.key_press(Key::Enter);
+    h.step();
+    h.step();
+    h.get_by_label(&format!("{misspelt}: no such file"));
+    assert_eq!(h.state().lora_form.get(&ModelSlot::Turbo), Some(&misspelt));
+    h.state_mut().lora_form.insert(ModelSlot::Turbo, lora.display().to_string());
+    h.get_all_by_role_and_label(Role::Button, "Add").next().expect("Add button").click_accesskit();
+    h.step();
+    h.step();
+    h.get_by_label(&format!("{} is already in the list", lora.display()));
+    assert_eq!(h.state().settings.turbo_loras.len(), 1);
     // An image made now records the LoRA (A1111 tag + hash).
     h.state_mut().show_settings = false;
     h.state_mut().prompt = "a red fox".into();

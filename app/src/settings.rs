@@ -78,6 +78,21 @@ pub struct LoraSetting {
     pub enabled: bool,
 }
 
+/// Why `path` cannot join a LoRA list, if it cannot: it must be a file that
+/// exists and is not in the list yet (checked when it is added, so that a
+/// typo is said at once, not as a failed load later).
+pub fn lora_refusal(path: &Path, list: &[LoraSetting]) -> Option<String> {
+    if path.is_dir() {
+        Some(format!("{} is a folder; choose the LoRA's .safetensors file", path.display()))
+    } else if !path.is_file() {
+        Some(format!("{}: no such file", path.display()))
+    } else if list.iter().any(|l| l.path == path) {
+        Some(format!("{} is already in the list", path.display()))
+    } else {
+        None
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -280,6 +295,23 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
+
+    /// A LoRA path is refused at once when it is missing, a folder or a
+    /// second copy of one in the list.
+    #[test]
+    fn a_lora_must_be_an_existing_file_not_yet_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("style.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let listed = super::LoraSetting { path: file.clone(), strength: 1.0, enabled: true };
+        assert_eq!(super::lora_refusal(&file, &[]), None);
+        let again = super::lora_refusal(&file, std::slice::from_ref(&listed)).unwrap();
+        assert!(again.ends_with("is already in the list"), "{again}");
+        let missing = super::lora_refusal(&dir.path().join("styel.safetensors"), &[]).unwrap();
+        assert!(missing.ends_with("styel.safetensors: no such file"), "{missing}");
+        let folder = super::lora_refusal(dir.path(), &[]).unwrap();
+        assert!(folder.ends_with("is a folder; choose the LoRA's .safetensors file"), "{folder}");
+    }
 
     /// `~` in a typed path is the home folder; anything else is kept.
     #[test]

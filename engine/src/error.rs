@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// user can act on; callers at the edges (CLI, app) print it as is.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), read_cause(source))]
     Io { path: PathBuf, source: std::io::Error },
 
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
@@ -65,11 +65,56 @@ pub enum EngineError {
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
+/// An I/O error in plain words: the system's own errors by their kind
+/// ("not found" rather than "No such file or directory (os error 2)"); an
+/// error the engine made itself keeps its message.
+fn read_cause(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    if e.raw_os_error().is_none() {
+        return e.to_string();
+    }
+    match e.kind() {
+        K::NotFound => "not found".into(),
+        K::PermissionDenied => "permission denied".into(),
+        K::IsADirectory => "is a folder, not a file".into(),
+        K::NotADirectory => "a part of the path is not a folder".into(),
+        K::StorageFull => "no space left on the disk".into(),
+        _ => {
+            let text = e.to_string();
+            // "… (os error 5)": the number says nothing to a user.
+            match text.rfind(" (os error ") {
+                Some(i) if text.ends_with(')') => text[..i].to_string(),
+                _ => text,
+            }
+        }
+    }
+}
+
 impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EngineError::Io { path: path.into(), source }
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         EngineError::InvalidRequest(msg.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn io_errors_read_in_plain_words() {
+        let missing = std::fs::File::open("/nonexistent/lora.safetensors").unwrap_err();
+        assert_eq!(EngineError::io("/nonexistent/lora.safetensors", missing).to_string(), "/nonexistent/lora.safetensors: not found");
+        let folder = std::fs::read(std::env::temp_dir()).unwrap_err();
+        assert_eq!(EngineError::io("/tmp", folder).to_string(), "/tmp: is a folder, not a file");
+        // The engine's own messages stay as written.
+        let own = Error::new(ErrorKind::NotFound, "folder not found");
+        assert_eq!(EngineError::io("/m", own).to_string(), "/m: folder not found");
+        // Any other system error loses only its number.
+        let other = Error::from_raw_os_error(5);
+        assert_eq!(EngineError::io("/d", other).to_string(), "/d: Input/output error");
     }
 }

@@ -259,6 +259,8 @@ pub struct StudioApp {
     pub lora_state: HashMap<ModelSlot, LoraState>,
     /// The "Add LoRA" path fields.
     pub lora_form: HashMap<ModelSlot, String>,
+    /// Why the last path given to an "Add LoRA" field was not added.
+    pub lora_form_error: HashMap<ModelSlot, String>,
     /// Reading the fallback fonts: symbols, CJK for the prompt box (see `fonts`).
     font_task: Option<Task<FoundFonts>>,
     /// PNGs from the command line, restored on the first frame.
@@ -356,6 +358,7 @@ impl StudioApp {
             pull_options: None,
             lora_state: HashMap::new(),
             lora_form: HashMap::new(),
+            lora_form_error: HashMap::new(),
             font_task: Some(Task::spawn("zimage-fonts", waker.clone(), crate::fonts::find_and_read)),
             fallback_fonts: Vec::new(),
             device_name: None,

@@ -125,24 +125,45 @@ pub fn loras(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>, 
         changed = true;
     }
     let mut form = app.lora_form.remove(&slot).unwrap_or_default();
+    let mut picked = None;
     ui.horizontal(|ui| {
         let l = ui.label(format!("Add {} LoRA", slot.label()));
-        ui.add(egui::TextEdit::singleline(&mut form).desired_width(260.0).hint_text("/path/to/lora.safetensors"))
+        let field = ui
+            .add(egui::TextEdit::singleline(&mut form).desired_width(260.0).hint_text("/path/to/lora.safetensors"))
             .labelled_by(l.id);
-        if ui.button("Add").clicked() && !form.trim().is_empty() {
-            let path = PathBuf::from(crate::settings::typed_path(&form));
-            form.clear();
-            list_mut(app, slot).push(LoraSetting { path, strength: 1.0, enabled: true });
-            changed = true;
+        if field.changed() {
+            app.lora_form_error.remove(&slot);
+        }
+        let entered = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        if (ui.button("Add").clicked() || entered) && !form.trim().is_empty() {
+            picked = Some((PathBuf::from(crate::settings::typed_path(&form)), true));
         }
         if ui.button("Browse…").clicked() {
             if let Some(path) = super::file_dialog(app).and_then(|d| d.add_filter("LoRA", &["safetensors"]).pick_file()) {
+                picked = Some((path, false));
+            }
+        }
+    });
+    if let Some((path, typed)) = picked {
+        // A refused path stays in the field to be corrected.
+        match crate::settings::lora_refusal(&path, list_mut(app, slot)) {
+            Some(why) => {
+                app.lora_form_error.insert(slot, why);
+            }
+            None => {
+                if typed {
+                    form.clear();
+                }
+                app.lora_form_error.remove(&slot);
                 list_mut(app, slot).push(LoraSetting { path, strength: 1.0, enabled: true });
                 changed = true;
             }
         }
-    });
+    }
     app.lora_form.insert(slot, form);
+    if let Some(why) = app.lora_form_error.get(&slot) {
+        ui.colored_label(ui.visuals().error_fg_color, why);
+    }
     if let Some(state) = app.lora_state.get(&slot) {
         for w in &state.warnings {
             ui.colored_label(ui.visuals().warn_fg_color, w);
