@@ -19,8 +19,9 @@ fn model() -> String {
     fixtures().join("tiny-turbo").display().to_string()
 }
 
-/// Runs with `args` appended to a valid base command and expects one error line.
-fn expect_failure(extra: &[&str], needle: &str) {
+/// Runs with `args` appended to a valid base command and expects one error
+/// line, which it returns.
+fn expect_failure(extra: &[&str], needle: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let m = model();
     let mut args = vec!["generate", "--model", &m, "-p", "a photo of a cat", "-W", "64", "-H", "64", "--seed", "1"];
@@ -35,6 +36,7 @@ fn expect_failure(extra: &[&str], needle: &str) {
     assert!(lines[0].contains(needle), "{extra:?}: {stderr:?} should mention {needle:?}");
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing written on failure");
+    lines[0].to_string()
 }
 
 #[test]
@@ -162,7 +164,12 @@ fn bad_numbers() {
     expect_failure(&["--guidance", "nan"], "guidance");
     expect_failure(&["--variety", "5"], "variety must be between 0 and 4");
     expect_failure(&["--variety=-0.5"], "variety must be between 0 and 4");
-    expect_failure(&["--init", "missing.png"], "missing.png");
+    // Said once, in plain words (it read "…: No such file or directory (os error 2)").
+    assert_eq!(expect_failure(&["--init", "missing.png"], "missing.png"), "error: missing.png: not found");
+    let not_a_picture = fixtures().join("tiny-turbo").join("model_index.json");
+    expect_failure(&["--init", not_a_picture.to_str().unwrap()], "model_index.json: not a picture this program can read");
+    let lora = expect_failure(&["--lora", "/no/such/style.safetensors"], "style");
+    assert_eq!(lora, "error: /no/such/style.safetensors: not found");
     let init = fixtures().join("init.png");
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "0"], "strength");
     expect_failure(&["--init", init.to_str().unwrap(), "--strength", "1.5"], "strength");

@@ -6,8 +6,11 @@ use std::path::PathBuf;
 /// user can act on; callers at the edges (CLI, app) print it as is.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{}: {}", path.display(), read_cause(source))]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Not `source`: the message already says the cause in plain words, and
+    /// a chained source would repeat it in the system's (CLI: "x: not found:
+    /// No such file or directory (os error 2)").
+    #[error("{}: {}", path.display(), read_cause(cause))]
+    Io { path: PathBuf, cause: std::io::Error },
 
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
     BadSafetensors { path: PathBuf, reason: String },
@@ -91,8 +94,8 @@ fn read_cause(e: &std::io::Error) -> String {
 }
 
 impl EngineError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        EngineError::Io { path: path.into(), cause }
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         EngineError::InvalidRequest(msg.into())

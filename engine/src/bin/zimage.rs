@@ -726,7 +726,10 @@ fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType, quiet:
 }
 
 fn read_init(path: &Path) -> Result<RgbImage> {
-    let img = image::open(path).with_context(|| format!("cannot read init image {}", path.display()))?.to_rgb8();
+    let bytes = std::fs::read(path).map_err(|cause| zimage_engine::EngineError::Io { path: path.into(), cause })?;
+    let img = image::load_from_memory(&bytes)
+        .with_context(|| format!("init image {}: not a picture this program can read", path.display()))?
+        .to_rgb8();
     Ok(RgbImage { width: img.width(), height: img.height(), pixels: img.into_raw() })
 }
 
