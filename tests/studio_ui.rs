@@ -958,6 +958,10 @@ fn dropping_a_model_file_or_a_folder_says_where_they_go() {
     h.step();
     let msg = h.state().message.clone().unwrap();
     assert!(msg.text.starts_with("tiny-turbo: a folder, not an image"), "{}", msg.text);
+    // A file that is not there (a command line's typo) is said in words.
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(dir.path().join("sketch.png"))));
+    h.step();
+    assert_eq!(h.state().message.clone().unwrap().text, "sketch.png: not found");
 }
 
 #[test]

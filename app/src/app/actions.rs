@@ -617,6 +617,9 @@ fn not_an_image_to_read(path: &std::path::Path) -> Option<String> {
         Ok(m) if m.len() > MAX_DROPPED_IMAGE_BYTES => {
             Some(format!("{} is too large for an image to start from", crate::state::human_bytes(m.len())))
         }
+        // A command line's mistyped name: said in words, not as an os error number.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("not found".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some("permission denied".into()),
         _ => None,
     }
 }
