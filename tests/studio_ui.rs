@@ -137,6 +137,11 @@ fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {
     let (_, tokens) = h.state().prompt_tokens.clone().unwrap();
     assert!(tokens > 512, "{tokens}");
     h.get_by_label_contains(&format!("{tokens} tokens: the model reads the first 512; the end of the prompt is cut"));
+    // The line stays while an edit waits for its count, so that the controls
+    // below do not jump with every keystroke ("≈": the count before the edit).
+    h.state_mut().settings.live = false;
+    type_text(&mut h, " at dusk");
+    h.get_by_label_contains(&format!("≈{tokens} tokens: the model reads the first 512"));
 }
 
 /// Typing a size into the Size fields picks the aspect preset it matches
@@ -1574,6 +1579,14 @@ fn the_demo_model_says_which_words_it_cannot_read() {
     h.state_mut().prompt = "a large red circle in the center on a blue background".into();
     h.step();
     assert!(h.query_by_label_contains("it cannot read").is_none());
+    // A word still being typed is not named while it can become a known one
+    // (the warning came and went with every keystroke, moving the controls).
+    h.state_mut().prompt = "a large red circle in the center and a small gr".into();
+    h.step();
+    assert!(h.query_by_label_contains("it cannot read").is_none());
+    h.state_mut().prompt = "a large red circle in the center and a small grx".into();
+    h.step();
+    h.get_by_label("The demo model knows only coloured shapes; it cannot read: grx");
 
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});

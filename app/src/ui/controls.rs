@@ -5,7 +5,7 @@ use egui::{DragValue, Slider, TextEdit};
 use crate::app::{Action, StudioApp};
 use crate::engine_bridge::{JobId, JobKind};
 use crate::state::{self, AspectPreset, LiveDraft, RefineMode, SeedMode};
-use zimage_engine::demo::tokenizer::{unknown_words, EXAMPLE_PROMPT};
+use zimage_engine::demo::tokenizer::{unknown_words_while_typing, EXAMPLE_PROMPT};
 
 pub const PROMPT_ID: &str = "prompt";
 
@@ -41,21 +41,30 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         app.prompt_history.edited();
         edited = true;
     }
-    // The prompt's length in tokens, once the engine counted this text.
-    if let Some(tokens) = app.prompt_tokens.as_ref().filter(|(p, _)| *p == app.prompt).map(|(_, n)| *n) {
-        let max = zimage_engine::text::MAX_TOKENS;
-        if tokens > max {
+    // The prompt's length in tokens as the engine last counted it. The line is
+    // always there, so that the controls below do not jump up and down with
+    // every keystroke while the new text waits for its count ("≈": the count
+    // of the text before the last edit).
+    let max = zimage_engine::text::MAX_TOKENS;
+    match app.prompt_tokens.as_ref().map(|(p, n)| (*n, *p == app.prompt)) {
+        Some((tokens, exact)) if tokens > max => {
+            let about = if exact { "" } else { "≈" };
             ui.colored_label(
                 ui.visuals().warn_fg_color,
-                format!("{tokens} tokens: the model reads the first {max}; the end of the prompt is cut"),
+                format!("{about}{tokens} tokens: the model reads the first {max}; the end of the prompt is cut"),
             );
-        } else {
-            ui.weak(format!("{tokens} / {max} tokens")).on_hover_text("With the chat template; the model reads at most 512");
+        }
+        Some((tokens, exact)) => {
+            let about = if exact { "" } else { "≈" };
+            ui.weak(format!("{about}{tokens} / {max} tokens")).on_hover_text("With the chat template; the model reads at most 512");
+        }
+        None => {
+            ui.weak(format!("– / {max} tokens")).on_hover_text("Counted when the prompt is first rendered");
         }
     }
     // Words the demo never learnt come out as noise: say so, not a "broken" image.
     if demo {
-        let unknown = unknown_words(&app.prompt);
+        let unknown = unknown_words_while_typing(&app.prompt);
         if !unknown.is_empty() {
             ui.colored_label(
                 ui.visuals().warn_fg_color,

@@ -46,6 +46,22 @@ pub fn unknown_words(prompt: &str) -> Vec<String> {
     unknown
 }
 
+/// [`unknown_words`] for a prompt being typed: a last word the cursor is
+/// still in ("squ") is not named while it can still become a known word
+/// ("square"), so the warning does not come and go with every keystroke.
+pub fn unknown_words_while_typing(prompt: &str) -> Vec<String> {
+    let mut unknown = unknown_words(prompt);
+    let typing = prompt.chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let last = prompt.rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("").to_lowercase();
+    // Only when the unfinished word is not also written earlier in the prompt.
+    let earlier = prompt[..prompt.len() - last.len()].to_lowercase();
+    let written_before = earlier.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| w == last);
+    if typing && !written_before && vocabulary().iter().any(|w| w.starts_with(&last)) {
+        unknown.retain(|w| *w != last);
+    }
+    unknown
+}
+
 /// The `tokenizer.json` document.
 pub fn tokenizer_json() -> Value {
     let vocab = vocabulary();
@@ -98,6 +114,21 @@ mod tests {
         assert_eq!(unknown_words("a cat on a sofa, a CAT!"), ["cat", "sofa"]);
         assert_eq!(unknown_words("一只猫 a red_circle"), ["一只猫", "red_circle"]);
         assert!(unknown_words("").is_empty());
+    }
+
+    /// While a word is being typed it is not named as long as it can still
+    /// become a known one; a finished one, or one that cannot, is.
+    #[test]
+    fn a_word_being_typed_is_not_named_while_it_can_become_a_known_one() {
+        assert!(unknown_words_while_typing("a small red squ").is_empty());
+        assert!(unknown_words_while_typing("a Sma").is_empty());
+        assert_eq!(unknown_words_while_typing("a small red squ "), ["squ"], "finished: named");
+        assert_eq!(unknown_words_while_typing("a small red squ,"), ["squ"]);
+        assert_eq!(unknown_words_while_typing("a small red cat"), ["cat"], "no known word starts so");
+        assert_eq!(unknown_words_while_typing("a sofa and a cat on a sm"), ["sofa", "cat"]);
+        assert_eq!(unknown_words_while_typing("a squ and a squ"), ["squ"], "written earlier, finished: named");
+        assert_eq!(unknown_words_while_typing("a cat and a squ"), ["cat"]);
+        assert!(unknown_words_while_typing("").is_empty());
     }
 
     use super::*;
