@@ -30,6 +30,7 @@ pub const SHORTCUTS: &[(&str, &str)] = &[
     ("M", "compare: next mode (side by side, wipe, flicker, difference, all pairs)"),
     ("Space", "compare: flip the flicker image"),
     ("scroll / drag", "zoom about the pointer / pan (Live: the image; compare: both images together)"),
+    ("drag the line", "compare, wipe: move the split between Turbo and Base"),
     ("+ / - / 0", "zoom in / out / fit (Live and compare); larger / smaller / default thumbnails (variations grid)"),
     ("Esc", "leave the prompt box / close overlays"),
     ("F1 or ?", "this help"),
