@@ -1563,6 +1563,18 @@ fn notes_fade_and_errors_stay_in_the_status_bar() {
     h.get_by_label("x").click();
     h.step();
     assert!(h.state().message.is_none(), "dismissed");
+    // A key that can do nothing yet says why in a note, not in an error to
+    // dismiss: Ctrl+S and Ctrl+C before any image, Ctrl+Enter with no prompt.
+    for (modifiers, key, said) in [
+        (Modifiers::COMMAND, Key::S, "nothing to save yet"),
+        (Modifiers::COMMAND, Key::Enter, "nothing to refine yet: type a prompt to make a Turbo image first"),
+    ] {
+        h.key_press_modifiers(modifiers, key);
+        h.step();
+        h.step();
+        let msg = h.state().message.clone().expect("a message");
+        assert_eq!((msg.text.as_str(), msg.error), (said, false));
+    }
 }
 
 /// With the built-in demo (whose prompt hint is a caption it understands),

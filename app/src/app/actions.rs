@@ -74,7 +74,7 @@ impl StudioApp {
                 self.settings.seed = self.settings.seed_mode.next(self.settings.seed);
                 self.dirty_at = None;
                 if self.prompt.trim().is_empty() {
-                    self.error("type a prompt first");
+                    self.info("type a prompt first");
                 } else {
                     self.submit_live(Some(Instant::now()), false);
                 }
@@ -96,7 +96,7 @@ impl StudioApp {
                     kept = self.kept_unrefined();
                 }
                 if kept.is_empty() {
-                    self.error("nothing kept to refine: K keeps a variation or the image shown, S stars it");
+                    self.info("nothing kept to refine: K keeps a variation or the image shown, S stars it");
                 }
                 let n = kept.len();
                 for id in kept {
@@ -196,7 +196,7 @@ impl StudioApp {
             }
             Action::StartDownload(model) => {
                 if self.download.is_some() {
-                    self.error("a download is already running");
+                    self.info("a download is already running");
                 } else {
                     let options = match self.pull_options.clone().map(Ok).unwrap_or_else(PullOptions::from_env) {
                         Ok(o) => o,
@@ -265,7 +265,7 @@ impl StudioApp {
                     Ok(img) => self.set_start_image(format!("#{id}"), img),
                     Err(e) => self.error(format!("cannot start from #{id}: {}", save::one_line_error(&e))),
                 },
-                None => self.error("no image selected to start from"),
+                None => self.info("no image selected to start from"),
             },
             Action::ClearStartImage => {
                 if self.start_image.take().is_some() {
@@ -344,7 +344,7 @@ impl StudioApp {
                     self.error(e);
                 }
             }
-            None => self.error("nothing to refine yet: type a prompt to make a Turbo image first"),
+            None => self.info("nothing to refine yet: type a prompt to make a Turbo image first"),
         }
     }
 
@@ -383,7 +383,7 @@ impl StudioApp {
 
     pub(super) fn start_variations(&mut self) {
         if self.prompt.trim().is_empty() {
-            self.error("type a prompt first");
+            self.info("type a prompt first");
             return;
         }
         let base = match self.request_for(ModelSlot::Turbo) {

@@ -21,7 +21,7 @@ impl StudioApp {
     }
 
     pub(super) fn copy_image(&mut self, ctx: &egui::Context) {
-        let Some(id) = self.image_in_view() else { return self.error("nothing to copy yet") };
+        let Some(id) = self.image_in_view() else { return self.info("nothing to copy yet") };
         match self.image_of(&id) {
             Ok(img) => {
                 let size = [img.width as usize, img.height as usize];
@@ -34,7 +34,7 @@ impl StudioApp {
 
     pub(super) fn copy_parameters(&mut self, ctx: &egui::Context) {
         let Some(e) = self.image_in_view().and_then(|id| self.history.get(&id).cloned()) else {
-            return self.error("nothing to copy yet");
+            return self.info("nothing to copy yet");
         };
         ctx.copy_text(zimage_engine::metadata::a1111_parameters(&e.meta));
         self.info(format!("copied the parameters of #{} to the clipboard (A1111 text, as in the PNG)", e.id));
@@ -72,7 +72,7 @@ impl StudioApp {
     pub(super) fn save_selected(&mut self) {
         let targets = self.save_targets();
         if targets.is_empty() {
-            return self.error("nothing to save yet");
+            return self.info("nothing to save yet");
         }
         let dir = self.output_dir();
         let mut saved = Vec::new();
@@ -94,7 +94,7 @@ impl StudioApp {
 
     pub(super) fn save_as(&mut self) {
         let Some(id) = self.save_targets().into_iter().next() else {
-            return self.error("nothing to save yet");
+            return self.info("nothing to save yet");
         };
         if !file_dialog_available() {
             return self.error(format!(

@@ -641,10 +641,14 @@ impl StudioApp {
         }
     }
 
+    /// A note that leaves by itself (`NOTE_SHOWN`): what happened, or why a
+    /// key or button could do nothing now ("nothing to save yet"), which is
+    /// no failure to dismiss.
     pub fn info(&mut self, text: impl Into<String>) {
         self.message = Some(Message { text: text.into(), error: false, since: Instant::now() });
     }
 
+    /// A failure: it stays until dismissed.
     pub fn error(&mut self, text: impl Into<String>) {
         self.message = Some(Message { text: text.into(), error: true, since: Instant::now() });
     }
