@@ -46,16 +46,14 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     // every keystroke while the new text waits for its count ("≈": the count
     // of the text before the last edit).
     let max = zimage_engine::text::MAX_TOKENS;
-    match app.prompt_tokens.as_ref().map(|(p, n)| (*n, *p == app.prompt)) {
-        Some((tokens, exact)) if tokens > max => {
-            let about = if exact { "" } else { "≈" };
+    match app.prompt_tokens.as_ref().map(|(p, n)| (*n, if *p == app.prompt { "" } else { "≈" })) {
+        Some((tokens, about)) if tokens > max => {
             ui.colored_label(
                 ui.visuals().warn_fg_color,
                 format!("{about}{tokens} tokens: the model reads the first {max}; the end of the prompt is cut"),
             );
         }
-        Some((tokens, exact)) => {
-            let about = if exact { "" } else { "≈" };
+        Some((tokens, about)) => {
             ui.weak(format!("{about}{tokens} / {max} tokens")).on_hover_text("With the chat template; the model reads at most 512");
         }
         None => {
