@@ -70,8 +70,9 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 /// An I/O error in plain words: the system's own errors by their kind
 /// ("not found" rather than "No such file or directory (os error 2)"); an
-/// error the engine made itself keeps its message.
-fn read_cause(e: &std::io::Error) -> String {
+/// error the engine made itself keeps its message. The app says its own
+/// file errors with it too.
+pub fn read_cause(e: &std::io::Error) -> String {
     use std::io::ErrorKind as K;
     if e.raw_os_error().is_none() {
         return e.to_string();
