@@ -200,11 +200,14 @@ impl StudioApp {
                 }
                 // The refined image opens beside its Turbo parent, unless the
                 // user went on to something else while it ran (typing, the
-                // previous pair of a batch): then it is only announced.
-                let busy = self.last_input.is_some_and(|t| t > job.submitted);
+                // previous pair of a batch) or an earlier refine of the same
+                // batch is on screen: then it is only announced.
+                let busy = self.last_input.is_some_and(|t| t > job.submitted)
+                    || (self.view == View::Compare && self.compare_opened.is_some_and(|t| t > job.submitted));
                 match job.parent {
                     Some(parent) if !busy => {
                         self.compare_pair = Some((parent, hid.clone()));
+                        self.compare_opened = Some(Instant::now());
                         self.view = View::Compare;
                         self.selected = Some(hid);
                         self.info(format!("Base refine done in {}", state::human_duration(elapsed)));

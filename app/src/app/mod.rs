@@ -228,6 +228,9 @@ pub struct StudioApp {
     pub compare: CompareState,
     /// (Turbo id, Base id) shown in the Compare view.
     pub compare_pair: Option<(String, String)>,
+    /// When a finished refine last opened its pair in the Compare view: the
+    /// later refines of the same batch leave that pair on screen.
+    pub compare_opened: Option<Instant>,
     /// The last key, click or scroll of the user (not of the app itself).
     pub last_input: Option<Instant>,
     /// The history clean up being confirmed.
@@ -337,6 +340,7 @@ impl StudioApp {
             refine_job: None,
             compare: CompareState::default(),
             compare_pair: None,
+            compare_opened: None,
             last_input: None,
             cleanup: None,
             variations: Vec::new(),
