@@ -1193,10 +1193,12 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     assert_eq!(pairs.len(), 2);
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[0]), "the batch's first pair stays on screen as the second finishes");
     h.get_by_label("pair 1 of 2");
+    h.get_by_label_contains("pair 2 of 2, ← / → step to it");
     h.key_press(Key::ArrowRight);
     h.step();
     h.step();
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[1]));
+    assert_eq!(h.state().selected.as_ref(), Some(&pairs[1].1), "the history follows the pair shown");
     h.get_by_label("pair 2 of 2");
     h.get_by_label("Previous").click();
     h.step();
@@ -1216,6 +1218,7 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     assert!(cells[0].width() > 100.0 && cells[0].height() > 200.0, "{cells:?}");
     click_at(&mut h, cells[0].center(), false);
     assert_eq!(h.state().compare_pair.as_ref(), Some(&pairs[0]), "the clicked pair is picked");
+    assert_eq!(h.state().selected.as_ref(), Some(&pairs[0].1));
     assert_eq!(h.state().compare.mode, CompareMode::AllPairs);
     h.key_press_modifiers(Modifiers::COMMAND, Key::S);
     h.step();

@@ -216,10 +216,15 @@ impl StudioApp {
                         // Out of sight, the Compare view can wait on it; in
                         // sight, the pair being looked at stays.
                         let how = if self.view == View::Compare {
-                            "← / → step to it"
+                            // Where it is among the pairs ← / → step through.
+                            let pairs = self.refine_pairs();
+                            match pairs.iter().position(|p| p.0 == parent && p.1 == hid) {
+                                Some(k) => format!("pair {} of {}, ← / → step to it", k + 1, pairs.len()),
+                                None => "← / → step to it".to_string(),
+                            }
                         } else {
                             self.compare_pair = Some((parent.clone(), hid.clone()));
-                            "Ctrl+3 compares it"
+                            "Ctrl+3 compares it".to_string()
                         };
                         self.info(format!("Base refine of #{parent} done in {}: {how}", state::human_duration(elapsed)));
                     }

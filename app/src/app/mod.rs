@@ -606,7 +606,17 @@ impl StudioApp {
         let pairs = self.refine_pairs();
         let Some(at) = self.compare_pair.as_ref().and_then(|p| pairs.iter().position(|q| q == p)) else { return };
         let to = (at as isize + delta).clamp(0, pairs.len() as isize - 1) as usize;
-        self.compare_pair = Some(pairs[to].clone());
+        self.show_pair(pairs[to].clone());
+    }
+
+    /// Compares `pair` (Turbo id, Base id), its Base image selected and
+    /// scrolled to in the history, as when a refine opens its pair.
+    pub fn show_pair(&mut self, pair: (String, String)) {
+        if self.compare_pair.as_ref() != Some(&pair) {
+            self.selected = Some(pair.1.clone());
+            self.reveal_selected = true;
+        }
+        self.compare_pair = Some(pair);
     }
 
     /// Shows history image `id` in this frame: kept in [`Images`], or decoded

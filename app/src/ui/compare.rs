@@ -218,7 +218,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, _actions: &mut Vec<Action>) 
             // double click opens it side by side.
             let hit = response.interact_pointer_pos().and_then(|p| cells.iter().position(|c| c.contains(p)));
             if let (Some(k), true) = (hit, response.clicked() || response.double_clicked()) {
-                app.compare_pair = Some(shown[k].clone());
+                app.show_pair(shown[k].clone());
                 if response.double_clicked() {
                     app.compare.mode = CompareMode::SideBySide;
                 }
