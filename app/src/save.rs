@@ -55,7 +55,7 @@ pub fn prompt_slug(prompt: &str) -> String {
 
 /// Saves into `dir` (created if missing) under a fresh name; returns the path.
 pub fn save_into(dir: &Path, image: &RgbImage, meta: &GenerationMetadata) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), plain_io(&e)))?;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), zimage_engine::error::plain_cause(&e)))?;
     let path = unique_name(dir, &meta.model_kind, meta.seed, &meta.prompt);
     save_to(&path, image, meta)?;
     Ok(path)
@@ -77,7 +77,7 @@ pub fn open_folder(dir: &Path) -> Result<()> {
 
 /// [`open_folder`] with the opener given (`None`: the platform's).
 pub fn open_folder_with(dir: &Path, opener: Option<PathBuf>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), plain_io(&e)))?;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the folder {}: {}", dir.display(), zimage_engine::error::plain_cause(&e)))?;
     let mut command = match (&opener, cfg!(target_os = "linux")) {
         (Some(program), _) => {
             let mut c = std::process::Command::new(program);
@@ -101,22 +101,13 @@ pub fn open_folder_with(dir: &Path, opener: Option<PathBuf>) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .map_err(|e| anyhow::anyhow!("could not run {name}: {}", plain_io(&e)))?;
+        .map_err(|e| anyhow::anyhow!("could not run {name}: {}", zimage_engine::error::plain_cause(&e)))?;
     match status.code() {
         Some(0) => Ok(()),
         // explorer.exe exits with 1 even when it opened the folder.
         Some(1) if cfg!(windows) => Ok(()),
         Some(127) => Err(anyhow::anyhow!("{name} is not installed; the folder is {}", dir.display())),
         _ => Err(anyhow::anyhow!("{name} could not open {} ({status})", dir.display())),
-    }
-}
-
-fn plain_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        std::io::ErrorKind::StorageFull => "no space left on device".into(),
-        std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system".into(),
-        _ => e.to_string(),
     }
 }
 

@@ -9,7 +9,7 @@ pub enum EngineError {
     /// Not `source`: the message already says the cause in plain words, and
     /// a chained source would repeat it in the system's (CLI: "x: not found:
     /// No such file or directory (os error 2)").
-    #[error("{}: {}", path.display(), read_cause(cause))]
+    #[error("{}: {}", path.display(), plain_cause(cause))]
     Io { path: PathBuf, cause: std::io::Error },
 
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
@@ -70,11 +70,11 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 /// An I/O error in plain words: the system's own errors by their kind
 /// ("not found" rather than "No such file or directory (os error 2)"); an
-/// error the engine made itself keeps its message. The app says its own
-/// file errors with it too.
-pub fn read_cause(e: &std::io::Error) -> String {
+/// error made with a message of its own keeps it. The one mapping of the
+/// engine's and the app's file errors, reading and writing.
+pub fn plain_cause(e: &std::io::Error) -> String {
     use std::io::ErrorKind as K;
-    if e.raw_os_error().is_none() {
+    if e.get_ref().is_some() {
         return e.to_string();
     }
     match e.kind() {
@@ -83,6 +83,9 @@ pub fn read_cause(e: &std::io::Error) -> String {
         K::IsADirectory => "is a folder, not a file".into(),
         K::NotADirectory => "a part of the path is not a folder".into(),
         K::StorageFull => "no space left on the disk".into(),
+        K::ReadOnlyFilesystem => "read-only file system".into(),
+        K::QuotaExceeded => "disk quota exceeded".into(),
+        K::FileTooLarge => "file too large".into(),
         _ => {
             let text = e.to_string();
             // "… (os error 5)": the number says nothing to a user.
@@ -117,6 +120,10 @@ mod tests {
         // The engine's own messages stay as written.
         let own = Error::new(ErrorKind::NotFound, "folder not found");
         assert_eq!(EngineError::io("/m", own).to_string(), "/m: folder not found");
+        // An error of a kind alone (no message, no number) reads as its kind.
+        let full = Error::from(ErrorKind::StorageFull);
+        assert_eq!(EngineError::io("/out.png", full).to_string(), "/out.png: no space left on the disk");
+        assert_eq!(plain_cause(&Error::from(ErrorKind::ReadOnlyFilesystem)), "read-only file system");
         // Any other system error loses only its number.
         let other = Error::from_raw_os_error(5);
         assert_eq!(EngineError::io("/d", other).to_string(), "/d: Input/output error");

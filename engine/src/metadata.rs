@@ -584,8 +584,8 @@ pub fn save_png(
 /// `.{name}.tmp-{pid}-{n}` in the same directory is written, `fsync`ed and
 /// renamed over `path`. On any failure the temporary file is removed, an
 /// existing file at `path` is left as it was, and the error names `path`
-/// and the cause in plain words (permission denied, no space left on device,
-/// directory does not exist, ...).
+/// and the cause in plain words (permission denied, no space left on the disk,
+/// folder does not exist, ...).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), MetadataError> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
@@ -632,7 +632,7 @@ fn create_temp_beside(path: &Path) -> Result<(PathBuf, PathBuf, File), MetadataE
         _ => PathBuf::from("."),
     };
     if path.is_dir() {
-        return Err(fail("a directory with that name exists".into()));
+        return Err(fail("a folder with that name exists".into()));
     }
     let mut attempt = 0;
     loop {
@@ -649,22 +649,14 @@ fn create_temp_beside(path: &Path) -> Result<(PathBuf, PathBuf, File), MetadataE
     }
 }
 
-/// Plain-words cause of an I/O error; `dir` is the directory involved.
+/// Plain-words cause of an I/O error; `dir` is the directory involved: a
+/// write that finds nothing says which folder is missing.
 fn io_cause(e: &io::Error, dir: &Path, writing: bool) -> String {
-    use io::ErrorKind as K;
     match e.kind() {
-        K::PermissionDenied => "permission denied".into(),
-        K::StorageFull => "no space left on device".into(),
-        K::ReadOnlyFilesystem => "read-only file system".into(),
-        K::QuotaExceeded => "disk quota exceeded".into(),
-        K::FileTooLarge => "file too large".into(),
-        K::NotFound if writing && !dir.is_dir() => format!("directory {} does not exist", dir.display()),
+        io::ErrorKind::NotFound if writing && !dir.is_dir() => format!("folder {} does not exist", dir.display()),
         // An existing folder that refuses new files this way (e.g. /proc).
-        K::NotFound if writing => format!("files cannot be created in {}", dir.display()),
-        K::NotFound => "file not found".into(),
-        K::NotADirectory => "a part of the path is not a directory".into(),
-        K::IsADirectory => "it is a directory".into(),
-        _ => one_line(&e.to_string()),
+        io::ErrorKind::NotFound if writing => format!("files cannot be created in {}", dir.display()),
+        _ => one_line(&crate::error::plain_cause(e)),
     }
 }
 
@@ -1127,7 +1119,7 @@ mod tests {
             Err(io::Error::from(io::ErrorKind::StorageFull))
         })
         .unwrap_err();
-        assert_eq!(err.to_string(), format!("cannot write {}: no space left on device", path.display()));
+        assert_eq!(err.to_string(), format!("cannot write {}: no space left on the disk", path.display()));
         assert_eq!(fs::read(&path).unwrap(), b"previous image");
         assert_eq!(dir.names(), ["keep.png"]);
 
@@ -1135,7 +1127,7 @@ mod tests {
         let missing = dir.0.join("no/such/dir/x.png");
         let err = save_png(&missing, &rgb(1, 1), 1, 1, &sample()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with(&format!("cannot write {}: directory ", missing.display())), "{msg}");
+        assert!(msg.starts_with(&format!("cannot write {}: folder ", missing.display())), "{msg}");
         assert!(msg.ends_with("does not exist"), "{msg}");
 
         // A folder that exists but where creating a file reports "not found".
@@ -1144,7 +1136,7 @@ mod tests {
 
         // Target is a directory.
         let err = save_png(&dir.0, &rgb(1, 1), 1, 1, &sample()).unwrap_err();
-        assert!(err.to_string().contains("a directory with that name exists"), "{err}");
+        assert!(err.to_string().contains("a folder with that name exists"), "{err}");
         assert_eq!(dir.names(), ["keep.png"]);
 
         // The check made before a long job: the same errors, and no file left.
@@ -1153,7 +1145,7 @@ mod tests {
         assert_eq!(dir.names(), ["keep.png"]);
         assert_eq!(fs::read(&path).unwrap(), b"previous image", "an existing file is not touched");
         assert_eq!(check_writable(&missing).unwrap_err().to_string(), save_png(&missing, &rgb(1, 1), 1, 1, &sample()).unwrap_err().to_string());
-        assert!(check_writable(&dir.0).unwrap_err().to_string().contains("a directory with that name exists"));
+        assert!(check_writable(&dir.0).unwrap_err().to_string().contains("a folder with that name exists"));
     }
 
     /// Read-only directory. Root ignores permission bits, so when the chmod'ed
@@ -1216,7 +1208,7 @@ mod tests {
             })
             .collect();
         let err = save_png(&path, &pixels, 1024, 1024, &sample()).unwrap_err();
-        assert_eq!(err.to_string(), format!("cannot write {}: no space left on device", path.display()));
+        assert_eq!(err.to_string(), format!("cannot write {}: no space left on the disk", path.display()));
         assert!(!path.exists());
         let leftovers: Vec<_> = fs::read_dir(&dir)
             .unwrap()

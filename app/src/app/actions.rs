@@ -480,7 +480,7 @@ impl StudioApp {
             let bytes = if path.as_os_str().is_empty() {
                 f.bytes().map_err(|e| e.to_string())
             } else {
-                std::fs::read(&path).map_err(|e| zimage_engine::error::read_cause(&e))
+                std::fs::read(&path).map_err(|e| zimage_engine::error::plain_cause(&e))
             };
             self.restore_png(ctx, &name, bytes);
         }
@@ -489,7 +489,7 @@ impl StudioApp {
             let name = path.display().to_string();
             match not_an_image_to_read(&path) {
                 Some(problem) => self.error(format!("{name}: {problem}")),
-                None => self.restore_png(ctx, &name, std::fs::read(&path).map_err(|e| zimage_engine::error::read_cause(&e))),
+                None => self.restore_png(ctx, &name, std::fs::read(&path).map_err(|e| zimage_engine::error::plain_cause(&e))),
             }
         }
     }
@@ -618,7 +618,7 @@ fn not_an_image_to_read(path: &std::path::Path) -> Option<String> {
             Some(format!("{} is too large for an image to start from", crate::state::human_bytes(m.len())))
         }
         // A command line's mistyped name: said in words, not as an os error number.
-        Err(e) => Some(zimage_engine::error::read_cause(&e)),
+        Err(e) => Some(zimage_engine::error::plain_cause(&e)),
         _ => None,
     }
 }
