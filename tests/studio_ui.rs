@@ -139,9 +139,35 @@ fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {
     h.get_by_label_contains(&format!("{tokens} tokens: the model reads the first 512; the end of the prompt is cut"));
     // The line stays while an edit waits for its count, so that the controls
     // below do not jump with every keystroke ("≈": the count before the edit).
-    h.state_mut().settings.live = false;
-    type_text(&mut h, " at dusk");
+    h.state_mut().prompt_tokens = Some(("an earlier prompt".into(), tokens));
+    h.step();
     h.get_by_label_contains(&format!("≈{tokens} tokens: the model reads the first 512"));
+}
+
+/// The count follows the text without an image: with Live off, as you type,
+/// and for the prompt restored at start.
+#[test]
+fn the_token_count_follows_typing_with_live_off_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    let counted = |a: &StudioApp| a.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == a.prompt);
+    let fox = h.state().prompt_tokens.clone().expect("counted with the image").1;
+    h.state_mut().settings.live = false;
+    let images = h.state().history.entries.len();
+    type_text(&mut h, " in deep snow");
+    wait_until(&mut h, "the count of the new text", counted);
+    let snowy = h.state().prompt_tokens.as_ref().unwrap().1;
+    assert!(snowy > fox, "{snowy} tokens, {fox} before three more words");
+    h.step();
+    h.get_by_label(&format!("{snowy} / 512 tokens"));
+    assert_eq!(h.state().history.entries.len(), images, "counted without rendering");
+    drop(h);
+    // A restart restores the last image's prompt, and counts it.
+    let mut h = harness(dir.path());
+    assert_eq!(h.state().prompt, "a red fox");
+    wait_until(&mut h, "the restored prompt's count", counted);
+    h.get_by_label(&format!("{fox} / 512 tokens"));
 }
 
 /// Typing a size into the Size fields picks the aspect preset it matches

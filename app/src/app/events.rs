@@ -19,6 +19,7 @@ impl StudioApp {
                     self.prompt_tokens = Some((prompt.clone(), tokens));
                 }
             }
+            Event::PromptCount { prompt, tokens } => self.prompt_tokens = Some((prompt, tokens)),
             Event::LiveWaits { id, behind, until } => self.live_wait = Some(LiveWaitState { live: id, behind, until }),
             Event::Paused { id } => {
                 if let Some(job) = self.jobs.get_mut(&id) {

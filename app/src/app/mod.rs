@@ -218,6 +218,8 @@ pub struct StudioApp {
     pub history_search: String,
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
+    /// The prompt last sent to the engine to count (see [`StudioApp::ask_token_count`]).
+    count_asked: String,
     /// What the engine last said about a live job waiting behind another.
     pub live_wait: Option<LiveWaitState>,
     pub live_preview: bool,
@@ -334,6 +336,7 @@ impl StudioApp {
             history_filter: state::HistoryFilter::All,
             history_search: String::new(),
             prompt_tokens: None,
+            count_asked: String::new(),
             live_wait: None,
             live_preview: false,
             live_view: ZoomView::default(),
@@ -524,7 +527,23 @@ impl StudioApp {
         self.model_config =
             effective_models(&self.settings, &StudioOptions { paths: self.paths.clone(), turbo: None, base: None, device: None, open: Vec::new() });
         self.engine.load_models(self.model_config.clone());
+        // Another model may have another tokenizer: count again.
+        self.count_asked.clear();
         self.persist_settings();
+    }
+
+    /// Asks the engine for the prompt's length in tokens whenever the text
+    /// changes, so the count under the prompt box follows typing, with Live
+    /// off too, and is there for a prompt restored at start.
+    fn ask_token_count(&mut self) {
+        if self.prompt.trim().is_empty()
+            || self.prompt == self.count_asked
+            || self.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == self.prompt)
+        {
+            return;
+        }
+        self.count_asked = self.prompt.clone();
+        self.engine.count_tokens(self.prompt.clone());
     }
 
     fn write_metrics(&mut self) {
@@ -767,6 +786,7 @@ impl eframe::App for StudioApp {
         // frame's `logic`: on a software renderer the next frame can be a
         // third of a second away (docs/app-latency.md).
         self.schedule_live(ui.ctx());
+        self.ask_token_count();
         if let Some((start, cpu0)) = self.frame_start.take() {
             let cpu = cpu0.zip(thread_cpu_time()).map(|(a, b)| b.saturating_sub(a));
             self.metrics.record_frame(start.elapsed(), cpu);

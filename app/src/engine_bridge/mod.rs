@@ -159,6 +159,9 @@ pub enum Command {
     },
     Cancel(JobId),
     LoadModels(ModelConfig),
+    /// Counts a prompt's tokens (answered by [`Event::PromptCount`] when the
+    /// engine is between jobs; a newer request replaces an unanswered one).
+    CountTokens(String),
     /// Makes the next job panic inside the engine (fault-injection for tests
     /// and for checking the restart path by hand).
     InjectPanic,
@@ -188,6 +191,12 @@ pub enum Event {
     /// model reads the first 512), sent before its first step.
     PromptTokens {
         id: JobId,
+        tokens: usize,
+    },
+    /// How many tokens `prompt` is, chat template included, for
+    /// [`Command::CountTokens`]: the count while typing, with no job to wait for.
+    PromptCount {
+        prompt: String,
         tokens: usize,
     },
     /// After each sampler step; `preview` is the x0 estimate at latent resolution.
@@ -371,6 +380,11 @@ impl EngineHandle {
     pub fn load_models(&mut self, config: ModelConfig) {
         self.config = config.clone();
         self.send(Command::LoadModels(config));
+    }
+
+    /// Asks for `prompt`'s length in tokens ([`Event::PromptCount`]).
+    pub fn count_tokens(&mut self, prompt: String) {
+        self.send(Command::CountTokens(prompt));
     }
 
     pub fn inject_panic(&mut self) {

@@ -186,6 +186,8 @@ struct Queue {
     shutdown: bool,
     inject_panic: bool,
     load: Option<ModelConfig>,
+    /// A prompt to count the tokens of (the latest asked).
+    count: Option<String>,
 }
 
 struct Worker<B: Backend> {
@@ -267,7 +269,8 @@ impl<B: Backend> Worker<B> {
             let idle = self.queue.live.is_none()
                 && self.paused.is_none()
                 && self.queue.jobs.is_empty()
-                && self.queue.load.is_none();
+                && self.queue.load.is_none()
+                && self.queue.count.is_none();
             if idle {
                 match self.rx.recv_timeout(Duration::from_secs(3600)) {
                     Ok(cmd) => handle(&mut self.queue, &self.out, cmd, None),
@@ -284,6 +287,13 @@ impl<B: Backend> Worker<B> {
             if let Some(config) = self.queue.load.take() {
                 self.load(config);
                 continue;
+            }
+            if let Some(prompt) = self.queue.count.take() {
+                // Turbo's tokenizer counts what the live image reads; Base's when only it is set.
+                let tokens = self.prompt_tokens(ModelSlot::Turbo, &prompt).or_else(|| self.prompt_tokens(ModelSlot::Base, &prompt));
+                if let Some(tokens) = tokens {
+                    self.out.emit(Event::PromptCount { prompt, tokens });
+                }
             }
             // A paused job cancelled while it waited is gone from the queue.
             if self.paused.as_ref().is_some_and(|(id, ..)| self.queue.paused != Some(*id)) {
@@ -1154,6 +1164,7 @@ fn handle(queue: &mut Queue, out: &Emitter, cmd: Command, running: Option<(JobId
             }
         }
         Command::LoadModels(config) => queue.load = Some(config),
+        Command::CountTokens(prompt) => queue.count = Some(prompt),
         Command::InjectPanic => queue.inject_panic = true,
         Command::Shutdown => {
             queue.shutdown = true;
@@ -1244,6 +1255,22 @@ mod tests {
         assert!(evs
             .iter()
             .any(|e| matches!(e, Event::Model { slot: ModelSlot::Base, state: ModelState::Ready { .. } })));
+    }
+
+    #[test]
+    fn a_prompt_is_counted_without_a_job_as_a_job_counts_it() {
+        let (mut h, _) = engine();
+        let id = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: request("a red fox", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        let by_job = evs.iter().find_map(|e| if let Event::PromptTokens { tokens, .. } = e { Some(*tokens) } else { None });
+        // Two asks in a row: the newer replaces the one not yet answered, or both are answered in order.
+        h.count_tokens("a red".into());
+        h.count_tokens("a red fox".into());
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::PromptCount { prompt, .. } if prompt == "a red fox")));
+        let counts: Vec<(String, usize)> =
+            evs.iter().filter_map(|e| if let Event::PromptCount { prompt, tokens } = e { Some((prompt.clone(), *tokens)) } else { None }).collect();
+        assert_eq!(counts.last(), Some(&("a red fox".to_string(), by_job.expect("the job counted its prompt"))));
+        assert!(counts.iter().all(|(p, _)| p == "a red" || p == "a red fox"), "{counts:?}");
     }
 
     #[test]
