@@ -159,8 +159,9 @@ pub enum Command {
     },
     Cancel(JobId),
     LoadModels(ModelConfig),
-    /// Counts a prompt's tokens (answered by [`Event::PromptCount`] when the
-    /// engine is between jobs; a newer request replaces an unanswered one).
+    /// Counts a prompt's tokens (answered by [`Event::PromptCount`] between
+    /// jobs or at the running job's next step; a newer request replaces an
+    /// unanswered one).
     CountTokens(String),
     /// Makes the next job panic inside the engine (fault-injection for tests
     /// and for checking the restart path by hand).

@@ -437,8 +437,14 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
+        // Prompts typed meanwhile are counted at the job's steps (Live off,
+        // nothing pauses it) with the tokenizer at hand.
+        let counter = [ModelSlot::Turbo, ModelSlot::Base].iter().find_map(|s| {
+            let encoder = &self.encoders[*self.encoder_of.get(s)?];
+            encoder.tokenizer.as_ref().or(encoder.text.as_ref().map(|t| &t.tokenizer))
+        });
         let ctx = JobContext { id, spec, start, loras, pausable_for, swap_for };
-        if let Some(run) = run_pipeline(pipe, run, ctx, &mut self.queue, &self.out, &self.rx)? {
+        if let Some(run) = run_pipeline(pipe, run, ctx, counter, &mut self.queue, &self.out, &self.rx)? {
             self.paused = Some((id, spec.clone(), run));
             self.queue.paused = Some(id);
             self.out.emit(Event::Paused { id });
@@ -1051,6 +1057,7 @@ fn run_pipeline<B: Backend>(
     pipe: &ZImagePipeline<B>,
     mut run: JobRun<B>,
     ctx: JobContext,
+    counter: Option<&PromptTokenizer>,
     queue: &mut Queue,
     out: &Emitter,
     rx: &Receiver<Command>,
@@ -1070,6 +1077,13 @@ fn run_pipeline<B: Backend>(
         let disconnected = drain(rx, queue, out, Some(running));
         if disconnected || queue.cancel_running || queue.shutdown {
             return StepControl::Cancel;
+        }
+        if let Some(tokenizer) = counter {
+            if let Some(prompt) = queue.count.take() {
+                if let Ok(tokens) = tokenizer.count(&prompt) {
+                    out.emit(Event::PromptCount { prompt, tokens });
+                }
+            }
         }
         let Some((live_id, live)) = queue.live.as_ref().map(|(l, live)| (*l, live.slot)).filter(|_| p.done < p.total)
         else {
@@ -1271,6 +1285,22 @@ mod tests {
             evs.iter().filter_map(|e| if let Event::PromptCount { prompt, tokens } = e { Some((prompt.clone(), *tokens)) } else { None }).collect();
         assert_eq!(counts.last(), Some(&("a red fox".to_string(), by_job.expect("the job counted its prompt"))));
         assert!(counts.iter().all(|(p, _)| p == "a red" || p == "a red fox"), "{counts:?}");
+    }
+
+    #[test]
+    fn a_prompt_typed_during_a_long_job_is_counted_at_its_next_step() {
+        let (mut h, _) = engine();
+        let mut slow = request("refine me", ModelKind::Base);
+        slow.steps = 400;
+        slow.width = 256;
+        slow.height = 256;
+        let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: slow });
+        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == r)));
+        h.count_tokens("the next prompt".into());
+        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::PromptCount { .. })));
+        assert!(!finished(&evs, r), "counted while the job runs, not after it");
+        h.cancel(r);
+        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Cancelled { id, .. } if *id == r)));
     }
 
     #[test]
