@@ -190,6 +190,29 @@ fn the_demo_model_names_the_words_it_cannot_read() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// `eval-demo` judges the shipped pair on held-out captions; `--seed` picks
+/// another sample of them (another sheet of samples), the default the recorded one.
+#[test]
+fn eval_demo_judges_the_shipped_pair_on_captions_the_seed_picks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let assets = fixtures().join("../../assets/demo").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval-demo", "--model-dir", &assets, "--captions", "2", "-q"];
+        args.extend_from_slice(extra);
+        let out = zimage(&args, tmp.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let report = run(&["--samples", "a.png"]);
+    assert!(report.contains("2 held-out captions"), "{report}");
+    assert!(report.contains("**objects fully right**"), "{report}");
+    run(&["--seed", "1234", "--samples", "b.png"]);
+    run(&["--seed", "7", "--samples", "c.png"]);
+    let sheet = |name: &str| std::fs::read(tmp.path().join(name)).unwrap();
+    assert_eq!(sheet("a.png"), sheet("b.png"), "1234 is the default");
+    assert_ne!(sheet("a.png"), sheet("c.png"), "another seed, other captions");
+}
+
 /// A negative prompt that the guidance leaves unused (Turbo's default of 0)
 /// is warned about, and the image is still made.
 #[test]

@@ -96,6 +96,10 @@ enum Command {
         /// Number of held-out captions (0: only the VAE round trip).
         #[arg(long)]
         captions: Option<usize>,
+        /// Picks the held-out captions and their noise (the recorded results use 1234);
+        /// another seed judges the same models on another sample.
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
         /// Also write a sheet of sample images here.
         #[arg(long)]
         samples: Option<PathBuf>,
@@ -425,9 +429,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", zimage_engine::demo::train_demo(&opts)?);
             Ok(())
         }
-        Command::EvalDemo { model_dir, captions, samples, vae_round_trip, vae_sheet, quiet } => {
+        Command::EvalDemo { model_dir, captions, seed, samples, vae_round_trip, vae_sheet, quiet } => {
             if let Some(n) = vae_round_trip {
-                let score = zimage_engine::demo::eval::vae_round_trip(&model_dir, n, 1234, vae_sheet.as_deref())?;
+                let score = zimage_engine::demo::eval::vae_round_trip(&model_dir, n, seed, vae_sheet.as_deref())?;
                 println!(
                     "VAE round trip, {n} held-out scenes: {:.1}% of objects and {:.1}% of captions fully right\n\n{}\n",
                     score.object_accuracy() * 100.0,
@@ -442,6 +446,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(n) = captions {
                 opts.captions = n;
             }
+            opts.seed = seed;
             opts.samples_png = samples;
             opts.quiet = quiet;
             println!("{}", zimage_engine::demo::eval_demo(&opts)?);
