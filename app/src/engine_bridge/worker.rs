@@ -1287,14 +1287,19 @@ mod tests {
         assert!(counts.iter().all(|(p, _)| p == "a red" || p == "a red fox"), "{counts:?}");
     }
 
-    #[test]
-    fn a_prompt_typed_during_a_long_job_is_counted_at_its_next_step() {
-        let (mut h, _) = engine();
-        let mut slow = request("refine me", ModelKind::Base);
+    /// A bigger image and many steps: a job still running when the next command arrives.
+    fn slow_request(prompt: &str, kind: ModelKind) -> GenerateRequest {
+        let mut slow = request(prompt, kind);
         slow.steps = 400;
         slow.width = 256;
         slow.height = 256;
-        let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: slow });
+        slow
+    }
+
+    #[test]
+    fn a_prompt_typed_during_a_long_job_is_counted_at_its_next_step() {
+        let (mut h, _) = engine();
+        let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: slow_request("refine me", ModelKind::Base) });
         collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == r)));
         h.count_tokens("the next prompt".into());
         let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::PromptCount { .. })));
@@ -1306,12 +1311,7 @@ mod tests {
     #[test]
     fn new_live_job_supersedes_running_one_but_refines_are_never_dropped() {
         let (mut h, _) = engine();
-        // Bigger image + many steps so the first job is still running when the next arrives.
-        let mut slow = request("first", ModelKind::Turbo);
-        slow.steps = 400;
-        slow.width = 256;
-        slow.height = 256;
-        let a = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: slow });
+        let a = h.submit(JobSpec { kind: JobKind::Live, slot: ModelSlot::Turbo, request: slow_request("first", ModelKind::Turbo) });
         collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == a)));
         let mut refine = request("refine me", ModelKind::Base);
         refine.steps = 4;
