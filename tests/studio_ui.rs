@@ -1169,6 +1169,12 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     let marks: Vec<Mark> =
         h.state().variations.iter().map(|c| h.state().history.get(c.id.as_ref().unwrap()).unwrap().mark).collect();
     assert_eq!(marks, vec![Mark::Kept, Mark::Rejected, Mark::Starred]);
+    // The history's selection follows the grid's cursor, so "start from the
+    // selected image" starts from the cell shown with the cursor.
+    assert_eq!(h.state().selected, h.state().variations[2].id, "the history follows the grid's cursor");
+    h.key_press(Key::ArrowLeft);
+    h.step();
+    assert_eq!(h.state().selected, h.state().variations[1].id);
     h.get_by_label("Refine 2 kept with Base").click();
     h.step();
     wait_until(&mut h, "2 Base refines", |a| {

@@ -233,8 +233,12 @@ impl StudioApp {
                 }
             }
             JobKind::Variation => {
-                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
-                    cell.id = Some(hid);
+                if let Some(at) = self.variations.iter().position(|c| c.job == id) {
+                    self.variations[at].id = Some(hid);
+                    // The cell under the cursor is the grid's selected image.
+                    if at == self.var_cursor && self.view == View::Variations {
+                        self.move_grid_cursor(at);
+                    }
                 }
                 self.images.remove(&format!("var:{id}"));
             }

@@ -638,6 +638,19 @@ impl StudioApp {
         self.compare_pair = Some(pair);
     }
 
+    /// Puts the grid's cursor on cell `i`; its image, once made, is selected
+    /// and scrolled to in the history, as stepping through compared pairs does,
+    /// so "start from the selected image" and the history agree with the grid.
+    pub fn move_grid_cursor(&mut self, i: usize) {
+        self.var_cursor = i;
+        if let Some(id) = self.variations.get(i).and_then(|c| c.id.clone()) {
+            if self.selected.as_ref() != Some(&id) {
+                self.selected = Some(id);
+                self.reveal_selected = true;
+            }
+        }
+    }
+
     /// Shows history image `id` in this frame: kept in [`Images`], or decoded
     /// on the disk thread and shown from the next frames on.
     pub fn request_image(&mut self, ctx: &egui::Context, id: &str) {

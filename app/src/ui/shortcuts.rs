@@ -233,17 +233,19 @@ fn variations_key(app: &mut StudioApp, key: Key, actions: &mut Vec<Action>) {
         return;
     }
     let cols = app.var_columns.max(1);
-    let c = &mut app.var_cursor;
-    let before = *c;
-    match key {
-        Key::ArrowRight => *c = (*c + 1).min(n - 1),
-        Key::ArrowLeft => *c = c.saturating_sub(1),
-        Key::ArrowDown if *c + cols < n => *c += cols,
-        Key::ArrowUp if *c >= cols => *c -= cols,
-        _ => {}
+    let c = app.var_cursor;
+    let to = match key {
+        Key::ArrowRight => (c + 1).min(n - 1),
+        Key::ArrowLeft => c.saturating_sub(1),
+        Key::ArrowDown if c + cols < n => c + cols,
+        Key::ArrowUp if c >= cols => c - cols,
+        _ => c,
+    };
+    if to != c {
+        app.move_grid_cursor(to);
+        // A cursor moved off screen scrolls the grid to it.
+        app.var_reveal = true;
     }
-    // A cursor moved off screen scrolls the grid to it.
-    app.var_reveal |= *c != before;
     let Some(id) = app.variations.get(app.var_cursor).and_then(|c| c.id.clone()) else { return };
     match key {
         Key::K => actions.push(Action::Mark(id, Mark::Kept)),

@@ -99,7 +99,7 @@ fn draw_cells(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>,
         };
         super::caption_on_image(&painter, status, rect.left_bottom() + egui::vec2(5.0, -5.0), egui::Align2::LEFT_BOTTOM, 12.0, rect.width() - 10.0);
         if response.clicked() {
-            app.var_cursor = i;
+            app.move_grid_cursor(i);
         }
         if response.double_clicked() {
             if let Some(id) = &c.id {
