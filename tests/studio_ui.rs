@@ -124,6 +124,35 @@ fn typing_a_prompt_produces_previews_then_the_image() {
     h.get_by_label_contains("Live: done in");
 }
 
+/// The time per image and the quiet period before a live job follow the
+/// size set now: one large image does not slow the typing after it.
+#[test]
+fn the_time_per_image_follows_the_size_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a red fox");
+    // As if the last live images had been large (seconds each), while the
+    // live rate, which holds for any size, says 80 ms at the size set now.
+    let (w, ht, steps) = {
+        let s = &h.state().settings;
+        (s.width, s.height, s.turbo_steps)
+    };
+    h.state_mut().live_ema = Some(Duration::from_secs(5));
+    h.state_mut().live_rate = Some(0.08 / (w as f64 * ht as f64 / 1e6 * steps as f64));
+    h.step();
+    h.get_by_label_contains("~80 ms per image");
+    // No quiet period at 80 ms: the keystroke starts its live image at once.
+    type_text(&mut h, " in snow");
+    assert!(h.state().live_job.is_some(), "the live image waited for a quiet period");
+    wait_until(&mut h, "the live image", |a| live_done(a) && a.live_job.is_none());
+    // Four times the pixels: four times the time, shown before any image at that size.
+    h.state_mut().live_rate = Some(0.08 / (w as f64 * ht as f64 / 1e6 * steps as f64));
+    h.state_mut().settings.width = w * 2;
+    h.state_mut().settings.height = ht * 2;
+    h.step();
+    h.get_by_label_contains("~320 ms per image");
+}
+
 /// Under the prompt: its length in tokens, and a warning past the 512 the model reads.
 #[test]
 fn the_prompt_length_in_tokens_is_shown_and_a_cut_is_warned() {

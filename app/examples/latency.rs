@@ -65,7 +65,7 @@ fn main() {
         let (mut first, mut fin, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
         for word in [" a", " red", " fox", " in", " deep", " fresh", " snow"] {
             // Let the previous job finish so each keystroke is measured alone.
-            quiet.push(ms(quiet_period(h.state().live_ema)));
+            quiet.push(ms(quiet_period(h.state().expected_live_time())));
             h.event(egui::Event::Text(word.into()));
             h.step();
             wait(&mut h, |a| matches!(a.live_status, LiveStatus::Done { .. }) && a.live_job.is_none());

@@ -48,7 +48,7 @@ impl StudioApp {
         if !self.settings.live {
             return;
         }
-        let due = at + state::quiet_period(self.live_ema);
+        let due = at + state::quiet_period(self.expected_live_time());
         let now = Instant::now();
         if now < due {
             ctx.request_repaint_after(due - now);
@@ -82,6 +82,24 @@ impl StudioApp {
             (request.width, request.height) = (w, h);
         }
         self.submit_live_request(request, None, edit_at, draft.is_some());
+    }
+
+    /// What the next live image should take at the current settings (a
+    /// draft's time when typing drafts), from the live rate, which holds for
+    /// any size; the recent live times while there is no rate. The status bar
+    /// shows it and the quiet period before a live job follows it, so both
+    /// change with the size at once: a blend of recent times stayed at a big
+    /// image's seconds for several small images after it.
+    pub fn expected_live_time(&self) -> Option<Duration> {
+        let Some(rate) = self.live_rate else { return self.live_ema };
+        let s = &self.settings;
+        let steps = match self.start_image {
+            Some(_) => state::snap_strength(s.start_strength, s.turbo_steps).1,
+            None => s.turbo_steps,
+        };
+        let full = state::predicted_time(rate, s.width, s.height, steps);
+        let (w, h) = state::draft_size(s.live_draft, s.width, s.height, Some(full)).unwrap_or((s.width, s.height));
+        Some(state::predicted_time(rate, w, h, steps))
     }
 
     /// Finishes the draft `draft_id` at full size: Turbo img2img from it

@@ -46,7 +46,7 @@ fn left_side(app: &mut StudioApp, ui: &mut egui::Ui) {
     if let Some(hint) = crate::state::first_gpu_image_hint(app.gpu_kernels_cold, &app.live_status) {
         ui.weak(format!("· {hint}"));
     }
-    if let Some(d) = app.live_ema {
+    if let Some(d) = app.expected_live_time() {
         ui.weak(format!("· ~{} per image", human_duration(d)));
     }
     if let Some(msg) = app.message.clone() {
