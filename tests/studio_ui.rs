@@ -1606,6 +1606,28 @@ fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
     h.get_by_label_contains("click: restore");
 }
 
+/// In a window too short for the whole list of shortcuts, the help
+/// scrolls to its last line instead of cutting it off below the window.
+#[test]
+fn the_help_scrolls_in_a_short_window() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 400.0));
+    h.step();
+    h.key_press(Key::F1);
+    for _ in 0..4 {
+        h.step();
+    }
+    let last = h.get_by_label("this help");
+    assert!(last.rect().top() > 400.0, "the last line starts below the window");
+    for _ in 0..30 {
+        h.get_by_label("this help").scroll_down();
+        h.step();
+    }
+    let rect = h.get_by_label("this help").rect();
+    assert!(rect.bottom() <= 400.0, "the last line scrolled into the window: {rect:?}");
+}
+
 /// A note ("saved …") leaves the status bar by itself; an error stays until
 /// dismissed; a long message is cut short, its whole text on hover.
 #[test]
