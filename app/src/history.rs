@@ -340,7 +340,7 @@ mod tests {
         assert_ne!(edited, text);
         std::fs::write(paths.history_file(), &edited).unwrap();
         let (back, warn) = History::load(&paths);
-        assert_eq!(back.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [b.clone()]);
+        assert_eq!(back.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), std::slice::from_ref(&b));
         assert!(back.get(&a).is_none());
         let warn = warn.unwrap();
         assert!(warn.starts_with("1 history entry could not be read"), "{warn}");
@@ -389,7 +389,7 @@ mod tests {
         let gone = h.cleanup_candidates(&[on_screen.as_str(), rejected.as_str()]);
         assert_eq!(gone, [plain.clone(), rejected.clone(), rejected_base.clone()]);
         let bytes = h.disk_bytes(&gone);
-        assert!(bytes > 0 && bytes == h.disk_bytes(&[plain.clone()]) * 3, "{bytes}");
+        assert!(bytes > 0 && bytes == h.disk_bytes(std::slice::from_ref(&plain)) * 3, "{bytes}");
         h.remove(&gone.iter().cloned().collect()).unwrap();
         let left = |h: &History| h.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
         let expected = [kept, starred, refined, base, on_screen];

@@ -68,6 +68,12 @@ fn software_renderer_threads(user: Option<std::ffi::OsString>) -> Option<&'stati
     }
 }
 
+
+/// The app's own icon (packaging/icons), for the window and taskbar.
+fn window_icon() -> egui::IconData {
+    eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/256x256.png")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -75,9 +81,4 @@ mod tests {
         assert_eq!(super::software_renderer_threads(None), Some("1"));
         assert_eq!(super::software_renderer_threads(Some("4".into())), None);
     }
-}
-
-/// The app's own icon (packaging/icons), for the window and taskbar.
-fn window_icon() -> egui::IconData {
-    eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/256x256.png")).unwrap_or_default()
 }

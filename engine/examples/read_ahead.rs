@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     {
         let mut file = std::fs::File::create(&path)?;
         // Not zeros: some filesystems store those sparsely.
-        let chunk: Vec<u8> = (0..(32usize << 20)).map(|i| (i * 2654435761usize >> 13) as u8).collect();
+        let chunk: Vec<u8> = (0..(32usize << 20)).map(|i| ((i * 2654435761usize) >> 13) as u8).collect();
         for _ in 0..((gb * 1e9) as usize).div_ceil(chunk.len()) {
             file.write_all(&chunk)?;
         }

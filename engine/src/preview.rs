@@ -75,14 +75,14 @@ impl LatentRgb {
         let mut pixels = vec![0u8; plane * 3];
         for p in 0..plane {
             let mut rgb = self.bias;
-            for c in 0..channels.min(16) {
+            for (c, factors) in self.factors.iter().enumerate().take(channels) {
                 let z = latent[c * plane + p];
-                for k in 0..3 {
-                    rgb[k] += z * self.factors[c][k];
+                for (v, f) in rgb.iter_mut().zip(factors) {
+                    *v += z * f;
                 }
             }
-            for k in 0..3 {
-                pixels[p * 3 + k] = ((rgb[k].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+            for (px, v) in pixels[p * 3..p * 3 + 3].iter_mut().zip(rgb) {
+                *px = ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
             }
         }
         RgbImage { width: w as u32, height: h as u32, pixels }
@@ -129,19 +129,22 @@ pub fn fit_latent_rgb(latents: &[[f32; 16]], rgb: &[[f32; 3]]) -> Option<LatentR
             if r != col {
                 let f = a[r][col];
                 if f != 0.0 {
-                    for c in 0..N + 3 {
-                        a[r][c] -= f * a[col][c];
+                    let pivot_row = a[col].clone();
+                    for (v, p) in a[r].iter_mut().zip(&pivot_row) {
+                        *v -= f * p;
                     }
                 }
             }
         }
     }
     let mut out = LatentRgb { factors: [[0.0; 3]; 16], bias: [0.0; 3] };
-    for k in 0..3 {
-        for c in 0..16 {
-            out.factors[c][k] = a[c][N + k] as f32;
+    for (c, factors) in out.factors.iter_mut().enumerate() {
+        for (k, f) in factors.iter_mut().enumerate() {
+            *f = a[c][N + k] as f32;
         }
-        out.bias[k] = a[16][N + k] as f32;
+    }
+    for (k, b) in out.bias.iter_mut().enumerate() {
+        *b = a[16][N + k] as f32;
     }
     Some(out)
 }

@@ -1187,9 +1187,6 @@ fn handle(queue: &mut Queue, out: &Emitter, cmd: Command, running: Option<(JobId
     }
 }
 
-/// A one-off piece of background work whose single result the UI polls
-/// (finding models on disk reads file headers: never on the UI thread).
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -790,7 +790,7 @@ fn train_base(
             }
         }
         let batch = DenoiseBatch { x, target, t, weight, shape: data.shape };
-        let parts: Vec<((DenoiseBatch, Vec<Vec<u32>>), usize)> = split_ranges(b, threads())
+        let parts: Vec<Share<Vec<Vec<u32>>>> = split_ranges(b, threads())
             .into_iter()
             .map(|k| ((batch.part(k.clone()), ids[k.clone()].to_vec()), k.len()))
             .collect();
@@ -814,6 +814,10 @@ fn train_base(
     pb.finish();
     Ok((average.unwrap_or_else(|| model.valid()), losses))
 }
+
+/// One core's share of a batch: its items, their captions (token ids or
+/// encoded), and how many items it holds.
+type Share<C> = ((DenoiseBatch, C), usize);
 
 /// A Base or Turbo training batch (or one core's share of it): DiT inputs at
 /// times `t`, velocity targets, and per-latent-cell loss weights.
@@ -1023,7 +1027,7 @@ fn train_turbo(
             }
         }
         let batch = DenoiseBatch { x, target, t, weight, shape: pairs.shape };
-        let parts: Vec<((DenoiseBatch, Vec<Tensor<Inner, 2>>), usize)> = split_ranges(b, threads())
+        let parts: Vec<Share<Vec<Tensor<Inner, 2>>>> = split_ranges(b, threads())
             .into_iter()
             .map(|k| {
                 let caps = items[k.clone()].iter().map(|(i, _)| pairs.captions[*i].clone()).collect();
@@ -1244,7 +1248,7 @@ mod tests {
             }
         }
         // A flat image is weighted 1 everywhere.
-        assert!(edge_weights(&vec![0.3f32; 3 * 16], 4, 8.0).iter().all(|v| (*v - 1.0).abs() < 1e-6));
+        assert!(edge_weights(&[0.3f32; 3 * 16], 4, 8.0).iter().all(|v| (*v - 1.0).abs() < 1e-6));
     }
 
     #[test]

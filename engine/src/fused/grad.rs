@@ -577,7 +577,7 @@ mod tests {
         let up = randn([3, 4, 2, 40]);
         // x as a transposed view: the kernel reads it in logical order.
         let x_view = x.clone().swap_dims(1, 2);
-        let (y1, g1) = run(&[x_view.clone()], &up.clone().swap_dims(1, 2), |t| {
+        let (y1, g1) = run(std::array::from_ref(&x_view), &up.clone().swap_dims(1, 2), |t| {
             rms_norm(&t[0], &leaf(&w), 1e-5, None).expect("ours")
         });
         let (y2, g2) = run(&[x_view], &up.clone().swap_dims(1, 2), |t| composed_rms(t[0].clone(), leaf(&w), None));
@@ -610,7 +610,7 @@ mod tests {
         let angles = randn::<4>([2, 3, 1, 4]);
         let (c, s) = (leaf(&angles.clone().cos()).detach(), leaf(&angles.sin()).detach());
         let up = randn([2, 3, 2, 8]);
-        let (y1, g1) = run(&[x.clone()], &up, |t| rope_interleaved(&t[0], &c, &s).expect("ours"));
+        let (y1, g1) = run(std::array::from_ref(&x), &up, |t| rope_interleaved(&t[0], &c, &s).expect("ours"));
         let (y2, g2) = run(&[x], &up, |t| {
             let pairs = t[0].clone().reshape([2, 3, 2, 4, 2]);
             let x0 = pairs.clone().narrow(4, 0, 1).squeeze_dim::<4>(4);
