@@ -68,7 +68,6 @@ fn software_renderer_threads(user: Option<std::ffi::OsString>) -> Option<&'stati
     }
 }
 
-
 /// The app's own icon (packaging/icons), for the window and taskbar.
 fn window_icon() -> egui::IconData {
     eframe::icon_data::from_png_bytes(include_bytes!("../../packaging/icons/256x256.png")).unwrap_or_default()
