@@ -1295,14 +1295,19 @@ mod tests {
 
     #[test]
     fn a_prompt_typed_during_a_long_job_is_counted_at_its_next_step() {
-        let (mut h, _) = engine();
-        let r = h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: slow_request("refine me", ModelKind::Base) });
-        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == r)));
-        h.count_tokens("the next prompt".into());
-        let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::PromptCount { .. })));
-        assert!(!finished(&evs, r), "counted while the job runs, not after it");
-        h.cancel(r);
-        collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Cancelled { id, .. } if *id == r)));
+        // The lowest plan too, where the text encoder is released and the
+        // first count comes during the first job (its tokenizer is read then).
+        for plan in [MemoryPlan::KeepAll, MemoryPlan::Lowest] {
+            let (mut h, _) = engine_with(plan);
+            let r =
+                h.submit(JobSpec { kind: JobKind::Refine, slot: ModelSlot::Base, request: slow_request("refine me", ModelKind::Base) });
+            collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Progress { id, .. } if *id == r)));
+            h.count_tokens("the next prompt".into());
+            let evs = collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::PromptCount { .. })));
+            assert!(!finished(&evs, r), "{plan:?}: counted while the job runs, not after it");
+            h.cancel(r);
+            collect(&mut h, |e| e.iter().any(|e| matches!(e, Event::Cancelled { id, .. } if *id == r)));
+        }
     }
 
     #[test]
