@@ -191,12 +191,18 @@ fn the_token_count_follows_typing_with_live_off_and_after_a_restart() {
     h.step();
     h.get_by_label(&format!("{snowy} / 512 tokens"));
     assert_eq!(h.state().history.entries.len(), images, "counted without rendering");
+    // The text typed is kept (a second after the last key), rendered or not.
+    let settings = dir.path().join("settings.json");
+    wait_until(&mut h, "the prompt kept", |_| {
+        std::fs::read_to_string(&settings).is_ok_and(|t| t.contains("a red fox in deep snow"))
+    });
     drop(h);
-    // A restart restores the last image's prompt, and counts it.
+    // A restart brings the prompt box back as it was, and counts it.
     let mut h = harness(dir.path());
-    assert_eq!(h.state().prompt, "a red fox");
+    assert_eq!(h.state().prompt, "a red fox in deep snow");
     wait_until(&mut h, "the restored prompt's count", counted);
-    h.get_by_label(&format!("{fox} / 512 tokens"));
+    h.get_by_label(&format!("{snowy} / 512 tokens"));
+    assert!(fox < snowy);
 }
 
 /// Typing a size into the Size fields picks the aspect preset it matches
@@ -1174,6 +1180,24 @@ fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Har
 /// Every cell of the grid (3 with the test settings) has its image.
 fn grid_done(app: &StudioApp) -> bool {
     app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
+}
+
+/// A restart keeps the settings as they were: after a grid, the seed set,
+/// not the seed of the grid's last cell (the newest image, shown).
+#[test]
+fn a_restart_after_a_grid_keeps_the_seed_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_grid(dir.path(), "a teapot", |_| {});
+    wait_until(&mut h, "3 variations", grid_done);
+    let seed = h.state().settings.seed;
+    let newest = h.state().history.entries.last().map(|e| (e.id.clone(), e.meta.seed)).unwrap();
+    assert_eq!(newest.1, seed + 2, "the newest image is the last cell");
+    drop(h);
+    let h = harness(dir.path());
+    let app = h.state();
+    assert_eq!(app.settings.seed, seed, "the seed set before the restart");
+    assert_eq!(app.prompt, "a teapot");
+    assert_eq!(app.current.as_ref(), Some(&newest.0), "the newest image is shown");
 }
 
 #[test]

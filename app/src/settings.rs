@@ -67,6 +67,9 @@ pub struct Settings {
     /// The variations grid's smallest thumbnail side, in points (`+` / `-`
     /// in the grid): larger for a closer look, smaller for more at once.
     pub grid_thumbnail: f32,
+    /// The text in the prompt box, rendered or not; `None` in files written
+    /// before it was kept (the newest image's prompt is taken then).
+    pub prompt: Option<String>,
 }
 
 /// One LoRA in a model's list.
@@ -126,6 +129,7 @@ impl Default for Settings {
             show_history: true,
             live_speeds: Default::default(),
             grid_thumbnail: crate::state::MIN_VARIATION_SIDE,
+            prompt: None,
         }
     }
 }

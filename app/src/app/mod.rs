@@ -386,12 +386,16 @@ impl StudioApp {
             metrics_file: std::env::var_os("ZIMAGE_STUDIO_METRICS").map(|p| (PathBuf::from(p), Instant::now())),
             settings,
         };
-        // Start where the user left off: the newest history item and its prompt.
-        if let Some(last) = app.history.entries.last().map(|e| e.id.clone()) {
-            app.restore(&last);
+        // Start where the user left off: the prompt box's text and the
+        // settings as they were (not the newest image's parameters: after a
+        // grid those are its last cell's seed), the newest image shown.
+        if let Some(last) = app.history.entries.last() {
+            app.prompt = app.settings.prompt.clone().unwrap_or_else(|| last.meta.prompt.clone());
             // Shown and selected: Ctrl+S, Ctrl+C and refine act on it.
-            app.selected = Some(last.clone());
-            app.current = Some(last);
+            app.selected = Some(last.id.clone());
+            app.current = Some(last.id.clone());
+        } else if let Some(prompt) = &app.settings.prompt {
+            app.prompt = prompt.clone();
         }
         app.engine.load_models(model_config);
         app
@@ -581,6 +585,7 @@ impl StudioApp {
     /// Settings are written one second after the last change (not on every
     /// slider tick, and not only on exit: a killed app would lose them).
     fn autosave_settings(&mut self, ctx: &egui::Context) {
+        self.keep_prompt();
         if self.settings == self.saved_settings {
             self.settings_changed_at = None;
             return;
@@ -709,6 +714,14 @@ impl StudioApp {
         self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
     }
 
+    /// The prompt box's text into the settings, so that a restart (or a
+    /// crash) does not lose what was typed and not rendered.
+    fn keep_prompt(&mut self) {
+        if self.settings.prompt.as_deref() != Some(self.prompt.as_str()) {
+            self.settings.prompt = Some(self.prompt.clone());
+        }
+    }
+
     pub fn persist_settings(&mut self) {
         self.saved_settings = self.settings.clone();
         self.settings_changed_at = None;
@@ -807,6 +820,7 @@ impl eframe::App for StudioApp {
     }
 
     fn on_exit(&mut self) {
+        self.keep_prompt();
         self.persist_settings();
         let _ = self.history.save();
     }
