@@ -50,6 +50,11 @@ fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harn
     harness_sized(dir, turbo, base, egui::vec2(1280.0, 800.0))
 }
 
+/// [`harness`] in a window of `size` (small windows: what still fits).
+fn harness_of_size(dir: &Path, size: egui::Vec2) -> Harness<'static, StudioApp> {
+    harness_sized(dir, Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), size)
+}
+
 fn harness_sized(dir: &Path, turbo: Option<String>, base: Option<String>, size: egui::Vec2) -> Harness<'static, StudioApp> {
     let options = StudioOptions { paths: Paths::at(dir), turbo, base, device: Some("cpu".into()), open: Vec::new() };
     Harness::builder()
@@ -1391,7 +1396,7 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
 fn a_large_grid_scrolls_and_the_cursor_stays_in_view() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |s| s.variations = 12);
-    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 600.0));
+    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 600.0));
     wait_until(&mut h, "models to load", models_ready);
     h.state_mut().settings.live = false;
     type_text(&mut h, "a teapot");
@@ -1610,7 +1615,7 @@ fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
 fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
-    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 800.0));
+    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 800.0));
     wait_until(&mut h, "models to load", models_ready);
     type_text(&mut h, "a red fox");
     wait_until(&mut h, "the live image", live_done);
@@ -1636,7 +1641,7 @@ fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
 fn the_help_scrolls_in_a_short_window() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
-    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(900.0, 400.0));
+    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 400.0));
     h.step();
     h.key_press(Key::F1);
     for _ in 0..4 {
@@ -1658,7 +1663,7 @@ fn the_help_scrolls_in_a_short_window() {
 fn notes_fade_and_errors_stay_in_the_status_bar() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
-    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(700.0, 500.0));
+    let mut h = harness_of_size(dir.path(), egui::vec2(700.0, 500.0));
     h.step();
     let long = format!("saved {}", "/a/very/long/folder/name".repeat(20));
     h.state_mut().info(long.clone());
@@ -1913,7 +1918,7 @@ fn chinese_prompts_and_symbols_have_glyphs_when_fallback_fonts_are_installed() {
 fn settings_show_the_memory_plan_in_force_and_change_it() {
     let dir = tempfile::tempdir().unwrap();
     write_test_settings(dir.path(), |_| {});
-    let mut h = harness_sized(dir.path(), Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), egui::vec2(1280.0, 1600.0));
+    let mut h = harness_of_size(dir.path(), egui::vec2(1280.0, 1600.0));
     wait_until(&mut h, "models to load", models_ready);
     wait_until(&mut h, "a memory report", |a| a.memory.is_some());
     h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
