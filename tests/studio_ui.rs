@@ -1657,6 +1657,23 @@ fn the_help_scrolls_in_a_short_window() {
     assert!(rect.bottom() <= 400.0, "the last line scrolled into the window: {rect:?}");
 }
 
+/// A long live error (one naming a path) is cut short before the frame
+/// time on the right of the status bar, not drawn under it.
+#[test]
+fn a_long_live_error_is_cut_before_the_right_of_the_status_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_of_size(dir.path(), egui::vec2(700.0, 500.0));
+    wait_until(&mut h, "models to load", models_ready);
+    let long = format!("cannot read {}", "/a/very/long/folder/name".repeat(10));
+    h.state_mut().live_status = LiveStatus::Error(long.clone());
+    h.step();
+    h.step();
+    let status = h.get_by_label_contains(&long).rect();
+    let frame = h.get_by_label_contains("frame ").rect();
+    assert!(status.right() <= frame.left(), "the live state {status:?} runs under the frame time {frame:?}");
+}
+
 /// A note ("saved …") leaves the status bar by itself; an error stays until
 /// dismissed; a long message is cut short, its whole text on hover.
 #[test]

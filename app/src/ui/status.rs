@@ -33,12 +33,14 @@ fn left_side(app: &mut StudioApp, ui: &mut egui::Ui) {
         LiveStatus::Rendering { .. } => ui.visuals().selection.stroke.color,
         _ => ui.visuals().text_color(),
     };
-    ui.colored_label(color, format!("Live: {}", app.live_status.text()));
+    // A long state (an error naming a path) is cut short before the right
+    // side instead of running under it; the whole on hover.
+    one_line(ui, format!("Live: {}", app.live_status.text()), color);
     if let Some(stage) = app.live_stage() {
         ui.weak(format!("· {stage}"));
     }
     if let Some(waiting) = app.live_waiting() {
-        ui.colored_label(ui.visuals().warn_fg_color, format!("· {waiting}"));
+        one_line(ui, format!("· {waiting}"), ui.visuals().warn_fg_color);
     }
     if let Some(paused) = app.paused_job() {
         ui.weak(format!("· {paused}"));
@@ -55,9 +57,13 @@ fn left_side(app: &mut StudioApp, ui: &mut egui::Ui) {
             app.message = None;
         }
         let color = if msg.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
-        // One line, cut with "…"; the whole text on hover.
-        ui.add(egui::Label::new(egui::RichText::new(&msg.text).color(color)).truncate()).on_hover_text(&msg.text);
+        one_line(ui, msg.text, color);
     }
+}
+
+/// `text` on one line, cut with "…" where the bar ends; the whole on hover.
+fn one_line(ui: &mut egui::Ui, text: String, color: egui::Color32) {
+    ui.add(egui::Label::new(egui::RichText::new(&text).color(color)).truncate()).on_hover_text(text);
 }
 
 pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
@@ -79,6 +85,6 @@ pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
             None => (format!("{}: starting…", slot.label()), ui.visuals().weak_text_color()),
         };
         // Cut short with "…" when the bar is too narrow; the whole on hover.
-        ui.add(egui::Label::new(egui::RichText::new(&text).color(color)).truncate()).on_hover_text(text);
+        one_line(ui, text, color);
     }
 }
