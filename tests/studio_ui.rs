@@ -1129,6 +1129,11 @@ fn dropping_a_sketch_makes_it_the_start_image() {
     h.get_by_label("start from the selected image").click();
     h.step();
     assert_eq!(h.state().start_image.as_ref().map(|s| s.name.clone()), Some(format!("#{selected}")));
+    // Live renders from it at once, as from a dropped sketch.
+    let name = format!("#{selected}");
+    wait_until(&mut h, "an image from the selected one", |a| {
+        live_done(a) && a.current.as_ref().and_then(|c| a.history.get(c)).is_some_and(|e| e.meta.init_image.as_deref() == Some(name.as_str()))
+    });
     // A picture larger than anything generated is kept at the largest side.
     let wide = dir.path().join("panorama.png");
     image::RgbImage::from_pixel(5000, 100, image::Rgb([10, 20, 30])).save(&wide).unwrap();

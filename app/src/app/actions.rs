@@ -262,7 +262,11 @@ impl StudioApp {
             Action::Cancel(id) => self.engine.cancel(id),
             Action::StartFromSelected => match self.selected.clone() {
                 Some(id) => match self.image_of(&id) {
-                    Ok(img) => self.set_start_image(format!("#{id}"), img),
+                    Ok(img) => {
+                        self.set_start_image(format!("#{id}"), img);
+                        // Live renders from it at once, as from a dropped sketch.
+                        self.apply(ctx, Action::Edited);
+                    }
                     Err(e) => self.error(format!("cannot start from #{id}: {}", save::one_line_error(&e))),
                 },
                 None => self.info("no image selected to start from"),
