@@ -143,6 +143,26 @@ fn cancel_and_repeated_drops_keep_the_partial_file_for_the_next_pull() {
     assert_complete_snapshot(&hub, cache.path(), &snapshot);
 }
 
+/// A hub that cannot be reached is named in plain words, once: a name that
+/// does not resolve, a port where nothing listens.
+#[test]
+fn an_unreachable_hub_is_said_in_plain_words() {
+    let cache = tempfile::tempdir().unwrap();
+    let at = |endpoint: &str| zimage_engine::pull::PullOptions {
+        endpoint: endpoint.into(),
+        cache_dir: cache.path().to_path_buf(),
+        revision: "main".into(),
+        token: None,
+    };
+    // `.invalid` never resolves (RFC 2606), with a network or without.
+    let err = pull(REPO, &at("http://hub.invalid"), &AtomicBool::new(false), &mut |_| {}).unwrap_err().to_string();
+    assert_eq!(err, "download: cannot find hub.invalid (no network connection, or no name server)");
+    // Port 9 on the loopback: nothing listens there in a test machine.
+    let err = pull(REPO, &at("http://127.0.0.1:9"), &AtomicBool::new(false), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("download: cannot connect to 127.0.0.1 (no network connection"), "{err}");
+    assert!(!err.contains("/api/models") && !err.contains('\n'), "{err}");
+}
+
 /// `zimage pull turbo` with `HF_ENDPOINT` on the loopback hub; `zimage models`
 /// then finds the download complete, with its memory needs.
 #[test]

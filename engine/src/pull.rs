@@ -378,7 +378,8 @@ impl GetError {
                 "{url}: access denied (HTTP 401/403); accept the model's terms on the hub and set HF_TOKEN"
             )),
             GetError::Status(code, text) => EngineError::Download(format!("{url}: HTTP {code} {text}")),
-            GetError::Transport(msg) => network(url, &msg),
+            // Names its host already: the URL would say it again.
+            GetError::Transport(msg) => EngineError::Download(msg),
         }
     }
 }
@@ -399,7 +400,23 @@ fn get(
     match request.call() {
         Ok(r) => Ok(r),
         Err(ureq::Error::Status(code, r)) => Err(GetError::Status(code, r.status_text().to_string())),
-        Err(e) => Err(GetError::Transport(e.to_string())),
+        Err(ureq::Error::Transport(t)) => Err(GetError::Transport(transport_words(&t))),
+    }
+}
+
+/// A request that reached no server, in plain words: which host and why,
+/// the likely causes named (ureq's own text repeats the whole URL and
+/// reads "Dns Failed: resolve dns name 'huggingface.co:443'").
+fn transport_words(t: &ureq::Transport) -> String {
+    let host = t.url().and_then(|u| u.host_str()).unwrap_or("the server").to_string();
+    let detail = t.message().map(|m| format!(": {}", m.replace('\n', " "))).unwrap_or_default();
+    match t.kind() {
+        ureq::ErrorKind::Dns => format!("cannot find {host} (no network connection, or no name server)"),
+        ureq::ErrorKind::ConnectionFailed => {
+            format!("cannot connect to {host} (no network connection, a firewall, or the server is down){detail}")
+        }
+        ureq::ErrorKind::Io => format!("the connection to {host} broke{detail}"),
+        _ => t.to_string().replace('\n', " "),
     }
 }
 

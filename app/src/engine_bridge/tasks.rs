@@ -90,6 +90,8 @@ impl Download {
                 let event = match result {
                     Ok(Ok(path)) => DownloadEvent::Done(path),
                     Ok(Err(EngineError::Cancelled)) => DownloadEvent::Cancelled,
+                    // "download failed: …" says it is a download already.
+                    Ok(Err(EngineError::Download(why))) => DownloadEvent::Failed(one_line(&why)),
                     Ok(Err(e)) => DownloadEvent::Failed(one_line(&e.to_string())),
                     Err(_) => DownloadEvent::Failed("the download crashed; start it again to resume".into()),
                 };
