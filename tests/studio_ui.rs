@@ -1662,6 +1662,34 @@ fn the_help_scrolls_in_a_short_window() {
     assert!(rect.bottom() <= 400.0, "the last line scrolled into the window: {rect:?}");
 }
 
+/// Settings opened in a short window and again after the window grew use
+/// the room: the height it had in the short window is not kept.
+#[test]
+fn settings_grow_with_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 450.0));
+    let open_settings = |h: &mut Harness<'static, StudioApp>| {
+        h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+        for _ in 0..10 {
+            h.step();
+        }
+        // The window's own area (its title is the button's label too).
+        let id = egui::Id::new(zimage_studio::ui::settings::SETTINGS_WINDOW);
+        h.ctx.memory(|m| m.area_rect(id)).expect("the Settings window")
+    };
+    let short = open_settings(&mut h);
+    assert!(short.height() <= 450.0, "{short:?}");
+    h.key_press(Key::Escape);
+    h.step();
+    h.set_size(egui::vec2(1280.0, 1000.0));
+    h.step();
+    let tall = open_settings(&mut h);
+    // Its last row shows without scrolling, as it does when first opened tall.
+    let last = h.get_by_label("Add Base LoRA").rect();
+    assert!(last.bottom() <= tall.bottom(), "Settings kept the short window's height: {tall:?}, last row at {last:?}");
+}
+
 /// A long live error (one naming a path) is cut short before the frame
 /// time on the right of the status bar, not drawn under it.
 #[test]

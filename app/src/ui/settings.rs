@@ -8,16 +8,23 @@ use crate::state::human_bytes;
 use crate::ui::models;
 use zimage_engine::memory::MemoryPlan;
 
+/// The Settings window's id (its area and size in egui's memory).
+pub const SETTINGS_WINDOW: &str = "settings_window";
+
 pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>) {
     if !app.show_settings {
         return;
     }
     let mut open = true;
-    egui::Window::new("Settings").open(&mut open).collapsible(false).default_width(600.0)
+    egui::Window::new("Settings").id(egui::Id::new(SETTINGS_WINDOW)).open(&mut open).collapsible(false).default_width(600.0)
         .min_width(600.0).max_height(ctx.content_rect().height() - 80.0)
         // As tall as the window allows: its sections scroll, and a short
-        // default hid most of them below the first screen.
-        .default_height(ctx.content_rect().height() - 80.0).show(ctx, |ui| {
+        // default hid most of them below the first screen. The minimum of
+        // three quarters of the room makes a height egui remembers from a
+        // smaller window give way once the window has grown (a shorter
+        // content still sets the height).
+        .default_height(ctx.content_rect().height() - 80.0)
+        .min_height(0.75 * (ctx.content_rect().height() - 80.0)).show(ctx, |ui| {
       egui::ScrollArea::vertical().auto_shrink([false, true]).show(ui, |ui| {
         ui.label("Models: a diffusers folder, a single .safetensors file, or a built-in name (demo-turbo, demo-base).");
         if app.cli_override {
