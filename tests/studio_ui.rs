@@ -50,6 +50,15 @@ fn harness_with(dir: &Path, turbo: Option<String>, base: Option<String>) -> Harn
     harness_sized(dir, turbo, base, egui::vec2(1280.0, 800.0))
 }
 
+/// The test settings and [`harness_of_size`] in a new folder (kept while
+/// the returned folder lives).
+fn test_window(size: egui::Vec2) -> (tempfile::TempDir, Harness<'static, StudioApp>) {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let h = harness_of_size(dir.path(), size);
+    (dir, h)
+}
+
 /// [`harness`] in a window of `size` (small windows: what still fits).
 fn harness_of_size(dir: &Path, size: egui::Vec2) -> Harness<'static, StudioApp> {
     harness_sized(dir, Some(fixture("tiny-turbo")), Some(fixture("tiny-base")), size)
@@ -1618,9 +1627,7 @@ fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
 /// gives the image the room in a small window; the choice is kept.
 #[test]
 fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 800.0));
+    let (dir, mut h) = test_window(egui::vec2(900.0, 800.0));
     wait_until(&mut h, "models to load", models_ready);
     type_text(&mut h, "a red fox");
     wait_until(&mut h, "the live image", live_done);
@@ -1644,9 +1651,7 @@ fn ctrl_h_hides_the_history_panel_and_the_choice_is_kept() {
 /// scrolls to its last line instead of cutting it off below the window.
 #[test]
 fn the_help_scrolls_in_a_short_window() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 400.0));
+    let (_dir, mut h) = test_window(egui::vec2(900.0, 400.0));
     h.step();
     h.key_press(Key::F1);
     for _ in 0..4 {
@@ -1666,16 +1671,14 @@ fn the_help_scrolls_in_a_short_window() {
 /// the room: the height it had in the short window is not kept.
 #[test]
 fn settings_grow_with_the_window() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(900.0, 450.0));
+    let (_dir, mut h) = test_window(egui::vec2(900.0, 450.0));
     let open_settings = |h: &mut Harness<'static, StudioApp>| {
         h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
         for _ in 0..10 {
             h.step();
         }
         // The window's own area (its title is the button's label too).
-        let id = egui::Id::new(zimage_studio::ui::settings::SETTINGS_WINDOW);
+        let id = egui::Id::unique(zimage_studio::ui::settings::SETTINGS_WINDOW);
         h.ctx.memory(|m| m.area_rect(id)).expect("the Settings window")
     };
     let short = open_settings(&mut h);
@@ -1694,9 +1697,7 @@ fn settings_grow_with_the_window() {
 /// time on the right of the status bar, not drawn under it.
 #[test]
 fn a_long_live_error_is_cut_before_the_right_of_the_status_bar() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(700.0, 500.0));
+    let (_dir, mut h) = test_window(egui::vec2(700.0, 500.0));
     wait_until(&mut h, "models to load", models_ready);
     let long = format!("cannot read {}", "/a/very/long/folder/name".repeat(10));
     h.state_mut().live_status = LiveStatus::Error(long.clone());
@@ -1711,9 +1712,7 @@ fn a_long_live_error_is_cut_before_the_right_of_the_status_bar() {
 /// dismissed; a long message is cut short, its whole text on hover.
 #[test]
 fn notes_fade_and_errors_stay_in_the_status_bar() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(700.0, 500.0));
+    let (_dir, mut h) = test_window(egui::vec2(700.0, 500.0));
     h.step();
     let long = format!("saved {}", "/a/very/long/folder/name".repeat(20));
     h.state_mut().info(long.clone());
@@ -1966,9 +1965,7 @@ fn chinese_prompts_and_symbols_have_glyphs_when_fallback_fonts_are_installed() {
 
 #[test]
 fn settings_show_the_memory_plan_in_force_and_change_it() {
-    let dir = tempfile::tempdir().unwrap();
-    write_test_settings(dir.path(), |_| {});
-    let mut h = harness_of_size(dir.path(), egui::vec2(1280.0, 1600.0));
+    let (dir, mut h) = test_window(egui::vec2(1280.0, 1600.0));
     wait_until(&mut h, "models to load", models_ready);
     wait_until(&mut h, "a memory report", |a| a.memory.is_some());
     h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);

@@ -16,7 +16,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
         return;
     }
     let mut open = true;
-    egui::Window::new("Settings").id(egui::Id::new(SETTINGS_WINDOW)).open(&mut open).collapsible(false).default_width(600.0)
+    egui::Window::new("Settings").id(egui::Id::unique(SETTINGS_WINDOW)).open(&mut open).collapsible(false).default_width(600.0)
         .min_width(600.0).max_height(ctx.content_rect().height() - 80.0)
         // As tall as the window allows: its sections scroll, and a short
         // default hid most of them below the first screen. The minimum of
