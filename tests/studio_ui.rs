@@ -1201,6 +1201,44 @@ fn grid_done(app: &StudioApp) -> bool {
     app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
 }
 
+/// A restart keeps the variations grid: its images in order, the cursor on
+/// the cell it was on, and the triage goes on from there.
+#[test]
+fn a_restart_keeps_the_variations_grid_and_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_grid(dir.path(), "a teapot", |_| {});
+    wait_until(&mut h, "3 variations", grid_done);
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.key_press(Key::K);
+    h.step();
+    let ids: Vec<String> = h.state().variations.iter().map(|c| c.id.clone().unwrap()).collect();
+    let settings = dir.path().join("settings.json");
+    let kept = |_: &StudioApp| {
+        std::fs::read_to_string(&settings).is_ok_and(|t| t.contains(&ids[2]) && t.contains("grid_cursor"))
+    };
+    wait_until(&mut h, "the grid kept", kept);
+    drop(h);
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    let app = h.state();
+    assert_eq!(app.variations.iter().map(|c| c.id.clone().unwrap()).collect::<Vec<_>>(), ids);
+    assert_eq!(app.var_cursor, 1, "the cursor on the cell it was on");
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num2);
+    h.step();
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.key_press(Key::S);
+    h.step();
+    let marks: Vec<Mark> = ids.iter().map(|id| h.state().history.get(id).unwrap().mark).collect();
+    assert_eq!(marks, vec![Mark::None, Mark::Kept, Mark::Starred]);
+    h.get_by_label("Refine 2 kept with Base");
+}
+
 /// A restart keeps the settings as they were: after a grid, the seed set,
 /// not the seed of the grid's last cell (the newest image, shown).
 #[test]

@@ -70,6 +70,10 @@ pub struct Settings {
     /// The text in the prompt box, rendered or not; `None` in files written
     /// before it was kept (the newest image's prompt is taken then).
     pub prompt: Option<String>,
+    /// The variations grid's finished images (history ids, in grid order)
+    /// and the one under its cursor: a restart keeps a triage where it was.
+    pub grid: Vec<String>,
+    pub grid_cursor: Option<String>,
 }
 
 /// One LoRA in a model's list.
@@ -130,6 +134,8 @@ impl Default for Settings {
             live_speeds: Default::default(),
             grid_thumbnail: crate::state::MIN_VARIATION_SIDE,
             prompt: None,
+            grid: Vec::new(),
+            grid_cursor: None,
         }
     }
 }

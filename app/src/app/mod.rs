@@ -397,6 +397,7 @@ impl StudioApp {
         } else if let Some(prompt) = &app.settings.prompt {
             app.prompt = prompt.clone();
         }
+        app.restore_grid();
         app.engine.load_models(model_config);
         app
     }
@@ -585,7 +586,7 @@ impl StudioApp {
     /// Settings are written one second after the last change (not on every
     /// slider tick, and not only on exit: a killed app would lose them).
     fn autosave_settings(&mut self, ctx: &egui::Context) {
-        self.keep_prompt();
+        self.keep_session();
         if self.settings == self.saved_settings {
             self.settings_changed_at = None;
             return;
@@ -714,12 +715,37 @@ impl StudioApp {
         self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
     }
 
-    /// The prompt box's text into the settings, so that a restart (or a
-    /// crash) does not lose what was typed and not rendered.
-    fn keep_prompt(&mut self) {
+    /// The prompt box's text and the variations grid into the settings, so
+    /// that a restart (or a crash) loses neither what was typed and not
+    /// rendered nor a triage half done.
+    fn keep_session(&mut self) {
         if self.settings.prompt.as_deref() != Some(self.prompt.as_str()) {
             self.settings.prompt = Some(self.prompt.clone());
         }
+        let finished = self.variations.iter().filter_map(|c| c.id.as_ref());
+        if !finished.clone().eq(self.settings.grid.iter()) {
+            self.settings.grid = finished.cloned().collect();
+        }
+        let cursor = self.variations.get(self.var_cursor).and_then(|c| c.id.as_ref());
+        if cursor != self.settings.grid_cursor.as_ref() {
+            self.settings.grid_cursor = cursor.cloned();
+        }
+    }
+
+    /// The grid kept by [`Self::keep_session`], its images still in the
+    /// history; each cell gets a job id no engine job has (they count up
+    /// from 1), so no engine event is taken for one of them.
+    fn restore_grid(&mut self) {
+        let cells = self.settings.grid.iter().filter_map(|id| self.history.get(id));
+        self.variations = cells
+            .enumerate()
+            .map(|(i, e)| {
+                let steps = e.meta.steps as usize;
+                VariationCell { job: JobId::MAX - i as JobId, seed: e.meta.seed, id: Some(e.id.clone()), progress: (steps, steps), error: None }
+            })
+            .collect();
+        let cursor = self.settings.grid_cursor.as_ref();
+        self.var_cursor = self.variations.iter().position(|c| c.id.as_ref() == cursor).unwrap_or(0);
     }
 
     pub fn persist_settings(&mut self) {
@@ -820,7 +846,7 @@ impl eframe::App for StudioApp {
     }
 
     fn on_exit(&mut self) {
-        self.keep_prompt();
+        self.keep_session();
         self.persist_settings();
         let _ = self.history.save();
     }
