@@ -1196,6 +1196,16 @@ fn start_grid(dir: &Path, prompt: &str, edit: impl FnOnce(&mut Settings)) -> Har
     h
 }
 
+/// A finished grid of "a teapot" (3 cells), the prompt box left so that
+/// single keys triage.
+fn triage_grid(dir: &Path) -> Harness<'static, StudioApp> {
+    let mut h = start_grid(dir, "a teapot", |_| {});
+    wait_until(&mut h, "3 variations", grid_done);
+    h.key_press(Key::Escape);
+    h.step();
+    h
+}
+
 /// Every cell of the grid (3 with the test settings) has its image.
 fn grid_done(app: &StudioApp) -> bool {
     app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
@@ -1206,10 +1216,7 @@ fn grid_done(app: &StudioApp) -> bool {
 #[test]
 fn a_restart_keeps_the_variations_grid_and_its_cursor() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = start_grid(dir.path(), "a teapot", |_| {});
-    wait_until(&mut h, "3 variations", grid_done);
-    h.key_press(Key::Escape);
-    h.step();
+    let mut h = triage_grid(dir.path());
     h.key_press(Key::ArrowRight);
     h.step();
     h.key_press(Key::K);
@@ -1415,10 +1422,7 @@ fn click_at(h: &mut Harness<'static, StudioApp>, pos: egui::Pos2, double: bool) 
 #[test]
 fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = start_grid(dir.path(), "a teapot", |_| {});
-    wait_until(&mut h, "3 variations", grid_done);
-    h.key_press(Key::Escape);
-    h.step();
+    let mut h = triage_grid(dir.path());
     h.step();
     let frame = h.ctx.global_style().visuals.selection.stroke.color;
     let is_frame = |p: &[u8]| p.iter().zip(frame.to_array()).take(3).all(|(a, b)| a.abs_diff(b) <= 8);
@@ -1500,10 +1504,7 @@ fn a_large_grid_scrolls_and_the_cursor_stays_in_view() {
 #[test]
 fn the_history_is_cleaned_up_after_a_confirmation() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = start_grid(dir.path(), "a teapot", |_| {});
-    wait_until(&mut h, "3 variations", grid_done);
-    h.key_press(Key::Escape);
-    h.step();
+    let mut h = triage_grid(dir.path());
     for k in [Key::K, Key::ArrowRight, Key::X] {
         h.key_press(k);
         h.step();
