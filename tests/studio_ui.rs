@@ -1662,6 +1662,45 @@ fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
     assert!(h.query_by_label_contains("edited: Enter or Apply").is_none());
 }
 
+/// A mistyped model path applied in Settings leaves the working model
+/// loaded and saved: the error is said under the field and in the status
+/// bar, the typed text stays to be mended, and the live image still renders.
+#[test]
+fn a_mistyped_model_path_keeps_the_working_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        s.turbo_model = Some(fixture("tiny-turbo"));
+        s.base_model = Some(fixture("tiny-base"));
+    });
+    let mut h = harness_sized(dir.path(), None, None, egui::vec2(1280.0, 1600.0));
+    wait_until(&mut h, "models to load", models_ready);
+    let before = Some(fixture("tiny-turbo"));
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, "Turbo model").focus();
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::A);
+    type_text(&mut h, "/no/such/turbo");
+    h.key_press(Key::Enter);
+    h.step();
+    wait_until(&mut h, "the refusal", |a| a.model_rejected.contains_key(&ModelSlot::Turbo));
+    for _ in 0..3 {
+        h.step();
+    }
+    let why = format!("/no/such/turbo: no such file or folder; still using {}", fixture("tiny-turbo"));
+    h.get_by_label(&why);
+    assert_eq!(h.state().message.as_ref().map(|m| m.text.as_str()), Some(format!("Turbo model not changed: {why}").as_str()));
+    assert!(matches!(h.state().models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. })), "{:?}", h.state().models);
+    assert_eq!(h.state().settings.turbo_model, before);
+    assert_eq!(Settings::load(&Paths::at(dir.path())).0.turbo_model, before, "the saved model is the working one");
+    assert_eq!(h.state().settings_form[0], "/no/such/turbo", "the typed text stays to be mended");
+    h.get_by_label_contains("edited: Enter or Apply");
+    h.key_press(Key::Escape);
+    h.step();
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live image", live_done);
+}
+
 /// Ctrl+H (or the top bar's History toggle) hides the history panel, which
 /// gives the image the room in a small window; the choice is kept.
 #[test]

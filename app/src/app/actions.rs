@@ -175,6 +175,7 @@ impl StudioApp {
                 self.settings.base_model = opt(base);
                 self.settings.output_dir = opt(output).map(PathBuf::from);
                 self.cli_override = false;
+                self.model_rejected.clear();
                 self.reload_models();
                 // No "loading" note here: the top bar's model chips show each
                 // load's stage live, and a note would outlast the load.

@@ -83,6 +83,19 @@ impl StudioApp {
                 }
                 self.models.insert(slot, state);
             }
+            Event::ModelRejected { slot, model: _, message, kept } => {
+                // The engine kept the working model: so do the settings (the
+                // typed path stays in the form, to be mended).
+                match slot {
+                    ModelSlot::Turbo => self.settings.turbo_model = kept.clone(),
+                    ModelSlot::Base => self.settings.base_model = kept.clone(),
+                }
+                self.reload_models();
+                let kept = kept.as_deref().unwrap_or("the loaded one");
+                let why = format!("{message}; still using {kept}");
+                self.error(format!("{} model not changed: {why}", slot.label()));
+                self.model_rejected.insert(slot, why);
+            }
             Event::Loras { slot, state } => {
                 if let Some(e) = &state.error {
                     self.error(format!("{} LoRAs: {e}", slot.label()));

@@ -194,6 +194,9 @@ pub struct StudioApp {
     /// Whether the CLI overrides the saved models for this run.
     pub cli_override: bool,
     pub models: HashMap<ModelSlot, ModelState>,
+    /// Why the model last asked for a slot was refused (the working one kept),
+    /// shown under its Settings field until the next change of models.
+    pub model_rejected: HashMap<ModelSlot, String>,
     pub prompt: String,
     pub view: View,
     pub live_status: LiveStatus,
@@ -323,6 +326,7 @@ impl StudioApp {
             model_config: model_config.clone(),
             cli_override,
             models: HashMap::new(),
+            model_rejected: HashMap::new(),
             view: View::Live,
             live_status: LiveStatus::Idle,
             dirty_at: None,
@@ -513,6 +517,7 @@ impl StudioApp {
     }
 
     fn use_model(&mut self, slot: ModelSlot, model: String) {
+        self.model_rejected.remove(&slot);
         match slot {
             ModelSlot::Turbo => {
                 self.settings.turbo_model = Some(model.clone());

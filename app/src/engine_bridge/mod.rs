@@ -109,6 +109,21 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The model (path or built-in name) configured for `slot`.
+    pub fn model(&self, slot: ModelSlot) -> &Option<String> {
+        match slot {
+            ModelSlot::Turbo => &self.turbo,
+            ModelSlot::Base => &self.base,
+        }
+    }
+
+    fn model_mut(&mut self, slot: ModelSlot) -> &mut Option<String> {
+        match slot {
+            ModelSlot::Turbo => &mut self.turbo,
+            ModelSlot::Base => &mut self.base,
+        }
+    }
+
     fn loras(&self, slot: ModelSlot) -> &[LoraChoice] {
         match slot {
             ModelSlot::Turbo => &self.turbo_loras,
@@ -229,6 +244,14 @@ pub enum Event {
     Model {
         slot: ModelSlot,
         state: ModelState,
+    },
+    /// `model` was asked for `slot` but its files failed their check, so the
+    /// working model `kept` stays loaded (its state is unchanged).
+    ModelRejected {
+        slot: ModelSlot,
+        model: String,
+        message: String,
+        kept: Option<String>,
     },
     /// The LoRAs now applied to a model (after loading it or a LoRA change).
     Loras {

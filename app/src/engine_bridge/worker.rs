@@ -671,12 +671,26 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    fn load(&mut self, config: ModelConfig) {
+    fn load(&mut self, mut config: ModelConfig) {
         // A paused job would go on with other weights (a LoRA, a model):
         // it starts again from its first step.
         if let Some((id, spec, _)) = self.paused.take() {
             self.queue.paused = None;
             self.queue.jobs.push_front((id, spec));
+        }
+        // A new model whose files fail their check does not replace a working
+        // one: a mistyped path or a broken download would otherwise leave the
+        // user with no model at all. The check reads headers only.
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            let (new, old) = (config.model(slot).clone(), self.config.model(slot).clone());
+            let working = matches!(self.model_state.get(&slot), Some(ModelState::Ready { .. }));
+            let Some(arg) = new.filter(|_| working && config.model(slot) != &old) else { continue };
+            let checked = loader::locate_model(&arg, &ModelOverrides::default())
+                .and_then(|files| loader::plan_model::<B>(&files, &self.device).map(drop));
+            if let Err(e) = checked {
+                self.out.emit(Event::ModelRejected { slot, model: arg, message: one_line(&e.to_string()), kept: old.clone() });
+                *config.model_mut(slot) = old;
+            }
         }
         // Same models, everything they name already loaded: at most the LoRAs
         // or the memory plan change.
@@ -1418,6 +1432,54 @@ mod tests {
             evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("Turbo"))),
             "{evs:?}"
         );
+    }
+
+    /// A copy of the tiny Base whose DiT file is cut in half (its other parts linked).
+    fn truncated_base(dir: &std::path::Path) -> String {
+        let base = PathBuf::from(fixture("tiny-base")).canonicalize().expect("fixture");
+        let copy = dir.join("broken-base");
+        std::fs::create_dir_all(copy.join("transformer")).expect("dir");
+        for part in ["text_encoder", "vae", "tokenizer", "scheduler", "model_index.json"] {
+            std::os::unix::fs::symlink(base.join(part).canonicalize().expect("part"), copy.join(part)).expect("link");
+        }
+        let dit = base.join("transformer");
+        std::fs::copy(dit.join("config.json"), copy.join("transformer/config.json")).expect("config");
+        let bytes = std::fs::read(dit.join("diffusion_pytorch_model.safetensors")).expect("weights");
+        std::fs::write(copy.join("transformer/diffusion_pytorch_model.safetensors"), &bytes[..bytes.len() / 2]).expect("cut");
+        copy.display().to_string()
+    }
+
+    #[test]
+    fn a_broken_model_does_not_replace_a_working_one() {
+        let (mut h, _) = engine();
+        let ready = |e: &[Event], slot| e.iter().any(|e| matches!(e, Event::Model { slot: s, state: ModelState::Ready { .. } } if *s == slot));
+        collect(&mut h, |e| ready(e, ModelSlot::Turbo) && ready(e, ModelSlot::Base));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broken = truncated_base(dir.path());
+        h.load_models(ModelConfig { turbo: Some("/nonexistent/model".into()), base: Some(broken.clone()), ..Default::default() });
+        let rejected = |e: &[Event], slot| e.iter().any(|e| matches!(e, Event::ModelRejected { slot: s, .. } if *s == slot));
+        let evs = collect(&mut h, |e| rejected(e, ModelSlot::Turbo) && rejected(e, ModelSlot::Base));
+        for e in &evs {
+            match e {
+                Event::ModelRejected { slot: ModelSlot::Turbo, model, message, kept } => {
+                    assert_eq!(model, "/nonexistent/model");
+                    assert!(message.contains("/nonexistent/model") && !message.contains('\n'), "{message}");
+                    assert_eq!(kept.as_deref(), Some(fixture("tiny-turbo").as_str()));
+                }
+                Event::ModelRejected { slot: ModelSlot::Base, model, message, .. } => {
+                    assert_eq!(model, &broken);
+                    assert!(message.contains("truncated"), "{message}");
+                }
+                Event::Model { .. } => panic!("the working models must stay as they are: {evs:?}"),
+                _ => {}
+            }
+        }
+        // Both still draw.
+        for (slot, kind) in [(ModelSlot::Turbo, ModelKind::Turbo), (ModelSlot::Base, ModelKind::Base)] {
+            let id = h.submit(JobSpec { kind: JobKind::Variation, slot, request: request("a red fox", kind) });
+            let evs = collect(&mut h, |e| finished(e, id));
+            assert!(evs.iter().any(|e| matches!(e, Event::Finished { id: i, .. } if *i == id)), "{evs:?}");
+        }
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                     ui.add_space(98.0);
                     ui.colored_label(color, text);
                 });
+                if let Some(why) = app.model_rejected.get(&slot) {
+                    ui.horizontal(|ui| {
+                        ui.add_space(98.0);
+                        ui.colored_label(ui.visuals().error_fg_color, why);
+                    });
+                }
             }
         }
         ui.weak(format!("Images are saved to {}", app.output_dir().display()));
@@ -135,7 +141,11 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             }
             let parts: Vec<String> = m.resident.iter().map(|(n, b)| format!("{n} {}", human_bytes(*b))).collect();
             let device = app.device_name.as_deref().unwrap_or("the device");
-            ui.label(format!("Resident weights on {device}: {} ({})", human_bytes(m.weights_total()), parts.join(", ")));
+            if parts.is_empty() {
+                ui.label(format!("Resident weights on {device}: none"));
+            } else {
+                ui.label(format!("Resident weights on {device}: {} ({})", human_bytes(m.weights_total()), parts.join(", ")));
+            }
             if !m.parked.is_empty() {
                 ui.weak(format!("Parked (reloaded when a job needs it): {}", m.parked.join(", ")));
                 if !m.read_ahead.is_empty() {
