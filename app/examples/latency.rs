@@ -10,6 +10,8 @@
 //! frame time (logic + layout + drawing, what `App::logic` + `App::ui` cost)
 //! while the engine renders 4 variations; plus the whole harness frame with
 //! wgpu rendering on this machine's GPU/CPU rasteriser, for reference.
+//! `ZIMAGE_BENCH_HISTORY=N` starts each size with a history of N earlier
+//! images (months of use), to show what a long history costs each frame.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -38,6 +40,30 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Writes a history of `n` variations (one shared small image) into `paths`.
+fn prefill_history(paths: &Paths, n: usize) {
+    use zimage_engine::metadata::{self, GenerationMetadata};
+    use zimage_studio::engine_bridge::JobKind;
+    use zimage_studio::history::HistoryEntry;
+    std::fs::create_dir_all(paths.images_dir()).expect("images dir");
+    let meta = GenerationMetadata { prompt: "a lighthouse on a cliff at dusk, oil painting".into(), ..Default::default() };
+    metadata::save_png(&paths.images_dir().join("old.png"), &[90; 64 * 64 * 3], 64, 64, &meta).expect("image");
+    let entries: Vec<HistoryEntry> = (0..n)
+        .map(|i| HistoryEntry {
+            id: format!("{:06}", i + 1),
+            slot: ModelSlot::Turbo,
+            job: JobKind::Variation,
+            meta: GenerationMetadata { seed: i as u64, prompt: format!("{} {i}", meta.prompt), ..meta.clone() },
+            parent: None,
+            mark: Default::default(),
+            elapsed_ms: 30,
+            file: "old.png".into(),
+        })
+        .collect();
+    let json = serde_json::json!({ "version": 1, "next_id": n + 1, "entries": entries });
+    std::fs::write(paths.history_file(), json.to_string()).expect("history");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
@@ -46,13 +72,17 @@ fn main() {
         _ => (fixtures.join("tiny-turbo").display().to_string(), fixtures.join("tiny-base").display().to_string(), &args[..]),
     };
     let sizes: Vec<u32> = if rest.is_empty() { vec![64, 256, 512] } else { rest.iter().filter_map(|s| s.parse().ok()).collect() };
-    println!("model: {turbo}");
+    let history: usize = std::env::var("ZIMAGE_BENCH_HISTORY").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    println!("model: {turbo}; history at start: {history} images");
     println!("| size | steps | adaptive quiet period (median, included) | keystroke → first preview (median) | keystroke → final image (median) | UI frame wall p50 / p95 / max while busy | UI thread CPU per frame p95 / max | harness frame incl. wgpu render p50 / p95 |");
     println!("|---|---|---|---|---|---|---|---|");
     for size in sizes {
         let dir = tempfile::tempdir().expect("temp dir");
         let settings = Settings { width: size, height: size, size_chosen: true, variations: 4, ..Settings::default() };
         settings.save(&Paths::at(dir.path())).expect("settings");
+        if history > 0 {
+            prefill_history(&Paths::at(dir.path()), history);
+        }
         let options = StudioOptions { paths: Paths::at(dir.path()), turbo: Some(turbo.clone()), base: Some(base.clone()), device: Some("cpu".into()), open: Vec::new() };
         let mut h = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).wgpu().build_eframe(move |cc| StudioApp::new(&cc.egui_ctx, options));
         wait(&mut h, |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. })));

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::preview::RgbImage;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine_bridge::{BackgroundIo, IoResult, JobKind, ModelSlot};
@@ -45,19 +46,33 @@ impl HistoryEntry {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The index as read (its `version`, written as 1, has not changed yet).
+#[derive(Debug, Default, Deserialize)]
 struct HistoryFile {
-    version: u32,
     next_id: u64,
     entries: Vec<HistoryEntry>,
+}
+
+/// [`HistoryFile`] as written: borrowed from a snapshot of the entries.
+#[derive(Serialize)]
+struct HistoryFileOut<'a> {
+    version: u32,
+    next_id: u64,
+    entries: Vec<&'a HistoryEntry>,
 }
 
 pub struct History {
     paths: Paths,
     next_id: u64,
-    pub entries: Vec<HistoryEntry>,
+    /// Shared, so that writing the index takes a snapshot of pointers on the
+    /// UI thread and does the serialising (megabytes for a long history) on
+    /// the disk thread; an entry changed meanwhile is copied first.
+    pub entries: Vec<Arc<HistoryEntry>>,
     /// When set, files are written on the disk thread (the app); else here (tests).
     io: Option<BackgroundIo>,
+    /// The newest index write asked for: an older one still queued behind it
+    /// is skipped, as the newer one writes everything it would.
+    index_writes: Arc<AtomicU64>,
 }
 
 /// Unmarked live results beyond this many are pruned (typing makes many).
@@ -81,7 +96,14 @@ impl History {
     /// that cannot be read cost only themselves.
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.history_file();
-        let empty = Self { paths: paths.clone(), next_id: 1, entries: Vec::new(), io: None };
+        let at = |next_id: u64, entries: Vec<HistoryEntry>| Self {
+            paths: paths.clone(),
+            next_id,
+            entries: entries.into_iter().map(Arc::new).collect(),
+            io: None,
+            index_writes: Arc::default(),
+        };
+        let empty = at(1, Vec::new());
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty, None),
@@ -90,7 +112,7 @@ impl History {
         let (e, (next_id, entries, unread)) = match serde_json::from_str::<HistoryFile>(&text) {
             Ok(h) => {
                 let next_id = h.next_id.max(h.entries.len() as u64 + 1);
-                return (Self { paths: paths.clone(), next_id, entries: h.entries, io: None }, None);
+                return (at(next_id, h.entries), None);
             }
             Err(e) => match readable_entries(&text) {
                 Some(readable) => (e, readable),
@@ -111,7 +133,7 @@ impl History {
             copy.display()
         );
         let next_id = next_id.max(entries.len() as u64 + 1);
-        (Self { paths: paths.clone(), next_id, entries, io: None }, Some(warning))
+        (at(next_id, entries), Some(warning))
     }
 
     pub fn set_io(&mut self, io: BackgroundIo) {
@@ -138,11 +160,11 @@ impl History {
     }
 
     pub fn get(&self, id: &str) -> Option<&HistoryEntry> {
-        self.entries.iter().find(|e| e.id == id)
+        self.entries.iter().find(|e| e.id == id).map(|e| &**e)
     }
 
     pub fn get_mut(&mut self, id: &str) -> Option<&mut HistoryEntry> {
-        self.entries.iter_mut().find(|e| e.id == id)
+        self.entries.iter_mut().find(|e| e.id == id).map(Arc::make_mut)
     }
 
     pub fn image_path(&self, entry: &HistoryEntry) -> PathBuf {
@@ -157,7 +179,7 @@ impl History {
         let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
         let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file };
         let written = self.write_image(&entry, image);
-        self.entries.push(entry);
+        self.entries.push(Arc::new(entry));
         self.prune();
         let saved = self.save();
         (id, written.and(saved))
@@ -234,10 +256,16 @@ impl History {
     }
 
     pub fn save(&self) -> Result<()> {
-        let file = HistoryFile { version: 1, next_id: self.next_id, entries: self.entries.clone() };
-        let json = serde_json::to_vec_pretty(&file)?;
+        let (next_id, snapshot) = (self.next_id, self.entries.clone());
         let (dir, path) = (self.paths.data_dir.clone(), self.paths.history_file());
+        let (writes, this) = (self.index_writes.clone(), self.index_writes.fetch_add(1, Ordering::SeqCst) + 1);
         self.run_io(Box::new(move || {
+            // Typing adds images faster than a long index is written: only the newest write is done.
+            if writes.load(Ordering::SeqCst) != this {
+                return Ok(());
+            }
+            let file = HistoryFileOut { version: 1, next_id, entries: snapshot.iter().map(|e| &**e).collect() };
+            let json = serde_json::to_vec_pretty(&file)?;
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             metadata::write_file_atomic(&path, &json)?;
             Ok(())
@@ -276,6 +304,39 @@ mod tests {
 
     fn img() -> RgbImage {
         RgbImage { width: 4, height: 2, pixels: (0..24).collect() }
+    }
+
+    /// Index writes queued behind a busy disk thread are done once, from
+    /// the newest snapshot: the file ends with every entry and every mark,
+    /// including a change made after the writes were queued.
+    #[test]
+    fn queued_index_writes_end_with_the_newest_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let (mut h, _) = History::load(&paths);
+        h.set_io(BackgroundIo::spawn(Arc::new(|| {})));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        h.io().unwrap().run(Box::new(move || {
+            let _ = hold.recv();
+            IoResult::Done
+        }));
+        let meta = GenerationMetadata { prompt: "fox".into(), ..Default::default() };
+        let ids: Vec<String> = (0..300)
+            .map(|seed| {
+                let meta = GenerationMetadata { seed, ..meta.clone() };
+                h.add(ModelSlot::Turbo, JobKind::Variation, meta, None, 12, Arc::new(img())).0
+            })
+            .collect();
+        assert!(!paths.history_file().exists(), "nothing written while the disk thread is busy");
+        h.get_mut(&ids[7]).unwrap().mark = Mark::Starred;
+        h.save().unwrap();
+        release.send(()).unwrap();
+        drop(h); // the disk thread finishes its queue
+        let (back, warn) = History::load(&paths);
+        assert!(warn.is_none());
+        assert_eq!(back.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(back.get(&ids[7]).unwrap().mark, Mark::Starred);
+        assert_eq!(back.entries[299].meta.seed, 299);
     }
 
     #[test]

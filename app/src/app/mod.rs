@@ -714,7 +714,7 @@ impl StudioApp {
     pub fn listed_history(&self) -> Vec<String> {
         let filter = self.history_filter;
         let words: Vec<String> = self.history_search.split_whitespace().map(str::to_lowercase).collect();
-        let shown = |e: &&crate::history::HistoryEntry| {
+        let shown = |e: &&Arc<crate::history::HistoryEntry>| {
             filter.shows(e.slot == ModelSlot::Base, e.mark) && state::prompt_matches(&e.meta.prompt, e.meta.seed, &words)
         };
         self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
