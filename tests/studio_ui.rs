@@ -1246,6 +1246,41 @@ fn a_restart_keeps_the_variations_grid_and_its_cursor() {
     h.get_by_label("Refine 2 kept with Base");
 }
 
+/// A history image whose file was deleted by hand says so, in the canvas,
+/// in the status bar (once) and on its thumbnail, instead of an empty
+/// canvas asking for a prompt; the other images still show.
+#[test]
+fn a_history_image_whose_file_is_gone_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = triage_grid(dir.path());
+    let ids: Vec<String> = h.state().variations.iter().map(|c| c.id.clone().unwrap()).collect();
+    drop(h);
+    let gone = Paths::at(dir.path()).images_dir().join(&zimage_studio::history::History::load(&Paths::at(dir.path())).0.get(&ids[0]).unwrap().file);
+    std::fs::remove_file(&gone).unwrap();
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    h.key_press(Key::Escape);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num1);
+    h.step();
+    while h.state().current.as_deref() != Some(ids[0].as_str()) {
+        let before = h.state().current.clone();
+        h.key_press(Key::ArrowDown);
+        h.step();
+        assert_ne!(h.state().current, before, "Down moves to an older image");
+    }
+    let thumb = format!("thumb:{}", ids[0]);
+    wait_until(&mut h, "the failed read", |a| a.unreadable.contains_key(&ids[0]) && a.unreadable.contains_key(&thumb));
+    h.step();
+    let why = format!("{} is missing (moved or deleted?)", gone.display());
+    h.get_by_label(&format!("#{}: {why}", ids[0]));
+    assert_eq!(h.state().unreadable[&ids[0]], why);
+    assert!(h.state().images.contains(&format!("thumb:{}", ids[1])), "the other images still show");
+    h.key_press(Key::ArrowUp);
+    h.step();
+    wait_until(&mut h, "the newer image", |a| a.current.as_ref().is_some_and(|c| a.images.contains(c)));
+}
+
 /// A restart keeps the settings as they were: after a grid, the seed set,
 /// not the seed of the grid's last cell (the newest image, shown).
 #[test]

@@ -195,9 +195,11 @@ impl History {
         }))
     }
 
-    /// Reads an entry's image back from disk.
+    /// Reads an entry's image back from disk; the error is one line
+    /// ([`unreadable_image`]).
     pub fn load_image(&self, entry: &HistoryEntry) -> Result<RgbImage> {
-        read_rgb(&self.image_path(entry))
+        let path = self.image_path(entry);
+        read_rgb(&path).map_err(|e| anyhow::anyhow!(unreadable_image(&path, &e)))
     }
 
     fn prune(&mut self) {
@@ -286,9 +288,18 @@ impl History {
                 };
                 IoResult::Loaded { key, image }
             }
-            Err(e) => IoResult::Error(crate::save::one_line_error(&e)),
+            Err(e) => IoResult::Unreadable { key, message: unreadable_image(&path, &e) },
         }));
         true
+    }
+}
+
+/// Why a history image cannot be shown, in one line: its file is missing
+/// (the usual case: moved or deleted by hand), or it cannot be decoded.
+pub fn unreadable_image(path: &std::path::Path, e: &anyhow::Error) -> String {
+    match std::fs::metadata(path) {
+        Err(m) if m.kind() == std::io::ErrorKind::NotFound => format!("{} is missing (moved or deleted?)", path.display()),
+        _ => crate::save::one_line_error(e),
     }
 }
 
@@ -337,6 +348,24 @@ mod tests {
         assert_eq!(back.entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids);
         assert_eq!(back.get(&ids[7]).unwrap().mark, Mark::Starred);
         assert_eq!(back.entries[299].meta.seed, 299);
+    }
+
+    /// A deleted image file is said as missing; a damaged one names the file.
+    #[test]
+    fn an_image_file_gone_or_damaged_is_one_plain_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        let (mut h, _) = History::load(&paths);
+        let meta = GenerationMetadata { prompt: "fox".into(), ..Default::default() };
+        let (a, _) = h.add(ModelSlot::Turbo, JobKind::Variation, meta.clone(), None, 12, Arc::new(img()));
+        let (b, _) = h.add(ModelSlot::Turbo, JobKind::Variation, meta, None, 12, Arc::new(img()));
+        let (pa, pb) = (h.image_path(h.get(&a).unwrap()), h.image_path(h.get(&b).unwrap()));
+        std::fs::remove_file(&pa).unwrap();
+        std::fs::write(&pb, b"not a picture").unwrap();
+        let gone = h.load_image(h.get(&a).unwrap()).unwrap_err().to_string();
+        assert_eq!(gone, format!("{} is missing (moved or deleted?)", pa.display()));
+        let damaged = h.load_image(h.get(&b).unwrap()).unwrap_err().to_string();
+        assert!(damaged.contains(&pb.display().to_string()) && !damaged.contains('\n'), "{damaged}");
     }
 
     #[test]

@@ -285,6 +285,9 @@ pub struct StudioApp {
     pub images: Images,
     /// History images being decoded on the disk thread.
     loading: HashSet<String>,
+    /// Images (or thumbnails) whose file could not be read, and why: not
+    /// asked for again, and shown as such.
+    pub unreadable: HashMap<String, String>,
     pub metrics: Metrics,
     pub focus_prompt: bool,
     /// The history panel scrolls to the selected entry (moved by the keyboard).
@@ -379,6 +382,7 @@ impl StudioApp {
             waker,
             images: Images::default(),
             loading: HashSet::new(),
+            unreadable: HashMap::new(),
             metrics: Metrics::default(),
             focus_prompt: true,
             reveal_selected: false,
@@ -433,6 +437,14 @@ impl StudioApp {
                 IoResult::Loaded { key, image } => {
                     self.loading.remove(&key);
                     self.images.put(ctx, &key, Arc::new(image));
+                }
+                IoResult::Unreadable { key, message } => {
+                    self.loading.remove(&key);
+                    // Said once, for the image itself (its thumbnail shows a mark).
+                    if !key.starts_with("thumb:") {
+                        self.error(format!("#{key}: {message}"));
+                    }
+                    self.unreadable.insert(key, message);
                 }
                 IoResult::Error(e) => self.error(format!("history folder: {e}")),
                 IoResult::Done => {}
@@ -681,7 +693,7 @@ impl StudioApp {
     /// pixels) in memory for this frame, loading it when it is not there.
     fn request(&mut self, ctx: &egui::Context, id: &str, key: String, thumb_side: Option<u32>) {
         self.images.touch(&key);
-        if self.images.contains(&key) || self.loading.contains(&key) {
+        if self.images.contains(&key) || self.loading.contains(&key) || self.unreadable.contains_key(&key) {
             return;
         }
         let shrink = |img: &RgbImage| thumb_side.map(|side| crate::images::thumbnail(img, side));
@@ -692,9 +704,16 @@ impl StudioApp {
         let Some(entry) = self.history.get(id).cloned() else { return };
         if self.history.load_in_background(&entry, key.clone(), thumb_side) {
             self.loading.insert(key);
-        } else if let Ok(img) = self.history.load_image(&entry) {
-            let img = shrink(&img).unwrap_or(img);
-            self.images.put(ctx, &key, Arc::new(img));
+        } else {
+            match self.history.load_image(&entry) {
+                Ok(img) => {
+                    let img = shrink(&img).unwrap_or(img);
+                    self.images.put(ctx, &key, Arc::new(img));
+                }
+                Err(e) => {
+                    self.unreadable.insert(key, e.to_string());
+                }
+            }
         }
     }
 

@@ -135,6 +135,8 @@ pub enum IoResult {
     Done,
     Error(String),
     Loaded { key: String, image: RgbImage },
+    /// The image for `key` could not be read (its file moved, deleted or damaged).
+    Unreadable { key: String, message: String },
 }
 
 impl BackgroundIo {

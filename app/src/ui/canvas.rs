@@ -40,7 +40,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
         None => {
             painter.rect_filled(rect, 4.0, ui.visuals().extreme_bg_color);
-            let text = app.model_problem().unwrap_or_else(|| "Type a prompt on the left; the image renders as you type.".into());
+            let unreadable = key.as_deref().and_then(|k| app.unreadable.get(k)).filter(|_| !previewing);
+            let text = match unreadable {
+                Some(why) => format!("This image cannot be shown: {why}"),
+                None => app.model_problem().unwrap_or_else(|| "Type a prompt on the left; the image renders as you type.".into()),
+            };
             // Wrapped: the message may be long (what to do when no model is set up) and the pane narrow.
             let galley = painter.layout(text, egui::FontId::proportional(15.0), ui.visuals().weak_text_color(), (rect.width() - 24.0).max(80.0));
             painter.galley(rect.center() - galley.size() / 2.0, galley, ui.visuals().weak_text_color());

@@ -69,6 +69,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                         }
                         None => {
                             ui.painter().rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+                            if let Some(why) = app.unreadable.get(&thumb) {
+                                let word = if why.contains("is missing") { "missing" } else { "unreadable" };
+                                let color = ui.visuals().error_fg_color;
+                                ui.painter().text(rect.center(), egui::Align2::CENTER_CENTER, word, egui::FontId::proportional(12.0), color);
+                            }
                         }
                     }
                     ui.vertical(|ui| {
