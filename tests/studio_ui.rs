@@ -1697,6 +1697,23 @@ fn settings_use_the_demo_models_at_once_and_enter_applies_a_path() {
     assert!(h.query_by_label_contains("edited: Enter or Apply").is_none());
 }
 
+/// A long prompt scrolls inside its box: the box stops growing at about a
+/// third of the window, and the controls under it stay on screen.
+#[test]
+fn a_long_prompt_scrolls_inside_its_box() {
+    let (_dir, mut h) = test_window(egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "models to load", models_ready);
+    let long = ["a lighthouse on a cliff at dusk with gulls over a stormy sea, oil painting"; 40].join(", ");
+    type_text(&mut h, &long);
+    for _ in 0..3 {
+        h.step();
+    }
+    // (The text field's own rect is its whole content; what matters is where the rest starts.)
+    let generate = h.get_by_label("Generate (F5)").rect();
+    assert!(generate.bottom() < 0.3 * 800.0 + 160.0, "Generate stays near the top, under the box: {generate:?}");
+    assert_eq!(h.state().prompt, long, "all of it is in the box");
+}
+
 /// A mistyped model path applied in Settings leaves the working model
 /// loaded and saved: the error is said under the field and in the status
 /// bar, the typed text stays to be mended, and the live image still renders.

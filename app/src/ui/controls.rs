@@ -24,14 +24,19 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     // The built-in demo reads only its little grammar: its hint is an example.
     let demo = app.model_config.turbo.as_deref() == Some("demo-turbo");
     let hint = if demo { format!("e.g. {EXAMPLE_PROMPT}") } else { "Describe the image… it renders as you type".into() };
-    let prompt = ui.add(
-        TextEdit::multiline(&mut app.prompt)
-            .id_salt(PROMPT_ID)
-            .desired_rows(4)
-            .desired_width(f32::INFINITY)
-            .hint_text(hint),
-    );
-    let prompt = prompt.labelled_by(label.id);
+    // A long prompt scrolls inside its box (which follows the cursor) instead
+    // of growing past the window and pushing every control out of reach.
+    let max_height = (0.3 * ui.ctx().content_rect().height()).max(90.0);
+    let prompt = egui::ScrollArea::vertical().id_salt("prompt_scroll").max_height(max_height).show(ui, |ui| {
+        ui.add(
+            TextEdit::multiline(&mut app.prompt)
+                .id_salt(PROMPT_ID)
+                .desired_rows(4)
+                .desired_width(f32::INFINITY)
+                .hint_text(hint),
+        )
+    });
+    let prompt = prompt.inner.labelled_by(label.id);
     app.prompt_id = Some(prompt.id);
     if app.focus_prompt {
         prompt.request_focus();
@@ -228,8 +233,10 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         edited = true;
     }
     let neg = ui.label("Negative prompt (Base)");
-    ui.add(TextEdit::multiline(&mut app.settings.negative_prompt).desired_rows(2).desired_width(f32::INFINITY).hint_text("used by Base when guidance > 0"))
-        .labelled_by(neg.id);
+    egui::ScrollArea::vertical().id_salt("negative_scroll").max_height(0.15 * ui.ctx().content_rect().height()).show(ui, |ui| {
+        ui.add(TextEdit::multiline(&mut app.settings.negative_prompt).desired_rows(2).desired_width(f32::INFINITY).hint_text("used by Base when guidance > 0"))
+            .labelled_by(neg.id);
+    });
 
     ui.separator();
     ui.strong("Refine with Base");
