@@ -197,14 +197,14 @@ fn the_token_count_follows_typing_with_live_off_and_after_a_restart() {
     let counted = |a: &StudioApp| a.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == a.prompt);
     let fox = h.state().prompt_tokens.clone().expect("counted with the image").1;
     h.state_mut().settings.live = false;
-    let images = h.state().history.entries.len();
+    let images = h.state().history.entries().len();
     type_text(&mut h, " in deep snow");
     wait_until(&mut h, "the count of the new text", counted);
     let snowy = h.state().prompt_tokens.as_ref().unwrap().1;
     assert!(snowy > fox, "{snowy} tokens, {fox} before three more words");
     h.step();
     h.get_by_label(&format!("{snowy} / 512 tokens"));
-    assert_eq!(h.state().history.entries.len(), images, "counted without rendering");
+    assert_eq!(h.state().history.entries().len(), images, "counted without rendering");
     // The text typed is kept (a second after the last key), rendered or not.
     let settings = dir.path().join("settings.json");
     wait_until(&mut h, "the prompt kept", |_| {
@@ -254,9 +254,9 @@ fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
     let mut h = start_and_type(dir.path(), "a red fox");
     for more in [" in snow", " at night"] {
         type_text(&mut h, more);
-        wait_until(&mut h, "the live image", |a| live_done(a) && a.history.entries.last().is_some_and(|e| e.meta.prompt.ends_with(more)));
+        wait_until(&mut h, "the live image", |a| live_done(a) && a.history.entries().last().is_some_and(|e| e.meta.prompt.ends_with(more)));
     }
-    let ids: Vec<String> = h.state().history.entries.iter().rev().map(|e| e.id.clone()).collect();
+    let ids: Vec<String> = h.state().history.entries().iter().rev().map(|e| e.id.clone()).collect();
     assert!(ids.len() >= 3, "{ids:?}");
     h.key_press(Key::Escape);
     h.step();
@@ -288,7 +288,7 @@ fn arrow_keys_scrub_through_the_history_and_k_keeps_the_image_shown() {
     assert_eq!(h.state().current.as_deref(), Some(ids[1].as_str()));
     // Without a grid, "Refine kept" refines the kept images of the history.
     h.get_by_label("Refine 1 kept with Base").click();
-    wait_until(&mut h, "the Base refine", |a| a.history.entries.iter().any(|e| e.parent.as_deref() == Some(ids[1].as_str())));
+    wait_until(&mut h, "the Base refine", |a| a.history.entries().iter().any(|e| e.parent.as_deref() == Some(ids[1].as_str())));
     h.step();
     assert!(h.query_by_label("Refine 1 kept with Base").is_none(), "refined: nothing left to refine");
 }
@@ -427,8 +427,8 @@ fn typing_again_supersedes_the_running_job() {
     wait_until(&mut h, "the second job to finish", live_done);
     let app = h.state();
     assert!(app.metrics.superseded >= 1, "the first live job must be superseded");
-    assert_eq!(app.history.entries.len(), 1, "only the newest text produced an image");
-    let meta = &app.history.entries[0].meta;
+    assert_eq!(app.history.entries().len(), 1, "only the newest text produced an image");
+    let meta = &app.history.entries()[0].meta;
     assert_eq!(meta.prompt, "a cat");
     assert_eq!(meta.seed, seed, "the seed stays fixed while typing");
 }
@@ -481,10 +481,10 @@ fn a_refine_finishing_while_the_user_types_does_not_take_the_view() {
     h.state_mut().focus_prompt = true;
     h.step();
     type_text(&mut h, " at night");
-    wait_until(&mut h, "the refine", |a| a.history.entries.iter().any(|e| e.slot == ModelSlot::Base));
+    wait_until(&mut h, "the refine", |a| a.history.entries().iter().any(|e| e.slot == ModelSlot::Base));
     h.step();
     assert_eq!(h.state().view, View::Live, "the view stays where the user is");
-    let base = h.state().history.entries.iter().find(|e| e.slot == ModelSlot::Base).unwrap().id.clone();
+    let base = h.state().history.entries().iter().find(|e| e.slot == ModelSlot::Base).unwrap().id.clone();
     assert_eq!(h.state().compare_pair, Some((turbo.clone(), base.clone())), "Ctrl+3 shows it");
     h.get_by_label_contains(&format!("Base refine of #{turbo} done"));
     assert!(h.state().prompt.ends_with("at night"), "nothing lost from the prompt");
@@ -496,7 +496,7 @@ fn cancel_both_refines(h: &mut Harness<'static, StudioApp>) {
     h.get_by_label("Cancel 2").click();
     wait_until(h, "the refines to stop", |a| a.refine_job.is_none() && !a.jobs.values().any(|j| j.kind == JobKind::Refine));
     let app = h.state();
-    assert!(app.history.entries.iter().all(|e| e.slot == ModelSlot::Turbo), "no Base image after the cancel");
+    assert!(app.history.entries().iter().all(|e| e.slot == ModelSlot::Turbo), "no Base image after the cancel");
     h.get_by_label_contains("cancelled 2 Base refines");
     assert!(h.query_by_label("Cancel").is_none(), "nothing left to cancel");
 }
@@ -513,7 +513,7 @@ fn base_refines_pause_for_the_live_image_and_can_be_cancelled() {
     h.get_by_label_contains("Base refine paused at");
     let paused_at = h.state().jobs.values().find(|j| j.paused).map(|j| j.progress.0).unwrap();
     assert!(h.state().live_waiting().is_none(), "the live image does not wait");
-    wait_until(&mut h, "the live image", |a| a.history.entries.iter().any(|e| e.meta.prompt == "a slow harbour!"));
+    wait_until(&mut h, "the live image", |a| a.history.entries().iter().any(|e| e.meta.prompt == "a slow harbour!"));
     wait_until(&mut h, "the refine to go on", |a| {
         a.jobs.values().any(|j| j.kind == JobKind::Refine && !j.paused && j.progress.0 > paused_at)
     });
@@ -540,7 +540,7 @@ fn one_refine_of_several_can_be_dropped() {
     assert!(h.state().jobs.contains_key(&ids[0]), "the running refine is untouched");
     assert!(h.query_by_label_contains("Refine queue").is_none(), "one refine left: no queue list");
     wait_until(&mut h, "the first refine's image", |a| !a.jobs.values().any(|j| j.kind == JobKind::Refine));
-    let bases = h.state().history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count();
+    let bases = h.state().history.entries().iter().filter(|e| e.slot == ModelSlot::Base).count();
     assert_eq!(bases, 1, "the dropped refine made no image");
 }
 
@@ -581,7 +581,7 @@ fn the_refine_cost_includes_loading_a_parked_base() {
     h.step();
     type_text(&mut h, "!");
     wait_until(&mut h, "the next live image", |a| {
-        a.history.entries.iter().any(|e| e.meta.prompt == "a lighthouse!") && base_parked(a)
+        a.history.entries().iter().any(|e| e.meta.prompt == "a lighthouse!") && base_parked(a)
     });
     h.step();
     h.get_by_label_contains(" to load Base");
@@ -763,7 +763,7 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     assert!(msg.error && msg.text.starts_with("save failed: cannot create the folder"), "{msg:?}");
     assert!(!msg.text.contains('\n'));
     h.get_by_label_contains("save failed");
-    assert_eq!(h.state().history.entries.len(), 1);
+    assert_eq!(h.state().history.entries().len(), 1);
 }
 
 /// With drafts on, typing renders at half size; once typing stops the draft
@@ -793,10 +793,10 @@ fn live_drafts_render_at_half_size_and_finish_at_full_size() {
     assert_eq!(full.meta.init_image.as_deref(), Some(draft.file.as_str()), "the PNG names its source");
     assert_eq!(app.live_stage(), None);
 
-    let before = app.history.entries.len();
+    let before = app.history.entries().len();
     h.key_press(Key::F5);
-    wait_until(&mut h, "the F5 image", |a| a.history.entries.len() == before + 1 && live_done(a));
-    let newest = h.state().history.entries.last().unwrap().meta.clone();
+    wait_until(&mut h, "the F5 image", |a| a.history.entries().len() == before + 1 && live_done(a));
+    let newest = h.state().history.entries().last().unwrap().meta.clone();
     assert_eq!((newest.width, newest.strength), (128, None), "F5 renders at full size from noise");
 }
 
@@ -842,8 +842,8 @@ fn the_history_search_finds_images_by_prompt_words() {
     wait_until(&mut h, "the fox", live_done);
     h.state_mut().prompt = "a blue whale".into();
     h.key_press(Key::F5);
-    wait_until(&mut h, "the whale", |a| a.history.entries.len() == 2 && live_done(a));
-    let jobs_before = h.state().history.entries.len();
+    wait_until(&mut h, "the whale", |a| a.history.entries().len() == 2 && live_done(a));
+    let jobs_before = h.state().history.entries().len();
     h.get_by_role_and_label(Role::TextInput, "Search").focus();
     h.step();
     type_text(&mut h, "WHALE blue");
@@ -856,7 +856,7 @@ fn the_history_search_finds_images_by_prompt_words() {
     h.step();
     h.get_by_label("No image's prompt holds all of these words.");
     assert_eq!(h.state().prompt, "a blue whale", "the prompt box is untouched");
-    assert_eq!(h.state().history.entries.len(), jobs_before, "nothing rendered");
+    assert_eq!(h.state().history.entries().len(), jobs_before, "nothing rendered");
 }
 
 /// A refine's cost follows its size and guidance: Base's speed is kept per
@@ -964,15 +964,15 @@ fn restarting_restores_the_history() {
     let mut h = harness(dir.path());
     h.step();
     let app = h.state();
-    assert_eq!(app.history.entries.len(), 2);
+    assert_eq!(app.history.entries().len(), 2);
     assert_eq!(app.history.get(&id).unwrap().meta, meta);
-    let base = app.history.entries.iter().find(|e| e.slot == ModelSlot::Base).unwrap();
+    let base = app.history.entries().iter().find(|e| e.slot == ModelSlot::Base).unwrap();
     assert_eq!(base.parent.as_deref(), Some(id.as_str()), "lineage survives the restart");
     let base_id = base.id.clone();
     assert_eq!(app.prompt, "a castle", "parameters of the newest image are restored");
     assert_eq!((app.settings.width, app.settings.height), (meta.width, meta.height));
     assert_eq!(app.settings.aspect, AspectPreset::Square, "a square size reads 1:1, not custom");
-    assert_eq!(app.selected, app.history.entries.last().map(|e| e.id.clone()), "and it is selected");
+    assert_eq!(app.selected, app.history.entries().last().map(|e| e.id.clone()), "and it is selected");
     h.get_by_label_contains("#000002 Base");
     // The compare view opens on the latest refine pair.
     assert!(h.state().compare_pair.is_none());
@@ -1129,9 +1129,9 @@ fn dropping_a_sketch_makes_it_the_start_image() {
     h.get_by_label("Remove").click();
     h.step();
     assert!(h.state().start_image.is_none());
-    let n = h.state().history.entries.len();
-    wait_until(&mut h, "an image from noise", |a| a.history.entries.len() > n && live_done(a));
-    let meta = h.state().history.entries.last().unwrap().meta.clone();
+    let n = h.state().history.entries().len();
+    wait_until(&mut h, "an image from noise", |a| a.history.entries().len() > n && live_done(a));
+    let meta = h.state().history.entries().last().unwrap().meta.clone();
     assert_eq!((meta.strength, meta.init_image), (None, None));
     // A result can be the next start.
     let selected = h.state().selected.clone().unwrap();
@@ -1289,7 +1289,7 @@ fn a_restart_after_a_grid_keeps_the_seed_set() {
     let mut h = start_grid(dir.path(), "a teapot", |_| {});
     wait_until(&mut h, "3 variations", grid_done);
     let seed = h.state().settings.seed;
-    let newest = h.state().history.entries.last().map(|e| (e.id.clone(), e.meta.seed)).unwrap();
+    let newest = h.state().history.entries().last().map(|e| (e.id.clone(), e.meta.seed)).unwrap();
     assert_eq!(newest.1, seed + 2, "the newest image is the last cell");
     drop(h);
     let h = harness(dir.path());
@@ -1330,12 +1330,12 @@ fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     h.get_by_label("Refine 2 kept with Base").click();
     h.step();
     wait_until(&mut h, "2 Base refines", |a| {
-        a.history.entries.iter().filter(|e| e.slot == ModelSlot::Base).count() == 2
+        a.history.entries().iter().filter(|e| e.slot == ModelSlot::Base).count() == 2
     });
     let app = h.state();
     let parents: Vec<_> = app
         .history
-        .entries
+        .entries()
         .iter()
         .filter(|e| e.slot == ModelSlot::Base)
         .map(|e| app.history.get(e.parent.as_ref().unwrap()).unwrap().meta.seed)
@@ -1554,12 +1554,12 @@ fn the_history_is_cleaned_up_after_a_confirmation() {
     }
     // The rejected cell (on screen, under the cursor) and the unmarked one.
     h.get_by_label_contains("Remove 2 images");
-    assert_eq!(h.state().history.entries.len(), 3, "nothing removed before the confirmation");
+    assert_eq!(h.state().history.entries().len(), 3, "nothing removed before the confirmation");
     h.get_by_label("Remove 2").click();
     h.step();
     h.step();
     assert!(h.state().cleanup.is_none());
-    let left: Vec<String> = h.state().history.entries.iter().map(|e| e.id.clone()).collect();
+    let left: Vec<String> = h.state().history.entries().iter().map(|e| e.id.clone()).collect();
     assert_eq!(left, [cells[0].clone()], "the kept one stays");
     assert_eq!(h.state().variations.len(), 1, "the grid lets the removed cells go");
     h.get_by_label_contains("removed 2 images from the history");
@@ -1576,12 +1576,12 @@ fn the_history_is_cleaned_up_after_a_confirmation() {
     let ctx = h.ctx.clone();
     h.state_mut().apply(&ctx, zimage_studio::app::Action::RemoveImages(vec![cells[0].clone()]));
     h.step();
-    assert!(h.state().history.entries.is_empty());
+    assert!(h.state().history.entries().is_empty());
     wait_until(&mut h, "the last file deleted", |_| files(dir.path()) == 0);
     // The index on disk agrees.
     drop(h);
     let (back, _) = zimage_studio::history::History::load(&Paths::at(dir.path()));
-    assert!(back.entries.is_empty());
+    assert!(back.entries().is_empty());
 }
 
 /// The prompt box has focus while one types, where a digit is text: Ctrl+1 /

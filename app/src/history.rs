@@ -2,7 +2,7 @@
 //! folder: `history.json` plus one PNG per image (with the same metadata the
 //! CLI writes, so an image restores its parameters even without the JSON).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -67,7 +67,12 @@ pub struct History {
     /// Shared, so that writing the index takes a snapshot of pointers on the
     /// UI thread and does the serialising (megabytes for a long history) on
     /// the disk thread; an entry changed meanwhile is copied first.
-    pub entries: Vec<Arc<HistoryEntry>>,
+    entries: Vec<Arc<HistoryEntry>>,
+    /// Where each id is in `entries`: a history of months is looked up every frame.
+    index: HashMap<String, usize>,
+    /// Counts the changes of the entries (added, removed, marked), for views
+    /// that keep what they computed from them.
+    revision: u64,
     /// When set, files are written on the disk thread (the app); else here (tests).
     io: Option<BackgroundIo>,
     /// The newest index write asked for: an older one still queued behind it
@@ -96,12 +101,18 @@ impl History {
     /// that cannot be read cost only themselves.
     pub fn load(paths: &Paths) -> (Self, Option<String>) {
         let file = paths.history_file();
-        let at = |next_id: u64, entries: Vec<HistoryEntry>| Self {
-            paths: paths.clone(),
-            next_id,
-            entries: entries.into_iter().map(Arc::new).collect(),
-            io: None,
-            index_writes: Arc::default(),
+        let at = |next_id: u64, entries: Vec<HistoryEntry>| {
+            let mut h = Self {
+                paths: paths.clone(),
+                next_id,
+                entries: entries.into_iter().map(Arc::new).collect(),
+                index: HashMap::new(),
+                revision: 0,
+                io: None,
+                index_writes: Arc::default(),
+            };
+            h.reindex();
+            h
         };
         let empty = at(1, Vec::new());
         let text = match std::fs::read_to_string(&file) {
@@ -159,12 +170,29 @@ impl History {
         }
     }
 
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> &[Arc<HistoryEntry>] {
+        &self.entries
+    }
+
+    /// Changes with every entry added, removed or changed.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.entries.iter().enumerate().map(|(i, e)| (e.id.clone(), i)).collect();
+        self.revision += 1;
+    }
+
     pub fn get(&self, id: &str) -> Option<&HistoryEntry> {
-        self.entries.iter().find(|e| e.id == id).map(|e| &**e)
+        self.index.get(id).map(|&i| &*self.entries[i])
     }
 
     pub fn get_mut(&mut self, id: &str) -> Option<&mut HistoryEntry> {
-        self.entries.iter_mut().find(|e| e.id == id).map(Arc::make_mut)
+        let i = *self.index.get(id)?;
+        self.revision += 1;
+        Some(Arc::make_mut(&mut self.entries[i]))
     }
 
     pub fn image_path(&self, entry: &HistoryEntry) -> PathBuf {
@@ -179,7 +207,9 @@ impl History {
         let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
         let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file };
         let written = self.write_image(&entry, image);
+        self.index.insert(id.clone(), self.entries.len());
         self.entries.push(Arc::new(entry));
+        self.revision += 1;
         self.prune();
         let saved = self.save();
         (id, written.and(saved))
@@ -203,10 +233,11 @@ impl History {
     }
 
     fn prune(&mut self) {
+        let parents = self.parents();
         let live_unmarked: Vec<String> = self
             .entries
             .iter()
-            .filter(|e| e.job == JobKind::Live && e.mark == Mark::None && !self.is_parent(&e.id))
+            .filter(|e| e.job == JobKind::Live && e.mark == Mark::None && !parents.contains(e.id.as_str()))
             .map(|e| e.id.clone())
             .collect();
         if live_unmarked.len() > MAX_UNMARKED_LIVE {
@@ -215,10 +246,10 @@ impl History {
         }
     }
 
-    /// Whether an image was made from this one (a Base refine, a live
-    /// image finished from its draft).
-    fn is_parent(&self, id: &str) -> bool {
-        self.entries.iter().any(|c| c.parent.as_deref() == Some(id))
+    /// The images something was made from (a Base refine, a live image
+    /// finished from its draft).
+    fn parents(&self) -> HashSet<&str> {
+        self.entries.iter().filter_map(|c| c.parent.as_deref()).collect()
     }
 
     /// What "Clean up" removes: every rejected image, and the Turbo images
@@ -226,8 +257,9 @@ impl History {
     /// kept and starred images, the other Base images and the Turbo images
     /// they were refined from stay. Oldest first.
     pub fn cleanup_candidates(&self, shown: &[&str]) -> Vec<String> {
+        let parents = self.parents();
         let unmarked_turbo = |e: &HistoryEntry| {
-            e.mark == Mark::None && e.slot == ModelSlot::Turbo && !shown.contains(&e.id.as_str()) && !self.is_parent(&e.id)
+            e.mark == Mark::None && e.slot == ModelSlot::Turbo && !shown.contains(&e.id.as_str()) && !parents.contains(e.id.as_str())
         };
         self.entries.iter().filter(|e| e.mark == Mark::Rejected || unmarked_turbo(e)).map(|e| e.id.clone()).collect()
     }
@@ -248,6 +280,7 @@ impl History {
     fn forget(&mut self, ids: &HashSet<String>) {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries).into_iter().partition(|e| ids.contains(&e.id));
         self.entries = kept;
+        self.reindex();
         for e in gone {
             let path = self.paths.images_dir().join(&e.file);
             let _ = self.run_io(Box::new(move || {

@@ -307,7 +307,7 @@ impl StudioApp {
         };
         self.image_in_view()
             .and_then(turbo_of)
-            .or_else(|| self.history.entries.iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone()))
+            .or_else(|| self.history.entries().iter().rev().find(|e| e.slot == ModelSlot::Turbo).map(|e| e.id.clone()))
     }
 
     /// The time the pending refines still need, each at its size and
@@ -570,9 +570,9 @@ impl StudioApp {
     /// Turbo images of the history marked kept or starred that have no Base
     /// refine yet, oldest first: what "Refine kept" refines without a grid.
     pub fn kept_unrefined(&self) -> Vec<String> {
-        let refined: HashSet<&str> = self.history.entries.iter().filter_map(|e| e.parent.as_deref()).collect();
+        let refined: HashSet<&str> = self.history.entries().iter().filter_map(|e| e.parent.as_deref()).collect();
         self.history
-            .entries
+            .entries()
             .iter()
             .filter(|e| e.slot == ModelSlot::Turbo && e.mark.is_kept() && !refined.contains(e.id.as_str()))
             .map(|e| e.id.clone())

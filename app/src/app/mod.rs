@@ -219,6 +219,9 @@ pub struct StudioApp {
     pub history_filter: state::HistoryFilter,
     /// Words the listed history images' prompts (or seeds) must hold.
     pub history_search: String,
+    /// What [`Self::listed_history`] last found, for the history's revision,
+    /// the filter and the search it was found for.
+    listed: std::cell::RefCell<Option<(u64, state::HistoryFilter, String, Arc<Vec<String>>)>>,
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
     /// The prompt last sent to the engine to count (see [`StudioApp::ask_token_count`]).
@@ -341,6 +344,7 @@ impl StudioApp {
             current: None,
             selected: None,
             history_filter: state::HistoryFilter::All,
+            listed: Default::default(),
             history_search: String::new(),
             prompt_tokens: None,
             count_asked: String::new(),
@@ -397,7 +401,7 @@ impl StudioApp {
         // Start where the user left off: the prompt box's text and the
         // settings as they were (not the newest image's parameters: after a
         // grid those are its last cell's seed), the newest image shown.
-        if let Some(last) = app.history.entries.last() {
+        if let Some(last) = app.history.entries().last() {
             app.prompt = app.settings.prompt.clone().unwrap_or_else(|| last.meta.prompt.clone());
             // Shown and selected: Ctrl+S, Ctrl+C and refine act on it.
             app.selected = Some(last.id.clone());
@@ -580,7 +584,7 @@ impl StudioApp {
         let pct = |p: f64| frames.get(((frames.len() as f64 - 1.0) * p).round() as usize).copied();
         let mut cpu: Vec<f64> = self.metrics.frame_cpu_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         cpu.sort_by(f64::total_cmp);
-        let mut live: Vec<u64> = self.history.entries.iter().filter(|e| e.job == JobKind::Live).map(|e| e.elapsed_ms).collect();
+        let mut live: Vec<u64> = self.history.entries().iter().filter(|e| e.job == JobKind::Live).map(|e| e.elapsed_ms).collect();
         live.sort_unstable();
         let json = serde_json::json!({
             "frame_cpu_ms_max": cpu.last(),
@@ -590,7 +594,7 @@ impl StudioApp {
             "frame_ms_p50": pct(0.5),
             "frame_ms_p95": pct(0.95),
             "frame_ms_max": frames.last(),
-            "history": self.history.entries.len(),
+            "history": self.history.entries().len(),
             // How live the preview was: images finished (not overtaken by the
             // next key) and their median engine time.
             "live_images": live.len(),
@@ -620,7 +624,7 @@ impl StudioApp {
     /// and the image it was refined from (both still in the history).
     pub fn refine_pairs(&self) -> Vec<(String, String)> {
         self.history
-            .entries
+            .entries()
             .iter()
             .filter(|e| e.slot == ModelSlot::Base)
             .filter_map(|e| e.parent.as_ref().filter(|p| self.history.get(p).is_some()).map(|p| (p.clone(), e.id.clone())))
@@ -730,13 +734,27 @@ impl StudioApp {
     }
 
     /// The history entries the history panel lists, newest first (its filter applied).
-    pub fn listed_history(&self) -> Vec<String> {
+    pub fn listed_history(&self) -> Arc<Vec<String>> {
+        // Kept until the history, the filter or the search changes: the panel
+        // asks every frame, and a long history made that a frame's largest cost.
+        let key = (self.history.revision(), self.history_filter, self.history_search.as_str());
+        if let Some((rev, filter, search, ids)) = &*self.listed.borrow() {
+            if (*rev, *filter, search.as_str()) == key {
+                return ids.clone();
+            }
+        }
+        let ids = Arc::new(self.find_listed());
+        *self.listed.borrow_mut() = Some((key.0, key.1, key.2.to_string(), ids.clone()));
+        ids
+    }
+
+    fn find_listed(&self) -> Vec<String> {
         let filter = self.history_filter;
         let words: Vec<String> = self.history_search.split_whitespace().map(str::to_lowercase).collect();
         let shown = |e: &&Arc<crate::history::HistoryEntry>| {
             filter.shows(e.slot == ModelSlot::Base, e.mark) && state::prompt_matches(&e.meta.prompt, e.meta.seed, &words)
         };
-        self.history.entries.iter().rev().filter(shown).map(|e| e.id.clone()).collect()
+        self.history.entries().iter().rev().filter(shown).map(|e| e.id.clone()).collect()
     }
 
     /// The prompt box's text and the variations grid into the settings, so

@@ -14,7 +14,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     let ids = app.listed_history();
     ui.horizontal(|ui| {
         ui.strong("History");
-        let total = app.history.entries.len();
+        let total = app.history.entries().len();
         let everything = filter == HistoryFilter::All && app.history_search.trim().is_empty();
         ui.weak(if everything { format!("{total} images") } else { format!("{} of {total}", ids.len()) });
         let hint = "Remove the rejected images and the unmarked Turbo images nothing was made from (asks first)";
