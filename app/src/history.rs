@@ -401,6 +401,28 @@ mod tests {
         assert!(damaged.contains(&pb.display().to_string()) && !damaged.contains('\n'), "{damaged}");
     }
 
+    /// Views keep what they computed until the revision moves: it moves with
+    /// every entry added, changed or removed, and the id index follows.
+    #[test]
+    fn the_revision_and_the_index_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut h, _) = History::load(&Paths::at(dir.path()));
+        let meta = GenerationMetadata { prompt: "fox".into(), ..Default::default() };
+        let mut last = h.revision();
+        let mut moved = |h: &History| std::mem::replace(&mut last, h.revision()) != h.revision();
+        let ids: Vec<String> =
+            (0..3).map(|_| h.add(ModelSlot::Turbo, JobKind::Variation, meta.clone(), None, 1, Arc::new(img())).0).collect();
+        assert!(moved(&h));
+        h.get_mut(&ids[1]).unwrap().mark = Mark::Kept;
+        assert!(moved(&h));
+        h.remove(&HashSet::from([ids[0].clone()])).unwrap();
+        assert!(moved(&h));
+        assert!(h.get(&ids[0]).is_none());
+        assert_eq!(h.get(&ids[1]).unwrap().mark, Mark::Kept, "the index follows the removal");
+        assert_eq!(h.get(&ids[2]).unwrap().id, ids[2]);
+        assert!(!moved(&h), "reading changes nothing");
+    }
+
     #[test]
     fn history_persists_with_lineage_and_images() {
         let dir = tempfile::tempdir().unwrap();
