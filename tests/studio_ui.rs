@@ -1714,6 +1714,27 @@ fn a_long_prompt_scrolls_inside_its_box() {
     assert_eq!(h.state().prompt, long, "all of it is in the box");
 }
 
+/// A second app started on a data folder in use stops at once with a
+/// plain line (and, with a display, a small window saying it), instead of
+/// overwriting the first one's history.
+#[test]
+fn a_second_app_on_the_same_data_folder_stops_with_a_plain_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = zimage_studio::instance::lock_data_dir(dir.path()).expect("the first app's lock");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zimage-studio"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .expect("the app runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let line = format!("zimage-studio: Z-Image Studio is already running with the data folder {}", dir.path().display());
+    assert!(stderr.lines().any(|l| l.starts_with(&line)), "{stderr}");
+    assert!(!dir.path().join("history.json").exists() && !dir.path().join("settings.json").exists(), "nothing of the first app's touched");
+}
+
 /// A mistyped model path applied in Settings leaves the working model
 /// loaded and saved: the error is said under the field and in the status
 /// bar, the typed text stays to be mended, and the live image still renders.

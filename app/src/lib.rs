@@ -8,6 +8,7 @@ pub mod engine_bridge;
 pub mod fonts;
 pub mod history;
 pub mod images;
+pub mod instance;
 pub mod prompts;
 pub mod save;
 pub mod settings;

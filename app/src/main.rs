@@ -33,6 +33,15 @@ fn main() -> ExitCode {
             }
         },
     };
+    // One app per data folder (two would overwrite each other's history).
+    let _lock = match zimage_studio::instance::lock_data_dir(&paths.data_dir) {
+        Ok(lock) => lock,
+        Err(running) => {
+            eprintln!("zimage-studio: {running}");
+            show_notice(running.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
     // The window's size and place are kept with the rest of the app's data,
     // so a `--data-dir` run (tests, a second profile) has its own.
     let window_state = paths.data_dir.join("app.ron");
@@ -52,6 +61,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A small window saying `message`, for a start that cannot go on (started
+/// from a launcher, the terminal's line is seen by nobody). Without a display
+/// the line on stderr is all there is.
+fn show_notice(message: String) {
+    struct Notice(String);
+    impl eframe::App for Notice {
+        fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+            egui::CentralPanel::default().show(ui, |ui| {
+                ui.add_space(8.0);
+                ui.label(&self.0);
+                ui.add_space(8.0);
+                if ui.button("Close").clicked() {
+                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+            });
+        }
+    }
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default().with_title("Z-Image Studio").with_app_id("zimage-studio").with_inner_size([520.0, 150.0]).with_icon(window_icon()),
+        renderer: eframe::Renderer::Wgpu,
+        ..Default::default()
+    };
+    let _ = eframe::run_native("Z-Image Studio notice", native, Box::new(move |_| Ok(Box::new(Notice(message)))));
 }
 
 /// Threads for Mesa's software rasterisers (llvmpipe, lavapipe), unless the
