@@ -221,7 +221,7 @@ pub struct StudioApp {
     pub history_search: String,
     /// What [`Self::listed_history`] last found, for the history's revision,
     /// the filter and the search it was found for.
-    listed: std::cell::RefCell<Option<(u64, state::HistoryFilter, String, Arc<Vec<String>>)>>,
+    listed: std::cell::RefCell<Option<ListedHistory>>,
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
     /// The prompt last sent to the engine to count (see [`StudioApp::ask_token_count`]).
@@ -868,6 +868,10 @@ pub fn file_dialog_available() -> bool {
         std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
     bus || zenity
 }
+
+/// The history panel's list as found: for the history's revision, the filter
+/// and the search, the ids shown, newest first.
+type ListedHistory = (u64, state::HistoryFilter, String, Arc<Vec<String>>);
 
 impl eframe::App for StudioApp {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {

@@ -69,7 +69,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                     ui.add_space(98.0);
                     ui.colored_label(color, text);
                 });
-                if let Some(why) = app.model_rejected.get(&slot) {
+                if let Some(why) = app.model_rejected.get(slot) {
                     ui.horizontal(|ui| {
                         ui.add_space(98.0);
                         ui.colored_label(ui.visuals().error_fg_color, why);
