@@ -145,26 +145,39 @@ impl ModelFiles {
             found.sort();
             found.into_iter().next()
         };
-        let text_encoder = match o.text_encoder.clone().or_else(|| find("text_encoders", &["qwen_3", "qwen3"])) {
-            Some(p) => single_component(&p)?,
+        // Where to put a missing part, in words for the app and the command line alike.
+        let beside = |sub: &str| match &models_root {
+            Some(root) => root.join(sub).display().to_string(),
+            None => format!("a {sub}/ folder beside the DiT's folder"),
+        };
+        let text_encoder_path = o.text_encoder.clone().or_else(|| find("text_encoders", &["qwen_3", "qwen3"]));
+        let text_encoder = match &text_encoder_path {
+            Some(p) => single_component(p)?,
             None => {
-                return Err(not_found(file, "single-file model: no Qwen3 text encoder found; pass --text-encoder (e.g. text_encoders/qwen_3_4b.safetensors)"))
+                let why = format!(
+                    "single-file model: no Qwen3 text encoder (qwen_3_4b.safetensors) in {}; put it there (command line: --text-encoder)",
+                    beside("text_encoders")
+                );
+                return Err(not_found(file, &why));
             }
         };
         let vae = match o.vae.clone().or_else(|| find("vae", &["ae", "flux", "vae"])) {
             Some(p) => single_component(&p)?,
             None => {
-                return Err(not_found(file, "single-file model: no VAE found; pass --vae (e.g. vae/ae.safetensors)"))
+                let why = format!("single-file model: no VAE (ae.safetensors) in {}; put it there (command line: --vae)", beside("vae"));
+                return Err(not_found(file, &why));
             }
         };
         let tokenizer = match &o.tokenizer {
             Some(t) => tokenizer_file(t)?,
-            None => {
-                return Err(not_found(
-                    file,
-                    "single-file model: pass --tokenizer with Qwen3's tokenizer.json (the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo)",
-                ))
-            }
+            None => match single_file_tokenizer(file, text_encoder_path.as_deref(), crate::discovery::hf_cache_dir().as_deref()) {
+                Some(t) => t,
+                None => {
+                    let why = "single-file model: no Qwen3 tokenizer.json found; put the one from the tokenizer/ folder of \
+                               Tongyi-MAI/Z-Image-Turbo beside this file (command line: --tokenizer)";
+                    return Err(not_found(file, why));
+                }
+            },
         };
         let lower = name.to_lowercase();
         let shift = if lower.contains("turbo") {
@@ -255,6 +268,20 @@ pub fn asset_dirs() -> Vec<PathBuf> {
     }
     dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
     dirs
+}
+
+/// Qwen3's `tokenizer.json` for a single-file model, which ComfyUI folders do
+/// not hold (ComfyUI ships its own): beside the DiT file, beside the text
+/// encoder file, or in a Z-Image snapshot of the Hugging Face cache.
+fn single_file_tokenizer(dit: &Path, text_encoder: Option<&Path>, hf_cache: Option<&Path>) -> Option<PathBuf> {
+    let mut candidates = vec![dit.with_file_name("tokenizer.json")];
+    candidates.extend(text_encoder.map(|t| t.with_file_name("tokenizer.json")));
+    for (repo, _) in crate::discovery::HF_REPOS {
+        for snapshot in hf_cache.map(|c| crate::discovery::hf_snapshots(c, repo)).unwrap_or_default() {
+            candidates.push(snapshot.join("tokenizer").join("tokenizer.json"));
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// A single `.safetensors` file, with an optional `<stem>.json` config beside it.
@@ -639,5 +666,62 @@ mod tests {
         let bare = load_pipeline_with(&files, &shared, &device, DType::F32, &mut |_, _, _| {}).unwrap();
         assert!(bare.encode(&req).err().is_some_and(|e| e.to_string().contains("text encoder is not loaded")));
         assert_eq!(bare.weight_bytes(4)[0].1, 0);
+    }
+
+    /// A ComfyUI setup (DiT, `text_encoders/`, `vae/`) copied to `root`, with the tiny VAE's sidecar config.
+    fn comfy_setup(root: &Path) -> PathBuf {
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for (sub, file) in [("diffusion_models", "z_image_turbo_tiny.safetensors"), ("text_encoders", "qwen_3_tiny.safetensors"), ("vae", "ae.safetensors")] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+            std::fs::copy(fixtures.join("tiny-comfy").join(sub).join(file), root.join(sub).join(file)).unwrap();
+        }
+        std::fs::copy(fixtures.join("tiny-turbo/vae/config.json"), root.join("vae/ae.json")).unwrap();
+        root.join("diffusion_models/z_image_turbo_tiny.safetensors")
+    }
+
+    /// Without `--tokenizer`, a single-file model finds Qwen3's tokenizer.json
+    /// beside its DiT, beside its text encoder, or in a Z-Image snapshot of the
+    /// Hugging Face cache; when none is there, the error says where to put it.
+    #[test]
+    fn a_single_file_model_finds_its_tokenizer_or_says_where_to_put_it() {
+        let tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-turbo/tokenizer/tokenizer.json");
+        let tmp = tempfile::tempdir().unwrap();
+        let dit = comfy_setup(tmp.path());
+        let text_encoder = tmp.path().join("text_encoders/qwen_3_tiny.safetensors");
+        let cache = tmp.path().join("hub");
+        assert_eq!(single_file_tokenizer(&dit, Some(&text_encoder), Some(&cache)), None);
+        if crate::discovery::hf_cache_dir().is_none_or(|c| single_file_tokenizer(&dit, None, Some(&c)).is_none()) {
+            let err = ModelFiles::locate(&dit, &ModelOverrides::default()).unwrap_err().to_string();
+            assert!(err.contains("no Qwen3 tokenizer.json found") && err.contains("beside this file") && !err.contains('\n'), "{err}");
+        }
+
+        let snapshot = cache.join("models--Tongyi-MAI--Z-Image-Turbo/snapshots/abc/tokenizer");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::copy(&tokenizer, snapshot.join("tokenizer.json")).unwrap();
+        assert_eq!(single_file_tokenizer(&dit, Some(&text_encoder), Some(&cache)), Some(snapshot.join("tokenizer.json")));
+
+        std::fs::copy(&tokenizer, tmp.path().join("text_encoders/tokenizer.json")).unwrap();
+        assert_eq!(single_file_tokenizer(&dit, Some(&text_encoder), Some(&cache)), Some(tmp.path().join("text_encoders/tokenizer.json")));
+
+        std::fs::copy(&tokenizer, tmp.path().join("diffusion_models/tokenizer.json")).unwrap();
+        let files = ModelFiles::locate(&dit, &ModelOverrides::default()).unwrap();
+        assert_eq!(files.tokenizer, tmp.path().join("diffusion_models/tokenizer.json"), "beside the DiT comes first");
+        plan_model::<CpuBackend>(&files, &Default::default()).expect("the whole setup checks out");
+    }
+
+    /// A ComfyUI setup missing its text encoder or VAE names the folder to put it in.
+    #[test]
+    fn a_single_file_model_names_the_folder_of_a_missing_part() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dit = comfy_setup(tmp.path());
+        std::fs::remove_file(tmp.path().join("text_encoders/qwen_3_tiny.safetensors")).unwrap();
+        let err = ModelFiles::locate(&dit, &ModelOverrides::default()).unwrap_err().to_string();
+        let folder = tmp.path().join("text_encoders").display().to_string();
+        assert!(err.contains("no Qwen3 text encoder") && err.contains(&format!("in {folder}; put it there")), "{err}");
+        std::fs::remove_file(tmp.path().join("vae/ae.safetensors")).unwrap();
+        let text_encoder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-comfy/text_encoders/qwen_3_tiny.safetensors");
+        let o = ModelOverrides { text_encoder: Some(text_encoder), ..Default::default() };
+        let err = ModelFiles::locate(&dit, &o).unwrap_err().to_string();
+        assert!(err.contains(&format!("no VAE (ae.safetensors) in {}", tmp.path().join("vae").display())), "{err}");
     }
 }
