@@ -1735,6 +1735,42 @@ fn a_second_app_on_the_same_data_folder_stops_with_a_plain_line() {
     assert!(!dir.path().join("history.json").exists() && !dir.path().join("settings.json").exists(), "nothing of the first app's touched");
 }
 
+/// A ComfyUI folder (DiT, `text_encoders/`, `vae/`) is a Turbo model for the
+/// app once Qwen3's tokenizer.json sits beside the DiT: the app has no
+/// `--tokenizer`, and without the file the error says where to put it.
+#[test]
+fn a_comfyui_model_with_its_tokenizer_beside_it_draws_in_the_app() {
+    let comfy = tempfile::tempdir().unwrap();
+    let fixtures = PathBuf::from(fixture("tiny-comfy"));
+    for (sub, file) in [("diffusion_models", "z_image_turbo_tiny.safetensors"), ("text_encoders", "qwen_3_tiny.safetensors"), ("vae", "ae.safetensors")] {
+        std::fs::create_dir_all(comfy.path().join(sub)).unwrap();
+        std::fs::copy(fixtures.join(sub).join(file), comfy.path().join(sub).join(file)).unwrap();
+    }
+    std::fs::copy(PathBuf::from(fixture("tiny-turbo")).join("vae/config.json"), comfy.path().join("vae/ae.json")).unwrap();
+    let dit = comfy.path().join("diffusion_models/z_image_turbo_tiny.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.turbo_model = Some(dit.display().to_string()));
+    let mut h = harness_sized(dir.path(), None, Some(fixture("tiny-base")), egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "the Turbo model's state", |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Failed(_) | ModelState::Ready { .. })));
+    let tokenizer_known = zimage_engine::discovery::hf_cache_dir().is_some_and(|c| {
+        zimage_engine::discovery::HF_REPOS.iter().any(|(r, _)| !zimage_engine::discovery::hf_snapshots(&c, r).is_empty())
+    });
+    if !tokenizer_known {
+        assert!(
+            matches!(h.state().models.get(&ModelSlot::Turbo), Some(ModelState::Failed(m)) if m.contains("tokenizer.json") && m.contains("beside this file")),
+            "{:?}",
+            h.state().models
+        );
+    }
+    drop(h);
+    std::fs::copy(PathBuf::from(fixture("tiny-turbo")).join("tokenizer/tokenizer.json"), comfy.path().join("diffusion_models/tokenizer.json")).unwrap();
+    let mut h = harness_sized(dir.path(), None, Some(fixture("tiny-base")), egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live image", live_done);
+    assert_eq!(h.state().history.entries().last().unwrap().meta.model, "z_image_turbo_tiny.safetensors");
+}
+
 /// A mistyped model path applied in Settings leaves the working model
 /// loaded and saved: the error is said under the field and in the status
 /// bar, the typed text stays to be mended, and the live image still renders.
