@@ -31,6 +31,11 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
             ui.colored_label(ui.visuals().warn_fg_color, "This run uses the models given on the command line; Apply switches to these saved ones.");
         }
         let rows: [(&str, Option<ModelSlot>); 3] = [("Turbo model", Some(ModelSlot::Turbo)), ("Base model", Some(ModelSlot::Base)), ("Save folder", None)];
+        // The folder an empty field means here (Pictures may be unknown on this system).
+        let default_folder = format!(
+            "default: {}",
+            crate::settings::default_output_dir(&crate::settings::Settings { output_dir: None, ..Default::default() }, &app.paths).display()
+        );
         // Rows of label, path field, Browse (not a Grid: inside the scroll
         // area a Grid kept its first, narrow column widths).
         for (i, (name, slot)) in rows.iter().enumerate() {
@@ -40,7 +45,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 let field = ui.add(egui::TextEdit::singleline(&mut app.settings_form[i]).desired_width(width).hint_text(match slot {
                     Some(ModelSlot::Turbo) => "demo-turbo or /path/to/Z-Image-Turbo",
                     Some(ModelSlot::Base) => "demo-base or /path/to/Z-Image",
-                    None => "default: your Pictures folder",
+                    None => default_folder.as_str(),
                 }))
                 .labelled_by(l.id);
                 // Enter in a path field applies, as in any form.
