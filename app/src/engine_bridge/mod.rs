@@ -181,6 +181,8 @@ pub enum Command {
     /// Makes the next job panic inside the engine (fault-injection for tests
     /// and for checking the restart path by hand).
     InjectPanic,
+    /// Makes the next model load panic (the same, for the loading path).
+    InjectLoadPanic,
     Shutdown,
 }
 
@@ -413,6 +415,10 @@ impl EngineHandle {
 
     pub fn inject_panic(&mut self) {
         self.send(Command::InjectPanic);
+    }
+
+    pub fn inject_load_panic(&mut self) {
+        self.send(Command::InjectLoadPanic);
     }
 
     /// Number of queued or running non-live jobs.

@@ -185,6 +185,7 @@ struct Queue {
     superseded: bool,
     shutdown: bool,
     inject_panic: bool,
+    inject_load_panic: bool,
     load: Option<ModelConfig>,
     /// A prompt to count the tokens of (the latest asked).
     count: Option<String>,
@@ -285,7 +286,16 @@ impl<B: Backend> Worker<B> {
                 return;
             }
             if let Some(config) = self.queue.load.take() {
-                self.load(config);
+                let panic_now = std::mem::take(&mut self.queue.inject_load_panic);
+                let loaded = catch_unwind(AssertUnwindSafe(|| {
+                    if panic_now {
+                        panic!("injected loading fault");
+                    }
+                    self.load(config.clone())
+                }));
+                if let Err(payload) = loaded {
+                    self.load_crashed(&config, &panic_text(payload.as_ref()));
+                }
                 continue;
             }
             if let Some(prompt) = self.queue.count.take() {
@@ -347,12 +357,7 @@ impl<B: Backend> Worker<B> {
             }
             Ok(Err(JobEnd::Error(message))) => self.out.emit(Event::Failed { id, message }),
             Err(payload) => {
-                let what = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                let what = one_line(&what);
+                let what = panic_text(payload.as_ref());
                 self.out.emit(Event::Failed { id, message: format!("the engine crashed ({what}); it was restarted") });
                 self.out.emit(Event::EngineRestarted { reason: what });
                 // The models may be in any state after a panic: drop and reload them.
@@ -671,6 +676,30 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// A crash while loading (a device out of memory, a driver fault) leaves
+    /// no model usable and is not retried by itself, which would crash again
+    /// in a loop: each configured model says why, and the next change in
+    /// Settings loads again.
+    fn load_crashed(&mut self, config: &ModelConfig, what: &str) {
+        self.models = Models::default();
+        self.parked.clear();
+        self.encoders.clear();
+        self.encoder_of.clear();
+        self.loras.clear();
+        self.files.clear();
+        self.plans.clear();
+        self.cache = PromptCache::default();
+        B::memory_cleanup(&self.device);
+        self.config = config.clone();
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            if config.model(slot).is_some() {
+                let why = format!("loading crashed ({what}); try a lower memory plan or another device in Settings");
+                self.set_state(slot, ModelState::Failed(why));
+            }
+        }
+        self.report_memory();
+    }
+
     fn load(&mut self, mut config: ModelConfig) {
         // A paused job would go on with other weights (a LoRA, a model):
         // it starts again from its first step.
@@ -954,6 +983,16 @@ impl<B: Backend> Worker<B> {
 }
 
 /// A pipeline's shared components without the text encoder (the worker keeps those).
+/// A panic's message in one line.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    one_line(&text)
+}
+
 fn components_of<B: Backend>(pipe: &ZImagePipeline<B>) -> SharedComponents<B> {
     SharedComponents {
         text: None,
@@ -1194,6 +1233,7 @@ fn handle(queue: &mut Queue, out: &Emitter, cmd: Command, running: Option<(JobId
         Command::LoadModels(config) => queue.load = Some(config),
         Command::CountTokens(prompt) => queue.count = Some(prompt),
         Command::InjectPanic => queue.inject_panic = true,
+        Command::InjectLoadPanic => queue.inject_load_panic = true,
         Command::Shutdown => {
             queue.shutdown = true;
             queue.cancel_running = true;
@@ -1432,6 +1472,33 @@ mod tests {
             evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("Turbo"))),
             "{evs:?}"
         );
+    }
+
+    /// A crash while loading (out of device memory, a driver fault) leaves the
+    /// engine running: each model says why, nothing reloads in a loop, and the
+    /// next load works.
+    #[test]
+    fn a_crash_while_loading_is_said_and_not_retried_in_a_loop() {
+        let (mut h, _) = engine();
+        let ready = |e: &[Event], slot| e.iter().any(|e| matches!(e, Event::Model { slot: s, state: ModelState::Ready { .. } } if *s == slot));
+        collect(&mut h, |e| ready(e, ModelSlot::Turbo) && ready(e, ModelSlot::Base));
+        h.inject_load_panic();
+        let swapped = ModelConfig { turbo: Some(fixture("tiny-base")), base: Some(fixture("tiny-turbo")), ..Default::default() };
+        h.load_models(swapped);
+        let failed = |e: &[Event], slot| {
+            e.iter().any(|e| matches!(e, Event::Model { slot: s, state: ModelState::Failed(m) } if *s == slot && m.contains("loading crashed (injected loading fault)")))
+        };
+        let evs = collect(&mut h, |e| failed(e, ModelSlot::Turbo) && failed(e, ModelSlot::Base));
+        assert!(!evs.iter().any(|e| matches!(e, Event::EngineRestarted { .. })), "the thread lives on: {evs:?}");
+        let id = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        assert!(evs.iter().any(|e| matches!(e, Event::Failed { id: i, message } if *i == id && message.contains("could not be loaded"))), "{evs:?}");
+        assert!(!evs.iter().any(|e| matches!(e, Event::Model { state: ModelState::Loading { .. }, .. })), "no reload by itself: {evs:?}");
+        h.load_models(ModelConfig { turbo: Some(fixture("tiny-turbo")), base: Some(fixture("tiny-base")), ..Default::default() });
+        collect(&mut h, |e| ready(e, ModelSlot::Turbo) && ready(e, ModelSlot::Base));
+        let id = h.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: request("x", ModelKind::Turbo) });
+        let evs = collect(&mut h, |e| finished(e, id));
+        assert!(evs.iter().any(|e| matches!(e, Event::Finished { id: i, .. } if *i == id)), "{evs:?}");
     }
 
     /// A copy of the tiny Base whose DiT file is cut in half (its other parts linked).
