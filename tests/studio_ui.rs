@@ -1771,6 +1771,32 @@ fn a_comfyui_model_with_its_tokenizer_beside_it_draws_in_the_app() {
     assert_eq!(h.state().history.entries().last().unwrap().meta.model, "z_image_turbo_tiny.safetensors");
 }
 
+/// "Open with" on a saved image while the app runs: the second start hands
+/// the file over and ends at once; the running window restores its
+/// parameters, as a drop does.
+#[test]
+fn an_image_opened_while_the_app_runs_goes_to_the_running_window() {
+    let (dir, mut h) = test_window(egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "models to load", models_ready);
+    let pics = tempfile::tempdir().unwrap();
+    let png = pics.path().join("teapot.png");
+    let meta = GenerationMetadata { prompt: "a handed over teapot".into(), seed: 77, width: 64, height: 64, ..Default::default() };
+    metadata::save_png(&png, &[120; 64 * 64 * 3], 64, 64, &meta).unwrap();
+    let _lock = zimage_studio::instance::lock_data_dir(dir.path()).expect("free: the harness takes no lock");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zimage-studio"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg(&png)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .expect("the app runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already running"));
+    wait_until(&mut h, "the handed-over image", |a| a.prompt == "a handed over teapot");
+    assert_eq!(h.state().settings.seed, 77);
+}
+
 /// A mistyped model path applied in Settings leaves the working model
 /// loaded and saved: the error is said under the field and in the status
 /// bar, the typed text stays to be mended, and the live image still renders.

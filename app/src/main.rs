@@ -37,6 +37,12 @@ fn main() -> ExitCode {
     let _lock = match zimage_studio::instance::lock_data_dir(&paths.data_dir) {
         Ok(lock) => lock,
         Err(running) => {
+            // "Open with" while the app runs: the running window opens the files.
+            if !args.open.is_empty() && zimage_studio::instance::hand_over(&paths.data_dir, &args.open).is_ok() {
+                let names: Vec<String> = args.open.iter().map(|p| p.display().to_string()).collect();
+                println!("zimage-studio: opened {} in the Z-Image Studio already running", names.join(", "));
+                return ExitCode::SUCCESS;
+            }
             eprintln!("zimage-studio: {running}");
             show_notice(running.to_string());
             return ExitCode::FAILURE;

@@ -276,6 +276,8 @@ pub struct StudioApp {
     font_task: Option<Task<FoundFonts>>,
     /// PNGs from the command line, restored on the first frame.
     open_files: Vec<PathBuf>,
+    /// Files another start of the app hands over (it found this one running).
+    inbox: crate::engine_bridge::Inbox,
     /// The engine's last memory report.
     pub memory: Option<crate::engine_bridge::MemoryReport>,
     /// Where the engine runs ("CPU", "CUDA"…), once it said so.
@@ -312,6 +314,7 @@ impl StudioApp {
         let ctx2 = ctx.clone();
         let waker: Waker = Arc::new(move || ctx2.request_repaint());
         let (settings, w1) = Settings::load(&options.paths);
+        let inbox = crate::engine_bridge::Inbox::spawn(options.paths.data_dir.clone(), waker.clone());
         let device = crate::cli::parse_device(options.device.as_deref().unwrap_or(&settings.device)).unwrap_or(None);
         let engine = EngineHandle::spawn_on(device, waker.clone());
         let (mut history, w2) = History::load(&options.paths);
@@ -383,6 +386,7 @@ impl StudioApp {
             gpu_kernels_cold: false,
             memory: None,
             open_files: options.open.clone(),
+            inbox,
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -453,6 +457,12 @@ impl StudioApp {
                 IoResult::Error(e) => self.error(format!("history folder: {e}")),
                 IoResult::Done => {}
             }
+        }
+        let handed = self.inbox.poll();
+        if !handed.is_empty() {
+            // Opened as if given on the command line, in this window, brought to the front.
+            self.open_files.extend(handed);
+            ctx.send_viewport_cmd(egui::ViewportCommand::Focus);
         }
         self.poll_background(ctx);
         self.schedule_live(ctx);

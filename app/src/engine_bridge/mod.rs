@@ -49,7 +49,7 @@ use zimage_engine::pipeline::{
 };
 use zimage_engine::preview::RgbImage;
 
-pub use tasks::{BackgroundIo, Download, DownloadEvent, IoResult, IoTask, Task};
+pub use tasks::{BackgroundIo, Download, DownloadEvent, Inbox, IoResult, IoTask, Task};
 use worker::start_thread;
 
 

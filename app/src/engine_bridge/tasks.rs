@@ -1,6 +1,6 @@
 //! Background work other than generation: one-off tasks (finding models on
-//! disk), model downloads with progress and cancel, and file I/O off the UI
-//! thread.
+//! disk), model downloads with progress and cancel, file I/O off the UI
+//! thread, and the inbox of files another start hands over.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -176,6 +176,53 @@ impl BackgroundIo {
 impl Drop for BackgroundIo {
     fn drop(&mut self) {
         self.tx = None; // ends the thread's loop after the queued tasks
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watches the data folder's inbox (`instance::hand_over`) and wakes the UI
+/// when another start has handed files over ("Open with" while the app runs).
+pub struct Inbox {
+    rx: Receiver<Vec<PathBuf>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Inbox {
+    pub fn spawn(data_dir: PathBuf, waker: Waker) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("zimage-inbox".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    let files = crate::instance::take_handed_over(&data_dir);
+                    if !files.is_empty() {
+                        if tx.send(files).is_err() {
+                            return;
+                        }
+                        waker();
+                    }
+                    // A directory listing a few times a second: nothing to notice.
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+            .ok();
+        Self { rx, stop, thread }
+    }
+
+    /// The files handed over since the last call.
+    pub fn poll(&self) -> Vec<PathBuf> {
+        self.rx.try_iter().flatten().collect()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
