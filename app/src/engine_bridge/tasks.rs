@@ -186,32 +186,33 @@ impl Drop for BackgroundIo {
 /// when another start has handed files over ("Open with" while the app runs).
 pub struct Inbox {
     rx: Receiver<Vec<PathBuf>>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread at once (it waits on this between looks).
+    stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Inbox {
     pub fn spawn(data_dir: PathBuf, waker: Waker) -> Self {
         let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("zimage-inbox".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    let files = crate::instance::take_handed_over(&data_dir);
-                    if !files.is_empty() {
-                        if tx.send(files).is_err() {
-                            return;
-                        }
-                        waker();
+            .spawn(move || loop {
+                let files = crate::instance::take_handed_over(&data_dir);
+                if !files.is_empty() {
+                    if tx.send(files).is_err() {
+                        return;
                     }
-                    // A directory listing a few times a second: nothing to notice.
-                    std::thread::sleep(Duration::from_millis(250));
+                    waker();
+                }
+                // A directory listing a few times a second: nothing to notice.
+                match stopped.recv_timeout(Duration::from_millis(250)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
                 }
             })
             .ok();
-        Self { rx, stop, thread }
+        Self { rx, stop: Some(stop), thread }
     }
 
     /// The files handed over since the last call.
@@ -222,7 +223,7 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
