@@ -1797,6 +1797,29 @@ fn an_image_opened_while_the_app_runs_goes_to_the_running_window() {
     assert_eq!(h.state().settings.seed, 77);
 }
 
+/// The two models swapped (a Base checkpoint as the live Turbo, a Turbo
+/// one as Base) still run, but the top bar and Settings say each is not
+/// the kind its slot is made for; the right pair says nothing.
+#[test]
+fn swapped_models_are_said_to_be_in_the_wrong_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = harness_sized(dir.path(), Some(fixture("tiny-base")), Some(fixture("tiny-turbo")), egui::vec2(1280.0, 1600.0));
+    wait_until(&mut h, "models to load", models_ready);
+    h.get_by_label("Turbo: tiny-base (not a Turbo model)");
+    h.get_by_label("Base: tiny-turbo (not a Base model)");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Comma);
+    h.step();
+    h.step();
+    h.get_by_label_contains("This is a Base model (many steps, CFG): live previews will be slow");
+    h.get_by_label_contains("This is a Turbo model (distilled, no CFG)");
+    drop(h);
+    let (_dir, mut h) = test_window(egui::vec2(1280.0, 1600.0));
+    wait_until(&mut h, "models to load", models_ready);
+    h.get_by_label("Turbo: tiny-turbo");
+    assert!(h.query_by_label_contains("not a Turbo model").is_none() && h.query_by_label_contains("not a Base model").is_none());
+}
+
 /// A mistyped model path applied in Settings leaves the working model
 /// loaded and saved: the error is said under the field and in the status
 /// bar, the typed text stays to be mended, and the live image still renders.

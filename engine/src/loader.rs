@@ -131,6 +131,10 @@ impl ModelFiles {
     /// A ComfyUI-style DiT file; the text encoder and VAE come from the
     /// overrides or from `../text_encoders/` and `../vae/` beside its folder.
     fn single_file(file: &Path, name: String, o: &ModelOverrides) -> Result<Self> {
+        // The file itself first: a picture or a pickle given by mistake is said
+        // to be that, not sent looking for a text encoder beside it.
+        let dit = single_component(file)?;
+        TensorStore::open_files(&dit.files)?;
         let models_root = file.parent().and_then(|p| p.parent()).map(Path::to_path_buf);
         let find = |sub: &str, wanted: &[&str]| -> Option<PathBuf> {
             let dir = models_root.as_ref()?.join(sub);
@@ -188,7 +192,7 @@ impl ModelFiles {
             3.0
         };
         let default_size = default_size(&vae)?;
-        Ok(Self { name, dit: single_component(file)?, text_encoder, vae, tokenizer, shift, default_size, default_steps: None })
+        Ok(Self { name, dit, text_encoder, vae, tokenizer, shift, default_size, default_steps: None })
     }
 }
 
@@ -707,6 +711,17 @@ mod tests {
         let files = ModelFiles::locate(&dit, &ModelOverrides::default()).unwrap();
         assert_eq!(files.tokenizer, tmp.path().join("diffusion_models/tokenizer.json"), "beside the DiT comes first");
         plan_model::<CpuBackend>(&files, &Default::default()).expect("the whole setup checks out");
+    }
+
+    /// A picture given as the model is said to be no safetensors file, before
+    /// anything is looked for beside it.
+    #[test]
+    fn a_picture_given_as_a_model_is_named_for_what_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let png = tmp.path().join("cat.png");
+        std::fs::write(&png, b"\x89PNG\r\n\x1a\n not a model at all").unwrap();
+        let err = ModelFiles::locate(&png, &ModelOverrides::default()).unwrap_err().to_string();
+        assert!(err.contains("not a valid safetensors file") && !err.contains("text encoder"), "{err}");
     }
 
     /// A ComfyUI setup missing its text encoder or VAE names the folder to put it in.

@@ -157,14 +157,32 @@ pub enum ModelState {
     Loading {
         stage: String,
     },
-    /// `default_size`, `default_steps`: what the model was made for.
+    /// `default_size`, `default_steps`: what the model was made for; `kind`:
+    /// what it is (from its scheduler), which need not be its slot's.
     Ready {
         name: String,
         default_size: u32,
         default_steps: usize,
+        kind: ModelKind,
     },
     /// Configured but unusable; one line saying why.
     Failed(String),
+}
+
+impl ModelState {
+    /// Why a ready model does not suit `slot` (a Base model as the live
+    /// Turbo, a Turbo model as Base), in a few words; `None` when it does.
+    pub fn misplaced(&self, slot: ModelSlot) -> Option<&'static str> {
+        match (self, slot) {
+            (ModelState::Ready { kind: ModelKind::Base, .. }, ModelSlot::Turbo) => {
+                Some("a Base model (many steps, CFG): live previews will be slow; Z-Image-Turbo is made for this slot")
+            }
+            (ModelState::Ready { kind: ModelKind::Turbo, .. }, ModelSlot::Base) => {
+                Some("a Turbo model (distilled, no CFG): refines with CFG will overcook; Z-Image (Base) is made for this slot")
+            }
+            _ => None,
+        }
+    }
 }
 
 pub enum Command {

@@ -787,9 +787,9 @@ impl<B: Backend> Worker<B> {
         for slot in usable {
             match self.load_one(slot, &mut shared) {
                 Ok(Some(pipe)) => {
-                    let (name, default_size, default_steps) = (pipe.name.clone(), pipe.default_size, pipe.default_steps);
+                    let (name, default_size, default_steps, kind) = (pipe.name.clone(), pipe.default_size, pipe.default_steps, pipe.kind);
                     *self.models.slot_mut(slot) = Some(pipe);
-                    self.set_state(slot, ModelState::Ready { name, default_size, default_steps });
+                    self.set_state(slot, ModelState::Ready { name, default_size, default_steps, kind });
                     if !config.loras(slot).is_empty() {
                         self.apply_loras(slot);
                     }
@@ -801,6 +801,7 @@ impl<B: Backend> Worker<B> {
                         name: files.name.clone(),
                         default_size: files.default_size,
                         default_steps: files.default_steps.unwrap_or_else(|| ModelKind::from_shift(files.shift).default_steps()),
+                        kind: ModelKind::from_shift(files.shift),
                     };
                     self.set_state(slot, state);
                 }
@@ -881,7 +882,12 @@ impl<B: Backend> Worker<B> {
         match loader::load_pipeline_with::<B>(&files, &comps, &self.device, self.dtype, &mut |_, _, _| {}) {
             Ok(pipe) => {
                 self.unpark_time.insert(slot, start.elapsed());
-                let state = ModelState::Ready { name: pipe.name.clone(), default_size: pipe.default_size, default_steps: pipe.default_steps };
+                let state = ModelState::Ready {
+                    name: pipe.name.clone(),
+                    default_size: pipe.default_size,
+                    default_steps: pipe.default_steps,
+                    kind: pipe.kind,
+                };
                 *self.models.slot_mut(slot) = Some(pipe);
                 self.set_state(slot, state);
                 if !self.config.loras(slot).is_empty() {

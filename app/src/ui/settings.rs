@@ -72,12 +72,19 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                 };
                 ui.horizontal(|ui| {
                     ui.add_space(98.0);
-                    ui.colored_label(color, text);
+                    // Wrapped: a failure can name a long path, and the window keeps its width.
+                    ui.add(egui::Label::new(egui::RichText::new(text).color(color)).wrap());
                 });
+                if let Some(why) = app.models.get(slot).and_then(|s| s.misplaced(*slot)) {
+                    ui.horizontal(|ui| {
+                        ui.add_space(98.0);
+                        ui.add(egui::Label::new(egui::RichText::new(format!("This is {why}.")).color(ui.visuals().warn_fg_color)).wrap());
+                    });
+                }
                 if let Some(why) = app.model_rejected.get(slot) {
                     ui.horizontal(|ui| {
                         ui.add_space(98.0);
-                        ui.colored_label(ui.visuals().error_fg_color, why);
+                        ui.add(egui::Label::new(egui::RichText::new(why).color(ui.visuals().error_fg_color)).wrap());
                     });
                 }
             }

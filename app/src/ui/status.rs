@@ -71,7 +71,13 @@ pub fn model_chips(app: &StudioApp, ui: &mut egui::Ui) {
         ui.weak(device).on_hover_text("Where the models run (Settings > Run the models on)");
     }
     for slot in [ModelSlot::Turbo, ModelSlot::Base] {
-        let (text, color) = match app.models.get(&slot) {
+        let state = app.models.get(&slot);
+        if let (Some(ModelState::Ready { name, .. }), Some(why)) = (state, state.and_then(|s| s.misplaced(slot))) {
+            let text = format!("{}: {name} (not a {} model)", slot.label(), slot.label());
+            ui.add(egui::Label::new(egui::RichText::new(&text).color(ui.visuals().warn_fg_color)).truncate()).on_hover_text(format!("{name} is {why}"));
+            continue;
+        }
+        let (text, color) = match state {
             Some(ModelState::Ready { name, .. }) => (format!("{}: {name}", slot.label()), ui.visuals().text_color()),
             Some(ModelState::Loading { stage }) => {
                 (format!("{}: loading {stage}…", slot.label()), ui.visuals().warn_fg_color)
