@@ -361,11 +361,7 @@ impl<B: Backend> Worker<B> {
                 self.out.emit(Event::Failed { id, message: format!("the engine crashed ({what}); it was restarted") });
                 self.out.emit(Event::EngineRestarted { reason: what });
                 // The models may be in any state after a panic: drop and reload them.
-                self.models = Models::default();
-                self.parked.clear();
-                self.encoders.clear();
-                self.loras.clear();
-                self.cache = PromptCache::default();
+                self.drop_models();
                 self.queue.load = Some(self.config.clone());
             }
         }
@@ -676,19 +672,25 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// Forgets every model and what was derived from them (files, plans,
+    /// encoders, LoRAs, cached prompts), before a reload.
+    fn drop_models(&mut self) {
+        self.models = Models::default();
+        self.parked.clear();
+        self.loras.clear();
+        self.files.clear();
+        self.plans.clear();
+        self.encoders.clear();
+        self.encoder_of.clear();
+        self.cache = PromptCache::default();
+    }
+
     /// A crash while loading (a device out of memory, a driver fault) leaves
     /// no model usable and is not retried by itself, which would crash again
     /// in a loop: each configured model says why, and the next change in
     /// Settings loads again.
     fn load_crashed(&mut self, config: &ModelConfig, what: &str) {
-        self.models = Models::default();
-        self.parked.clear();
-        self.encoders.clear();
-        self.encoder_of.clear();
-        self.loras.clear();
-        self.files.clear();
-        self.plans.clear();
-        self.cache = PromptCache::default();
+        self.drop_models();
         B::memory_cleanup(&self.device);
         self.config = config.clone();
         for slot in [ModelSlot::Turbo, ModelSlot::Base] {
@@ -742,14 +744,7 @@ impl<B: Backend> Worker<B> {
             return;
         }
         self.config = config.clone();
-        self.models = Models::default();
-        self.parked.clear();
-        self.loras.clear();
-        self.files.clear();
-        self.plans.clear();
-        self.encoders.clear();
-        self.encoder_of.clear();
-        self.cache = PromptCache::default();
+        self.drop_models();
         // 1. Find and check every model's files (nothing loaded yet), so the
         //    plan is known before anything is loaded.
         let mut usable = Vec::new();
