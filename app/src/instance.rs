@@ -53,15 +53,15 @@ pub fn inbox(data_dir: &Path) -> PathBuf {
 
 /// Hands `files` to the app running on `data_dir`: one `.list` file in its
 /// inbox, one absolute path per line, written whole before it appears.
-pub fn hand_over(data_dir: &Path, files: &[PathBuf]) -> std::io::Result<()> {
+pub fn hand_over(data_dir: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
     let dir = inbox(data_dir);
     std::fs::create_dir_all(&dir)?;
     let lines: Vec<String> = files.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string()).collect();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let name = format!("{stamp}-{}", std::process::id());
-    let part = dir.join(format!("{name}.part"));
-    std::fs::write(&part, lines.join("\n"))?;
-    std::fs::rename(&part, dir.join(format!("{name}.list")))
+    let list = dir.join(format!("{stamp}-{}.list", std::process::id()));
+    // Its temporary name does not end in .list: the watcher never sees it half written.
+    zimage_engine::metadata::write_file_atomic(&list, lines.join("\n").as_bytes())?;
+    Ok(())
 }
 
 /// A hand-over older than this is not opened (left by a start long ago).
