@@ -1279,6 +1279,13 @@ fn a_history_image_whose_file_is_gone_says_so() {
     h.key_press(Key::ArrowUp);
     h.step();
     wait_until(&mut h, "the newer image", |a| a.current.as_ref().is_some_and(|c| a.images.contains(c)));
+    // Put back and chosen again, it shows.
+    let source = Paths::at(dir.path()).images_dir().join(&h.state().history.get(&ids[1]).unwrap().file);
+    std::fs::copy(source, &gone).unwrap();
+    h.key_press(Key::ArrowDown);
+    h.step();
+    assert_eq!(h.state().current.as_deref(), Some(ids[0].as_str()));
+    wait_until(&mut h, "the image put back", |a| a.images.contains(&ids[0]) && !a.unreadable.contains_key(&ids[0]));
 }
 
 /// A restart keeps the settings as they were: after a grid, the seed set,

@@ -421,6 +421,9 @@ impl StudioApp {
 
     /// Puts an image's parameters back into the controls.
     pub fn restore(&mut self, id: &str) {
+        // Chosen again: read its file again (it may have been put back).
+        self.unreadable.remove(id);
+        self.unreadable.remove(&format!("thumb:{id}"));
         let Some(e) = self.history.get(id) else { return };
         let meta = e.meta.clone();
         let slot = e.slot;
