@@ -715,7 +715,10 @@ impl<B: Backend> Worker<B> {
         for slot in [ModelSlot::Turbo, ModelSlot::Base] {
             let (new, old) = (config.model(slot).clone(), self.config.model(slot).clone());
             let working = matches!(self.model_state.get(&slot), Some(ModelState::Ready { .. }));
-            let Some(arg) = new.filter(|_| working && config.model(slot) != &old) else { continue };
+            if !working || new == old {
+                continue;
+            }
+            let Some(arg) = new else { continue };
             let checked = loader::locate_model(&arg, &ModelOverrides::default())
                 .and_then(|files| loader::plan_model::<B>(&files, &self.device).map(drop));
             if let Err(e) = checked {
@@ -983,7 +986,6 @@ impl<B: Backend> Worker<B> {
     }
 }
 
-/// A pipeline's shared components without the text encoder (the worker keeps those).
 /// A panic's message in one line.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     let text = payload
@@ -994,6 +996,7 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     one_line(&text)
 }
 
+/// A pipeline's shared components without the text encoder (the worker keeps those).
 fn components_of<B: Backend>(pipe: &ZImagePipeline<B>) -> SharedComponents<B> {
     SharedComponents {
         text: None,
