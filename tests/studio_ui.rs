@@ -1211,6 +1211,44 @@ fn grid_done(app: &StudioApp) -> bool {
     app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
 }
 
+/// Closing the window while variations are still being made asks first
+/// (they are not kept across a restart); "Keep working" keeps the window,
+/// "Quit" closes it; with nothing running, it closes without a question.
+#[test]
+fn closing_while_images_are_made_asks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start_grid(dir.path(), "a teapot", |s| s.variations = 12);
+    let close = |h: &mut Harness<'static, StudioApp>| {
+        h.input_mut().viewports.entry(egui::ViewportId::ROOT).or_default().events.push(egui::ViewportEvent::Close);
+        h.step();
+    };
+    let sent = |h: &Harness<'static, StudioApp>, command: egui::ViewportCommand| {
+        h.output().viewport_output.get(&egui::ViewportId::ROOT).is_some_and(|v| v.commands.contains(&command))
+    };
+    assert!(h.state().engine.queued() > 0, "the grid is under way");
+    close(&mut h);
+    assert!(sent(&h, egui::ViewportCommand::CancelClose), "the close is held back");
+    let asked = h.state().quit_asked.clone().expect("the question");
+    assert!(asked.contains("image") && asked.contains("will not be made"), "{asked}");
+    h.step();
+    h.get_by_label("Quit Z-Image Studio?");
+    h.get_by_label("Keep working").click();
+    h.step();
+    assert!(h.state().quit_asked.is_none());
+    close(&mut h);
+    h.step();
+    h.get_by_label("Quit").click();
+    h.step();
+    assert!(sent(&h, egui::ViewportCommand::Close), "Quit closes the window");
+
+    // Nothing running: no question.
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    wait_until(&mut h, "nothing queued", |a| a.engine.queued() == 0);
+    close(&mut h);
+    assert!(h.state().quit_asked.is_none() && !sent(&h, egui::ViewportCommand::CancelClose));
+}
+
 /// A restart keeps the variations grid: its images in order, the cursor on
 /// the cell it was on, and the triage goes on from there.
 #[test]

@@ -8,6 +8,8 @@ use super::*;
 pub enum Action {
     /// The prompt or a generation setting changed.
     Edited,
+    /// Close the window although images are still being made (asked first).
+    Quit,
     Generate,
     Refine,
     Variations,
@@ -63,6 +65,11 @@ pub enum Action {
 impl StudioApp {
     pub fn apply(&mut self, ctx: &egui::Context, action: Action) {
         match action {
+            Action::Quit => {
+                self.quit_asked = None;
+                self.quit_confirmed = true;
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            }
             Action::Edited => {
                 self.dirty_at = Some(Instant::now());
                 if self.current.is_some() || self.live_job.is_some() {

@@ -276,6 +276,10 @@ pub struct StudioApp {
     font_task: Option<Task<FoundFonts>>,
     /// PNGs from the command line, restored on the first frame.
     open_files: Vec<PathBuf>,
+    /// What closing the window now would drop, while the question is on screen.
+    pub quit_asked: Option<String>,
+    /// Closing was confirmed (or nothing was running): the next close goes through.
+    quit_confirmed: bool,
     /// Files another start of the app hands over (it found this one running).
     inbox: crate::engine_bridge::Inbox,
     /// The engine's last memory report.
@@ -387,6 +391,8 @@ impl StudioApp {
             memory: None,
             open_files: options.open.clone(),
             inbox,
+            quit_asked: None,
+            quit_confirmed: false,
             waker,
             images: Images::default(),
             loading: HashSet::new(),
@@ -456,6 +462,13 @@ impl StudioApp {
                 }
                 IoResult::Error(e) => self.error(format!("history folder: {e}")),
                 IoResult::Done => {}
+            }
+        }
+        // Closing with images still being made asks first (they are not kept).
+        if ctx.input(|i| i.viewport().close_requested()) && !self.quit_confirmed {
+            if let Some(what) = self.unfinished_work() {
+                ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+                self.quit_asked = Some(what);
             }
         }
         let handed = self.inbox.poll();
@@ -741,6 +754,21 @@ impl StudioApp {
     /// A failure: it stays until dismissed.
     pub fn error(&mut self, text: impl Into<String>) {
         self.message = Some(Message { text: text.into(), error: true, since: Instant::now() });
+    }
+
+    /// What closing the window now would lose or stop, in a sentence; `None`
+    /// when nothing is running but the live preview (which is not lost).
+    fn unfinished_work(&self) -> Option<String> {
+        let jobs = self.engine.queued();
+        let mut parts = Vec::new();
+        if jobs > 0 {
+            let s = if jobs == 1 { "" } else { "s" };
+            parts.push(format!("{jobs} image{s} (Base refines or variations) still being made or queued will not be made"));
+        }
+        if self.download.is_some() {
+            parts.push("the download stops (it resumes when started again)".to_string());
+        }
+        (!parts.is_empty()).then(|| format!("If you quit now, {}.", parts.join(", and ")))
     }
 
     /// The history entries the history panel lists, newest first (its filter applied).

@@ -7,6 +7,7 @@ pub mod controls;
 pub mod help;
 pub mod history;
 pub mod models;
+pub mod quit;
 pub mod settings;
 pub mod shortcuts;
 pub mod status;
@@ -43,6 +44,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui) {
     settings::draw(app, &ctx, &mut actions);
     welcome::draw(app, &ctx, &mut actions);
     help::draw(app, &ctx);
+    quit::draw(app, &ctx, &mut actions);
     for a in actions {
         app.apply(&ctx, a);
     }
