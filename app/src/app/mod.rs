@@ -869,17 +869,22 @@ fn leave_text_field(ctx: &egui::Context) {
 /// Models for this run: CLI overrides, else saved settings, else the built-in
 /// demo models when they are installed.
 pub fn effective_models(settings: &Settings, options: &StudioOptions) -> ModelConfig {
-    let pick = |cli: &Option<String>, saved: &Option<String>, demo: &str| {
-        cli.clone()
-            .or_else(|| saved.clone())
-            .or_else(|| zimage_engine::loader::resolve_model(demo).ok().map(|_| demo.to_string()))
+    let turbo = options.turbo.clone().or_else(|| settings.turbo_model.clone());
+    let base = options.base.clone().or_else(|| settings.base_model.clone());
+    // The demo model stands in for a slot left empty only beside the other
+    // demo model (or nothing): next to a real Z-Image-Turbo, a miniature
+    // trained on coloured shapes would "refine" real images into shapes.
+    let demo_or_none = |m: &Option<String>| m.as_deref().is_none_or(|m| zimage_engine::loader::BUILTIN_MODELS.contains(&m));
+    let pair = demo_or_none(&turbo) && demo_or_none(&base);
+    let fill = |m: Option<String>, demo: &str| {
+        m.or_else(|| pair.then(|| demo.to_string()).filter(|d| zimage_engine::loader::resolve_model(d).is_ok()))
     };
     let loras = |list: &[crate::settings::LoraSetting]| {
         list.iter().filter(|l| l.enabled).map(|l| LoraChoice { path: l.path.clone(), strength: l.strength }).collect()
     };
     ModelConfig {
-        turbo: pick(&options.turbo, &settings.turbo_model, "demo-turbo"),
-        base: pick(&options.base, &settings.base_model, "demo-base"),
+        turbo: fill(turbo, "demo-turbo"),
+        base: fill(base, "demo-base"),
         turbo_loras: loras(&settings.turbo_loras),
         base_loras: loras(&settings.base_loras),
         memory_plan: settings.memory_plan,
@@ -958,5 +963,26 @@ mod tests {
         // Nothing configured: the built-in demo model if installed, else nothing.
         let demo = effective_models(&Settings::default(), &none).turbo;
         assert_eq!(demo.is_some(), zimage_engine::loader::resolve_model("demo-turbo").is_ok());
+    }
+
+    /// An empty slot gets the demo model only beside the other demo model:
+    /// next to a real Turbo, Base stays empty (and says so) instead of a
+    /// miniature that draws coloured shapes.
+    #[test]
+    fn the_demo_fills_an_empty_slot_only_beside_the_demo() {
+        if zimage_engine::loader::resolve_model("demo-base").is_err() {
+            return; // the demo is not installed: nothing to fill with
+        }
+        let none = StudioOptions { paths: Paths::at("/tmp/unused"), turbo: None, base: None, device: None, open: Vec::new() };
+        let with = |turbo: Option<&str>, base: Option<&str>| {
+            let s = Settings { turbo_model: turbo.map(Into::into), base_model: base.map(Into::into), ..Settings::default() };
+            let m = effective_models(&s, &none);
+            (m.turbo, m.base)
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(with(Some("/models/Z-Image-Turbo"), None), (some("/models/Z-Image-Turbo"), None));
+        assert_eq!(with(None, Some("/models/Z-Image")), (None, some("/models/Z-Image")));
+        assert_eq!(with(Some("demo-turbo"), None), (some("demo-turbo"), some("demo-base")));
+        assert_eq!(with(None, None), (some("demo-turbo"), some("demo-base")));
     }
 }
