@@ -2025,6 +2025,25 @@ fn notes_fade_and_errors_stay_in_the_status_bar() {
     }
 }
 
+/// Ctrl+Enter while the first Turbo image is still rendering says so,
+/// instead of asking for a prompt that is already typed.
+#[test]
+fn refine_before_the_first_image_is_done_says_it_is_rendering() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| {
+        (s.width, s.height, s.size_chosen) = (1024, 1024, true);
+    });
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live job", |a| a.live_job.is_some());
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    assert!(h.state().current.is_none(), "no image yet");
+    let msg = h.state().message.clone().expect("a note");
+    assert_eq!((msg.text.as_str(), msg.error), ("nothing to refine yet: the first Turbo image is still rendering", false));
+}
+
 /// With the built-in demo (whose prompt hint is a caption it understands),
 /// words it never learnt are named (a "cat" came out as coloured noise,
 /// which looked like a broken app); a real model gets neither.

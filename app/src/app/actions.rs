@@ -356,6 +356,7 @@ impl StudioApp {
                     self.error(e);
                 }
             }
+            None if self.live_job.is_some() => self.info("nothing to refine yet: the first Turbo image is still rendering"),
             None => self.info("nothing to refine yet: type a prompt to make a Turbo image first"),
         }
     }
