@@ -2025,6 +2025,30 @@ fn notes_fade_and_errors_stay_in_the_status_bar() {
     }
 }
 
+/// With a Turbo model and no Base, the refine section says there is no
+/// Base model and where to get one, its button is off, and Ctrl+Enter says
+/// the same instead of queueing a job that fails.
+#[test]
+fn without_a_base_model_refining_says_where_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.turbo_model = Some(fixture("tiny-turbo")));
+    let mut h = harness_sized(dir.path(), None, None, egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "the Turbo model", |a| matches!(a.models.get(&ModelSlot::Turbo), Some(ModelState::Ready { .. })));
+    assert!(matches!(h.state().models.get(&ModelSlot::Base), Some(ModelState::NotConfigured)), "{:?}", h.state().models);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the live image", live_done);
+    let why = "no Base model is configured: choose or download Z-Image in Settings";
+    h.get_by_label(why);
+    {
+        use egui_kittest::kittest::NodeT;
+        assert!(h.get_by_label("Refine (Ctrl+Enter)").accesskit_node().is_disabled(), "the button is off");
+    }
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    assert_eq!(h.state().message.as_ref().map(|m| m.text.as_str()), Some(why));
+    assert_eq!(h.state().engine.queued(), 0, "no job that could only fail");
+}
+
 /// Ctrl+Enter while the first Turbo image is still rendering says so,
 /// instead of asking for a prompt that is already typed.
 #[test]

@@ -349,6 +349,16 @@ impl StudioApp {
         (run, state::refine_estimate(run, per_step, load))
     }
 
+    /// Why no Base refine can run now (no Base model, or one that failed to
+    /// load), in one line; `None` while it is ready or loading.
+    pub fn base_unavailable(&self) -> Option<String> {
+        match self.models.get(&ModelSlot::Base) {
+            Some(ModelState::NotConfigured) => Some("no Base model is configured: choose or download Z-Image in Settings".into()),
+            Some(ModelState::Failed(_)) => Some("the Base model could not be loaded: see Settings".into()),
+            _ => None,
+        }
+    }
+
     pub(super) fn refine_selected(&mut self) {
         match self.refine_source() {
             Some(src) => {
@@ -362,6 +372,9 @@ impl StudioApp {
     }
 
     pub(super) fn queue_refine(&mut self, src: &str) -> Result<(), String> {
+        if let Some(why) = self.base_unavailable() {
+            return Err(why);
+        }
         if self.upgrading(src) {
             return Err("this is the draft; its full-size image is rendering: refine that one when it is done".into());
         }

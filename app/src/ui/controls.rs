@@ -254,12 +254,20 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     }
     let (_, cost) = app.refine_cost();
     let source = app.refine_source();
-    ui.weak(match &source {
-        Some(id) => format!("from #{id}: {cost}"),
-        None => format!("needs a Turbo image first · {cost}"),
-    });
+    let no_base = app.base_unavailable();
+    match &no_base {
+        Some(why) => {
+            ui.colored_label(ui.visuals().warn_fg_color, why);
+        }
+        None => {
+            ui.weak(match &source {
+                Some(id) => format!("from #{id}: {cost}"),
+                None => format!("needs a Turbo image first · {cost}"),
+            });
+        }
+    }
     ui.horizontal(|ui| {
-        if ui.add_enabled(source.is_some(), egui::Button::new("Refine (Ctrl+Enter)")).clicked() {
+        if ui.add_enabled(source.is_some() && no_base.is_none(), egui::Button::new("Refine (Ctrl+Enter)")).clicked() {
             actions.push(Action::Refine);
         }
         if let Some(id) = app.refine_job {
