@@ -1211,6 +1211,30 @@ fn grid_done(app: &StudioApp) -> bool {
     app.variations.len() == app.settings.variations && app.variations.iter().all(|c| c.id.is_some())
 }
 
+/// Deleting the image on screen shows the newest image left, not an empty
+/// canvas asking for a prompt that is there.
+#[test]
+fn deleting_the_image_on_screen_shows_the_next_one() {
+    let (_dir, mut h) = test_window(egui::vec2(1280.0, 800.0));
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a red fox");
+    wait_until(&mut h, "the first image", live_done);
+    let first = h.state().current.clone().unwrap();
+    type_text(&mut h, " on snow");
+    wait_until(&mut h, "the second image", |a| live_done(a) && a.current.as_ref() != Some(&first));
+    let second = h.state().current.clone().unwrap();
+    h.get_by_label_contains(&format!("#{second} Turbo")).click_secondary();
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label("Delete").click();
+    h.step();
+    assert!(h.state().history.get(&second).is_none(), "deleted");
+    assert_eq!(h.state().current.as_deref(), Some(first.as_str()), "the newest image left is shown");
+    assert_eq!(h.state().selected.as_deref(), Some(first.as_str()));
+    wait_until(&mut h, "its pixels", |a| a.images.contains(&first));
+}
+
 /// Closing the window while variations are still being made asks first
 /// (they are not kept across a restart); "Keep working" keeps the window,
 /// "Quit" closes it; with nothing running, it closes without a question.

@@ -176,8 +176,11 @@ pub fn gigabytes(bytes: u64) -> String {
 pub fn human_bytes(bytes: u64) -> String {
     if bytes >= 1_000_000_000 {
         gigabytes(bytes)
-    } else {
+    } else if bytes >= 100_000 {
         format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        // A few small images: "0.0 MB" read as nothing.
+        format!("{:.0} kB", (bytes as f64 / 1e3).ceil())
     }
 }
 
@@ -657,6 +660,14 @@ pub fn first_gpu_image_hint(gpu_kernels_cold: bool, live: &LiveStatus) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_in_their_unit() {
+        assert_eq!(human_bytes(20_293), "21 kB", "a small image is not 0.0 MB");
+        assert_eq!(human_bytes(0), "0 kB");
+        assert_eq!(human_bytes(1_500_000), "1.5 MB");
+        assert_eq!(human_bytes(2_400_000_000), "2.4 GB");
+    }
 
     #[test]
     fn the_refine_estimate_adds_the_reload_of_a_parked_base() {

@@ -606,11 +606,14 @@ impl StudioApp {
     /// Nothing on screen or in a grid points at removed images any more.
     fn forget_images(&mut self, ids: &HashSet<String>) {
         let gone = |id: &Option<String>| id.as_ref().is_some_and(|i| ids.contains(i));
-        if gone(&self.current) {
-            self.current = None;
-        }
+        // The image on screen went: show the selected one, else the newest left
+        // (an empty canvas asked for a prompt that was there).
         if gone(&self.selected) {
             self.selected = None;
+        }
+        if gone(&self.current) {
+            self.current = self.selected.clone().or_else(|| self.history.entries().last().map(|e| e.id.clone()));
+            self.selected = self.selected.clone().or_else(|| self.current.clone());
         }
         if self.compare_pair.as_ref().is_some_and(|(t, b)| ids.contains(t) || ids.contains(b)) {
             self.compare_pair = None;
