@@ -217,9 +217,11 @@ impl Paths {
 /// The default save folder: the configured one, else Pictures/Z-Image,
 /// else `~/Pictures/Z-Image`, else `<data>/outputs` (Pictures may be unknown).
 pub fn default_output_dir(settings: &Settings, paths: &Paths) -> PathBuf {
-    if let Some(dir) = &settings.output_dir {
-        return dir.clone();
-    }
+    settings.output_dir.clone().unwrap_or_else(|| fallback_output_dir(paths))
+}
+
+/// The save folder when none is configured (what an empty field means).
+pub fn fallback_output_dir(paths: &Paths) -> PathBuf {
     if let Some(pics) = directories::UserDirs::new().and_then(|u| u.picture_dir().map(Path::to_path_buf)) {
         return pics.join("Z-Image");
     }
@@ -232,6 +234,14 @@ pub fn default_output_dir(settings: &Settings, paths: &Paths) -> PathBuf {
 }
 
 impl Settings {
+    /// The model (path or built-in name) saved for `slot`.
+    pub fn model_mut(&mut self, slot: crate::engine_bridge::ModelSlot) -> &mut Option<String> {
+        match slot {
+            crate::engine_bridge::ModelSlot::Turbo => &mut self.turbo_model,
+            crate::engine_bridge::ModelSlot::Base => &mut self.base_model,
+        }
+    }
+
     /// Loads the settings; a missing file gives the defaults. A value this
     /// version cannot read keeps its default, the others are kept, and a
     /// one-line warning names it; a file that is not JSON at all gives the

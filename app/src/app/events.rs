@@ -86,10 +86,7 @@ impl StudioApp {
             Event::ModelRejected { slot, model: _, message, kept } => {
                 // The engine kept the working model: so do the settings (the
                 // typed path stays in the form, to be mended).
-                match slot {
-                    ModelSlot::Turbo => self.settings.turbo_model = kept.clone(),
-                    ModelSlot::Base => self.settings.base_model = kept.clone(),
-                }
+                *self.settings.model_mut(slot) = kept.clone();
                 self.reload_models();
                 let kept = kept.as_deref().unwrap_or("the loaded one");
                 let why = format!("{message}; still using {kept}");

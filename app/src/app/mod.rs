@@ -557,16 +557,8 @@ impl StudioApp {
 
     fn use_model(&mut self, slot: ModelSlot, model: String) {
         self.model_rejected.remove(&slot);
-        match slot {
-            ModelSlot::Turbo => {
-                self.settings.turbo_model = Some(model.clone());
-                self.settings_form[0] = model;
-            }
-            ModelSlot::Base => {
-                self.settings.base_model = Some(model.clone());
-                self.settings_form[1] = model;
-            }
-        }
+        *self.settings.model_mut(slot) = Some(model.clone());
+        self.settings_form[if slot == ModelSlot::Turbo { 0 } else { 1 }] = model;
         self.cli_override = false;
         self.reload_models();
     }

@@ -751,8 +751,8 @@ impl<B: Backend> Worker<B> {
         // 1. Find and check every model's files (nothing loaded yet), so the
         //    plan is known before anything is loaded.
         let mut usable = Vec::new();
-        for (slot, arg) in [(ModelSlot::Turbo, &config.turbo), (ModelSlot::Base, &config.base)] {
-            let Some(arg) = arg else {
+        for slot in [ModelSlot::Turbo, ModelSlot::Base] {
+            let Some(arg) = config.model(slot) else {
                 self.set_state(slot, ModelState::NotConfigured);
                 continue;
             };

@@ -32,10 +32,7 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
         }
         let rows: [(&str, Option<ModelSlot>); 3] = [("Turbo model", Some(ModelSlot::Turbo)), ("Base model", Some(ModelSlot::Base)), ("Save folder", None)];
         // The folder an empty field means here (Pictures may be unknown on this system).
-        let default_folder = format!(
-            "default: {}",
-            crate::settings::default_output_dir(&crate::settings::Settings { output_dir: None, ..Default::default() }, &app.paths).display()
-        );
+        let default_folder = format!("default: {}", crate::settings::fallback_output_dir(&app.paths).display());
         // Rows of label, path field, Browse (not a Grid: inside the scroll
         // area a Grid kept its first, narrow column widths).
         for (i, (name, slot)) in rows.iter().enumerate() {
@@ -70,22 +67,19 @@ pub fn draw(app: &mut StudioApp, ctx: &egui::Context, actions: &mut Vec<Action>)
                     Some(ModelState::Failed(m)) => (m.clone(), ui.visuals().error_fg_color),
                     Some(ModelState::NotConfigured) | None => ("not configured".into(), ui.visuals().warn_fg_color),
                 };
-                ui.horizontal(|ui| {
-                    ui.add_space(98.0);
-                    // Wrapped: a failure can name a long path, and the window keeps its width.
-                    ui.add(egui::Label::new(egui::RichText::new(text).color(color)).wrap());
-                });
-                if let Some(why) = app.models.get(slot).and_then(|s| s.misplaced(*slot)) {
+                // Under the field, wrapped: a failure can name a long path, and the window keeps its width.
+                let under_field = |ui: &mut egui::Ui, text: String, color: egui::Color32| {
                     ui.horizontal(|ui| {
                         ui.add_space(98.0);
-                        ui.add(egui::Label::new(egui::RichText::new(format!("This is {why}.")).color(ui.visuals().warn_fg_color)).wrap());
+                        ui.add(egui::Label::new(egui::RichText::new(text).color(color)).wrap());
                     });
+                };
+                under_field(ui, text, color);
+                if let Some(why) = app.models.get(slot).and_then(|s| s.misplaced(*slot)) {
+                    under_field(ui, format!("This is {why}."), ui.visuals().warn_fg_color);
                 }
                 if let Some(why) = app.model_rejected.get(slot) {
-                    ui.horizontal(|ui| {
-                        ui.add_space(98.0);
-                        ui.add(egui::Label::new(egui::RichText::new(why).color(ui.visuals().error_fg_color)).wrap());
-                    });
+                    under_field(ui, why.clone(), ui.visuals().error_fg_color);
                 }
             }
         }
