@@ -226,6 +226,8 @@ struct Worker<B: Backend> {
     /// Memory the plan may use, measured when the engine started (before it
     /// held any weight), and its name in the plan's reason.
     budget: (Option<u64>, String),
+    /// How many times a plan's peak counts against `budget` (GPU memory pools).
+    pool_overhead: f64,
     text_encoder_loads: u64,
     prompts_encoded: u64,
     device: burn::tensor::Device<B>,
@@ -257,6 +259,7 @@ impl<B: Backend> Worker<B> {
             plan: ResolvedPlan { plan: MemoryPlan::KeepAll, reason: String::new() },
             sizes: PlanSizes::default(),
             budget: zimage_engine::device::memory_budget(kind),
+            pool_overhead: if kind == DeviceKind::Cpu { 1.0 } else { memory::GPU_POOL_OVERHEAD },
             text_encoder_loads: 0,
             prompts_encoded: 0,
             device: Default::default(),
@@ -741,7 +744,7 @@ impl<B: Backend> Worker<B> {
                     self.apply_loras(slot);
                 }
             }
-            self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
+            self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, self.pool_overhead, &self.sizes);
             self.apply_plan();
             self.report_memory();
             return;
@@ -763,7 +766,7 @@ impl<B: Backend> Worker<B> {
             }
         }
         self.sizes = self.plan_sizes();
-        self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, &self.sizes);
+        self.plan = memory::resolve(config.memory_plan, self.budget.0, &self.budget.1, self.pool_overhead, &self.sizes);
         // A model that cannot fit even one large part at a time would get the
         // process killed (host) or fail mid-load (GPU): refused in one line.
         let dtype = zimage_engine::device::dtype_name(self.dtype);
