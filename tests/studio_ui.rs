@@ -1368,6 +1368,34 @@ fn a_restart_after_a_grid_keeps_the_seed_set() {
     assert_eq!(app.current.as_ref(), Some(&newest.0), "the newest image is shown");
 }
 
+/// A grid asked for under the live image starts at the live image's seed:
+/// its first cell is that image, not the same image drawn again (it was a
+/// second history entry, and on a GPU a second or more of the grid's time).
+#[test]
+fn a_grid_under_the_live_image_takes_it_as_its_first_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a teapot");
+    let live = h.state().current.clone().unwrap();
+    let before = h.state().history.entries().len();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    assert_eq!(h.state().variations[0].id.as_ref(), Some(&live), "the first cell is the live image");
+    assert_eq!(h.state().variations[0].job, None);
+    wait_until(&mut h, "3 variations", grid_done);
+    let seeds: Vec<u64> = h.state().variations.iter().map(|c| c.seed).collect();
+    let (s0, n) = (h.state().settings.seed, seeds.len());
+    assert_eq!(seeds, (s0..s0 + n as u64).collect::<Vec<_>>());
+    assert_eq!(h.state().history.entries().len(), before + n - 1, "the live image is not drawn again");
+    // Other settings than the live image's: the first cell is drawn anew.
+    h.state_mut().settings.turbo_steps += 1;
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    assert!(h.state().variations[0].job.is_some(), "steps changed: drawn again");
+    wait_until(&mut h, "3 variations", grid_done);
+    assert_ne!(h.state().variations[0].id.as_ref(), Some(&live));
+}
+
 #[test]
 fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     let dir = tempfile::tempdir().unwrap();

@@ -417,14 +417,18 @@ impl StudioApp {
             Err(e) => return self.error(e),
         };
         for cell in std::mem::take(&mut self.variations) {
-            if cell.id.is_none() {
-                self.engine.cancel(cell.job);
+            if let (None, Some(job)) = (&cell.id, cell.job) {
+                self.engine.cancel(job);
             }
         }
         let n = self.settings.variations.clamp(1, 64);
         for i in 0..n {
             let mut r = base.clone();
             r.seed = base.seed.wrapping_add(i as u64);
+            if let Some(id) = self.drawn_already(&r) {
+                self.variations.push(VariationCell { job: None, seed: r.seed, id: Some(id), progress: (r.steps, r.steps), error: None });
+                continue;
+            }
             let job =
                 self.engine.submit(JobSpec { kind: JobKind::Variation, slot: ModelSlot::Turbo, request: r.clone() });
             self.jobs.insert(
@@ -434,10 +438,26 @@ impl StudioApp {
                     ..PendingJob::new(JobKind::Variation, ModelSlot::Turbo, r.clone())
                 },
             );
-            self.variations.push(VariationCell { job, seed: r.seed, id: None, progress: (0, r.steps), error: None });
+            self.variations.push(VariationCell { job: Some(job), seed: r.seed, id: None, progress: (0, r.steps), error: None });
         }
         self.var_cursor = 0;
         self.view = View::Variations;
+    }
+
+    /// The live image on screen, when `request` (a Turbo request from the
+    /// controls) would draw it again: same request, start image and models,
+    /// and its file still readable.
+    fn drawn_already(&self, request: &GenerateRequest) -> Option<String> {
+        let (id, made, models, start) = self.live_made.as_ref()?;
+        let mut probe = request.clone();
+        probe.init = None;
+        let same = probe == *made
+            && *models == self.model_config
+            && *start == request.init.as_ref().and(self.start_image.as_ref()).map(|s| s.name.clone())
+            && self.current.as_ref() == Some(id)
+            && self.history.get(id).is_some()
+            && !self.unreadable.contains_key(id);
+        same.then(|| id.clone())
     }
 
     /// Puts an image's parameters back into the controls.

@@ -34,7 +34,7 @@ impl StudioApp {
                 self.metrics.superseded += superseded as u64;
                 if let Some(job) = self.jobs.remove(&id) {
                     if job.kind == JobKind::Variation {
-                        self.variations.retain(|c| c.job != id);
+                        self.variations.retain(|c| c.job != Some(id));
                     }
                 }
                 if self.refine_job == Some(id) {
@@ -57,7 +57,7 @@ impl StudioApp {
                 if self.refine_job == Some(id) {
                     self.refine_job = None;
                 }
-                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
+                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == Some(id)) {
                     cell.error = Some(message.clone());
                 }
                 let what = job.map(|j| format!("{:?} job", j.kind).to_lowercase()).unwrap_or_else(|| "job".into());
@@ -136,7 +136,7 @@ impl StudioApp {
             JobKind::Live => None,
             JobKind::Refine => Some("refine".to_string()),
             JobKind::Variation => {
-                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == id) {
+                if let Some(cell) = self.variations.iter_mut().find(|c| c.job == Some(id)) {
                     cell.progress = (done, total);
                 }
                 Some(format!("var:{id}"))
@@ -199,6 +199,13 @@ impl StudioApp {
                     // Typing stopped on a draft: finish it at full size.
                     upgrade = job.draft && self.dirty_at.is_none();
                 }
+                // Only a full-size image drawn from the controls as they are
+                // (not a draft, not a draft's upgrade) is what a grid's first cell would be.
+                self.live_made = (!job.draft && job.parent.is_none()).then(|| {
+                    let mut request = job.request.clone();
+                    request.init = None;
+                    (hid.clone(), request, self.model_config.clone(), job.start.clone())
+                });
                 self.current = Some(hid.clone());
                 self.selected = Some(hid.clone());
                 if upgrade {
@@ -243,7 +250,7 @@ impl StudioApp {
                 }
             }
             JobKind::Variation => {
-                if let Some(at) = self.variations.iter().position(|c| c.job == id) {
+                if let Some(at) = self.variations.iter().position(|c| c.job == Some(id)) {
                     self.variations[at].id = Some(hid);
                     // The cell under the cursor is the grid's selected image.
                     if at == self.var_cursor && self.view == View::Variations {

@@ -107,7 +107,9 @@ pub struct StartImage {
 /// One cell of the variations grid.
 #[derive(Debug, Clone)]
 pub struct VariationCell {
-    pub job: JobId,
+    /// The job drawing it; `None` when the image existed already (the live
+    /// image of the same request, taken as the grid's first cell).
+    pub job: Option<JobId>,
     pub seed: u64,
     /// History id once finished.
     pub id: Option<String>,
@@ -203,6 +205,11 @@ pub struct StudioApp {
     /// Set when the prompt/settings changed; a live job starts after the quiet period.
     pub dirty_at: Option<Instant>,
     pub live_job: Option<JobId>,
+    /// The full-size live image on screen (history id), the request that drew
+    /// it (its start image left out, named in the fourth field) and the
+    /// models it was drawn with: a variations grid at the same settings takes
+    /// it as its first cell instead of drawing the same image again.
+    pub live_made: Option<(String, GenerateRequest, ModelConfig, Option<String>)>,
     pub live_ema: Option<Duration>,
     /// Recent live time per megapixel-step, drafts and upgrades included:
     /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
@@ -344,6 +351,7 @@ impl StudioApp {
             live_status: LiveStatus::Idle,
             dirty_at: None,
             live_job: None,
+            live_made: None,
             live_ema: None,
             live_rate: None,
             pass_rate: HashMap::new(),
@@ -805,15 +813,13 @@ impl StudioApp {
     }
 
     /// The grid kept by [`Self::keep_session`], its images still in the
-    /// history; each cell gets a job id no engine job has (they count up
-    /// from 1), so no engine event is taken for one of them.
+    /// history (finished cells, no job).
     fn restore_grid(&mut self) {
         let cells = self.settings.grid.iter().filter_map(|id| self.history.get(id));
         self.variations = cells
-            .enumerate()
-            .map(|(i, e)| {
+            .map(|e| {
                 let steps = e.meta.steps as usize;
-                VariationCell { job: JobId::MAX - i as JobId, seed: e.meta.seed, id: Some(e.id.clone()), progress: (steps, steps), error: None }
+                VariationCell { job: None, seed: e.meta.seed, id: Some(e.id.clone()), progress: (steps, steps), error: None }
             })
             .collect();
         let cursor = self.settings.grid_cursor.as_ref();

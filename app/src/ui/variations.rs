@@ -18,7 +18,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         return;
     }
     let kept = app.variations.iter().filter(|c| c.id.as_ref().and_then(|id| app.history.get(id)).is_some_and(|e| e.mark.is_kept())).count();
-    let running: Vec<_> = app.variations.iter().filter(|c| c.id.is_none() && c.error.is_none()).map(|c| c.job).collect();
+    let running: Vec<_> = app.variations.iter().filter(|c| c.id.is_none() && c.error.is_none()).filter_map(|c| c.job).collect();
     // Wraps in a narrow window: a wider row would widen the view under the history panel.
     ui.horizontal_wrapped(|ui| {
         let done = app.variations.len() - running.len();
@@ -56,8 +56,8 @@ fn draw_cells(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>,
             ui.scroll_to_rect(slot, None);
             app.var_reveal = false;
         }
-        let response = ui.interact(slot, ui.scope_id().with(("var", c.job)), Sense::click());
-        let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job));
+        let response = ui.interact(slot, ui.scope_id().with(("var", i)), Sense::click());
+        let key = c.id.clone().unwrap_or_else(|| format!("var:{}", c.job.unwrap_or_default()));
         match &c.id {
             Some(id) => app.request_image(ui.ctx(), id),
             None => app.images.touch(&key),
@@ -93,7 +93,7 @@ fn draw_cells(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>,
             (_, Some(e)) => format!("seed {} · {e}", c.seed),
             (Some(_), _) => format!("seed {} {badge}", c.seed),
             (None, _) => {
-                let paused = if app.jobs.get(&c.job).is_some_and(|j| j.paused) { " paused" } else { "" };
+                let paused = if c.job.and_then(|j| app.jobs.get(&j)).is_some_and(|j| j.paused) { " paused" } else { "" };
                 format!("seed {} · {}/{}{paused}", c.seed, c.progress.0, c.progress.1)
             }
         };
