@@ -1396,6 +1396,44 @@ fn a_grid_under_the_live_image_takes_it_as_its_first_cell() {
     assert_ne!(h.state().variations[0].id.as_ref(), Some(&live));
 }
 
+/// "Refine kept" skips a kept cell already refined at the same settings
+/// (here with Ctrl+Enter first): it queued the same Base image again.
+/// Changed settings refine every kept cell again.
+#[test]
+fn refine_kept_skips_what_is_refined_at_these_settings_already() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = triage_grid(dir.path());
+    let base_count = |a: &StudioApp| a.history.entries().iter().filter(|e| e.slot == ModelSlot::Base).count();
+    h.key_press(Key::K);
+    h.step();
+    h.key_press(Key::ArrowRight);
+    h.step();
+    h.key_press(Key::K);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    wait_until(&mut h, "the first refine", |a| base_count(a) == 1);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num2);
+    h.step();
+    h.get_by_label("Refine 2 kept with Base").click();
+    h.step();
+    let said = h.state().message.as_ref().map(|m| m.text.clone()).unwrap_or_default();
+    assert_eq!(said, "queued 1 Base refine; 1 kept image was refined at these settings already");
+    wait_until(&mut h, "the second refine", |a| base_count(a) == 2 && a.jobs.is_empty());
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num2);
+    h.step();
+    h.get_by_label("Refine 2 kept with Base").click();
+    h.step();
+    assert!(h.state().jobs.is_empty(), "nothing queued again");
+    let said = h.state().message.as_ref().map(|m| m.text.clone()).unwrap_or_default();
+    assert!(said.starts_with("the 2 kept images are already refined at these settings"), "{said}");
+    // Another strength: both are refined again.
+    h.state_mut().settings.refine_strength = 0.3;
+    h.get_by_label("Refine 2 kept with Base").click();
+    h.step();
+    wait_until(&mut h, "two more refines", |a| base_count(a) == 4);
+}
+
 #[test]
 fn variations_stream_into_a_grid_with_keyboard_triage_and_kept_ones_refine() {
     let dir = tempfile::tempdir().unwrap();

@@ -105,6 +105,9 @@ impl StudioApp {
                 if kept.is_empty() {
                     self.info("nothing kept to refine: K keeps a variation or the image shown, S stars it");
                 }
+                // A cell refined (or queued) at these very settings, e.g. with
+                // Ctrl+Enter before, would give the same image again.
+                let (again, kept): (Vec<String>, Vec<String>) = kept.into_iter().partition(|id| self.refined_alike(id));
                 let n = kept.len();
                 for id in kept {
                     if let Err(e) = self.queue_refine(&id) {
@@ -112,8 +115,19 @@ impl StudioApp {
                         return;
                     }
                 }
-                if n > 0 {
-                    self.info(format!("queued {n} Base refine{}", if n == 1 { "" } else { "s" }));
+                let plural = |n: usize| if n == 1 { "" } else { "s" };
+                match (n, again.len()) {
+                    (_, 0) if n > 0 => self.info(format!("queued {n} Base refine{}", plural(n))),
+                    (0, m) if m > 0 => self.info(format!(
+                        "the {m} kept image{} already refined at these settings: change the strength or steps to refine again",
+                        if m == 1 { " is" } else { "s are" }
+                    )),
+                    (n, m) if n > 0 => self.info(format!(
+                        "queued {n} Base refine{}; {m} kept image{} refined at these settings already",
+                        plural(n),
+                        if m == 1 { " was" } else { "s were" }
+                    )),
+                    _ => {}
                 }
             }
             Action::Variations => {
@@ -405,6 +419,36 @@ impl StudioApp {
         );
         self.refine_job = Some(id);
         Ok(())
+    }
+
+    /// Whether `src` has a Base refine, finished or queued, that the refine
+    /// settings as they are now would make again: the same Base model, steps,
+    /// guidance, negative prompt (with CFG) and strength (or same-seed mode).
+    fn refined_alike(&self, src: &str) -> bool {
+        let s = &self.settings;
+        let strength = (s.refine_mode == RefineMode::Img2Img).then(|| state::snap_strength(s.refine_strength, s.base_steps).0);
+        let negative = if s.base_guidance > 0.0 { s.negative_prompt.as_str() } else { "" };
+        let same = |steps: usize, guidance: f32, neg: &str, st: Option<f32>| {
+            steps == s.base_steps && guidance == s.base_guidance && (guidance <= 0.0 || neg == negative) && st == strength
+        };
+        let queued = self.jobs.values().any(|j| {
+            let r = &j.request;
+            j.kind == JobKind::Refine
+                && j.parent.as_deref() == Some(src)
+                && same(r.steps, r.guidance, &r.negative_prompt, r.init.as_ref().map(|_| r.strength))
+        });
+        let base_name = match self.models.get(&ModelSlot::Base) {
+            Some(ModelState::Ready { name, .. }) => Some(name.as_str()),
+            _ => None,
+        };
+        let done = self.history.entries().iter().any(|e| {
+            let m = &e.meta;
+            e.slot == ModelSlot::Base
+                && e.parent.as_deref() == Some(src)
+                && Some(m.model.as_str()) == base_name
+                && same(m.steps as usize, m.guidance, &m.negative_prompt, m.strength)
+        });
+        queued || done
     }
 
     pub(super) fn start_variations(&mut self) {
