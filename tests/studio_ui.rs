@@ -753,6 +753,21 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     let img = image::open(&saved[0]).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 
+    // Saved again: said, not a second file; once the file is gone, written again.
+    h.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    h.step();
+    assert_eq!(std::fs::read_dir(dir.path().join("saved")).unwrap().count(), 1, "no copy of the same image");
+    let msg = h.state().message.clone().unwrap();
+    assert_eq!(msg.text, format!("already saved as {} (Save as… writes a copy)", saved[0].display()));
+    std::fs::remove_file(&saved[0]).unwrap();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    h.step();
+    assert!(saved[0].is_file(), "written again once gone");
+    let index = dir.path().join("history.json");
+    wait_until(&mut h, "the history to keep where it was saved", |_| {
+        std::fs::read_to_string(&index).is_ok_and(|t| t.contains("\"saved\""))
+    });
+
     // Unwritable folder: a clear one-line message, and the image stays in the history.
     let blocker = dir.path().join("blocker");
     std::fs::write(&blocker, "not a folder").unwrap();

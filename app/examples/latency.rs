@@ -58,6 +58,7 @@ fn prefill_history(paths: &Paths, n: usize) {
             mark: Default::default(),
             elapsed_ms: 30,
             file: "old.png".into(),
+            saved: None,
         })
         .collect();
     let json = serde_json::json!({ "version": 1, "next_id": n + 1, "entries": entries });

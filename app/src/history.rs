@@ -31,6 +31,10 @@ pub struct HistoryEntry {
     pub elapsed_ms: u64,
     /// File name inside the images folder.
     pub file: String,
+    /// Where Save (Ctrl+S) last wrote it: saving again while that file is
+    /// there says so instead of writing a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<PathBuf>,
 }
 
 impl HistoryEntry {
@@ -205,7 +209,7 @@ impl History {
         let id = format!("{:06}", self.next_id);
         self.next_id += 1;
         let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
-        let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file };
+        let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file, saved: None };
         let written = self.write_image(&entry, image);
         self.index.insert(id.clone(), self.entries.len());
         self.entries.push(Arc::new(entry));

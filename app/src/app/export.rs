@@ -76,19 +76,44 @@ impl StudioApp {
         }
         let dir = self.output_dir();
         let mut saved = Vec::new();
+        let mut before = Vec::new();
         for id in &targets {
+            // Saved into this folder already and still there: a second file
+            // of the same image would only clutter the folder.
+            let earlier = self.history.get(id).and_then(|e| e.saved.clone());
+            if let Some(path) = earlier.filter(|p| p.parent() == Some(dir.as_path()) && p.is_file()) {
+                before.push(path);
+                continue;
+            }
             let result = self.image_of(id).and_then(|img| {
                 let meta = self.history.get(id).map(|e| e.meta.clone()).unwrap_or_default();
                 save::save_into(&dir, &img, &meta)
             });
             match result {
-                Ok(p) => saved.push(p),
+                Ok(p) => {
+                    if let Some(e) = self.history.get_mut(id) {
+                        e.saved = Some(p.clone());
+                    }
+                    saved.push(p);
+                }
                 Err(e) => return self.error(format!("save failed: {}", save::one_line_error(&e))),
             }
         }
+        if !saved.is_empty() {
+            if let Err(e) = self.history.save() {
+                self.error(format!("could not save the history: {}", save::one_line_error(&e)));
+            }
+        }
+        let earlier = match before.len() {
+            0 => String::new(),
+            1 if saved.is_empty() => format!("already saved as {} (Save as… writes a copy)", before[0].display()),
+            n if saved.is_empty() => format!("the {n} images are already saved in {}", dir.display()),
+            n => format!("; {n} saved before"),
+        };
         match saved.as_slice() {
-            [one] => self.info(format!("saved {}", one.display())),
-            many => self.info(format!("saved {} images to {}", many.len(), dir.display())),
+            [] => self.info(earlier),
+            [one] => self.info(format!("saved {}{earlier}", one.display())),
+            many => self.info(format!("saved {} images to {}{earlier}", many.len(), dir.display())),
         }
     }
 
