@@ -407,7 +407,9 @@ impl StudioApp {
             unreadable: HashMap::new(),
             metrics: Metrics::default(),
             focus_prompt: true,
-            reveal_selected: false,
+            // The history list opens on the image shown, not on the scroll
+            // offset egui kept from the last run (newer images came since).
+            reveal_selected: true,
             prompt_id: None,
             refocus_after_overlay: false,
             frame_start: None,
