@@ -1288,6 +1288,41 @@ fn closing_while_images_are_made_asks_first() {
     assert!(h.state().quit_asked.is_none() && !sent(&h, egui::ViewportCommand::CancelClose));
 }
 
+/// A disk with no room for the history's images loses none while the app
+/// runs: they are shown from memory, the status bar says so, they are
+/// written once there is room, and closing before that asks first.
+#[test]
+fn images_a_full_disk_refused_are_kept_and_written_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let images = Paths::at(dir.path()).images_dir();
+    std::fs::write(&images, "a file where the images folder goes: no image can be written").unwrap();
+    let mut h = harness(dir.path());
+    wait_until(&mut h, "models to load", models_ready);
+    type_text(&mut h, "a teapot");
+    let said = |a: &StudioApp| a.message.as_ref().is_some_and(|m| m.text.contains("kept in memory"));
+    wait_until(&mut h, "the refused write said", said);
+    let text = h.state().message.clone().unwrap().text;
+    assert!(text.starts_with("history folder: ") && text.contains("1 image is kept in memory"), "{text}");
+    let id = h.state().current.clone().expect("the image is shown");
+    assert_eq!(h.state().history.failed_writes(), 1);
+    // Closing now would lose it: asked first.
+    h.input_mut().viewports.entry(egui::ViewportId::ROOT).or_default().events.push(egui::ViewportEvent::Close);
+    h.step();
+    let asked = h.state().quit_asked.clone().expect("the question");
+    assert!(asked.contains("1 image is lost"), "{asked}");
+    h.step();
+    h.get_by_label("Keep working").click();
+    h.step();
+    // Room again: written at the next retry, and said.
+    std::fs::remove_file(&images).unwrap();
+    let written = |a: &StudioApp| a.message.as_ref().is_some_and(|m| m.text.contains("written to the history folder now"));
+    wait_until(&mut h, "the retried write", written);
+    let entry = h.state().history.get(&id).unwrap().clone();
+    assert!(h.state().history.image_path(&entry).is_file());
+    assert_eq!(h.state().history.unwritten(), 0);
+}
+
 /// A restart keeps the variations grid: its images in order, the cursor on
 /// the cell it was on, and the triage goes on from there.
 #[test]

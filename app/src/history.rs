@@ -11,7 +11,7 @@ use zimage_engine::metadata::{self, GenerationMetadata};
 use zimage_engine::preview::RgbImage;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::engine_bridge::{BackgroundIo, IoResult, JobKind, ModelSlot};
 use crate::settings::Paths;
@@ -82,6 +82,19 @@ pub struct History {
     /// The newest index write asked for: an older one still queued behind it
     /// is skipped, as the newer one writes everything it would.
     index_writes: Arc<AtomicU64>,
+    /// Images not on disk yet: queued, or whose write failed (a full disk).
+    /// They are shown from here and written again by [`Self::retry_writes`],
+    /// so a full disk loses nothing while the app runs.
+    unwritten: Arc<Mutex<HashMap<String, Unwritten>>>,
+}
+
+/// An image waiting for its file.
+struct Unwritten {
+    file: String,
+    meta: GenerationMetadata,
+    image: Arc<RgbImage>,
+    /// A write of it is on the disk queue (else its last write failed).
+    queued: bool,
 }
 
 /// Unmarked live results beyond this many are pruned (typing makes many).
@@ -114,6 +127,7 @@ impl History {
                 revision: 0,
                 io: None,
                 index_writes: Arc::default(),
+                unwritten: Arc::default(),
             };
             h.reindex();
             h
@@ -210,7 +224,11 @@ impl History {
         self.next_id += 1;
         let file = format!("{id}-{}-{}.png", slot.label().to_lowercase(), meta.seed);
         let entry = HistoryEntry { id: id.clone(), slot, job, meta, parent, mark: Mark::None, elapsed_ms, file, saved: None };
-        let written = self.write_image(&entry, image);
+        self.unwritten.lock().expect("unwritten").insert(
+            id.clone(),
+            Unwritten { file: entry.file.clone(), meta: entry.meta.clone(), image, queued: false },
+        );
+        let written = self.write_image(&id);
         self.index.insert(id.clone(), self.entries.len());
         self.entries.push(Arc::new(entry));
         self.revision += 1;
@@ -219,19 +237,69 @@ impl History {
         (id, written.and(saved))
     }
 
-    fn write_image(&self, entry: &HistoryEntry, image: Arc<RgbImage>) -> Result<()> {
-        let dir = self.paths.images_dir();
-        let (file, meta) = (entry.file.clone(), entry.meta.clone());
+    /// Queues the write of the unwritten image `id`; it leaves
+    /// [`Self::unwritten`] once its file is written.
+    fn write_image(&self, id: &str) -> Result<()> {
+        let (file, meta, image) = {
+            let mut unwritten = self.unwritten.lock().expect("unwritten");
+            let Some(u) = unwritten.get_mut(id) else { return Ok(()) };
+            u.queued = true;
+            (u.file.clone(), u.meta.clone(), u.image.clone())
+        };
+        let (dir, pending, id) = (self.paths.images_dir(), self.unwritten.clone(), id.to_string());
         self.run_io(Box::new(move || {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            metadata::save_png(&dir.join(&file), &image.pixels, image.width, image.height, &meta)?;
+            let written = std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))
+                .and_then(|()| metadata::save_png(&dir.join(&file), &image.pixels, image.width, image.height, &meta).map_err(anyhow::Error::from));
+            let mut pending = pending.lock().expect("unwritten");
+            match written {
+                Ok(()) => drop(pending.remove(&id)),
+                Err(e) => {
+                    if let Some(u) = pending.get_mut(&id) {
+                        u.queued = false;
+                    }
+                    return Err(e);
+                }
+            }
             Ok(())
         }))
+    }
+
+    /// How many images are not on disk yet (queued or refused).
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.lock().expect("unwritten").len()
+    }
+
+    /// How many images could not be written (their last write failed).
+    pub fn failed_writes(&self) -> usize {
+        self.unwritten.lock().expect("unwritten").values().filter(|u| !u.queued).count()
+    }
+
+    /// Writes again the images whose write failed, then the index; returns
+    /// how many were queued.
+    pub fn retry_writes(&self) -> usize {
+        let failed: Vec<String> =
+            self.unwritten.lock().expect("unwritten").iter().filter(|(_, u)| !u.queued).map(|(id, _)| id.clone()).collect();
+        for id in &failed {
+            let _ = self.write_image(id);
+        }
+        if !failed.is_empty() {
+            let _ = self.save();
+        }
+        failed.len()
+    }
+
+    /// The image of `id` while its file is not written yet.
+    fn unwritten_image(&self, id: &str) -> Option<Arc<RgbImage>> {
+        self.unwritten.lock().expect("unwritten").get(id).map(|u| u.image.clone())
     }
 
     /// Reads an entry's image back from disk; the error is one line
     /// ([`unreadable_image`]).
     pub fn load_image(&self, entry: &HistoryEntry) -> Result<RgbImage> {
+        if let Some(image) = self.unwritten_image(&entry.id) {
+            return Ok((*image).clone());
+        }
         let path = self.image_path(entry);
         read_rgb(&path).map_err(|e| anyhow::anyhow!(unreadable_image(&path, &e)))
     }
@@ -285,6 +353,11 @@ impl History {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries).into_iter().partition(|e| ids.contains(&e.id));
         self.entries = kept;
         self.reindex();
+        let mut unwritten = self.unwritten.lock().expect("unwritten");
+        for e in &gone {
+            unwritten.remove(&e.id);
+        }
+        drop(unwritten);
         for e in gone {
             let path = self.paths.images_dir().join(&e.file);
             let _ = self.run_io(Box::new(move || {
@@ -317,7 +390,8 @@ impl History {
     pub fn load_in_background(&self, entry: &HistoryEntry, key: String, thumb_side: Option<u32>) -> bool {
         let Some(io) = &self.io else { return false };
         let path = self.image_path(entry);
-        io.run(Box::new(move || match read_rgb(&path) {
+        let in_memory = self.unwritten_image(&entry.id);
+        io.run(Box::new(move || match in_memory.map_or_else(|| read_rgb(&path), |i| Ok((*i).clone())) {
             Ok(image) => {
                 let image = match thumb_side {
                     Some(side) => crate::images::thumbnail(&image, side),
@@ -560,5 +634,34 @@ mod tests {
         let (id, r) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
         assert!(r.is_err());
         assert!(h.get(&id).is_some());
+    }
+
+    /// A full or unwritable disk loses no image while the app runs: it is
+    /// shown from memory, written again on retry once there is room, and
+    /// then read from its file.
+    #[test]
+    fn an_image_the_disk_refused_is_kept_and_written_on_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::at(dir.path());
+        std::fs::write(paths.images_dir(), "a file where the images folder goes").unwrap();
+        let (mut h, _) = History::load(&paths);
+        let (id, r) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
+        assert!(r.is_err());
+        assert_eq!((h.failed_writes(), h.unwritten()), (1, 1));
+        let entry = h.get(&id).unwrap().clone();
+        assert_eq!(h.load_image(&entry).unwrap(), img(), "shown from memory");
+        assert_eq!(h.retry_writes(), 1, "retried");
+        assert_eq!(h.failed_writes(), 1, "still no room");
+        std::fs::remove_file(paths.images_dir()).unwrap();
+        assert_eq!(h.retry_writes(), 1);
+        assert_eq!((h.failed_writes(), h.unwritten()), (0, 0));
+        assert_eq!(read_rgb(&h.image_path(&entry)).unwrap(), img(), "on disk now");
+        assert!(std::fs::read_to_string(paths.history_file()).unwrap().contains(&entry.file), "and in the index");
+        // A removed entry is not written any more.
+        std::fs::remove_dir_all(paths.images_dir()).unwrap();
+        std::fs::write(paths.images_dir(), "x").unwrap();
+        let (id2, _) = h.add(ModelSlot::Turbo, JobKind::Live, GenerationMetadata::default(), None, 1, Arc::new(img()));
+        h.remove(&[id2].into_iter().collect()).unwrap();
+        assert_eq!((h.failed_writes(), h.retry_writes()), (0, 0));
     }
 }

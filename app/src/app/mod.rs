@@ -126,6 +126,9 @@ pub struct Message {
     pub since: Instant,
 }
 
+/// How often the history images a full disk refused are written again.
+pub const WRITE_RETRY: Duration = Duration::from_secs(5);
+
 /// How long a note (not an error) stays in the status bar.
 pub const NOTE_SHOWN: Duration = Duration::from_secs(10);
 
@@ -301,6 +304,10 @@ pub struct StudioApp {
     pub images: Images,
     /// History images being decoded on the disk thread.
     loading: HashSet<String>,
+    /// When the history images a full disk refused are written again.
+    write_retry_at: Option<Instant>,
+    /// How many refused images the status bar said were kept in memory.
+    unwritten_said: usize,
     /// Images (or thumbnails) whose file could not be read, and why: not
     /// asked for again, and shown as such.
     pub unreadable: HashMap<String, String>,
@@ -405,6 +412,8 @@ impl StudioApp {
             images: Images::default(),
             loading: HashSet::new(),
             unreadable: HashMap::new(),
+            write_retry_at: None,
+            unwritten_said: 0,
             metrics: Metrics::default(),
             focus_prompt: true,
             // The history list opens on the image shown, not on the scroll
@@ -470,10 +479,22 @@ impl StudioApp {
                     }
                     self.unreadable.insert(key, message);
                 }
-                IoResult::Error(e) => self.error(format!("history folder: {e}")),
+                IoResult::Error(e) => {
+                    let waiting = self.history.failed_writes();
+                    let kept = match waiting {
+                        0 => String::new(),
+                        n => format!(
+                            "; {n} image{} kept in memory until there is room",
+                            if n == 1 { " is" } else { "s are" },
+                        ),
+                    };
+                    self.unwritten_said = self.unwritten_said.max(waiting);
+                    self.error(format!("history folder: {e}{kept}"));
+                }
                 IoResult::Done => {}
             }
         }
+        self.retry_history_writes(ctx);
         // Closing with images still being made asks first (they are not kept).
         if ctx.input(|i| i.viewport().close_requested()) && !self.quit_confirmed {
             if let Some(what) = self.unfinished_work() {
@@ -760,9 +781,42 @@ impl StudioApp {
 
     /// What closing the window now would lose or stop, in a sentence; `None`
     /// when nothing is running but the live preview (which is not lost).
+    /// Writes again, every [`WRITE_RETRY`], the history images a full (or
+    /// unwritable) disk refused, and says when they are all on disk.
+    fn retry_history_writes(&mut self, ctx: &egui::Context) {
+        let failed = self.history.failed_writes();
+        if failed == 0 {
+            if self.unwritten_said > 0 && self.history.unwritten() > 0 {
+                // Written on the disk thread, which wakes the UI only for errors.
+                ctx.request_repaint_after(Duration::from_millis(100));
+            } else if self.unwritten_said > 0 {
+                let n = std::mem::take(&mut self.unwritten_said);
+                self.info(format!(
+                    "the image{} kept in memory {} written to the history folder now",
+                    if n == 1 { "" } else { "s" },
+                    if n == 1 { "is" } else { "are" }
+                ));
+            }
+            return;
+        }
+        let due = self.write_retry_at.get_or_insert_with(|| Instant::now() + WRITE_RETRY);
+        if Instant::now() >= *due {
+            self.write_retry_at = None;
+            self.history.retry_writes();
+            ctx.request_repaint_after(Duration::from_millis(100));
+        } else {
+            ctx.request_repaint_after(*due - Instant::now());
+        }
+    }
+
     fn unfinished_work(&self) -> Option<String> {
         let jobs = self.engine.queued();
         let mut parts = Vec::new();
+        let unwritten = self.history.failed_writes();
+        if unwritten > 0 {
+            let s = if unwritten == 1 { " is" } else { "s are" };
+            parts.push(format!("{unwritten} image{s} lost: the history folder had no room for them (free some disk space first)"));
+        }
         if jobs > 0 {
             let s = if jobs == 1 { "" } else { "s" };
             parts.push(format!("{jobs} image{s} (Base refines or variations) still being made or queued will not be made"));
