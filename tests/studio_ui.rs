@@ -753,6 +753,9 @@ fn save_writes_a_png_whose_metadata_round_trips_and_failures_lose_nothing() {
     let img = image::open(&saved[0]).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 
+    // The history list says which images were saved.
+    h.step();
+    h.get_by_label("saved");
     // Saved again: said, not a second file; once the file is gone, written again.
     h.key_press_modifiers(Modifiers::COMMAND, Key::S);
     h.step();

@@ -48,6 +48,16 @@ impl HistoryEntry {
             ModelSlot::Turbo => format!("full size of draft #{parent}"),
         })
     }
+
+    /// Its lineage and whether Save wrote it, for the history list and the
+    /// caption: "refined from #000012 · saved"; `None` when neither.
+    pub fn notes(&self) -> Option<String> {
+        let saved = self.saved.as_ref().map(|_| "saved".to_string());
+        match (self.lineage(), saved) {
+            (Some(l), Some(s)) => Some(format!("{l} · {s}")),
+            (l, s) => l.or(s),
+        }
+    }
 }
 
 /// The index as read (its `version`, written as 1, has not changed yet).
@@ -515,12 +525,15 @@ mod tests {
         h.get_mut(&t).unwrap().mark = Mark::Starred;
         h.save().unwrap();
 
-        let (h2, warn) = History::load(&paths);
+        let (mut h2, warn) = History::load(&paths);
         assert!(warn.is_none());
         assert_eq!(h2.entries.len(), 2);
         assert_eq!(h2.get(&b).unwrap().parent.as_deref(), Some(t.as_str()));
         assert_eq!(h2.get(&b).unwrap().lineage(), Some(format!("refined from #{t}")));
         assert_eq!(h2.get(&t).unwrap().lineage(), None, "made from the prompt alone");
+        assert_eq!(h2.get(&t).unwrap().notes(), None);
+        h2.get_mut(&b).unwrap().saved = Some("/out/x.png".into());
+        assert_eq!(h2.get(&b).unwrap().notes(), Some(format!("refined from #{t} · saved")));
         assert_eq!(h2.get(&t).unwrap().mark, Mark::Starred);
         assert_eq!(h2.load_image(h2.get(&b).unwrap()).unwrap(), img());
         // The PNG carries the parameters too.

@@ -56,7 +56,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     } else if let Some((done, total)) = refining {
         format!("Base refine preview · step {done}/{total}")
     } else if let Some(e) = app.current.as_ref().and_then(|id| app.history.get(id)) {
-        let parent = e.lineage().map(|l| format!(" · {l}")).unwrap_or_default();
+        let parent = e.notes().map(|l| format!(" · {l}")).unwrap_or_default();
         format!("#{} · {} · seed {} · {}×{}{parent}", e.id, e.slot.label(), e.meta.seed, e.meta.width, e.meta.height)
     } else {
         String::new()

@@ -88,8 +88,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                         // height, as the list's row-by-row scrolling assumes.
                         ui.add(egui::Label::new(format!("{mark}#{} {} · {}", e.id, e.slot.label(), e.meta.seed)).truncate());
                         ui.add(egui::Label::new(egui::RichText::new(&e.meta.prompt).weak()).truncate());
-                        if let Some(lineage) = e.lineage() {
-                            ui.add(egui::Label::new(egui::RichText::new(lineage).weak()).truncate());
+                        if let Some(notes) = e.notes() {
+                            ui.add(egui::Label::new(egui::RichText::new(notes).weak()).truncate());
                         }
                     });
                 })
