@@ -1818,6 +1818,15 @@ fn a_running_variations_grid_can_be_stopped() {
         s.turbo_steps = 1000;
         s.variations = 4;
     });
+    // No Turbo speed measured yet: no time said; once there is one, the time left.
+    assert!(h.query_by_label_contains(" left · ").is_none() && h.query_by_label_contains("s left").is_none());
+    h.state_mut().pass_rate.insert(ModelSlot::Turbo, 100.0);
+    h.step();
+    // 4 images of 64², 50 steps each (the Turbo steps slider clamps the 1000), at 100 s per megapixel-step: 82 s.
+    let left = h.state().variations_left().expect("a speed is known");
+    assert!(left > Duration::from_secs(60) && left <= Duration::from_millis(82_000), "{left:?}");
+    assert!(h.query_by_label_contains("4 variations · 0 done, about ").is_some(), "the time left");
+    assert!(h.query_by_label_contains(" s left · 0 kept").is_some());
     h.get_by_label("Stop (4 left)").click();
     wait_until(&mut h, "the grid to stop", |a| a.variations.iter().all(|c| c.id.is_some()) && a.engine.queued() == 0);
     let app = h.state();

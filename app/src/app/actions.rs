@@ -342,6 +342,23 @@ impl StudioApp {
         Some(left.sum())
     }
 
+    /// What the variations not finished yet will take, from Turbo's last
+    /// measured speed; `None` before one was measured or when none is left.
+    pub fn variations_left(&self) -> Option<Duration> {
+        let rate = *self.pass_rate.get(&ModelSlot::Turbo)?;
+        let left: Duration = self
+            .variations
+            .iter()
+            .filter(|c| c.id.is_none() && c.error.is_none())
+            .filter_map(|c| self.jobs.get(&c.job?))
+            .map(|j| {
+                let r = &j.request;
+                state::predicted_time(rate, r.width, r.height, state::steps_left(r, j.progress.0) * state::dit_passes(r.guidance))
+            })
+            .sum();
+        (!left.is_zero()).then_some(left)
+    }
+
     /// Base steps the refine will run and what it will cost.
     pub fn refine_cost(&self) -> (usize, String) {
         let steps = self.settings.base_steps;

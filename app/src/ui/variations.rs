@@ -22,7 +22,12 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     // Wraps in a narrow window: a wider row would widen the view under the history panel.
     ui.horizontal_wrapped(|ui| {
         let done = app.variations.len() - running.len();
-        let progress = if running.is_empty() { String::new() } else { format!(" · {done} done") };
+        // The time left once it is worth saying (a grid of the real model takes minutes).
+        let eta = app
+            .variations_left()
+            .filter(|d| *d >= std::time::Duration::from_secs(2))
+            .map_or(String::new(), |d| format!(", about {} left", crate::state::human_duration(d)));
+        let progress = if running.is_empty() { String::new() } else { format!(" · {done} done{eta}") };
         ui.label(format!("{} variations{progress} · {kept} kept · arrows move, K keep, X reject, S star, Enter open, +/- size", app.variations.len()));
         if !running.is_empty()
             && ui.button(format!("Stop ({} left)", running.len())).on_hover_text("Cancel the variations not finished yet; the finished ones stay").clicked()
