@@ -441,7 +441,7 @@ fn start_two_slow_refines(dir: &Path, plan: MemoryPlan, turbo_steps: usize) -> H
     write_test_settings(dir, |s| {
         // Seconds per refine on the tiny models, so that every stage can be seen.
         (s.width, s.height) = (256, 256);
-        s.base_steps = 1000;
+        s.base_steps = 100;
         s.turbo_steps = turbo_steps;
         s.refine_mode = zimage_studio::state::RefineMode::SameSeed;
         s.memory_plan = plan;
@@ -451,6 +451,8 @@ fn start_two_slow_refines(dir: &Path, plan: MemoryPlan, turbo_steps: usize) -> H
     let mut h = start_and_type(dir, "a slow harbour");
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     h.step();
+    // Other settings: the same ones would make the same image, and are not queued twice.
+    h.state_mut().settings.base_steps = 99;
     h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
     wait_until(&mut h, "two refines", |a| a.jobs.values().filter(|j| j.kind == JobKind::Refine).count() == 2);
     // The first one running (a live job sent before it starts would go first).
@@ -1447,6 +1449,40 @@ fn a_grid_under_the_live_image_takes_it_as_its_first_cell() {
     assert!(h.state().variations[0].job.is_some(), "steps changed: drawn again");
     wait_until(&mut h, "3 variations", grid_done);
     assert_ne!(h.state().variations[0].id.as_ref(), Some(&live));
+}
+
+/// Ctrl+Enter on an image refined (or being refined) at the same settings
+/// does not make the same Base image again: it shows the one made, or says
+/// it is queued. Other settings (here another strength) refine again.
+#[test]
+fn refining_twice_at_the_same_settings_shows_the_refine_made() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    let mut h = start_and_type(dir.path(), "a teapot");
+    let base_count = |a: &StudioApp| a.history.entries().iter().filter(|e| e.slot == ModelSlot::Base).count();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    let said = h.state().message.as_ref().map(|m| m.text.clone()).unwrap_or_default();
+    assert!(said.starts_with("a refine of #") && said.ends_with("at these settings is already queued"), "{said}");
+    wait_until(&mut h, "the refine", |a| base_count(a) == 1 && a.jobs.is_empty());
+    let (turbo, base) = h.state().compare_pair.clone().expect("the pair opened");
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Num1);
+    h.step();
+    h.step();
+    h.get_by_label(&format!("from #{turbo}: made already at these settings (#{base}); Ctrl+Enter shows it"));
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    assert!(h.state().jobs.is_empty(), "not refined again");
+    assert_eq!(h.state().view, View::Compare);
+    assert_eq!(h.state().compare_pair, Some((turbo.clone(), base.clone())), "the refine made, beside its Turbo image");
+    let said = h.state().message.as_ref().map(|m| m.text.clone()).unwrap_or_default();
+    assert!(said.starts_with(&format!("#{turbo} is refined at these settings already (#{base}")), "{said}");
+    h.state_mut().settings.refine_strength = 0.3;
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+    h.step();
+    wait_until(&mut h, "a refine at the new strength", |a| base_count(a) == 2);
 }
 
 /// "Refine kept" skips a kept cell already refined at the same settings

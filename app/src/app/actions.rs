@@ -107,7 +107,7 @@ impl StudioApp {
                 }
                 // A cell refined (or queued) at these very settings, e.g. with
                 // Ctrl+Enter before, would give the same image again.
-                let (again, kept): (Vec<String>, Vec<String>) = kept.into_iter().partition(|id| self.refined_alike(id));
+                let (again, kept): (Vec<String>, Vec<String>) = kept.into_iter().partition(|id| self.refined_alike(id).is_some());
                 let n = kept.len();
                 for id in kept {
                     if let Err(e) = self.queue_refine(&id) {
@@ -392,11 +392,23 @@ impl StudioApp {
 
     pub(super) fn refine_selected(&mut self) {
         match self.refine_source() {
-            Some(src) => {
-                if let Err(e) = self.queue_refine(&src) {
-                    self.error(e);
+            // The same settings give the same image: the one made is shown instead.
+            Some(src) => match self.refined_alike(&src) {
+                Some(Refined::Done(base)) => {
+                    self.info(format!(
+                        "#{src} is refined at these settings already (#{base}, shown beside it); change the strength or steps to refine again"
+                    ));
+                    self.compare_pair = Some((src, base.clone()));
+                    self.selected = Some(base);
+                    self.view = View::Compare;
                 }
-            }
+                Some(Refined::Queued) => self.info(format!("a refine of #{src} at these settings is already queued")),
+                None => {
+                    if let Err(e) = self.queue_refine(&src) {
+                        self.error(e);
+                    }
+                }
+            },
             None if self.live_job.is_some() => self.info("nothing to refine yet: the first Turbo image is still rendering"),
             None => self.info("nothing to refine yet: type a prompt to make a Turbo image first"),
         }
@@ -439,33 +451,38 @@ impl StudioApp {
     }
 
     /// Whether `src` has a Base refine, finished or queued, that the refine
-    /// settings as they are now would make again: the same Base model, steps,
+    /// settings as they are now would make again (the pipeline is
+    /// deterministic: the same image): the same Base model and LoRAs, steps,
     /// guidance, negative prompt (with CFG) and strength (or same-seed mode).
-    fn refined_alike(&self, src: &str) -> bool {
+    pub fn refined_alike(&self, src: &str) -> Option<Refined> {
         let s = &self.settings;
         let strength = (s.refine_mode == RefineMode::Img2Img).then(|| state::snap_strength(s.refine_strength, s.base_steps).0);
         let negative = if s.base_guidance > 0.0 { s.negative_prompt.as_str() } else { "" };
         let same = |steps: usize, guidance: f32, neg: &str, st: Option<f32>| {
             steps == s.base_steps && guidance == s.base_guidance && (guidance <= 0.0 || neg == negative) && st == strength
         };
-        let queued = self.jobs.values().any(|j| {
+        if self.jobs.values().any(|j| {
             let r = &j.request;
             j.kind == JobKind::Refine
                 && j.parent.as_deref() == Some(src)
                 && same(r.steps, r.guidance, &r.negative_prompt, r.init.as_ref().map(|_| r.strength))
-        });
+        }) {
+            return Some(Refined::Queued);
+        }
         let base_name = match self.models.get(&ModelSlot::Base) {
             Some(ModelState::Ready { name, .. }) => Some(name.as_str()),
             _ => None,
         };
-        let done = self.history.entries().iter().any(|e| {
+        let loras = self.lora_state.get(&ModelSlot::Base).map(|l| l.applied.as_slice()).unwrap_or_default();
+        let done = self.history.entries().iter().rev().find(|e| {
             let m = &e.meta;
             e.slot == ModelSlot::Base
                 && e.parent.as_deref() == Some(src)
                 && Some(m.model.as_str()) == base_name
+                && m.loras == loras
                 && same(m.steps as usize, m.guidance, &m.negative_prompt, m.strength)
         });
-        queued || done
+        done.map(|e| Refined::Done(e.id.clone()))
     }
 
     pub(super) fn start_variations(&mut self) {
@@ -706,6 +723,14 @@ impl StudioApp {
             self.images.remove(&format!("thumb:{id}"));
         }
     }
+}
+
+/// A Base refine of an image that the refine settings would make again.
+pub enum Refined {
+    /// Queued or running.
+    Queued,
+    /// Made: its history id.
+    Done(String),
 }
 
 /// The largest file read as a dropped image: a 4096² PNG is under 50 MB.

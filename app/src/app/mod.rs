@@ -8,7 +8,7 @@ mod events;
 mod export;
 mod live;
 
-pub use actions::Action;
+pub use actions::{Action, Refined};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;

@@ -261,7 +261,11 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
         None => {
             ui.weak(match &source {
-                Some(id) => format!("from #{id}: {cost}"),
+                Some(id) => match app.refined_alike(id) {
+                    Some(crate::app::Refined::Done(base)) => format!("from #{id}: made already at these settings (#{base}); Ctrl+Enter shows it"),
+                    Some(crate::app::Refined::Queued) => format!("from #{id}: queued at these settings"),
+                    None => format!("from #{id}: {cost}"),
+                },
                 None => format!("needs a Turbo image first · {cost}"),
             });
         }
