@@ -1155,6 +1155,7 @@ fn dropping_a_sketch_makes_it_the_start_image() {
     assert_eq!((meta.strength, meta.init_image), (None, None));
     // A result can be the next start.
     let selected = h.state().selected.clone().unwrap();
+    let before = h.state().history.entries().len();
     h.get_by_label("start from the selected image").click();
     h.step();
     assert_eq!(h.state().start_image.as_ref().map(|s| s.name.clone()), Some(format!("#{selected}")));
@@ -1163,6 +1164,12 @@ fn dropping_a_sketch_makes_it_the_start_image() {
     wait_until(&mut h, "an image from the selected one", |a| {
         live_done(a) && a.current.as_ref().and_then(|c| a.history.get(c)).is_some_and(|e| e.meta.init_image.as_deref() == Some(name.as_str()))
     });
+    // Once: the strength slider, first shown, used to snap 0.7 to the step
+    // grid, which read as an edit and rendered the same image a second time.
+    for _ in 0..20 {
+        h.step();
+    }
+    assert_eq!(h.state().history.entries().len(), before + 1, "one image from the selected one");
     // A picture larger than anything generated is kept at the largest side.
     let wide = dir.path().join("panorama.png");
     image::RgbImage::from_pixel(5000, 100, image::Rgb([10, 20, 30])).save(&wide).unwrap();
@@ -1421,6 +1428,36 @@ fn a_restart_after_a_grid_keeps_the_seed_set() {
     assert_eq!(app.settings.seed, seed, "the seed set before the restart");
     assert_eq!(app.prompt, "a teapot");
     assert_eq!(app.current.as_ref(), Some(&newest.0), "the newest image is shown");
+}
+
+/// An edit that ends where it started (here Live switched off and on again)
+/// does not render the same image again; the status says done, not stale.
+#[test]
+fn an_edit_undone_renders_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.live_draft = LiveDraft::Off);
+    let mut h = start_and_type(dir.path(), "a teapot");
+    let before = h.state().history.entries().len();
+    h.get_by_label("Live").click();
+    h.step();
+    h.get_by_label("Live").click();
+    h.step();
+    assert!(h.state().settings.live);
+    for _ in 0..20 {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(h.state().history.entries().len(), before, "the same image is not drawn again");
+    assert!(h.state().live_job.is_none());
+    assert!(matches!(h.state().live_status, LiveStatus::Done { .. }), "{:?}", h.state().live_status);
+    // An edit that changes the request renders as before.
+    h.state_mut().focus_prompt = true;
+    h.step();
+    type_text(&mut h, "s");
+    wait_until(&mut h, "the new image", |a| a.history.entries().len() == before + 1 && live_done(a));
+    // F5 renders on request, the same settings or not.
+    h.key_press(Key::F5);
+    wait_until(&mut h, "the F5 image", |a| a.history.entries().len() == before + 2 && live_done(a));
 }
 
 /// A grid asked for under the live image starts at the live image's seed:

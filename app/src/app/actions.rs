@@ -676,6 +676,9 @@ impl StudioApp {
             self.settings.size_chosen = true;
         }
         let strength = state::snap_strength(self.settings.start_strength, self.settings.turbo_steps).0;
+        // Snapped here, or the strength slider snaps it when it first shows,
+        // which reads as an edit.
+        self.settings.start_strength = strength;
         self.info(format!("Turbo starts from {name} (img2img at strength {strength:.2}; Remove in the controls undoes it)"));
         self.start_image = Some(StartImage { name, image });
     }
@@ -703,6 +706,8 @@ impl StudioApp {
 
     /// Nothing on screen or in a grid points at removed images any more.
     fn forget_images(&mut self, ids: &HashSet<String>) {
+        // The live image may be among them: the same prompt renders again.
+        self.forget_live_sent();
         let gone = |id: &Option<String>| id.as_ref().is_some_and(|i| ids.contains(i));
         // The image on screen went: show the selected one, else the newest left
         // (an empty canvas asked for a prompt that was there).

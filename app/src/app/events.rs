@@ -45,6 +45,7 @@ impl StudioApp {
                     self.live_job = None;
                     self.live_preview = false;
                     self.live_status = if self.current.is_some() { LiveStatus::Stale } else { LiveStatus::Idle };
+                    self.forget_live_sent();
                 }
             }
             Event::Failed { id, message } => {
@@ -53,6 +54,7 @@ impl StudioApp {
                     self.live_status = LiveStatus::Error(message.clone());
                     self.live_job = None;
                     self.live_preview = false;
+                    self.forget_live_sent();
                 }
                 if self.refine_job == Some(id) {
                     self.refine_job = None;

@@ -58,7 +58,29 @@ impl StudioApp {
         if self.prompt.trim().is_empty() {
             return;
         }
+        if self.unchanged_since_sent() {
+            self.live_status = match self.live_job.and_then(|id| self.jobs.get(&id)) {
+                Some(job) => LiveStatus::Rendering { done: job.progress.0, total: job.progress.1 },
+                None => match self.current.as_ref().and_then(|id| self.history.get(id)) {
+                    Some(e) => LiveStatus::Done { elapsed: Duration::from_millis(e.elapsed_ms) },
+                    None => LiveStatus::Idle,
+                },
+            };
+            return;
+        }
         self.submit_live(Some(at), true);
+    }
+
+    /// Whether the controls ask for exactly the live image last sent (still
+    /// rendering, or done), with the same models.
+    fn unchanged_since_sent(&self) -> bool {
+        let Some((sent, models)) = &self.live_sent else { return false };
+        *models == self.model_config && self.request_for(ModelSlot::Turbo).is_ok_and(|r| r == *sent)
+    }
+
+    /// Forgets the live request last sent (its job failed or was stopped).
+    pub(super) fn forget_live_sent(&mut self) {
+        self.live_sent = None;
     }
 
     /// Starts a live Turbo job from the controls; at draft size when
@@ -78,6 +100,7 @@ impl StudioApp {
                 state::draft_size(self.settings.live_draft, request.width, request.height, full)
             })
             .flatten();
+        self.live_sent = Some((request.clone(), self.model_config.clone()));
         if let Some((w, h)) = draft {
             (request.width, request.height) = (w, h);
         }

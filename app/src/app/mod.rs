@@ -213,6 +213,11 @@ pub struct StudioApp {
     /// models it was drawn with: a variations grid at the same settings takes
     /// it as its first cell instead of drawing the same image again.
     pub live_made: Option<(String, GenerateRequest, ModelConfig, Option<String>)>,
+    /// The full-size request of the last live job sent and the models then:
+    /// an edit that ends where it started (a letter typed and deleted, a
+    /// slider moved back) does not render the same image again. Cleared
+    /// when that job fails or is stopped, so that it can be asked for again.
+    live_sent: Option<(GenerateRequest, ModelConfig)>,
     pub live_ema: Option<Duration>,
     /// Recent live time per megapixel-step, drafts and upgrades included:
     /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
@@ -359,6 +364,7 @@ impl StudioApp {
             dirty_at: None,
             live_job: None,
             live_made: None,
+            live_sent: None,
             live_ema: None,
             live_rate: None,
             pass_rate: HashMap::new(),
