@@ -1460,6 +1460,34 @@ fn an_edit_undone_renders_nothing_new() {
     wait_until(&mut h, "the F5 image", |a| a.history.entries().len() == before + 2 && live_done(a));
 }
 
+/// Wildcards: `{a|b|c}` reads one option per image, by its seed; the grid
+/// explores them, and every image records the prompt it was drawn from.
+#[test]
+fn wildcards_pick_an_option_per_seed_and_images_record_what_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |s| s.variations = 6);
+    let template = "a {red|blue|green} teapot";
+    let mut h = start_and_type(dir.path(), template);
+    let seed = h.state().settings.seed;
+    let reads = zimage_studio::wildcards::resolve(template, seed);
+    assert!(!reads.contains('{'), "{reads}");
+    let live = h.state().history.get(h.state().current.as_ref().unwrap()).unwrap().meta.prompt.clone();
+    assert_eq!(live, reads, "the live image records the prompt it read");
+    h.get_by_label(&format!("1 wildcard group, 3 prompts; seed {seed} reads: {reads}"));
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    wait_until(&mut h, "6 variations", grid_done);
+    let app = h.state();
+    let prompts: Vec<String> =
+        app.variations.iter().map(|c| app.history.get(c.id.as_ref().unwrap()).unwrap().meta.prompt.clone()).collect();
+    for (c, p) in app.variations.iter().zip(&prompts) {
+        assert_eq!(*p, zimage_studio::wildcards::resolve(template, c.seed));
+    }
+    let distinct: std::collections::HashSet<&String> = prompts.iter().collect();
+    assert!(distinct.len() > 1, "the grid explores the options: {prompts:?}");
+    assert_eq!(app.prompt, template, "the box keeps the wildcards");
+}
+
 /// A grid asked for under the live image starts at the live image's seed:
 /// its first cell is that image, not the same image drawn again (it was a
 /// second history entry, and on a GPU a second or more of the grid's time).
@@ -2537,3 +2565,5 @@ fn settings_show_the_memory_plan_in_force_and_change_it() {
     h.get_by_label_contains("Released (loaded to encode a new prompt): text encoder");
     h.get_by_label_contains("Parked (reloaded when a job needs it): Base DiT");
 }
+
+

@@ -67,6 +67,8 @@ impl StudioApp {
             }
             Event::Model { slot, state } => {
                 if let ModelState::Ready { default_steps, .. } = &state {
+                    // A count asked for while no tokenizer was loaded got no answer.
+                    self.count_asked.clear();
                     if !self.settings.steps_chosen {
                         match slot {
                             ModelSlot::Turbo => self.settings.turbo_steps = *default_steps,

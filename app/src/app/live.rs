@@ -8,7 +8,7 @@ impl StudioApp {
     /// `prompts::SETTLE` (the prompts typed through on the way are not kept).
     pub(super) fn settle_prompt(&mut self, ctx: &egui::Context) {
         let Some((prompt, at)) = &self.live_shown else { return };
-        if *prompt != self.prompt {
+        if *prompt != self.prompt_for_seed() {
             self.live_shown = None;
         } else if at.elapsed() >= prompts::SETTLE {
             self.live_shown = None;
@@ -206,13 +206,19 @@ impl StudioApp {
         self.live_job = Some(id);
     }
 
+    /// The prompt box's text as the seed set now reads it (its wildcards
+    /// resolved, see [`crate::wildcards`]).
+    pub fn prompt_for_seed(&self) -> String {
+        crate::wildcards::resolve(&self.prompt, self.settings.seed)
+    }
+
     /// The request for `slot` from the prompt box and the controls.
     pub fn request_for(&self, slot: ModelSlot) -> Result<GenerateRequest, String> {
         if let Some(problem) = state::size_problem(self.settings.width, self.settings.height) {
             return Err(problem);
         }
         let s = &self.settings;
-        let mut r = GenerateRequest::new(self.prompt.clone(), slot.kind());
+        let mut r = GenerateRequest::new(self.prompt_for_seed(), slot.kind());
         r.seed = s.seed;
         r.width = s.width;
         r.height = s.height;

@@ -240,7 +240,7 @@ pub struct StudioApp {
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
     /// The prompt last sent to the engine to count (see [`StudioApp::ask_token_count`]).
-    count_asked: String,
+    pub(super) count_asked: String,
     /// What the engine last said about a live job waiting behind another.
     pub live_wait: Option<LiveWaitState>,
     pub live_preview: bool,
@@ -614,14 +614,13 @@ impl StudioApp {
     /// changes, so the count under the prompt box follows typing, with Live
     /// off too, and is there for a prompt restored at start.
     fn ask_token_count(&mut self) {
-        if self.prompt.trim().is_empty()
-            || self.prompt == self.count_asked
-            || self.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == self.prompt)
-        {
+        // What the model reads: the wildcards as the seed resolves them.
+        let prompt = self.prompt_for_seed();
+        if prompt.trim().is_empty() || prompt == self.count_asked || self.prompt_tokens.as_ref().is_some_and(|(p, _)| *p == prompt) {
             return;
         }
-        self.count_asked = self.prompt.clone();
-        self.engine.count_tokens(self.prompt.clone());
+        self.count_asked = prompt.clone();
+        self.engine.count_tokens(prompt);
     }
 
     fn write_metrics(&mut self) {

@@ -51,7 +51,8 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
     // every keystroke while the new text waits for its count ("≈": the count
     // of the text before the last edit).
     let max = zimage_engine::text::MAX_TOKENS;
-    match app.prompt_tokens.as_ref().map(|(p, n)| (*n, if *p == app.prompt { "" } else { "≈" })) {
+    let reads = app.prompt_for_seed();
+    match app.prompt_tokens.as_ref().map(|(p, n)| (*n, if *p == reads { "" } else { "≈" })) {
         Some((tokens, about)) if tokens > max => {
             ui.colored_label(
                 ui.visuals().warn_fg_color,
@@ -64,6 +65,13 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         None => {
             ui.weak(format!("– / {max} tokens")).on_hover_text("Counted when the prompt is first rendered");
         }
+    }
+    // Wildcards: what this seed reads, and how many prompts the grid can explore.
+    let (groups, prompts) = crate::wildcards::count(&app.prompt);
+    if groups > 0 {
+        let s = if groups == 1 { "" } else { "s" };
+        ui.weak(format!("{groups} wildcard group{s}, {prompts} prompts; seed {} reads: {reads}", app.settings.seed))
+            .on_hover_text("{a|b|c} picks one option per image, by its seed: a variations grid (Ctrl+G) draws several");
     }
     // Words the demo never learnt come out as noise: say so, not a "broken" image.
     if demo {

@@ -10,6 +10,7 @@ use crate::state::{self, Mark, View};
 /// (keys, what) for the help overlay.
 pub const SHORTCUTS: &[(&str, &str)] = &[
     ("type", "live Turbo preview (prompt box has focus at start)"),
+    ("{a|b|c}", "in the prompt: one option per image, by its seed (the variations grid explores them)"),
     ("Alt+Up / Alt+Down", "earlier / later prompts (in the prompt box)"),
     ("F5", "generate now (applies the seed mode: fixed / random / +1)"),
     ("Ctrl+Enter", "refine the Turbo image in view with Base"),
