@@ -2567,3 +2567,17 @@ fn settings_show_the_memory_plan_in_force_and_change_it() {
 }
 
 
+
+/// A crash of the window in the last run is said at the next start, once.
+#[test]
+fn the_start_after_a_crash_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write_test_settings(dir.path(), |_| {});
+    std::fs::write(zimage_studio::crash::report_path(dir.path()), "Z-Image Studio 0.1.0 stopped: a test\nat x.rs:1\n").unwrap();
+    let h = harness(dir.path());
+    let said = h.state().message.clone().expect("said");
+    assert!(said.error && said.text.starts_with("Z-Image Studio 0.1.0 stopped: a test; the images made before it are in the history"), "{said:?}");
+    drop(h);
+    let h = harness(dir.path());
+    assert!(h.state().message.is_none(), "once");
+}

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod crash;
 pub mod engine_bridge;
 pub mod fonts;
 pub mod history;

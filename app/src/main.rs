@@ -48,6 +48,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A crash of the window leaves a report, said at the next start.
+    zimage_studio::crash::install(&paths.data_dir);
     // The window's size and place are kept with the rest of the app's data,
     // so a `--data-dir` run (tests, a second profile) has its own.
     let window_state = paths.data_dir.join("app.ron");

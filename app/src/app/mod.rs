@@ -344,6 +344,7 @@ impl StudioApp {
         let ctx3 = ctx.clone();
         history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
         let (prompt_history, w3) = PromptHistory::load(&prompts::prompts_file(&options.paths.data_dir));
+        let crashed = crate::crash::last_crash(&options.paths.data_dir);
         let cli_override = options.turbo.is_some() || options.base.is_some();
         let model_config = effective_models(&settings, &options);
         let settings_form = settings_form_of(&settings);
@@ -389,7 +390,7 @@ impl StudioApp {
             var_cursor: 0,
             var_columns: 1,
             var_reveal: false,
-            message: w1.or(w2).or(w3).map(|text| Message { text, error: true, since: Instant::now() }),
+            message: crashed.or(w1).or(w2).or(w3).map(|text| Message { text, error: true, since: Instant::now() }),
             show_help: false,
             show_settings: false,
             settings_form,
