@@ -19,12 +19,7 @@ pub fn install(data_dir: &Path) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if std::thread::current().id() == thread {
-            let message = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(no message)".into());
+            let message = zimage_engine::error::panic_message(info.payload());
             let place = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
             let _ = std::fs::write(&path, report(&message, &place, &std::backtrace::Backtrace::force_capture().to_string()));
         }

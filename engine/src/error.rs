@@ -68,6 +68,16 @@ pub enum EngineError {
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
+/// What a panic said (its `&str` or `String` payload), for the one line a
+/// caught panic or a crash report shows.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into())
+}
+
 /// An I/O error in plain words: the system's own errors by their kind
 /// ("not found" rather than "No such file or directory (os error 2)"); an
 /// error made with a message of its own keeps it. The one mapping of the

@@ -991,12 +991,7 @@ impl<B: Backend> Worker<B> {
 
 /// A panic's message in one line.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    one_line(&text)
+    one_line(&zimage_engine::error::panic_message(payload))
 }
 
 /// A pipeline's shared components without the text encoder (the worker keeps those).

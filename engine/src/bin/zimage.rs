@@ -321,12 +321,7 @@ struct GenerateArgs {
 fn main() -> ExitCode {
     // Users get one line, never a backtrace; the hook replaces the default printer.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown cause".into());
+        let msg = zimage_engine::error::panic_message(info.payload());
         eprintln!("error: internal error: {}", msg.lines().next().unwrap_or(""));
     }));
     zimage_engine::device::tune_allocator();
