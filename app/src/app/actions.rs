@@ -524,22 +524,6 @@ impl StudioApp {
         self.view = View::Variations;
     }
 
-    /// The live image on screen, when `request` (a Turbo request from the
-    /// controls) would draw it again: same request, start image and models,
-    /// and its file still readable.
-    fn drawn_already(&self, request: &GenerateRequest) -> Option<String> {
-        let (id, made, models, start) = self.live_made.as_ref()?;
-        let mut probe = request.clone();
-        probe.init = None;
-        let same = probe == *made
-            && *models == self.model_config
-            && *start == request.init.as_ref().and(self.start_image.as_ref()).map(|s| s.name.clone())
-            && self.current.as_ref() == Some(id)
-            && self.history.get(id).is_some()
-            && !self.unreadable.contains_key(id);
-        same.then(|| id.clone())
-    }
-
     /// Puts an image's parameters back into the controls.
     pub fn restore(&mut self, id: &str) {
         // Chosen again: read its file again (it may have been put back).

@@ -200,16 +200,13 @@ impl StudioApp {
                         self.metrics.final_image = Some(at.elapsed());
                     }
                     self.live_shown = job.request.prompts.first().map(|p| (p.clone(), Instant::now()));
+                    // The image of the request last sent, unless a draft or its upgrade.
+                    if !job.draft && job.parent.is_none() {
+                        self.live_made = Some(hid.clone());
+                    }
                     // Typing stopped on a draft: finish it at full size.
                     upgrade = job.draft && self.dirty_at.is_none();
                 }
-                // Only a full-size image drawn from the controls as they are
-                // (not a draft, not a draft's upgrade) is what a grid's first cell would be.
-                self.live_made = (!job.draft && job.parent.is_none()).then(|| {
-                    let mut request = job.request.clone();
-                    request.init = None;
-                    (hid.clone(), request, self.model_config.clone(), job.start.clone())
-                });
                 self.current = Some(hid.clone());
                 self.selected = Some(hid.clone());
                 if upgrade {

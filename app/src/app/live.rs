@@ -81,6 +81,20 @@ impl StudioApp {
     /// Forgets the live request last sent (its job failed or was stopped).
     pub(super) fn forget_live_sent(&mut self) {
         self.live_sent = None;
+        self.live_made = None;
+    }
+
+    /// The live image on screen, when `request` (a Turbo request from the
+    /// controls) would draw it again with the models loaded, and its file is
+    /// still readable.
+    pub(super) fn drawn_already(&self, request: &GenerateRequest) -> Option<String> {
+        let (id, (sent, models)) = (self.live_made.as_ref()?, self.live_sent.as_ref()?);
+        let same = sent == request
+            && *models == self.model_config
+            && self.current.as_ref() == Some(id)
+            && self.history.get(id).is_some()
+            && !self.unreadable.contains_key(id);
+        same.then(|| id.clone())
     }
 
     /// Starts a live Turbo job from the controls; at draft size when
@@ -101,6 +115,7 @@ impl StudioApp {
             })
             .flatten();
         self.live_sent = Some((request.clone(), self.model_config.clone()));
+        self.live_made = None;
         if let Some((w, h)) = draft {
             (request.width, request.height) = (w, h);
         }

@@ -208,16 +208,15 @@ pub struct StudioApp {
     /// Set when the prompt/settings changed; a live job starts after the quiet period.
     pub dirty_at: Option<Instant>,
     pub live_job: Option<JobId>,
-    /// The full-size live image on screen (history id), the request that drew
-    /// it (its start image left out, named in the fourth field) and the
-    /// models it was drawn with: a variations grid at the same settings takes
-    /// it as its first cell instead of drawing the same image again.
-    pub live_made: Option<(String, GenerateRequest, ModelConfig, Option<String>)>,
     /// The full-size request of the last live job sent and the models then:
-    /// an edit that ends where it started (a letter typed and deleted, a
-    /// slider moved back) does not render the same image again. Cleared
-    /// when that job fails or is stopped, so that it can be asked for again.
+    /// an edit that ends where it started (a slider moved back, Live off and
+    /// on) does not render the same image again. Cleared when that job fails
+    /// or is stopped, so that it can be asked for again.
     live_sent: Option<(GenerateRequest, ModelConfig)>,
+    /// The image `live_sent` drew, at full size from noise or the start image
+    /// (not a draft, nor a draft's upgrade): a variations grid at the same
+    /// settings takes it as its first cell instead of drawing it again.
+    live_made: Option<String>,
     pub live_ema: Option<Duration>,
     /// Recent live time per megapixel-step, drafts and upgrades included:
     /// predicts a full-size live image's time (`LiveDraft::Auto`) at any size.
