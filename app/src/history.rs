@@ -262,16 +262,13 @@ impl History {
                 .with_context(|| format!("cannot create {}", dir.display()))
                 .and_then(|()| metadata::save_png(&dir.join(&file), &image.pixels, image.width, image.height, &meta).map_err(anyhow::Error::from));
             let mut pending = pending.lock().expect("unwritten");
-            match written {
-                Ok(()) => drop(pending.remove(&id)),
-                Err(e) => {
-                    if let Some(u) = pending.get_mut(&id) {
-                        u.queued = false;
-                    }
-                    return Err(e);
-                }
+            match (&written, pending.get_mut(&id)) {
+                (Ok(()), _) => drop(pending.remove(&id)),
+                // Kept (unless removed meanwhile), to be written again by `retry_writes`.
+                (Err(_), Some(u)) => u.queued = false,
+                (Err(_), None) => {}
             }
-            Ok(())
+            written
         }))
     }
 
