@@ -335,11 +335,7 @@ impl StudioApp {
     /// guidance, from Base's measured speed; `None` before the first Base image.
     pub fn refines_left(&self) -> Option<Duration> {
         let rate = *self.pass_rate.get(&ModelSlot::Base)?;
-        let left = self.jobs.values().filter(|j| j.kind == JobKind::Refine).map(|j| {
-            let r = &j.request;
-            state::predicted_time(rate, r.width, r.height, state::steps_left(r, j.progress.0) * state::dit_passes(r.guidance))
-        });
-        Some(left.sum())
+        Some(self.jobs.values().filter(|j| j.kind == JobKind::Refine).map(|j| j.time_left(rate)).sum())
     }
 
     /// What the variations not finished yet will take, from Turbo's last
@@ -351,10 +347,7 @@ impl StudioApp {
             .iter()
             .filter(|c| c.id.is_none() && c.error.is_none())
             .filter_map(|c| self.jobs.get(&c.job?))
-            .map(|j| {
-                let r = &j.request;
-                state::predicted_time(rate, r.width, r.height, state::steps_left(r, j.progress.0) * state::dit_passes(r.guidance))
-            })
+            .map(|j| j.time_left(rate))
             .sum();
         (!left.is_zero()).then_some(left)
     }

@@ -94,6 +94,13 @@ impl PendingJob {
             start: None,
         }
     }
+
+    /// What its steps left take at `rate` (seconds per megapixel per DiT
+    /// pass, as [`StudioApp::pass_rate`] keeps it), at its size and guidance.
+    pub fn time_left(&self, rate: f64) -> Duration {
+        let r = &self.request;
+        state::predicted_time(rate, r.width, r.height, state::steps_left(r, self.progress.0) * state::dit_passes(r.guidance))
+    }
 }
 
 /// An image the Turbo jobs start from (img2img), e.g. a sketch dropped on
