@@ -1767,6 +1767,14 @@ fn the_variations_cursor_is_framed_and_enter_opens_its_cell() {
     assert_eq!(h.state().view, View::Live);
     assert_eq!(h.state().current, picked.id);
     assert_eq!(h.state().settings.seed, picked.seed);
+    // The opened cell is the live image of these settings: a new grid starts
+    // from it instead of drawing it again.
+    let before = h.state().history.entries().len();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::G);
+    h.step();
+    assert_eq!((h.state().variations[0].id.clone(), h.state().variations[0].job), (picked.id.clone(), None));
+    wait_until(&mut h, "3 variations", grid_done);
+    assert_eq!(h.state().history.entries().len(), before + 2);
 }
 
 /// Many variations in a small pane keep judgeable thumbnails and scroll;

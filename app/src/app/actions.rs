@@ -157,6 +157,7 @@ impl StudioApp {
                     // The image shown is exactly what these parameters make.
                     self.live_status = LiveStatus::Done { elapsed: Duration::from_millis(e.elapsed_ms) };
                 }
+                self.adopt_as_live(&id);
                 self.selected = Some(id.clone());
                 self.current = Some(id);
                 self.view = View::Live;

@@ -84,6 +84,38 @@ impl StudioApp {
         self.live_made = None;
     }
 
+    /// Takes the restored image `id` as the live image of the controls' request,
+    /// when it is what Turbo makes of it now: a full-size Turbo image from
+    /// noise, by the Turbo model and LoRAs loaded, no start image set. An edit
+    /// that comes back to these settings then does not draw it again, and a
+    /// variations grid takes it as its first cell.
+    pub(super) fn adopt_as_live(&mut self, id: &str) {
+        self.forget_live_sent();
+        let Some(e) = self.history.get(id) else { return };
+        let turbo = match self.models.get(&ModelSlot::Turbo) {
+            Some(ModelState::Ready { name, .. }) => name.as_str(),
+            _ => return,
+        };
+        let loras = self.lora_state.get(&ModelSlot::Turbo).map(|l| l.applied.as_slice()).unwrap_or_default();
+        let m = &e.meta;
+        let made_here = e.slot == ModelSlot::Turbo
+            && e.job != JobKind::Refine
+            && m.init_image.is_none()
+            && m.model == turbo
+            && m.loras == loras
+            && self.start_image.is_none();
+        let Ok(request) = self.request_for(ModelSlot::Turbo) else { return };
+        // The parameters restored are the image's own (size, steps, guidance, variety).
+        let same = made_here
+            && request.prompts.first() == Some(&m.prompt)
+            && (request.seed, request.width, request.height, request.steps) == (m.seed, m.width, m.height, m.steps as usize)
+            && (request.guidance, request.variety) == (m.guidance, m.variety);
+        if same {
+            self.live_sent = Some((request, self.model_config.clone()));
+            self.live_made = Some(id.to_string());
+        }
+    }
+
     /// The live image on screen, when `request` (a Turbo request from the
     /// controls) would draw it again with the models loaded, and its file is
     /// still readable.
