@@ -1486,6 +1486,11 @@ fn wildcards_pick_an_option_per_seed_and_images_record_what_they_read() {
     let distinct: std::collections::HashSet<&String> = prompts.iter().collect();
     assert!(distinct.len() > 1, "the grid explores the options: {prompts:?}");
     assert_eq!(app.prompt, template, "the box keeps the wildcards");
+    // The count under the box stays the count of what the box reads, not of
+    // the last cell's prompt (it was marked "≈" until the next edit).
+    h.step();
+    assert!(h.query_by_label_contains("≈").is_none(), "the count is of the box's text");
+    h.get_by_label_contains(" / 512 tokens");
 }
 
 /// A grid asked for under the live image starts at the live image's seed:

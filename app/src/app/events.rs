@@ -15,7 +15,11 @@ impl StudioApp {
                 }
             }
             Event::PromptTokens { id, tokens } => {
-                if let Some(prompt) = self.jobs.get(&id).and_then(|j| j.request.prompts.first()) {
+                // Only a job of the prompt box's text counts it: a refine of an
+                // older image, or a grid cell reading other wildcard options,
+                // left the count marked "≈" (another text) until the next edit.
+                let prompt = self.jobs.get(&id).and_then(|j| j.request.prompts.first());
+                if let Some(prompt) = prompt.filter(|p| **p == self.prompt_for_seed()) {
                     self.prompt_tokens = Some((prompt.clone(), tokens));
                 }
             }
@@ -67,8 +71,6 @@ impl StudioApp {
             }
             Event::Model { slot, state } => {
                 if let ModelState::Ready { default_steps, .. } = &state {
-                    // A count asked for while no tokenizer was loaded got no answer.
-                    self.count_asked.clear();
                     if !self.settings.steps_chosen {
                         match slot {
                             ModelSlot::Turbo => self.settings.turbo_steps = *default_steps,

@@ -246,7 +246,7 @@ pub struct StudioApp {
     /// A prompt and its length in tokens, as the engine counted it.
     pub prompt_tokens: Option<(String, usize)>,
     /// The prompt last sent to the engine to count (see [`StudioApp::ask_token_count`]).
-    pub(super) count_asked: String,
+    count_asked: String,
     /// What the engine last said about a live job waiting behind another.
     pub live_wait: Option<LiveWaitState>,
     pub live_preview: bool,
