@@ -190,6 +190,27 @@ fn the_demo_model_names_the_words_it_cannot_read() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// Wildcards read one option per seed, as in the app; the PNG records the
+/// prompt as read, and the line on stderr says it.
+#[test]
+fn wildcards_read_one_option_per_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = "a large {red|blue|green} circle in the center on a {black|white} background";
+    let mut read = std::collections::HashSet::new();
+    for seed in ["1", "2", "3", "4"] {
+        let out_name = format!("{seed}.png");
+        let out = zimage(&["generate", "--model", "demo-turbo", "-p", template, "--seed", seed, "-o", &out_name], tmp.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let meta = zimage_engine::metadata::read_png_metadata_file(&tmp.path().join(&out_name)).unwrap();
+        assert_eq!(meta.prompt, zimage_engine::wildcards::resolve(template, seed.parse().unwrap()));
+        assert!(stderr.contains(&format!("prompt: {}", meta.prompt)), "{stderr}");
+        assert!(!stderr.contains("cannot read"), "the braces are not read as words: {stderr}");
+        read.insert(meta.prompt);
+    }
+    assert!(read.len() > 1, "the seeds read other options: {read:?}");
+}
+
 /// `eval-demo` judges the shipped pair on held-out captions; `--seed` picks
 /// another sample of them (another sheet of samples), the default the recorded one.
 #[test]

@@ -1469,7 +1469,7 @@ fn wildcards_pick_an_option_per_seed_and_images_record_what_they_read() {
     let template = "a {red|blue|green} teapot";
     let mut h = start_and_type(dir.path(), template);
     let seed = h.state().settings.seed;
-    let reads = zimage_studio::wildcards::resolve(template, seed);
+    let reads = zimage_engine::wildcards::resolve(template, seed);
     assert!(!reads.contains('{'), "{reads}");
     let live = h.state().history.get(h.state().current.as_ref().unwrap()).unwrap().meta.prompt.clone();
     assert_eq!(live, reads, "the live image records the prompt it read");
@@ -1481,7 +1481,7 @@ fn wildcards_pick_an_option_per_seed_and_images_record_what_they_read() {
     let prompts: Vec<String> =
         app.variations.iter().map(|c| app.history.get(c.id.as_ref().unwrap()).unwrap().meta.prompt.clone()).collect();
     for (c, p) in app.variations.iter().zip(&prompts) {
-        assert_eq!(*p, zimage_studio::wildcards::resolve(template, c.seed));
+        assert_eq!(*p, zimage_engine::wildcards::resolve(template, c.seed));
     }
     let distinct: std::collections::HashSet<&String> = prompts.iter().collect();
     assert!(distinct.len() > 1, "the grid explores the options: {prompts:?}");

@@ -15,6 +15,5 @@ pub mod save;
 pub mod settings;
 pub mod state;
 pub mod ui;
-pub mod wildcards;
 
 pub use app::{StudioApp, StudioOptions};

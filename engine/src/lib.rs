@@ -32,6 +32,7 @@ pub mod text;
 pub mod vae;
 pub mod variety;
 pub mod weights;
+pub mod wildcards;
 pub mod xmp;
 
 pub use error::{EngineError, Result};

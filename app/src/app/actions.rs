@@ -498,7 +498,7 @@ impl StudioApp {
             let mut r = base.clone();
             r.seed = base.seed.wrapping_add(i as u64);
             // Each cell reads the prompt's wildcards for its own seed.
-            r.prompts = vec![crate::wildcards::resolve(&self.prompt, r.seed)];
+            r.prompts = vec![zimage_engine::wildcards::resolve(&self.prompt, r.seed)];
             if let Some(id) = self.drawn_already(&r) {
                 self.variations.push(VariationCell { job: None, seed: r.seed, id: Some(id), progress: (r.steps, r.steps), error: None });
                 continue;

@@ -254,9 +254,9 @@ impl StudioApp {
     }
 
     /// The prompt box's text as the seed set now reads it (its wildcards
-    /// resolved, see [`crate::wildcards`]).
+    /// resolved, see [`zimage_engine::wildcards`]).
     pub fn prompt_for_seed(&self) -> String {
-        crate::wildcards::resolve(&self.prompt, self.settings.seed)
+        zimage_engine::wildcards::resolve(&self.prompt, self.settings.seed)
     }
 
     /// The request for `slot` from the prompt box and the controls.

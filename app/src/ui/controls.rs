@@ -67,7 +67,7 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         }
     }
     // Wildcards: what this seed reads, and how many prompts the grid can explore.
-    let (groups, prompts) = crate::wildcards::count(&app.prompt);
+    let (groups, prompts) = zimage_engine::wildcards::count(&app.prompt);
     if groups > 0 {
         let s = if groups == 1 { "" } else { "s" };
         ui.weak(format!("{groups} wildcard group{s}, {prompts} prompts; seed {} reads: {reads}", app.settings.seed))

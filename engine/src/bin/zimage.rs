@@ -772,7 +772,12 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     let load_time = started.elapsed();
 
     let seed = args.seed.unwrap_or_else(|| zimage_engine::rng::random_seed() & 0xFFFF_FFFF);
-    let mut req = GenerateRequest::new(args.prompt.clone(), pipe.kind);
+    // `{a|b|c}` reads one option per seed, as in the app (a loop over seeds explores them).
+    let prompt = zimage_engine::wildcards::resolve(&args.prompt, seed);
+    if prompt != args.prompt && !args.quiet {
+        eprintln!("prompt: {prompt}");
+    }
+    let mut req = GenerateRequest::new(prompt.clone(), pipe.kind);
     req.negative_prompt = args.negative.clone();
     req.seed = seed;
     req.steps = args.steps.unwrap_or(pipe.default_steps);
@@ -796,7 +801,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     }
 
     if loader::BUILTIN_MODELS.contains(&files.name.as_str()) {
-        let unknown = zimage_engine::demo::tokenizer::unknown_words(&args.prompt);
+        let unknown = zimage_engine::demo::tokenizer::unknown_words(&prompt);
         if !unknown.is_empty() {
             eprintln!("warning: the demo model knows only coloured shapes; it cannot read: {}", unknown.join(", "));
         }
@@ -804,7 +809,7 @@ fn generate<B: Backend>(args: GenerateArgs, device: B::Device, dtype: DType) -> 
     if req.guidance == 0.0 && !args.negative.trim().is_empty() {
         eprintln!("warning: the negative prompt is used only with guidance above 0 (this model's default is 0); --guidance sets it");
     }
-    let tokens = pipe.text_encoder()?.tokenizer.count(&args.prompt)?;
+    let tokens = pipe.text_encoder()?.tokenizer.count(&prompt)?;
     if tokens > MAX_TOKENS {
         eprintln!("warning: the prompt is {tokens} tokens; only the first {MAX_TOKENS} (template included) are used");
     }

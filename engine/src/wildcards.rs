@@ -1,8 +1,9 @@
 //! Wildcards in the prompt: `a {red|blue|green} fox` reads as one of the
 //! options, chosen by the image's seed. Turbo draws nearly the same picture
-//! for every seed, so a variations grid (seed, seed+1, …) of a prompt with
-//! wildcards is how a grid explores ideas; each image records the prompt it
-//! was drawn from, options resolved, so it reproduces anywhere.
+//! for every seed, so images at seed, seed+1, … (the app's variations grid,
+//! a loop over `zimage generate --seed`) of a prompt with wildcards are how
+//! to explore ideas; each image records the prompt it was drawn from,
+//! options resolved, so it reproduces anywhere.
 //!
 //! A group is `{` … `}` holding at least one `|`; braces without a `|` (or
 //! never closed) are ordinary text. Groups do not nest: a `{` inside a group
