@@ -99,7 +99,6 @@ impl StudioApp {
         let loras = self.lora_state.get(&ModelSlot::Turbo).map(|l| l.applied.as_slice()).unwrap_or_default();
         let m = &e.meta;
         let made_here = e.slot == ModelSlot::Turbo
-            && e.job != JobKind::Refine
             && m.init_image.is_none()
             && m.model == turbo
             && m.loras == loras
