@@ -2594,3 +2594,23 @@ fn the_start_after_a_crash_says_so_once() {
     let h = harness(dir.path());
     assert!(h.state().message.is_none(), "once");
 }
+
+/// A data folder that cannot be created is said at start, before anything is
+/// lost quietly: the app runs, but keeps nothing.
+#[test]
+fn a_data_folder_that_cannot_be_made_is_said_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "not a folder").unwrap();
+    let data = dir.path().join("file").join("data");
+    let mut h = harness(&data);
+    // The settings written on the way (they cannot be) do not hide it.
+    h.state_mut().persist_settings();
+    for _ in 0..5 {
+        h.step();
+    }
+    let said = h.state().message.clone().expect("said");
+    assert!(said.error, "{said:?}");
+    assert!(said.text.starts_with(&format!("the data folder {} cannot be created (", data.display())), "{said:?}");
+    assert!(said.text.ends_with("will not be kept; start with --data-dir set to a folder you can write"), "{said:?}");
+    assert!(!said.text.contains("os error"), "in words: {said:?}");
+}

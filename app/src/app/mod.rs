@@ -315,6 +315,8 @@ pub struct StudioApp {
     pub images: Images,
     /// History images being decoded on the disk thread.
     loading: HashSet<String>,
+    /// The data folder could not be created at start (said then): nothing is kept.
+    no_data_dir: bool,
     /// When the history images a full disk refused are written again.
     write_retry_at: Option<Instant>,
     /// How many refused images the status bar said were kept in memory.
@@ -351,6 +353,14 @@ impl StudioApp {
         history.set_io(BackgroundIo::spawn(Arc::new(move || ctx3.request_repaint())));
         let (prompt_history, w3) = PromptHistory::load(&prompts::prompts_file(&options.paths.data_dir));
         let crashed = crate::crash::last_crash(&options.paths.data_dir);
+        // Without its data folder the app still runs, but keeps nothing: said first.
+        let no_data_dir = std::fs::create_dir_all(&options.paths.data_dir).err().map(|e| {
+            format!(
+                "the data folder {} cannot be created ({}): the images, history and settings of this run will not be kept; start with --data-dir set to a folder you can write",
+                options.paths.data_dir.display(),
+                zimage_engine::error::plain_cause(&e)
+            )
+        });
         let cli_override = options.turbo.is_some() || options.base.is_some();
         let model_config = effective_models(&settings, &options);
         let settings_form = settings_form_of(&settings);
@@ -396,7 +406,7 @@ impl StudioApp {
             var_cursor: 0,
             var_columns: 1,
             var_reveal: false,
-            message: crashed.or(w1).or(w2).or(w3).map(|text| Message { text, error: true, since: Instant::now() }),
+            message: no_data_dir.clone().or(crashed).or(w1).or(w2).or(w3).map(|text| Message { text, error: true, since: Instant::now() }),
             show_help: false,
             show_settings: false,
             settings_form,
@@ -425,6 +435,7 @@ impl StudioApp {
             images: Images::default(),
             loading: HashSet::new(),
             unreadable: HashMap::new(),
+            no_data_dir: no_data_dir.is_some(),
             write_retry_at: None,
             unwritten_said: 0,
             metrics: Metrics::default(),
@@ -898,7 +909,10 @@ impl StudioApp {
         self.saved_settings = self.settings.clone();
         self.settings_changed_at = None;
         if let Err(e) = self.settings.save(&self.paths) {
-            self.error(format!("could not save the settings: {}", save::one_line_error(&e)));
+            // Without a data folder this was said at start, and would hide it.
+            if !self.no_data_dir {
+                self.error(format!("could not save the settings: {}", save::one_line_error(&e)));
+            }
         }
     }
 
