@@ -96,7 +96,9 @@ pub fn lora_refusal(path: &Path, list: &[LoraSetting]) -> Option<String> {
     } else if list.iter().any(|l| l.path == path) {
         Some(format!("{} is already in the list", path.display()))
     } else {
-        None
+        // Its header only (a LoRA is megabytes): a file that is no LoRA is
+        // refused here, in the field, rather than listed and then failing.
+        zimage_engine::lora::LoraFile::open(path).err().map(|e| e.to_string())
     }
 }
 
@@ -316,15 +318,22 @@ impl Settings {
 #[cfg(test)]
 mod tests {
 
-    /// A LoRA path is refused at once when it is missing, a folder or a
-    /// second copy of one in the list.
+    /// A LoRA path is refused at once when it is missing, a folder, a
+    /// second copy of one in the list, or no LoRA at all (a picture chosen
+    /// by mistake was listed, then failed to apply).
     #[test]
-    fn a_lora_must_be_an_existing_file_not_yet_listed() {
+    fn a_lora_must_be_an_existing_lora_file_not_yet_listed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("style.safetensors");
-        std::fs::write(&file, b"x").unwrap();
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora/tiny_turbo_lora.safetensors");
+        std::fs::copy(fixture, &file).unwrap();
         let listed = super::LoraSetting { path: file.clone(), strength: 1.0, enabled: true };
         assert_eq!(super::lora_refusal(&file, &[]), None);
+        let picture = dir.path().join("grid.png");
+        std::fs::write(&picture, b"\x89PNG\r\n\x1a\n not a LoRA at all").unwrap();
+        let not_lora = super::lora_refusal(&picture, &[]).unwrap();
+        assert!(not_lora.contains("grid.png") && not_lora.contains("not a valid safetensors file"), "{not_lora}");
+        assert!(!not_lora.contains('\n'));
         let again = super::lora_refusal(&file, std::slice::from_ref(&listed)).unwrap();
         assert!(again.ends_with("is already in the list"), "{again}");
         let missing = super::lora_refusal(&dir.path().join("styel.safetensors"), &[]).unwrap();
