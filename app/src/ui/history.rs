@@ -76,20 +76,25 @@ pub fn draw(app: &mut StudioApp, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
                             }
                         }
                     }
+                    // The mark as the grid shows it, a frame in its colour, and in
+                    // words at the start of the last line (the first keeps its seed in view).
+                    let (mark, colour) = match e.mark {
+                        Mark::Kept => ("[kept]", Some(Color32::from_rgb(80, 200, 120))),
+                        Mark::Starred => ("[star]", Some(Color32::GOLD)),
+                        Mark::Rejected => ("[rejected]", Some(Color32::from_rgb(200, 70, 70))),
+                        Mark::None => ("", None),
+                    };
+                    if let Some(colour) = colour {
+                        ui.painter().rect_stroke(rect, 2.0, egui::Stroke::new(2.0, colour), egui::StrokeKind::Inside);
+                    }
                     ui.vertical(|ui| {
-                        // First, so that a narrow panel's "…" never hides it.
-                        let mark = match e.mark {
-                            Mark::Kept => "[kept] ",
-                            Mark::Starred => "[star] ",
-                            Mark::Rejected => "[rejected] ",
-                            Mark::None => "",
-                        };
                         // One line each, cut with "…": every row is the thumbnail's
                         // height, as the list's row-by-row scrolling assumes.
-                        ui.add(egui::Label::new(format!("{mark}#{} {} · {}", e.id, e.slot.label(), e.meta.seed)).truncate());
+                        ui.add(egui::Label::new(format!("#{} {} · {}", e.id, e.slot.label(), e.meta.seed)).truncate());
                         ui.add(egui::Label::new(egui::RichText::new(&e.meta.prompt).weak()).truncate());
-                        if let Some(notes) = e.notes() {
-                            ui.add(egui::Label::new(egui::RichText::new(notes).weak()).truncate());
+                        let notes = [Some(mark.to_string()).filter(|m| !m.is_empty()), e.notes()].into_iter().flatten().collect::<Vec<_>>();
+                        if !notes.is_empty() {
+                            ui.add(egui::Label::new(egui::RichText::new(notes.join(" ")).weak()).truncate());
                         }
                     });
                 })
